@@ -1,0 +1,3 @@
+from thunderfs.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,267 @@
+"""Command line: parses, then calls the daemon or talks to a running one.  No logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import select
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from thunderfs import __version__, control
+from thunderfs.config import MountConfig
+from thunderfs.errors import ConfigError
+from thunderfs.units import format_size, parse_size
+
+log = logging.getLogger(__name__)
+
+
+def _setup_logging(log_file: Path | None, debug: bool) -> None:
+    handler: logging.Handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    for noisy in ("httpx", "httpcore", "pyfuse3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# --- mount ------------------------------------------------------------------------------------
+
+
+def _mount_config(args) -> MountConfig:
+    return MountConfig(
+        mountpoint=Path(args.mountpoint),
+        glance_url=args.glance,
+        cache_dir=Path(args.cache_dir).resolve(),
+        cache_size=parse_size(args.cache_size),
+        chunk_size=parse_size(args.chunk_size),
+        max_request=parse_size(args.max_request),
+        origin_concurrency=args.origin_concurrency,
+        fetch_timeout=args.fetch_timeout,
+        connect_timeout=args.connect_timeout,
+        listing_ttl=args.listing_ttl,
+        readahead=parse_size(args.readahead),
+        allow_other=not args.no_allow_other,
+        log_file=Path(args.log_file) if args.log_file else None,
+    )
+
+
+def cmd_mount(args, argv: list[str]) -> int:
+    config = _mount_config(args)
+    config.validate()
+    if not args.foreground:
+        return _spawn_daemon(config, argv)
+
+    import trio  # only the daemon needs it
+
+    from thunderfs import daemon
+
+    _setup_logging(config.log_file, args.debug)
+    ready_fd = args.ready_fd
+
+    def ready() -> None:
+        nonlocal ready_fd
+        if ready_fd is not None:
+            os.write(ready_fd, b"READY\n")
+            os.close(ready_fd)
+            ready_fd = None
+
+    try:
+        trio.run(daemon.run, config, ready)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        if ready_fd is not None:
+            os.write(ready_fd, f"ERROR {exc}\n".encode())
+        else:
+            print(f"thunderfs: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _spawn_daemon(config: MountConfig, argv: list[str]) -> int:
+    """Start the daemon in the background; return once it has mounted (0) or failed (1)."""
+    log_file = config.log_file or (config.cache_dir / "thunderfs.log")
+    config.cache_dir.mkdir(parents=True, exist_ok=True)
+    r, w = os.pipe()
+    cmd = [sys.executable, "-m", "thunderfs", *argv, "--foreground", "--ready-fd", str(w),
+           "--log-file", str(log_file)]
+    with open(log_file, "ab") as logf:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,),
+                                start_new_session=True)
+    os.close(w)
+    answer = b""
+    deadline = time.monotonic() + 120
+    with os.fdopen(r, "rb", buffering=0) as pipe:
+        while not answer.endswith(b"\n") and time.monotonic() < deadline:
+            ready, _, _ = select.select([pipe], [], [], 1.0)
+            if ready:
+                piece = pipe.read(4096)
+                if not piece:
+                    break
+                answer += piece
+            elif proc.poll() is not None:
+                break
+    text = answer.decode(errors="replace").strip()
+    if text == "READY":
+        print(f"thunderfs: mounted {config.mountpoint} (pid {proc.pid}, log {log_file})")
+        return 0
+    if text.startswith("ERROR "):
+        print(f"thunderfs: cannot mount {config.mountpoint}: {text[6:]}", file=sys.stderr)
+    else:
+        print(f"thunderfs: the daemon exited before mounting {config.mountpoint}; see {log_file}",
+              file=sys.stderr)
+    if proc.poll() is None:
+        proc.terminate()
+    return 1
+
+
+# --- umount -----------------------------------------------------------------------------------
+
+
+def cmd_umount(args, _argv) -> int:
+    mp = control.canonical(Path(args.mountpoint))
+    try:
+        pid = control.read_record(mp)["pid"]
+    except ConfigError:
+        pid = None
+    res = subprocess.run(["fusermount3", "-u", str(mp)], capture_output=True, text=True)
+    if res.returncode != 0:
+        print(f"thunderfs: cannot unmount {mp}: {res.stderr.strip() or res.stdout.strip()}", file=sys.stderr)
+        return 1
+    if pid is not None:
+        deadline = time.monotonic() + args.timeout
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            print(f"thunderfs: unmounted {mp}, but daemon {pid} is still finishing", file=sys.stderr)
+            return 1
+    return 0
+
+
+# --- verify -----------------------------------------------------------------------------------
+
+
+def _glance_hash(glance_url: str, image_id: str) -> tuple[str, str]:
+    with urllib.request.urlopen(f"{glance_url.rstrip('/')}/v2/images/{image_id}", timeout=10) as resp:
+        rec = json.loads(resp.read())
+    return rec.get("os_hash_algo") or "sha512", rec.get("os_hash_value") or ""
+
+
+def cmd_verify(args, _argv) -> int:
+    mp = control.canonical(Path(args.mountpoint))
+    path = mp / "images" / args.image_id
+    if not path.exists():
+        raise ConfigError(f"{path} does not exist (is {mp} mounted, is the image active?)")
+    glance = args.glance or control.read_record(mp)["glance"]
+    try:
+        algo, expected = _glance_hash(glance, args.image_id)
+        where = "Glance"
+    except (OSError, urllib.error.URLError) as exc:
+        algo = os.getxattr(path, "user.thunderfs.os_hash_algo").decode() or "sha512"
+        expected = os.getxattr(path, "user.thunderfs.os_hash_value").decode()
+        where = f"the mount's last listing (Glance unreachable: {exc})"
+    if not expected:
+        raise ConfigError(f"Glance records no hash for image {args.image_id}")
+    h = hashlib.new(algo)
+    start, total = time.monotonic(), 0
+    with open(path, "rb", buffering=0) as f:
+        while piece := f.read(4 * 2**20):
+            h.update(piece)
+            total += len(piece)
+    secs = time.monotonic() - start
+    rate = f"{format_size(total)} in {secs:.2f}s ({format_size(total / max(secs, 1e-9))}/s)"
+    if h.hexdigest() != expected:
+        print(f"MISMATCH {args.image_id}: {algo} of the mount is {h.hexdigest()[:16]}..., "
+              f"{where} says {expected[:16]}... ({rate})")
+        return 1
+    print(f"OK {args.image_id}: {algo} matches {where} ({rate})")
+    return 0
+
+
+# --- status -----------------------------------------------------------------------------------
+
+
+def cmd_status(args, _argv) -> int:
+    stats = control.call(Path(args.mountpoint), "stats")
+    if args.json:
+        print(json.dumps(stats, indent=2, sort_keys=True))
+        return 0
+    g, c, f = stats["glance"], stats["cache"], stats["fetch"]
+    print(f"{stats['mountpoint']}: {stats['images']} images, daemon pid {stats['pid']}")
+    print(f"  Glance {g['url']} ({'reachable' if g['reachable'] else 'UNREACHABLE'}): "
+          f"{format_size(g['bytes'])} in {g['range_requests']} range requests, {g['errors']} errors")
+    print(f"  cache {format_size(c['used'])} of {format_size(c['capacity'])}; served "
+          f"{format_size(c['bytes_read_disk'])} from disk, {format_size(c['bytes_read_memory'])} uncached; "
+          f"{c['evictions']} evictions, {c['corrupt_dropped']} corrupt chunks dropped")
+    print(f"  fetched {f['chunks_fetched']} chunks in {f['flights']} requests "
+          f"({f['readahead_chunks']} by readahead), {f['failures']} failures")
+    return 0
+
+
+# --- parser -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="thunderfs", description="Glance images as lazily fetched files.")
+    p.add_argument("--version", action="version", version=f"thunderfs {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("mount", help="mount Glance's images at MOUNTPOINT/images/<image-id>")
+    m.add_argument("mountpoint")
+    m.add_argument("--glance", required=True, help="Glance API URL, e.g. http://glance:9292")
+    m.add_argument("--cache-dir", required=True, help="where cached chunks and their index live")
+    m.add_argument("--cache-size", default="10G", help="bound of the cache (default 10G)")
+    m.add_argument("--chunk-size", default="64K",
+                   help="unit of caching and verification (default 64K; see benchmarks/README.md)")
+    m.add_argument("--max-request", default="4M", help="largest Range request to Glance (default 4M)")
+    m.add_argument("--origin-concurrency", type=int, default=8, help="parallel requests to Glance (default 8)")
+    m.add_argument("--fetch-timeout", type=float, default=20.0,
+                   help="seconds a read may wait for an uncached chunk before EIO (default 20)")
+    m.add_argument("--connect-timeout", type=float, default=3.0, help="seconds to connect to Glance")
+    m.add_argument("--listing-ttl", type=float, default=10.0, help="seconds between image listings")
+    m.add_argument("--readahead", default="64M", help="largest window fetched ahead of sequential reads")
+    m.add_argument("--no-allow-other", action="store_true", help="only the mounting user may read")
+    m.add_argument("--foreground", action="store_true", help="stay in the foreground, log to stderr")
+    m.add_argument("--log-file")
+    m.add_argument("--debug", action="store_true")
+    m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    m.set_defaults(func=cmd_mount)
+
+    u = sub.add_parser("umount", help="unmount and wait for the daemon to finish")
+    u.add_argument("mountpoint")
+    u.add_argument("--timeout", type=float, default=60.0)
+    u.set_defaults(func=cmd_umount)
+
+    v = sub.add_parser("verify", help="read an image through the mount and compare it with Glance's hash")
+    v.add_argument("mountpoint")
+    v.add_argument("image_id")
+    v.add_argument("--glance", help="Glance URL (default: the one the mount uses)")
+    v.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("status", help="what the daemon serving MOUNTPOINT has done")
+    s.add_argument("mountpoint")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args, argv)
+    except ConfigError as exc:
+        print(f"thunderfs: {exc}", file=sys.stderr)
+        return 1

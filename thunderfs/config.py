@@ -1,0 +1,55 @@
+"""The daemon's settings, checked once; nothing below the daemon reads options."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from thunderfs.errors import ConfigError
+from thunderfs.units import format_size
+
+log = logging.getLogger(__name__)
+
+MIN_CHUNK, MAX_CHUNK = 4096, 16 * 2**20
+
+
+@dataclass
+class MountConfig:
+    mountpoint: Path
+    glance_url: str
+    cache_dir: Path
+    cache_size: int = 10 * 2**30
+    chunk_size: int = 64 * 2**10
+    max_request: int = 4 * 2**20
+    origin_concurrency: int = 8
+    fetch_timeout: float = 20.0
+    connect_timeout: float = 3.0
+    listing_ttl: float = 10.0
+    readahead: int = 64 * 2**20
+    allow_other: bool = True
+    log_file: Path | None = None
+
+    def validate(self) -> None:
+        cs = self.chunk_size
+        if cs < MIN_CHUNK or cs > MAX_CHUNK or cs & (cs - 1):
+            raise ConfigError(f"--chunk-size must be a power of two from {format_size(MIN_CHUNK)} "
+                              f"to {format_size(MAX_CHUNK)}, not {cs}")
+        if self.cache_size < cs:
+            raise ConfigError(f"--cache-size ({self.cache_size}) is smaller than one chunk ({cs})")
+        if self.max_request < cs:
+            raise ConfigError(f"--max-request ({self.max_request}) is smaller than one chunk ({cs})")
+        if self.origin_concurrency < 1:
+            raise ConfigError("--origin-concurrency must be at least 1")
+        for name in ("fetch_timeout", "connect_timeout", "listing_ttl"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+        if not self.glance_url.startswith(("http://", "https://")):
+            raise ConfigError(f"--glance must be an http(s) URL, not {self.glance_url!r}")
+        mp = self.mountpoint
+        if not mp.exists():
+            raise ConfigError(f"mount point {mp} does not exist")
+        if not mp.is_dir():
+            raise ConfigError(f"mount point {mp} is not a directory")
+        if mp.is_mount():
+            raise ConfigError(f"mount point {mp} is already a mount point (busy)")

@@ -1,0 +1,152 @@
+"""The composition root: builds every part in one nursery and one AsyncExitStack, mounts, serves.
+
+Nothing else knows all the parts.  Teardown runs in reverse: stop serving FUSE, stop the
+background tasks, make staged chunks durable, close the index, unmount.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from thunderfs import control
+from thunderfs.catalog import Catalog
+from thunderfs.chunk_index import ChunkIndex
+from thunderfs.chunk_store import ChunkStore
+from thunderfs.config import MountConfig
+from thunderfs.errors import CacheLayoutError, ConfigError, OriginError
+from thunderfs.fetcher import Fetcher
+from thunderfs.fs import Operations
+from thunderfs.origin import GlanceOrigin
+
+log = logging.getLogger(__name__)
+
+KERNEL_READAHEAD_KB = 1024
+
+
+def _lock_cache_dir(cache_dir: Path) -> int:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(cache_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise CacheLayoutError(f"cache dir {cache_dir} is in use by another thunderfs daemon") from None
+    return fd
+
+
+def _set_kernel_readahead(mountpoint: Path, kb: int) -> None:
+    """Let the kernel send reads of up to ``kb`` KiB (the FUSE default is 128 KiB): fewer, larger
+    requests, since the daemon is bound by request count.  Found through mountinfo, not stat,
+    which would ask this very daemon before it serves."""
+    target = str(mountpoint)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == target and " - fuse" in line:
+                bdi = Path("/sys/class/bdi") / fields[2] / "read_ahead_kb"
+                try:
+                    bdi.write_text(str(kb))
+                except OSError as exc:
+                    log.info("could not raise the kernel readahead of %s: %s", target, exc)
+                return
+
+
+async def _watch_signals(task_status=trio.TASK_STATUS_IGNORED) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started()
+        async for signum in signals:
+            log.info("%s: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+async def run(config: MountConfig, ready: Callable[[], None] = lambda: None) -> None:
+    """Mount and serve until unmounted or signalled; calls ``ready()`` once the mount is up."""
+    config.validate()
+    # Once mounted, any stat under the mount point would wait on this very process.
+    mountpoint = control.canonical(config.mountpoint)
+    async with contextlib.AsyncExitStack() as stack:
+        lock_fd = _lock_cache_dir(config.cache_dir)
+        stack.callback(os.close, lock_fd)
+
+        index = ChunkIndex(config.cache_dir / "index")
+        stack.callback(index.close)
+        index.check_layout(config.chunk_size)
+        store = ChunkStore(config.cache_dir, index, config.chunk_size, config.cache_size)
+        stack.callback(store.close)
+        store.reclaim()
+
+        origin = await stack.enter_async_context(GlanceOrigin(
+            config.glance_url, connect_timeout=config.connect_timeout,
+            request_timeout=config.fetch_timeout, concurrency=config.origin_concurrency))
+        catalog = Catalog(origin, index, ttl=config.listing_ttl,
+                          timeout=config.connect_timeout + 2)
+        saved = catalog.load_saved()
+        try:
+            await catalog.refresh()
+        except OriginError as exc:
+            if not saved and not index.used_bytes():
+                raise ConfigError(f"Glance at {config.glance_url} is unreachable ({exc}) and the cache "
+                                  f"at {config.cache_dir} is empty: nothing to serve") from None
+        fetcher = Fetcher(store, origin, fetch_timeout=config.fetch_timeout, max_request=config.max_request,
+                          origin_concurrency=config.origin_concurrency, readahead=config.readahead)
+        ops = Operations(catalog, fetcher, block_size=config.max_request)
+
+        started = time.time()
+
+        def stats(_req: dict) -> dict:
+            return {
+                "pid": os.getpid(),
+                "uptime": time.time() - started,
+                "mountpoint": str(mountpoint),
+                "glance": {"url": config.glance_url, "reachable": catalog.origin_ok, **origin.statistics()},
+                "cache": store.statistics(),
+                "fetch": fetcher.statistics(),
+                "fs": ops.statistics(),
+                "images": len(catalog.images),
+            }
+
+        def stop(_req: dict) -> dict:
+            pyfuse3.terminate()
+            return {"stopping": True}
+
+        options = set(pyfuse3.default_options) | {"fsname=thunderfs", "subtype=thunderfs"}
+        if config.allow_other:
+            options.add("allow_other")
+        try:
+            pyfuse3.init(ops, str(mountpoint), options)
+        except RuntimeError as exc:
+            raise ConfigError(f"cannot mount {mountpoint}: {exc}") from None
+        stack.callback(pyfuse3.close, unmount=True)
+        _set_kernel_readahead(mountpoint, KERNEL_READAHEAD_KB)
+        control.write_record(mountpoint, {"pid": os.getpid(), "mountpoint": str(mountpoint),
+                                          "cache_dir": str(config.cache_dir), "glance": config.glance_url,
+                                          "socket": str(control.socket_path(mountpoint))})
+        stack.callback(control.remove_record, mountpoint)
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(_watch_signals)
+            await nursery.start(store.run)
+            await nursery.start(fetcher.run)
+            await nursery.start(catalog.run)
+            await nursery.start(control.serve, control.socket_path(mountpoint), {"stats": stats, "stop": stop})
+            log.info("mounted %s: %d images, Glance %s, cache %s (%d MiB of %d MiB used)",
+                     mountpoint, len(catalog.images), config.glance_url, config.cache_dir,
+                     store.statistics()["used"] >> 20, config.cache_size >> 20)
+            ready()
+            await pyfuse3.main()
+            # pyfuse3.main returns after terminate() or an external unmount.
+            nursery.cancel_scope.cancel()
+        with trio.CancelScope(shield=True):
+            await store.commit(touch=True)
+        log.info("unmounting %s", mountpoint)

@@ -1,0 +1,68 @@
+"""Exceptions, one family per layer.
+
+Each layer raises its own; ``fs.Operations`` is the one boundary that turns them into
+``FUSEError(errno)`` and logs them once.
+"""
+
+
+class ThunderfsError(Exception):
+    """Base of every error thunderfs raises on purpose."""
+
+
+class ConfigError(ThunderfsError):
+    """Bad options or an environment the daemon cannot start in (told to the operator as is)."""
+
+
+# --- origin (Glance) ------------------------------------------------------------------------
+
+
+class OriginError(ThunderfsError):
+    """Glance did not give us what we asked for."""
+
+
+class OriginUnavailable(OriginError):
+    """Glance cannot be reached, timed out, or answered 5xx: worth retrying."""
+
+
+class OriginProtocolError(OriginError):
+    """Glance answered, but wrongly (short body, wrong Content-Range): worth retrying."""
+
+
+class ImageGone(OriginError):
+    """Glance says the image does not exist (any more) or has no data: final."""
+
+
+def is_temp_failure(exc: BaseException) -> bool:
+    return isinstance(exc, (OriginUnavailable, OriginProtocolError))
+
+
+# --- cache ----------------------------------------------------------------------------------
+
+
+class CacheError(ThunderfsError):
+    """The local chunk cache cannot do what was asked."""
+
+
+class CacheLayoutError(CacheError, ConfigError):
+    """The cache directory is in use, or was made with other settings."""
+
+
+class ChunkCorrupt(CacheError):
+    """A cached chunk failed its checksum; it has been dropped and must be fetched again."""
+
+    def __init__(self, chunk: int):
+        super().__init__(f"cached chunk {chunk} failed its checksum")
+        self.chunk = chunk
+
+
+# --- fetch ----------------------------------------------------------------------------------
+
+
+class FetchFailed(ThunderfsError):
+    """A chunk needed by a read could not be had from any source in time."""
+
+    def __init__(self, image_id: str, chunk: int, cause: BaseException | str):
+        super().__init__(f"image {image_id} chunk {chunk}: {cause}")
+        self.image_id = image_id
+        self.chunk = chunk
+        self.cause = cause

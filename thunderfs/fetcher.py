@@ -1,0 +1,207 @@
+"""Getting chunks that are not cached: single flight, coalescing, priorities, readahead.
+
+``Fetcher.ensure`` makes a set of chunks available: each missing chunk belongs to exactly one
+*flight* (a run of adjacent missing chunks fetched with one Range request, at most
+``max_request`` bytes) however many readers wait for it.  Flights run in the fetcher's own
+nursery, so a reader that gives up (timeout, interrupt) does not cancel the fetch others share.
+A flight holds one of the origin's slots, demand reads before readahead.
+
+``Reader`` is one open file: it pins the chunks it reads (so eviction spares them), fetches what
+is missing, reads from the store, and on sequential access fetches ahead of itself.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from thunderfs.chunk_store import ABSENT, ChunkStore, ImageData
+from thunderfs.errors import ChunkCorrupt, FetchFailed, ThunderfsError
+from thunderfs.image import ImageMeta
+from thunderfs.origin import GlanceOrigin
+from thunderfs.retry import with_retries
+from thunderfs.slots import DEMAND, READAHEAD, PrioritySlots, Ticket
+
+log = logging.getLogger(__name__)
+
+
+class _Flight:
+    __slots__ = ("first", "count", "ticket", "done", "data", "stored", "error")
+
+    def __init__(self, first: int, count: int, ticket: Ticket):
+        self.first = first
+        self.count = count
+        self.ticket = ticket
+        self.done = trio.Event()
+        self.data: bytes | None = None
+        self.stored = False
+        self.error: BaseException | None = None
+
+
+def runs(chunks: list[int], max_len: int) -> list[tuple[int, int]]:
+    """Sorted chunk numbers -> (first, count) runs of adjacent chunks, none longer than max_len."""
+    out: list[tuple[int, int]] = []
+    for c in chunks:
+        if out and out[-1][0] + out[-1][1] == c and out[-1][1] < max_len:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((c, 1))
+    return out
+
+
+class Fetcher:
+    def __init__(self, store: ChunkStore, origin: GlanceOrigin, *, fetch_timeout: float = 20.0,
+                 max_request: int = 4 * 2**20, origin_concurrency: int = 8, readahead: int = 64 * 2**20):
+        self._store = store
+        self._origin = origin
+        self.fetch_timeout = fetch_timeout
+        self._cs = store.chunk_size
+        self._max_chunks = max(1, max_request // self._cs)
+        self._readahead_max = readahead
+        self._slots = PrioritySlots(origin_concurrency)
+        self._flights: dict[tuple[bytes, int], _Flight] = {}
+        self._nursery: trio.Nursery | None = None
+        self._stats = dict.fromkeys(("chunks_fetched", "bytes_fetched", "flights", "demand_waits",
+                                     "readahead_chunks", "failures"), 0)
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def open(self, meta: ImageMeta) -> "Reader":
+        return Reader(self, meta, self._store.image(meta.content_key, meta.size))
+
+    def start(self, meta: ImageMeta, img: ImageData, chunks: list[int], priority: int) -> list[_Flight]:
+        """Make sure a flight covers each of ``chunks`` (missing ones); return those flights."""
+        flights: list[_Flight] = []
+        to_start: list[int] = []
+        for c in chunks:
+            f = self._flights.get((img.content, c))
+            if f is not None:
+                if not flights or flights[-1] is not f:
+                    f.ticket.promote(priority)
+                    flights.append(f)
+            elif img.state[c] == ABSENT:
+                to_start.append(c)
+        for first, count in runs(to_start, self._max_chunks):
+            f = _Flight(first, count, self._slots.ticket(priority))
+            for c in range(first, first + count):
+                self._flights[(img.content, c)] = f
+            assert self._nursery is not None, "Fetcher.run() is not running"
+            self._nursery.start_soon(self._fly, meta, img, f)
+            flights.append(f)
+        return flights
+
+    async def ensure(self, meta: ImageMeta, img: ImageData, chunks: list[int]) -> dict[int, bytes]:
+        """Wait until ``chunks`` are cached; returns the bytes of any that could not be cached."""
+        flights = self.start(meta, img, chunks, DEMAND)
+        self._stats["demand_waits"] += 1
+        with trio.move_on_after(self.fetch_timeout + 1) as scope:
+            for f in flights:
+                await f.done.wait()
+        if scope.cancelled_caught:
+            raise FetchFailed(meta.id, chunks[0], f"no source delivered it within {self.fetch_timeout:g}s")
+        extra: dict[int, bytes] = {}
+        cs = self._cs
+        for f in flights:
+            if f.error is not None:
+                raise FetchFailed(meta.id, f.first, f.error)
+            if not f.stored:
+                for i in range(f.count):
+                    extra[f.first + i] = f.data[i * cs:(i + 1) * cs]
+        return extra
+
+    async def _fly(self, meta: ImageMeta, img: ImageData, f: _Flight) -> None:
+        start = f.first * self._cs
+        end = min(img.size, (f.first + f.count) * self._cs)
+        try:
+            async with f.ticket:
+                f.data = await with_retries(self._origin.read_range, meta.id, start, end,
+                                            timeout=self.fetch_timeout,
+                                            what=f"Glance read of {meta.id} chunks {f.first}..{f.first + f.count - 1}")
+            f.stored = self._store.stage(img, f.first, f.data)
+            self._stats["flights"] += 1
+            self._stats["chunks_fetched"] += f.count
+            self._stats["bytes_fetched"] += end - start
+            if f.ticket.priority != DEMAND:
+                self._stats["readahead_chunks"] += f.count
+        except ThunderfsError as exc:
+            f.error = exc
+            self._stats["failures"] += 1
+        finally:
+            for c in range(f.first, f.first + f.count):
+                if self._flights.get((img.content, c)) is f:
+                    del self._flights[(img.content, c)]
+            f.done.set()
+
+    def statistics(self) -> dict:
+        return {**self._stats, "in_flight": len({id(f) for f in self._flights.values()}),
+                "origin_slots": self._slots.statistics()}
+
+
+class Reader:
+    """One open image file."""
+
+    _INITIAL_WINDOW = 2**20
+
+    def __init__(self, fetcher: Fetcher, meta: ImageMeta, img: ImageData):
+        self._fetcher = fetcher
+        self._store = fetcher._store
+        self.meta = meta
+        self.img = img
+        self._next_offset = -1
+        self._window = 0
+        self._ahead_until = -1
+
+    async def read(self, offset: int, size: int) -> bytes:
+        img = self.img
+        if offset >= img.size or size <= 0:
+            return b""
+        size = min(size, img.size - offset)
+        first, last = img.chunk_range(offset, size)
+        store = self._store
+        token = store.pin(img, first, last)
+        try:
+            for _ in range(3):
+                missing = store.missing(img, first, last)
+                extra = None
+                if missing:
+                    self._read_ahead(offset, size, last)
+                    extra = await self._fetcher.ensure(self.meta, img, missing)
+                else:
+                    self._read_ahead(offset, size, last)
+                try:
+                    return store.read(img, offset, size, extra)
+                except ChunkCorrupt:
+                    continue
+            raise FetchFailed(self.meta.id, first, "cached copy keeps failing its checksum")
+        finally:
+            store.unpin(img, token)
+
+    def _read_ahead(self, offset: int, size: int, last: int) -> None:
+        """On sequential reads, keep a doubling window of chunks in flight ahead of the reader."""
+        sequential = offset == self._next_offset
+        self._next_offset = offset + size
+        if not sequential:
+            self._window = 0
+            self._ahead_until = last
+            return
+        self._window = min(self._readahead_max, max(self._INITIAL_WINDOW, self._window * 2))
+        wchunks = max(1, self._window // self._fetcher._cs)
+        if self._ahead_until - last > wchunks // 2:
+            return
+        ra_first = max(last + 1, self._ahead_until + 1)
+        ra_last = min(self.img.nchunks - 1, last + wchunks)
+        if ra_first > ra_last:
+            return
+        self._ahead_until = ra_last
+        missing = self._store.missing(self.img, ra_first, ra_last)
+        if missing:
+            self._fetcher.start(self.meta, self.img, missing, READAHEAD)
+
+    @property
+    def _readahead_max(self) -> int:
+        return self._fetcher._readahead_max

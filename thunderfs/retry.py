@@ -1,0 +1,36 @@
+"""Retry temporary failures with jittered exponential backoff, inside one deadline."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import trio
+
+from thunderfs.errors import OriginUnavailable, is_temp_failure
+
+log = logging.getLogger(__name__)
+
+
+async def with_retries(fn, *args, timeout: float, what: str, base: float = 0.05, cap: float = 2.0):
+    """``await fn(*args)`` until it succeeds, fails for good, or ``timeout`` seconds pass.
+
+    A hanging attempt is cut at the deadline; the last temporary error is raised then.
+    """
+    deadline = trio.current_time() + timeout
+    attempt, last_exc = 0, None
+    with trio.move_on_at(deadline):
+        while True:
+            try:
+                return await fn(*args)
+            except Exception as exc:
+                if not is_temp_failure(exc):
+                    raise
+                last_exc = exc
+            attempt += 1
+            delay = min(cap, base * 2**attempt) * random.uniform(0.5, 1.5)
+            log.debug("%s: attempt %d failed (%s); again in %.2fs", what, attempt, last_exc, delay)
+            await trio.sleep(delay)
+    if last_exc is not None:
+        raise OriginUnavailable(f"{what}: gave up after {timeout:g}s and {attempt} attempts: {last_exc}")
+    raise OriginUnavailable(f"{what}: no answer within {timeout:g}s")
