@@ -7,6 +7,7 @@ was there.  Listeners hear of images that appeared and disappeared (the fs drops
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 
 import trio
@@ -17,6 +18,9 @@ from thunderfs.image import ImageMeta
 from thunderfs.origin import GlanceOrigin
 
 log = logging.getLogger(__name__)
+
+# Glance image ids are UUIDs; anything else is no image and is never sent to Glance.
+_IMAGE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")
 
 Listener = Callable[[list[ImageMeta], list[ImageMeta]], None]
 
@@ -32,6 +36,7 @@ class Catalog:
         self.images: dict[str, ImageMeta] = {}
         self._listeners: list[Listener] = []
         self._last_attempt = -1e9
+        self._misses: dict[str, float] = {}
         self._lock = trio.Lock()
         self.origin_ok: bool | None = None
         self.refreshes = 0
@@ -78,14 +83,29 @@ class Catalog:
         self.origin_ok = ok
 
     async def lookup(self, image_id: str) -> ImageMeta | None:
-        """An image by id; an unknown id triggers a prompt refresh (at most one per interval)."""
+        """An image by id.  An id not in the listing is asked of Glance at once (a new image is
+        there without waiting for the next listing); misses are remembered for a moment so that
+        lookups of names that are no image cost Glance little."""
         meta = self.images.get(image_id)
-        if meta is None and trio.current_time() - self._last_attempt >= self._miss_interval:
-            try:
-                await self.refresh()
-            except OriginError:
-                pass
-            meta = self.images.get(image_id)
+        if meta is not None or not _IMAGE_ID.match(image_id):
+            return meta
+        now = trio.current_time()
+        if now - self._misses.get(image_id, -1e9) < self._miss_interval:
+            return None
+        if len(self._misses) > 10_000:
+            self._misses.clear()
+        try:
+            with trio.fail_after(self._timeout):
+                meta = await self._origin.image(image_id)
+        except (OriginError, trio.TooSlowError):
+            meta = None
+        if meta is None or meta.status != "active" or meta.id != image_id:
+            self._misses[image_id] = now
+            return None
+        self.images = {**self.images, meta.id: meta}
+        self._index.save_images({i: m.to_record() for i, m in self.images.items()})
+        for listener in self._listeners:
+            listener([meta], [])
         return meta
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

@@ -21,12 +21,13 @@ class MountConfig:
     cache_dir: Path
     cache_size: int = 10 * 2**30
     chunk_size: int = 64 * 2**10
-    max_request: int = 4 * 2**20
+    max_request: int = 16 * 2**20
     origin_concurrency: int = 8
     fetch_timeout: float = 20.0
     connect_timeout: float = 3.0
     listing_ttl: float = 10.0
     readahead: int = 64 * 2**20
+    kernel_readahead: int = 1024 * 2**10
     allow_other: bool = True
     log_file: Path | None = None
 
@@ -39,6 +40,8 @@ class MountConfig:
             raise ConfigError(f"--cache-size ({self.cache_size}) is smaller than one chunk ({cs})")
         if self.max_request < cs:
             raise ConfigError(f"--max-request ({self.max_request}) is smaller than one chunk ({cs})")
+        if self.readahead < 0 or self.kernel_readahead < 0:
+            raise ConfigError("--readahead and --kernel-readahead must not be negative")
         if self.origin_concurrency < 1:
             raise ConfigError("--origin-concurrency must be at least 1")
         for name in ("fetch_timeout", "connect_timeout", "listing_ttl"):

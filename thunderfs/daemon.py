@@ -30,9 +30,6 @@ from thunderfs.origin import GlanceOrigin
 
 log = logging.getLogger(__name__)
 
-KERNEL_READAHEAD_KB = 1024
-
-
 def _lock_cache_dir(cache_dir: Path) -> int:
     cache_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(cache_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -128,7 +125,7 @@ async def run(config: MountConfig, ready: Callable[[], None] = lambda: None) -> 
         except RuntimeError as exc:
             raise ConfigError(f"cannot mount {mountpoint}: {exc}") from None
         stack.callback(pyfuse3.close, unmount=True)
-        _set_kernel_readahead(mountpoint, KERNEL_READAHEAD_KB)
+        _set_kernel_readahead(mountpoint, config.kernel_readahead // 1024)
         control.write_record(mountpoint, {"pid": os.getpid(), "mountpoint": str(mountpoint),
                                           "cache_dir": str(config.cache_dir), "glance": config.glance_url,
                                           "socket": str(control.socket_path(mountpoint))})

@@ -1,0 +1,129 @@
+"""Real thunderfs daemons for tests, demo and benchmarks, started through the CLI.
+
+Each ``Mount`` runs ``thunderfs mount`` (which backgrounds the daemon and returns once mounted),
+remembers the daemon's PID from the control record, and on cleanup unmounts, or kills that PID
+and detaches the mount if it must.  Nothing else is ever killed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from thunderfs import control
+
+
+def thunderfs(*args: str, check: bool = False, timeout: float = 180, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "thunderfs", *args], capture_output=True, text=True,
+                          check=check, timeout=timeout, **kw)
+
+
+class Mount:
+    def __init__(self, mountpoint: Path, glance_url: str, cache_dir: Path, *args: str):
+        self.path = Path(mountpoint)
+        self.glance_url = glance_url
+        self.cache_dir = Path(cache_dir)
+        self.args = list(args)
+        self.pid: int | None = None
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def log_file(self) -> Path:
+        return self.cache_dir / "thunderfs.log"
+
+    def mount(self, *extra: str) -> subprocess.CompletedProcess:
+        """Mount; raises with the CLI's message if it fails (use ``try_mount`` to see failures)."""
+        res = self.try_mount(*extra)
+        if res.returncode != 0:
+            raise RuntimeError(f"thunderfs mount failed ({res.returncode}): {res.stderr}\n{self.log_tail()}")
+        return res
+
+    def try_mount(self, *extra: str) -> subprocess.CompletedProcess:
+        res = thunderfs("mount", str(self.path), "--glance", self.glance_url, "--cache-dir", str(self.cache_dir),
+                        *self.args, *extra)
+        if res.returncode == 0:
+            self.pid = control.read_record(self.path)["pid"]
+        return res
+
+    def image(self, image_id: str) -> Path:
+        return self.path / "images" / image_id
+
+    def stats(self) -> dict:
+        return control.call(self.path, "stats")
+
+    def alive(self) -> bool:
+        if self.pid is None:
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        # A zombie is dead for our purposes.
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                return f.read().split(") ")[1][0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    def wait_exit(self, timeout: float = 30) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                return True
+            time.sleep(0.05)
+        return False
+
+    def umount(self) -> subprocess.CompletedProcess:
+        res = thunderfs("umount", str(self.path))
+        if res.returncode == 0:
+            self.pid = None
+        return res
+
+    def signal(self, sig: int) -> None:
+        assert self.pid is not None
+        os.kill(self.pid, sig)
+
+    def kill9(self) -> None:
+        """SIGKILL the daemon (a crash) and detach the dead mount so that it can be mounted again."""
+        if self.pid is not None and self.alive():
+            os.kill(self.pid, signal.SIGKILL)
+            self.wait_exit(10)
+        self.pid = None
+        self._detach()
+
+    def _detach(self) -> None:
+        if self.is_mounted():
+            subprocess.run(["umount", "-l", str(self.path)], capture_output=True)
+
+    def is_mounted(self) -> bool:
+        target = str(control.canonical(self.path))
+        with open("/proc/self/mountinfo") as f:
+            return any(line.split()[4] == target for line in f)
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            return self.log_file.read_text()[-n:]
+        except FileNotFoundError:
+            return ""
+
+    def cleanup(self) -> None:
+        if self.pid is not None and self.alive():
+            if self.umount().returncode != 0:
+                self.kill9()
+        self._detach()
+
+    def __enter__(self) -> "Mount":
+        self.mount()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cleanup()
+
+
+def status_json(mount: Mount) -> dict:
+    return json.loads(thunderfs("status", str(mount.path), "--json", check=True).stdout)

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs everything thunderfs, its tests and its benchmarks need on a fresh Debian machine:
+# system packages, the project venv (.venv) and a separate venv with a real Glance (.venv-glance).
+# Idempotent: what is already there is kept.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(fuse3 libfuse3-dev pkg-config curl fio iproute2 e2fsprogs)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    echo "setup: installing ${missing[*]}"
+    SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv"
+    "$PY" -m venv .venv
+fi
+.venv/bin/pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
+.venv/bin/pip install -q -e '.[test]' 2>&1 | grep -v "is ignored" || true
+.venv/bin/python -c "import pyfuse3, trio, lmdb, xxhash, httpx" 
+
+GLANCE_VENV=${THUNDERFS_GLANCE_VENV:-.venv-glance}
+if [ ! -x "$GLANCE_VENV/bin/gunicorn" ] || ! "$GLANCE_VENV/bin/python" -c "import glance" 2>/dev/null; then
+    echo "setup: installing Glance into $GLANCE_VENV (about a minute)"
+    "$PY" -m venv "$GLANCE_VENV"
+    "$GLANCE_VENV/bin/pip" install -q glance gunicorn 2>&1 | grep -v "is ignored" || true
+fi
+"$GLANCE_VENV/bin/python" -c "import glance" 
+echo "setup: ready"
