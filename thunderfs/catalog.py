@@ -82,6 +82,16 @@ class Catalog:
             log.warning("Glance listing failed (%s); serving the last listing of %d images", why, len(self.images))
         self.origin_ok = ok
 
+    async def wait_fresh(self) -> None:
+        """Before a directory listing: refresh unless the listing is fresh (a quarter second), or
+        Glance is known to be down (then the background refresher finds out; ``ls`` never stalls)."""
+        if self.origin_ok is False or trio.current_time() - self._last_attempt < 0.25:
+            return
+        try:
+            await self.refresh()
+        except OriginError:
+            pass
+
     async def lookup(self, image_id: str) -> ImageMeta | None:
         """An image by id.  An id not in the listing is asked of Glance at once (a new image is
         there without waiting for the next listing); misses are remembered for a moment so that

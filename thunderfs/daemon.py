@@ -97,7 +97,7 @@ async def run(config: MountConfig, ready: Callable[[], None] = lambda: None) -> 
                                   f"at {config.cache_dir} is empty: nothing to serve") from None
         fetcher = Fetcher(store, origin, fetch_timeout=config.fetch_timeout, max_request=config.max_request,
                           origin_concurrency=config.origin_concurrency, readahead=config.readahead)
-        ops = Operations(catalog, fetcher, block_size=config.max_request)
+        ops = Operations(catalog, fetcher, block_size=config.chunk_size)
 
         started = time.time()
 

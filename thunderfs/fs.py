@@ -124,6 +124,8 @@ class Operations(pyfuse3.Operations):
     async def opendir(self, inode, ctx=None):
         if inode not in (ROOT, IMAGES_DIR):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if inode == IMAGES_DIR:
+            await self._catalog.wait_fresh()
         return inode
 
     async def readdir(self, fh, start_id, token):

@@ -21,8 +21,9 @@ _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 class GlanceOrigin:
     def __init__(self, url: str, *, connect_timeout: float = 3.0, request_timeout: float = 10.0,
-                 concurrency: int = 8, headers: dict[str, str] | None = None):
+                 concurrency: int = 8, headers: dict[str, str] | None = None, page_size: int = 200):
         self.url = url.rstrip("/")
+        self._page_size = page_size
         self._client = httpx.AsyncClient(
             base_url=self.url,
             timeout=httpx.Timeout(request_timeout, connect=connect_timeout),
@@ -53,7 +54,7 @@ class GlanceOrigin:
     async def list_images(self) -> list[ImageMeta]:
         """Every active image, following Glance's pages."""
         out: list[ImageMeta] = []
-        path: str | None = "/v2/images?status=active&limit=200"
+        path: str | None = f"/v2/images?status=active&limit={self._page_size}"
         while path:
             page = (await self._get(path)).json()
             out.extend(ImageMeta.from_glance(r) for r in page.get("images", ()) if r.get("status") == "active")

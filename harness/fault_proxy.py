@@ -1,0 +1,108 @@
+"""An HTTP proxy in front of a real Glance that misbehaves on request.
+
+Fault injection only: a real Glance cannot be made to send a short body, a wrong Content-Range
+or a 503 on demand.  Everything else is the real Glance's answer, passed through.
+
+Modes (``proxy.mode``): ``pass``; ``short`` (promise the full length, send half, close);
+``wrong_range`` (shift the Content-Range start); ``error`` (503); ``hang`` (say nothing for
+``hang_seconds``).  ``fail_next`` makes only the next N range requests misbehave.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+log = logging.getLogger(__name__)
+
+
+class FaultProxy:
+    def __init__(self, upstream: str, host: str = "127.0.0.1"):
+        self.upstream = upstream.rstrip("/")
+        self.mode = "pass"
+        self.fail_next: int | None = None  # None: every range request misbehaves in `mode`
+        self.hang_seconds = 3600.0
+        self.range_requests = 0
+        self.faults = 0
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                proxy._handle(self)
+
+        self._server = ThreadingHTTPServer((host, 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> "FaultProxy":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _fault(self, is_range: bool) -> str:
+        with self._lock:
+            if not is_range:
+                return "pass"
+            self.range_requests += 1
+            if self.mode == "pass":
+                return "pass"
+            if self.fail_next is not None:
+                if self.fail_next <= 0:
+                    return "pass"
+                self.fail_next -= 1
+            self.faults += 1
+            return self.mode
+
+    def _handle(self, h: BaseHTTPRequestHandler) -> None:
+        rng = h.headers.get("Range")
+        fault = self._fault(rng is not None)
+        if fault == "hang":
+            time.sleep(self.hang_seconds)
+            return
+        if fault == "error":
+            h.send_response(503)
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
+        req = urllib.request.Request(self.upstream + h.path, headers={"Range": rng} if rng else {})
+        try:
+            resp = urllib.request.urlopen(req, timeout=60)
+            status, headers, body = resp.status, resp.headers, resp.read()
+        except urllib.error.HTTPError as exc:
+            status, headers, body = exc.code, exc.headers, exc.read()
+        h.send_response(status)
+        for name in ("Content-Type", "Content-Range"):
+            value = headers.get(name)
+            if value and name == "Content-Range" and fault == "wrong_range":
+                unit, rest = value.split(" ", 1)
+                span, total = rest.split("/")
+                a, b = (int(x) for x in span.split("-"))
+                value = f"{unit} {a + 4096}-{b + 4096}/{total}"
+            if value:
+                h.send_header(name, value)
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        if fault == "short":
+            h.wfile.write(body[: len(body) // 2])
+            h.wfile.flush()
+            h.close_connection = True
+            return
+        h.wfile.write(body)

@@ -1,0 +1,124 @@
+"""MOUNT/images/<id>: what is listed, with what attributes, and that nothing can be written."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import time
+from datetime import datetime
+
+import pytest
+import trio
+
+from thunderfs.origin import GlanceOrigin
+
+
+def test_active_images_are_listed_with_glance_sizes_and_times(mount, glance, images):
+    ids = [images.add(n, seed=20 + i) for i, n in enumerate((1, 65536, 65537, 300_001))]
+    listed = set(os.listdir(mount.path / "images"))
+    assert set(ids) <= listed
+    assert os.listdir(mount.path) == ["images"]
+    for image_id in ids:
+        st = os.stat(mount.image(image_id))
+        rec = glance.image(image_id)
+        assert st.st_size == rec["size"] == len(images.data[image_id])
+        assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o444
+        updated = datetime.fromisoformat(rec["updated_at"].replace("Z", "+00:00")).timestamp()
+        assert abs(st.st_mtime - updated) < 1
+
+
+def test_images_that_are_not_active_are_not_listed(mount, glance, images):
+    queued = glance.create_image("never-uploaded")
+    deactivated = images.add(1000, seed=25)
+    glance.deactivate(deactivated)
+    time.sleep(1.1)  # past the lookup miss interval
+    names = os.listdir(mount.path / "images")
+    assert queued not in names
+    assert not os.path.exists(mount.image(queued))
+
+
+def test_unknown_image_is_enoent(mount):
+    for name in ("0b9c2b84-0000-4000-8000-000000000000", "not an id", "../../etc"):
+        with pytest.raises(FileNotFoundError):
+            os.stat(mount.path / "images" / name)
+
+
+def test_new_image_appears_without_remount(mount, images):
+    os.listdir(mount.path / "images")
+    image_id = images.add(70_000, seed=26)
+    # Opened by name at once ...
+    assert mount.image(image_id).read_bytes() == images.data[image_id]
+    # ... and in the listing after the next refresh.
+    other = images.add(1000, seed=27)
+    deadline = time.monotonic() + 15
+    while other not in os.listdir(mount.path / "images"):
+        assert time.monotonic() < deadline, "new image never listed"
+        time.sleep(0.5)
+
+
+def test_deleted_image_leaves_listing_but_open_handles_keep_reading(glance, mounts, images):
+    m = mounts(glance.url, "--listing-ttl", "1")
+    m.mount()
+    image_id = images.add(256 * 1024, seed=28)
+    data = images.data[image_id]
+    with open(m.image(image_id), "rb", buffering=0) as f:
+        assert f.read(128 * 1024) == data[:128 * 1024]
+        glance.delete(image_id)
+        deadline = time.monotonic() + 15
+        while image_id in os.listdir(m.path / "images"):
+            assert time.monotonic() < deadline, "deleted image still listed"
+            time.sleep(0.3)
+        assert not os.path.exists(m.image(image_id))
+        # The handle still reads what is cached, from its own page cache or our cache.
+        f.seek(0)
+        assert f.read(128 * 1024) == data[:128 * 1024]
+        # What was never fetched is gone with the image: EIO, not wrong bytes.
+        f.seek(200 * 1024)
+        with pytest.raises(OSError) as exc:
+            f.read(4096)
+        assert exc.value.errno == errno.EIO
+
+
+def test_writes_and_creates_fail_with_erofs(mount, images):
+    image_id = images.add(1000, seed=29)
+    path = mount.image(image_id)
+    attempts = [
+        lambda: open(path, "r+b"),
+        lambda: open(path, "wb"),
+        lambda: os.truncate(path, 0),
+        lambda: open(mount.path / "images" / "new", "wb"),
+        lambda: os.mkdir(mount.path / "images" / "d"),
+        lambda: os.unlink(path),
+        lambda: os.rename(path, mount.path / "images" / "x"),
+        lambda: os.symlink("/etc/passwd", mount.path / "images" / "l"),
+        lambda: os.setxattr(path, "user.x", b"1"),
+        lambda: os.chmod(path, 0o644),
+    ]
+    for attempt in attempts:
+        with pytest.raises(OSError) as exc:
+            attempt()
+        assert exc.value.errno in (errno.EROFS, errno.EACCES, errno.EPERM), attempt
+    # Root is not stopped by mode bits; our EROFS is what stops writes.
+    with pytest.raises(OSError) as exc:
+        open(path, "r+b")
+    assert exc.value.errno == errno.EROFS
+    assert path.read_bytes() == images.data[image_id]
+
+
+def test_xattrs_name_the_image_and_its_hash(mount, glance, images):
+    image_id = images.add(5000, seed=30)
+    path = mount.image(image_id)
+    assert os.getxattr(path, "user.thunderfs.image_id").decode() == image_id
+    assert os.getxattr(path, "user.thunderfs.os_hash_value").decode() == glance.image(image_id)["os_hash_value"]
+
+
+async def test_listing_follows_glance_pages(glance, images):
+    """Glance pages its listing; every active image must be found across pages."""
+    ids = {images.add(100, seed=40 + i) for i in range(5)}
+    async with GlanceOrigin(glance.url, page_size=2) as origin:
+        listed = {m.id for m in await origin.list_images()}
+        requests = origin.statistics()["requests"]
+    assert ids <= listed
+    assert requests >= 3  # more than one page was followed
+    await trio.lowlevel.checkpoint()

@@ -1,0 +1,190 @@
+"""The layers below the fs, driven directly (no mount): store, index, slots, runs, sizes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import trio
+
+from thunderfs.chunk_index import ChunkIndex, Put
+from thunderfs.chunk_store import ABSENT, INDEXED, PENDING, ChunkStore
+from thunderfs.errors import ChunkCorrupt, ConfigError
+from thunderfs.fetcher import runs
+from thunderfs.image import ImageMeta
+from thunderfs.slots import DEMAND, PREFETCH, READAHEAD, PrioritySlots
+from thunderfs.units import parse_size
+
+CS = 4096
+CONTENT = bytes(range(16))
+
+
+@pytest.fixture
+def index(tmp_path):
+    ix = ChunkIndex(tmp_path / "index")
+    ix.check_layout(CS)
+    yield ix
+    ix.close()
+
+
+def store_of(tmp_path, index, capacity=10 * CS):
+    return ChunkStore(tmp_path, index, CS, capacity)
+
+
+def test_parse_size():
+    assert parse_size("64K") == 65536
+    assert parse_size("20GiB") == 20 * 2**30
+    assert parse_size("1.5M") == 1572864
+    assert parse_size("4096") == 4096
+    for bad in ("", "x", "-1", "5Q"):
+        with pytest.raises(ConfigError):
+            parse_size(bad)
+
+
+def test_runs_coalesce_adjacent_chunks_up_to_a_limit():
+    assert runs([1, 2, 3, 7, 8, 10], 10) == [(1, 3), (7, 2), (10, 1)]
+    assert runs(list(range(5)), 2) == [(0, 2), (2, 2), (4, 1)]
+    assert runs([], 4) == []
+
+
+def test_content_key_differs_when_the_bytes_differ():
+    base = dict(id="i", name="n", size=10, status="active", os_hash_algo="sha512", checksum=None,
+                created_at=None, updated_at=None)
+    a = ImageMeta(os_hash_value="aa", **base)
+    b = ImageMeta(os_hash_value="bb", **base)
+    assert a.content_key != b.content_key
+    assert a.content_key == ImageMeta(os_hash_value="aa", **base).content_key
+
+
+def test_index_deletes_before_puts_in_one_commit(index):
+    index.commit(puts=[Put(CONTENT, 1, CS, 11, 100)])
+    # Evicted, then fetched again before the delete was committed: the new put wins.
+    index.commit(deletes=[(CONTENT, 1)], puts=[Put(CONTENT, 1, CS, 22, 200)])
+    (rec,) = index.chunks_of(CONTENT)
+    assert (rec.chunk, rec.xxh3) == (1, 22)
+    assert index.used_bytes() == CS
+    assert [c for _, c, _ in index.lru_oldest()] == [1]
+
+
+def test_index_refuses_another_chunk_size(tmp_path, index):
+    from thunderfs.errors import CacheLayoutError
+    with pytest.raises(CacheLayoutError):
+        index.check_layout(2 * CS)
+
+
+async def test_staged_chunks_become_durable_and_survive_a_restart(tmp_path, index):
+    store = store_of(tmp_path, index)
+    img = store.image(CONTENT, 3 * CS + 100)
+    data = os.urandom(2 * CS)
+    assert store.stage(img, 1, data)
+    assert img.state[1] == img.state[2] == PENDING
+    assert store.read(img, CS, 2 * CS) == data
+    await store.commit()
+    assert img.state[1] == INDEXED
+    store.close()
+    again = store_of(tmp_path, index)
+    img2 = again.image(CONTENT, 3 * CS + 100)
+    assert img2.state[1] == INDEXED and img2.state[0] == ABSENT
+    assert again.read(img2, CS + 10, 100) == data[10:110]
+    again.close()
+
+
+async def test_a_corrupt_chunk_is_dropped_not_served(tmp_path, index):
+    store = store_of(tmp_path, index)
+    img = store.image(CONTENT, 4 * CS)
+    store.stage(img, 0, os.urandom(4 * CS))
+    await store.commit()
+    store.close()
+    with open(tmp_path / "data" / f"{CONTENT.hex()}.data", "r+b") as f:
+        f.seek(2 * CS + 7)
+        f.write(b"\x00\x01")
+    store = store_of(tmp_path, index)
+    img = store.image(CONTENT, 4 * CS)
+    with pytest.raises(ChunkCorrupt) as exc:
+        store.read(img, 0, 4 * CS)
+    assert exc.value.chunk == 2
+    assert img.state[2] == ABSENT
+    await store.commit()
+    assert [r.chunk for r in index.chunks_of(CONTENT)] == [0, 1, 3]
+    store.close()
+
+
+async def test_eviction_spares_pinned_chunks_and_keeps_the_bound(tmp_path, index):
+    store = store_of(tmp_path, index, capacity=4 * CS)
+    img = store.image(CONTENT, 16 * CS)
+    store.stage(img, 0, os.urandom(4 * CS))
+    await store.commit()
+    token = store.pin(img, 0, 1)  # a read is using chunks 0 and 1
+    assert store.stage(img, 4, os.urandom(2 * CS))
+    assert img.state[0] == img.state[1] == INDEXED
+    assert img.state[2] == img.state[3] == ABSENT
+    assert store.statistics()["used"] <= 4 * CS
+    # Everything else is pinned or pending: nothing more can be cached, and nothing is lost.
+    assert not store.stage(img, 8, os.urandom(CS))
+    assert store.statistics()["bytes_not_cached"] == CS
+    store.unpin(img, token)
+    await store.commit()
+    assert store.stage(img, 8, os.urandom(CS))
+    store.close()
+
+
+async def test_reclaim_punches_data_that_no_index_entry_covers(tmp_path, index):
+    store = store_of(tmp_path, index)
+    img = store.image(CONTENT, 8 * CS)
+    store.stage(img, 0, os.urandom(CS))
+    await store.commit()
+    store.stage(img, 4, os.urandom(2 * CS))  # written, never committed: a crash here
+    store.close()
+    path = tmp_path / "data" / f"{CONTENT.hex()}.data"
+    assert path.stat().st_blocks * 512 >= 3 * CS
+    store = store_of(tmp_path, index)
+    store.reclaim()
+    assert path.stat().st_blocks * 512 <= CS + 4096
+    store.close()
+
+
+async def test_slots_serve_demand_before_readahead_and_prefetch():
+    slots = PrioritySlots(1)
+    order = []
+    holder = slots.ticket(DEMAND)
+    await holder.__aenter__()
+
+    async def want(name, prio):
+        async with slots.ticket(prio):
+            order.append(name)
+            await trio.sleep(0)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(want, "prefetch", PREFETCH)
+        await trio.sleep(0.01)
+        n.start_soon(want, "readahead", READAHEAD)
+        await trio.sleep(0.01)
+        n.start_soon(want, "demand", DEMAND)
+        await trio.sleep(0.01)
+        await holder.__aexit__(None, None, None)
+    assert order == ["demand", "readahead", "prefetch"]
+
+
+async def test_a_promoted_ticket_overtakes_and_a_cancelled_one_gives_its_place_back():
+    slots = PrioritySlots(1)
+    holder = slots.ticket(DEMAND)
+    await holder.__aenter__()
+    order = []
+    ra = slots.ticket(PREFETCH)
+
+    async def use(t, name):
+        async with t:
+            order.append(name)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(use, slots.ticket(READAHEAD), "readahead")
+        await trio.sleep(0.01)
+        n.start_soon(use, ra, "joined-by-demand")
+        await trio.sleep(0.01)
+        with trio.move_on_after(0.01):
+            async with slots.ticket(DEMAND):
+                pass  # never gets here: cancelled while waiting
+        ra.promote(DEMAND)
+        await holder.__aexit__(None, None, None)
+    assert order == ["joined-by-demand", "readahead"]
+    assert slots.statistics()["busy"] == 0
