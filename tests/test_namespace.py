@@ -58,9 +58,9 @@ def test_new_image_appears_without_remount(mount, images):
 
 
 def test_deleted_image_leaves_listing_but_open_handles_keep_reading(glance, mounts, images):
-    m = mounts(glance.url, "--listing-ttl", "1")
+    m = mounts(glance.url, "--listing-ttl", "1", "--readahead", "0", "--kernel-readahead", "0")
     m.mount()
-    image_id = images.add(256 * 1024, seed=28)
+    image_id = images.add(1024 * 1024, seed=28)
     data = images.data[image_id]
     with open(m.image(image_id), "rb", buffering=0) as f:
         assert f.read(128 * 1024) == data[:128 * 1024]
@@ -74,7 +74,7 @@ def test_deleted_image_leaves_listing_but_open_handles_keep_reading(glance, moun
         f.seek(0)
         assert f.read(128 * 1024) == data[:128 * 1024]
         # What was never fetched is gone with the image: EIO, not wrong bytes.
-        f.seek(200 * 1024)
+        f.seek(900 * 1024)
         with pytest.raises(OSError) as exc:
             f.read(4096)
         assert exc.value.errno == errno.EIO

@@ -83,10 +83,14 @@ class Catalog:
         self.origin_ok = ok
 
     async def wait_fresh(self) -> None:
-        """Before a directory listing: refresh unless the listing is fresh (a quarter second), or
-        Glance is known to be down (then the background refresher finds out; ``ls`` never stalls)."""
-        if self.origin_ok is False or trio.current_time() - self._last_attempt < 0.25:
+        """Before a directory listing: ask Glance now (a listing already under way counts), unless
+        Glance is known to be down: then the background refresher finds out and ``ls`` never stalls."""
+        if self.origin_ok is False:
             return
+        started = trio.current_time()
+        async with self._lock:
+            if self._last_attempt >= started:
+                return
         try:
             await self.refresh()
         except OriginError:
