@@ -220,7 +220,7 @@ class ChunkStore:
 
     # --- writes ----------------------------------------------------------------------------
 
-    def stage(self, img: ImageData, first: int, data: bytes) -> bool:
+    def stage(self, img: ImageData, first: int, data: bytes | bytearray) -> bool:
         """Cache verified bytes of chunks ``first..``; False when they could not be cached
         (cache full of chunks in use, or disk full): the caller serves them from memory."""
         n = len(data)
@@ -246,9 +246,10 @@ class ChunkStore:
                 log.error("writing to cache file %s failed: %s; serving uncached", img.path.name, exc)
             return False
         cs = self.chunk_size
+        view = memoryview(data)
         for i in range(-(-n // cs)):
             c = first + i
-            img.xxh[c] = xxhash.xxh3_64_intdigest(data[i * cs:(i + 1) * cs])
+            img.xxh[c] = xxhash.xxh3_64_intdigest(view[i * cs:(i + 1) * cs])
             img.state[c] = PENDING
             img.verified[c] = 1
             self._pending.append((img, c))

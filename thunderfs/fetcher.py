@@ -35,7 +35,7 @@ class _Flight:
         self.count = count
         self.ticket = ticket
         self.done = trio.Event()
-        self.data: bytes | None = None
+        self.data: bytearray | None = None
         self.stored = False
         self.error: BaseException | None = None
 
@@ -58,7 +58,7 @@ class Fetcher:
         self._origin = origin
         self.fetch_timeout = fetch_timeout
         self.chunk_size = self._cs = store.chunk_size
-        self._max_chunks = max(1, max_request // self._cs)
+        self.max_chunks = self._max_chunks = max(1, max_request // self._cs)
         self.readahead = readahead
         self._slots = PrioritySlots(origin_concurrency)
         self._flights: dict[tuple[bytes, int], _Flight] = {}
@@ -112,7 +112,7 @@ class Fetcher:
                 raise FetchFailed(meta.id, f.first, f.error)
             if not f.stored:
                 for i in range(f.count):
-                    extra[f.first + i] = f.data[i * cs:(i + 1) * cs]
+                    extra[f.first + i] = bytes(f.data[i * cs:(i + 1) * cs])
         return extra
 
     async def _fly(self, meta: ImageMeta, img: ImageData, f: _Flight) -> None:
@@ -199,15 +199,16 @@ class Reader:
         self._recent.append((offset, offset + size))
         if not limit or self._run_bytes < self.SEQUENTIAL_TRIGGER:
             return
+        # Keep the whole window in flight, issued in pieces as large as one request may be, so
+        # that several large requests overlap instead of the reader waiting on one at a time.
         self._window = min(limit, max(self.INITIAL_WINDOW, self._window * 2))
-        wchunks = max(1, self._window // self._fetcher.chunk_size)
-        if self._ahead_until - last > wchunks // 2:
-            return
+        fetcher, img = self._fetcher, self.img
+        target = min(img.nchunks - 1, last + max(1, self._window // fetcher.chunk_size))
         ra_first = max(last + 1, self._ahead_until + 1)
-        ra_last = min(self.img.nchunks - 1, last + wchunks)
-        if ra_first > ra_last:
+        piece = min(fetcher.max_chunks, max(1, self._window // fetcher.chunk_size // 4))
+        if target - ra_first + 1 < piece and target < img.nchunks - 1:
             return
-        self._ahead_until = ra_last
-        missing = self._store.missing(self.img, ra_first, ra_last)
+        self._ahead_until = target
+        missing = self._store.missing(img, ra_first, target)
         if missing:
-            self._fetcher.start(self.meta, self.img, missing, READAHEAD)
+            fetcher.start(self.meta, img, missing, READAHEAD)

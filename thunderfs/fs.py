@@ -57,6 +57,7 @@ class Operations(pyfuse3.Operations):
         self._block_size = block_size
         self._mounted_ns = time.time_ns()
         self._uid, self._gid = os.getuid(), os.getgid()
+        self._reads = self._read_bytes = 0
         catalog.add_listener(self._listing_changed)
 
     # --- attributes ------------------------------------------------------------------------
@@ -166,6 +167,8 @@ class Operations(pyfuse3.Operations):
 
     async def read(self, fh, off, size):
         _, reader = self._handles[fh]
+        self._reads += 1
+        self._read_bytes += size
         try:
             return await reader.read(off, size)
         except ThunderfsError as exc:
@@ -234,4 +237,5 @@ class Operations(pyfuse3.Operations):
                 log.debug("invalidate %s: %s", meta.id, exc)
 
     def statistics(self) -> dict:
-        return {"open_handles": len(self._handles), "inodes": len(self._inodes)}
+        return {"open_handles": len(self._handles), "inodes": len(self._inodes),
+                "read_requests": self._reads, "read_request_bytes": self._read_bytes}

@@ -6,6 +6,7 @@ One attempt per call; it raises ``OriginUnavailable``/``OriginProtocolError`` (w
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 
@@ -38,17 +39,26 @@ class GlanceOrigin:
     async def __aexit__(self, *exc) -> None:
         await self._client.aclose()
 
-    async def _get(self, path: str, **kw) -> httpx.Response:
-        self._stats["requests"] += 1
+    @contextlib.contextmanager
+    def _transport(self, what: str):
+        """Transport failures become OriginUnavailable (worth retrying); every failure is counted."""
         try:
-            resp = await self._client.get(path, **kw)
+            yield
         except httpx.TimeoutException as exc:
             self._stats["errors"] += 1
-            raise OriginUnavailable(f"Glance timed out on {path}") from exc
+            raise OriginUnavailable(f"Glance timed out on {what}") from exc
         except httpx.HTTPError as exc:
             self._stats["errors"] += 1
-            raise OriginUnavailable(f"Glance unreachable at {self.url}: {exc}") from exc
-        _raise_for_status(resp, path)
+            raise OriginUnavailable(f"Glance at {self.url} failed on {what}: {exc}") from exc
+        except OriginError:
+            self._stats["errors"] += 1
+            raise
+
+    async def _get(self, path: str) -> httpx.Response:
+        self._stats["requests"] += 1
+        with self._transport(path):
+            resp = await self._client.get(path)
+            _raise_for_status(resp, path)
         return resp
 
     async def list_images(self) -> list[ImageMeta]:
@@ -64,15 +74,16 @@ class GlanceOrigin:
     async def image(self, image_id: str) -> ImageMeta:
         return ImageMeta.from_glance((await self._get(f"/v2/images/{image_id}")).json())
 
-    async def read_range(self, image_id: str, start: int, end: int) -> bytes:
-        """Bytes ``[start, end)`` of an image's data, exactly, or an exception."""
+    async def read_range(self, image_id: str, start: int, end: int) -> bytearray:
+        """Bytes ``[start, end)`` of an image's data, exactly, or an exception.  A bytearray, not
+        bytes: copying every response once more cost an eighth of the daemon's CPU."""
         want = end - start
         path = f"/v2/images/{image_id}/file"
         self._stats["requests"] += 1
         self._stats["range_requests"] += 1
         buf = bytearray(want)
         got = 0
-        try:
+        with self._transport(f"{image_id} [{start}, {end})"):
             async with self._client.stream("GET", path, headers={"Range": f"bytes={start}-{end - 1}"}) as resp:
                 _raise_for_status(resp, path)
                 _check_range(resp, start, end)
@@ -82,20 +93,11 @@ class GlanceOrigin:
                         raise OriginProtocolError(f"Glance sent more than the {want} bytes asked for")
                     buf[got:got + n] = piece
                     got += n
-        except httpx.TimeoutException as exc:
-            self._stats["errors"] += 1
-            raise OriginUnavailable(f"Glance timed out reading {image_id} [{start}, {end})") from exc
-        except httpx.HTTPError as exc:
-            self._stats["errors"] += 1
-            raise OriginUnavailable(f"Glance transfer of {image_id} [{start}, {end}) broke: {exc}") from exc
-        except OriginError:
-            self._stats["errors"] += 1
-            raise
         if got != want:
             self._stats["errors"] += 1
             raise OriginProtocolError(f"Glance sent {got} of {want} bytes of {image_id} at {start}")
         self._stats["bytes"] += got
-        return bytes(buf)
+        return buf
 
     def statistics(self) -> dict:
         return dict(self._stats)
