@@ -1,0 +1,62 @@
+"""A real thunderfs-tracker process on loopback for tests and benchmarks, stopped by its PID."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from harness.local_glance import free_port
+
+
+class LocalTracker:
+    def __init__(self, state_dir: Path, *args: str, secret: bytes | None = None, host: str = "127.0.0.1"):
+        self.dir = Path(state_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.host, self.port = host, free_port(host)
+        self.args = list(args)
+        self.secret = secret
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 20) -> None:
+        cmd = [sys.executable, "-m", "thunderfs_tracker", "--listen", f"{self.host}:{self.port}",
+               "--state-dir", str(self.dir), *self.args]
+        if self.secret:
+            secret_file = self.dir / "secret"
+            secret_file.write_bytes(self.secret)
+            secret_file.chmod(0o600)
+            cmd += ["--secret-file", str(secret_file)]
+        log = open(self.dir / "tracker.log", "ab")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"tracker exited: {(self.dir / 'tracker.log').read_text()[-2000:]}")
+            try:
+                urllib.request.urlopen(self.url + "/healthz", timeout=1).read()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("tracker did not come up")
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    def log(self) -> str:
+        return (self.dir / "tracker.log").read_text()

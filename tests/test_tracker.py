@@ -1,0 +1,202 @@
+"""The tracker: a real process, driven by the client the daemon uses, and by hostile requests."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+
+import httpx
+import pytest
+import trio
+
+from harness.tracker import LocalTracker
+from thunderfs_tracker.client import TrackerClient, TrackerRefused
+from thunderfs_tracker.peer_store import MemoryPeerStore
+from thunderfs_tracker.protocol import ChunkUpdate, NodeInfo, bits_to_ranges, ranges_to_bits
+from thunderfs_tracker.selection import rank
+from thunderfs_tracker.signing import sign
+
+SECRET = b"a-cluster-secret-of-some-length"
+IMG = "0123456789abcdef0123456789abcdef"
+
+
+@pytest.fixture
+def tracker(tmp_path):
+    t = LocalTracker(tmp_path / "tracker", "--node-ttl", "3", "--heartbeat", "1", secret=SECRET)
+    t.start()
+    yield t
+    t.stop()
+    assert "Traceback" not in t.log()
+
+
+def node(name: str, location: str, load: int = 0, rtt=None) -> NodeInfo:
+    return NodeInfo(name, f"http://10.0.0.{abs(hash(name)) % 200 + 1}:7000", tuple(location.split("/")), load, rtt or {})
+
+
+def client(tracker, name: str, secret: bytes | None = SECRET) -> TrackerClient:
+    return TrackerClient(tracker.url, name, secret=secret)
+
+
+# --- policy and store, alone -----------------------------------------------------------------
+
+
+def test_rank_prefers_shared_location_then_rtt_then_load():
+    me = node("me", "z1/r1/h1", rtt={"b": 5.0, "c": 1.0})
+    cands = [(node("far", "z2/r9/h9"), 1), (node("zone", "z1/r2/h2"), 1),
+             (node("b", "z1/r1/h2"), 1), (node("c", "z1/r1/h3"), 1), (node("busy", "z1/r1/h4", load=5), 1)]
+    order = [n.node_id for n, _ in rank(me, cands)]
+    assert order[:2] == ["c", "b"]           # same rack, measured rtt
+    assert order[2] == "busy"                # same rack, no rtt known
+    assert order[3:] == ["zone", "far"]
+
+
+def test_rank_shuffles_peers_that_tie():
+    me = node("me", "z/r/h")
+    cands = [(node(f"p{i}", "z/r/x"), 1) for i in range(6)]
+    firsts = {rank(me, cands, random.Random(seed))[0][0].node_id for seed in range(40)}
+    assert len(firsts) > 3
+
+
+def test_ranges_and_bits_round_trip():
+    bits = ranges_to_bits([[0, 0], [3, 7], [100, 130]], 200)
+    assert bits_to_ranges(bits) == [[0, 0], [3, 7], [100, 130]]
+
+
+def test_store_full_state_replaces_and_deltas_apply():
+    s = MemoryPeerStore()
+    s.put_node(node("a", "z"), 0)
+    s.update_chunks("a", True, [ChunkUpdate(IMG, 64, add=0b1111, full=True)])
+    s.update_chunks("a", False, [ChunkUpdate(IMG, 64, add=1 << 10, remove=0b11)])
+    ((n, bits),) = s.holders(IMG, 0, 15)
+    assert bits == (1 << 10) | 0b1100
+    s.update_chunks("a", True, [])
+    assert s.holders(IMG, 0, 63) == []
+    assert s.statistics() == {"nodes": 1, "images": 0}
+
+
+# --- the service -----------------------------------------------------------------------------
+
+
+async def test_holders_are_found_ranked_and_the_asker_left_out(tracker):
+    async with client(tracker, "a") as a, client(tracker, "b") as b, client(tracker, "c") as c:
+        await a.announce(node("a", "z1/r1/h1"))
+        await b.announce(node("b", "z1/r2/h2"))
+        await c.announce(node("c", "z1/r1/h3"))
+        await a.send_chunks(True, [ChunkUpdate(IMG, 100, add=ranges_to_bits([[0, 49]], 100), full=True)])
+        await b.send_chunks(True, [ChunkUpdate(IMG, 100, add=ranges_to_bits([[40, 99]], 100), full=True)])
+        peers = await c.lookup(IMG, 40, 59)
+        assert [p.node_id for p in peers] == ["a", "b"]  # a shares c's rack
+        assert bits_to_ranges(peers[0].chunks) == [[0, 9]]     # chunks 40..49
+        assert bits_to_ranges(peers[1].chunks) == [[0, 19]]    # chunks 40..59
+        assert [p.node_id for p in await a.lookup(IMG, 40, 59)] == ["b"]
+        # A delta: a dropped 40..49 and gained 60..69.
+        await a.send_chunks(False, [ChunkUpdate(IMG, 100, add=ranges_to_bits([[60, 69]], 100),
+                                                remove=ranges_to_bits([[40, 49]], 100))])
+        peers = {p.node_id: bits_to_ranges(p.chunks) for p in await c.lookup(IMG, 40, 69)}
+        assert peers == {"a": [[20, 29]], "b": [[0, 29]]}
+
+
+async def test_silent_nodes_expire(tracker):
+    async with client(tracker, "a") as a, client(tracker, "b") as b:
+        await a.announce(node("a", "z"))
+        await a.send_chunks(True, [ChunkUpdate(IMG, 10, add=1, full=True)])
+        await b.announce(node("b", "z"))
+        assert len(await b.lookup(IMG, 0, 0)) == 1
+        deadline = trio.current_time() + 10
+        while await b.lookup(IMG, 0, 0):
+            await b.announce(node("b", "z"))  # b keeps its heartbeat; a does not
+            assert trio.current_time() < deadline, "a never expired"
+            await trio.sleep(0.5)
+        assert "expired" in tracker.log()
+
+
+async def test_unknown_image_and_unannounced_node(tracker):
+    async with client(tracker, "x") as x:
+        assert await x.lookup("f" * 32, 0, 3) == []
+        with pytest.raises(TrackerRefused) as exc:
+            await x.send_chunks(True, [ChunkUpdate(IMG, 10, add=1, full=True)])
+        assert exc.value.status == 409
+
+
+async def test_non_members_are_refused(tracker):
+    async with client(tracker, "a", secret=None) as unsigned, client(tracker, "a", secret=b"w" * 32) as wrong:
+        for c in (unsigned, wrong):
+            with pytest.raises(TrackerRefused) as exc:
+                await c.announce(node("a", "z"))
+            assert exc.value.status == 401
+    # A member cannot speak for another node, nor replay a request.
+    body = json.dumps(node("b", "z").to_json()).encode()
+    path = "/v1/nodes/b/announce"
+    async with httpx.AsyncClient(base_url=tracker.url) as h:
+        r = await h.post(path, content=body, headers=sign(SECRET, "a", "POST", path, body))
+        assert r.status_code == 403
+        headers = sign(SECRET, "b", "POST", path, body)
+        assert (await h.post(path, content=body, headers=headers)).status_code == 200
+        assert (await h.post(path, content=body, headers=headers)).status_code == 401
+        assert "replayed" in (await h.post(path, content=body, headers=headers)).text
+        # Health checks stay open.
+        assert (await h.get("/healthz")).status_code == 200
+
+
+@pytest.mark.parametrize("path,body,words", [
+    ("/v1/nodes/a/announce", b"{not json", "not JSON"),
+    ("/v1/nodes/a/announce", b'{"peer_url": "ftp://x"}', "peer_url"),
+    ("/v1/nodes/a/announce", b'{"peer_url": "http://h:1", "location": "../../etc"}', "location"),
+    ("/v1/nodes/a/announce", b'{"peer_url": "http://h:1", "load": -1}', "load"),
+    ("/v1/nodes/a/chunks", b'{"full": true, "images": [{"content": "../x", "nchunks": 1, "bitmap": "AQ=="}]}', "content key"),
+    ("/v1/nodes/a/chunks", b'{"full": true, "images": [{"content": "%s", "nchunks": 99999999999, "bitmap": "AQ=="}]}' % IMG.encode(), "nchunks"),
+    ("/v1/nodes/a/chunks", b'{"full": true, "images": [{"content": "%s", "nchunks": 4, "bitmap": "//////8="}]}' % IMG.encode(), "bits past"),
+    ("/v1/nodes/a/chunks", b'{"full": false, "images": [{"content": "%s", "nchunks": 4, "add": [[-1, 2]]}]}' % IMG.encode(), "outside"),
+    ("/v1/nodes/a/chunks", b'{"full": false, "images": [{"content": "%s", "nchunks": 4, "add": [[3, 2]]}]}' % IMG.encode(), "outside"),
+    ("/v1/nodes/a/chunks", b'{"full": "yes"}', "full"),
+])
+async def test_malformed_requests_get_a_4xx_with_a_message(tracker, path, body, words):
+    async with client(tracker, "a") as a:
+        await a.announce(node("a", "z"))
+    async with httpx.AsyncClient(base_url=tracker.url) as h:
+        r = await h.post(path, content=body, headers=sign(SECRET, "a", "POST", path, body))
+    assert 400 <= r.status_code < 500, r.text
+    assert words in r.json()["error"]
+
+
+async def test_bad_lookups_get_a_4xx(tracker):
+    async with client(tracker, "a") as a:
+        await a.announce(node("a", "z"))
+        await a.send_chunks(True, [ChunkUpdate(IMG, 10, add=1, full=True)])
+    async with httpx.AsyncClient(base_url=tracker.url) as h:
+        for q in ("first=-1&last=2", "first=5&last=2", "first=0&last=10", "first=x&last=1", "first=0&last=99999999999",
+                  "first=0&last=1&limit=0"):
+            path = f"/v1/images/{IMG}/peers?{q}"
+            r = await h.get(path, headers=sign(SECRET, "a", "GET", path))
+            assert 400 <= r.status_code < 500, (q, r.text)
+        path = "/v1/images/..%2F..%2Fetc/peers?first=0&last=1"
+        r = await h.get(path, headers=sign(SECRET, "a", "GET", path))
+        assert 400 <= r.status_code < 500
+
+
+def test_tracker_refuses_to_start_without_a_readable_secret(tmp_path):
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, "-m", "thunderfs_tracker", "--listen", "127.0.0.1:1", "--state-dir",
+                          str(tmp_path), "--secret-file", str(tmp_path / "missing")], capture_output=True, text=True)
+    assert res.returncode == 1 and "secret file" in res.stderr
+
+
+async def test_lookup_latency_with_1000_nodes(tracker):
+    """Not a benchmark (that belongs in benchmarks/): a guard that a lookup stays cheap as nodes grow."""
+    async with httpx.AsyncClient(base_url=tracker.url) as h:
+        for i in range(1000):
+            name = f"n{i}"
+            for path, body in ((f"/v1/nodes/{name}/announce", node(name, f"z{i % 4}/r{i % 20}/h{i}").to_json()),
+                               (f"/v1/nodes/{name}/chunks", {"full": True, "images": [
+                                   ChunkUpdate(IMG, 4096, add=random.Random(i).getrandbits(4096), full=True).to_json()]})):
+                data = json.dumps(body).encode()
+                assert (await h.post(path, content=data, headers=sign(SECRET, name, "POST", path, data))).status_code == 200
+        t = time.perf_counter()
+        for i in range(50):
+            path = f"/v1/images/{IMG}/peers?first={i * 16}&last={i * 16 + 15}"
+            r = await h.get(path, headers=sign(SECRET, "n0", "GET", path))
+            assert r.status_code == 200 and len(r.json()["peers"]) == 20
+        per_lookup = (time.perf_counter() - t) / 50
+    assert per_lookup < 0.1

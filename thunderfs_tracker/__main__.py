@@ -1,0 +1,3 @@
+from thunderfs_tracker.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,203 @@
+"""The tracker's HTTP service: ``create_app(config)`` and its route table.
+
+    POST /v1/nodes/{node}/announce   a node says who and where it is (and is alive): heartbeat
+    POST /v1/nodes/{node}/chunks     the chunks it holds: full state, or batched deltas
+    GET  /v1/images/{content}/peers?first=&last=&limit=   holders of chunks, nearest first
+    GET  /v1/stats, /healthz, /readyz
+
+With a secret, every /v1 request must be signed by a member (``signing.py``) and a node may only
+speak for itself; health checks stay open.  Every malformed request is a 4xx with a message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from thunderfs_tracker import selection
+from thunderfs_tracker.peer_store import MemoryPeerStore, PeerStore, StoreFull
+from thunderfs_tracker.protocol import (
+    API,
+    MAX_CHUNKS,
+    NodeInfo,
+    PeerRecord,
+    ProtocolError,
+    check_content,
+    check_node_id,
+    parse_chunks,
+)
+from thunderfs_tracker.signing import Verifier
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 4 * 2**20
+MAX_LOOKUP_CHUNKS = 1 << 16
+
+
+@dataclass
+class TrackerConfig:
+    state_dir: Path
+    secret: bytes | None = None
+    node_ttl: float = 30.0
+    heartbeat: float = 10.0
+    max_peers: int = 20
+
+
+CONFIG = web.AppKey("config", TrackerConfig)
+STORE = web.AppKey("store", PeerStore)
+VERIFIER = web.AppKey("verifier", Verifier)
+EPOCH = web.AppKey("epoch", str)
+STATS = web.AppKey("stats", dict)
+
+
+def _error(status: type[web.HTTPException], message: str) -> web.HTTPException:
+    return status(text=json.dumps({"error": message}), content_type="application/json")
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except ProtocolError as exc:
+        raise _error(web.HTTPBadRequest, str(exc)) from None
+    except StoreFull as exc:
+        raise _error(web.HTTPServiceUnavailable, str(exc)) from None
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler):
+    verifier = request.app.get(VERIFIER)
+    if verifier is None or not request.path.startswith(API):
+        return await handler(request)
+    body = await request.read()
+    try:
+        signer = verifier.verify(request.method, request.path_qs, request.headers, body)
+    except ValueError as exc:
+        request.app[STATS]["refused"] += 1
+        raise _error(web.HTTPUnauthorized, f"not a member: {exc}") from None
+    node = request.match_info.get("node")
+    if node is not None and node != signer:
+        raise _error(web.HTTPForbidden, f"node {signer} may not speak for {node}")
+    request["signer"] = signer
+    return await handler(request)
+
+
+async def _json(request: web.Request):
+    try:
+        return json.loads(await request.read())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"body is not JSON: {exc}") from None
+
+
+async def announce(request: web.Request) -> web.Response:
+    node = NodeInfo.parse(request.match_info["node"], await _json(request))
+    request.app[STORE].put_node(node, time.monotonic())
+    cfg = request.app[CONFIG]
+    return web.json_response({"epoch": request.app[EPOCH], "heartbeat": cfg.heartbeat, "node_ttl": cfg.node_ttl})
+
+
+async def chunks(request: web.Request) -> web.Response:
+    node_id = check_node_id(request.match_info["node"])
+    full, updates = parse_chunks(await _json(request))
+    try:
+        request.app[STORE].update_chunks(node_id, full, updates)
+    except KeyError:
+        raise _error(web.HTTPConflict, f"node {node_id} has not announced itself (or expired): announce first") from None
+    except ValueError as exc:
+        raise ProtocolError(str(exc)) from None
+    return web.json_response({"epoch": request.app[EPOCH]})
+
+
+def _query_int(request: web.Request, name: str, lo: int, hi: int, default: int | None = None) -> int:
+    raw = request.query.get(name)
+    if raw is None and default is not None:
+        return default
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        raise ProtocolError(f"query parameter {name} must be an integer") from None
+    if not lo <= value <= hi:
+        raise ProtocolError(f"query parameter {name} must be from {lo} to {hi}")
+    return value
+
+
+async def peers(request: web.Request) -> web.Response:
+    started = time.perf_counter()
+    content = check_content(request.match_info["content"])
+    store, cfg = request.app[STORE], request.app[CONFIG]
+    first = _query_int(request, "first", 0, MAX_CHUNKS - 1)
+    last = _query_int(request, "last", first, min(MAX_CHUNKS - 1, first + MAX_LOOKUP_CHUNKS - 1))
+    limit = _query_int(request, "limit", 1, 200, default=cfg.max_peers)
+    asking = request.get("signer") or request.query.get("node")
+    nchunks = store.nchunks(content) if hasattr(store, "nchunks") else None
+    if nchunks is None:
+        raise _error(web.HTTPNotFound, f"no node holds image {content}")
+    if last >= nchunks:
+        raise ProtocolError(f"image {content} has chunks 0..{nchunks - 1}")
+    me = store.node(asking) if asking else None
+    found = [(n, b) for n, b in store.holders(content, first, last) if n.node_id != asking]
+    ranked = selection.rank(me, found)[:limit]
+    nbits = last - first + 1
+    out = [PeerRecord(n.node_id, n.peer_url, n.location, n.load, b).to_json(nbits) for n, b in ranked]
+    stats = request.app[STATS]
+    stats["lookups"] += 1
+    stats["lookup_seconds"] += time.perf_counter() - started
+    return web.json_response({"first": first, "last": last, "peers": out})
+
+
+async def stats(request: web.Request) -> web.Response:
+    return web.json_response({**request.app[STORE].statistics(), **request.app[STATS], "epoch": request.app[EPOCH]})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"ok": True})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    return web.json_response({"ready": True, **request.app[STORE].statistics()})
+
+
+def routes() -> list[web.RouteDef]:
+    return [
+        web.post(API + "/nodes/{node}/announce", announce),
+        web.post(API + "/nodes/{node}/chunks", chunks),
+        web.get(API + "/images/{content}/peers", peers),
+        web.get(API + "/stats", stats),
+        web.get("/healthz", healthz),
+        web.get("/readyz", readyz),
+    ]
+
+
+async def _expiry(app: web.Application):
+    cfg, store = app[CONFIG], app[STORE]
+
+    async def sweep():
+        while True:
+            await asyncio.sleep(min(cfg.node_ttl / 3, 5.0))
+            gone = store.expire(time.monotonic() - cfg.node_ttl)
+            if gone:
+                log.info("expired %d nodes that missed their heartbeats: %s", len(gone), ", ".join(gone[:10]))
+
+    task = asyncio.create_task(sweep())
+    yield
+    task.cancel()
+
+
+def create_app(config: TrackerConfig, store: PeerStore | None = None) -> web.Application:
+    app = web.Application(middlewares=[errors_middleware, auth_middleware], client_max_size=MAX_BODY)
+    app[CONFIG] = config
+    app[STORE] = store or MemoryPeerStore()
+    app[EPOCH] = secrets.token_hex(8)  # a restarted tracker has lost peer state: nodes resend it
+    app[STATS] = {"lookups": 0, "lookup_seconds": 0.0, "refused": 0}
+    if config.secret:
+        app[VERIFIER] = Verifier(config.secret)
+    app.add_routes(routes())
+    app.cleanup_ctx.append(_expiry)
+    return app

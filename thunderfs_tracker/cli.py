@@ -1,0 +1,63 @@
+"""thunderfs-tracker: parse options, build the app, serve."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from thunderfs_tracker import __version__
+from thunderfs_tracker.app import TrackerConfig, create_app
+from thunderfs_tracker.signing import SecretError, load_secret
+
+log = logging.getLogger(__name__)
+
+
+def _listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"--listen must be HOST:PORT, not {text!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="thunderfs-tracker", description="Which thunderfs node holds which chunks.")
+    p.add_argument("--version", action="version", version=f"thunderfs-tracker {__version__}")
+    p.add_argument("--listen", type=_listen, required=True, help="HOST:PORT")
+    p.add_argument("--state-dir", required=True, help="where the tracker keeps its state")
+    p.add_argument("--secret-file", help="the cluster's shared secret: only signed requests of members are answered")
+    p.add_argument("--node-ttl", type=float, default=30.0, help="seconds after which a silent node expires")
+    p.add_argument("--heartbeat", type=float, default=10.0, help="seconds between a node's announces")
+    p.add_argument("--debug", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    try:
+        secret = load_secret(args.secret_file) if args.secret_file else None
+        state = Path(args.state_dir)
+        state.mkdir(parents=True, exist_ok=True)
+    except (SecretError, OSError) as exc:
+        print(f"thunderfs-tracker: {exc}", file=sys.stderr)
+        return 1
+    if args.node_ttl <= args.heartbeat:
+        print("thunderfs-tracker: --node-ttl must be longer than --heartbeat", file=sys.stderr)
+        return 1
+    if secret is None:
+        log.warning("no --secret-file: the tracker answers anyone who can reach it")
+    host, port = args.listen
+    config = TrackerConfig(state_dir=state, secret=secret, node_ttl=args.node_ttl, heartbeat=args.heartbeat)
+    try:
+        web.run_app(create_app(config), host=host, port=port, print=lambda *_: log.info("listening on %s:%d", host, port),
+                    access_log=None, handle_signals=True)
+    except OSError as exc:
+        print(f"thunderfs-tracker: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

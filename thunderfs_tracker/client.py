@@ -1,0 +1,96 @@
+"""The tracker client that the daemon imports: same wire types as the server, signed requests.
+
+Runs on trio (httpx).  Raises ``TrackerUnavailable`` when the tracker cannot be reached or is
+overloaded (the daemon goes on with Glance and the peers it knows) and ``TrackerRefused`` when it
+says the request is wrong or not a member's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+
+import httpx
+
+from thunderfs_tracker.protocol import API, ChunkUpdate, NodeInfo, PeerRecord
+from thunderfs_tracker.signing import sign
+
+log = logging.getLogger(__name__)
+
+
+class TrackerError(Exception):
+    pass
+
+
+class TrackerUnavailable(TrackerError):
+    pass
+
+
+class TrackerRefused(TrackerError):
+    def __init__(self, status: int, message: str):
+        super().__init__(f"tracker refused ({status}): {message}")
+        self.status = status
+
+
+@dataclass(frozen=True)
+class AnnounceReply:
+    epoch: str
+    heartbeat: float
+    node_ttl: float
+
+
+class TrackerClient:
+    def __init__(self, url: str, node_id: str, *, secret: bytes | None = None, timeout: float = 2.0):
+        self.url = url.rstrip("/")
+        self.node_id = node_id
+        self._secret = secret
+        self._client = httpx.AsyncClient(base_url=self.url, timeout=timeout)
+
+    async def __aenter__(self) -> "TrackerClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self._client.aclose()
+
+    async def _call(self, method: str, path: str, body: dict | None = None) -> dict:
+        data = json.dumps(body).encode() if body is not None else b""
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        if self._secret:
+            headers.update(sign(self._secret, self.node_id, method, path, data))
+        try:
+            resp = await self._client.request(method, path, content=data, headers=headers)
+        except httpx.HTTPError as exc:
+            raise TrackerUnavailable(f"tracker {self.url} unreachable: {exc}") from exc
+        if resp.status_code in (502, 503, 504):
+            raise TrackerUnavailable(f"tracker {self.url} answered {resp.status_code}: {resp.text[:200]}")
+        if resp.status_code >= 400:
+            try:
+                message = resp.json().get("error", resp.text)
+            except ValueError:
+                message = resp.text
+            raise TrackerRefused(resp.status_code, message[:500])
+        return resp.json()
+
+    async def announce(self, node: NodeInfo) -> AnnounceReply:
+        r = await self._call("POST", f"{API}/nodes/{self.node_id}/announce", node.to_json())
+        return AnnounceReply(r["epoch"], float(r["heartbeat"]), float(r["node_ttl"]))
+
+    async def send_chunks(self, full: bool, updates: list[ChunkUpdate]) -> str:
+        r = await self._call("POST", f"{API}/nodes/{self.node_id}/chunks",
+                             {"full": full, "images": [u.to_json() for u in updates]})
+        return r["epoch"]
+
+    async def lookup(self, content: str, first: int, last: int, limit: int | None = None) -> list[PeerRecord]:
+        q = f"first={first}&last={last}&node={self.node_id}" + (f"&limit={limit}" if limit else "")
+        try:
+            r = await self._call("GET", f"{API}/images/{content}/peers?{q}")
+        except TrackerRefused as exc:
+            if exc.status == 404:
+                return []
+            raise
+        nbits = last - first + 1
+        return [PeerRecord.parse(p, nbits) for p in r["peers"]]
+
+    async def stats(self) -> dict:
+        return await self._call("GET", f"{API}/stats")

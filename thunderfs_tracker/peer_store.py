@@ -1,0 +1,112 @@
+"""Where the tracker keeps which node holds which chunks: a small interface, and the in-memory
+store (the embedded default).  Another store (Redis, for replicas) implements the same methods.
+
+Chunk sets are Python ints used as bitsets: a lookup of a range is a shift and a mask, in C.
+Memory is bounded by ``max_nodes`` and ``max_images_per_node``; a node that stops announcing is
+expired with everything it held.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+from thunderfs_tracker.protocol import ChunkUpdate, NodeInfo
+
+log = logging.getLogger(__name__)
+
+
+class StoreFull(Exception):
+    """The store holds as much as it may; the client is told 503 and tries later."""
+
+
+class PeerStore(Protocol):
+    def put_node(self, node: NodeInfo, now: float) -> None: ...
+
+    def update_chunks(self, node_id: str, full: bool, updates: list[ChunkUpdate]) -> None: ...
+
+    def holders(self, content: str, first: int, last: int) -> list[tuple[NodeInfo, int]]: ...
+
+    def expire(self, older_than: float) -> list[str]: ...
+
+    def statistics(self) -> dict: ...
+
+
+class MemoryPeerStore:
+    def __init__(self, max_nodes: int = 100_000, max_images_per_node: int = 10_000):
+        self._nodes: dict[str, NodeInfo] = {}
+        self._seen: dict[str, float] = {}
+        self._chunks: dict[str, dict[str, int]] = {}      # content -> node -> bits
+        self._nchunks: dict[str, int] = {}
+        self._held: dict[str, set[str]] = {}               # node -> contents
+        self._max_nodes = max_nodes
+        self._max_images = max_images_per_node
+
+    def node(self, node_id: str) -> NodeInfo | None:
+        return self._nodes.get(node_id)
+
+    def put_node(self, node: NodeInfo, now: float) -> None:
+        if node.node_id not in self._nodes and len(self._nodes) >= self._max_nodes:
+            raise StoreFull(f"the tracker tracks {self._max_nodes} nodes already")
+        self._nodes[node.node_id] = node
+        self._seen[node.node_id] = now
+        self._held.setdefault(node.node_id, set())
+
+    def update_chunks(self, node_id: str, full: bool, updates: list[ChunkUpdate]) -> None:
+        if node_id not in self._nodes:
+            raise KeyError(node_id)
+        held = self._held[node_id]
+        if full:
+            listed = {u.content for u in updates}
+            for content in list(held - listed):
+                self._drop(node_id, content)
+        for u in updates:
+            known = self._nchunks.get(u.content)
+            if known is not None and known != u.nchunks:
+                raise ValueError(f"image {u.content} has {known} chunks, not {u.nchunks}")
+            per_node = self._chunks.setdefault(u.content, {})
+            self._nchunks[u.content] = u.nchunks
+            bits = u.add if u.full else (per_node.get(node_id, 0) | u.add) & ~u.remove
+            if bits:
+                if u.content not in held and len(held) >= self._max_images:
+                    raise StoreFull(f"node {node_id} announces more than {self._max_images} images")
+                per_node[node_id] = bits
+                held.add(u.content)
+            else:
+                self._drop(node_id, u.content)
+
+    def _drop(self, node_id: str, content: str) -> None:
+        per_node = self._chunks.get(content)
+        if per_node is not None:
+            per_node.pop(node_id, None)
+            if not per_node:
+                del self._chunks[content]
+                del self._nchunks[content]
+        self._held.get(node_id, set()).discard(content)
+
+    def holders(self, content: str, first: int, last: int) -> list[tuple[NodeInfo, int]]:
+        per_node = self._chunks.get(content)
+        if not per_node:
+            return []
+        mask = (1 << (last - first + 1)) - 1
+        out = []
+        for node_id, bits in per_node.items():
+            have = (bits >> first) & mask
+            if have:
+                out.append((self._nodes[node_id], have))
+        return out
+
+    def nchunks(self, content: str) -> int | None:
+        return self._nchunks.get(content)
+
+    def expire(self, older_than: float) -> list[str]:
+        gone = [n for n, seen in self._seen.items() if seen < older_than]
+        for node_id in gone:
+            for content in list(self._held.pop(node_id, ())):
+                self._drop(node_id, content)
+            del self._nodes[node_id]
+            del self._seen[node_id]
+        return gone
+
+    def statistics(self) -> dict:
+        return {"nodes": len(self._nodes), "images": len(self._chunks)}

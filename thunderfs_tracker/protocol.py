@@ -1,0 +1,200 @@
+"""The tracker's wire format, version 1: value types and their strict parsing.
+
+Shared by the server and the client the daemon imports, so both sides read and write the same
+JSON.  Parsing refuses anything malformed with ``ProtocolError`` (the server answers 400 with its
+message): every number is bounded, every name matches a pattern, so nothing a client sends can
+grow the tracker's memory without bound or reach a path.
+
+Chunk sets travel as bitmaps: bit ``c`` of a little-endian integer is chunk ``c``, base64'd.
+Images are named by their *content key* (32 hex digits, what the daemon's cache is keyed by),
+not by Glance id: two ids with the same bytes share chunks, a reused id with new bytes does not.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+import re
+from dataclasses import dataclass, field
+
+API = "/v1"
+MAX_CHUNKS = 1 << 24          # 1 TiB of 64 KiB chunks
+MAX_RANGES = 10_000           # per image per delta
+MAX_IMAGES_PER_MESSAGE = 1_000
+MAX_RTT_ENTRIES = 256
+MAX_LOCATION_DEPTH = 8
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_CONTENT = re.compile(r"^[0-9a-f]{32}$")
+_URL = re.compile(r"^https?://[A-Za-z0-9.\-\[\]:]{1,200}(/[A-Za-z0-9._~/-]{0,50})?$")
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the protocol; the text says what is wrong."""
+
+
+def check_node_id(value) -> str:
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise ProtocolError(f"node id must match {_NAME.pattern}")
+    return value
+
+
+def check_content(value) -> str:
+    if not isinstance(value, str) or not _CONTENT.match(value):
+        raise ProtocolError("content key must be 32 lowercase hex digits")
+    return value
+
+
+def _int(obj: dict, name: str, lo: int, hi: int) -> int:
+    value = obj.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ProtocolError(f"{name} must be an integer from {lo} to {hi}")
+    return value
+
+
+def parse_location(value) -> tuple[str, ...]:
+    if value in (None, ""):
+        return ()
+    if not isinstance(value, str):
+        raise ProtocolError("location must be a string like zone/rack/host")
+    parts = tuple(value.strip("/").split("/"))
+    if len(parts) > MAX_LOCATION_DEPTH or not all(_NAME.match(p) for p in parts):
+        raise ProtocolError(f"location must be up to {MAX_LOCATION_DEPTH} names joined by '/'")
+    return parts
+
+
+def encode_bits(bits: int, nbits: int) -> str:
+    return base64.b64encode(bits.to_bytes(max(1, math.ceil(nbits / 8)), "little")).decode()
+
+
+def decode_bits(text, nbits: int) -> int:
+    if not isinstance(text, str) or len(text) > 4 * math.ceil(max(1, math.ceil(nbits / 8)) / 3) + 4:
+        raise ProtocolError(f"bitmap must be base64 of at most {math.ceil(nbits / 8)} bytes")
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ProtocolError("bitmap is not valid base64") from None
+    bits = int.from_bytes(raw, "little")
+    if bits >> nbits:
+        raise ProtocolError(f"bitmap has bits past chunk {nbits - 1}")
+    return bits
+
+
+def ranges_to_bits(value, nchunks: int) -> int:
+    if not isinstance(value, list) or len(value) > MAX_RANGES:
+        raise ProtocolError(f"ranges must be a list of at most {MAX_RANGES} [first, last] pairs")
+    bits = 0
+    for item in value:
+        if (not isinstance(item, list) or len(item) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in item)):
+            raise ProtocolError("each range must be [first, last] with integers")
+        first, last = item
+        if not 0 <= first <= last < nchunks:
+            raise ProtocolError(f"range [{first}, {last}] is outside chunks 0..{nchunks - 1}")
+        bits |= ((1 << (last - first + 1)) - 1) << first
+    return bits
+
+
+def bits_to_ranges(bits: int) -> list[list[int]]:
+    out, c = [], 0
+    while bits:
+        if bits & 1:
+            run = (~bits & (bits + 1)).bit_length() - 1  # length of the run of ones at the bottom
+            out.append([c, c + run - 1])
+            bits >>= run
+            c += run
+        else:
+            skip = (bits & -bits).bit_length() - 1
+            bits >>= skip
+            c += skip
+    return out
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    node_id: str
+    peer_url: str
+    location: tuple[str, ...] = ()
+    load: int = 0
+    rtt_ms: dict[str, float] = field(default_factory=dict, compare=False)
+
+    def to_json(self) -> dict:
+        return {"peer_url": self.peer_url, "location": "/".join(self.location), "load": self.load,
+                "rtt_ms": self.rtt_ms}
+
+    @classmethod
+    def parse(cls, node_id: str, obj) -> "NodeInfo":
+        if not isinstance(obj, dict):
+            raise ProtocolError("announce body must be a JSON object")
+        url = obj.get("peer_url")
+        if not isinstance(url, str) or not _URL.match(url):
+            raise ProtocolError("peer_url must be an http(s) URL")
+        rtt = obj.get("rtt_ms", {})
+        if not isinstance(rtt, dict) or len(rtt) > MAX_RTT_ENTRIES:
+            raise ProtocolError(f"rtt_ms must map at most {MAX_RTT_ENTRIES} node ids to milliseconds")
+        clean = {}
+        for k, v in rtt.items():
+            check_node_id(k)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 600_000:
+                raise ProtocolError("each rtt must be a number of milliseconds from 0 to 600000")
+            clean[k] = float(v)
+        return cls(check_node_id(node_id), url, parse_location(obj.get("location")),
+                   _int(obj, "load", 0, 1_000_000) if "load" in obj else 0, clean)
+
+
+@dataclass(frozen=True)
+class ChunkUpdate:
+    """One image's chunks on one node: the whole set (``full``), or bits added and removed."""
+
+    content: str
+    nchunks: int
+    add: int = 0
+    remove: int = 0
+    full: bool = False
+
+    def to_json(self) -> dict:
+        if self.full:
+            return {"content": self.content, "nchunks": self.nchunks, "bitmap": encode_bits(self.add, self.nchunks)}
+        return {"content": self.content, "nchunks": self.nchunks,
+                "add": bits_to_ranges(self.add), "remove": bits_to_ranges(self.remove)}
+
+    @classmethod
+    def parse(cls, obj, full: bool) -> "ChunkUpdate":
+        if not isinstance(obj, dict):
+            raise ProtocolError("each image must be a JSON object")
+        content = check_content(obj.get("content"))
+        nchunks = _int(obj, "nchunks", 1, MAX_CHUNKS)
+        if full:
+            return cls(content, nchunks, add=decode_bits(obj.get("bitmap"), nchunks), full=True)
+        return cls(content, nchunks, add=ranges_to_bits(obj.get("add", []), nchunks),
+                   remove=ranges_to_bits(obj.get("remove", []), nchunks))
+
+
+def parse_chunks(obj) -> tuple[bool, list[ChunkUpdate]]:
+    if not isinstance(obj, dict) or not isinstance(obj.get("full"), bool):
+        raise ProtocolError('chunks body must be {"full": true|false, "images": [...]}')
+    images = obj.get("images")
+    if not isinstance(images, list) or len(images) > MAX_IMAGES_PER_MESSAGE:
+        raise ProtocolError(f"images must be a list of at most {MAX_IMAGES_PER_MESSAGE}")
+    return obj["full"], [ChunkUpdate.parse(i, obj["full"]) for i in images]
+
+
+@dataclass(frozen=True)
+class PeerRecord:
+    """One answer of a lookup: a peer and which of the asked chunks it holds (bit 0 = first)."""
+
+    node_id: str
+    peer_url: str
+    location: tuple[str, ...]
+    load: int
+    chunks: int
+
+    def to_json(self, nbits: int) -> dict:
+        return {"node_id": self.node_id, "peer_url": self.peer_url, "location": "/".join(self.location),
+                "load": self.load, "chunks": encode_bits(self.chunks, nbits)}
+
+    @classmethod
+    def parse(cls, obj, nbits: int) -> "PeerRecord":
+        node = NodeInfo.parse(obj.get("node_id"), obj)
+        return cls(node.node_id, node.peer_url, node.location, node.load, decode_bits(obj.get("chunks"), nbits))
