@@ -147,8 +147,9 @@ class ChunkIndex:
                 self._commit_once(deletes, puts, touches)
                 return
             except lmdb.MapFullError:
+                # Not expected: the daemon sizes the map from --cache-size.
                 new = self._env.info()["map_size"] * 2
-                log.info("cache index map full; growing it to %d MiB", new // 2**20)
+                log.warning("cache index map full; growing it to %d MiB", new // 2**20)
                 self._env.set_mapsize(new)
             except lmdb.Error as exc:
                 raise CacheError(f"cache index write failed: {exc}") from exc

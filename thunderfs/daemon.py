@@ -76,7 +76,10 @@ async def run(config: MountConfig, ready: Callable[[], None] = lambda: None) -> 
         lock_fd = _lock_cache_dir(config.cache_dir)
         stack.callback(os.close, lock_fd)
 
-        index = ChunkIndex(config.cache_dir / "index")
+        # Sized so that it never needs to grow (growing races readers in other threads): two
+        # records of ~40 bytes per chunk, with a wide margin for B-tree pages.
+        map_size = max(256 * 2**20, (config.cache_size // config.chunk_size) * 512)
+        index = ChunkIndex(config.cache_dir / "index", map_size=map_size)
         stack.callback(index.close)
         index.check_layout(config.chunk_size)
         store = ChunkStore(config.cache_dir, index, config.chunk_size, config.cache_size)
