@@ -6,6 +6,7 @@ or a 503 on demand.  Everything else is the real Glance's answer, passed through
 Modes (``proxy.mode``): ``pass``; ``short`` (promise the full length, send half, close);
 ``wrong_range`` (shift the Content-Range start); ``error`` (503); ``hang`` (say nothing for
 ``hang_seconds``).  ``fail_next`` makes only the next N range requests misbehave.
+``corrupt_whole``: flip one byte in every whole-image (non-range) download.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class FaultProxy:
         self.mode = "pass"
         self.fail_next: int | None = None  # None: every range request misbehaves in `mode`
         self.hang_seconds = 3600.0
+        self.corrupt_whole = False
         self.range_requests = 0
         self.faults = 0
         self._lock = threading.Lock()
@@ -100,6 +102,8 @@ class FaultProxy:
                 h.send_header(name, value)
         h.send_header("Content-Length", str(len(body)))
         h.end_headers()
+        if self.corrupt_whole and rng is None and h.path.endswith("/file") and body:
+            body = bytes([body[0] ^ 0xFF]) + body[1:]
         if fault == "short":
             h.wfile.write(body[: len(body) // 2])
             h.wfile.flush()

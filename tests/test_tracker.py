@@ -200,3 +200,86 @@ async def test_lookup_latency_with_1000_nodes(tracker):
             assert r.status_code == 200 and len(r.json()["peers"]) == 20
         per_lookup = (time.perf_counter() - t) / 50
     assert per_lookup < 0.1
+
+
+# --- manifests ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tracker_with_glance(tmp_path, glance):
+    t = LocalTracker(tmp_path / "tracker", "--glance", glance.url, secret=SECRET)
+    t.start()
+    yield t
+    t.stop()
+    assert "Traceback" not in t.log()
+
+
+async def _wait_manifest(c, image_id, chunk_size):
+    deadline = trio.current_time() + 30
+    while (m := await c.manifest(image_id, chunk_size)) is None:
+        assert trio.current_time() < deadline, "manifest never built"
+        await trio.sleep(0.1)
+    return m
+
+
+async def test_manifest_is_built_from_glance_and_bound_to_its_hash(tracker_with_glance, glance, images):
+    import hashlib
+    image_id = images.add(5 * 65536 + 100, seed=90)
+    data = images.data[image_id]
+    async with client(tracker_with_glance, "a") as a:
+        m = await _wait_manifest(a, image_id, 65536)
+        assert m.nchunks == 6
+        assert m.os_hash_value == glance.image(image_id)["os_hash_value"]
+        for c in range(6):
+            assert m.digest(c) == hashlib.sha256(data[c * 65536:(c + 1) * 65536]).digest()
+        stats = await a.stats()
+        assert stats["manifests"]["built"] == 1
+    # It survives a tracker restart without reading Glance again.
+    tracker_with_glance.stop()
+    tracker_with_glance.start()
+    async with client(tracker_with_glance, "a") as a:
+        assert await a.manifest(image_id, 65536) == m
+        assert (await a.stats())["manifests"]["bytes_read"] == 0
+
+
+async def test_no_manifest_for_unknown_images_or_bad_chunk_sizes(tracker_with_glance):
+    async with client(tracker_with_glance, "a") as a:
+        assert await a.manifest("6b0c1f44-0000-4d1e-9a57-1e3f0c5a9b21", 65536) is None  # building...
+        deadline = trio.current_time() + 10
+        while True:
+            try:
+                await a.manifest("6b0c1f44-0000-4d1e-9a57-1e3f0c5a9b21", 65536)
+            except TrackerRefused as exc:
+                assert exc.status == 404 and "404" in str(exc)
+                break
+            assert trio.current_time() < deadline
+            await trio.sleep(0.1)
+        for bad in (1000, 3 * 65536, 1 << 30):
+            with pytest.raises(TrackerRefused) as exc:
+                await a.manifest("6b0c1f44-0000-4d1e-9a57-1e3f0c5a9b21", bad)
+            assert exc.value.status == 400
+
+
+async def test_a_manifest_whose_bytes_do_not_match_glances_hash_is_not_published(tmp_path, glance, images):
+    """Glance's bytes altered in transit (fault proxy): the tracker must refuse to publish."""
+    from harness.fault_proxy import FaultProxy
+    image_id = images.add(3 * 65536, seed=91)
+    proxy = FaultProxy(glance.url).start()
+    proxy.corrupt_whole = True
+    t = LocalTracker(tmp_path / "tracker", "--glance", proxy.url, secret=SECRET)
+    t.start()
+    try:
+        async with client(t, "a") as a:
+            deadline = trio.current_time() + 20
+            while True:
+                try:
+                    assert await a.manifest(image_id, 65536) is None
+                except TrackerRefused as exc:
+                    assert "does not match Glance's os_hash_value" in str(exc)
+                    break
+                assert trio.current_time() < deadline
+                await trio.sleep(0.1)
+        assert not list((tmp_path / "tracker" / "manifests").glob("*.json"))
+    finally:
+        t.stop()
+        proxy.stop()

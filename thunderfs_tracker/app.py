@@ -3,6 +3,7 @@
     POST /v1/nodes/{node}/announce   a node says who and where it is (and is alive): heartbeat
     POST /v1/nodes/{node}/chunks     the chunks it holds: full state, or batched deltas
     GET  /v1/images/{content}/peers?first=&last=&limit=   holders of chunks, nearest first
+    GET  /v1/manifests/{image}?chunk_size=N   sha256 per chunk, bound to Glance's hash (202 while built)
     GET  /v1/stats, /healthz, /readyz
 
 With a secret, every /v1 request must be signed by a member (``signing.py``) and a node may only
@@ -22,6 +23,7 @@ from pathlib import Path
 from aiohttp import web
 
 from thunderfs_tracker import selection
+from thunderfs_tracker.manifests import ManifestStore, ManifestUnavailable
 from thunderfs_tracker.peer_store import MemoryPeerStore, PeerStore, StoreFull
 from thunderfs_tracker.protocol import (
     API,
@@ -29,6 +31,7 @@ from thunderfs_tracker.protocol import (
     NodeInfo,
     PeerRecord,
     ProtocolError,
+    check_chunk_size,
     check_content,
     check_node_id,
     parse_chunks,
@@ -48,6 +51,7 @@ class TrackerConfig:
     node_ttl: float = 30.0
     heartbeat: float = 10.0
     max_peers: int = 20
+    glance_url: str | None = None
 
 
 CONFIG = web.AppKey("config", TrackerConfig)
@@ -55,6 +59,7 @@ STORE = web.AppKey("store", PeerStore)
 VERIFIER = web.AppKey("verifier", Verifier)
 EPOCH = web.AppKey("epoch", str)
 STATS = web.AppKey("stats", dict)
+MANIFESTS = web.AppKey("manifests", ManifestStore)
 
 
 def _error(status: type[web.HTTPException], message: str) -> web.HTTPException:
@@ -152,8 +157,20 @@ async def peers(request: web.Request) -> web.Response:
     return web.json_response({"first": first, "last": last, "peers": out})
 
 
+async def manifest(request: web.Request) -> web.Response:
+    chunk_size = check_chunk_size(_query_int(request, "chunk_size", 1, 1 << 30))
+    try:
+        m = request.app[MANIFESTS].get(request.match_info["image"], chunk_size)
+    except ManifestUnavailable as exc:
+        raise _error(web.HTTPNotFound, str(exc)) from None
+    if isinstance(m, str):
+        return web.json_response({"status": m}, status=202)
+    return web.json_response(m.to_json())
+
+
 async def stats(request: web.Request) -> web.Response:
-    return web.json_response({**request.app[STORE].statistics(), **request.app[STATS], "epoch": request.app[EPOCH]})
+    return web.json_response({**request.app[STORE].statistics(), **request.app[STATS], "epoch": request.app[EPOCH],
+                              "manifests": request.app[MANIFESTS].stats})
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -169,6 +186,7 @@ def routes() -> list[web.RouteDef]:
         web.post(API + "/nodes/{node}/announce", announce),
         web.post(API + "/nodes/{node}/chunks", chunks),
         web.get(API + "/images/{content}/peers", peers),
+        web.get(API + "/manifests/{image}", manifest),
         web.get(API + "/stats", stats),
         web.get("/healthz", healthz),
         web.get("/readyz", readyz),
@@ -188,6 +206,7 @@ async def _expiry(app: web.Application):
     task = asyncio.create_task(sweep())
     yield
     task.cancel()
+    await app[MANIFESTS].close()
 
 
 def create_app(config: TrackerConfig, store: PeerStore | None = None) -> web.Application:
@@ -196,6 +215,7 @@ def create_app(config: TrackerConfig, store: PeerStore | None = None) -> web.App
     app[STORE] = store or MemoryPeerStore()
     app[EPOCH] = secrets.token_hex(8)  # a restarted tracker has lost peer state: nodes resend it
     app[STATS] = {"lookups": 0, "lookup_seconds": 0.0, "refused": 0}
+    app[MANIFESTS] = ManifestStore(config.state_dir, config.glance_url)
     if config.secret:
         app[VERIFIER] = Verifier(config.secret)
     app.add_routes(routes())

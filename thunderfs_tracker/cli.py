@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--version", action="version", version=f"thunderfs-tracker {__version__}")
     p.add_argument("--listen", type=_listen, required=True, help="HOST:PORT")
     p.add_argument("--state-dir", required=True, help="where the tracker keeps its state")
+    p.add_argument("--glance", help="Glance API URL: the tracker builds chunk manifests from Glance's bytes")
     p.add_argument("--secret-file", help="the cluster's shared secret: only signed requests of members are answered")
     p.add_argument("--node-ttl", type=float, default=30.0, help="seconds after which a silent node expires")
     p.add_argument("--heartbeat", type=float, default=10.0, help="seconds between a node's announces")
@@ -49,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     if secret is None:
         log.warning("no --secret-file: the tracker answers anyone who can reach it")
     host, port = args.listen
-    config = TrackerConfig(state_dir=state, secret=secret, node_ttl=args.node_ttl, heartbeat=args.heartbeat)
+    config = TrackerConfig(state_dir=state, secret=secret, node_ttl=args.node_ttl, heartbeat=args.heartbeat,
+                           glance_url=args.glance)
     try:
         web.run_app(create_app(config), host=host, port=port, print=lambda *_: log.info("listening on %s:%d", host, port),
                     access_log=None, handle_signals=True)

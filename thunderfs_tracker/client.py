@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from thunderfs_tracker.protocol import API, ChunkUpdate, NodeInfo, PeerRecord
+from thunderfs_tracker.protocol import API, ChunkUpdate, Manifest, NodeInfo, PeerRecord
 from thunderfs_tracker.signing import sign
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,13 @@ class TrackerClient:
             raise
         nbits = last - first + 1
         return [PeerRecord.parse(p, nbits) for p in r["peers"]]
+
+    async def manifest(self, image_id: str, chunk_size: int) -> Manifest | None:
+        """The image's manifest, or None while the tracker is still building it."""
+        r = await self._call("GET", f"{API}/manifests/{image_id}?chunk_size={chunk_size}")
+        if r.get("status") == "building":
+            return None
+        return Manifest.parse(r)
 
     async def stats(self) -> dict:
         return await self._call("GET", f"{API}/stats")

@@ -198,3 +198,52 @@ class PeerRecord:
     def parse(cls, obj, nbits: int) -> "PeerRecord":
         node = NodeInfo.parse(obj.get("node_id"), obj)
         return cls(node.node_id, node.peer_url, node.location, node.load, decode_bits(obj.get("chunks"), nbits))
+
+
+MIN_CHUNK_SIZE, MAX_CHUNK_SIZE = 4096, 16 * 2**20
+DIGEST = 32
+
+
+def check_chunk_size(value: int) -> int:
+    if not MIN_CHUNK_SIZE <= value <= MAX_CHUNK_SIZE or value & (value - 1):
+        raise ProtocolError(f"chunk_size must be a power of two from {MIN_CHUNK_SIZE} to {MAX_CHUNK_SIZE}")
+    return value
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The sha256 of every chunk of one image, computed from Glance's bytes by the tracker and
+    published only if the whole image's hash equals Glance's own ``os_hash_value``."""
+
+    image_id: str
+    size: int
+    chunk_size: int
+    os_hash_algo: str
+    os_hash_value: str
+    digests: bytes
+
+    @property
+    def nchunks(self) -> int:
+        return max(1, -(-self.size // self.chunk_size))
+
+    def digest(self, chunk: int) -> bytes:
+        return self.digests[chunk * DIGEST:(chunk + 1) * DIGEST]
+
+    def to_json(self) -> dict:
+        return {"image_id": self.image_id, "size": self.size, "chunk_size": self.chunk_size,
+                "os_hash_algo": self.os_hash_algo, "os_hash_value": self.os_hash_value,
+                "sha256": base64.b64encode(self.digests).decode()}
+
+    @classmethod
+    def parse(cls, obj) -> "Manifest":
+        if not isinstance(obj, dict):
+            raise ProtocolError("manifest must be a JSON object")
+        try:
+            m = cls(str(obj["image_id"]), int(obj["size"]), check_chunk_size(int(obj["chunk_size"])),
+                    str(obj["os_hash_algo"]), str(obj["os_hash_value"]),
+                    base64.b64decode(obj["sha256"], validate=True))
+        except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+            raise ProtocolError(f"malformed manifest: {exc}") from None
+        if len(m.digests) != m.nchunks * DIGEST:
+            raise ProtocolError(f"manifest has {len(m.digests) // DIGEST} digests for {m.nchunks} chunks")
+        return m

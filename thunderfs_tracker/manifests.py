@@ -1,0 +1,132 @@
+"""Manifests: built once per image and chunk size by streaming the image from Glance.
+
+The tracker is the party the cluster trusts to compute them: it reads Glance's bytes, hashes
+every chunk with sha256 and the whole image with Glance's own algorithm, and publishes the
+manifest only if that whole-image hash equals Glance's ``os_hash_value``.  A node accepts a
+peer's chunk only if it matches.  Manifests are kept in the state dir and survive restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import re
+from collections import OrderedDict
+from pathlib import Path
+
+import aiohttp
+
+from thunderfs_tracker.protocol import Manifest
+
+log = logging.getLogger(__name__)
+
+_IMAGE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")
+
+
+class ManifestUnavailable(Exception):
+    """No manifest can be built (no Glance configured, image unknown, or its bytes do not match)."""
+
+
+class ManifestStore:
+    def __init__(self, state_dir: Path, glance_url: str | None, *, keep_in_memory: int = 64):
+        self._dir = state_dir / "manifests"
+        self._dir.mkdir(parents=True, exist_ok=True)
+        self._glance = glance_url.rstrip("/") if glance_url else None
+        self._memory: OrderedDict[tuple[str, int], Manifest] = OrderedDict()
+        self._keep = keep_in_memory
+        self._building: dict[tuple[str, int], asyncio.Task] = {}
+        self._failed: dict[tuple[str, int], str] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self.stats = {"built": 0, "failed": 0, "bytes_read": 0}
+
+    def _path(self, image_id: str, chunk_size: int) -> Path:
+        return self._dir / f"{image_id}-{chunk_size}.json"
+
+    def get(self, image_id: str, chunk_size: int) -> Manifest | str:
+        """The manifest, or a word on where it stands: 'building', or why it failed.  Asking
+        starts the build (the first ask for an image pays for the one stream from Glance)."""
+        if not _IMAGE_ID.match(image_id):
+            raise ManifestUnavailable("not an image id")
+        key = (image_id, chunk_size)
+        m = self._memory.get(key)
+        if m is not None:
+            self._memory.move_to_end(key)
+            return m
+        path = self._path(image_id, chunk_size)
+        if path.exists():
+            m = Manifest.parse(json.loads(path.read_text()))
+            self._remember(key, m)
+            return m
+        if key in self._failed:
+            raise ManifestUnavailable(self._failed[key])
+        if self._glance is None:
+            raise ManifestUnavailable("the tracker has no --glance to build manifests from")
+        if key not in self._building:
+            self._building[key] = asyncio.create_task(self._build(image_id, chunk_size))
+        return "building"
+
+    def _remember(self, key, m: Manifest) -> None:
+        self._memory[key] = m
+        while len(self._memory) > self._keep:
+            self._memory.popitem(last=False)
+
+    async def _build(self, image_id: str, chunk_size: int) -> None:
+        key = (image_id, chunk_size)
+        try:
+            m = await self._stream(image_id, chunk_size)
+        except Exception as exc:  # recorded and told to every asker, not raised into the loop
+            why = f"building the manifest of {image_id} failed: {exc}"
+            log.warning("%s", why)
+            self._failed[key] = why
+            self.stats["failed"] += 1
+        else:
+            tmp = self._path(image_id, chunk_size).with_suffix(".tmp")
+            tmp.write_text(json.dumps(m.to_json()))
+            tmp.replace(self._path(image_id, chunk_size))
+            self._remember(key, m)
+            self.stats["built"] += 1
+            log.info("manifest of %s (%d chunks of %d) built and checked against Glance's %s",
+                     image_id, m.nchunks, chunk_size, m.os_hash_algo)
+        finally:
+            self._building.pop(key, None)
+
+    async def _stream(self, image_id: str, chunk_size: int) -> Manifest:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_read=60))
+        async with self._session.get(f"{self._glance}/v2/images/{image_id}") as resp:
+            if resp.status != 200:
+                raise ManifestUnavailable(f"Glance answered {resp.status} for the image record")
+            rec = await resp.json()
+        if rec.get("status") != "active" or not rec.get("os_hash_value"):
+            raise ManifestUnavailable(f"image is {rec.get('status')} with no os_hash_value")
+        algo, expected, size = rec.get("os_hash_algo") or "sha512", rec["os_hash_value"], int(rec["size"])
+        whole = hashlib.new(algo)
+        digests = bytearray()
+        pending = bytearray()
+        total = 0
+        async with self._session.get(f"{self._glance}/v2/images/{image_id}/file") as resp:
+            if resp.status != 200:
+                raise ManifestUnavailable(f"Glance answered {resp.status} for the image data")
+            async for piece in resp.content.iter_chunked(1 << 20):
+                whole.update(piece)
+                total += len(piece)
+                pending += piece
+                while len(pending) >= chunk_size:
+                    digests += hashlib.sha256(pending[:chunk_size]).digest()
+                    del pending[:chunk_size]
+        if pending or total == 0:
+            digests += hashlib.sha256(pending).digest()
+        self.stats["bytes_read"] += total
+        if total != size:
+            raise ManifestUnavailable(f"Glance sent {total} bytes of a {size}-byte image")
+        if whole.hexdigest() != expected:
+            raise ManifestUnavailable(f"the image's {algo} does not match Glance's os_hash_value: not published")
+        return Manifest(image_id, size, chunk_size, algo, expected, bytes(digests))
+
+    async def close(self) -> None:
+        for task in self._building.values():
+            task.cancel()
+        if self._session is not None:
+            await self._session.close()
