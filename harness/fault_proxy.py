@@ -29,6 +29,7 @@ class FaultProxy:
         self.hang_seconds = 3600.0
         self.corrupt_whole = False
         self.range_requests = 0
+        self.range_bytes = 0
         self.faults = 0
         self._lock = threading.Lock()
         proxy = self
@@ -110,3 +111,6 @@ class FaultProxy:
             h.close_connection = True
             return
         h.wfile.write(body)
+        if rng is not None:
+            with self._lock:
+                self.range_bytes += len(body)

@@ -95,6 +95,7 @@ class ChunkStore:
         self._touch_interval = touch_interval
         self._images: dict[bytes, ImageData] = {}
         self._pending: list[tuple[ImageData, int]] = []
+        self._changes: dict[bytes, tuple[ImageData, set[int], set[int]]] = {}
         self._deletes: list[tuple[bytes, int]] = []
         self._used = index.used_bytes()
         self._wake = trio.Event()
@@ -128,6 +129,25 @@ class ChunkStore:
             self._deletes.extend(bad)
         self._images[content] = img
         return img
+
+    def find(self, content: bytes) -> ImageData | None:
+        """The data of a content this cache has (or had) a file for, else None."""
+        return self._existing_image(content)
+
+    def contents(self) -> list[ImageData]:
+        return list(self._images.values())
+
+    def drain_changes(self) -> dict[bytes, tuple[ImageData, set[int], set[int]]]:
+        """Chunks that became servable or went away since the last call (for the announcer)."""
+        changes, self._changes = self._changes, {}
+        return changes
+
+    def _changed(self, img: ImageData, chunk: int, added: bool) -> None:
+        entry = self._changes.get(img.content)
+        if entry is None:
+            entry = self._changes[img.content] = (img, set(), set())
+        (entry[1] if added else entry[2]).add(chunk)
+        (entry[2] if added else entry[1]).discard(chunk)
 
     def _existing_image(self, content: bytes) -> ImageData | None:
         img = self._images.get(content)
@@ -253,6 +273,7 @@ class ChunkStore:
             img.state[c] = PENDING
             img.verified[c] = 1
             self._pending.append((img, c))
+            self._changed(img, c, True)
         self._used += n
         self._stats["chunks_staged"] += -(-n // cs)
         self._wake.set()
@@ -280,6 +301,7 @@ class ChunkStore:
             self._deletes.append((img.content, c))
         if was:
             self._used -= img.chunk_len(c)
+            self._changed(img, c, False)
         self._wake.set()
 
     def _evict(self, need: int) -> None:

@@ -52,6 +52,16 @@ def _mount_config(args) -> MountConfig:
         kernel_readahead=parse_size(args.kernel_readahead),
         allow_other=not args.no_allow_other,
         log_file=Path(args.log_file) if args.log_file else None,
+        origin_rate=parse_size(args.origin_rate),
+        tracker_url=args.tracker,
+        peer_listen=args.peer_listen,
+        peer_url=args.peer_url,
+        location=args.location,
+        secret_file=Path(args.secret_file) if args.secret_file else None,
+        max_uploads=args.max_uploads,
+        upload_rate=parse_size(args.upload_rate),
+        peer_timeout=args.peer_timeout,
+        **({"node_id": args.node_id} if args.node_id else {}),
     )
 
 
@@ -237,6 +247,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest window fetched ahead of a sequential reader, 0 for none (default 64M)")
     m.add_argument("--kernel-readahead", default="1M",
                    help="the kernel's readahead on the mount: the size of its read requests (default 1M)")
+    m.add_argument("--origin-rate", default="0", help="bandwidth cap on Glance, bytes/s (e.g. 100M; 0: none)")
+    peers = m.add_argument_group("peers", "chunk exchange with other nodes (all unset: Glance only)")
+    peers.add_argument("--tracker", help="tracker URL, e.g. http://tracker:7070")
+    peers.add_argument("--peer-listen", help="HOST:PORT to serve cached chunks to other members on")
+    peers.add_argument("--peer-url", help="how peers reach this node (default http://<peer-listen>)")
+    peers.add_argument("--location", default="", help="where this node is, e.g. zone1/rack7/host3")
+    peers.add_argument("--node-id", help="this node's name in the cluster (default: the host name)")
+    peers.add_argument("--secret-file", help="the cluster's shared secret; peers and tracker answer only members")
+    peers.add_argument("--max-uploads", type=int, default=8, help="chunk uploads served at once (default 8)")
+    peers.add_argument("--upload-rate", default="0", help="bandwidth cap on uploads to peers, bytes/s (0: none)")
+    peers.add_argument("--peer-timeout", type=float, default=2.0, help="seconds a peer may take (default 2)")
     m.add_argument("--no-allow-other", action="store_true", help="only the mounting user may read")
     m.add_argument("--foreground", action="store_true", help="stay in the foreground, log to stderr")
     m.add_argument("--log-file")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import socket
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from thunderfs.errors import ConfigError
@@ -30,6 +31,23 @@ class MountConfig:
     kernel_readahead: int = 1024 * 2**10
     allow_other: bool = True
     log_file: Path | None = None
+    origin_rate: int = 0
+    # peers (all unset: Glance only)
+    tracker_url: str | None = None
+    peer_listen: str | None = None
+    peer_url: str | None = None
+    location: str = ""
+    node_id: str = field(default_factory=socket.gethostname)
+    secret_file: Path | None = None
+    max_uploads: int = 8
+    upload_rate: int = 0
+    peer_timeout: float = 2.0
+
+    def peer_address(self) -> tuple[str, int]:
+        host, sep, port = (self.peer_listen or "").rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ConfigError(f"--peer-listen must be HOST:PORT, not {self.peer_listen!r}")
+        return host.strip("[]") or "0.0.0.0", int(port)
 
     def validate(self) -> None:
         cs = self.chunk_size
@@ -47,6 +65,20 @@ class MountConfig:
         for name in ("fetch_timeout", "connect_timeout", "listing_ttl"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+        if bool(self.tracker_url) != bool(self.peer_listen):
+            raise ConfigError("--tracker and --peer-listen go together: a node that takes from peers also serves them")
+        if self.tracker_url:
+            if not self.tracker_url.startswith(("http://", "https://")):
+                raise ConfigError(f"--tracker must be an http(s) URL, not {self.tracker_url!r}")
+            host, port = self.peer_address()
+            if self.peer_url is None:
+                if host in ("0.0.0.0", "::"):
+                    raise ConfigError("--peer-listen on a wildcard address needs --peer-url (how peers reach us)")
+                self.peer_url = f"http://{host}:{port}"
+            if self.secret_file is not None and not self.secret_file.is_file():
+                raise ConfigError(f"--secret-file {self.secret_file} does not exist")
+            if self.max_uploads < 1 or self.peer_timeout <= 0:
+                raise ConfigError("--max-uploads must be at least 1 and --peer-timeout positive")
         if not self.glance_url.startswith(("http://", "https://")):
             raise ConfigError(f"--glance must be an http(s) URL, not {self.glance_url!r}")
         mp = self.mountpoint

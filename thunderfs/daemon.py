@@ -27,6 +27,12 @@ from thunderfs.errors import CacheLayoutError, ConfigError, OriginError
 from thunderfs.fetcher import Fetcher
 from thunderfs.fs import Operations
 from thunderfs.origin import GlanceOrigin
+from thunderfs.peer_server import PeerServer
+from thunderfs.peers import PeerSource
+from thunderfs.announcer import Announcer
+from thunderfs_tracker.client import TrackerClient
+from thunderfs_tracker.protocol import NodeInfo, ProtocolError, check_node_id, parse_location
+from thunderfs_tracker.signing import SecretError, load_secret
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +104,31 @@ async def run(config: MountConfig, ready: Callable[[], None] = lambda: None) -> 
             if not saved and not index.used_bytes():
                 raise ConfigError(f"Glance at {config.glance_url} is unreachable ({exc}) and the cache "
                                   f"at {config.cache_dir} is empty: nothing to serve") from None
+        peers = peer_server = announcer = None
+        if config.tracker_url:
+            try:
+                secret = load_secret(config.secret_file) if config.secret_file else None
+                node = NodeInfo(check_node_id(config.node_id), config.peer_url, parse_location(config.location))
+            except (SecretError, ProtocolError) as exc:
+                raise ConfigError(str(exc)) from None
+            if secret is None:
+                log.warning("no --secret-file: this node serves its cached chunks to anyone who can reach it")
+            tracker = await stack.enter_async_context(
+                TrackerClient(config.tracker_url, config.node_id, secret=secret, timeout=config.peer_timeout))
+            peers = PeerSource(tracker, node_id=config.node_id, secret=secret, chunk_size=config.chunk_size,
+                               timeout=config.peer_timeout, max_request_chunks=config.max_request // config.chunk_size)
+            stack.push_async_callback(peers.aclose)
+            peer_server = PeerServer(store, secret=secret, max_uploads=config.max_uploads, rate=config.upload_rate)
+            try:
+                bound = await peer_server.listen(*config.peer_address())
+            except OSError as exc:
+                raise ConfigError(f"cannot serve peers on {config.peer_listen}: {exc.strerror}") from None
+            log.info("serving peers on %s:%d as %s (%s), tracker %s", *bound, node.node_id, node.peer_url,
+                     config.tracker_url)
+            announcer = Announcer(tracker, store, node, load=lambda: peer_server.uploads)
         fetcher = Fetcher(store, origin, fetch_timeout=config.fetch_timeout, max_request=config.max_request,
-                          origin_concurrency=config.origin_concurrency, readahead=config.readahead)
+                          origin_concurrency=config.origin_concurrency, readahead=config.readahead,
+                          peers=peers, origin_rate=config.origin_rate)
         ops = Operations(catalog, fetcher, block_size=config.chunk_size)
 
         started = time.time()
@@ -114,6 +143,8 @@ async def run(config: MountConfig, ready: Callable[[], None] = lambda: None) -> 
                 "fetch": fetcher.statistics(),
                 "fs": ops.statistics(),
                 "images": len(catalog.images),
+                **({"peers": peers.statistics(), "peer_server": peer_server.statistics(),
+                    "announcer": announcer.statistics()} if peers else {}),
             }
 
         def stop(_req: dict) -> dict:
@@ -140,6 +171,9 @@ async def run(config: MountConfig, ready: Callable[[], None] = lambda: None) -> 
             await nursery.start(fetcher.run)
             await nursery.start(catalog.run)
             await nursery.start(control.serve, control.socket_path(mountpoint), {"stats": stats, "stop": stop})
+            if peer_server is not None:
+                await nursery.start(peer_server.serve)
+                await nursery.start(announcer.run)
             log.info("mounted %s: %d images, Glance %s, cache %s (%d MiB of %d MiB used)",
                      mountpoint, len(catalog.images), config.glance_url, config.cache_dir,
                      store.statistics()["used"] >> 20, config.cache_size >> 20)

@@ -17,12 +17,18 @@ from collections import deque
 
 import trio
 
+from typing import TYPE_CHECKING
+
 from thunderfs.chunk_store import ABSENT, ChunkStore, ImageData
 from thunderfs.errors import ChunkCorrupt, FetchFailed, ThunderfsError
 from thunderfs.image import ImageMeta
 from thunderfs.origin import GlanceOrigin
+from thunderfs.ratelimit import TokenBucket
 from thunderfs.retry import with_retries
 from thunderfs.slots import DEMAND, READAHEAD, PrioritySlots, Ticket
+
+if TYPE_CHECKING:
+    from thunderfs.peers import PeerSource
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +59,12 @@ def runs(chunks: list[int], max_len: int) -> list[tuple[int, int]]:
 
 class Fetcher:
     def __init__(self, store: ChunkStore, origin: GlanceOrigin, *, fetch_timeout: float = 20.0,
-                 max_request: int = 16 * 2**20, origin_concurrency: int = 8, readahead: int = 64 * 2**20):
+                 max_request: int = 16 * 2**20, origin_concurrency: int = 8, readahead: int = 64 * 2**20,
+                 peers: "PeerSource | None" = None, origin_rate: float = 0):
         self._store = store
         self._origin = origin
+        self._peers = peers
+        self._origin_bucket = TokenBucket(origin_rate)
         self.fetch_timeout = fetch_timeout
         self.chunk_size = self._cs = store.chunk_size
         self.max_chunks = self._max_chunks = max(1, max_request // self._cs)
@@ -64,7 +73,8 @@ class Fetcher:
         self._flights: dict[tuple[bytes, int], _Flight] = {}
         self._nursery: trio.Nursery | None = None
         self._stats = dict.fromkeys(("chunks_fetched", "bytes_fetched", "flights", "demand_waits",
-                                     "readahead_chunks", "failures"), 0)
+                                     "readahead_chunks", "failures", "chunks_from_peers", "bytes_from_peers",
+                                     "chunks_from_origin", "bytes_from_origin"), 0)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -73,6 +83,9 @@ class Fetcher:
             await trio.sleep_forever()
 
     def open(self, meta: ImageMeta) -> "Reader":
+        if self._peers is not None and self._nursery is not None:
+            # Ask for the manifest now, so that it is there (or being built) before peers are needed.
+            self._nursery.start_soon(self._peers.manifest, meta)
         return Reader(self, meta, self._store.image(meta.content_key, meta.size))
 
     def start(self, meta: ImageMeta, img: ImageData, chunks: list[int], priority: int) -> list[_Flight]:
@@ -119,10 +132,7 @@ class Fetcher:
         start = f.first * self._cs
         end = min(img.size, (f.first + f.count) * self._cs)
         try:
-            async with f.ticket:
-                f.data = await with_retries(self._origin.read_range, meta.id, start, end,
-                                            timeout=self.fetch_timeout,
-                                            what=f"Glance read of {meta.id} chunks {f.first}..{f.first + f.count - 1}")
+            f.data = await self._get(meta, img, f)
             f.stored = self._store.stage(img, f.first, f.data)
             self._stats["flights"] += 1
             self._stats["chunks_fetched"] += f.count
@@ -137,6 +147,36 @@ class Fetcher:
                 if self._flights.get((img.content, c)) is f:
                     del self._flights[(img.content, c)]
             f.done.set()
+
+    async def _get(self, meta: ImageMeta, img: ImageData, f: _Flight) -> bytearray:
+        """The flight's bytes: what peers have (verified), the rest from Glance, which is asked
+        last, within its own slots and bandwidth."""
+        cs, start = self._cs, f.first * self._cs
+        end = min(img.size, (f.first + f.count) * cs)
+        got: dict[int, bytes] = {}
+        if self._peers is not None:
+            with trio.move_on_after(self._peers.timeout * 2):
+                got = await self._peers.fetch(meta, img, f.first, f.count)
+        if len(got) == f.count and not got.keys() - set(range(f.first, f.first + f.count)):
+            data = bytearray(b"".join(got[c] for c in range(f.first, f.first + f.count)))
+        else:
+            data = bytearray(end - start)
+            for c, piece in got.items():
+                data[(c - f.first) * cs:(c - f.first) * cs + len(piece)] = piece
+            missing = [c for c in range(f.first, f.first + f.count) if c not in got]
+            async with f.ticket:
+                for rfirst, rcount in runs(missing, self._max_chunks):
+                    a, b = rfirst * cs, min(img.size, (rfirst + rcount) * cs)
+                    await self._origin_bucket.wait_for(b - a)
+                    data[a - start:b - start] = await with_retries(
+                        self._origin.read_range, meta.id, a, b, timeout=self.fetch_timeout,
+                        what=f"Glance read of {meta.id} chunks {rfirst}..{rfirst + rcount - 1}")
+                    self._stats["chunks_from_origin"] += rcount
+                    self._stats["bytes_from_origin"] += b - a
+        if got:
+            self._stats["chunks_from_peers"] += len(got)
+            self._stats["bytes_from_peers"] += sum(len(p) for p in got.values())
+        return data
 
     def statistics(self) -> dict:
         return {**self._stats, "in_flight": len({id(f) for f in self._flights.values()}),

@@ -4,6 +4,7 @@
     POST /v1/nodes/{node}/chunks     the chunks it holds: full state, or batched deltas
     GET  /v1/images/{content}/peers?first=&last=&limit=   holders of chunks, nearest first
     GET  /v1/manifests/{image}?chunk_size=N   sha256 per chunk, bound to Glance's hash (202 while built)
+    POST /v1/reports                 a member says a peer served a chunk that failed verification
     GET  /v1/stats, /healthz, /readyz
 
 With a secret, every /v1 request must be signed by a member (``signing.py``) and a node may only
@@ -51,6 +52,7 @@ class TrackerConfig:
     node_ttl: float = 30.0
     heartbeat: float = 10.0
     max_peers: int = 20
+    suspect_seconds: float = 600.0
     glance_url: str | None = None
 
 
@@ -60,6 +62,7 @@ VERIFIER = web.AppKey("verifier", Verifier)
 EPOCH = web.AppKey("epoch", str)
 STATS = web.AppKey("stats", dict)
 MANIFESTS = web.AppKey("manifests", ManifestStore)
+SUSPECTS = web.AppKey("suspects", dict)
 
 
 def _error(status: type[web.HTTPException], message: str) -> web.HTTPException:
@@ -147,7 +150,9 @@ async def peers(request: web.Request) -> web.Response:
     if last >= nchunks:
         raise ProtocolError(f"image {content} has chunks 0..{nchunks - 1}")
     me = store.node(asking) if asking else None
-    found = [(n, b) for n, b in store.holders(content, first, last) if n.node_id != asking]
+    suspects, now = request.app[SUSPECTS], time.monotonic()
+    found = [(n, b) for n, b in store.holders(content, first, last)
+             if n.node_id != asking and suspects.get(n.node_id, 0) < now]
     ranked = selection.rank(me, found)[:limit]
     nbits = last - first + 1
     out = [PeerRecord(n.node_id, n.peer_url, n.location, n.load, b).to_json(nbits) for n, b in ranked]
@@ -155,6 +160,26 @@ async def peers(request: web.Request) -> web.Response:
     stats["lookups"] += 1
     stats["lookup_seconds"] += time.perf_counter() - started
     return web.json_response({"first": first, "last": last, "peers": out})
+
+
+async def report(request: web.Request) -> web.Response:
+    """A peer served a bad chunk: it is left out of lookups for a while (every report is logged;
+    reporting takes membership, and a suspect comes back by itself)."""
+    body = await _json(request)
+    if not isinstance(body, dict):
+        raise ProtocolError("report must be a JSON object")
+    suspect = check_node_id(body.get("node_id"))
+    content = check_content(body.get("content"))
+    reason = str(body.get("reason", ""))[:200]
+    cfg = request.app[CONFIG]
+    suspects = request.app[SUSPECTS]
+    if len(suspects) > 100_000:
+        suspects.clear()
+    suspects[suspect] = time.monotonic() + cfg.suspect_seconds
+    request.app[STATS]["reports"] += 1
+    log.warning("node %s reports that %s served a bad chunk of %s (%s): left out of lookups for %.0fs",
+                request.get("signer", "?"), suspect, content, reason, cfg.suspect_seconds)
+    return web.json_response({"ok": True})
 
 
 async def manifest(request: web.Request) -> web.Response:
@@ -187,6 +212,7 @@ def routes() -> list[web.RouteDef]:
         web.post(API + "/nodes/{node}/chunks", chunks),
         web.get(API + "/images/{content}/peers", peers),
         web.get(API + "/manifests/{image}", manifest),
+        web.post(API + "/reports", report),
         web.get(API + "/stats", stats),
         web.get("/healthz", healthz),
         web.get("/readyz", readyz),
@@ -214,7 +240,8 @@ def create_app(config: TrackerConfig, store: PeerStore | None = None) -> web.App
     app[CONFIG] = config
     app[STORE] = store or MemoryPeerStore()
     app[EPOCH] = secrets.token_hex(8)  # a restarted tracker has lost peer state: nodes resend it
-    app[STATS] = {"lookups": 0, "lookup_seconds": 0.0, "refused": 0}
+    app[STATS] = {"lookups": 0, "lookup_seconds": 0.0, "refused": 0, "reports": 0}
+    app[SUSPECTS] = {}
     app[MANIFESTS] = ManifestStore(config.state_dir, config.glance_url)
     if config.secret:
         app[VERIFIER] = Verifier(config.secret)

@@ -99,5 +99,10 @@ class TrackerClient:
             return None
         return Manifest.parse(r)
 
+    async def report(self, node_id: str, content: str, chunk: int, reason: str) -> None:
+        """Tell the tracker that a peer served a chunk that failed verification."""
+        await self._call("POST", f"{API}/reports", {"node_id": node_id, "content": content, "chunk": chunk,
+                                                   "reason": reason[:200]})
+
     async def stats(self) -> dict:
         return await self._call("GET", f"{API}/stats")

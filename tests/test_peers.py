@@ -1,0 +1,164 @@
+"""Chunk exchange between real daemons (separate processes), a real tracker and a real Glance.
+
+What Glance sends is counted at a pass-through proxy in front of it (the daemons' own counters
+are not trusted for that).  The lying peer is a real daemon whose cache file was altered on disk
+after it had checked its chunks: it serves wrong bytes with a straight face.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from harness.fault_proxy import FaultProxy
+from harness.local_glance import free_port
+from harness.tracker import LocalTracker
+
+SECRET = b"peers-test-secret-0123456789"
+CHUNK = 64 * 1024
+
+
+@pytest.fixture
+def cluster(tmp_path, glance, mounts):
+    proxy = FaultProxy(glance.url).start()
+    tracker = LocalTracker(tmp_path / "tracker", "--glance", glance.url, "--heartbeat", "1", "--node-ttl", "5",
+                           secret=SECRET)
+    tracker.start()
+    secret = tmp_path / "secret"
+    secret.write_bytes(SECRET)
+    secret.chmod(0o600)
+
+    def node(name: str, location: str, *extra: str):
+        m = mounts(proxy.url, "--tracker", tracker.url, "--peer-listen", f"127.0.0.1:{free_port()}",
+                   "--node-id", name, "--location", location, "--secret-file", str(secret),
+                   "--peer-timeout", "1", *extra, name=name)
+        m.mount()
+        return m
+
+    yield proxy, tracker, node
+    tracker.stop()
+    proxy.stop()
+
+
+def wait_for(pred, timeout=20, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def warm(m, tracker, image_id, data):
+    """Read the whole image on m, then wait until the tracker has its manifest and m's chunks."""
+    assert m.image(image_id).read_bytes() == data
+    wait_for(lambda: (tracker.dir / "manifests" / f"{image_id}-{CHUNK}.json").exists(), what="manifest")
+    time.sleep(1.5)  # deltas go out every 0.5 s
+
+
+def test_b_reads_what_a_cached_and_glance_sends_each_chunk_once(cluster, images):
+    proxy, tracker, node = cluster
+    image_id = images.add(40 * CHUNK + 123, seed=100)
+    data = images.data[image_id]
+    a = node("a", "z1/r1/a")
+    b = node("b", "z1/r1/b")
+    warm(a, tracker, image_id, data)
+    sent = proxy.range_bytes
+    assert sent >= len(data)
+    assert b.image(image_id).read_bytes() == data
+    s = b.stats()
+    assert s["fetch"]["chunks_from_peers"] == 41
+    assert s["fetch"]["bytes_from_origin"] == 0
+    assert proxy.range_bytes == sent            # measured at Glance: nothing more for b
+    assert a.stats()["peer_server"]["served_chunks"] == 41
+
+
+def test_the_nearer_of_two_peers_is_chosen(cluster, images):
+    proxy, tracker, node = cluster
+    image_id = images.add(32 * CHUNK, seed=101)
+    data = images.data[image_id]
+    near = node("near", "z1/r1/h1")
+    far = node("far", "z2/r9/h9")
+    warm(near, tracker, image_id, data)
+    warm(far, tracker, image_id, data)  # (far may take it from near: both hold it now)
+    served = {m: m.stats()["peer_server"]["served_chunks"] for m in (near, far)}
+    reader = node("reader", "z1/r1/h2")
+    assert reader.image(image_id).read_bytes() == data
+    assert near.stats()["peer_server"]["served_chunks"] - served[near] == 32
+    assert far.stats()["peer_server"]["served_chunks"] - served[far] == 0
+
+
+def test_a_lying_peer_is_caught_reported_and_the_bytes_stay_right(cluster, images):
+    proxy, tracker, node = cluster
+    image_id = images.add(16 * CHUNK, seed=102)
+    data = images.data[image_id]
+    liar = node("liar", "z1/r1/l")
+    warm(liar, tracker, image_id, data)
+    key = os.getxattr(liar.image(image_id), "user.thunderfs.content_key").decode()
+    with open(liar.cache_dir / "data" / f"{key}.data", "r+b") as f:  # rot behind its back
+        f.seek(5 * CHUNK + 10)
+        f.write(b"\xde\xad\xbe\xef")
+    victim = node("victim", "z1/r1/v")
+    assert victim.image(image_id).read_bytes() == data
+    s = victim.stats()
+    assert s["peers"]["bad_chunks"] >= 1
+    assert "liar" in s["peers"]["avoided_peers"]
+    assert "served a bad chunk" in tracker.log()
+    # The tracker leaves the liar out of lookups from now on, for everybody.
+    third = node("third", "z1/r1/t")
+    assert third.image(image_id).read_bytes() == data
+    assert third.stats()["peers"]["bad_chunks"] == 0
+
+
+def test_a_hung_peer_and_a_dead_peer_cost_a_timeout_not_wrong_bytes(cluster, images):
+    proxy, tracker, node = cluster
+    image_id = images.add(16 * CHUNK, seed=103)
+    data = images.data[image_id]
+    a = node("a", "z1/r1/a")
+    warm(a, tracker, image_id, data)
+    b = node("b", "z1/r1/b", "--readahead", "0")
+    os.kill(a.pid, signal.SIGSTOP)  # hangs: the tracker still lists it
+    try:
+        t = time.monotonic()
+        with open(b.image(image_id), "rb", buffering=0) as f:
+            assert f.read(4 * CHUNK) == data[:4 * CHUNK]
+        assert time.monotonic() - t < 1 + 5
+        assert "a" in b.stats()["peers"]["avoided_peers"]
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
+    a.kill9()
+    c = node("c", "z1/r1/c")
+    assert c.image(image_id).read_bytes() == data
+
+
+def test_non_members_are_refused_by_peers(cluster, images):
+    proxy, tracker, node = cluster
+    image_id = images.add(4 * CHUNK, seed=104)
+    a = node("a", "z1/r1/a")
+    warm(a, tracker, image_id, images.data[image_id])
+    key = os.getxattr(a.image(image_id), "user.thunderfs.content_key").decode()
+    peer_url = [arg for arg in a.args if arg.startswith("127.0.0.1:")][0]
+    from thunderfs_tracker.signing import sign
+    for headers in ({}, sign(b"not-the-secret-xxxxxxxx", "evil", "GET", f"/v1/chunks/{key}/0/1")):
+        req = urllib.request.Request(f"http://{peer_url}/v1/chunks/{key}/0/1", headers=headers)
+        with pytest.raises(urllib.error.HTTPError) as exc:
+            urllib.request.urlopen(req, timeout=5)
+        assert exc.value.code == 401
+    ok = urllib.request.Request(f"http://{peer_url}/v1/chunks/{key}/0/1",
+                                headers=sign(SECRET, "friend", "GET", f"/v1/chunks/{key}/0/1"))
+    assert urllib.request.urlopen(ok, timeout=5).read() == images.data[image_id][:CHUNK]
+
+
+def test_tracker_down_means_glance_and_known_peers(cluster, images):
+    proxy, tracker, node = cluster
+    image_id = images.add(8 * CHUNK, seed=105)
+    data = images.data[image_id]
+    a = node("a", "z1/r1/a")
+    warm(a, tracker, image_id, data)
+    tracker.stop()
+    b = node("b", "z1/r1/b")
+    assert b.image(image_id).read_bytes() == data
+    assert "tracker unavailable" in b.log_tail()

@@ -1,0 +1,103 @@
+"""Telling the tracker who we are and what we hold.
+
+Announces (the heartbeat) at the tracker's pace; sends the full chunk state at start and whenever
+the tracker's epoch changes (it restarted and lost peer state) or a send failed; otherwise sends
+the chunks that became servable or went away, batched every ``delta_interval`` seconds, so that a
+chunk this node just fetched is relayed to others within about a second.  The tracker being down
+costs nothing but discovery: the node keeps reading from Glance and the peers it knew.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+
+import trio
+
+from thunderfs.chunk_store import ChunkStore, ImageData
+from thunderfs_tracker.client import TrackerClient, TrackerError
+from thunderfs_tracker.protocol import ChunkUpdate, NodeInfo
+
+log = logging.getLogger(__name__)
+
+
+def _bits(chunks) -> int:
+    bits = 0
+    for c in chunks:
+        bits |= 1 << c
+    return bits
+
+
+def held_bits(img: ImageData) -> int:
+    packed = bytearray((img.nchunks + 7) // 8)
+    for c, s in enumerate(img.state):
+        if s:
+            packed[c >> 3] |= 1 << (c & 7)
+    return int.from_bytes(packed, "little")
+
+
+class Announcer:
+    def __init__(self, tracker: TrackerClient, store: ChunkStore, node: NodeInfo, *,
+                 load: Callable[[], int] = lambda: 0, delta_interval: float = 0.5):
+        self._tracker = tracker
+        self._store = store
+        self._node = node
+        self._load = load
+        self._interval = delta_interval
+        self._epoch: str | None = None
+        self._ok: bool | None = None
+        self._stats = dict.fromkeys(("announces", "full_states", "deltas", "failures"), 0)
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        next_announce = 0.0
+        while True:
+            try:
+                if self._epoch is None or trio.current_time() >= next_announce:
+                    node = dataclasses.replace(self._node, load=self._load())
+                    reply = await self._tracker.announce(node)
+                    self._stats["announces"] += 1
+                    next_announce = trio.current_time() + reply.heartbeat
+                    if reply.epoch != self._epoch:
+                        await self._send_full()
+                        self._epoch = reply.epoch
+                await self._send_deltas()
+                self._set_ok(True)
+            except TrackerError as exc:
+                self._stats["failures"] += 1
+                self._epoch = None  # what we hold is resent in full once it answers again
+                next_announce = trio.current_time() + 2.0
+                self._set_ok(False, str(exc))
+            await trio.sleep(self._interval)
+
+    def _set_ok(self, ok: bool, why: str = "") -> None:
+        if ok and self._ok is False:
+            log.warning("tracker %s is reachable again", self._tracker.url)
+        elif not ok and self._ok is not False:
+            log.warning("tracker unavailable (%s): reading from Glance and known peers", why)
+        self._ok = ok
+
+    async def _send_full(self) -> None:
+        self._store.drain_changes()  # the full state includes them
+        updates = []
+        for img in self._store.contents():
+            bits = held_bits(img)
+            if bits:
+                updates.append(ChunkUpdate(img.content.hex(), img.nchunks, add=bits, full=True))
+        await self._tracker.send_chunks(True, updates)
+        self._stats["full_states"] += 1
+
+    async def _send_deltas(self) -> None:
+        changes = self._store.drain_changes()
+        if not changes:
+            return
+        updates = [ChunkUpdate(content.hex(), img.nchunks, add=_bits(added), remove=_bits(removed))
+                   for content, (img, added, removed) in changes.items()]
+        epoch = await self._tracker.send_chunks(False, updates)
+        self._stats["deltas"] += 1
+        if epoch != self._epoch:
+            self._epoch = None
+
+    def statistics(self) -> dict:
+        return {**self._stats, "tracker_ok": self._ok}

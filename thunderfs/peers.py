@@ -1,0 +1,200 @@
+"""Getting chunks from other nodes: who has them (tracker lookups, cached), fetching, verifying.
+
+A peer's bytes are trusted only if every chunk's sha256 matches the image's manifest, which the
+tracker built from Glance's bytes and bound to Glance's ``os_hash_value`` (checked again here
+against the listing's).  Until a manifest exists, nothing comes from peers.  A peer that times
+out, fails or answers 503 is skipped for this fetch (and avoided a while if it failed); one that
+sends a wrong chunk is reported to the tracker and avoided for a long while.
+
+Lookups are asked per window of ``lookup_window`` chunks and cached for ``lookup_ttl`` seconds,
+so the tracker hears from a node a few times per window, not once per read.  Every error stays
+inside: ``fetch`` returns what it got (possibly nothing) and the caller fetches the rest from
+Glance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import httpx
+import trio
+
+from thunderfs.chunk_store import ImageData
+from thunderfs.fetcher import runs
+from thunderfs.image import ImageMeta
+from thunderfs_tracker.client import TrackerClient, TrackerError
+from thunderfs_tracker.protocol import Manifest, PeerRecord
+from thunderfs_tracker.signing import sign
+
+log = logging.getLogger(__name__)
+
+
+class PeerSource:
+    def __init__(self, tracker: TrackerClient, *, node_id: str, secret: bytes | None, chunk_size: int,
+                 timeout: float = 2.0, lookup_window: int = 1024, lookup_ttl: float = 2.0,
+                 max_request_chunks: int = 256, avoid_failed: float = 30.0, avoid_lying: float = 3600.0):
+        self._tracker = tracker
+        self._node_id = node_id
+        self._secret = secret
+        self._cs = chunk_size
+        self.timeout = timeout
+        self._window = lookup_window
+        self._ttl = lookup_ttl
+        self._max = max_request_chunks
+        self._avoid_failed, self._avoid_lying = avoid_failed, avoid_lying
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=min(timeout, 1.0)),
+                                       limits=httpx.Limits(max_connections=64, max_keepalive_connections=32))
+        self._manifests: dict[bytes, Manifest] = {}
+        self._manifest_asked: dict[bytes, float] = {}
+        self._manifest_asking: dict[bytes, trio.Event] = {}
+        self._lookups: dict[tuple[str, int], tuple[float, list[PeerRecord]]] = {}
+        self._avoid: dict[str, float] = {}
+        self._stats = dict.fromkeys(("chunks", "bytes", "requests", "failures", "busy", "bad_chunks",
+                                     "lookups", "lookup_failures", "no_manifest"), 0)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # --- manifests -------------------------------------------------------------------------
+
+    async def manifest(self, meta: ImageMeta) -> Manifest | None:
+        """The image's manifest if the tracker has it; one request at a time per image (a second
+        asker waits for the first), and at most one a second while the tracker is building it."""
+        key = meta.content_key
+        while True:
+            m = self._manifests.get(key)
+            if m is not None:
+                return m
+            asking = self._manifest_asking.get(key)
+            if asking is None:
+                break
+            await asking.wait()
+            if key not in self._manifests:
+                return None
+        if trio.current_time() - self._manifest_asked.get(key, -1e9) < 1.0:
+            return None
+        self._manifest_asked[key] = trio.current_time()
+        self._manifest_asking[key] = done = trio.Event()
+        try:
+            m = None
+            with trio.move_on_after(self.timeout):
+                m = await self._tracker.manifest(meta.id, self._cs)
+        except TrackerError as exc:
+            log.debug("no manifest for %s: %s", meta.id, exc)
+            return None
+        finally:
+            del self._manifest_asking[key]
+            done.set()
+        if m is None:
+            return None
+        if (m.os_hash_value, m.size, m.chunk_size) != (meta.os_hash_value, meta.size, self._cs):
+            log.warning("the tracker's manifest of %s does not match Glance's listing; not using peers for it", meta.id)
+            return None
+        self._manifests[key] = m
+        return m
+
+    # --- lookups ---------------------------------------------------------------------------
+
+    async def _holders(self, img: ImageData, first: int, last: int) -> list[tuple[PeerRecord, int]]:
+        """Peers with any of chunks first..last, nearest first, with their chunks as absolute bits."""
+        content = img.content.hex()
+        merged: dict[str, tuple[PeerRecord, int]] = {}
+        order: list[str] = []
+        now = trio.current_time()
+        for w in range(first // self._window, last // self._window + 1):
+            wfirst = w * self._window
+            wlast = min(img.nchunks, wfirst + self._window) - 1
+            cached = self._lookups.get((content, w))
+            if cached is None or cached[0] < now:
+                self._stats["lookups"] += 1
+                try:
+                    with trio.fail_after(self.timeout):
+                        found = await self._tracker.lookup(content, wfirst, wlast)
+                except (TrackerError, trio.TooSlowError) as exc:
+                    self._stats["lookup_failures"] += 1
+                    log.debug("tracker lookup failed: %s", exc)
+                    found = cached[1] if cached else []  # the peers we already knew
+                self._lookups[(content, w)] = cached = (now + self._ttl, found)
+                if len(self._lookups) > 4096:
+                    self._lookups = {k: v for k, v in self._lookups.items() if v[0] >= now}
+            for p in cached[1]:
+                if p.node_id not in merged:
+                    order.append(p.node_id)
+                    merged[p.node_id] = (p, 0)
+                rec, bits = merged[p.node_id]
+                merged[p.node_id] = (rec, bits | (p.chunks << wfirst))
+        return [merged[n] for n in order]
+
+    # --- fetching --------------------------------------------------------------------------
+
+    async def fetch(self, meta: ImageMeta, img: ImageData, first: int, count: int) -> dict[int, bytes]:
+        """Verified chunks of first..first+count-1 from peers: as many as they could give."""
+        manifest = await self.manifest(meta)
+        if manifest is None:
+            self._stats["no_manifest"] += 1
+            return {}
+        want = set(range(first, first + count))
+        got: dict[int, bytes] = {}
+        now = trio.current_time()
+        for peer, bits in await self._holders(img, first, first + count - 1):
+            if self._avoid.get(peer.node_id, 0) > now:
+                continue
+            has = sorted(c for c in want if bits >> c & 1)
+            for rfirst, rcount in runs(has, self._max):
+                result = await self._from_peer(peer, img, manifest, rfirst, rcount)
+                if result is None:
+                    break  # this peer failed: the next one
+                got.update(result)
+                want.difference_update(result)
+            if not want:
+                break
+        return got
+
+    async def _from_peer(self, peer: PeerRecord, img: ImageData, manifest: Manifest, first: int,
+                         count: int) -> dict[int, bytes] | None:
+        path = f"/v1/chunks/{img.content.hex()}/{first}/{count}"
+        headers = sign(self._secret, self._node_id, "GET", path) if self._secret else {}
+        self._stats["requests"] += 1
+        try:
+            with trio.fail_after(self.timeout):
+                resp = await self._http.get(peer.peer_url.rstrip("/") + path, headers=headers)
+        except (httpx.HTTPError, trio.TooSlowError) as exc:
+            self._stats["failures"] += 1
+            self._avoid[peer.node_id] = trio.current_time() + self._avoid_failed
+            log.info("peer %s failed (%s); avoiding it for %.0fs", peer.node_id, type(exc).__name__, self._avoid_failed)
+            return None
+        if resp.status_code != 200:
+            self._stats["busy" if resp.status_code == 503 else "failures"] += 1
+            return None
+        data, cs = resp.content, self._cs
+        expected = min(img.size, (first + count) * cs) - first * cs
+        if len(data) != expected:
+            return await self._lied(peer, img, first, f"sent {len(data)} bytes for {expected}")
+        out = {}
+        for i in range(count):
+            piece = data[i * cs:(i + 1) * cs]
+            if hashlib.sha256(piece).digest() != manifest.digest(first + i):
+                return await self._lied(peer, img, first + i, "chunk does not match the manifest")
+            out[first + i] = piece
+        self._stats["chunks"] += count
+        self._stats["bytes"] += len(data)
+        return out
+
+    async def _lied(self, peer: PeerRecord, img: ImageData, chunk: int, why: str) -> None:
+        self._stats["bad_chunks"] += 1
+        self._avoid[peer.node_id] = trio.current_time() + self._avoid_lying
+        log.warning("peer %s sent a bad chunk %d of %s (%s): discarded, peer avoided and reported",
+                    peer.node_id, chunk, img.content.hex(), why)
+        try:
+            with trio.move_on_after(self.timeout):
+                await self._tracker.report(peer.node_id, img.content.hex(), chunk, why)
+        except TrackerError as exc:
+            log.info("could not report peer %s to the tracker: %s", peer.node_id, exc)
+        return None
+
+    def statistics(self) -> dict:
+        now = trio.current_time()
+        return {**self._stats, "avoided_peers": sorted(n for n, t in self._avoid.items() if t > now),
+                "manifests": len(self._manifests)}
+
