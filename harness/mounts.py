@@ -18,13 +18,17 @@ from pathlib import Path
 from thunderfs import control
 
 
-def thunderfs(*args: str, check: bool = False, timeout: float = 180, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "thunderfs", *args], capture_output=True, text=True,
-                          check=check, timeout=timeout, **kw)
+def thunderfs(*args: str, check: bool = False, timeout: float = 180, prefix: list[str] | None = None,
+              **kw) -> subprocess.CompletedProcess:
+    """Run the CLI; ``prefix`` runs it inside something (``ip netns exec NS``)."""
+    return subprocess.run([*(prefix or []), sys.executable, "-m", "thunderfs", *args], capture_output=True,
+                          text=True, check=check, timeout=timeout, **kw)
 
 
 class Mount:
-    def __init__(self, mountpoint: Path, glance_url: str, cache_dir: Path, *args: str):
+    def __init__(self, mountpoint: Path, glance_url: str, cache_dir: Path, *args: str,
+                 prefix: list[str] | None = None):
+        self.prefix = prefix
         self.path = Path(mountpoint)
         self.glance_url = glance_url
         self.cache_dir = Path(cache_dir)
@@ -45,7 +49,7 @@ class Mount:
 
     def try_mount(self, *extra: str) -> subprocess.CompletedProcess:
         res = thunderfs("mount", str(self.path), "--glance", self.glance_url, "--cache-dir", str(self.cache_dir),
-                        *self.args, *extra)
+                        *self.args, *extra, prefix=self.prefix)
         if res.returncode == 0:
             self.pid = control.read_record(self.path)["pid"]
         return res
@@ -79,7 +83,7 @@ class Mount:
         return False
 
     def umount(self) -> subprocess.CompletedProcess:
-        res = thunderfs("umount", str(self.path))
+        res = thunderfs("umount", str(self.path), prefix=self.prefix)
         if res.returncode == 0:
             self.pid = None
         return res

@@ -70,8 +70,9 @@ def mounts(tmp_path):
     """Factory of mounts; every one made is cleaned up, and its log checked for tracebacks."""
     made: list[Mount] = []
 
-    def make(glance_url: str, *args: str, name: str = "m", cache_dir: Path | None = None) -> Mount:
-        m = Mount(tmp_path / f"mnt-{name}", glance_url, cache_dir or tmp_path / f"cache-{name}", *args)
+    def make(glance_url: str, *args: str, name: str = "m", cache_dir: Path | None = None,
+             prefix: list[str] | None = None) -> Mount:
+        m = Mount(tmp_path / f"mnt-{name}", glance_url, cache_dir or tmp_path / f"cache-{name}", *args, prefix=prefix)
         made.append(m)
         return m
 

@@ -17,32 +17,54 @@ import pytest
 
 from harness.fault_proxy import FaultProxy
 from harness.local_glance import free_port
+from harness.netns import Lan
 from harness.tracker import LocalTracker
 
 SECRET = b"peers-test-secret-0123456789"
 CHUNK = 64 * 1024
 
 
-@pytest.fixture
-def cluster(tmp_path, glance, mounts):
-    proxy = FaultProxy(glance.url).start()
+@pytest.fixture(params=["loopback", "netns"])
+def cluster(request, tmp_path, glance, mounts):
+    """Nodes as daemons on loopback, or each in its own network namespace on a bridge with a
+    200 Mbit/s link; Glance's proxy and the tracker in the root namespace."""
+    lan = Lan().up() if request.param == "netns" else None
+    host = lan.root_addr if lan else "127.0.0.1"
+    proxy = FaultProxy(glance.url, host=host).start()
     tracker = LocalTracker(tmp_path / "tracker", "--glance", glance.url, "--heartbeat", "1", "--node-ttl", "5",
-                           secret=SECRET)
+                           secret=SECRET, host=host)
     tracker.start()
     secret = tmp_path / "secret"
     secret.write_bytes(SECRET)
     secret.chmod(0o600)
+    made = []
 
     def node(name: str, location: str, *extra: str):
-        m = mounts(proxy.url, "--tracker", tracker.url, "--peer-listen", f"127.0.0.1:{free_port()}",
+        if lan:
+            n = lan.add_node(rate="200mbit")
+            addr, prefix = n.addr, n.exec_prefix()
+        else:
+            addr, prefix = "127.0.0.1", None
+        m = mounts(proxy.url, "--tracker", tracker.url, "--peer-listen", f"{addr}:{free_port()}",
                    "--node-id", name, "--location", location, "--secret-file", str(secret),
-                   "--peer-timeout", "1", *extra, name=name)
+                   "--peer-timeout", "1", *extra, name=name, prefix=prefix)
+        made.append(m)
+        m.lan_node = n if lan else None
         m.mount()
+        m.peer_address = f"{addr}:{m.args[m.args.index('--peer-listen') + 1].rsplit(':', 1)[1]}"
         return m
 
-    yield proxy, tracker, node
-    tracker.stop()
-    proxy.stop()
+    node.lan = lan
+    try:
+        yield proxy, tracker, node
+    finally:
+        tracker.stop()
+        proxy.stop()
+        if lan:
+            # Daemons first (the mounts fixture would only get to them after the namespaces are gone).
+            for m in made:
+                m.cleanup()
+            lan.down()
 
 
 def wait_for(pred, timeout=20, what="condition"):
@@ -140,7 +162,7 @@ def test_non_members_are_refused_by_peers(cluster, images):
     a = node("a", "z1/r1/a")
     warm(a, tracker, image_id, images.data[image_id])
     key = os.getxattr(a.image(image_id), "user.thunderfs.content_key").decode()
-    peer_url = [arg for arg in a.args if arg.startswith("127.0.0.1:")][0]
+    peer_url = a.peer_address
     from thunderfs_tracker.signing import sign
     for headers in ({}, sign(b"not-the-secret-xxxxxxxx", "evil", "GET", f"/v1/chunks/{key}/0/1")):
         req = urllib.request.Request(f"http://{peer_url}/v1/chunks/{key}/0/1", headers=headers)
@@ -162,3 +184,31 @@ def test_tracker_down_means_glance_and_known_peers(cluster, images):
     b = node("b", "z1/r1/b")
     assert b.image(image_id).read_bytes() == data
     assert "tracker unavailable" in b.log_tail()
+
+
+@pytest.mark.parametrize("cluster", ["netns"], indirect=True)  # needs a slow link to die in the middle of
+def test_a_peer_killed_mid_transfer_leaves_the_read_correct(cluster, images):
+    proxy, tracker, node = cluster
+    import threading
+    image_id = images.add(8 * 2**20, seed=106)
+    data = images.data[image_id]
+    a = node("a", "z1/r1/a")
+    warm(a, tracker, image_id, data)
+    node.lan.limit(a.lan_node, "16mbit")  # 8 MiB now takes about 4 s to leave a
+    b = node("b", "z1/r1/b", "--readahead", "0", "--max-request", "4M")
+    result = {}
+
+    def read():
+        t = time.monotonic()
+        result["bytes"] = b.image(image_id).read_bytes()
+        result["secs"] = time.monotonic() - t
+
+    th = threading.Thread(target=read)
+    th.start()
+    wait_for(lambda: a.stats()["peer_server"]["uploads_in_progress"] > 0, timeout=10, what="an upload")
+    a.kill9()
+    th.join(60)
+    assert result["bytes"] == data
+    s = b.stats()
+    assert s["peers"]["failures"] >= 1
+    assert s["fetch"]["bytes_from_origin"] > 0
