@@ -212,3 +212,16 @@ def test_a_peer_killed_mid_transfer_leaves_the_read_correct(cluster, images):
     s = b.stats()
     assert s["peers"]["failures"] >= 1
     assert s["fetch"]["bytes_from_origin"] > 0
+
+
+def test_nodes_measure_and_report_rtt_to_the_peers_they_use(cluster, images):
+    proxy, tracker, node = cluster
+    image_id = images.add(8 * CHUNK, seed=107)
+    a = node("a", "z1/r1/a")
+    warm(a, tracker, image_id, images.data[image_id])
+    b = node("b", "z1/r1/b")
+    assert b.image(image_id).read_bytes() == images.data[image_id]
+    s = b.stats()
+    assert s["announcer"]["announces"] >= 1 and s["announcer"]["tracker_ok"]
+    # b timed its requests to a (time to first byte, smoothed); announces carry these figures.
+    assert 0 < s["peers"]["rtt_ms"]["a"] < 1000

@@ -39,11 +39,13 @@ def held_bits(img: ImageData) -> int:
 
 class Announcer:
     def __init__(self, tracker: TrackerClient, store: ChunkStore, node: NodeInfo, *,
-                 load: Callable[[], int] = lambda: 0, delta_interval: float = 0.5):
+                 load: Callable[[], int] = lambda: 0, rtt: Callable[[], dict[str, float]] = dict,
+                 delta_interval: float = 0.5):
         self._tracker = tracker
         self._store = store
         self._node = node
         self._load = load
+        self._rtt = rtt
         self._interval = delta_interval
         self._epoch: str | None = None
         self._ok: bool | None = None
@@ -55,7 +57,7 @@ class Announcer:
         while True:
             try:
                 if self._epoch is None or trio.current_time() >= next_announce:
-                    node = dataclasses.replace(self._node, load=self._load())
+                    node = dataclasses.replace(self._node, load=self._load(), rtt_ms=self._rtt())
                     reply = await self._tracker.announce(node)
                     self._stats["announces"] += 1
                     next_announce = trio.current_time() + reply.heartbeat

@@ -125,7 +125,7 @@ async def run(config: MountConfig, ready: Callable[[], None] = lambda: None) -> 
                 raise ConfigError(f"cannot serve peers on {config.peer_listen}: {exc.strerror}") from None
             log.info("serving peers on %s:%d as %s (%s), tracker %s", *bound, node.node_id, node.peer_url,
                      config.tracker_url)
-            announcer = Announcer(tracker, store, node, load=lambda: peer_server.uploads)
+            announcer = Announcer(tracker, store, node, load=lambda: peer_server.uploads, rtt=peers.rtt_ms)
         fetcher = Fetcher(store, origin, fetch_timeout=config.fetch_timeout, max_request=config.max_request,
                           origin_concurrency=config.origin_concurrency, readahead=config.readahead,
                           peers=peers, origin_rate=config.origin_rate)

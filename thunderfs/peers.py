@@ -50,6 +50,7 @@ class PeerSource:
         self._manifest_asking: dict[bytes, trio.Event] = {}
         self._lookups: dict[tuple[str, int], tuple[float, list[PeerRecord]]] = {}
         self._avoid: dict[str, float] = {}
+        self._rtt: dict[str, float] = {}
         self._stats = dict.fromkeys(("chunks", "bytes", "requests", "failures", "busy", "bad_chunks",
                                      "lookups", "lookup_failures", "no_manifest"), 0)
 
@@ -156,18 +157,22 @@ class PeerSource:
         path = f"/v1/chunks/{img.content.hex()}/{first}/{count}"
         headers = sign(self._secret, self._node_id, "GET", path) if self._secret else {}
         self._stats["requests"] += 1
+        started = trio.current_time()
         try:
             with trio.fail_after(self.timeout):
-                resp = await self._http.get(peer.peer_url.rstrip("/") + path, headers=headers)
+                async with self._http.stream("GET", peer.peer_url.rstrip("/") + path, headers=headers) as resp:
+                    self._note_rtt(peer.node_id, trio.current_time() - started)
+                    status = resp.status_code
+                    body = await resp.aread() if status == 200 else b""
         except (httpx.HTTPError, trio.TooSlowError) as exc:
             self._stats["failures"] += 1
             self._avoid[peer.node_id] = trio.current_time() + self._avoid_failed
             log.info("peer %s failed (%s); avoiding it for %.0fs", peer.node_id, type(exc).__name__, self._avoid_failed)
             return None
-        if resp.status_code != 200:
-            self._stats["busy" if resp.status_code == 503 else "failures"] += 1
+        if status != 200:
+            self._stats["busy" if status == 503 else "failures"] += 1
             return None
-        data, cs = resp.content, self._cs
+        data, cs = body, self._cs
         expected = min(img.size, (first + count) * cs) - first * cs
         if len(data) != expected:
             return await self._lied(peer, img, first, f"sent {len(data)} bytes for {expected}")
@@ -180,6 +185,17 @@ class PeerSource:
         self._stats["chunks"] += count
         self._stats["bytes"] += len(data)
         return out
+
+    def _note_rtt(self, node_id: str, seconds: float) -> None:
+        """Time to first byte, smoothed: what the tracker ranks peers by after location."""
+        ms = seconds * 1000
+        old = self._rtt.pop(node_id, None)
+        self._rtt[node_id] = ms if old is None else 0.8 * old + 0.2 * ms
+        while len(self._rtt) > 256:
+            self._rtt.pop(next(iter(self._rtt)))
+
+    def rtt_ms(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in self._rtt.items()}
 
     async def _lied(self, peer: PeerRecord, img: ImageData, chunk: int, why: str) -> None:
         self._stats["bad_chunks"] += 1
@@ -196,5 +212,5 @@ class PeerSource:
     def statistics(self) -> dict:
         now = trio.current_time()
         return {**self._stats, "avoided_peers": sorted(n for n, t in self._avoid.items() if t > now),
-                "manifests": len(self._manifests)}
+                "manifests": len(self._manifests), "rtt_ms": self.rtt_ms()}
 
