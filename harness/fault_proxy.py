@@ -30,6 +30,7 @@ class FaultProxy:
         self.corrupt_whole = False
         self.range_requests = 0
         self.range_bytes = 0
+        self.whole_bytes = 0  # whole-image downloads (the tracker's manifest read)
         self.faults = 0
         self._lock = threading.Lock()
         proxy = self
@@ -41,7 +42,10 @@ class FaultProxy:
                 pass
 
             def do_GET(self):
-                proxy._handle(self)
+                try:
+                    proxy._handle(self)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up on this request (a timeout): its business
 
         self._server = ThreadingHTTPServer((host, 0), Handler)
         self._server.daemon_threads = True
@@ -111,6 +115,8 @@ class FaultProxy:
             h.close_connection = True
             return
         h.wfile.write(body)
-        if rng is not None:
-            with self._lock:
+        with self._lock:
+            if rng is not None:
                 self.range_bytes += len(body)
+            elif h.path.endswith("/file"):
+                self.whole_bytes += len(body)

@@ -225,3 +225,23 @@ def test_nodes_measure_and_report_rtt_to_the_peers_they_use(cluster, images):
     assert s["announcer"]["announces"] >= 1 and s["announcer"]["tracker_ok"]
     # b timed its requests to a (time to first byte, smoothed); announces carry these figures.
     assert 0 < s["peers"]["rtt_ms"]["a"] < 1000
+
+
+def test_an_idle_peer_connection_is_closed_and_the_daemon_lives_on(cluster, images):
+    """A keep-alive connection left idle past the server's timeout must close, not crash anything."""
+    import socket
+    from thunderfs import peer_server
+    proxy, tracker, node = cluster
+    a = node("a", "z1/r1/a")
+    host, port = a.peer_address.rsplit(":", 1)
+    idle = socket.create_connection((host, int(port)))
+    idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    reply = b""
+    while not reply.endswith(b"ok\n"):
+        reply += idle.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 200")
+    idle.settimeout(peer_server.IDLE_TIMEOUT + 15)
+    assert idle.recv(4096) == b""  # the server closed it after its idle timeout
+    idle.close()
+    assert a.alive() and a.is_mounted()
+    assert a.stats()["peer_server"]["requests"] >= 1

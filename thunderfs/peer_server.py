@@ -69,8 +69,13 @@ class PeerServer:
                     if conn.our_state is h11.MUST_CLOSE:
                         return
                     conn.start_next_cycle()
-        except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, TimeoutError):
-            return
+        except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+            return  # a client that broke the protocol, hung up, or idled past IDLE_TIMEOUT
+        except Exception:
+            # The boundary of one connection: whatever went wrong is logged and ends it, never
+            # the daemon (serve_listeners would let it take the whole nursery down).
+            log.exception("peer connection failed")
+            self._stats["bad_requests"] += 1
 
     async def _next_request(self, conn: h11.Connection, stream) -> h11.Request | None:
         request = None

@@ -1,0 +1,151 @@
+"""Many nodes read one image at once through their mounts: what Glance sends, how long it takes.
+
+Each node is a daemon in its own network namespace with a tbf-shaped link; Glance (behind a
+pass-through proxy that counts the bytes it sends: measured at Glance, not by the nodes) and the
+tracker sit in the root namespace behind a link shaped the same way.  Runs, in one go:
+
+  1. the one-time manifest build (the tracker streams the image from Glance once), on its own line;
+  2. one node alone reading the whole image (the baseline time);
+  3. N fresh nodes reading it at the same moment.
+
+Prints Glance's egress for the reads against the image size (target <= 1.2) and the slowest
+node's time against the lone node's (target <= 1.5).  All of it shares this machine's 2 cores:
+say so with the figures.
+
+Usage: .venv/bin/python benchmarks/p2p_bench.py [--nodes 8] [--size-mib 256] [--rate 100mbit]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from harness.fault_proxy import FaultProxy  # noqa: E402
+from harness.local_glance import LocalGlance, free_port  # noqa: E402
+from harness.mounts import Mount  # noqa: E402
+from harness.netns import Lan  # noqa: E402
+from harness.tracker import LocalTracker  # noqa: E402
+
+SECRET = b"p2p-bench-secret-0123456789abcdef"
+MiB = 2**20
+
+
+def read_all(path: Path) -> int:
+    n, buf = 0, bytearray(MiB)
+    with open(path, "rb", buffering=0) as f:
+        while k := f.readinto(buf):
+            n += k
+    return n
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nodes", type=int, default=8)
+    ap.add_argument("--size-mib", type=int, default=256)
+    ap.add_argument("--rate", default="100mbit", help="every node's link and Glance's link")
+    ap.add_argument("--workdir", help="keep logs and caches here instead of a temporary directory")
+    args = ap.parse_args()
+    size = args.size_mib * MiB
+    with tempfile.TemporaryDirectory(prefix="thunderfs-p2p-") as tmp:
+        work = Path(args.workdir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        glance = LocalGlance(work / "glance")
+        lan = Lan(prefix="10.204.0")
+        mounts: list[Mount] = []
+        proxy = tracker = None
+        try:
+            glance.start()
+            img = work / "image.raw"
+            with open(img, "wb") as f:
+                for _ in range(args.size_mib // 64):
+                    f.write(os.urandom(64 * MiB))
+                f.write(os.urandom(size % (64 * MiB)))
+            image_id = glance.upload("p2p", img)["id"]
+            img.unlink()
+            lan.up()
+            lan.limit_root(args.rate)
+            proxy = FaultProxy(glance.url, host=lan.root_addr).start()
+            tracker = LocalTracker(work / "tracker", "--glance", proxy.url, "--heartbeat", "2", "--node-ttl", "5", secret=SECRET,
+                                   host=lan.root_addr)
+            tracker.start()
+            secret = work / "secret"
+            secret.write_bytes(SECRET)
+            secret.chmod(0o600)
+
+            def node(i: int) -> Mount:
+                n = lan.add_node(rate=args.rate)
+                m = Mount(work / f"mnt{i}", proxy.url, work / f"cache{i}", "--tracker", tracker.url,
+                          "--peer-listen", f"{n.addr}:{free_port()}", "--node-id", f"node{i}",
+                          "--location", f"zone/rack{i % 2}/node{i}", "--secret-file", str(secret),
+                          "--cache-size", f"{2 * args.size_mib}M", prefix=n.exec_prefix())
+                mounts.append(m)
+                m.mount()
+                return m
+
+            print(f"image {args.size_mib} MiB; links {args.rate}; {args.nodes} nodes; all on 2 shared cores")
+            # 1. The manifest, built once (the first node to open the image asks for it).
+            lone = node(0)
+            t = time.perf_counter()
+            with open(lone.image(image_id), "rb") as f:
+                f.read(1)
+            manifest = tracker.dir / "manifests" / f"{image_id}-65536.json"
+            while not manifest.exists():
+                time.sleep(0.2)
+            print(f"  manifest: {proxy.whole_bytes / MiB:.0f} MiB streamed from Glance once, "
+                  f"{time.perf_counter() - t:.1f}s (one-time, per image)")
+            # 2. One node alone.
+            before = proxy.range_bytes
+            t = time.perf_counter()
+            assert read_all(lone.image(image_id)) == size
+            alone = time.perf_counter() - t
+            print(f"  one node alone: {alone:.1f}s, Glance sent {(proxy.range_bytes - before) / MiB:.0f} MiB")
+            lone.cleanup()
+            mounts.remove(lone)
+            # That node's copy is gone: the storm starts from nothing cached anywhere.
+            time.sleep(7)  # the tracker expires it (node ttl 5 s)
+            # 3. N fresh nodes at once.
+            crowd = [node(i) for i in range(1, args.nodes + 1)]
+            before = proxy.range_bytes
+            times: dict[int, float] = {}
+            barrier = threading.Barrier(len(crowd))
+
+            def run(i: int, m: Mount) -> None:
+                barrier.wait()
+                s = time.perf_counter()
+                assert read_all(m.image(image_id)) == size
+                times[i] = time.perf_counter() - s
+
+            threads = [threading.Thread(target=run, args=(i, m), daemon=True) for i, m in enumerate(crowd)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+            egress = proxy.range_bytes - before
+            slowest = max(times.values())
+            peers = sum(m.stats()["fetch"]["bytes_from_peers"] for m in crowd)
+            print(f"  {len(crowd)} nodes at once: fastest {min(times.values()):.1f}s, slowest {slowest:.1f}s "
+                  f"-> {slowest / alone:.2f} x one node alone (target <= 1.5)")
+            print(f"  Glance egress for the reads: {egress / MiB:.0f} MiB = {egress / size:.2f} x the image "
+                  f"(target <= 1.2); from peers: {peers / MiB:.0f} MiB")
+        finally:
+            for m in mounts:
+                m.cleanup()
+            if tracker:
+                tracker.stop()
+            if proxy:
+                proxy.stop()
+            lan.down()
+            glance.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
