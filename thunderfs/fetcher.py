@@ -57,6 +57,15 @@ def runs(chunks: list[int], max_len: int) -> list[tuple[int, int]]:
     return out
 
 
+# A transfer may take its base timeout plus its size at this rate: a 16 MiB readahead request on a
+# shared, slow link is not "hung" because it takes longer than a 64 KiB demand read would.
+MIN_RATE = 1 * 2**20
+
+
+def deadline_for(timeout: float, nbytes: int) -> float:
+    return timeout + nbytes / MIN_RATE
+
+
 class Fetcher:
     def __init__(self, store: ChunkStore, origin: GlanceOrigin, *, fetch_timeout: float = 20.0,
                  max_request: int = 16 * 2**20, origin_concurrency: int = 8, readahead: int = 64 * 2**20,
@@ -113,11 +122,13 @@ class Fetcher:
         """Wait until ``chunks`` are cached; returns the bytes of any that could not be cached."""
         flights = self.start(meta, img, chunks, DEMAND)
         self._stats["demand_waits"] += 1
-        with trio.move_on_after(self.fetch_timeout + 1) as scope:
+        # Flights end by themselves (their own deadlines); this bound is the reader's safety net.
+        limit = deadline_for(self.fetch_timeout, max(f.count for f in flights) * self._cs) * 2 + 1
+        with trio.move_on_after(limit) as scope:
             for f in flights:
                 await f.done.wait()
         if scope.cancelled_caught:
-            raise FetchFailed(meta.id, chunks[0], f"no source delivered it within {self.fetch_timeout:g}s")
+            raise FetchFailed(meta.id, chunks[0], f"no source delivered it within {limit:g}s")
         extra: dict[int, bytes] = {}
         cs = self._cs
         for f in flights:
@@ -155,7 +166,7 @@ class Fetcher:
         end = min(img.size, (f.first + f.count) * cs)
         got: dict[int, bytes] = {}
         if self._peers is not None:
-            with trio.move_on_after(self._peers.timeout * 2):
+            with trio.move_on_after(self._peers.timeout * 3 + (end - start) / MIN_RATE):
                 got = await self._peers.fetch(meta, img, f.first, f.count)
         if len(got) == f.count and not got.keys() - set(range(f.first, f.first + f.count)):
             data = bytearray(b"".join(got[c] for c in range(f.first, f.first + f.count)))
@@ -169,7 +180,7 @@ class Fetcher:
                     a, b = rfirst * cs, min(img.size, (rfirst + rcount) * cs)
                     await self._origin_bucket.wait_for(b - a)
                     data[a - start:b - start] = await with_retries(
-                        self._origin.read_range, meta.id, a, b, timeout=self.fetch_timeout,
+                        self._origin.read_range, meta.id, a, b, timeout=deadline_for(self.fetch_timeout, b - a),
                         what=f"Glance read of {meta.id} chunks {rfirst}..{rfirst + rcount - 1}")
                     self._stats["chunks_from_origin"] += rcount
                     self._stats["bytes_from_origin"] += b - a

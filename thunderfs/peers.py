@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 class PeerSource:
     def __init__(self, tracker: TrackerClient, *, node_id: str, secret: bytes | None, chunk_size: int,
                  timeout: float = 2.0, lookup_window: int = 1024, lookup_ttl: float = 2.0,
-                 max_request_chunks: int = 256, avoid_failed: float = 30.0, avoid_lying: float = 3600.0):
+                 max_request_chunks: int = 256, avoid_failed: float = 30.0, avoid_slow: float = 5.0,
+                 avoid_lying: float = 3600.0, min_rate: float = 4 * 2**20):
         self._tracker = tracker
         self._node_id = node_id
         self._secret = secret
@@ -42,7 +43,10 @@ class PeerSource:
         self._window = lookup_window
         self._ttl = lookup_ttl
         self._max = max_request_chunks
-        self._avoid_failed, self._avoid_lying = avoid_failed, avoid_lying
+        self._avoid_failed, self._avoid_slow, self._avoid_lying = avoid_failed, avoid_slow, avoid_lying
+        self._min_rate = min_rate
+        # Per socket operation: connect, and silence between reads.  The whole transfer is bounded
+        # separately, by its size (_from_peer).
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=min(timeout, 1.0)),
                                        limits=httpx.Limits(max_connections=64, max_keepalive_connections=32))
         self._manifests: dict[bytes, Manifest] = {}
@@ -158,13 +162,20 @@ class PeerSource:
         headers = sign(self._secret, self._node_id, "GET", path) if self._secret else {}
         self._stats["requests"] += 1
         started = trio.current_time()
+        expected = min(img.size, (first + count) * self._cs) - first * self._cs
         try:
-            with trio.fail_after(self.timeout):
+            with trio.fail_after(self.timeout + expected / self._min_rate):
                 async with self._http.stream("GET", peer.peer_url.rstrip("/") + path, headers=headers) as resp:
                     self._note_rtt(peer.node_id, trio.current_time() - started)
                     status = resp.status_code
                     body = await resp.aread() if status == 200 else b""
-        except (httpx.HTTPError, trio.TooSlowError) as exc:
+        except (httpx.TimeoutException, trio.TooSlowError) as exc:
+            # Slow, not dead: skip it for a moment (it may just be busy serving others).
+            self._stats["failures"] += 1
+            self._avoid[peer.node_id] = trio.current_time() + self._avoid_slow
+            log.info("peer %s too slow (%s); skipping it for %.0fs", peer.node_id, type(exc).__name__, self._avoid_slow)
+            return None
+        except httpx.HTTPError as exc:
             self._stats["failures"] += 1
             self._avoid[peer.node_id] = trio.current_time() + self._avoid_failed
             log.info("peer %s failed (%s); avoiding it for %.0fs", peer.node_id, type(exc).__name__, self._avoid_failed)
@@ -173,7 +184,6 @@ class PeerSource:
             self._stats["busy" if status == 503 else "failures"] += 1
             return None
         data, cs = body, self._cs
-        expected = min(img.size, (first + count) * cs) - first * cs
         if len(data) != expected:
             return await self._lied(peer, img, first, f"sent {len(data)} bytes for {expected}")
         out = {}
