@@ -283,3 +283,20 @@ async def test_a_manifest_whose_bytes_do_not_match_glances_hash_is_not_published
     finally:
         t.stop()
         proxy.stop()
+
+
+def test_claims_grant_each_chunk_to_one_node_and_name_it_to_the_others():
+    s = MemoryPeerStore()
+    for n in ("a", "b"):
+        s.put_node(node(n, "z"), 0)
+    granted, others = s.claim(IMG, "a", 100, ranges_to_bits([[0, 49]], 100), now=0, ttl=30)
+    assert bits_to_ranges(granted) == [[0, 49]] and others == []
+    granted, others = s.claim(IMG, "b", 100, ranges_to_bits([[40, 59]], 100), now=1, ttl=30)
+    assert bits_to_ranges(granted) == [[50, 59]]
+    assert [(n.node_id, bits_to_ranges(b)) for n, b in others] == [("a", [[40, 49]])]
+    # Once a holds them, they are no longer claimed (lookups find them instead); claims expire.
+    s.update_chunks("a", False, [ChunkUpdate(IMG, 100, add=ranges_to_bits([[0, 49]], 100))])
+    granted, others = s.claim(IMG, "b", 100, ranges_to_bits([[0, 9]], 100), now=2, ttl=30)
+    assert bits_to_ranges(granted) == [[0, 9]] and others == []
+    granted, others = s.claim(IMG, "a", 100, ranges_to_bits([[50, 59]], 100), now=100, ttl=30)
+    assert bits_to_ranges(granted) == [[50, 59]] and others == []  # b's claim expired

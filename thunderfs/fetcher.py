@@ -46,6 +46,12 @@ class _Flight:
         self.error: BaseException | None = None
 
 
+def _first_leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
 def runs(chunks: list[int], max_len: int) -> list[tuple[int, int]]:
     """Sorted chunk numbers -> (first, count) runs of adjacent chunks, none longer than max_len."""
     out: list[tuple[int, int]] = []
@@ -57,13 +63,15 @@ def runs(chunks: list[int], max_len: int) -> list[tuple[int, int]]:
     return out
 
 
-# A transfer may take its base timeout plus its size at this rate: a 16 MiB readahead request on a
-# shared, slow link is not "hung" because it takes longer than a 64 KiB demand read would.
-MIN_RATE = 1 * 2**20
+# A transfer may take its base timeout plus its size at this rate: a 16 MiB readahead request that
+# shares a slow link with 60 others is slow, not hung.  A silent source is cut sooner, by the
+# clients' inactivity timeouts (--fetch-timeout, --peer-timeout).
+MIN_RATE = 64 * 2**10
 
 
 def deadline_for(timeout: float, nbytes: int) -> float:
-    return timeout + nbytes / MIN_RATE
+    """Up to 1 MiB (every demand read the kernel sends) gets exactly the configured timeout."""
+    return timeout + max(0, nbytes - 2**20) / MIN_RATE
 
 
 class Fetcher:
@@ -134,7 +142,7 @@ class Fetcher:
         for f in flights:
             if f.error is not None:
                 raise FetchFailed(meta.id, f.first, f.error)
-            if not f.stored:
+            if not f.stored:  # some pieces could not be cached: serve all of the flight from memory
                 for i in range(f.count):
                     extra[f.first + i] = bytes(f.data[i * cs:(i + 1) * cs])
         return extra
@@ -143,8 +151,7 @@ class Fetcher:
         start = f.first * self._cs
         end = min(img.size, (f.first + f.count) * self._cs)
         try:
-            f.data = await self._get(meta, img, f)
-            f.stored = self._store.stage(img, f.first, f.data)
+            f.stored = await self._get(meta, img, f)
             self._stats["flights"] += 1
             self._stats["chunks_fetched"] += f.count
             self._stats["bytes_fetched"] += end - start
@@ -153,41 +160,84 @@ class Fetcher:
         except ThunderfsError as exc:
             f.error = exc
             self._stats["failures"] += 1
+        except Exception as exc:
+            # A flight is a boundary: whatever went wrong fails its readers (EIO), never the daemon.
+            log.exception("fetching chunks %d..%d of %s failed", f.first, f.first + f.count - 1, meta.id)
+            f.error = _first_leaf(exc)
+            self._stats["failures"] += 1
         finally:
             for c in range(f.first, f.first + f.count):
                 if self._flights.get((img.content, c)) is f:
                     del self._flights[(img.content, c)]
             f.done.set()
 
-    async def _get(self, meta: ImageMeta, img: ImageData, f: _Flight) -> bytearray:
-        """The flight's bytes: what peers have (verified), the rest from Glance, which is asked
-        last, within its own slots and bandwidth."""
+    async def _get(self, meta: ImageMeta, img: ImageData, f: _Flight) -> bool:
+        """Fill ``f.data``: first what peers hold (verified), then, for the rest, what this node
+        may fetch from Glance (claimed at the tracker) while taking what other nodes are fetching
+        from them.  Every piece is cached the moment it arrives, so that others can take it at once
+        (two nodes waiting for each other's claims never deadlock).  True if all was cached."""
         cs, start = self._cs, f.first * self._cs
         end = min(img.size, (f.first + f.count) * cs)
+        f.data = data = bytearray(end - start)
+        stored = True
+
+        def place(first: int, piece: bytes | bytearray) -> None:
+            nonlocal stored
+            data[(first - f.first) * cs:(first - f.first) * cs + len(piece)] = piece
+            stored = self._store.stage(img, first, piece) and stored
+
+        missing = list(range(f.first, f.first + f.count))
+        peers = self._peers
         got: dict[int, bytes] = {}
-        if self._peers is not None:
-            with trio.move_on_after(self._peers.timeout * 3 + (end - start) / MIN_RATE):
-                got = await self._peers.fetch(meta, img, f.first, f.count)
-        if len(got) == f.count and not got.keys() - set(range(f.first, f.first + f.count)):
-            data = bytearray(b"".join(got[c] for c in range(f.first, f.first + f.count)))
-        else:
-            data = bytearray(end - start)
-            for c, piece in got.items():
-                data[(c - f.first) * cs:(c - f.first) * cs + len(piece)] = piece
-            missing = [c for c in range(f.first, f.first + f.count) if c not in got]
-            async with f.ticket:
-                for rfirst, rcount in runs(missing, self._max_chunks):
-                    a, b = rfirst * cs, min(img.size, (rfirst + rcount) * cs)
-                    await self._origin_bucket.wait_for(b - a)
-                    data[a - start:b - start] = await with_retries(
-                        self._origin.read_range, meta.id, a, b, timeout=deadline_for(self.fetch_timeout, b - a),
-                        what=f"Glance read of {meta.id} chunks {rfirst}..{rfirst + rcount - 1}")
-                    self._stats["chunks_from_origin"] += rcount
-                    self._stats["bytes_from_origin"] += b - a
-        if got:
-            self._stats["chunks_from_peers"] += len(got)
-            self._stats["bytes_from_peers"] += sum(len(p) for p in got.values())
-        return data
+        if peers is not None:
+            with trio.move_on_after(peers.timeout * 3 + (end - start) / MIN_RATE):
+                got = await peers.fetch(meta, img, f.first, f.count)
+                for rfirst, rcount in runs(sorted(got), self._max_chunks):
+                    place(rfirst, b"".join(got[c] for c in range(rfirst, rfirst + rcount)))
+                self._stats["chunks_from_peers"] += len(got)
+                self._stats["bytes_from_peers"] += sum(len(p) for p in got.values())
+            missing = [c for c in missing if img.state[c] == ABSENT and c not in got]
+        if not missing:
+            return stored
+        granted, others = (await peers.claim(meta, img, missing)) if peers is not None else (missing, [])
+        late: list[int] = []
+
+        async def from_claimer(peer, chunks):
+            before = len(chunks)
+            left = await peers.take_claimed(meta, img, peer, chunks, deadline_for(self.fetch_timeout, before * cs),
+                                            place)
+            self._stats["chunks_from_peers"] += before - len(left)
+            self._stats["bytes_from_peers"] += (before - len(left)) * cs
+            late.extend(left)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for peer, chunks in others:
+                    nursery.start_soon(from_claimer, peer, chunks)
+                if granted:
+                    await self._from_origin(meta, img, granted, f.ticket, place)
+        except BaseExceptionGroup as group:
+            ours, other = group.split(ThunderfsError)
+            if other is None:
+                raise _first_leaf(ours) from None  # e.g. Glance unavailable: the readers' EIO
+            raise
+        if late:
+            await self._from_origin(meta, img, sorted(late), self._slots.ticket(f.ticket.priority), place)
+        return stored
+
+    async def _from_origin(self, meta: ImageMeta, img: ImageData, chunks: list[int], ticket: Ticket,
+                           place) -> None:
+        """Glance, asked last, within its own slots and bandwidth."""
+        cs = self._cs
+        async with ticket:
+            for rfirst, rcount in runs(chunks, self._max_chunks):
+                a, b = rfirst * cs, min(img.size, (rfirst + rcount) * cs)
+                await self._origin_bucket.wait_for(b - a)
+                place(rfirst, await with_retries(
+                    self._origin.read_range, meta.id, a, b, timeout=deadline_for(self.fetch_timeout, b - a),
+                    what=f"Glance read of {meta.id} chunks {rfirst}..{rfirst + rcount - 1}"))
+                self._stats["chunks_from_origin"] += rcount
+                self._stats["bytes_from_origin"] += b - a
 
     def statistics(self) -> dict:
         return {**self._stats, "in_flight": len({id(f) for f in self._flights.values()}),

@@ -34,7 +34,7 @@ class PeerSource:
     def __init__(self, tracker: TrackerClient, *, node_id: str, secret: bytes | None, chunk_size: int,
                  timeout: float = 2.0, lookup_window: int = 1024, lookup_ttl: float = 2.0,
                  max_request_chunks: int = 256, avoid_failed: float = 30.0, avoid_slow: float = 5.0,
-                 avoid_lying: float = 3600.0, min_rate: float = 4 * 2**20):
+                 avoid_lying: float = 3600.0, min_rate: float = 2**20):
         self._tracker = tracker
         self._node_id = node_id
         self._secret = secret
@@ -56,7 +56,7 @@ class PeerSource:
         self._avoid: dict[str, float] = {}
         self._rtt: dict[str, float] = {}
         self._stats = dict.fromkeys(("chunks", "bytes", "requests", "failures", "busy", "bad_chunks",
-                                     "lookups", "lookup_failures", "no_manifest"), 0)
+                                     "lookups", "lookup_failures", "no_manifest", "claims", "claim_waits"), 0)
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -147,7 +147,7 @@ class PeerSource:
                 continue
             has = sorted(c for c in want if bits >> c & 1)
             for rfirst, rcount in runs(has, self._max):
-                result = await self._from_peer(peer, img, manifest, rfirst, rcount)
+                status, result = await self._from_peer(peer, img, manifest, rfirst, rcount)
                 if result is None:
                     break  # this peer failed: the next one
                 got.update(result)
@@ -157,7 +157,8 @@ class PeerSource:
         return got
 
     async def _from_peer(self, peer: PeerRecord, img: ImageData, manifest: Manifest, first: int,
-                         count: int) -> dict[int, bytes] | None:
+                         count: int) -> tuple[str, dict[int, bytes] | None]:
+        """("ok", chunks), or ("not_held" | "busy" | "failed" | "lied", None)."""
         path = f"/v1/chunks/{img.content.hex()}/{first}/{count}"
         headers = sign(self._secret, self._node_id, "GET", path) if self._secret else {}
         self._stats["requests"] += 1
@@ -174,15 +175,17 @@ class PeerSource:
             self._stats["failures"] += 1
             self._avoid[peer.node_id] = trio.current_time() + self._avoid_slow
             log.info("peer %s too slow (%s); skipping it for %.0fs", peer.node_id, type(exc).__name__, self._avoid_slow)
-            return None
+            return "failed", None
         except httpx.HTTPError as exc:
             self._stats["failures"] += 1
             self._avoid[peer.node_id] = trio.current_time() + self._avoid_failed
             log.info("peer %s failed (%s); avoiding it for %.0fs", peer.node_id, type(exc).__name__, self._avoid_failed)
-            return None
+            return "failed", None
         if status != 200:
+            if status == 404:
+                return "not_held", None
             self._stats["busy" if status == 503 else "failures"] += 1
-            return None
+            return ("busy" if status == 503 else "failed"), None
         data, cs = body, self._cs
         if len(data) != expected:
             return await self._lied(peer, img, first, f"sent {len(data)} bytes for {expected}")
@@ -194,7 +197,48 @@ class PeerSource:
             out[first + i] = piece
         self._stats["chunks"] += count
         self._stats["bytes"] += len(data)
-        return out
+        return "ok", out
+
+    async def claim(self, meta: ImageMeta, img: ImageData, chunks: list[int]) -> tuple[list[int], list]:
+        """Before fetching ``chunks`` from Glance: (chunks this node may fetch, [(peer, chunks it
+        is fetching)]).  Without a manifest, or with the tracker down, everything is granted."""
+        if meta.content_key not in self._manifests:
+            return chunks, []
+        try:
+            with trio.fail_after(self.timeout):
+                granted, others = await self._tracker.claim(img.content.hex(), img.nchunks, chunks)
+        except (TrackerError, trio.TooSlowError) as exc:
+            log.debug("claim failed: %s", exc)
+            return chunks, []
+        self._stats["claims"] += 1
+        others = [(p, cs) for p, cs in others if self._avoid.get(p.node_id, 0) <= trio.current_time()]
+        granted = sorted(set(chunks) - {c for _, cs in others for c in cs})
+        return granted, others
+
+    async def take_claimed(self, meta: ImageMeta, img: ImageData, peer: PeerRecord, chunks: list[int],
+                           wait: float, place) -> list[int]:
+        """Take ``chunks`` from the peer that claimed them, as it gets them (polling while it does
+        not hold them yet), for at most ``wait`` seconds; ``place(first, bytes)`` receives each
+        verified run.  Returns the chunks it did not deliver (the caller fetches them from Glance)."""
+        manifest = self._manifests.get(meta.content_key)
+        pending = sorted(chunks)
+        if manifest is None:
+            return pending
+        deadline = trio.current_time() + wait
+        while pending and trio.current_time() < deadline:
+            progress = False
+            for rfirst, rcount in runs(pending, self._max):
+                status, result = await self._from_peer(peer, img, manifest, rfirst, rcount)
+                if status == "ok":
+                    place(rfirst, b"".join(result[c] for c in range(rfirst, rfirst + rcount)))
+                    pending = [c for c in pending if c not in result]
+                    progress = True
+                elif status in ("failed", "lied"):
+                    return pending
+            if pending and not progress:
+                self._stats["claim_waits"] += 1
+                await trio.sleep(0.1)
+        return pending
 
     def _note_rtt(self, node_id: str, seconds: float) -> None:
         """Time to first byte, smoothed: what the tracker ranks peers by after location."""
@@ -207,7 +251,7 @@ class PeerSource:
     def rtt_ms(self) -> dict[str, float]:
         return {k: round(v, 3) for k, v in self._rtt.items()}
 
-    async def _lied(self, peer: PeerRecord, img: ImageData, chunk: int, why: str) -> None:
+    async def _lied(self, peer: PeerRecord, img: ImageData, chunk: int, why: str) -> tuple[str, None]:
         self._stats["bad_chunks"] += 1
         self._avoid[peer.node_id] = trio.current_time() + self._avoid_lying
         log.warning("peer %s sent a bad chunk %d of %s (%s): discarded, peer avoided and reported",
@@ -217,7 +261,7 @@ class PeerSource:
                 await self._tracker.report(peer.node_id, img.content.hex(), chunk, why)
         except TrackerError as exc:
             log.info("could not report peer %s to the tracker: %s", peer.node_id, exc)
-        return None
+        return "lied", None
 
     def statistics(self) -> dict:
         now = trio.current_time()

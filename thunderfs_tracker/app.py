@@ -4,6 +4,7 @@
     POST /v1/nodes/{node}/chunks     the chunks it holds: full state, or batched deltas
     GET  /v1/images/{content}/peers?first=&last=&limit=   holders of chunks, nearest first
     GET  /v1/manifests/{image}?chunk_size=N   sha256 per chunk, bound to Glance's hash (202 while built)
+    POST /v1/images/{content}/claims   "I am about to fetch these from Glance": granted, or who has
     POST /v1/reports                 a member says a peer served a chunk that failed verification
     GET  /v1/stats, /healthz, /readyz
 
@@ -35,7 +36,9 @@ from thunderfs_tracker.protocol import (
     check_chunk_size,
     check_content,
     check_node_id,
+    bits_to_ranges,
     parse_chunks,
+    ranges_to_bits,
 )
 from thunderfs_tracker.signing import Verifier
 
@@ -53,6 +56,7 @@ class TrackerConfig:
     heartbeat: float = 10.0
     max_peers: int = 20
     suspect_seconds: float = 600.0
+    claim_seconds: float = 30.0
     glance_url: str | None = None
 
 
@@ -162,6 +166,31 @@ async def peers(request: web.Request) -> web.Response:
     return web.json_response({"first": first, "last": last, "peers": out})
 
 
+async def claims(request: web.Request) -> web.Response:
+    """So that many nodes starting on one image at once do not all fetch the same chunks from
+    Glance: the first to claim a chunk fetches it; the others are told to take it from that node."""
+    content = check_content(request.match_info["content"])
+    body = await _json(request)
+    if not isinstance(body, dict):
+        raise ProtocolError("claim must be a JSON object")
+    node_id = check_node_id(request.get("signer") or body.get("node_id"))
+    nchunks = body.get("nchunks")
+    if not isinstance(nchunks, int) or isinstance(nchunks, bool) or not 1 <= nchunks <= MAX_CHUNKS:
+        raise ProtocolError(f"nchunks must be an integer from 1 to {MAX_CHUNKS}")
+    want = ranges_to_bits(body.get("chunks", []), nchunks)
+    try:
+        granted, others = request.app[STORE].claim(content, node_id, nchunks, want, time.monotonic(),
+                                                   request.app[CONFIG].claim_seconds)
+    except KeyError:
+        raise _error(web.HTTPConflict, f"node {node_id} has not announced itself (or expired)") from None
+    except ValueError as exc:
+        raise ProtocolError(str(exc)) from None
+    request.app[STATS]["claims"] += 1
+    return web.json_response({"granted": bits_to_ranges(granted), "claimed": [
+        {"node_id": n.node_id, "peer_url": n.peer_url, "location": "/".join(n.location), "load": n.load,
+         "chunks": bits_to_ranges(b)} for n, b in others]})
+
+
 async def report(request: web.Request) -> web.Response:
     """A peer served a bad chunk: it is left out of lookups for a while (every report is logged;
     reporting takes membership, and a suspect comes back by itself)."""
@@ -213,6 +242,7 @@ def routes() -> list[web.RouteDef]:
         web.get(API + "/images/{content}/peers", peers),
         web.get(API + "/manifests/{image}", manifest),
         web.post(API + "/reports", report),
+        web.post(API + "/images/{content}/claims", claims),
         web.get(API + "/stats", stats),
         web.get("/healthz", healthz),
         web.get("/readyz", readyz),
@@ -240,7 +270,7 @@ def create_app(config: TrackerConfig, store: PeerStore | None = None) -> web.App
     app[CONFIG] = config
     app[STORE] = store or MemoryPeerStore()
     app[EPOCH] = secrets.token_hex(8)  # a restarted tracker has lost peer state: nodes resend it
-    app[STATS] = {"lookups": 0, "lookup_seconds": 0.0, "refused": 0, "reports": 0}
+    app[STATS] = {"lookups": 0, "lookup_seconds": 0.0, "refused": 0, "reports": 0, "claims": 0}
     app[SUSPECTS] = {}
     app[MANIFESTS] = ManifestStore(config.state_dir, config.glance_url)
     if config.secret:

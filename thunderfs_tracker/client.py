@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from thunderfs_tracker.protocol import API, ChunkUpdate, Manifest, NodeInfo, PeerRecord
+from thunderfs_tracker.protocol import API, ChunkUpdate, Manifest, NodeInfo, PeerRecord, bits_to_ranges
 from thunderfs_tracker.signing import sign
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,19 @@ class TrackerClient:
         if r.get("status") == "building":
             return None
         return Manifest.parse(r)
+
+    async def claim(self, content: str, nchunks: int, chunks: list[int]) -> tuple[list[int], list[tuple[PeerRecord, list[int]]]]:
+        """Claim chunks about to be fetched from Glance: (granted, [(claimer, its chunks)])."""
+        ranges = bits_to_ranges(sum(1 << c for c in set(chunks)))
+        r = await self._call("POST", f"{API}/images/{content}/claims",
+                             {"node_id": self.node_id, "nchunks": nchunks, "chunks": ranges})
+        granted = [c for a, b in r["granted"] for c in range(a, b + 1)]
+        others = []
+        for o in r["claimed"]:
+            node = NodeInfo.parse(o["node_id"], o)
+            rec = PeerRecord(node.node_id, node.peer_url, node.location, node.load, 0)
+            others.append((rec, [c for a, b in o["chunks"] for c in range(a, b + 1)]))
+        return granted, others
 
     async def report(self, node_id: str, content: str, chunk: int, reason: str) -> None:
         """Tell the tracker that a peer served a chunk that failed verification."""

@@ -29,6 +29,9 @@ class PeerStore(Protocol):
 
     def expire(self, older_than: float) -> list[str]: ...
 
+    def claim(self, content: str, node_id: str, nchunks: int, want: int, now: float,
+              ttl: float) -> tuple[int, list[tuple[NodeInfo, int]]]: ...
+
     def statistics(self) -> dict: ...
 
 
@@ -39,6 +42,7 @@ class MemoryPeerStore:
         self._chunks: dict[str, dict[str, int]] = {}      # content -> node -> bits
         self._nchunks: dict[str, int] = {}
         self._held: dict[str, set[str]] = {}               # node -> contents
+        self._claims: dict[str, dict[str, tuple[int, float]]] = {}  # content -> node -> (bits, expires)
         self._max_nodes = max_nodes
         self._max_images = max_images_per_node
 
@@ -66,6 +70,10 @@ class MemoryPeerStore:
                 raise ValueError(f"image {u.content} has {known} chunks, not {u.nchunks}")
             per_node = self._chunks.setdefault(u.content, {})
             self._nchunks[u.content] = u.nchunks
+            claims = self._claims.get(u.content)
+            if claims and node_id in claims:  # what it now holds is no longer merely claimed
+                cbits, expires = claims[node_id]
+                claims[node_id] = (cbits & ~u.add, expires)
             bits = u.add if u.full else (per_node.get(node_id, 0) | u.add) & ~u.remove
             if bits:
                 if u.content not in held and len(held) >= self._max_images:
@@ -96,12 +104,38 @@ class MemoryPeerStore:
                 out.append((self._nodes[node_id], have))
         return out
 
+    def claim(self, content: str, node_id: str, nchunks: int, want: int, now: float,
+              ttl: float) -> tuple[int, list[tuple[NodeInfo, int]]]:
+        """A node is about to fetch ``want`` (bits) from Glance.  Chunks another live node has
+        claimed (and not yet announced) are not granted: that node is named instead, so that
+        the asker takes them from it.  The rest is granted, and claimed for ``ttl`` seconds."""
+        if node_id not in self._nodes:
+            raise KeyError(node_id)
+        known = self._nchunks.get(content)
+        if known is not None and known != nchunks:
+            raise ValueError(f"image {content} has {known} chunks, not {nchunks}")
+        claims = self._claims.setdefault(content, {})
+        others, taken = [], 0
+        for other, (bits, expires) in list(claims.items()):
+            if expires < now or other not in self._nodes:
+                del claims[other]
+                continue
+            if other != node_id and bits & want & ~taken:
+                others.append((self._nodes[other], bits & want & ~taken))
+                taken |= bits & want
+        granted = want & ~taken
+        mine = claims.get(node_id, (0, 0.0))[0]
+        claims[node_id] = (mine | granted, now + ttl)
+        return granted, others
+
     def nchunks(self, content: str) -> int | None:
         return self._nchunks.get(content)
 
     def expire(self, older_than: float) -> list[str]:
         gone = [n for n, seen in self._seen.items() if seen < older_than]
         for node_id in gone:
+            for claims in self._claims.values():
+                claims.pop(node_id, None)
             for content in list(self._held.pop(node_id, ())):
                 self._drop(node_id, content)
             del self._nodes[node_id]
