@@ -16,6 +16,7 @@ from collections.abc import Callable
 import trio
 
 from thunderfs.chunk_store import ChunkStore, ImageData
+from thunderfs.reachability import Reachability
 from thunderfs_tracker.client import TrackerClient, TrackerError
 from thunderfs_tracker.protocol import ChunkUpdate, NodeInfo
 
@@ -48,7 +49,7 @@ class Announcer:
         self._rtt = rtt
         self._interval = delta_interval
         self._epoch: str | None = None
-        self._ok: bool | None = None
+        self._reach = Reachability(f"tracker {tracker.url}")
         self._stats = dict.fromkeys(("announces", "full_states", "deltas", "failures"), 0)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -65,20 +66,13 @@ class Announcer:
                         await self._send_full()
                         self._epoch = reply.epoch
                 await self._send_deltas()
-                self._set_ok(True)
+                self._reach.up()
             except TrackerError as exc:
                 self._stats["failures"] += 1
                 self._epoch = None  # what we hold is resent in full once it answers again
                 next_announce = trio.current_time() + 2.0
-                self._set_ok(False, str(exc))
+                self._reach.down(str(exc), "reading from Glance and the peers already known")
             await trio.sleep(self._interval)
-
-    def _set_ok(self, ok: bool, why: str = "") -> None:
-        if ok and self._ok is False:
-            log.warning("tracker %s is reachable again", self._tracker.url)
-        elif not ok and self._ok is not False:
-            log.warning("tracker unavailable (%s): reading from Glance and known peers", why)
-        self._ok = ok
 
     async def _send_full(self) -> None:
         self._store.drain_changes()  # the full state includes them
@@ -102,4 +96,4 @@ class Announcer:
             self._epoch = None
 
     def statistics(self) -> dict:
-        return {**self._stats, "tracker_ok": self._ok}
+        return {**self._stats, "tracker_ok": self._reach.ok}

@@ -16,6 +16,7 @@ from thunderfs.chunk_index import ChunkIndex
 from thunderfs.errors import OriginError
 from thunderfs.image import ImageMeta
 from thunderfs.origin import GlanceOrigin
+from thunderfs.reachability import Reachability
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ class Catalog:
         self._last_attempt = -1e9
         self._misses: dict[str, float] = {}
         self._lock = trio.Lock()
-        self.origin_ok: bool | None = None
+        self._glance = Reachability("Glance")
         self.refreshes = 0
 
     def add_listener(self, listener: Listener) -> None:
@@ -56,12 +57,12 @@ class Catalog:
                 with trio.fail_after(self._timeout):
                     listing = await self._origin.list_images()
             except trio.TooSlowError:
-                self._set_origin_ok(False, f"no listing within {self._timeout:g}s")
+                self._glance.down(f"no listing within {self._timeout:g}s", self._meanwhile())
                 raise OriginError(f"Glance gave no image listing within {self._timeout:g}s") from None
             except OriginError as exc:
-                self._set_origin_ok(False, str(exc))
+                self._glance.down(str(exc), self._meanwhile())
                 raise
-            self._set_origin_ok(True)
+            self._glance.up()
             self.refreshes += 1
             new = {m.id: m for m in listing}
             old = self.images
@@ -75,12 +76,12 @@ class Catalog:
                 for listener in self._listeners:
                     listener(added, removed)
 
-    def _set_origin_ok(self, ok: bool, why: str = "") -> None:
-        if ok and self.origin_ok is False:
-            log.warning("Glance is reachable again")
-        elif not ok and self.origin_ok is not False:
-            log.warning("Glance listing failed (%s); serving the last listing of %d images", why, len(self.images))
-        self.origin_ok = ok
+    def _meanwhile(self) -> str:
+        return f"serving the last listing of {len(self.images)} images"
+
+    @property
+    def origin_ok(self) -> bool | None:
+        return self._glance.ok
 
     async def wait_fresh(self) -> None:
         """Before a directory listing: ask Glance now (a listing already under way counts), unless
