@@ -57,12 +57,17 @@ def test_a_chunk_is_fetched_once_however_many_readers_wait(glance, mounts, image
         t.join(60)
     assert not errors
     assert results == [data[10 * CHUNK:26 * CHUNK]] * 8
-    after = m.stats()["fetch"]
     # 16 chunks were wanted by 8 readers; each crossed the network once (the kernel may read
     # a little past the end of the request, so allow its readahead, never duplicates).
-    fetched = after["chunks_fetched"] - before["chunks_fetched"]
+    import time
+    deadline = time.monotonic() + 10
+    while (s := m.stats())["fetch"]["in_flight"]:  # one quiet snapshot, not two moments
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    fetched = s["fetch"]["chunks_fetched"] - before["chunks_fetched"]
     assert 16 <= fetched <= 16 + 1024 * 1024 // CHUNK
-    assert m.stats()["cache"]["chunks_staged"] == fetched
+    assert s["cache"]["chunks_staged"] == fetched
+    assert s["glance"]["bytes"] == fetched * CHUNK
 
 
 def test_adjacent_missing_chunks_are_fetched_in_one_request(glance, mounts, images):

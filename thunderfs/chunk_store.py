@@ -96,6 +96,7 @@ class ChunkStore:
         self._images: dict[bytes, ImageData] = {}
         self._pending: list[tuple[ImageData, int]] = []
         self._changes: dict[bytes, tuple[ImageData, set[int], set[int]]] = {}
+        self._track_changes = False
         self._deletes: list[tuple[bytes, int]] = []
         self._used = index.used_bytes()
         self._wake = trio.Event()
@@ -138,11 +139,15 @@ class ChunkStore:
         return list(self._images.values())
 
     def drain_changes(self) -> dict[bytes, tuple[ImageData, set[int], set[int]]]:
-        """Chunks that became servable or went away since the last call (for the announcer)."""
+        """Chunks that became servable or went away since the last call (for the announcer).
+        Recorded only once this has been called: a node without peers keeps no such log."""
+        self._track_changes = True
         changes, self._changes = self._changes, {}
         return changes
 
     def _changed(self, img: ImageData, chunk: int, added: bool) -> None:
+        if not self._track_changes:
+            return
         entry = self._changes.get(img.content)
         if entry is None:
             entry = self._changes[img.content] = (img, set(), set())

@@ -69,6 +69,10 @@ def runs(chunks: list[int], max_len: int) -> list[tuple[int, int]]:
 MIN_RATE = 64 * 2**10
 
 
+# The longest a flight waits for chunks another node claimed before fetching them from Glance itself.
+CLAIM_WAIT_MAX = 60.0
+
+
 def deadline_for(timeout: float, nbytes: int) -> float:
     """Up to 1 MiB (every demand read the kernel sends) gets exactly the configured timeout."""
     return timeout + max(0, nbytes - 2**20) / MIN_RATE
@@ -204,8 +208,8 @@ class Fetcher:
 
         async def from_claimer(peer, chunks):
             before = len(chunks)
-            left = await peers.take_claimed(meta, img, peer, chunks, deadline_for(self.fetch_timeout, before * cs),
-                                            place)
+            wait = min(CLAIM_WAIT_MAX, deadline_for(self.fetch_timeout, before * cs))
+            left = await peers.take_claimed(meta, img, peer, chunks, wait, place)
             self._stats["chunks_from_peers"] += before - len(left)
             self._stats["bytes_from_peers"] += (before - len(left)) * cs
             late.extend(left)
