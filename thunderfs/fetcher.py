@@ -192,14 +192,14 @@ class Fetcher:
 
         missing = list(range(f.first, f.first + f.count))
         peers = self._peers
-        got: dict[int, bytes] = {}
         if peers is not None:
+            got: set[int] = set()
             with trio.move_on_after(peers.timeout * 3 + (end - start) / MIN_RATE):
-                got = await peers.fetch(meta, img, f.first, f.count)
-                for rfirst, rcount in runs(sorted(got), self._max_chunks):
-                    place(rfirst, b"".join(got[c] for c in range(rfirst, rfirst + rcount)))
+                for rfirst, piece in await peers.fetch(meta, img, f.first, f.count):
+                    place(rfirst, piece)
+                    got.update(range(rfirst, rfirst + -(-len(piece) // cs)))
+                    self._stats["bytes_from_peers"] += len(piece)
                 self._stats["chunks_from_peers"] += len(got)
-                self._stats["bytes_from_peers"] += sum(len(p) for p in got.values())
             missing = [c for c in missing if img.state[c] == ABSENT and c not in got]
         if not missing:
             return stored

@@ -104,8 +104,7 @@ class PeerSource:
     async def _holders(self, img: ImageData, first: int, last: int) -> list[tuple[PeerRecord, int]]:
         """Peers with any of chunks first..last, nearest first, with their chunks as absolute bits."""
         content = img.content.hex()
-        merged: dict[str, tuple[PeerRecord, int]] = {}
-        order: list[str] = []
+        merged: dict[str, tuple[PeerRecord, int]] = {}  # in the order the tracker ranked them
         now = trio.current_time()
         for w in range(first // self._window, last // self._window + 1):
             wfirst = w * self._window
@@ -124,41 +123,39 @@ class PeerSource:
                 if len(self._lookups) > 4096:
                     self._lookups = {k: v for k, v in self._lookups.items() if v[0] >= now}
             for p in cached[1]:
-                if p.node_id not in merged:
-                    order.append(p.node_id)
-                    merged[p.node_id] = (p, 0)
-                rec, bits = merged[p.node_id]
+                rec, bits = merged.get(p.node_id, (p, 0))
                 merged[p.node_id] = (rec, bits | (p.chunks << wfirst))
-        return [merged[n] for n in order]
+        return list(merged.values())
 
     # --- fetching --------------------------------------------------------------------------
 
-    async def fetch(self, meta: ImageMeta, img: ImageData, first: int, count: int) -> dict[int, bytes]:
-        """Verified chunks of first..first+count-1 from peers: as many as they could give."""
+    async def fetch(self, meta: ImageMeta, img: ImageData, first: int, count: int) -> list[tuple[int, bytes]]:
+        """Verified runs ``(first chunk, bytes)`` of chunks first..first+count-1 from peers: as many
+        as they could give."""
         manifest = await self.manifest(meta)
         if manifest is None:
             self._stats["no_manifest"] += 1
-            return {}
+            return []
         want = set(range(first, first + count))
-        got: dict[int, bytes] = {}
+        got: list[tuple[int, bytes]] = []
         now = trio.current_time()
         for peer, bits in await self._holders(img, first, first + count - 1):
             if self._avoid.get(peer.node_id, 0) > now:
                 continue
             has = sorted(c for c in want if bits >> c & 1)
             for rfirst, rcount in runs(has, self._max):
-                status, result = await self._from_peer(peer, img, manifest, rfirst, rcount)
-                if result is None:
+                status, data = await self._from_peer(peer, img, manifest, rfirst, rcount)
+                if data is None:
                     break  # this peer failed: the next one
-                got.update(result)
-                want.difference_update(result)
+                got.append((rfirst, data))
+                want.difference_update(range(rfirst, rfirst + rcount))
             if not want:
                 break
         return got
 
     async def _from_peer(self, peer: PeerRecord, img: ImageData, manifest: Manifest, first: int,
-                         count: int) -> tuple[str, dict[int, bytes] | None]:
-        """("ok", chunks), or ("not_held" | "busy" | "failed" | "lied", None)."""
+                         count: int) -> tuple[str, bytes | None]:
+        """("ok", the run's bytes, every chunk checked), or ("not_held" | "busy" | "failed" | "lied", None)."""
         path = f"/v1/chunks/{img.content.hex()}/{first}/{count}"
         headers = sign(self._secret, self._node_id, "GET", path) if self._secret else {}
         self._stats["requests"] += 1
@@ -186,18 +183,15 @@ class PeerSource:
                 return "not_held", None
             self._stats["busy" if status == 503 else "failures"] += 1
             return ("busy" if status == 503 else "failed"), None
-        data, cs = body, self._cs
-        if len(data) != expected:
-            return await self._lied(peer, img, first, f"sent {len(data)} bytes for {expected}")
-        out = {}
+        if len(body) != expected:
+            return await self._lied(peer, img, first, f"sent {len(body)} bytes for {expected}")
+        view, cs = memoryview(body), self._cs
         for i in range(count):
-            piece = data[i * cs:(i + 1) * cs]
-            if hashlib.sha256(piece).digest() != manifest.digest(first + i):
+            if hashlib.sha256(view[i * cs:(i + 1) * cs]).digest() != manifest.digest(first + i):
                 return await self._lied(peer, img, first + i, "chunk does not match the manifest")
-            out[first + i] = piece
         self._stats["chunks"] += count
-        self._stats["bytes"] += len(data)
-        return "ok", out
+        self._stats["bytes"] += len(body)
+        return "ok", body
 
     async def claim(self, meta: ImageMeta, img: ImageData, chunks: list[int]) -> tuple[list[int], list]:
         """Before fetching ``chunks`` from Glance: (chunks this node may fetch, [(peer, chunks it
@@ -228,10 +222,10 @@ class PeerSource:
         while pending and trio.current_time() < deadline:
             progress = False
             for rfirst, rcount in runs(pending, self._max):
-                status, result = await self._from_peer(peer, img, manifest, rfirst, rcount)
+                status, data = await self._from_peer(peer, img, manifest, rfirst, rcount)
                 if status == "ok":
-                    place(rfirst, b"".join(result[c] for c in range(rfirst, rfirst + rcount)))
-                    pending = [c for c in pending if c not in result]
+                    place(rfirst, data)
+                    pending = [c for c in pending if not rfirst <= c < rfirst + rcount]
                     progress = True
                 elif status in ("failed", "lied"):
                     return pending
