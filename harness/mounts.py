@@ -57,6 +57,11 @@ class Mount:
     def image(self, image_id: str) -> Path:
         return self.path / "images" / image_id
 
+    def data_file(self, image_id: str) -> Path:
+        """The cache file holding an image's chunks (tests alter it behind the daemon's back)."""
+        key = os.getxattr(self.image(image_id), "user.thunderfs.content_key").decode()
+        return self.cache_dir / "data" / f"{key}.data"
+
     def stats(self) -> dict:
         return control.call(self.path, "stats")
 

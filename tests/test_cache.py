@@ -18,11 +18,6 @@ from harness.mounts import thunderfs
 CHUNK = 64 * 1024
 
 
-def data_file(mount, image_id: str) -> Path:
-    key = os.getxattr(mount.image(image_id), "user.thunderfs.content_key").decode()
-    return mount.cache_dir / "data" / f"{key}.data"
-
-
 def allocated(path: Path) -> int:
     return sum(p.stat().st_blocks * 512 for p in path.rglob("*.data"))
 
@@ -98,7 +93,7 @@ def test_corrupted_cache_file_is_detected_and_refetched(glance, mounts, images):
     m = mounts(glance.url)
     m.mount()
     assert m.image(image_id).read_bytes() == data
-    path = data_file(m, image_id)
+    path = m.data_file(image_id)
     m.umount()
     with open(path, "r+b") as f:  # flip bytes in chunks 3 and 17 behind thunderfs's back
         for off in (3 * CHUNK + 100, 17 * CHUNK + 5):

@@ -18,16 +18,9 @@ import trio
 from thunderfs.chunk_store import ChunkStore, ImageData
 from thunderfs.reachability import Reachability
 from thunderfs_tracker.client import TrackerClient, TrackerError
-from thunderfs_tracker.protocol import ChunkUpdate, NodeInfo
+from thunderfs_tracker.protocol import ChunkUpdate, NodeInfo, chunks_to_bits
 
 log = logging.getLogger(__name__)
-
-
-def _bits(chunks) -> int:
-    bits = 0
-    for c in chunks:
-        bits |= 1 << c
-    return bits
 
 
 def held_bits(img: ImageData) -> int:
@@ -88,7 +81,7 @@ class Announcer:
         changes = self._store.drain_changes()
         if not changes:
             return
-        updates = [ChunkUpdate(content.hex(), img.nchunks, add=_bits(added), remove=_bits(removed))
+        updates = [ChunkUpdate(content.hex(), img.nchunks, add=chunks_to_bits(added), remove=chunks_to_bits(removed))
                    for content, (img, added, removed) in changes.items()]
         epoch = await self._tracker.send_chunks(False, updates)
         self._stats["deltas"] += 1

@@ -131,10 +131,6 @@ class ChunkStore:
         self._images[content] = img
         return img
 
-    def find(self, content: bytes) -> ImageData | None:
-        """The data of a content this cache has (or had) a file for, else None."""
-        return self._existing_image(content)
-
     def contents(self) -> list[ImageData]:
         return list(self._images.values())
 
@@ -154,7 +150,8 @@ class ChunkStore:
         (entry[1] if added else entry[2]).add(chunk)
         (entry[2] if added else entry[1]).discard(chunk)
 
-    def _existing_image(self, content: bytes) -> ImageData | None:
+    def find(self, content: bytes) -> ImageData | None:
+        """The data of a content this cache has a file for, else None."""
         img = self._images.get(content)
         if img is None:
             path = self._path(content)
@@ -176,7 +173,7 @@ class ChunkStore:
                 log.info("removing unindexed cache file %s", path.name)
                 path.unlink()
                 continue
-            img = self._existing_image(content)
+            img = self.find(content)
             leaked = 0
             for start, end in list(data_extents(img.fd)):
                 for c in range(start // self.chunk_size, (end - 1) // self.chunk_size + 1):
@@ -319,7 +316,7 @@ class ChunkStore:
             for content, c, _ in self._index.lru_oldest():
                 if self._used <= target:
                     return
-                img = self._existing_image(content)
+                img = self.find(content)
                 if img is None or c >= img.nchunks or img.state[c] != INDEXED or img.pinned(c):
                     continue
                 if spare_touched and c in img.touched:
@@ -329,7 +326,7 @@ class ChunkStore:
 
     def drop_image(self, content: bytes) -> int:
         """Evict every unpinned chunk of one content now; returns how many."""
-        img = self._existing_image(content)
+        img = self.find(content)
         if img is None:
             return 0
         dropped = 0

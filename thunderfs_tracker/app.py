@@ -148,7 +148,7 @@ async def peers(request: web.Request) -> web.Response:
     last = _query_int(request, "last", first, min(MAX_CHUNKS - 1, first + MAX_LOOKUP_CHUNKS - 1))
     limit = _query_int(request, "limit", 1, 200, default=cfg.max_peers)
     asking = request.get("signer") or request.query.get("node")
-    nchunks = store.nchunks(content) if hasattr(store, "nchunks") else None
+    nchunks = store.nchunks(content)
     if nchunks is None:
         raise _error(web.HTTPNotFound, f"no node holds image {content}")
     if last >= nchunks:

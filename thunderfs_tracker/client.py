@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from thunderfs_tracker.protocol import API, ChunkUpdate, Manifest, NodeInfo, PeerRecord, bits_to_ranges
+from thunderfs_tracker.protocol import API, ChunkUpdate, Manifest, NodeInfo, PeerRecord, bits_to_ranges, chunks_to_bits
 from thunderfs_tracker.signing import sign
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class TrackerClient:
 
     async def claim(self, content: str, nchunks: int, chunks: list[int]) -> tuple[list[int], list[tuple[PeerRecord, list[int]]]]:
         """Claim chunks about to be fetched from Glance: (granted, [(claimer, its chunks)])."""
-        ranges = bits_to_ranges(sum(1 << c for c in set(chunks)))
+        ranges = bits_to_ranges(chunks_to_bits(chunks))
         r = await self._call("POST", f"{API}/images/{content}/claims",
                              {"node_id": self.node_id, "nchunks": nchunks, "chunks": ranges})
         granted = [c for a, b in r["granted"] for c in range(a, b + 1)]

@@ -96,6 +96,13 @@ def ranges_to_bits(value, nchunks: int) -> int:
     return bits
 
 
+def chunks_to_bits(chunks) -> int:
+    bits = 0
+    for c in set(chunks):
+        bits |= 1 << c
+    return bits
+
+
 def bits_to_ranges(bits: int) -> list[list[int]]:
     out, c = [], 0
     while bits:
