@@ -5,7 +5,8 @@ or a 503 on demand.  Everything else is the real Glance's answer, passed through
 
 Modes (``proxy.mode``): ``pass``; ``short`` (promise the full length, send half, close);
 ``wrong_range`` (shift the Content-Range start); ``error`` (503); ``hang`` (say nothing for
-``hang_seconds``).  ``fail_next`` makes only the next N range requests misbehave.
+``hang_seconds``).  ``fail_next`` makes only the next N range requests misbehave, ``fault_min_bytes`` only those at
+least that long.
 ``corrupt_whole``: flip one byte in every whole-image (non-range) download.
 """
 
@@ -27,8 +28,10 @@ class FaultProxy:
         self.mode = "pass"
         self.fail_next: int | None = None  # None: every range request misbehaves in `mode`
         self.hang_seconds = 3600.0
+        self.fault_min_bytes = 0  # only range requests at least this long misbehave
         self.corrupt_whole = False
         self.range_requests = 0
+        self.ranges: list[str] = []  # the Range header of every range request, in order
         self.range_bytes = 0
         self.whole_bytes = 0  # whole-image downloads (the tracker's manifest read)
         self.faults = 0
@@ -64,12 +67,16 @@ class FaultProxy:
         self._server.shutdown()
         self._server.server_close()
 
-    def _fault(self, is_range: bool) -> str:
+    def _fault(self, is_range: str | None) -> str:
         with self._lock:
-            if not is_range:
+            if is_range is None:
                 return "pass"
             self.range_requests += 1
+            self.ranges.append(is_range)
             if self.mode == "pass":
+                return "pass"
+            a, b = (int(x) for x in is_range.removeprefix("bytes=").split("-"))
+            if b - a + 1 < self.fault_min_bytes:
                 return "pass"
             if self.fail_next is not None:
                 if self.fail_next <= 0:
@@ -80,7 +87,7 @@ class FaultProxy:
 
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
         rng = h.headers.get("Range")
-        fault = self._fault(rng is not None)
+        fault = self._fault(rng)
         if fault == "hang":
             time.sleep(self.hang_seconds)
             return

@@ -43,6 +43,25 @@ def test_a_bad_answer_is_retried_then_served_right(proxy, mounts, images, mode):
     assert m.stats()["glance"]["errors"] >= 2
 
 
+def test_a_cut_answer_is_resumed_where_it_stopped(proxy, mounts, images):
+    # What arrived before the cut is cached in 1 MiB pieces; the retry asks only for the rest.
+    # Demand reads come in 128 KiB requests: a sequential reader's readahead makes the big ones.
+    image_id = images.add(128 * CHUNK, seed=72)
+    data = images.data[image_id]
+    m = mounts(proxy.url, name="resume")
+    m.mount()
+    proxy.mode, proxy.fail_next, proxy.fault_min_bytes = "short", 1, 2 * 2**20
+    assert m.image(image_id).read_bytes() == data
+    spans = [tuple(int(x) for x in r.removeprefix("bytes=").split("-")) for r in proxy.ranges]
+    cut = next(s for s in spans if s[1] - s[0] + 1 >= 2 * 2**20)  # the first large request was cut
+    assert proxy.faults == 1
+    # The proxy sent half of it: the retry starts past at least 1 MiB of it, at a chunk boundary.
+    half = (cut[1] - cut[0] + 1) // 2
+    resumed = [a for a, b in spans if b == cut[1] and a != cut[0]]
+    assert len(resumed) == 1 and cut[0] + 16 * CHUNK <= resumed[0] <= cut[0] + half, (cut, resumed)
+    assert resumed[0] % CHUNK == 0
+
+
 @pytest.mark.parametrize("mode", ["short", "wrong_range", "error"])
 def test_a_glance_that_keeps_answering_wrong_gives_eio_and_caches_nothing(proxy, mounts, images, mode):
     image_id = images.add(8 * CHUNK, seed=71)

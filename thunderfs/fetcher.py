@@ -69,6 +69,11 @@ def runs(chunks: list[int], max_len: int) -> list[tuple[int, int]]:
 MIN_RATE = 64 * 2**10
 
 
+# Chunks fetched from Glance are cached (and so offered to peers) in pieces of this size as they
+# arrive, not only once a whole request (up to 16 MiB) is in.
+PLACE_STEP = 2**20
+
+
 # The longest a flight waits for chunks another node claimed before fetching them from Glance itself.
 CLAIM_WAIT_MAX = 60.0
 
@@ -95,7 +100,8 @@ class Fetcher:
         self._nursery: trio.Nursery | None = None
         self._stats = dict.fromkeys(("chunks_fetched", "bytes_fetched", "flights", "demand_waits",
                                      "readahead_chunks", "failures", "chunks_from_peers", "bytes_from_peers",
-                                     "chunks_from_origin", "bytes_from_origin"), 0)
+                                     "chunks_from_origin", "bytes_from_origin", "granted_chunks",
+                                     "claimed_chunks_late"), 0)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -205,6 +211,7 @@ class Fetcher:
             return stored
         granted, others = (await peers.claim(meta, img, missing)) if peers is not None else (missing, [])
         late: list[int] = []
+        self._stats["granted_chunks"] += len(granted)
 
         async def from_claimer(peer, chunks):
             before = len(chunks)
@@ -213,6 +220,7 @@ class Fetcher:
             self._stats["chunks_from_peers"] += before - len(left)
             self._stats["bytes_from_peers"] += (before - len(left)) * cs
             late.extend(left)
+            self._stats["claimed_chunks_late"] += len(left)
 
         try:
             async with trio.open_nursery() as nursery:
@@ -232,14 +240,31 @@ class Fetcher:
     async def _from_origin(self, meta: ImageMeta, img: ImageData, chunks: list[int], ticket: Ticket,
                            place) -> None:
         """Glance, asked last, within its own slots and bandwidth."""
-        cs = self._cs
+        cs, step = self._cs, max(1, PLACE_STEP // self._cs)
         async with ticket:
             for rfirst, rcount in runs(chunks, self._max_chunks):
                 a, b = rfirst * cs, min(img.size, (rfirst + rcount) * cs)
                 await self._origin_bucket.wait_for(b - a)
-                place(rfirst, await with_retries(
-                    self._origin.read_range, meta.id, a, b, timeout=deadline_for(self.fetch_timeout, b - a),
-                    what=f"Glance read of {meta.id} chunks {rfirst}..{rfirst + rcount - 1}"))
+                # Pieces are placed (cached, and so offered to peers) as they arrive, and a retry
+                # asks only for what is still missing.
+                placed = rfirst  # the first chunk not placed yet
+                at = a  # where the attempt under way started
+
+                def on_data(buf: bytearray, got: int) -> None:
+                    nonlocal placed
+                    ready = (at + got) // cs if at + got < b else rfirst + rcount
+                    if ready - placed >= step or ready == rfirst + rcount:
+                        place(placed, memoryview(buf)[placed * cs - at:min(b, ready * cs) - at])
+                        placed = ready
+
+                async def attempt() -> None:
+                    nonlocal at
+                    at = placed * cs
+                    if at < b:
+                        await self._origin.read_range(meta.id, at, b, on_data)
+
+                await with_retries(attempt, timeout=deadline_for(self.fetch_timeout, b - a),
+                                   what=f"Glance read of {meta.id} chunks {rfirst}..{rfirst + rcount - 1}")
                 self._stats["chunks_from_origin"] += rcount
                 self._stats["bytes_from_origin"] += b - a
 

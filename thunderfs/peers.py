@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import random
 
 import httpx
 import trio
@@ -31,6 +32,13 @@ log = logging.getLogger(__name__)
 
 
 class PeerSource:
+    # How often a node waiting for chunks another node is fetching from Glance looks again.
+    CLAIM_POLL = 0.25
+    # The size of a request for chunks that are still arriving at the node that fetches them.
+    CLAIM_PIECE = 2**20
+    # How many such pieces one waiting flight asks for at once, from different peers.
+    CLAIM_WORKERS = 6
+
     def __init__(self, tracker: TrackerClient, *, node_id: str, secret: bytes | None, chunk_size: int,
                  timeout: float = 2.0, lookup_window: int = 1024, lookup_ttl: float = 2.0,
                  max_request_chunks: int = 256, avoid_failed: float = 30.0, avoid_slow: float = 5.0,
@@ -43,6 +51,7 @@ class PeerSource:
         self._window = lookup_window
         self._ttl = lookup_ttl
         self._max = max_request_chunks
+        self._piece = max(1, min(max_request_chunks, self.CLAIM_PIECE // chunk_size))
         self._avoid_failed, self._avoid_slow, self._avoid_lying = avoid_failed, avoid_slow, avoid_lying
         self._min_rate = min_rate
         # Per socket operation: connect, and silence between reads.  The whole transfer is bounded
@@ -52,11 +61,13 @@ class PeerSource:
         self._manifests: dict[bytes, Manifest] = {}
         self._manifest_asked: dict[bytes, float] = {}
         self._manifest_asking: dict[bytes, trio.Event] = {}
-        self._lookups: dict[tuple[str, int], tuple[float, list[PeerRecord]]] = {}
-        self._avoid: dict[str, float] = {}
+        self._lookups: dict[tuple[str, int], tuple[float, list[PeerRecord]]] = {}  # -> (when, peers)
+        self._avoid: dict[str, float] = {}  # failed or lied: until when
+        self._slow: dict[str, float] = {}   # slow (busy serving others, perhaps): until when
         self._rtt: dict[str, float] = {}
-        self._stats = dict.fromkeys(("chunks", "bytes", "requests", "failures", "busy", "bad_chunks",
-                                     "lookups", "lookup_failures", "no_manifest", "claims", "claim_waits"), 0)
+        self._stats = dict.fromkeys(("chunks", "bytes", "requests", "failures", "slow", "busy", "bad_chunks",
+                                     "lookups", "lookup_failures", "no_manifest", "claims", "claim_failures",
+                                     "claim_waits"), 0)
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -101,16 +112,19 @@ class PeerSource:
 
     # --- lookups ---------------------------------------------------------------------------
 
-    async def _holders(self, img: ImageData, first: int, last: int) -> list[tuple[PeerRecord, int]]:
-        """Peers with any of chunks first..last, nearest first, with their chunks as absolute bits."""
+    async def _holders(self, img: ImageData, first: int, last: int,
+                       max_age: float | None = None) -> list[tuple[PeerRecord, int]]:
+        """Peers with any of chunks first..last, nearest first, with their chunks as absolute bits,
+        from lookups at most ``max_age`` (default: the lookup TTL) seconds old."""
         content = img.content.hex()
         merged: dict[str, tuple[PeerRecord, int]] = {}  # in the order the tracker ranked them
         now = trio.current_time()
+        max_age = self._ttl if max_age is None else max_age
         for w in range(first // self._window, last // self._window + 1):
             wfirst = w * self._window
             wlast = min(img.nchunks, wfirst + self._window) - 1
             cached = self._lookups.get((content, w))
-            if cached is None or cached[0] < now:
+            if cached is None or now - cached[0] >= max_age:
                 self._stats["lookups"] += 1
                 try:
                     with trio.fail_after(self.timeout):
@@ -119,9 +133,9 @@ class PeerSource:
                     self._stats["lookup_failures"] += 1
                     log.debug("tracker lookup failed: %s", exc)
                     found = cached[1] if cached else []  # the peers we already knew
-                self._lookups[(content, w)] = cached = (now + self._ttl, found)
+                self._lookups[(content, w)] = cached = (now, found)
                 if len(self._lookups) > 4096:
-                    self._lookups = {k: v for k, v in self._lookups.items() if v[0] >= now}
+                    self._lookups = {k: v for k, v in self._lookups.items() if now - v[0] < self._ttl}
             for p in cached[1]:
                 rec, bits = merged.get(p.node_id, (p, 0))
                 merged[p.node_id] = (rec, bits | (p.chunks << wfirst))
@@ -140,7 +154,7 @@ class PeerSource:
         got: list[tuple[int, bytes]] = []
         now = trio.current_time()
         for peer, bits in await self._holders(img, first, first + count - 1):
-            if self._avoid.get(peer.node_id, 0) > now:
+            if max(self._avoid.get(peer.node_id, 0), self._slow.get(peer.node_id, 0)) > now:
                 continue
             has = sorted(c for c in want if bits >> c & 1)
             for rfirst, rcount in runs(has, self._max):
@@ -155,7 +169,8 @@ class PeerSource:
 
     async def _from_peer(self, peer: PeerRecord, img: ImageData, manifest: Manifest, first: int,
                          count: int) -> tuple[str, bytes | None]:
-        """("ok", the run's bytes, every chunk checked), or ("not_held" | "busy" | "failed" | "lied", None)."""
+        """("ok", the run's bytes, every chunk checked), or ("not_held" | "busy" | "slow" | "failed" |
+        "lied", None)."""
         path = f"/v1/chunks/{img.content.hex()}/{first}/{count}"
         headers = sign(self._secret, self._node_id, "GET", path) if self._secret else {}
         self._stats["requests"] += 1
@@ -169,10 +184,10 @@ class PeerSource:
                     body = await resp.aread() if status == 200 else b""
         except (httpx.TimeoutException, trio.TooSlowError) as exc:
             # Slow, not dead: skip it for a moment (it may just be busy serving others).
-            self._stats["failures"] += 1
-            self._avoid[peer.node_id] = trio.current_time() + self._avoid_slow
+            self._stats["slow"] += 1
+            self._slow[peer.node_id] = trio.current_time() + self._avoid_slow
             log.info("peer %s too slow (%s); skipping it for %.0fs", peer.node_id, type(exc).__name__, self._avoid_slow)
-            return "failed", None
+            return "slow", None
         except httpx.HTTPError as exc:
             self._stats["failures"] += 1
             self._avoid[peer.node_id] = trio.current_time() + self._avoid_failed
@@ -202,37 +217,81 @@ class PeerSource:
             with trio.fail_after(self.timeout):
                 granted, others = await self._tracker.claim(img.content.hex(), img.nchunks, chunks)
         except (TrackerError, trio.TooSlowError) as exc:
+            self._stats["claim_failures"] += 1
             log.debug("claim failed: %s", exc)
             return chunks, []
         self._stats["claims"] += 1
-        others = [(p, cs) for p, cs in others if self._avoid.get(p.node_id, 0) <= trio.current_time()]
+        # A peer that has just failed, lied or been too slow is not waited for (one that becomes
+        # slow while it is waited for is waited for still: take_claimed).
+        now = trio.current_time()
+        others = [(p, cs) for p, cs in others
+                  if max(self._avoid.get(p.node_id, 0), self._slow.get(p.node_id, 0)) <= now]
         granted = sorted(set(chunks) - {c for _, cs in others for c in cs})
         return granted, others
 
-    async def take_claimed(self, meta: ImageMeta, img: ImageData, peer: PeerRecord, chunks: list[int],
+    async def take_claimed(self, meta: ImageMeta, img: ImageData, claimer: PeerRecord, chunks: list[int],
                            wait: float, place) -> list[int]:
-        """Take ``chunks`` from the peer that claimed them, as it gets them (polling while it does
-        not hold them yet), for at most ``wait`` seconds; ``place(first, bytes)`` receives each
-        verified run.  Returns the chunks it did not deliver (the caller fetches them from Glance)."""
+        """Take ``chunks``, which ``claimer`` is fetching from Glance, as they appear, for at most
+        ``wait`` seconds: from whichever peers hold them by then, nodes that already took them
+        from the claimer before the claimer itself (so that its uplink is not the only one that
+        carries them), a few pieces at once from different peers.  ``place(first, bytes)``
+        receives each verified run.  Returns the chunks not delivered (the caller fetches them
+        from Glance), at once if the claimer fails (a slow claimer is waited for)."""
         manifest = self._manifests.get(meta.content_key)
-        pending = sorted(chunks)
+        pending = set(chunks)
         if manifest is None:
-            return pending
-        deadline = trio.current_time() + wait
-        while pending and trio.current_time() < deadline:
-            progress = False
-            for rfirst, rcount in runs(pending, self._max):
-                status, data = await self._from_peer(peer, img, manifest, rfirst, rcount)
+            return sorted(pending)
+        taking: set[int] = set()
+        resting: dict[str, float] = {}  # peers that were busy or slow: not asked again until then
+        claimer_failed = False
+
+        async def worker() -> None:
+            nonlocal claimer_failed
+            while pending and not claimer_failed:
+                holders = await self._holders(img, min(pending), max(pending), max_age=self.CLAIM_POLL)
+                choice = self._pick(holders, pending - taking, claimer, resting)
+                if choice is None:
+                    self._stats["claim_waits"] += 1
+                    await trio.sleep(self.CLAIM_POLL)
+                    continue
+                peer, rfirst, rcount = choice
+                piece = range(rfirst, rfirst + rcount)
+                taking.update(piece)
+                try:
+                    status, data = await self._from_peer(peer, img, manifest, rfirst, rcount)
+                finally:
+                    taking.difference_update(piece)
                 if status == "ok":
                     place(rfirst, data)
-                    pending = [c for c in pending if not rfirst <= c < rfirst + rcount]
-                    progress = True
-                elif status in ("failed", "lied"):
-                    return pending
-            if pending and not progress:
-                self._stats["claim_waits"] += 1
-                await trio.sleep(0.1)
-        return pending
+                    pending.difference_update(piece)
+                elif status in ("failed", "lied") and peer.node_id == claimer.node_id:
+                    claimer_failed = True
+                elif status in ("busy", "slow", "not_held"):
+                    resting[peer.node_id] = trio.current_time() + self.CLAIM_POLL
+
+        with trio.move_on_after(wait):
+            async with trio.open_nursery() as nursery:
+                for _ in range(min(self.CLAIM_WORKERS, -(-len(pending) // self._piece))):
+                    nursery.start_soon(worker)
+        return sorted(pending)
+
+    def _pick(self, holders: list[tuple[PeerRecord, int]], wanted: set[int], claimer: PeerRecord,
+              resting: dict[str, float]) -> tuple[PeerRecord, int, int] | None:
+        """The best-ranked peer that can be asked for some of ``wanted`` (the claimer last), and a
+        random piece of what it holds: waiters for the same new chunks take different ones from
+        the claimer, then trade them among themselves."""
+        now = trio.current_time()
+        ranked = sorted(holders, key=lambda held: held[0].node_id == claimer.node_id)
+        for peer, bits in ranked:
+            node = peer.node_id
+            if resting.get(node, 0) > now or self._avoid.get(node, 0) > now:
+                continue
+            if node != claimer.node_id and self._slow.get(node, 0) > now:
+                continue
+            pieces = runs(sorted(c for c in wanted if bits >> c & 1), self._piece)
+            if pieces:
+                return (peer, *random.choice(pieces))
+        return None
 
     def _note_rtt(self, node_id: str, seconds: float) -> None:
         """Time to first byte, smoothed: what the tracker ranks peers by after location."""
@@ -260,5 +319,6 @@ class PeerSource:
     def statistics(self) -> dict:
         now = trio.current_time()
         return {**self._stats, "avoided_peers": sorted(n for n, t in self._avoid.items() if t > now),
+                "slow_peers": sorted(n for n, t in self._slow.items() if t > now),
                 "manifests": len(self._manifests), "rtt_ms": self.rtt_ms()}
 

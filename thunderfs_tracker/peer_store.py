@@ -110,9 +110,10 @@ class MemoryPeerStore:
 
     def claim(self, content: str, node_id: str, nchunks: int, want: int, now: float,
               ttl: float) -> tuple[int, list[tuple[NodeInfo, int]]]:
-        """A node is about to fetch ``want`` (bits) from Glance.  Chunks another live node has
-        claimed (and not yet announced) are not granted: that node is named instead, so that
-        the asker takes them from it.  The rest is granted, and claimed for ``ttl`` seconds."""
+        """A node is about to fetch ``want`` (bits) from Glance.  Chunks another live node holds
+        or has claimed are not granted: that node is named instead, so that the asker takes them
+        from it (or from whoever has them by then).  The rest is granted, and claimed for ``ttl``
+        seconds."""
         if node_id not in self._nodes:
             raise KeyError(node_id)
         known = self._nchunks.get(content)
@@ -120,6 +121,14 @@ class MemoryPeerStore:
             raise ValueError(f"image {content} has {known} chunks, not {nchunks}")
         claims = self._claims.setdefault(content, {})
         others, taken = [], 0
+        # Held first: a claim's bits are cleared when its chunks are announced, and a node whose
+        # lookup was a moment old must not be granted what has just arrived elsewhere.
+        for other, bits in self._chunks.get(content, {}).items():
+            if other != node_id and bits & want & ~taken:
+                others.append((self._nodes[other], bits & want & ~taken))
+                taken |= bits & want
+                if taken & want == want:
+                    break
         for other, (bits, expires) in list(claims.items()):
             if expires < now or other not in self._nodes:
                 del claims[other]
