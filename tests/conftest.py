@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from harness.local_glance import LocalGlance
+from harness.fault_proxy import FaultProxy
+from harness.local_glance import LocalGlance, free_port
+from harness.netns import Lan
+from harness.tracker import LocalTracker
 from harness.mounts import Mount
 
 CHUNK = 64 * 1024
@@ -89,3 +92,60 @@ def mount(glance, mounts):
     m = mounts(glance.url)
     m.mount()
     return m
+
+
+SECRET = b"peers-test-secret-0123456789"
+
+
+@pytest.fixture
+def make_cluster(tmp_path, glance, mounts):
+    """``make_cluster(netns=False, node_rate="200mbit", root_rate=None)`` -> (proxy, tracker, node):
+    Glance's counting proxy and a real tracker, and ``node(name, location, *args)`` starting a
+    daemon, on loopback or each in its own network namespace on a bridge (links shaped with tbf;
+    ``root_rate`` shapes the link of Glance and the tracker).  Everything stops at the end."""
+    made_lans, stops = [], []
+
+    def make(netns: bool = False, node_rate: str = "200mbit", root_rate: str | None = None):
+        lan = Lan().up() if netns else None
+        if lan:
+            made_lans.append((lan, []))
+            if root_rate:
+                lan.limit_root(root_rate)
+        host = lan.root_addr if lan else "127.0.0.1"
+        proxy = FaultProxy(glance.url, host=host).start()
+        stops.append(proxy.stop)
+        tracker = LocalTracker(tmp_path / "tracker", "--glance", glance.url, "--heartbeat", "1", "--node-ttl", "5",
+                               secret=SECRET, host=host)
+        tracker.start()
+        stops.append(tracker.stop)
+        secret = tmp_path / "secret"
+        secret.write_bytes(SECRET)
+        secret.chmod(0o600)
+
+        def node(name: str, location: str, *extra: str):
+            if lan:
+                n = lan.add_node(rate=node_rate)
+                addr, prefix = n.addr, n.exec_prefix()
+            else:
+                addr, prefix = "127.0.0.1", None
+            m = mounts(proxy.url, "--tracker", tracker.url, "--peer-listen", f"{addr}:{free_port()}",
+                       "--node-id", name, "--location", location, "--secret-file", str(secret),
+                       "--peer-timeout", "1", *extra, name=name, prefix=prefix)
+            if lan:
+                made_lans[-1][1].append(m)
+            m.lan_node = n if lan else None
+            m.mount()
+            m.peer_address = f"{addr}:{m.args[m.args.index('--peer-listen') + 1].rsplit(':', 1)[1]}"
+            return m
+
+        node.lan = lan
+        return proxy, tracker, node
+
+    yield make
+    for stop in reversed(stops):
+        stop()
+    for lan, nodes in made_lans:
+        # Daemons first (the mounts fixture would only get to them after the namespaces are gone).
+        for m in nodes:
+            m.cleanup()
+        lan.down()

@@ -15,56 +15,16 @@ import urllib.request
 
 import pytest
 
-from harness.fault_proxy import FaultProxy
-from harness.local_glance import free_port
-from harness.netns import Lan
-from harness.tracker import LocalTracker
+from conftest import SECRET
 
-SECRET = b"peers-test-secret-0123456789"
 CHUNK = 64 * 1024
 
 
 @pytest.fixture(params=["loopback", "netns"])
-def cluster(request, tmp_path, glance, mounts):
+def cluster(request, make_cluster):
     """Nodes as daemons on loopback, or each in its own network namespace on a bridge with a
     200 Mbit/s link; Glance's proxy and the tracker in the root namespace."""
-    lan = Lan().up() if request.param == "netns" else None
-    host = lan.root_addr if lan else "127.0.0.1"
-    proxy = FaultProxy(glance.url, host=host).start()
-    tracker = LocalTracker(tmp_path / "tracker", "--glance", glance.url, "--heartbeat", "1", "--node-ttl", "5",
-                           secret=SECRET, host=host)
-    tracker.start()
-    secret = tmp_path / "secret"
-    secret.write_bytes(SECRET)
-    secret.chmod(0o600)
-    made = []
-
-    def node(name: str, location: str, *extra: str):
-        if lan:
-            n = lan.add_node(rate="200mbit")
-            addr, prefix = n.addr, n.exec_prefix()
-        else:
-            addr, prefix = "127.0.0.1", None
-        m = mounts(proxy.url, "--tracker", tracker.url, "--peer-listen", f"{addr}:{free_port()}",
-                   "--node-id", name, "--location", location, "--secret-file", str(secret),
-                   "--peer-timeout", "1", *extra, name=name, prefix=prefix)
-        made.append(m)
-        m.lan_node = n if lan else None
-        m.mount()
-        m.peer_address = f"{addr}:{m.args[m.args.index('--peer-listen') + 1].rsplit(':', 1)[1]}"
-        return m
-
-    node.lan = lan
-    try:
-        yield proxy, tracker, node
-    finally:
-        tracker.stop()
-        proxy.stop()
-        if lan:
-            # Daemons first (the mounts fixture would only get to them after the namespaces are gone).
-            for m in made:
-                m.cleanup()
-            lan.down()
+    return make_cluster(netns=request.param == "netns")
 
 
 def wait_for(pred, timeout=20, what="condition"):

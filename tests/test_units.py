@@ -188,3 +188,28 @@ async def test_a_promoted_ticket_overtakes_and_a_cancelled_one_gives_its_place_b
         await holder.__aexit__(None, None, None)
     assert order == ["joined-by-demand", "readahead"]
     assert slots.statistics()["busy"] == 0
+
+
+async def test_the_token_bucket_serves_demand_before_prefetch(autojump_clock):
+    from thunderfs.ratelimit import TokenBucket
+    from thunderfs.slots import DEMAND, PREFETCH
+
+    bucket = TokenBucket(rate=1_000_000, burst=1_000_000)
+    await bucket.wait_for(1_000_000)  # the burst, spent: the bucket is empty
+    order = []
+
+    async def take(name, n, priority):
+        await bucket.wait_for(n, priority)
+        order.append((name, round(trio.current_time(), 2)))
+
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        for i in range(3):
+            nursery.start_soon(take, f"prefetch{i}", 2_000_000, PREFETCH)
+            await trio.sleep(0)
+        await trio.sleep(0.5)
+        nursery.start_soon(take, "demand", 64_000, DEMAND)
+    names = [name for name, _ in order]
+    # The first prefetch was at the head before the demand read came; the demand read goes next.
+    assert names == ["prefetch0", "demand", "prefetch1", "prefetch2"], order
+    assert order[1][1] - start < 3.1  # after prefetch0's 2 MB debt, not after all 6 MB

@@ -42,6 +42,11 @@ class MountConfig:
     max_uploads: int = 8
     upload_rate: int = 0
     peer_timeout: float = 2.0
+    # boot access profiles (need the tracker)
+    record_window: float = 60.0
+    record_idle: float = 20.0
+    prefetch_flights: int = 3
+    prefetch_idle: float = 30.0
 
     def peer_address(self) -> tuple[str, int]:
         host, sep, port = (self.peer_listen or "").rpartition(":")
@@ -79,6 +84,9 @@ class MountConfig:
                 raise ConfigError(f"--secret-file {self.secret_file} does not exist")
             if self.max_uploads < 1 or self.peer_timeout <= 0:
                 raise ConfigError("--max-uploads must be at least 1 and --peer-timeout positive")
+        if self.record_window < 0 or self.record_idle <= 0 or self.prefetch_flights < 0 or self.prefetch_idle <= 0:
+            raise ConfigError("--record-window and --prefetch-flights must not be negative, "
+                              "--record-idle and --prefetch-idle must be positive")
         if not self.glance_url.startswith(("http://", "https://")):
             raise ConfigError(f"--glance must be an http(s) URL, not {self.glance_url!r}")
         mp = self.mountpoint

@@ -65,6 +65,17 @@ def read_record(mountpoint: Path) -> dict:
         raise ConfigError(f"no thunderfs daemon is serving {mountpoint}") from None
 
 
+def mountpoints() -> list[Path]:
+    """The mount points of the daemons running on this host (from their records)."""
+    out = []
+    for path in sorted(runtime_dir().glob("mount-*.json")):
+        try:
+            out.append(Path(json.loads(path.read_text())["mountpoint"]))
+        except (OSError, ValueError, KeyError):
+            continue
+    return out
+
+
 def remove_record(mountpoint: Path) -> None:
     for p in (record_path(mountpoint), socket_path(mountpoint)):
         p.unlink(missing_ok=True)
@@ -99,6 +110,8 @@ async def serve(path: Path, handlers: dict[str, Handler], *, task_status=trio.TA
                 reply = {"ok": True, "result": result}
             except KeyError as exc:
                 reply = {"ok": False, "error": f"unknown request {exc}"}
+            except ValueError as exc:  # the request cannot be done: the handler says why
+                reply = {"ok": False, "error": str(exc)}
             except Exception as exc:  # the answer to one bad request, not a daemon failure
                 log.exception("control request failed")
                 reply = {"ok": False, "error": str(exc)}

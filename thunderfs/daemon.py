@@ -29,6 +29,7 @@ from thunderfs.fs import Operations
 from thunderfs.origin import GlanceOrigin
 from thunderfs.peer_server import PeerServer
 from thunderfs.peers import PeerSource
+from thunderfs.profiles import ProfileControl, Profiles
 from thunderfs.announcer import Announcer
 from thunderfs_tracker.client import TrackerClient
 from thunderfs_tracker.protocol import NodeInfo, ProtocolError, check_node_id, parse_location
@@ -104,7 +105,7 @@ async def run(config: MountConfig, ready: Callable[[], None] = lambda: None) -> 
             if not saved and not index.used_bytes():
                 raise ConfigError(f"Glance at {config.glance_url} is unreachable ({exc}) and the cache "
                                   f"at {config.cache_dir} is empty: nothing to serve") from None
-        peers = peer_server = announcer = None
+        peers = peer_server = announcer = tracker = None
         if config.tracker_url:
             try:
                 secret = load_secret(config.secret_file) if config.secret_file else None
@@ -129,7 +130,11 @@ async def run(config: MountConfig, ready: Callable[[], None] = lambda: None) -> 
         fetcher = Fetcher(store, origin, fetch_timeout=config.fetch_timeout, max_request=config.max_request,
                           origin_concurrency=config.origin_concurrency, readahead=config.readahead,
                           peers=peers, origin_rate=config.origin_rate)
-        ops = Operations(catalog, fetcher, block_size=config.chunk_size)
+        profiles = Profiles(fetcher, tracker, chunk_size=config.chunk_size,
+                            record_window=config.record_window, record_idle=config.record_idle,
+                            prefetch_flights=config.prefetch_flights, prefetch_idle=config.prefetch_idle)
+        ops = Operations(catalog, fetcher, profiles=profiles, block_size=config.chunk_size)
+        jobs = ProfileControl(catalog, store, profiles)
 
         started = time.time()
 
@@ -142,6 +147,7 @@ async def run(config: MountConfig, ready: Callable[[], None] = lambda: None) -> 
                 "cache": store.statistics(),
                 "fetch": fetcher.statistics(),
                 "fs": ops.statistics(),
+                "profiles": profiles.statistics(),
                 "images": len(catalog.images),
                 **({"peers": peers.statistics(), "peer_server": peer_server.statistics(),
                     "announcer": announcer.statistics()} if peers else {}),
@@ -170,7 +176,9 @@ async def run(config: MountConfig, ready: Callable[[], None] = lambda: None) -> 
             await nursery.start(store.run)
             await nursery.start(fetcher.run)
             await nursery.start(catalog.run)
-            await nursery.start(control.serve, control.socket_path(mountpoint), {"stats": stats, "stop": stop})
+            await nursery.start(profiles.run)
+            await nursery.start(control.serve, control.socket_path(mountpoint),
+                                {"stats": stats, "stop": stop, **jobs.handlers()})
             if peer_server is not None:
                 await nursery.start(peer_server.serve)
                 await nursery.start(announcer.run)

@@ -97,6 +97,9 @@ class Fetcher:
         self.readahead = readahead
         self._slots = PrioritySlots(origin_concurrency)
         self._flights: dict[tuple[bytes, int], _Flight] = {}
+        self._demand_waiting = 0  # readers waiting in ensure()
+        self._demand_idle = trio.Event()
+        self._demand_idle.set()
         self._nursery: trio.Nursery | None = None
         self._stats = dict.fromkeys(("chunks_fetched", "bytes_fetched", "flights", "demand_waits",
                                      "readahead_chunks", "failures", "chunks_from_peers", "bytes_from_peers",
@@ -136,15 +139,31 @@ class Fetcher:
             flights.append(f)
         return flights
 
+    def in_flight(self, img: ImageData, chunk: int) -> bool:
+        return (img.content, chunk) in self._flights
+
+    async def wait_demand_idle(self) -> None:
+        """Until no reader waits for a fetch (prefetch yields to demand)."""
+        while self._demand_waiting:
+            await self._demand_idle.wait()
+
     async def ensure(self, meta: ImageMeta, img: ImageData, chunks: list[int]) -> dict[int, bytes]:
         """Wait until ``chunks`` are cached; returns the bytes of any that could not be cached."""
         flights = self.start(meta, img, chunks, DEMAND)
         self._stats["demand_waits"] += 1
         # Flights end by themselves (their own deadlines); this bound is the reader's safety net.
         limit = deadline_for(self.fetch_timeout, max(f.count for f in flights) * self._cs) * 2 + 1
-        with trio.move_on_after(limit) as scope:
-            for f in flights:
-                await f.done.wait()
+        if not self._demand_waiting:
+            self._demand_idle = trio.Event()
+        self._demand_waiting += 1
+        try:
+            with trio.move_on_after(limit) as scope:
+                for f in flights:
+                    await f.done.wait()
+        finally:
+            self._demand_waiting -= 1
+            if not self._demand_waiting:
+                self._demand_idle.set()
         if scope.cancelled_caught:
             raise FetchFailed(meta.id, chunks[0], f"no source delivered it within {limit:g}s")
         extra: dict[int, bytes] = {}
@@ -244,7 +263,7 @@ class Fetcher:
         async with ticket:
             for rfirst, rcount in runs(chunks, self._max_chunks):
                 a, b = rfirst * cs, min(img.size, (rfirst + rcount) * cs)
-                await self._origin_bucket.wait_for(b - a)
+                await self._origin_bucket.wait_for(b - a, ticket.priority)
                 # Pieces are placed (cached, and so offered to peers) as they arrive, and a retry
                 # asks only for what is still missing.
                 placed = rfirst  # the first chunk not placed yet
@@ -294,6 +313,8 @@ class Reader:
         self._run_bytes = 0
         self._window = 0
         self._ahead_until = -1
+        # Called with (first chunk, last chunk, had to fetch) after every read (profiles.Activity).
+        self.watcher = None
 
     async def read(self, offset: int, size: int) -> bytes:
         img = self.img
@@ -304,14 +325,22 @@ class Reader:
         store = self._store
         token = store.pin(img, first, last)
         try:
+            waited = False
             for _ in range(3):
                 missing = store.missing(img, first, last)
                 self._read_ahead(offset, size, last)
-                extra = await self._fetcher.ensure(self.meta, img, missing) if missing else None
+                if missing:
+                    waited = True
+                    extra = await self._fetcher.ensure(self.meta, img, missing)
+                else:
+                    extra = None
                 try:
-                    return store.read(img, offset, size, extra)
+                    data = store.read(img, offset, size, extra)
                 except ChunkCorrupt:
                     continue
+                if self.watcher is not None:
+                    self.watcher(first, last, waited)
+                return data
             raise FetchFailed(self.meta.id, first, "cached copy keeps failing its checksum")
         finally:
             store.unpin(img, token)

@@ -21,6 +21,7 @@ from thunderfs.errors import FetchFailed, ImageGone, ThunderfsError
 from thunderfs.fetcher import Fetcher, Reader
 from thunderfs.image import ImageMeta
 from thunderfs.inodes import IMAGES_DIR, ROOT, InodeTable
+from thunderfs.profiles import Profiles
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +45,12 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, catalog: Catalog, fetcher: Fetcher, *, entry_timeout: float = 5.0,
-                 attr_timeout: float = 300.0, block_size: int = 2**20):
+    def __init__(self, catalog: Catalog, fetcher: Fetcher, *, profiles: Profiles | None = None,
+                 entry_timeout: float = 5.0, attr_timeout: float = 300.0, block_size: int = 2**20):
         super().__init__()
         self._catalog = catalog
         self._fetcher = fetcher
+        self._profiles = profiles
         self._inodes = InodeTable()
         self._handles: dict[int, tuple[int, Reader]] = {}
         self._fh = itertools.count(1)
@@ -159,6 +161,8 @@ class Operations(pyfuse3.Operations):
                 log.error("opening the cache of image %s: %s", meta.id, exc)
                 raise pyfuse3.FUSEError(errno.EIO) from None
             raise _fuse_error(exc, f"open {meta.id}") from None
+        if self._profiles is not None:
+            self._profiles.opened(reader)
         fh = next(self._fh)
         self._handles[fh] = (inode, reader)
         self._inodes.opened(inode)

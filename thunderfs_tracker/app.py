@@ -6,6 +6,8 @@
     GET  /v1/manifests/{image}?chunk_size=N   sha256 per chunk, bound to Glance's hash (202 while built)
     POST /v1/images/{content}/claims   "I am about to fetch these from Glance": granted, or who has
     POST /v1/reports                 a member says a peer served a chunk that failed verification
+    GET  /v1/profiles/{content}?chunk_size=N   an image's boot access profile (404: none yet)
+    POST /v1/profiles/{content}      a node's recording of what a reader touched first
     GET  /v1/stats, /healthz, /readyz
 
 With a secret, every /v1 request must be signed by a member (``signing.py``) and a node may only
@@ -27,6 +29,7 @@ from aiohttp import web
 from thunderfs_tracker import selection
 from thunderfs_tracker.manifests import ManifestStore, ManifestUnavailable
 from thunderfs_tracker.peer_store import MemoryPeerStore, PeerStore, StoreFull
+from thunderfs_tracker.profiles import ProfileStore
 from thunderfs_tracker.protocol import (
     API,
     MAX_CHUNKS,
@@ -38,6 +41,7 @@ from thunderfs_tracker.protocol import (
     check_node_id,
     bits_to_ranges,
     parse_chunks,
+    parse_touches,
     ranges_to_bits,
 )
 from thunderfs_tracker.signing import Verifier
@@ -67,6 +71,7 @@ EPOCH = web.AppKey("epoch", str)
 STATS = web.AppKey("stats", dict)
 MANIFESTS = web.AppKey("manifests", ManifestStore)
 SUSPECTS = web.AppKey("suspects", dict)
+PROFILES = web.AppKey("profiles", ProfileStore)
 
 
 def _error(status: type[web.HTTPException], message: str) -> web.HTTPException:
@@ -222,6 +227,35 @@ async def manifest(request: web.Request) -> web.Response:
     return web.json_response(m.to_json())
 
 
+async def get_profile(request: web.Request) -> web.Response:
+    content = check_content(request.match_info["content"])
+    chunk_size = check_chunk_size(_query_int(request, "chunk_size", 1, 1 << 30))
+    profile = request.app[PROFILES].get(content, chunk_size)
+    if profile is None:
+        raise _error(web.HTTPNotFound, f"no profile of image {content} yet")
+    return web.json_response(profile.to_json())
+
+
+async def add_recording(request: web.Request) -> web.Response:
+    """A node recorded which chunks a reader touched first after opening the image, and when."""
+    content = check_content(request.match_info["content"])
+    body = await _json(request)
+    if not isinstance(body, dict):
+        raise ProtocolError("recording must be a JSON object")
+    node_id = check_node_id(request.get("signer") or body.get("node_id"))
+    chunk_size = check_chunk_size(_query_int(request, "chunk_size", 1, 1 << 30, default=body.get("chunk_size")))
+    nchunks = body.get("nchunks")
+    if not isinstance(nchunks, int) or isinstance(nchunks, bool) or not 1 <= nchunks <= MAX_CHUNKS:
+        raise ProtocolError(f"nchunks must be an integer from 1 to {MAX_CHUNKS}")
+    touches = parse_touches(body.get("chunks"), nchunks)
+    if not touches:
+        raise ProtocolError("an empty recording says nothing")
+    profile = request.app[PROFILES].add(content, chunk_size, nchunks, node_id, touches)
+    request.app[STATS]["recordings"] += 1
+    return web.json_response({"version": profile.version, "chunks": len(profile.touches),
+                              "recordings": profile.recordings})
+
+
 async def stats(request: web.Request) -> web.Response:
     return web.json_response({**request.app[STORE].statistics(), **request.app[STATS], "epoch": request.app[EPOCH],
                               "manifests": request.app[MANIFESTS].stats})
@@ -243,6 +277,8 @@ def routes() -> list[web.RouteDef]:
         web.get(API + "/manifests/{image}", manifest),
         web.post(API + "/reports", report),
         web.post(API + "/images/{content}/claims", claims),
+        web.get(API + "/profiles/{content}", get_profile),
+        web.post(API + "/profiles/{content}", add_recording),
         web.get(API + "/stats", stats),
         web.get("/healthz", healthz),
         web.get("/readyz", readyz),
@@ -270,9 +306,11 @@ def create_app(config: TrackerConfig, store: PeerStore | None = None) -> web.App
     app[CONFIG] = config
     app[STORE] = store or MemoryPeerStore()
     app[EPOCH] = secrets.token_hex(8)  # a restarted tracker has lost peer state: nodes resend it
-    app[STATS] = {"lookups": 0, "lookup_seconds": 0.0, "refused": 0, "reports": 0, "claims": 0}
+    app[STATS] = {"lookups": 0, "lookup_seconds": 0.0, "refused": 0, "reports": 0, "claims": 0,
+                      "recordings": 0}
     app[SUSPECTS] = {}
     app[MANIFESTS] = ManifestStore(config.state_dir, config.glance_url)
+    app[PROFILES] = ProfileStore(config.state_dir)
     if config.secret:
         app[VERIFIER] = Verifier(config.secret)
     app.add_routes(routes())

@@ -13,7 +13,16 @@ from dataclasses import dataclass
 
 import httpx
 
-from thunderfs_tracker.protocol import API, ChunkUpdate, Manifest, NodeInfo, PeerRecord, bits_to_ranges, chunks_to_bits
+from thunderfs_tracker.protocol import (
+    API,
+    ChunkUpdate,
+    Manifest,
+    NodeInfo,
+    PeerRecord,
+    Profile,
+    bits_to_ranges,
+    chunks_to_bits,
+)
 from thunderfs_tracker.signing import sign
 
 log = logging.getLogger(__name__)
@@ -111,6 +120,23 @@ class TrackerClient:
             rec = PeerRecord(node.node_id, node.peer_url, node.location, node.load, 0)
             others.append((rec, [c for a, b in o["chunks"] for c in range(a, b + 1)]))
         return granted, others
+
+    async def profile(self, content: str, chunk_size: int) -> Profile | None:
+        """The image's boot access profile, or None if nobody has recorded one yet."""
+        try:
+            r = await self._call("GET", f"{API}/profiles/{content}?chunk_size={chunk_size}")
+        except TrackerRefused as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return Profile.parse(r)
+
+    async def add_recording(self, content: str, chunk_size: int, nchunks: int,
+                            touches: list[tuple[int, int]]) -> int:
+        """Send what a reader touched first ([(chunk, ms since open)]); the profile's new version."""
+        r = await self._call("POST", f"{API}/profiles/{content}?chunk_size={chunk_size}",
+                             {"node_id": self.node_id, "nchunks": nchunks, "chunks": [[c, ms] for c, ms in touches]})
+        return int(r["version"])
 
     async def report(self, node_id: str, content: str, chunk: int, reason: str) -> None:
         """Tell the tracker that a peer served a chunk that failed verification."""

@@ -254,3 +254,55 @@ class Manifest:
         if len(m.digests) != m.nchunks * DIGEST:
             raise ProtocolError(f"manifest has {len(m.digests) // DIGEST} digests for {m.nchunks} chunks")
         return m
+
+
+MAX_PROFILE_MS = 3_600_000   # first touches recorded up to an hour after the open
+MAX_PROFILE_CHUNKS = 200_000  # 12 GiB of 64 KiB chunks read while booting: more is not a boot
+
+
+def parse_touches(value, nchunks: int) -> list[tuple[int, int]]:
+    """``[[chunk, ms], ...]``: each chunk once, inside the image, ms since the open."""
+    if not isinstance(value, list) or len(value) > MAX_PROFILE_CHUNKS:
+        raise ProtocolError(f"chunks must be a list of at most {MAX_PROFILE_CHUNKS} [chunk, ms] pairs")
+    out, seen = [], set()
+    for item in value:
+        if (not isinstance(item, list) or len(item) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in item)):
+            raise ProtocolError("each profile entry must be [chunk, ms], two integers")
+        c, ms = item
+        if not 0 <= c < nchunks:
+            raise ProtocolError(f"chunk {c} is outside the image's {nchunks} chunks")
+        if not 0 <= ms <= MAX_PROFILE_MS:
+            raise ProtocolError(f"time {ms} ms must be from 0 to {MAX_PROFILE_MS}")
+        if c in seen:
+            raise ProtocolError(f"chunk {c} is listed twice")
+        seen.add(c)
+        out.append((c, ms))
+    return out
+
+
+@dataclass
+class Profile:
+    """A boot access profile: the chunks an image's readers touch first after opening it, in the
+    order to fetch them (merged from several nodes' recordings), with their typical time."""
+
+    content: str
+    chunk_size: int
+    nchunks: int
+    version: int
+    recordings: int
+    touches: list[tuple[int, int]]
+
+    def to_json(self) -> dict:
+        return {"content": self.content, "chunk_size": self.chunk_size, "nchunks": self.nchunks,
+                "version": self.version, "recordings": self.recordings,
+                "chunks": [[c, ms] for c, ms in self.touches]}
+
+    @classmethod
+    def parse(cls, obj) -> "Profile":
+        if not isinstance(obj, dict):
+            raise ProtocolError("profile must be a JSON object")
+        nchunks = _int(obj, "nchunks", 1, MAX_CHUNKS)
+        return cls(check_content(obj.get("content")), check_chunk_size(_int(obj, "chunk_size", 1, 1 << 30)),
+                   nchunks, _int(obj, "version", 1, 1 << 62), _int(obj, "recordings", 1, 1 << 20),
+                   parse_touches(obj.get("chunks"), nchunks))

@@ -1,0 +1,242 @@
+"""Boot access profiles on real daemons, a real tracker and a real Glance: recording on the
+first open, merging at the tracker, prefetching on another node, warming, demand reads
+overtaking a running prefetch, and profiles that are missing, broken or unreachable.
+
+Reads go through O_DIRECT so that the kernel's readahead does not touch chunks the test did not
+ask for (the profile would then rightly contain them).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from conftest import SECRET
+from harness.mounts import thunderfs
+from thunderfs_tracker.profiles import ProfileStore, merge
+from thunderfs_tracker.protocol import ProtocolError
+from thunderfs_tracker.signing import sign
+
+CHUNK = 64 * 1024
+
+
+def read_direct(path, chunks, pause=0.0):
+    """4 KiB of each of ``chunks``, in that order, bypassing the page cache."""
+    buf = mmap.mmap(-1, 4096)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    out = []
+    try:
+        for c in chunks:
+            assert os.preadv(fd, [buf], c * CHUNK) == 4096
+            out.append(bytes(buf))
+            time.sleep(pause)
+    finally:
+        os.close(fd)
+    return out
+
+
+def wait_for(pred, timeout=30, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not (value := pred()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+    return value
+
+
+def activity(m, image_id):
+    for a in m.stats()["profiles"].values():
+        if a["image_id"] == image_id:
+            return a
+    return None
+
+
+def show(m, image_id):
+    res = thunderfs("profile", "show", image_id, "--mountpoint", str(m.path), "--json")
+    return json.loads(res.stdout) if res.returncode == 0 else None
+
+
+def post_recording(tracker, content, nchunks, touches, node="tester", secret=SECRET):
+    path = f"/v1/profiles/{content}?chunk_size={CHUNK}"
+    body = json.dumps({"nchunks": nchunks, "chunks": touches}).encode()
+    req = urllib.request.Request(tracker.url + path, data=body, method="POST",
+                                 headers={"Content-Type": "application/json",
+                                          **sign(secret, node, "POST", path, body)})
+    return json.loads(urllib.request.urlopen(req, timeout=10).read())
+
+
+def content_of(m, image_id):
+    return os.getxattr(m.image(image_id), "user.thunderfs.content_key").decode()
+
+
+# --- the tracker's side, alone ---------------------------------------------------------------
+
+
+def test_merge_keeps_what_half_the_recordings_touched_in_median_order():
+    boot1 = [(5, 0), (9, 100), (2, 300)]
+    boot2 = [(5, 10), (2, 150), (9, 400), (7, 500)]
+    assert merge([boot1]) == boot1
+    # Two recordings: either one's chunks count; 2 at median 225 ms comes before 9 at 250 ms.
+    assert merge([boot1, boot2]) == [(5, 5), (2, 225), (9, 250), (7, 500)]
+    # A third recording that read everything does not drag every chunk in: only chunks two of
+    # the three touched stay (7 does: boot2 and dd), at their median time.
+    dd = [(c, c) for c in range(100)]
+    assert merge([boot1, boot2, dd]) == [(5, 5), (9, 100), (2, 150), (7, 253)]
+
+
+def test_a_nodes_new_recording_replaces_its_old_one_and_profiles_survive_a_restart(tmp_path):
+    store = ProfileStore(tmp_path)
+    content = "ab" * 16
+    assert store.get(content, CHUNK) is None
+    store.add(content, CHUNK, 10, "n1", [(1, 0), (2, 5)])
+    p = store.add(content, CHUNK, 10, "n1", [(3, 0)])
+    assert (p.version, p.recordings, p.touches) == (2, 1, [(3, 0)])
+    with pytest.raises(ProtocolError):
+        store.add(content, CHUNK, 11, "n2", [(3, 0)])  # another content under this key
+    again = ProfileStore(tmp_path).get(content, CHUNK)
+    assert (again.version, again.touches) == (2, [(3, 0)])
+
+
+def test_a_corrupt_profile_file_is_ignored(tmp_path, caplog):
+    store = ProfileStore(tmp_path)
+    content = "cd" * 16
+    store.add(content, CHUNK, 10, "n1", [(1, 0)])
+    (tmp_path / "profiles" / f"{content}-{CHUNK}.json").write_text('{"nchunks": 10, "recordings": {"n1": [[99, 0]]}')
+    assert ProfileStore(tmp_path).get(content, CHUNK) is None
+    assert "unreadable" in caplog.text
+
+
+def test_malformed_recordings_get_a_400_that_says_why(make_cluster):
+    _, tracker, _ = make_cluster()
+    content = "ef" * 16
+    cases = [
+        ({"nchunks": 10, "chunks": [[10, 0]]}, "outside the image"),
+        ({"nchunks": 10, "chunks": [[1, -5]]}, "time"),
+        ({"nchunks": 10, "chunks": [[1, 0], [1, 3]]}, "twice"),
+        ({"nchunks": 10, "chunks": [["1", 0]]}, "two integers"),
+        ({"nchunks": 0, "chunks": [[0, 0]]}, "nchunks"),
+        ({"nchunks": 10, "chunks": []}, "empty"),
+        ({"nchunks": 10, "chunks": [[c, 0] for c in range(200_001)]}, "at most"),
+    ]
+    for body, why in cases:
+        with pytest.raises(urllib.error.HTTPError) as exc:
+            post_recording(tracker, content, body["nchunks"], body["chunks"])
+        assert exc.value.code == 400
+        assert why in json.loads(exc.value.read())["error"]
+    with pytest.raises(urllib.error.HTTPError) as exc:  # not a member
+        post_recording(tracker, content, 10, [[1, 0]], secret=b"not-the-secret-at-all-0000")
+    assert exc.value.code == 401
+
+
+# --- on real mounts --------------------------------------------------------------------------
+
+
+def test_a_first_open_is_recorded_and_another_node_prefetches_it(make_cluster, images):
+    proxy, tracker, node = make_cluster()
+    image_id = images.add(64 * CHUNK, seed=300)
+    data = images.data[image_id]
+    a = node("a", "z/r/a", "--record-idle", "1", "--readahead", "0")
+    order = [40, 3, 17, 18, 60]
+    got = read_direct(a.image(image_id), order, pause=0.05)
+    assert got == [data[c * CHUNK:c * CHUNK + 4096] for c in order]
+    profile = wait_for(lambda: show(a, image_id), what="a profile at the tracker")
+    assert [c for c, _ in profile["chunks"]] == order
+    assert profile["version"] == 1 and profile["recordings"] == 1
+    assert activity(a, image_id)["recordings_sent"] == 1
+
+    # Another node opens it with nothing cached: the profile's chunks come in before any read.
+    b = node("b", "z/r/b", "--record-window", "0", "--readahead", "0")
+    with open(b.image(image_id), "rb"):
+        wait_for(lambda: (s := activity(b, image_id)) and s["job"] is None and s["prefetched"] == 5,
+                 what="the prefetch")
+    assert b.stats()["cache"]["used"] == 5 * CHUNK  # those chunks, nothing else
+    got = read_direct(b.image(image_id), order)
+    assert got == [data[c * CHUNK:c * CHUNK + 4096] for c in order]
+    s = activity(b, image_id)
+    assert (s["hits"], s["waste"], s["demand_waits"]) == (5, 0, 0)
+    read_direct(b.image(image_id), [50])  # not in the profile: a read that waits
+    assert activity(b, image_id)["demand_waits"] == 1
+
+
+def test_recordings_from_two_nodes_merge(make_cluster, images):
+    proxy, tracker, node = make_cluster()
+    image_id = images.add(32 * CHUNK, seed=301)
+    a = node("a", "z/r/a", "--record-idle", "1", "--readahead", "0", "--prefetch-flights", "0")
+    b = node("b", "z/r/b", "--record-idle", "1", "--readahead", "0", "--prefetch-flights", "0")
+    read_direct(a.image(image_id), [1, 2, 3], pause=0.05)
+    wait_for(lambda: show(a, image_id), what="a's recording")
+    read_direct(b.image(image_id), [1, 9, 3], pause=0.05)
+    p = wait_for(lambda: (p := show(a, image_id)) and p["version"] == 2 and p, what="b's recording")
+    assert p["recordings"] == 2
+    assert sorted(c for c, _ in p["chunks"]) == [1, 2, 3, 9]
+    assert [c for c, _ in p["chunks"]][0] == 1
+
+
+@pytest.mark.timeout(300)
+def test_demand_reads_overtake_a_running_prefetch(make_cluster, images):
+    # Glance (and the tracker) behind a real 16 Mbit/s link: the prefetch of 16 MiB takes ~8 s.
+    proxy, tracker, node = make_cluster(netns=True, root_rate="16mbit")
+    image_id = images.add(256 * CHUNK, seed=302)
+    data = images.data[image_id]
+    b = node("b", "z/r/b", "--record-window", "0", "--readahead", "0", "--prefetch-idle", "60")
+    content = content_of(b, image_id)
+    post_recording(tracker, content, 256, [[c, c * 10] for c in range(256)])
+    with open(b.image(image_id), "rb"):
+        wait_for(lambda: (s := activity(b, image_id)) and s["prefetched"] > 0, what="the prefetch to start")
+        t = time.monotonic()
+        assert read_direct(b.image(image_id), [250]) == [data[250 * CHUNK:250 * CHUNK + 4096]]
+        took = time.monotonic() - t
+        s = activity(b, image_id)
+        assert s["job"] == "prefetch" and s["job_done"] < 200, s  # the prefetch is far from chunk 250
+        # Its own way (tracker lookup and claim, then Glance) crosses the same busy link as the
+        # prefetch, so it is not instant; but it does not wait for the prefetch to get there.
+        assert took < 6, f"a demand read took {took:.1f}s behind the prefetch"
+        wait_for(lambda: activity(b, image_id)["job"] is None, timeout=120, what="the prefetch to finish")
+    s = activity(b, image_id)
+    assert s["prefetched"] == 255  # chunk 250 was the reader's, not the prefetch's
+    assert b.stats()["cache"]["used"] == 256 * CHUNK
+
+
+def test_prefetch_stops_when_nobody_reads_and_without_a_tracker_reads_still_work(make_cluster, images):
+    proxy, tracker, node = make_cluster()
+    image_id = images.add(256 * CHUNK, seed=303)
+    data = images.data[image_id]
+    b = node("b", "z/r/b", "--record-window", "0", "--readahead", "0", "--prefetch-idle", "1",
+             "--origin-rate", "1M", "--prefetch-flights", "1")
+    post_recording(tracker, content_of(b, image_id), 256, [[c, c] for c in range(256)])
+    with open(b.image(image_id), "rb"):
+        wait_for(lambda: (s := activity(b, image_id)) and s["prefetched"] > 0, what="the prefetch to start")
+        wait_for(lambda: activity(b, image_id)["job"] is None, timeout=20, what="the idle prefetch to stop")
+    assert activity(b, image_id)["prefetched"] < 256  # it stopped between batches, before the end
+    assert "stopped: nobody has read it" in b.log_tail()
+
+    tracker.stop()
+    other = images.add(16 * CHUNK, seed=304)
+    assert b.image(other).read_bytes() == images.data[other]
+    assert activity(b, other)["prefetched"] == 0
+    assert "no profile of" in b.log_tail()
+    assert data  # (the first image's bytes were checked by the prefetch's own verification)
+
+
+def test_warm_fetches_the_profile_first_then_the_whole_image(make_cluster, images):
+    proxy, tracker, node = make_cluster()
+    image_id = images.add(200 * CHUNK + 77, seed=305)
+    data = images.data[image_id]
+    b = node("b", "z/r/b", "--record-window", "0", "--prefetch-flights", "0")
+    post_recording(tracker, content_of(b, image_id), 201, [[150, 0], [151, 5], [7, 10]])
+    before = len(proxy.ranges)
+    res = thunderfs("warm", str(b.path), image_id, "--quiet")
+    assert res.returncode == 0, res.stderr
+    assert "201 chunks cached of 201" in res.stdout
+    first = proxy.ranges[before]
+    assert first.startswith(f"bytes={150 * CHUNK}-") or first.startswith(f"bytes={7 * CHUNK}-"), proxy.ranges[before:]
+    assert b.stats()["cache"]["used"] == len(data)
+    glance_bytes = proxy.range_bytes
+    assert b.image(image_id).read_bytes() == data
+    assert proxy.range_bytes == glance_bytes  # all of it was cached
+    assert activity(b, image_id)["prefetched"] == 0  # warm is not prefetch: no hit/waste counting

@@ -1,0 +1,346 @@
+"""Boot access profiles on a node: record what readers touch first, prefetch along the cluster's
+profile, warm whole images.
+
+*Recording.*  The first time an image is opened here with none of it cached (or on
+``thunderfs profile record``), every chunk a reader touches for the first time is noted with its
+time since the open, until ``window`` seconds have passed or reads have stopped for ``idle``
+seconds (a boot has pauses of 10 s); the recording goes to the tracker, which merges it into the
+image's profile.  Prefetch and warm jobs fetch chunks but do not read them: only readers count.
+
+*Prefetch.*  When an image is opened (or on ``thunderfs prefetch``), its profile is asked for
+and its chunks are fetched in the profile's order, those not cached yet, a few flights at a
+time, with the lowest priority for Glance's slots.  Demand reads go first: no new prefetch batch
+starts while a reader waits for a fetch.  An automatic prefetch stops once nobody has read the
+image for ``prefetch_idle`` seconds.  A profile that does not fit the image (another content, a
+chunk past the end) is ignored with a warning; without a tracker there is no prefetch.
+
+*Counters*, per image: chunks prefetched, prefetched chunks later read (hits), prefetched
+chunks never read (waste), demand reads that had to wait.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import trio
+
+from thunderfs.chunk_store import ABSENT, ImageData
+from thunderfs.errors import ThunderfsError
+from thunderfs.fetcher import Fetcher, Reader
+from thunderfs.image import ImageMeta
+from thunderfs.slots import PREFETCH
+from thunderfs_tracker.client import TrackerClient, TrackerError
+from thunderfs_tracker.protocol import Profile, ProtocolError
+
+if TYPE_CHECKING:
+    from thunderfs.catalog import Catalog
+    from thunderfs.chunk_store import ChunkStore
+
+log = logging.getLogger(__name__)
+
+NOT_PREFETCHED, PREFETCHED, HIT = 0, 1, 2
+
+
+class ProfileMismatch(ThunderfsError):
+    """The tracker's profile does not describe this image."""
+
+
+class Recording:
+    """First touches of one image's chunks, in ms since ``started``."""
+
+    def __init__(self, nchunks: int, started: float):
+        self.started = started
+        self.last_read = started
+        self._seen = bytearray(nchunks)
+        self.touches: list[tuple[int, int]] = []
+
+    def touch(self, first: int, last: int, now: float) -> None:
+        self.last_read = now
+        seen = self._seen
+        for c in range(first, last + 1):
+            if not seen[c]:
+                seen[c] = 1
+                self.touches.append((c, int((now - self.started) * 1000)))
+
+
+class Activity:
+    """What readers and prefetch have done with one image content on this node."""
+
+    def __init__(self, meta: ImageMeta, img: ImageData):
+        self.meta = meta
+        self.img = img
+        self.last_read = trio.current_time()
+        self.marks = bytearray(img.nchunks)  # NOT_PREFETCHED / PREFETCHED / HIT
+        self.recording: Recording | None = None
+        self.job: str | None = None  # "prefetch" or "warm" while one runs
+        self.job_scope: trio.CancelScope | None = None
+        self.job_total = self.job_done = 0
+        self.profile_version = 0
+        self.stats = dict.fromkeys(("prefetched", "hits", "demand_waits", "reads", "recordings_sent"), 0)
+
+    def read(self, first: int, last: int, waited: bool) -> None:
+        """Reader hook: every read of chunks first..last (``waited``: it had to fetch)."""
+        now = self.last_read = trio.current_time()
+        stats = self.stats
+        stats["reads"] += 1
+        if waited:
+            stats["demand_waits"] += 1
+        if self.recording is not None:
+            self.recording.touch(first, last, now)
+        if stats["prefetched"] > stats["hits"]:
+            marks = self.marks
+            for c in range(first, last + 1):
+                if marks[c] == PREFETCHED:
+                    marks[c] = HIT
+                    stats["hits"] += 1
+
+    def statistics(self) -> dict:
+        s = self.stats
+        return {"image_id": self.meta.id, "chunk_size": self.img.chunk_size, **s, "waste": s["prefetched"] - s["hits"],
+                "recording": self.recording is not None, "profile_version": self.profile_version,
+                "job": self.job, "job_done": self.job_done, "job_total": self.job_total,
+                "cached_chunks": self.img.nchunks - self.img.state.count(ABSENT)}
+
+
+class Profiles:
+    def __init__(self, fetcher: Fetcher, tracker: TrackerClient | None, *, chunk_size: int,
+                 record_window: float = 60.0, record_idle: float = 20.0, prefetch_flights: int = 3,
+                 prefetch_idle: float = 30.0, batch_chunks: int = 64):
+        self._fetcher = fetcher
+        self._tracker = tracker
+        self._cs = chunk_size
+        self.record_window = record_window
+        self.record_idle = record_idle
+        self.prefetch_flights = prefetch_flights
+        self.prefetch_idle = prefetch_idle
+        self._batch = batch_chunks
+        self._activity: dict[bytes, Activity] = {}
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def activity(self, meta: ImageMeta, img: ImageData) -> Activity:
+        act = self._activity.get(img.content)
+        if act is None or act.img is not img:
+            act = self._activity[img.content] = Activity(meta, img)
+        act.meta = meta
+        return act
+
+    # --- the FUSE side's hook ----------------------------------------------------------------
+
+    def opened(self, reader: Reader) -> None:
+        """An image was opened: watch its reads; record and prefetch as configured."""
+        img = reader.img
+        first_open = img.content not in self._activity
+        act = self.activity(reader.meta, img)
+        reader.watcher = act.read
+        if self._nursery is None or self._tracker is None:
+            return
+        cold = not any(img.state)  # nothing of it cached: opened here for the first time
+        if first_open and cold and self.record_window > 0:
+            self.start_recording(act, self.record_window)
+        if self.prefetch_flights > 0 and act.job is None:
+            self._nursery.start_soon(self._job, act, "prefetch", True)
+
+    # --- recording ---------------------------------------------------------------------------
+
+    def start_recording(self, act: Activity, window: float) -> bool:
+        if act.recording is not None or self._nursery is None:
+            return False
+        act.recording = Recording(act.img.nchunks, trio.current_time())
+        self._nursery.start_soon(self._record, act, window)
+        log.info("recording the first reads of %s for up to %.0fs", act.meta.id, window)
+        return True
+
+    async def _record(self, act: Activity, window: float) -> None:
+        rec = act.recording
+        assert rec is not None
+        try:
+            end = rec.started + window
+            while True:
+                now = trio.current_time()
+                quiet_until = rec.last_read + self.record_idle
+                if now >= end or (rec.touches and now >= quiet_until):
+                    break
+                await trio.sleep(min(end, quiet_until if rec.touches else now + self.record_idle) - now)
+        finally:
+            act.recording = None
+        if not rec.touches:
+            log.info("no reads of %s while recording: nothing to send", act.meta.id)
+            return
+        try:
+            with trio.fail_after(10):
+                version = await self._tracker.add_recording(act.img.content.hex(), self._cs, act.img.nchunks,
+                                                            rec.touches)
+        except (TrackerError, trio.TooSlowError) as exc:
+            log.warning("could not send the recording of %s to the tracker: %s", act.meta.id, exc)
+            return
+        act.stats["recordings_sent"] += 1
+        log.info("sent a recording of %d chunks of %s to the tracker: profile version %d",
+                 len(rec.touches), act.meta.id, version)
+
+    # --- prefetch and warm -------------------------------------------------------------------
+
+    async def profile(self, meta: ImageMeta, img: ImageData) -> Profile | None:
+        """The tracker's profile of the image if it fits it; None (with a warning) if not."""
+        if self._tracker is None:
+            return None
+        try:
+            with trio.fail_after(10):
+                profile = await self._tracker.profile(img.content.hex(), self._cs)
+        except (TrackerError, ProtocolError, trio.TooSlowError) as exc:
+            log.warning("no profile of %s: %s", meta.id, exc)
+            return None
+        if profile is None:
+            return None
+        if (profile.content, profile.nchunks) != (img.content.hex(), img.nchunks):
+            log.warning("the tracker's profile of %s is for another content (%s, %d chunks): ignored",
+                        meta.id, profile.content, profile.nchunks)
+            return None
+        return profile
+
+    def start_job(self, meta: ImageMeta, img: ImageData, kind: str) -> Activity:
+        """Start a prefetch or warm job unless one runs; the image's activity."""
+        act = self.activity(meta, img)
+        if act.job is None and self._nursery is not None:
+            self._nursery.start_soon(self._job, act, kind, False)
+        return act
+
+    def cancel_job(self, meta: ImageMeta, img: ImageData) -> bool:
+        act = self._activity.get(img.content)
+        if act is None or act.job_scope is None:
+            return False
+        act.job_scope.cancel()
+        return True
+
+    async def _job(self, act: Activity, kind: str, stop_when_idle: bool) -> None:
+        if act.job is not None:
+            return
+        act.job, act.job_done, act.job_total = kind, 0, 0
+        try:
+            with trio.CancelScope() as act.job_scope:
+                profile = await self.profile(act.meta, act.img)
+                order = [c for c, _ in profile.touches] if profile else []
+                if profile:
+                    act.profile_version = profile.version
+                rest: list[int] = []
+                if kind == "warm":
+                    listed = set(order)
+                    rest = [c for c in range(act.img.nchunks) if c not in listed]
+                if not order and not rest:
+                    return
+                act.job_total = len(order) + len(rest)
+                log.info("%s of %s: %d chunks%s", kind, act.meta.id, act.job_total,
+                         f" (profile version {profile.version})" if profile else "")
+                mark = kind == "prefetch"  # warm's chunks are not counted as prefetched (hits, waste)
+                await self._fetch_in_order(act, order, self._batch, mark, stop_when_idle)
+                # Then, for warm, the rest in the largest requests: the profile's chunks first.
+                await self._fetch_in_order(act, rest, self._fetcher.max_chunks, mark, stop_when_idle)
+                log.info("%s of %s done: %d chunks", kind, act.meta.id, act.job_done)
+        finally:
+            act.job, act.job_scope = None, None
+
+    async def _fetch_in_order(self, act: Activity, order: list[int], batch: int, mark: bool,
+                              stop_when_idle: bool) -> None:
+        """Fetch the missing ones of ``order``, ``batch`` chunks at a time, in that order, a few
+        batches at once; ``mark``: count them as prefetched."""
+        img, meta, fetcher = act.img, act.meta, self._fetcher
+        pos = 0
+        started = trio.current_time()
+        stopped = False
+
+        async def worker() -> None:
+            nonlocal pos, stopped
+            while pos < len(order) and not stopped:
+                if stop_when_idle and trio.current_time() - max(act.last_read, started) > self.prefetch_idle:
+                    log.info("prefetch of %s stopped: nobody has read it for %.0fs", meta.id, self.prefetch_idle)
+                    stopped = True
+                    return
+                await fetcher.wait_demand_idle()
+                part = order[pos:pos + batch]
+                pos += len(part)
+                missing = sorted(c for c in part if not img.state[c] and not fetcher.in_flight(img, c))
+                if missing:
+                    if mark:  # a read from now on is a hit
+                        for c in missing:
+                            act.marks[c] = PREFETCHED
+                        act.stats["prefetched"] += len(missing)
+                    for f in fetcher.start(meta, img, missing, PREFETCH):
+                        await f.done.wait()
+                    if mark:  # what could not be fetched was not prefetched
+                        for c in missing:
+                            if not img.state[c] and act.marks[c] == PREFETCHED:
+                                act.marks[c] = NOT_PREFETCHED
+                                act.stats["prefetched"] -= 1
+                act.job_done += len(part)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(max(1, self.prefetch_flights)):
+                nursery.start_soon(worker)
+
+    def statistics(self) -> dict:
+        return {a.img.content.hex(): a.statistics() for a in self._activity.values()}
+
+
+class ProfileControl:
+    """The control socket's profile operations: image ids in, plain dicts out."""
+
+    def __init__(self, catalog: "Catalog", store: "ChunkStore", profiles: Profiles):
+        self._catalog = catalog
+        self._store = store
+        self._profiles = profiles
+
+    def handlers(self) -> dict:
+        return {"profile_record": self.record, "profile_show": self.show, "prefetch": self.prefetch,
+                "warm": self.warm, "job": self.job, "cancel": self.cancel}
+
+    async def _image(self, req: dict) -> tuple[ImageMeta, ImageData]:
+        image_id = str(req.get("image_id", ""))
+        meta = await self._catalog.lookup(image_id)
+        if meta is None:
+            raise ValueError(f"no active image {image_id!r} in Glance")
+        return meta, self._store.image(meta.content_key, meta.size)
+
+    def _need_tracker(self) -> None:
+        if self._profiles._tracker is None:
+            raise ValueError("this mount has no --tracker: profiles live at the tracker")
+
+    async def record(self, req: dict) -> dict:
+        self._need_tracker()
+        meta, img = await self._image(req)
+        seconds = float(req.get("seconds") or self._profiles.record_window or 60.0)
+        if not 0 < seconds <= 3600:
+            raise ValueError("--seconds must be from 0 to 3600")
+        act = self._profiles.activity(meta, img)
+        started = self._profiles.start_recording(act, seconds)
+        return {"recording": True, "already": not started, "seconds": seconds}
+
+    async def show(self, req: dict) -> dict:
+        self._need_tracker()
+        meta, img = await self._image(req)
+        profile = await self._profiles.profile(meta, img)
+        if profile is None:
+            raise ValueError(f"the tracker has no profile of {meta.id} that fits it")
+        return {"image_id": meta.id, **profile.to_json()}
+
+    async def prefetch(self, req: dict) -> dict:
+        self._need_tracker()
+        meta, img = await self._image(req)
+        return self._profiles.start_job(meta, img, "prefetch").statistics()
+
+    async def warm(self, req: dict) -> dict:
+        meta, img = await self._image(req)
+        return self._profiles.start_job(meta, img, "warm").statistics()
+
+    async def job(self, req: dict) -> dict:
+        meta, img = await self._image(req)
+        return self._profiles.activity(meta, img).statistics()
+
+    async def cancel(self, req: dict) -> dict:
+        meta, img = await self._image(req)
+        return {"cancelled": self._profiles.cancel_job(meta, img)}
