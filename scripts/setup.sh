@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # Installs everything thunderfs, its tests and its benchmarks need on a fresh Debian machine:
 # system packages, the project venv (.venv) and a separate venv with a real Glance (.venv-glance).
-# Idempotent: what is already there is kept.
+# Idempotent: what is already there is kept.  `scripts/setup.sh --bench` adds what the VM boot
+# benchmarks need.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(fuse3 libfuse3-dev pkg-config curl fio iproute2 e2fsprogs)
+# --bench: also what the VM boot benchmarks need (qemu, a kernel to boot, debootstrap).
+if [ "${1:-}" = "--bench" ]; then
+    APT_PACKAGES+=(qemu-system-x86 qemu-utils linux-image-amd64 debootstrap)
+fi
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

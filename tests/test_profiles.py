@@ -240,3 +240,29 @@ def test_warm_fetches_the_profile_first_then_the_whole_image(make_cluster, image
     assert b.image(image_id).read_bytes() == data
     assert proxy.range_bytes == glance_bytes  # all of it was cached
     assert activity(b, image_id)["prefetched"] == 0  # warm is not prefetch: no hit/waste counting
+
+
+def test_record_and_prefetch_on_demand_from_the_command_line(make_cluster, images):
+    proxy, tracker, node = make_cluster()
+    image_id = images.add(32 * CHUNK, seed=306)
+    a = node("a", "z/r/a", "--record-window", "0", "--record-idle", "1", "--prefetch-flights", "0",
+             "--readahead", "0")
+    read_direct(a.image(image_id), [30])  # not recorded: automatic recording is off
+    res = thunderfs("profile", "record", str(a.path), image_id, "--seconds", "20")
+    assert res.returncode == 0 and "recording" in res.stdout, res.stderr
+    read_direct(a.image(image_id), [4, 5, 20], pause=0.05)
+    p = wait_for(lambda: show(a, image_id), what="the recording")
+    assert [c for c, _ in p["chunks"]] == [4, 5, 20]
+    res = thunderfs("profile", "show", image_id, "--mountpoint", str(a.path))
+    assert "3 chunks" in res.stdout and "version 1" in res.stdout, res.stdout
+
+    b = node("b", "z/r/b", "--record-window", "0", "--prefetch-flights", "0")
+    with open(b.image(image_id), "rb"):
+        time.sleep(1)
+    assert b.stats()["cache"]["used"] == 0  # no automatic prefetch
+    res = thunderfs("prefetch", str(b.path), image_id)
+    assert res.returncode == 0, res.stderr
+    wait_for(lambda: (s := activity(b, image_id)) and s["job"] is None and s["prefetched"] == 3, what="prefetch")
+    assert b.stats()["cache"]["used"] == 3 * CHUNK
+    res = thunderfs("profile", "show", "no-such-image", "--mountpoint", str(b.path))
+    assert res.returncode == 1 and "no active image" in res.stderr

@@ -222,6 +222,8 @@ def cmd_status(args, _argv) -> int:
           f"{c['evictions']} evictions, {c['corrupt_dropped']} corrupt chunks dropped")
     print(f"  fetched {f['chunks_fetched']} chunks in {f['flights']} requests "
           f"({f['readahead_chunks']} by readahead), {f['failures']} failures")
+    for a in stats.get("profiles", {}).values():
+        print(f"  {_job_line(a)}")
     return 0
 
 
