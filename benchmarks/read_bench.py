@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import os
 import subprocess
 import sys
@@ -30,10 +29,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from harness import boot_trace  # noqa: E402
 from harness.local_glance import LocalGlance  # noqa: E402
 from harness.mounts import Mount  # noqa: E402
 
-TRACE = REPO.parent / "shared" / "data" / "debian-boot-trace.txt"
 MiB = 2**20
 
 
@@ -64,20 +63,8 @@ def fio_randread(path: Path, seconds: int) -> float:
 
 
 def replay_trace(path: Path) -> tuple[float, int]:
-    reads = []
-    for line in TRACE.read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            _, off, n = line.split()
-            reads.append((int(off), int(n)))
-    buf = mmap.mmap(-1, max(n for _, n in reads))
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    t = time.perf_counter()
-    try:
-        for off, n in reads:
-            os.preadv(fd, [memoryview(buf)[:n]], off)
-    finally:
-        os.close(fd)
-    return time.perf_counter() - t, sum(n for _, n in reads)
+    reads = boot_trace.load()
+    return boot_trace.replay(path, reads), sum(r.size for r in reads)
 
 
 def peak_rss(pid: int) -> int:

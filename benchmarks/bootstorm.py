@@ -1,0 +1,373 @@
+"""The boot storm: N compute nodes boot one image at once, three ways, measured at Glance.
+
+Every node is a thunderfs daemon in its own network namespace, its link shaped with tbf;
+Glance (behind a pass-through proxy that counts what it sends: measured at Glance, not by the
+nodes) and the tracker sit behind a link shaped too.  The image is the Debian disk of
+``benchmarks/debian_image.sh`` in a real Glance.  Ways, in one run:
+
+  thunderfs    peers and prefetch: a profile recorded once beforehand by a node that then leaves
+               (its Glance bytes reported apart, like the manifest), then N fresh nodes
+  glance-only  thunderfs without a tracker: every node fetches its own chunks from Glance
+  nova         each node downloads the whole image from Glance, then boots from its local copy
+
+What a boot is (--mode):
+  replay-paced  the recorded boot's reads (../shared/data/debian-boot-trace.txt) replayed through
+                the node's mount at the recorded pace: a TCG guest's boot, I/O side only
+  replay-fast   the same reads as fast as they complete: a KVM guest, where I/O sets the pace
+  vm            real qemu VMs (TCG), a qcow2 overlay backed by the node's mount path; two cores
+                hold few of them at once, say so with the figures
+
+Prints per way: each boot's time, the slowest against one node booting alone from a warm cache,
+Glance's egress against the bytes one boot reads, bytes by source; writes everything (with a
+timeline of bytes by source) to --out as JSON for ``benchmarks/plots.py`` and the model.
+Cleans up (namespaces, tc, mounts, qemu) also when interrupted.
+
+Usage: .venv/bin/python benchmarks/bootstorm.py [--nodes 32] [--mode replay-paced]
+       [--ways thunderfs,glance-only,nova] [--nova-nodes 4] [--node-rate 1gbit] [--glance-rate 1gbit]
+       [--out /var/tmp/thunderfs-bench/results/bootstorm-replay-paced-32.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from harness import boot_trace  # noqa: E402
+from harness.fault_proxy import FaultProxy  # noqa: E402
+from harness.local_glance import LocalGlance, free_port  # noqa: E402
+from harness.mounts import Mount, thunderfs  # noqa: E402
+from harness.netns import Lan  # noqa: E402
+from harness.tracker import LocalTracker  # noqa: E402
+from thunderfs_tracker.signing import sign  # noqa: E402
+
+SECRET = b"bootstorm-secret-0123456789abcdef"
+MiB = 2**20
+
+
+def check_prerequisites(mode: str) -> None:
+    missing = [tool for tool in ("ip", "tc", "nsenter", "curl", "debootstrap", "mke2fs") if not shutil.which(tool)]
+    if mode == "vm":
+        missing += [t for t in ("qemu-system-x86_64", "qemu-img") if not shutil.which(t)]
+    if os.geteuid() != 0:
+        raise SystemExit("bootstorm needs root (network namespaces, tc, FUSE mounts)")
+    if missing:
+        raise SystemExit(f"bootstorm needs {', '.join(missing)}: run scripts/setup.sh --bench")
+    if not boot_trace.TRACE.exists():
+        raise SystemExit(f"the boot trace {boot_trace.TRACE} is missing")
+
+
+class Storm:
+    def __init__(self, args, work: Path):
+        self.args = args
+        self.work = work
+        self.glance = LocalGlance(work / "glance")
+        self.lan = Lan(prefix="10.205.0")
+        self.proxy: FaultProxy | None = None
+        self.tracker: LocalTracker | None = None
+        self.nodes = []
+        self.mounts: list[Mount] = []
+        self.vms: list[subprocess.Popen] = []
+        self.reads = boot_trace.load()
+        self.boot_bytes = sum(r.size for r in self.reads)
+
+    # --- set-up and tear-down ------------------------------------------------------------------
+
+    def up(self, disk: Path) -> None:
+        self.glance.start()
+        self.image_id = self.glance.upload("bootstorm", disk)["id"]
+        self.size = disk.stat().st_size
+        self.lan.up()
+        self.lan.limit_root(self.args.glance_rate)
+        self.proxy = FaultProxy(self.glance.url, host=self.lan.root_addr).start()
+        self.tracker = LocalTracker(self.work / "tracker", "--glance", self.proxy.url, "--heartbeat", "2",
+                                    "--node-ttl", "5", secret=SECRET, host=self.lan.root_addr)
+        self.tracker.start()
+        self.secret = self.work / "secret"
+        self.secret.write_bytes(SECRET)
+        self.secret.chmod(0o600)
+        for _ in range(max(self.args.nodes, 1)):
+            self.nodes.append(self.lan.add_node(rate=self.args.node_rate))
+
+    def down(self) -> None:
+        for vm in self.vms:
+            if vm.poll() is None:
+                os.killpg(vm.pid, signal.SIGKILL)
+                vm.wait()
+        for m in self.mounts:
+            m.cleanup()
+        if self.tracker:
+            self.tracker.stop()
+        if self.proxy:
+            self.proxy.stop()
+        self.lan.down()
+        self.glance.stop()
+
+    def mount(self, i: int, name: str, peers: bool, *extra: str) -> Mount:
+        n = self.nodes[i]
+        args = ["--cache-size", "4G", *extra]
+        if peers:
+            args += ["--tracker", self.tracker.url, "--peer-listen", f"{n.addr}:{free_port()}", "--node-id", name,
+                     "--location", f"zone/rack{i % 4}/{name}", "--secret-file", str(self.secret)]
+        m = Mount(self.work / f"mnt-{name}", self.proxy.url, self.work / f"cache-{name}", *args,
+                  prefix=n.exec_prefix())
+        self.mounts.append(m)
+        m.mount()
+        return m
+
+    def tracker_stats(self) -> dict:
+        path = "/v1/stats"
+        req = urllib.request.Request(self.tracker.url + path, headers=sign(SECRET, "bootstorm", "GET", path))
+        return json.loads(urllib.request.urlopen(req, timeout=10).read())
+
+    def unmount(self, m: Mount) -> None:
+        m.cleanup()
+        self.mounts.remove(m)
+        shutil.rmtree(m.cache_dir, ignore_errors=True)
+
+    # --- one boot --------------------------------------------------------------------------------
+
+    def boot(self, path: Path, name: str) -> float:
+        if self.args.mode == "vm":
+            return self.boot_vm(path, name)
+        return boot_trace.replay(path, self.reads, paced=self.args.mode == "replay-paced")
+
+    def boot_vm(self, path: Path, name: str) -> float:
+        from boot_bench import MARKER, kernel_and_initrd
+
+        overlay = self.work / f"{name}.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(path), "-F", "raw", "-u",
+                        str(overlay), "2G"], check=True)
+        kernel, initrd = kernel_and_initrd()
+        t = time.perf_counter()
+        vm = subprocess.Popen(["qemu-system-x86_64", "-m", "512", "-smp", "1", "-display", "none", "-monitor", "none",
+                               "-serial", "stdio", "-no-reboot", "-kernel", kernel, "-initrd", initrd,
+                               "-append", "console=ttyS0 root=/dev/vda rw quiet panic=-1",
+                               "-drive", f"file={overlay},format=qcow2,if=virtio"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                              text=True, errors="replace", start_new_session=True)
+        self.vms.append(vm)
+        try:
+            for line in vm.stdout:
+                if MARKER in line:
+                    return time.perf_counter() - t
+            raise RuntimeError(f"VM {name} stopped before its boot marker")
+        finally:
+            try:
+                vm.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(vm.pid, signal.SIGKILL)
+                vm.wait()
+            overlay.unlink(missing_ok=True)
+
+    # --- the storm -------------------------------------------------------------------------------
+
+    def storm(self, way: str, targets: list[Path], prepare=None, stats=None, progress=None) -> dict:
+        """Boot every target at the same moment; times, egress at Glance, a timeline."""
+        n = len(targets)
+        times: list[float | None] = [None] * n
+        errors: list[str] = []
+        barrier = threading.Barrier(n + 1)
+        before, whole_before = self.proxy.range_bytes, self.proxy.whole_bytes
+
+        def run(i: int) -> None:
+            try:
+                barrier.wait()
+                t = time.perf_counter()
+                if prepare:
+                    prepare(i)
+                self.boot(targets[i], f"{way}-{i}")
+                times[i] = time.perf_counter() - t
+            except Exception as exc:  # a boot that fails is reported, and the others go on
+                errors.append(f"node {i}: {exc}")
+            finally:
+                if progress:
+                    progress()
+
+        threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(n)]
+        for th in threads:
+            th.start()
+        timeline = []
+        barrier.wait()
+        start = time.perf_counter()
+        while any(th.is_alive() for th in threads):
+            sample = {"t": round(time.perf_counter() - start, 2),
+                      "glance": self.proxy.range_bytes + self.proxy.whole_bytes - before - whole_before}
+            if stats:
+                sample.update(stats())
+            timeline.append(sample)
+            time.sleep(1.0)
+        return {"times": times, "errors": errors, "glance_egress": self.proxy.range_bytes - before,
+                "glance_whole": self.proxy.whole_bytes - whole_before, "timeline": timeline}
+
+
+def _interrupted(*_) -> None:
+    raise KeyboardInterrupt
+
+
+def node_sources(mounts: list[Mount]) -> dict:
+    out = {"from_glance": 0, "from_peers": 0, "from_cache": 0}
+    for m in mounts:
+        try:
+            s = m.stats()
+        except Exception:
+            continue
+        out["from_glance"] += s["fetch"]["bytes_from_origin"]
+        out["from_peers"] += s["fetch"]["bytes_from_peers"]
+        out["from_cache"] += s["cache"]["bytes_read_disk"]
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nodes", type=int, default=32)
+    ap.add_argument("--mode", choices=("replay-paced", "replay-fast", "vm"), default="replay-paced")
+    ap.add_argument("--ways", default="thunderfs,glance-only,nova")
+    ap.add_argument("--nova-nodes", type=int, default=4,
+                    help="nodes for Nova's way (each stores a 2 GiB copy; the model takes it further)")
+    ap.add_argument("--node-rate", default="1gbit")
+    ap.add_argument("--glance-rate", default="1gbit")
+    ap.add_argument("--work", default="/var/tmp/thunderfs-bench")
+    ap.add_argument("--out", help="results JSON (default WORK/results/bootstorm-MODE-N.json)")
+    args = ap.parse_args()
+    check_prerequisites(args.mode)
+    ways = [w for w in args.ways.split(",") if w]
+    work_root = Path(args.work)
+    out = Path(args.out or work_root / "results" / f"bootstorm-{args.mode}-{args.nodes}.json")
+    disk = Path(subprocess.run(["bash", str(REPO / "benchmarks" / "debian_image.sh"), str(work_root / "debian")],
+                               check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    signal.signal(signal.SIGTERM, _interrupted)  # cleaned up like ^C
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with tempfile.TemporaryDirectory(prefix="bootstorm-", dir=work_root) as tmp:
+        storm = Storm(args, Path(tmp))
+        results = {"mode": args.mode, "nodes": args.nodes, "node_rate": args.node_rate,
+                   "glance_rate": args.glance_rate, "ways": {}}
+        try:
+            storm.up(disk)
+            results.update(image_bytes=storm.size, boot_bytes=storm.boot_bytes)
+            print(f"boot storm: {args.mode}, {args.nodes} nodes, links {args.node_rate}, Glance {args.glance_rate}; "
+                  f"image {storm.size / MiB:.0f} MiB, one boot reads {storm.boot_bytes / MiB:.1f} MiB; 2 cores")
+            with Progress(TextColumn("{task.description:28s}"), BarColumn(), MofNCompleteColumn(),
+                          TimeElapsedColumn()) as bar:
+                # One node alone, cold then warm (its page cache dropped): the baseline.
+                task = bar.add_task("one node alone", total=2)
+                m = storm.mount(0, "alone", False)
+                g0 = storm.proxy.range_bytes
+                cold = storm.boot(m.image(storm.image_id), "alone-cold")
+                results["alone_glance_bytes"] = storm.proxy.range_bytes - g0
+                bar.advance(task)
+                warm = storm.boot(m.image(storm.image_id), "alone-warm")
+                bar.advance(task)
+                storm.unmount(m)
+                results["alone"] = {"cold": cold, "warm": warm}
+
+                if "thunderfs" in ways:
+                    # The profile, recorded once by a node that then leaves (reported apart).
+                    task = bar.add_task("thunderfs: recording profile", total=1)
+                    g0, w0 = storm.proxy.range_bytes, storm.proxy.whole_bytes
+                    rec = storm.mount(0, "recorder", True, "--record-idle", "3")
+                    storm.boot(rec.image(storm.image_id), "recorder")
+                    deadline = time.monotonic() + 120
+                    while thunderfs("profile", "show", storm.image_id, "--mountpoint", str(rec.path)).returncode:
+                        if time.monotonic() > deadline:
+                            raise RuntimeError("the recorder's profile never reached the tracker")
+                        time.sleep(1)
+                    storm.unmount(rec)
+                    # One node alone with the profile (for the model: what prefetch leaves of a cold start).
+                    solo = storm.mount(0, "solo", True)
+                    results["alone"]["prefetch"] = storm.boot(solo.image(storm.image_id), "solo")
+                    storm.unmount(solo)
+                    time.sleep(7)  # the tracker expires them (node ttl 5 s): nobody holds anything
+                    results["setup"] = {"recording_glance_bytes": storm.proxy.range_bytes - g0,
+                                        "manifest_glance_bytes": storm.proxy.whole_bytes - w0}
+                    bar.advance(task)
+                    task = bar.add_task("thunderfs: peers + prefetch", total=args.nodes)
+                    ms = [storm.mount(i, f"tf{i}", True) for i in range(args.nodes)]
+                    r = storm.storm("thunderfs", [m.image(storm.image_id) for m in ms],
+                                    stats=lambda: node_sources(ms), progress=lambda: bar.advance(task))
+                    r["sources"] = node_sources(ms)
+                    tracker_stats = storm.tracker_stats()
+                    results["tracker_requests_per_node"] = (
+                        tracker_stats["lookups"] + tracker_stats["claims"]) / args.nodes
+                    results["ways"]["thunderfs"] = r
+                    for m in ms:
+                        storm.unmount(m)
+
+                if "glance-only" in ways:
+                    task = bar.add_task("thunderfs: Glance only", total=args.nodes)
+                    ms = [storm.mount(i, f"go{i}", False) for i in range(args.nodes)]
+                    r = storm.storm("glance-only", [m.image(storm.image_id) for m in ms],
+                                    stats=lambda: node_sources(ms), progress=lambda: bar.advance(task))
+                    r["sources"] = node_sources(ms)
+                    results["ways"]["glance-only"] = r
+                    for m in ms:
+                        storm.unmount(m)
+
+                if "nova" in ways:
+                    k = min(args.nova_nodes, args.nodes)
+                    task = bar.add_task(f"Nova's way ({k} nodes)", total=k)
+                    copies = [storm.work / f"nova{i}.raw" for i in range(k)]
+                    url = f"{storm.proxy.url}/v2/images/{storm.image_id}/file"
+
+                    def download(i: int) -> None:
+                        # In the node's namespace, through its link; zeros kept sparse on disk.
+                        subprocess.run(["bash", "-c", f"{' '.join(storm.nodes[i].exec_prefix())} curl -sSf {url} | "
+                                        f"dd of={copies[i]} bs=1M conv=sparse status=none"], check=True)
+
+                    r = storm.storm("nova", copies, prepare=download, progress=lambda: bar.advance(task))
+                    r["glance_egress"] = r["glance_whole"]  # whole-image downloads
+                    r["nodes"] = k
+                    results["ways"]["nova"] = r
+                    for c in copies:
+                        c.unlink(missing_ok=True)
+        finally:
+            storm.down()
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    report(results)
+    print(f"results in {out}")
+    return 0
+
+
+def report(results: dict) -> None:
+    boot, alone = results["boot_bytes"], results["alone"]
+    print(f"  one node alone: cold {alone['cold']:.1f}s, warm {alone['warm']:.1f}s")
+    if "setup" in results:
+        s = results["setup"]
+        print(f"  one-time: manifest {s['manifest_glance_bytes'] / MiB:.0f} MiB from Glance; "
+              f"recording boot {s['recording_glance_bytes'] / MiB:.0f} MiB")
+    for way, r in results["ways"].items():
+        times = [t for t in r["times"] if t is not None]
+        if not times:
+            print(f"  {way}: every boot failed: {r['errors'][:3]}")
+            continue
+        n = len(r["times"])
+        line = (f"  {way:12s} {n:3d} nodes: boot {min(times):6.1f}..{max(times):6.1f}s, slowest "
+                f"{max(times) / alone['warm']:5.2f} x alone warm; Glance egress {r['glance_egress'] / MiB:7.0f} MiB "
+                f"= {r['glance_egress'] / boot:6.2f} x one boot's reads")
+        if r["errors"]:
+            line += f"; {len(r['errors'])} FAILED: {r['errors'][0]}"
+        print(line)
+        if "sources" in r:
+            src = r["sources"]
+            print(f"  {'':12s} bytes by source: Glance {src['from_glance'] / MiB:.0f} MiB, "
+                  f"peers {src['from_peers'] / MiB:.0f} MiB, cache {src['from_cache'] / MiB:.0f} MiB")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,118 @@
+"""An analytic model of a boot storm: completion time and Glance egress for N nodes, three ways.
+
+Fed with figures measured on this machine (a boot storm's results JSON from bootstorm.py):
+
+  S      image size                      W   bytes one cold node fetches for one boot
+  Bn     a node's link (bytes/s)         Bg  Glance's link (bytes/s)
+  T0     one boot alone from a warm cache (its own pace: CPU for a TCG guest)
+  D      what a cold boot adds to T0 alone (one fetch latency per read that misses, in series)
+  Dp     the same with peers and prefetch (startup: the profile, the first batches)
+  q, R   tracker requests per node per boot, and requests/s the tracker serves
+
+  Nova's way     egress N*S;  time  max(S/Bn, N*S/Bg) + T0       (download, then boot locally)
+  Glance only    egress N*W;  time  max(T0 + D, W/Bn + D, N*W/Bg + D)
+  thunderfs      egress W;
+      time  max(T0 + Dp, max(W/Bn, W/Bg) + Dp, N*q/R)
+                 (Glance sends the working set once and nodes relay it, pipelined: each node's
+                 own link and one pass through Glance's bound the time; N*q/R is the tracker
+                 saturating)
+
+``check`` compares it with the measured runs and prints the error; ``curve`` gives points for
+N = 10..10,000 (benchmarks/plots.py draws them).
+
+Usage: .venv/bin/python benchmarks/storm_model.py RESULTS.json [RESULTS.json ...]
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+MiB = 2**20
+TRACKER_REQUESTS_PER_S = 1600.0  # benchmarks/tracker_bench.py: announces + full states, 1,000 nodes
+
+
+def rate(text: str) -> float:
+    """tc rate (100mbit, 1gbit) -> bytes/s."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([kmg]?)bit", text.lower())
+    if not m:
+        raise ValueError(f"rate {text!r}")
+    return float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(2)] / 8
+
+
+@dataclass
+class Params:
+    S: float
+    W: float
+    Bn: float
+    Bg: float
+    T0: float
+    D: float
+    Dp: float
+    q: float = 200.0
+    R: float = TRACKER_REQUESTS_PER_S
+
+    @classmethod
+    def from_results(cls, r: dict) -> "Params":
+        alone = r["alone"]
+        W = r.get("alone_glance_bytes") or r["boot_bytes"]
+        Dp = max(0.0, alone.get("prefetch", alone["cold"]) - alone["warm"])
+        return cls(S=r["image_bytes"], W=W, Bn=rate(r["node_rate"]), Bg=rate(r["glance_rate"]),
+                   T0=alone["warm"], D=max(0.0, alone["cold"] - alone["warm"]), Dp=Dp,
+                   q=r.get("tracker_requests_per_node", 200.0))
+
+
+def predict(way: str, n: int, p: Params) -> tuple[float, float]:
+    """(seconds until the slowest node has booted, bytes Glance sends)."""
+    if way == "nova":
+        return max(p.S / p.Bn, n * p.S / p.Bg) + p.T0, n * p.S
+    if way == "glance-only":
+        return max(p.T0 + p.D, p.W / p.Bn + p.D, n * p.W / p.Bg + p.D), n * p.W
+    if way == "thunderfs":
+        return max(p.T0 + p.Dp, max(p.W / p.Bn, p.W / p.Bg) + p.Dp, n * p.q / p.R), p.W
+    raise ValueError(way)
+
+
+def curve(way: str, p: Params, ns=(10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)) -> list[tuple[int, float, float]]:
+    return [(n, *predict(way, n, p)) for n in ns]
+
+
+def check(results: dict) -> list[tuple[str, int, float, float, float, float]]:
+    """(way, N, measured time, predicted time, measured egress, predicted egress) per way."""
+    p = Params.from_results(results)
+    rows = []
+    for way, r in results["ways"].items():
+        times = [t for t in r["times"] if t is not None]
+        if not times:
+            continue
+        n = len(r["times"])
+        t, e = predict(way, n, p)
+        rows.append((way, n, max(times), t, r["glance_egress"], e))
+    return rows
+
+
+def main(paths: list[str]) -> int:
+    if not paths:
+        print(__doc__)
+        return 2
+    worst = 0.0
+    for path in paths:
+        results = json.loads(Path(path).read_text())
+        p = Params.from_results(results)
+        print(f"{path}: {results['mode']}, links {results['node_rate']}, Glance {results['glance_rate']}; "
+              f"W {p.W / MiB:.1f} MiB, T0 {p.T0:.1f}s, D {p.D:.1f}s, Dp {p.Dp:.1f}s")
+        print(f"  {'way':12s} {'N':>4s} {'time meas.':>10s} {'model':>7s} {'error':>6s} "
+              f"{'egress meas.':>13s} {'model':>9s} {'error':>6s}")
+        for way, n, t, tp, e, ep in check(results):
+            te, ee = (tp - t) / t, (ep - e) / e if e else 0.0
+            worst = max(worst, abs(te), abs(ee))
+            print(f"  {way:12s} {n:4d} {t:9.1f}s {tp:6.1f}s {te:+6.0%} {e / MiB:10.0f} MiB {ep / MiB:5.0f} MiB {ee:+6.0%}")
+    print(f"largest error: {worst:.0%} (target: within 25%)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
