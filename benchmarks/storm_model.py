@@ -8,14 +8,19 @@ Fed with figures measured on this machine (a boot storm's results JSON from boot
   D      what a cold boot adds to T0 alone (one fetch latency per read that misses, in series)
   Dp     the same with peers and prefetch (startup: the profile, the first batches)
   q, R   tracker requests per node per boot, and requests/s the tracker serves
+  k, C   Glance range requests one cold boot makes, and range requests/s Glance serves
+  Cp, M  peer requests/s one host's CPU serves and receives (benchmarks/peer_serve_bench.py), and
+         how many nodes share that host: all N here (two cores for every daemon), 1 in a cluster
+  Bg is the lesser of Glance's link and what one node measured getting from it (calibration).
 
   Nova's way     egress N*S;  time  max(S/Bn, N*S/Bg) + T0       (download, then boot locally)
-  Glance only    egress N*W;  time  max(T0 + D, W/Bn + D, N*W/Bg + D)
+  Glance only    egress N*W;  time  max(T0 + D, W/Bn + D, N*W/Bg + D, N*k/C)
   thunderfs      egress W;
-      time  max(T0 + Dp, max(W/Bn, W/Bg) + Dp, N*q/R)
+      time  max(T0 + Dp, max(W/Bn, W/Bg) + Dp, k/C, N*q/R) + M*k/Cp
                  (Glance sends the working set once and nodes relay it, pipelined: each node's
                  own link and one pass through Glance's bound the time; N*q/R is the tracker
-                 saturating)
+                 saturating; M*k/Cp the peer transfers of the nodes sharing a host's CPU, which
+                 hold up the boots on that host)
 
 ``check`` compares it with the measured runs and prints the error; ``curve`` gives points for
 N = 10..10,000 (benchmarks/plots.py draws them).
@@ -33,6 +38,7 @@ from pathlib import Path
 
 MiB = 2**20
 TRACKER_REQUESTS_PER_S = 1600.0  # benchmarks/tracker_bench.py: announces + full states, 1,000 nodes
+PEER_REQUESTS_PER_S = 1671.0     # benchmarks/peer_serve_bench.py: 64 KiB requests, client + server, 2 cores
 
 
 def rate(text: str) -> float:
@@ -52,15 +58,22 @@ class Params:
     T0: float
     D: float
     Dp: float
+    k: float = 600.0   # Glance range requests one cold boot makes
+    C: float = 200.0   # range requests/s Glance serves
     q: float = 200.0
     R: float = TRACKER_REQUESTS_PER_S
+    Cp: float = PEER_REQUESTS_PER_S
+    shared_host: bool = False  # all nodes on one host (the runs here): M = N, else M = 1
 
     @classmethod
     def from_results(cls, r: dict) -> "Params":
         alone = r["alone"]
         W = r.get("alone_glance_bytes") or r["boot_bytes"]
         Dp = max(0.0, alone.get("prefetch", alone["cold"]) - alone["warm"])
-        return cls(S=r["image_bytes"], W=W, Bn=rate(r["node_rate"]), Bg=rate(r["glance_rate"]),
+        cal = r.get("calibration", {})
+        Bg = min(rate(r["glance_rate"]), cal.get("glance_byte_rate", float("inf")))
+        return cls(S=r["image_bytes"], W=W, Bn=rate(r["node_rate"]), Bg=Bg,
+                   k=r.get("alone_glance_requests", 600.0), C=cal.get("glance_request_rate", 200.0),
                    T0=alone["warm"], D=max(0.0, alone["cold"] - alone["warm"]), Dp=Dp,
                    q=r.get("tracker_requests_per_node", 200.0))
 
@@ -70,9 +83,10 @@ def predict(way: str, n: int, p: Params) -> tuple[float, float]:
     if way == "nova":
         return max(p.S / p.Bn, n * p.S / p.Bg) + p.T0, n * p.S
     if way == "glance-only":
-        return max(p.T0 + p.D, p.W / p.Bn + p.D, n * p.W / p.Bg + p.D), n * p.W
+        return max(p.T0 + p.D, p.W / p.Bn + p.D, n * p.W / p.Bg + p.D, n * p.k / p.C), n * p.W
     if way == "thunderfs":
-        return max(p.T0 + p.Dp, max(p.W / p.Bn, p.W / p.Bg) + p.Dp, n * p.q / p.R), p.W
+        m = n if p.shared_host else 1
+        return max(p.T0 + p.Dp, max(p.W / p.Bn, p.W / p.Bg) + p.Dp, p.k / p.C, n * p.q / p.R) + m * p.k / p.Cp, p.W
     raise ValueError(way)
 
 
@@ -83,6 +97,7 @@ def curve(way: str, p: Params, ns=(10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 
 def check(results: dict) -> list[tuple[str, int, float, float, float, float]]:
     """(way, N, measured time, predicted time, measured egress, predicted egress) per way."""
     p = Params.from_results(results)
+    p.shared_host = True  # every node of a run here shares this machine's two cores
     rows = []
     for way, r in results["ways"].items():
         times = [t for t in r["times"] if t is not None]
