@@ -30,6 +30,7 @@ Usage: .venv/bin/python benchmarks/bootstorm.py [--nodes 32] [--mode replay-pace
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -232,8 +233,27 @@ class Storm:
                 "glance_whole": self.proxy.whole_bytes - whole_before, "timeline": timeline}
 
 
+def drop_page_cache(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def _interrupted(*_) -> None:
     raise KeyboardInterrupt
+
+
+def prefetch_counters(mounts: list[Mount], image_id: str) -> dict:
+    """Summed over the nodes: chunks prefetched, later read, never read; reads that waited."""
+    out = dict.fromkeys(("prefetched", "hits", "waste", "demand_waits", "reads"), 0)
+    for m in mounts:
+        for a in m.stats()["profiles"].values():
+            if a["image_id"] == image_id:
+                for k in out:
+                    out[k] += a[k]
+    return out
 
 
 def node_sources(mounts: list[Mount]) -> dict:
@@ -259,6 +279,7 @@ def main() -> int:
     ap.add_argument("--node-rate", default="1gbit")
     ap.add_argument("--glance-rate", default="1gbit")
     ap.add_argument("--work", default="/var/tmp/thunderfs-bench")
+    ap.add_argument("--keep", action="store_true", help="keep the run's directory (daemon logs) under --work")
     ap.add_argument("--out", help="results JSON (default WORK/results/bootstorm-MODE-N.json)")
     args = ap.parse_args()
     check_prerequisites(args.mode)
@@ -271,7 +292,8 @@ def main() -> int:
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with tempfile.TemporaryDirectory(prefix="bootstorm-", dir=work_root) as tmp:
+    with (contextlib.nullcontext(tempfile.mkdtemp(prefix="bootstorm-", dir=work_root)) if args.keep
+          else tempfile.TemporaryDirectory(prefix="bootstorm-", dir=work_root)) as tmp:
         storm = Storm(args, Path(tmp))
         results = {"mode": args.mode, "nodes": args.nodes, "node_rate": args.node_rate,
                    "glance_rate": args.glance_rate, "ways": {}}
@@ -300,31 +322,43 @@ def main() -> int:
                     # The profile, recorded once by a node that then leaves (reported apart).
                     task = bar.add_task("thunderfs: recording profile", total=1)
                     g0, w0 = storm.proxy.range_bytes, storm.proxy.whole_bytes
-                    rec = storm.mount(0, "recorder", True, "--record-idle", "3")
+                    # (The default --record-idle: the boot pauses for 10 s; a shorter one would
+                    # record only what comes before the pause.)
+                    rec = storm.mount(0, "recorder", True)
                     storm.boot(rec.image(storm.image_id), "recorder")
                     deadline = time.monotonic() + 120
-                    while thunderfs("profile", "show", storm.image_id, "--mountpoint", str(rec.path)).returncode:
+                    while (shown := thunderfs("profile", "show", storm.image_id, "--mountpoint", str(rec.path),
+                                              "--json")).returncode:
                         if time.monotonic() > deadline:
                             raise RuntimeError("the recorder's profile never reached the tracker")
                         time.sleep(1)
+                    results["profile_chunks"] = len(json.loads(shown.stdout)["chunks"])
                     storm.unmount(rec)
+                    results["setup"] = {"recording_glance_bytes": storm.proxy.range_bytes - g0,
+                                        "manifest_glance_bytes": storm.proxy.whole_bytes - w0}
                     # One node alone with the profile (for the model: what prefetch leaves of a cold start).
                     solo = storm.mount(0, "solo", True)
                     results["alone"]["prefetch"] = storm.boot(solo.image(storm.image_id), "solo")
                     storm.unmount(solo)
                     time.sleep(7)  # the tracker expires them (node ttl 5 s): nobody holds anything
-                    results["setup"] = {"recording_glance_bytes": storm.proxy.range_bytes - g0,
-                                        "manifest_glance_bytes": storm.proxy.whole_bytes - w0}
                     bar.advance(task)
                     task = bar.add_task("thunderfs: peers + prefetch", total=args.nodes)
                     ms = [storm.mount(i, f"tf{i}", True) for i in range(args.nodes)]
                     r = storm.storm("thunderfs", [m.image(storm.image_id) for m in ms],
                                     stats=lambda: node_sources(ms), progress=lambda: bar.advance(task))
                     r["sources"] = node_sources(ms)
+                    r["prefetch"] = prefetch_counters(ms, storm.image_id)
                     tracker_stats = storm.tracker_stats()
                     results["tracker_requests_per_node"] = (
                         tracker_stats["lookups"] + tracker_stats["claims"]) / args.nodes
                     results["ways"]["thunderfs"] = r
+                    # The same nodes again, caches warm, all at once: what sharing this machine's
+                    # CPU costs the boots by itself (for VMs, the fair baseline of a storm here).
+                    task = bar.add_task("thunderfs: warm, all at once", total=args.nodes)
+                    for m in ms:
+                        drop_page_cache(m.image(storm.image_id))
+                    r = storm.storm("warm", [m.image(storm.image_id) for m in ms], progress=lambda: bar.advance(task))
+                    results["warm_storm"] = r
                     for m in ms:
                         storm.unmount(m)
 
@@ -367,13 +401,16 @@ def main() -> int:
 
 def report(results: dict) -> None:
     boot, alone = results["boot_bytes"], results["alone"]
+    warm_storm = results.get("warm_storm")
+    warm_all = max((t for t in warm_storm["times"] if t is not None), default=None) if warm_storm else None
     print(f"  one node alone: cold {alone['cold']:.2f}s, warm {alone['warm']:.2f}s"
           + (f", cold with the profile {alone['prefetch']:.2f}s" if "prefetch" in alone else "")
           + f"; a cold boot fetched {results.get('alone_glance_bytes', 0) / MiB:.1f} MiB from Glance")
     if "setup" in results:
         s = results["setup"]
         print(f"  one-time: manifest {s['manifest_glance_bytes'] / MiB:.0f} MiB from Glance; "
-              f"recording boot {s['recording_glance_bytes'] / MiB:.0f} MiB")
+              f"recording boot {s['recording_glance_bytes'] / MiB:.0f} MiB; "
+              f"profile {results.get('profile_chunks', '?')} chunks")
     for way, r in results["ways"].items():
         times = [t for t in r["times"] if t is not None]
         if not times:
@@ -386,6 +423,13 @@ def report(results: dict) -> None:
         if r["errors"]:
             line += f"; {len(r['errors'])} FAILED: {r['errors'][0]}"
         print(line)
+        if warm_all:
+            print(f"  {'':12s} slowest {max(times) / warm_all:5.2f} x the slowest of {len(warm_storm['times'])} "
+                  f"nodes booting at once from warm caches ({warm_all:.1f}s: this machine's CPU shared)")
+        if "prefetch" in r:
+            pf = r["prefetch"]
+            print(f"  {'':12s} prefetched {pf['prefetched']} chunks, {pf['hits']} then read, {pf['waste']} never read; "
+                  f"{pf['demand_waits']} of {pf['reads']} reads waited for a fetch")
         if "sources" in r:
             src = r["sources"]
             print(f"  {'':12s} bytes by source: Glance {src['from_glance'] / MiB:.0f} MiB, "

@@ -33,11 +33,15 @@ def run_name(r: dict) -> str:
 
 def boot_times(r: dict, out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
-    for k, (way, w) in enumerate(r["ways"].items()):
+    ways = dict(r["ways"])
+    if r.get("warm_storm"):
+        ways = {"warm, all at once": r["warm_storm"], **ways}
+    for k, (way, w) in enumerate(ways.items()):
         times = [t for t in w["times"] if t is not None]
-        ax.scatter([k] * len(times), times, s=12, alpha=0.7, color=COLORS.get(way), label=f"{way} ({len(times)} nodes)")
+        ax.scatter([k] * len(times), times, s=12, alpha=0.7, color=COLORS.get(way, "tab:green"),
+                   label=f"{way} ({len(times)} nodes)")
     ax.axhline(r["alone"]["warm"], color="grey", linestyle="--", label="one node alone, warm cache")
-    ax.set_xticks(range(len(r["ways"])), list(r["ways"]))
+    ax.set_xticks(range(len(ways)), list(ways), fontsize=8)
     ax.set_ylabel("boot time (s)")
     ax.set_title(f"Boot time per node, {r['mode']}, {r['nodes']} nodes, links {r['node_rate']}")
     ax.legend(fontsize=8)
