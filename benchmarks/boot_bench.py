@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from harness.local_glance import LocalGlance, free_port  # noqa: E402
 from harness.mounts import Mount, thunderfs  # noqa: E402
+from harness.pagecache import drop_page_cache  # noqa: E402
 from harness.tracker import LocalTracker  # noqa: E402
 
 MARKER = "THUNDERFS-BOOT-DONE"
@@ -48,14 +49,6 @@ def kernel_and_initrd() -> tuple[str, str]:
     if not kernels or not initrds:
         raise SystemExit("no kernel in /boot: apt-get install linux-image-amd64 (see benchmarks/README.md)")
     return kernels[-1], initrds[-1]
-
-
-def drop_page_cache(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def boot(backing: Path, work: Path, name: str, timeout: float = 300) -> float:

@@ -51,6 +51,7 @@ from harness.fault_proxy import FaultProxy  # noqa: E402
 from harness.local_glance import LocalGlance, free_port  # noqa: E402
 from harness.mounts import Mount, thunderfs  # noqa: E402
 from harness.netns import Lan  # noqa: E402
+from harness.pagecache import drop_page_cache  # noqa: E402
 from harness.tracker import LocalTracker  # noqa: E402
 from thunderfs_tracker.signing import sign  # noqa: E402
 
@@ -143,8 +144,8 @@ class Storm:
         cfg.write_text("next\n".join(f'url = "{url}"\nrange = "{o}-{o + chunk - 1}"\noutput = "/dev/null"\n'
                                       for o in offsets))
         t = time.perf_counter()
-        subprocess.run([*prefix, "curl", "-sSf", "-Z", "--parallel-max", "8", "-K", str(cfg)], check=True,
-                       stdout=subprocess.DEVNULL)  # (-Z draws a meter even with -s)
+        subprocess.run([*prefix, "curl", "-sSf", "--no-progress-meter", "-Z", "--parallel-max", "8", "-K",
+                        str(cfg)], check=True, stdout=subprocess.DEVNULL)
         return {"glance_byte_rate": byte_rate, "glance_request_rate": count / (time.perf_counter() - t)}
 
     def tracker_stats(self) -> dict:
@@ -231,14 +232,6 @@ class Storm:
             time.sleep(1.0)
         return {"times": times, "errors": errors, "glance_egress": self.proxy.range_bytes - before,
                 "glance_whole": self.proxy.whole_bytes - whole_before, "timeline": timeline}
-
-
-def drop_page_cache(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def _interrupted(*_) -> None:

@@ -29,17 +29,10 @@ sys.path.insert(0, str(REPO))
 
 from harness.local_glance import LocalGlance  # noqa: E402
 from harness.mounts import Mount, thunderfs  # noqa: E402
+from harness.pagecache import drop_page_cache  # noqa: E402
 
 JOBS = REPO / "benchmarks" / "fio"
 MiB = 2**20
-
-
-def drop_page_cache(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def fio(job: Path, target: Path, runtime: int, backing: Path | None = None) -> tuple[float, float]:

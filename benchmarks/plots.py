@@ -27,6 +27,13 @@ MiB = 2**20
 COLORS = {"thunderfs": "tab:blue", "glance-only": "tab:orange", "nova": "tab:red"}
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def run_name(r: dict) -> str:
     return f"{r['mode']}-{r['nodes']}"
 
@@ -45,11 +52,7 @@ def boot_times(r: dict, out: Path) -> Path:
     ax.set_ylabel("boot time (s)")
     ax.set_title(f"Boot time per node, {r['mode']}, {r['nodes']} nodes, links {r['node_rate']}")
     ax.legend(fontsize=8)
-    path = out / f"boot-times-{run_name(r)}.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / f"boot-times-{run_name(r)}.png")
 
 
 def sources(r: dict, out: Path) -> Path | None:
@@ -67,11 +70,7 @@ def sources(r: dict, out: Path) -> Path | None:
     ax.set_ylabel("MiB, cumulative, all nodes")
     ax.set_title(f"Bytes by source, thunderfs, {r['mode']}, {r['nodes']} nodes")
     ax.legend(fontsize=8)
-    path = out / f"sources-{run_name(r)}.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / f"sources-{run_name(r)}.png")
 
 
 def versus_nodes(results: list[dict], out: Path) -> list[Path]:
@@ -100,11 +99,7 @@ def versus_nodes(results: list[dict], out: Path) -> list[Path]:
         ax.set_ylabel(ylabel)
         ax.set_title(f"{base['mode']}, links {base['node_rate']}, Glance {base['glance_rate']}")
         ax.legend(fontsize=8)
-        path = out / fname
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(fig, out / fname))
     return paths
 
 

@@ -32,16 +32,9 @@ sys.path.insert(0, str(REPO))
 from harness import boot_trace  # noqa: E402
 from harness.local_glance import LocalGlance  # noqa: E402
 from harness.mounts import Mount  # noqa: E402
+from harness.pagecache import drop_page_cache  # noqa: E402
 
 MiB = 2**20
-
-
-def drop_page_cache(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def seq_read(path: Path, bs: int = MiB) -> tuple[float, int]:
