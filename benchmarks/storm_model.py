@@ -24,7 +24,7 @@ Fed with figures measured on this machine (a boot storm's results JSON from boot
                  hold up the boots on that host)
 
 ``check`` compares it with the measured runs and prints the error; ``curve`` gives points for
-N = 10..10,000 (benchmarks/plots.py draws them).
+N = 1..10,000 (benchmarks/plots.py draws them).
 
 Usage: .venv/bin/python benchmarks/storm_model.py RESULTS.json [RESULTS.json ...]
 """
@@ -96,7 +96,8 @@ def predict(way: str, n: int, p: Params) -> tuple[float, float]:
     raise ValueError(way)
 
 
-def curve(way: str, p: Params, ns=(10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)) -> list[tuple[int, float, float]]:
+def curve(way: str, p: Params, ns=(1, 2, 4, 8, 16, 32, 64, 100, 200, 500, 1000, 2000, 5000, 10000)
+          ) -> list[tuple[int, float, float]]:
     return [(n, *predict(way, n, p)) for n in ns]
 
 

@@ -28,7 +28,9 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 .venv/bin/pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
-.venv/bin/pip install -q -e '.[test]' 2>&1 | grep -v "is ignored" || true
+EXTRAS=test
+[ "${1:-}" = "--bench" ] && EXTRAS=test,bench
+.venv/bin/pip install -q -e ".[$EXTRAS]" 2>&1 | grep -v "is ignored" || true
 .venv/bin/python -c "import pyfuse3, trio, lmdb, xxhash, httpx" 
 
 GLANCE_VENV=${THUNDERFS_GLANCE_VENV:-.venv-glance}

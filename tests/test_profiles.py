@@ -266,3 +266,17 @@ def test_record_and_prefetch_on_demand_from_the_command_line(make_cluster, image
     assert b.stats()["cache"]["used"] == 3 * CHUNK
     res = thunderfs("profile", "show", "no-such-image", "--mountpoint", str(b.path))
     assert res.returncode == 1 and "no active image" in res.stderr
+
+
+def test_warm_takes_over_a_running_prefetch(make_cluster, images):
+    proxy, tracker, node = make_cluster()
+    image_id = images.add(64 * CHUNK, seed=307)
+    b = node("b", "z/r/b", "--record-window", "0", "--origin-rate", "512K", "--prefetch-flights", "1")
+    post_recording(tracker, content_of(b, image_id), 64, [[c, c] for c in range(0, 64, 2)])  # 32 requests
+    with open(b.image(image_id), "rb"):
+        wait_for(lambda: (s := activity(b, image_id)) and s["job"] == "prefetch" and s["prefetched"] > 0,
+                 what="the prefetch to start")
+        res = thunderfs("warm", str(b.path), image_id, "--quiet")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "64 chunks cached of 64" in res.stdout
+    assert b.image(image_id).read_bytes() == images.data[image_id]

@@ -293,13 +293,13 @@ def test_claims_grant_each_chunk_to_one_node_and_name_it_to_the_others():
     assert bits_to_ranges(granted) == [[0, 49]] and others == []
     granted, others = s.claim(IMG, "b", 100, ranges_to_bits([[40, 59]], 100), now=1, ttl=30)
     assert bits_to_ranges(granted) == [[50, 59]]
-    assert [(n.node_id, bits_to_ranges(b)) for n, b in others] == [("a", [[40, 49]])]
+    assert [(n.node_id, bits_to_ranges(b), held) for n, b, held in others] == [("a", [[40, 49]], False)]
     # Once a holds them they are no longer claimed but held, and still not granted to another
     # node (whose lookup may be a moment old); claims expire.
     s.update_chunks("a", False, [ChunkUpdate(IMG, 100, add=ranges_to_bits([[0, 44]], 100))])
     assert bits_to_ranges(s._claims[IMG]["a"][0]) == [[45, 49]]
     granted, others = s.claim(IMG, "b", 100, ranges_to_bits([[0, 9], [60, 61]], 100), now=2, ttl=30)
     assert bits_to_ranges(granted) == [[60, 61]]
-    assert [(n.node_id, bits_to_ranges(b)) for n, b in others] == [("a", [[0, 9]])]
+    assert [(n.node_id, bits_to_ranges(b), held) for n, b, held in others] == [("a", [[0, 9]], True)]
     granted, others = s.claim(IMG, "a", 100, ranges_to_bits([[50, 59]], 100), now=100, ttl=30)
     assert bits_to_ranges(granted) == [[50, 59]] and others == []  # b's claim expired

@@ -118,6 +118,18 @@ class Fetcher:
             self._nursery.start_soon(self._peers.manifest, meta)
         return Reader(self, meta, self._store.image(meta.content_key, meta.size))
 
+    async def wait_manifest(self, meta: ImageMeta, timeout: float = 10.0) -> bool:
+        """Until the image's manifest is here (True), or for at most ``timeout`` seconds: what
+        is fetched before it comes from Glance (peers' bytes cannot be checked), so a prefetch,
+        which nobody waits for, waits for it first."""
+        if self._peers is None:
+            return False
+        with trio.move_on_after(timeout):
+            while await self._peers.manifest(meta) is None:
+                await trio.sleep(1.0)
+            return True
+        return False
+
     def start(self, meta: ImageMeta, img: ImageData, chunks: list[int], priority: int) -> list[_Flight]:
         """Make sure a flight covers each of ``chunks`` (missing ones); return those flights."""
         flights: list[_Flight] = []

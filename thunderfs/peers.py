@@ -94,7 +94,8 @@ class PeerSource:
         self._manifest_asking[key] = done = trio.Event()
         try:
             m = None
-            with trio.move_on_after(self.timeout):
+            # A manifest is 44 bytes of JSON per chunk (1.4 MiB for 2 GiB): give it time by size.
+            with trio.move_on_after(self.timeout + meta.size // self._cs * 44 / self._min_rate):
                 m = await self._tracker.manifest(meta.id, self._cs)
         except TrackerError as exc:
             log.debug("no manifest for %s: %s", meta.id, exc)
@@ -221,11 +222,13 @@ class PeerSource:
             log.debug("claim failed: %s", exc)
             return chunks, []
         self._stats["claims"] += 1
-        # A peer that has just failed, lied or been too slow is not waited for (one that becomes
-        # slow while it is waited for is waited for still: take_claimed).
+        # A peer that has failed or lied is not waited for.  One that was too slow a moment ago
+        # is not asked for what it holds (a hung holder would cost every reader the wait), but is
+        # waited for if it is fetching the chunks from Glance: on a loaded host every peer is
+        # slow now and then, and skipping claimers sends the whole crowd to Glance.
         now = trio.current_time()
-        others = [(p, cs) for p, cs in others
-                  if max(self._avoid.get(p.node_id, 0), self._slow.get(p.node_id, 0)) <= now]
+        others = [(p, cs) for p, cs, held in others
+                  if self._avoid.get(p.node_id, 0) <= now and not (held and self._slow.get(p.node_id, 0) > now)]
         granted = sorted(set(chunks) - {c for _, cs in others for c in cs})
         return granted, others
 

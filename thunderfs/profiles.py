@@ -75,6 +75,7 @@ class Activity:
         self.recording: Recording | None = None
         self.job: str | None = None  # "prefetch" or "warm" while one runs
         self.job_scope: trio.CancelScope | None = None
+        self.job_seq = 0
         self.job_total = self.job_done = 0
         self.profile_version = 0
         self.stats = dict.fromkeys(("prefetched", "hits", "demand_waits", "reads", "recordings_sent"), 0)
@@ -145,7 +146,7 @@ class Profiles:
         if first_open and cold and self.record_window > 0:
             self.start_recording(act, self.record_window)
         if self.prefetch_flights > 0 and act.job is None:
-            self._nursery.start_soon(self._job, act, "prefetch", True)
+            self._begin(act, "prefetch", stop_when_idle=True)
 
     # --- recording ---------------------------------------------------------------------------
 
@@ -205,11 +206,22 @@ class Profiles:
         return profile
 
     def start_job(self, meta: ImageMeta, img: ImageData, kind: str) -> Activity:
-        """Start a prefetch or warm job unless one runs; the image's activity."""
+        """Start a prefetch or warm job unless one runs (warm replaces a running prefetch: it
+        fetches the same chunks first, then the rest); the image's activity."""
         act = self.activity(meta, img)
-        if act.job is None and self._nursery is not None:
-            self._nursery.start_soon(self._job, act, kind, False)
+        if self._nursery is not None and (act.job is None or (kind == "warm" and act.job == "prefetch")):
+            self._begin(act, kind, stop_when_idle=False)
         return act
+
+    def _begin(self, act: Activity, kind: str, stop_when_idle: bool) -> None:
+        """The job is the image's from now on (a job it replaces is cancelled)."""
+        if act.job_scope is not None:
+            act.job_scope.cancel()
+        act.job_seq += 1
+        act.job, act.job_done, act.job_total = kind, 0, 0
+        act.job_scope = trio.CancelScope()
+        assert self._nursery is not None
+        self._nursery.start_soon(self._job, act, act.job_seq, act.job_scope, kind, stop_when_idle)
 
     def cancel_job(self, meta: ImageMeta, img: ImageData) -> bool:
         act = self._activity.get(img.content)
@@ -218,12 +230,10 @@ class Profiles:
         act.job_scope.cancel()
         return True
 
-    async def _job(self, act: Activity, kind: str, stop_when_idle: bool) -> None:
-        if act.job is not None:
-            return
-        act.job, act.job_done, act.job_total = kind, 0, 0
+    async def _job(self, act: Activity, seq: int, scope: trio.CancelScope, kind: str,
+                   stop_when_idle: bool) -> None:
         try:
-            with trio.CancelScope() as act.job_scope:
+            with scope:
                 profile = await self.profile(act.meta, act.img)
                 order = [c for c, _ in profile.touches] if profile else []
                 if profile:
@@ -238,12 +248,15 @@ class Profiles:
                 log.info("%s of %s: %d chunks%s", kind, act.meta.id, act.job_total,
                          f" (profile version {profile.version})" if profile else "")
                 mark = kind == "prefetch"  # warm's chunks are not counted as prefetched (hits, waste)
+                if self._tracker is not None and not await self._fetcher.wait_manifest(act.meta):
+                    log.info("%s of %s goes ahead without the manifest: from Glance only", kind, act.meta.id)
                 await self._fetch_in_order(act, order, self._batch, mark, stop_when_idle)
                 # Then, for warm, the rest in the largest requests: the profile's chunks first.
                 await self._fetch_in_order(act, rest, self._fetcher.max_chunks, mark, stop_when_idle)
                 log.info("%s of %s done: %d chunks", kind, act.meta.id, act.job_done)
         finally:
-            act.job, act.job_scope = None, None
+            if act.job_seq == seq:  # not replaced by another job meanwhile
+                act.job, act.job_scope = None, None
 
     async def _fetch_in_order(self, act: Activity, order: list[int], batch: int, mark: bool,
                               stop_when_idle: bool) -> None:

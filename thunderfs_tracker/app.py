@@ -193,7 +193,7 @@ async def claims(request: web.Request) -> web.Response:
     request.app[STATS]["claims"] += 1
     return web.json_response({"granted": bits_to_ranges(granted), "claimed": [
         {"node_id": n.node_id, "peer_url": n.peer_url, "location": "/".join(n.location), "load": n.load,
-         "chunks": bits_to_ranges(b)} for n, b in others]})
+         "chunks": bits_to_ranges(b), "held": held} for n, b, held in others]})
 
 
 async def report(request: web.Request) -> web.Response:

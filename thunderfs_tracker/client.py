@@ -109,7 +109,8 @@ class TrackerClient:
         return Manifest.parse(r)
 
     async def claim(self, content: str, nchunks: int, chunks: list[int]) -> tuple[list[int], list[tuple[PeerRecord, list[int]]]]:
-        """Claim chunks about to be fetched from Glance: (granted, [(claimer, its chunks)])."""
+        """Claim chunks about to be fetched from Glance: (granted, [(peer, its chunks, whether it
+        holds them already rather than fetching them)])."""
         ranges = bits_to_ranges(chunks_to_bits(chunks))
         r = await self._call("POST", f"{API}/images/{content}/claims",
                              {"node_id": self.node_id, "nchunks": nchunks, "chunks": ranges})
@@ -118,7 +119,7 @@ class TrackerClient:
         for o in r["claimed"]:
             node = NodeInfo.parse(o["node_id"], o)
             rec = PeerRecord(node.node_id, node.peer_url, node.location, node.load, 0)
-            others.append((rec, [c for a, b in o["chunks"] for c in range(a, b + 1)]))
+            others.append((rec, [c for a, b in o["chunks"] for c in range(a, b + 1)], bool(o.get("held"))))
         return granted, others
 
     async def profile(self, content: str, chunk_size: int) -> Profile | None:

@@ -34,7 +34,7 @@ class PeerStore(Protocol):
     def expire(self, older_than: float) -> list[str]: ...
 
     def claim(self, content: str, node_id: str, nchunks: int, want: int, now: float,
-              ttl: float) -> tuple[int, list[tuple[NodeInfo, int]]]: ...
+              ttl: float) -> tuple[int, list[tuple[NodeInfo, int, bool]]]: ...
 
     def statistics(self) -> dict: ...
 
@@ -109,11 +109,11 @@ class MemoryPeerStore:
         return out
 
     def claim(self, content: str, node_id: str, nchunks: int, want: int, now: float,
-              ttl: float) -> tuple[int, list[tuple[NodeInfo, int]]]:
+              ttl: float) -> tuple[int, list[tuple[NodeInfo, int, bool]]]:
         """A node is about to fetch ``want`` (bits) from Glance.  Chunks another live node holds
-        or has claimed are not granted: that node is named instead, so that the asker takes them
-        from it (or from whoever has them by then).  The rest is granted, and claimed for ``ttl``
-        seconds."""
+        or has claimed are not granted: that node is named instead (with whether it holds them
+        already or is fetching them), so that the asker takes them from it (or from whoever has
+        them by then).  The rest is granted, and claimed for ``ttl`` seconds."""
         if node_id not in self._nodes:
             raise KeyError(node_id)
         known = self._nchunks.get(content)
@@ -125,7 +125,7 @@ class MemoryPeerStore:
         # lookup was a moment old must not be granted what has just arrived elsewhere.
         for other, bits in self._chunks.get(content, {}).items():
             if other != node_id and bits & want & ~taken:
-                others.append((self._nodes[other], bits & want & ~taken))
+                others.append((self._nodes[other], bits & want & ~taken, True))
                 taken |= bits & want
                 if taken & want == want:
                     break
@@ -134,7 +134,7 @@ class MemoryPeerStore:
                 del claims[other]
                 continue
             if other != node_id and bits & want & ~taken:
-                others.append((self._nodes[other], bits & want & ~taken))
+                others.append((self._nodes[other], bits & want & ~taken, False))
                 taken |= bits & want
         granted = want & ~taken
         mine = claims.get(node_id, (0, 0.0))[0]
