@@ -51,8 +51,9 @@ def kernel_and_initrd() -> tuple[str, str]:
     return kernels[-1], initrds[-1]
 
 
-def boot(backing: Path, work: Path, name: str, timeout: float = 300) -> float:
-    """Seconds from qemu's start to the guest's marker."""
+def boot(backing: Path, work: Path, name: str, timeout: float = 300, on_start=None) -> float:
+    """Seconds from qemu's start to the guest's marker.  ``on_start(proc)`` sees the qemu
+    process as soon as it runs (a harness that boots from threads kills it if interrupted)."""
     overlay = work / f"{name}.qcow2"
     overlay.unlink(missing_ok=True)
     # -u: do not open the backing file now (that open would start the image's recording early).
@@ -67,6 +68,8 @@ def boot(backing: Path, work: Path, name: str, timeout: float = 300) -> float:
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=console, stdin=subprocess.DEVNULL, text=True,
                             errors="replace", start_new_session=True)
+    if on_start is not None:
+        on_start(proc)
     took = None
     try:
         deadline = t + timeout

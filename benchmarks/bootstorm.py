@@ -166,32 +166,9 @@ class Storm:
         return boot_trace.replay(path, self.reads, paced=self.args.mode == "replay-paced")
 
     def boot_vm(self, path: Path, name: str) -> float:
-        from boot_bench import MARKER, kernel_and_initrd
+        from boot_bench import boot
 
-        overlay = self.work / f"{name}.qcow2"
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(path), "-F", "raw", "-u",
-                        str(overlay), "2G"], check=True)
-        kernel, initrd = kernel_and_initrd()
-        t = time.perf_counter()
-        vm = subprocess.Popen(["qemu-system-x86_64", "-m", "512", "-smp", "1", "-display", "none", "-monitor", "none",
-                               "-serial", "stdio", "-no-reboot", "-kernel", kernel, "-initrd", initrd,
-                               "-append", "console=ttyS0 root=/dev/vda rw quiet panic=-1",
-                               "-drive", f"file={overlay},format=qcow2,if=virtio"],
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-                              text=True, errors="replace", start_new_session=True)
-        self.vms.append(vm)
-        try:
-            for line in vm.stdout:
-                if MARKER in line:
-                    return time.perf_counter() - t
-            raise RuntimeError(f"VM {name} stopped before its boot marker")
-        finally:
-            try:
-                vm.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(vm.pid, signal.SIGKILL)
-                vm.wait()
-            overlay.unlink(missing_ok=True)
+        return boot(path, self.work, name, on_start=self.vms.append)
 
     # --- the storm -------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,15 @@ def mount(glance, mounts):
 
 
 SECRET = b"peers-test-secret-0123456789"
+
+
+def wait_for(pred, timeout=20, what="condition"):
+    """Poll ``pred`` until it is true (returning its value) or ``timeout`` seconds pass (failing)."""
+    deadline = time.monotonic() + timeout
+    while not (value := pred()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+    return value
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 
-from conftest import SECRET
+from conftest import SECRET, wait_for
 
 CHUNK = 64 * 1024
 
@@ -25,13 +25,6 @@ def cluster(request, make_cluster):
     """Nodes as daemons on loopback, or each in its own network namespace on a bridge with a
     200 Mbit/s link; Glance's proxy and the tracker in the root namespace."""
     return make_cluster(netns=request.param == "netns")
-
-
-def wait_for(pred, timeout=20, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def warm(m, tracker, image_id, data):

@@ -8,6 +8,7 @@ ask for (the profile would then rightly contain them).
 
 from __future__ import annotations
 
+import functools
 import json
 import mmap
 import os
@@ -17,6 +18,7 @@ import urllib.request
 
 import pytest
 
+import conftest
 from conftest import SECRET
 from harness.mounts import thunderfs
 from thunderfs_tracker.profiles import ProfileStore, merge
@@ -41,12 +43,7 @@ def read_direct(path, chunks, pause=0.0):
     return out
 
 
-def wait_for(pred, timeout=30, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not (value := pred()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-    return value
+wait_for = functools.partial(conftest.wait_for, timeout=30)  # a recording ends after reads stop
 
 
 def activity(m, image_id):

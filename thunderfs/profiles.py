@@ -119,6 +119,10 @@ class Profiles:
         self._activity: dict[bytes, Activity] = {}
         self._nursery: trio.Nursery | None = None
 
+    @property
+    def has_tracker(self) -> bool:
+        return self._tracker is not None
+
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -142,8 +146,8 @@ class Profiles:
         reader.watcher = act.read
         if self._nursery is None or self._tracker is None:
             return
-        cold = not any(img.state)  # nothing of it cached: opened here for the first time
-        if first_open and cold and self.record_window > 0:
+        # The first open with nothing of it cached: opened on this node for the first time.
+        if first_open and self.record_window > 0 and not any(img.state):
             self.start_recording(act, self.record_window)
         if self.prefetch_flights > 0 and act.job is None:
             self._begin(act, "prefetch", stop_when_idle=True)
@@ -320,7 +324,7 @@ class ProfileControl:
         return meta, self._store.image(meta.content_key, meta.size)
 
     def _need_tracker(self) -> None:
-        if self._profiles._tracker is None:
+        if not self._profiles.has_tracker:
             raise ValueError("this mount has no --tracker: profiles live at the tracker")
 
     async def record(self, req: dict) -> dict:
