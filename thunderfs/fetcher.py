@@ -76,6 +76,9 @@ PLACE_STEP = 2**20
 
 # The longest a flight waits for chunks another node claimed before fetching them from Glance itself.
 CLAIM_WAIT_MAX = 60.0
+# How often readahead and prefetch ask a slow tracker for a claim before fetching from Glance
+# unclaimed (a reader waiting asks once: it had better have its bytes).
+CLAIM_TRIES_BACKGROUND = 3
 
 
 def deadline_for(timeout: float, nbytes: int) -> float:
@@ -240,14 +243,19 @@ class Fetcher:
             missing = [c for c in missing if img.state[c] == ABSENT and c not in got]
         if not missing:
             return stored
-        granted, others = (await peers.claim(meta, img, missing)) if peers is not None else (missing, [])
+        if peers is not None:
+            tries = 1 if f.ticket.priority == DEMAND else CLAIM_TRIES_BACKGROUND
+            granted, others = await peers.claim(meta, img, missing, tries=tries)
+        else:
+            granted, others = missing, []
         late: list[int] = []
         self._stats["granted_chunks"] += len(granted)
 
-        async def from_claimer(peer, chunks):
+        async def from_claimer(peer, chunks, held):
             before = len(chunks)
             wait = min(CLAIM_WAIT_MAX, deadline_for(self.fetch_timeout, before * cs))
-            left = await peers.take_claimed(meta, img, peer, chunks, wait, place)
+            left = await peers.take_claimed(meta, img, peer, chunks, wait, place, held=held,
+                                            urgent=f.ticket.priority == DEMAND)
             self._stats["chunks_from_peers"] += before - len(left)
             self._stats["bytes_from_peers"] += (before - len(left)) * cs
             late.extend(left)
@@ -255,8 +263,8 @@ class Fetcher:
 
         try:
             async with trio.open_nursery() as nursery:
-                for peer, chunks in others:
-                    nursery.start_soon(from_claimer, peer, chunks)
+                for peer, chunks, held in others:
+                    nursery.start_soon(from_claimer, peer, chunks, held)
                 if granted:
                     await self._from_origin(meta, img, granted, f.ticket, place)
         except BaseExceptionGroup as group:

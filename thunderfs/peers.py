@@ -38,6 +38,12 @@ class PeerSource:
     CLAIM_PIECE = 2**20
     # How many such pieces one waiting flight asks for at once, from different peers.
     CLAIM_WORKERS = 6
+    # How many of those requests this node has outstanding at one peer: a crowd of waiters all
+    # asking the first holder at once would bury it (it times out, and everybody goes to Glance).
+    CLAIM_PER_PEER = 2
+    # How long a reader waits for chunks a slow peer already holds (times the peer timeout) while
+    # other holders appear, before Glance: a hung sole holder costs a reader this, no more.
+    SLOW_HOLDER_PATIENCE = 2
 
     def __init__(self, tracker: TrackerClient, *, node_id: str, secret: bytes | None, chunk_size: int,
                  timeout: float = 2.0, lookup_window: int = 1024, lookup_ttl: float = 2.0,
@@ -62,12 +68,14 @@ class PeerSource:
         self._manifest_asked: dict[bytes, float] = {}
         self._manifest_asking: dict[bytes, trio.Event] = {}
         self._lookups: dict[tuple[str, int], tuple[float, list[PeerRecord]]] = {}  # -> (when, peers)
+        self._looking: dict[tuple[str, int], trio.Event] = {}  # lookups under way
         self._avoid: dict[str, float] = {}  # failed or lied: until when
         self._slow: dict[str, float] = {}   # slow (busy serving others, perhaps): until when
         self._rtt: dict[str, float] = {}
+        self._asking: dict[str, int] = {}  # claim pieces outstanding per peer
         self._stats = dict.fromkeys(("chunks", "bytes", "requests", "failures", "slow", "busy", "bad_chunks",
                                      "lookups", "lookup_failures", "no_manifest", "claims", "claim_failures",
-                                     "claim_waits"), 0)
+                                     "claim_retries", "claim_waits"), 0)
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -126,21 +134,39 @@ class PeerSource:
             wlast = min(img.nchunks, wfirst + self._window) - 1
             cached = self._lookups.get((content, w))
             if cached is None or now - cached[0] >= max_age:
-                self._stats["lookups"] += 1
-                try:
-                    with trio.fail_after(self.timeout):
-                        found = await self._tracker.lookup(content, wfirst, wlast)
-                except (TrackerError, trio.TooSlowError) as exc:
-                    self._stats["lookup_failures"] += 1
-                    log.debug("tracker lookup failed: %s", exc)
-                    found = cached[1] if cached else []  # the peers we already knew
-                self._lookups[(content, w)] = cached = (now, found)
-                if len(self._lookups) > 4096:
-                    self._lookups = {k: v for k, v in self._lookups.items() if now - v[0] < self._ttl}
+                cached = await self._lookup(content, w, wfirst, wlast)
             for p in cached[1]:
                 rec, bits = merged.get(p.node_id, (p, 0))
                 merged[p.node_id] = (rec, bits | (p.chunks << wfirst))
         return list(merged.values())
+
+    async def _lookup(self, content: str, w: int, wfirst: int, wlast: int) -> tuple[float, list[PeerRecord]]:
+        """One tracker lookup of a window at a time: the flights and claim workers that want it
+        while it is asked all take its answer (a crowd of waiters would otherwise multiply the
+        tracker's load, and an overloaded tracker times out into fetches from Glance)."""
+        key = (content, w)
+        if (asking := self._looking.get(key)) is not None:
+            await asking.wait()
+            return self._lookups.get(key) or (trio.current_time(), [])
+        self._looking[key] = asking = trio.Event()
+        now = trio.current_time()
+        try:
+            self._stats["lookups"] += 1
+            previous = self._lookups.get(key)
+            try:
+                with trio.fail_after(self.timeout):
+                    found = await self._tracker.lookup(content, wfirst, wlast)
+            except (TrackerError, trio.TooSlowError) as exc:
+                self._stats["lookup_failures"] += 1
+                log.debug("tracker lookup failed: %s", exc)
+                found = previous[1] if previous else []  # the peers we already knew
+            self._lookups[key] = answer = (now, found)
+            if len(self._lookups) > 4096:
+                self._lookups = {k: v for k, v in self._lookups.items() if now - v[0] < self._ttl}
+            return answer
+        finally:
+            del self._looking[key]
+            asking.set()
 
     # --- fetching --------------------------------------------------------------------------
 
@@ -209,41 +235,52 @@ class PeerSource:
         self._stats["bytes"] += len(body)
         return "ok", body
 
-    async def claim(self, meta: ImageMeta, img: ImageData, chunks: list[int]) -> tuple[list[int], list]:
+    async def claim(self, meta: ImageMeta, img: ImageData, chunks: list[int],
+                    *, tries: int = 1) -> tuple[list[int], list]:
         """Before fetching ``chunks`` from Glance: (chunks this node may fetch, [(peer, chunks it
-        is fetching)]).  Without a manifest, or with the tracker down, everything is granted."""
+        is fetching or holds, whether it holds them)]).  Without a manifest, or with the tracker
+        down, everything is granted.  A tracker that is slow (not down) is asked up to ``tries``
+        times: a background fetch had better wait than fetch from Glance what a crowd of other
+        nodes is fetching too."""
         if meta.content_key not in self._manifests:
             return chunks, []
-        try:
-            with trio.fail_after(self.timeout):
-                granted, others = await self._tracker.claim(img.content.hex(), img.nchunks, chunks)
-        except (TrackerError, trio.TooSlowError) as exc:
-            self._stats["claim_failures"] += 1
-            log.debug("claim failed: %s", exc)
-            return chunks, []
+        for attempt in range(1, tries + 1):
+            try:
+                with trio.fail_after(self.timeout):
+                    granted, others = await self._tracker.claim(img.content.hex(), img.nchunks, chunks)
+                break
+            except (TrackerError, trio.TooSlowError) as exc:
+                slow = isinstance(exc, trio.TooSlowError) or isinstance(exc.__cause__, httpx.TimeoutException)
+                if slow and attempt < tries:
+                    self._stats["claim_retries"] += 1
+                    continue
+                self._stats["claim_failures"] += 1
+                log.debug("claim failed: %r", exc)
+                return chunks, []
         self._stats["claims"] += 1
-        # A peer that has failed or lied is not waited for.  One that was too slow a moment ago
-        # is not asked for what it holds (a hung holder would cost every reader the wait), but is
-        # waited for if it is fetching the chunks from Glance: on a loaded host every peer is
-        # slow now and then, and skipping claimers sends the whole crowd to Glance.
+        # A peer that has failed or lied is not waited for.  One that was slow a moment ago is:
+        # on a loaded host every peer is slow now and then, and skipping them sends the whole
+        # crowd to Glance (take_claimed bounds the wait for a slow holder).
         now = trio.current_time()
-        others = [(p, cs) for p, cs, held in others
-                  if self._avoid.get(p.node_id, 0) <= now and not (held and self._slow.get(p.node_id, 0) > now)]
-        granted = sorted(set(chunks) - {c for _, cs in others for c in cs})
+        others = [(p, cs, held) for p, cs, held in others if self._avoid.get(p.node_id, 0) <= now]
+        granted = sorted(set(chunks) - {c for _, cs, _ in others for c in cs})
         return granted, others
 
     async def take_claimed(self, meta: ImageMeta, img: ImageData, claimer: PeerRecord, chunks: list[int],
-                           wait: float, place) -> list[int]:
+                           wait: float, place, *, held: bool = False, urgent: bool = True) -> list[int]:
         """Take ``chunks``, which ``claimer`` is fetching from Glance, as they appear, for at most
         ``wait`` seconds: from whichever peers hold them by then, nodes that already took them
         from the claimer before the claimer itself (so that its uplink is not the only one that
         carries them), a few pieces at once from different peers.  ``place(first, bytes)``
         receives each verified run.  Returns the chunks not delivered (the caller fetches them
-        from Glance), at once if the claimer fails (a slow claimer is waited for)."""
+        from Glance), at once if the claimer fails (a slow claimer is waited for; if it already
+        ``held`` them and a reader waits (``urgent``), only for SLOW_HOLDER_PATIENCE timeouts)."""
         manifest = self._manifests.get(meta.content_key)
         pending = set(chunks)
         if manifest is None:
             return sorted(pending)
+        if urgent and held and self._slow.get(claimer.node_id, 0) > trio.current_time():
+            wait = min(wait, self.SLOW_HOLDER_PATIENCE * self.timeout)
         taking: set[int] = set()
         resting: dict[str, float] = {}  # peers that were busy or slow: not asked again until then
         claimer_failed = False
@@ -260,10 +297,13 @@ class PeerSource:
                 peer, rfirst, rcount = choice
                 piece = range(rfirst, rfirst + rcount)
                 taking.update(piece)
+                self._asking[peer.node_id] = self._asking.get(peer.node_id, 0) + 1
                 try:
                     status, data = await self._from_peer(peer, img, manifest, rfirst, rcount)
                 finally:
                     taking.difference_update(piece)
+                    if (left := self._asking.pop(peer.node_id) - 1) > 0:
+                        self._asking[peer.node_id] = left
                 if status == "ok":
                     place(rfirst, data)
                     pending.difference_update(piece)
@@ -287,7 +327,8 @@ class PeerSource:
         ranked = sorted(holders, key=lambda held: held[0].node_id == claimer.node_id)
         for peer, bits in ranked:
             node = peer.node_id
-            if resting.get(node, 0) > now or self._avoid.get(node, 0) > now:
+            if (resting.get(node, 0) > now or self._avoid.get(node, 0) > now
+                    or self._asking.get(node, 0) >= self.CLAIM_PER_PEER):
                 continue
             if node != claimer.node_id and self._slow.get(node, 0) > now:
                 continue
