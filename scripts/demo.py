@@ -3,9 +3,12 @@
 1. boot-like scattered reads (the recorded Debian boot's reads that fall inside the image):
    only the chunks read cross the network;
 2. the whole image read through the mount and checked against Glance's sha512;
-3. Glance stopped, the mount restarted: the image is still read, from the cache alone.
+3. Glance stopped, the mount restarted: the image is still read, from the cache alone;
+4. two nodes, each in a network namespace of its own, and a tracker: the image read through the
+   first node, then through the second, which takes most of its bytes from the first.
 
-Prints where the bytes came from at each step and tears everything down.
+Prints where the bytes came from at each step (and the second node's ``thunderfs status``) and
+tears everything down (mounts, daemons, namespaces, Glance).
 """
 
 from __future__ import annotations
@@ -20,8 +23,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from harness.local_glance import LocalGlance  # noqa: E402
+from harness.fault_proxy import FaultProxy  # noqa: E402
+from harness.local_glance import LocalGlance, free_port  # noqa: E402
 from harness.mounts import Mount, thunderfs  # noqa: E402
+from harness.netns import Lan  # noqa: E402
+from harness.tracker import LocalTracker  # noqa: E402
 from thunderfs.units import format_size  # noqa: E402
 
 TRACE = REPO.parent / "shared" / "data" / "debian-boot-trace.txt"
@@ -110,12 +116,60 @@ def main() -> int:
             res = thunderfs("verify", str(mount.path), image_id)
             print(f"   {res.stdout.strip() or res.stderr.strip()}")
             line("", mount.stats())
-            print()
-            print(thunderfs("status", str(mount.path)).stdout)
-            return res.returncode
+            if res.returncode:
+                return 1
+            mount.cleanup()
+            glance.start()
+            return two_nodes(work, glance, image_id)
         finally:
             mount.cleanup()
             glance.stop()
+
+
+def two_nodes(work: Path, glance: LocalGlance, image_id: str) -> int:
+    """Step 4: a tracker and two nodes in namespaces; the second reads mostly from the first."""
+    secret = work / "secret"
+    secret.write_bytes(random.randbytes(32))
+    secret.chmod(0o600)
+    lan = Lan().up()
+    proxy = tracker = None
+    nodes: list[Mount] = []
+    try:
+        proxy = FaultProxy(glance.url, host=lan.root_addr).start()  # Glance as the namespaces reach it
+        tracker = LocalTracker(work / "tracker", "--glance", glance.url, "--secret-file", str(secret),
+                               host=lan.root_addr)
+        tracker.start()
+        print(f"4. a tracker at {tracker.url}; two nodes, each in a network namespace of its own")
+        for i, name in enumerate(("node-a", "node-b")):
+            n = lan.add_node()
+            m = Mount(work / f"mnt-{name}", proxy.url, work / f"cache-{name}", "--cache-size", "1G",
+                      "--tracker", tracker.url, "--peer-listen", f"{n.addr}:{free_port()}", "--node-id", name,
+                      "--location", f"zone1/rack1/{name}", "--secret-file", str(secret), prefix=n.exec_prefix())
+            nodes.append(m)
+            m.mount()
+            before = m.stats()
+            res = thunderfs("verify", str(m.path), image_id, prefix=n.exec_prefix())
+            print(f"   {name}: {res.stdout.strip() or res.stderr.strip()}")
+            if res.returncode:
+                return 1
+            f = m.stats()["fetch"]
+            print(f"   {name}: from Glance {format_size(f['bytes_from_origin'] - before['fetch']['bytes_from_origin'])}"
+                  f", from peers {format_size(f['bytes_from_peers'] - before['fetch']['bytes_from_peers'])}")
+        print()
+        print(thunderfs("status", str(nodes[1].path)).stdout)
+        f = nodes[1].stats()["fetch"]
+        if f["bytes_from_peers"] <= f["bytes_from_origin"]:
+            print("the second node took less from its peer than from Glance: something is wrong", file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        for m in nodes:
+            m.cleanup()
+        if tracker:
+            tracker.stop()
+        if proxy:
+            proxy.stop()
+        lan.down()
 
 
 if __name__ == "__main__":

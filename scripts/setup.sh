@@ -6,7 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(fuse3 libfuse3-dev pkg-config curl fio iproute2 e2fsprogs)
+# systemd: systemd-analyze, which checks the units in the tests.
+APT_PACKAGES=(fuse3 libfuse3-dev pkg-config curl fio iproute2 e2fsprogs systemd)
 # --bench: also what the VM boot benchmarks need (qemu, a kernel to boot, debootstrap).
 if [ "${1:-}" = "--bench" ]; then
     APT_PACKAGES+=(qemu-system-x86 qemu-utils linux-image-amd64 debootstrap)

@@ -66,6 +66,8 @@ class ImageData:
         self.xxh = array("Q", bytes(8 * self.nchunks))
         self.pins: dict[int, tuple[int, int]] = {}
         self.touched: set[int] = set()
+        # Bytes served to readers, and fetched by source (status and metrics per image).
+        self.counters = dict.fromkeys(("bytes_read", "bytes_from_peers", "bytes_from_origin"), 0)
 
     def chunk_range(self, offset: int, size: int) -> tuple[int, int]:
         return offset // self.chunk_size, (offset + size - 1) // self.chunk_size

@@ -15,17 +15,23 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from thunderfs import __version__, control
+from thunderfs import __version__, control, systemd
 from thunderfs.config import MountConfig
 from thunderfs.errors import ConfigError
 from thunderfs.units import format_size, parse_size
+from thunderfs_tracker import config_file
+
+DEFAULT_CONFIG = Path("/etc/thunderfs/thunderfs.toml")
 
 log = logging.getLogger(__name__)
 
 
 def _setup_logging(log_file: Path | None, debug: bool) -> None:
     handler: logging.Handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if log_file is None and systemd.under_journal():
+        handler.setFormatter(systemd.JournalFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug else logging.INFO)
@@ -37,6 +43,9 @@ def _setup_logging(log_file: Path | None, debug: bool) -> None:
 
 
 def _mount_config(args) -> MountConfig:
+    for name, flag in (("mountpoint", "MOUNTPOINT"), ("glance", "--glance"), ("cache_dir", "--cache-dir")):
+        if not getattr(args, name):
+            raise ConfigError(f"{flag} is needed (on the command line, or {name} in the config file)")
     return MountConfig(
         mountpoint=Path(args.mountpoint),
         glance_url=args.glance,
@@ -65,6 +74,7 @@ def _mount_config(args) -> MountConfig:
         record_idle=args.record_idle,
         prefetch_flights=args.prefetch_flights,
         prefetch_idle=args.prefetch_idle,
+        metrics_listen=args.metrics_listen,
         **({"node_id": args.node_id} if args.node_id else {}),
     )
 
@@ -84,6 +94,7 @@ def cmd_mount(args, argv: list[str]) -> int:
 
     def ready() -> None:
         nonlocal ready_fd
+        systemd.notify(f"READY=1\nSTATUS=serving {config.mountpoint}\nMAINPID={os.getpid()}")
         if ready_fd is not None:
             os.write(ready_fd, b"READY\n")
             os.close(ready_fd)
@@ -209,10 +220,19 @@ def cmd_verify(args, _argv) -> int:
 
 
 def cmd_status(args, _argv) -> int:
-    stats = control.call(Path(args.mountpoint), "stats")
+    mounts = [Path(args.mountpoint)] if args.mountpoint else control.mountpoints()
+    if not mounts:
+        raise ConfigError("no thunderfs mount is running here")
+    all_stats = [control.call(m, "stats") for m in mounts]
     if args.json:
-        print(json.dumps(stats, indent=2, sort_keys=True))
+        print(json.dumps(all_stats[0] if args.mountpoint else all_stats, indent=2, sort_keys=True))
         return 0
+    for stats in all_stats:
+        _print_status(stats)
+    return 0
+
+
+def _print_status(stats: dict) -> None:
     g, c, f = stats["glance"], stats["cache"], stats["fetch"]
     print(f"{stats['mountpoint']}: {stats['images']} images, daemon pid {stats['pid']}")
     print(f"  Glance {g['url']} ({'reachable' if g['reachable'] else 'UNREACHABLE'}): "
@@ -222,8 +242,34 @@ def cmd_status(args, _argv) -> int:
           f"{c['evictions']} evictions, {c['corrupt_dropped']} corrupt chunks dropped")
     print(f"  fetched {f['chunks_fetched']} chunks in {f['flights']} requests "
           f"({f['readahead_chunks']} by readahead), {f['failures']} failures")
-    for a in stats.get("profiles", {}).values():
-        print(f"  {_job_line(a)}")
+    if "peers" in stats:
+        p, u = stats["peers"], stats["peer_server"]
+        print(f"  peers: received {format_size(p['bytes'])} in {p['requests']} requests ({p['bad_chunks']} bad "
+              f"chunks refused); sent {format_size(u['served_bytes'])} to others; avoided now: "
+              f"{', '.join(p['avoided_peers']) or 'none'}")
+    idle = 0
+    for im in stats.get("per_image", []):
+        if not im["cached_chunks"] and not im["bytes_read"]:
+            idle += 1
+            continue
+        print(f"  {im['id']} {im['name']!r}: {format_size(im['size'])}, {100 * im['cached_fraction']:.1f}% cached; "
+              f"read {format_size(im['bytes_read'])}; fetched {format_size(im['bytes_from_peers'])} from peers, "
+              f"{format_size(im['bytes_from_origin'])} from Glance")
+        if im["peers"]:
+            print("    peers: " + ", ".join(f"{n} {format_size(b)}" for n, b in list(im["peers"].items())[:5])
+                  + (f" and {len(im['peers']) - 5} more" if len(im["peers"]) > 5 else ""))
+        if (pr := im["profile"]) is not None:
+            job = f"{pr['job']} {pr['job_done']}/{pr['job_total']}" if pr["job"] else "no prefetch running"
+            print(f"    profile v{pr['profile_version'] or '-'}{', recording' if pr['recording'] else ''}; {job}; "
+                  f"prefetched {pr['prefetched']}, {pr['hits']} read, {pr['waste']} not read; "
+                  f"{pr['demand_waits']} reads waited")
+    if idle:
+        print(f"  {idle} other image{'s' if idle > 1 else ''}: nothing cached or read")
+
+
+def cmd_evict(args, _argv) -> int:
+    r = control.call(Path(args.mountpoint), "evict", image_id=args.image_id)
+    print(f"{args.image_id}: {r['dropped_chunks']} cached chunks dropped")
     return 0
 
 
@@ -307,30 +353,40 @@ def cmd_warm(args, _argv) -> int:
 # --- parser -----------------------------------------------------------------------------------
 
 
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="thunderfs", description="Glance images as lazily fetched files.")
     p.add_argument("--version", action="version", version=f"thunderfs {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    m = sub.add_parser("mount", help="mount Glance's images at MOUNTPOINT/images/<image-id>")
-    m.add_argument("mountpoint")
-    m.add_argument("--glance", required=True, help="Glance API URL, e.g. http://glance:9292")
-    m.add_argument("--cache-dir", required=True, help="where cached chunks and their index live")
-    m.add_argument("--cache-size", default="10G", help="bound of the cache (default 10G)")
-    m.add_argument("--chunk-size", default="64K",
+    m = sub.add_parser("mount", help="mount Glance's images at MOUNTPOINT/images/<image-id>",
+                       description="Every option may also be set in the config file (TOML): the option's "
+                                   "name with underscores, e.g. cache_size = \"20G\"; flags win.")
+    m.add_argument("mountpoint", nargs="?")
+    m.add_argument("--config", help=f"settings file (default {DEFAULT_CONFIG} if it exists)")
+    m.add_argument("--glance", help="Glance API URL, e.g. http://glance:9292")
+    m.add_argument("--cache-dir", help="where cached chunks and their index live")
+    m.add_argument("--cache-size", type=_size, default="10G", help="bound of the cache (default 10G)")
+    m.add_argument("--chunk-size", type=_size, default="64K",
                    help="unit of caching and verification (default 64K; see benchmarks/README.md)")
-    m.add_argument("--max-request", default="16M",
+    m.add_argument("--max-request", type=_size, default="16M",
                    help="largest Range request to Glance (default 16M; each costs ~7 ms fixed)")
     m.add_argument("--origin-concurrency", type=int, default=8, help="parallel requests to Glance (default 8)")
     m.add_argument("--fetch-timeout", type=float, default=20.0,
                    help="seconds a read may wait for an uncached chunk before EIO (default 20)")
     m.add_argument("--connect-timeout", type=float, default=3.0, help="seconds to connect to Glance")
     m.add_argument("--listing-ttl", type=float, default=10.0, help="seconds between image listings")
-    m.add_argument("--readahead", default="64M",
+    m.add_argument("--readahead", type=_size, default="64M",
                    help="largest window fetched ahead of a sequential reader, 0 for none (default 64M)")
-    m.add_argument("--kernel-readahead", default="1M",
+    m.add_argument("--kernel-readahead", type=_size, default="1M",
                    help="the kernel's readahead on the mount: the size of its read requests (default 1M)")
-    m.add_argument("--origin-rate", default="0", help="bandwidth cap on Glance, bytes/s (e.g. 100M; 0: none)")
+    m.add_argument("--origin-rate", type=_size, default="0", help="bandwidth cap on Glance, bytes/s (e.g. 100M; 0: none)")
     peers = m.add_argument_group("peers", "chunk exchange with other nodes (all unset: Glance only)")
     peers.add_argument("--tracker", help="tracker URL, e.g. http://tracker:7070")
     peers.add_argument("--peer-listen", help="HOST:PORT to serve cached chunks to other members on")
@@ -339,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     peers.add_argument("--node-id", help="this node's name in the cluster (default: the host name)")
     peers.add_argument("--secret-file", help="the cluster's shared secret; peers and tracker answer only members")
     peers.add_argument("--max-uploads", type=int, default=8, help="chunk uploads served at once (default 8)")
-    peers.add_argument("--upload-rate", default="0", help="bandwidth cap on uploads to peers, bytes/s (0: none)")
+    peers.add_argument("--upload-rate", type=_size, default="0", help="bandwidth cap on uploads to peers, bytes/s (0: none)")
     peers.add_argument("--peer-timeout", type=float, default=2.0, help="seconds a peer may take (default 2)")
     prof = m.add_argument_group("boot profiles", "record what readers touch first; prefetch it (needs --tracker)")
     prof.add_argument("--record-window", type=float, default=60.0,
@@ -350,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="prefetch fetches at once when an image is opened, 0: no prefetch (default 3)")
     prof.add_argument("--prefetch-idle", type=float, default=30.0,
                       help="a prefetch stops once nobody has read the image this long (default 30)")
+    m.add_argument("--metrics-listen", help="HOST:PORT to serve Prometheus metrics on (/metrics; default: none)")
     m.add_argument("--no-allow-other", action="store_true", help="only the mounting user may read")
     m.add_argument("--foreground", action="store_true", help="stay in the foreground, log to stderr")
     m.add_argument("--log-file")
@@ -368,10 +425,15 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--glance", help="Glance URL (default: the one the mount uses)")
     v.set_defaults(func=cmd_verify)
 
-    s = sub.add_parser("status", help="what the daemon serving MOUNTPOINT has done")
-    s.add_argument("mountpoint")
-    s.add_argument("--json", action="store_true")
+    s = sub.add_parser("status", help="what the daemon serving MOUNTPOINT (default: every mount) has done")
+    s.add_argument("mountpoint", nargs="?")
+    s.add_argument("--json", action="store_true", help="everything, as JSON (a list without MOUNTPOINT)")
     s.set_defaults(func=cmd_status)
+
+    e = sub.add_parser("evict", help="drop an image's cached chunks")
+    e.add_argument("mountpoint")
+    e.add_argument("image_id")
+    e.set_defaults(func=cmd_evict)
 
     pr = sub.add_parser("profile", help="boot access profiles: record, show")
     prsub = pr.add_subparsers(dest="profile_command", required=True)
@@ -402,9 +464,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
     try:
+        if argv[:1] == ["mount"] and (path := config_file.path_in(argv, DEFAULT_CONFIG)) is not None:
+            config_file.use(_subparser(parser, "mount"), path)
+        args = parser.parse_args(argv)
         return args.func(args, argv)
-    except ConfigError as exc:
+    except (ConfigError, config_file.ConfigFileError) as exc:
         print(f"thunderfs: {exc}", file=sys.stderr)
         return 1
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:  # argparse has no public way to its subparsers
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[name]
+    raise KeyError(name)

@@ -47,12 +47,14 @@ class MountConfig:
     record_idle: float = 20.0
     prefetch_flights: int = 3
     prefetch_idle: float = 30.0
+    # Prometheus (unset: none)
+    metrics_listen: str | None = None
 
     def peer_address(self) -> tuple[str, int]:
-        host, sep, port = (self.peer_listen or "").rpartition(":")
-        if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-            raise ConfigError(f"--peer-listen must be HOST:PORT, not {self.peer_listen!r}")
-        return host.strip("[]") or "0.0.0.0", int(port)
+        return _host_port("--peer-listen", self.peer_listen)
+
+    def metrics_address(self) -> tuple[str, int]:
+        return _host_port("--metrics-listen", self.metrics_listen)
 
     def validate(self) -> None:
         cs = self.chunk_size
@@ -87,6 +89,8 @@ class MountConfig:
         if self.record_window < 0 or self.record_idle <= 0 or self.prefetch_flights < 0 or self.prefetch_idle <= 0:
             raise ConfigError("--record-window and --prefetch-flights must not be negative, "
                               "--record-idle and --prefetch-idle must be positive")
+        if self.metrics_listen is not None:
+            self.metrics_address()
         if not self.glance_url.startswith(("http://", "https://")):
             raise ConfigError(f"--glance must be an http(s) URL, not {self.glance_url!r}")
         mp = self.mountpoint
@@ -96,3 +100,10 @@ class MountConfig:
             raise ConfigError(f"mount point {mp} is not a directory")
         if mp.is_mount():
             raise ConfigError(f"mount point {mp} is already a mount point (busy)")
+
+
+def _host_port(flag: str, text: str | None) -> tuple[str, int]:
+    host, sep, port = (text or "").rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"{flag} must be HOST:PORT, not {text!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)

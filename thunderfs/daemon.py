@@ -18,7 +18,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from thunderfs import control
+from thunderfs import control, systemd
 from thunderfs.catalog import Catalog
 from thunderfs.chunk_index import ChunkIndex
 from thunderfs.chunk_store import ChunkStore
@@ -30,6 +30,8 @@ from thunderfs.origin import GlanceOrigin
 from thunderfs.peer_server import PeerServer
 from thunderfs.peers import PeerSource
 from thunderfs.profiles import ProfileControl, Profiles
+from thunderfs.metrics import DaemonMetrics
+from thunderfs.status import ImageStatus
 from thunderfs.announcer import Announcer
 from thunderfs_tracker.client import TrackerClient
 from thunderfs_tracker.protocol import NodeInfo, ProtocolError, check_node_id, parse_location
@@ -70,6 +72,7 @@ async def _watch_signals(task_status=trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         async for signum in signals:
             log.info("%s: unmounting", signal.Signals(signum).name)
+            systemd.notify("STOPPING=1")
             pyfuse3.terminate()
             return
 
@@ -135,6 +138,7 @@ async def run(config: MountConfig, ready: Callable[[], None] = lambda: None) -> 
                             prefetch_flights=config.prefetch_flights, prefetch_idle=config.prefetch_idle)
         ops = Operations(catalog, fetcher, profiles=profiles, block_size=config.chunk_size)
         jobs = ProfileControl(catalog, store, profiles)
+        image_status = ImageStatus(catalog, store, profiles, peers)
 
         started = time.time()
 
@@ -149,9 +153,16 @@ async def run(config: MountConfig, ready: Callable[[], None] = lambda: None) -> 
                 "fs": ops.statistics(),
                 "profiles": profiles.statistics(),
                 "images": len(catalog.images),
+                "per_image": image_status.images(),
                 **({"peers": peers.statistics(), "peer_server": peer_server.statistics(),
                     "announcer": announcer.statistics()} if peers else {}),
             }
+
+        if config.metrics_listen:
+            metrics = DaemonMetrics(lambda: stats({}))
+            metrics.start(*config.metrics_address())
+            stack.callback(metrics.stop)
+            fetcher.observe = metrics.observe
 
         def stop(_req: dict) -> dict:
             pyfuse3.terminate()
@@ -178,7 +189,7 @@ async def run(config: MountConfig, ready: Callable[[], None] = lambda: None) -> 
             await nursery.start(catalog.run)
             await nursery.start(profiles.run)
             await nursery.start(control.serve, control.socket_path(mountpoint),
-                                {"stats": stats, "stop": stop, **jobs.handlers()})
+                                {"stats": stats, "stop": stop, **jobs.handlers(), **image_status.handlers()})
             if peer_server is not None:
                 await nursery.start(peer_server.serve)
                 await nursery.start(announcer.run)

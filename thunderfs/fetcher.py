@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable
 
 import trio
 
@@ -104,6 +105,8 @@ class Fetcher:
         self._demand_idle = trio.Event()
         self._demand_idle.set()
         self._nursery: trio.Nursery | None = None
+        # Called with (source, seconds) for every run of chunks fetched (metrics' histograms).
+        self.observe: Callable[[str, float], None] | None = None
         self._stats = dict.fromkeys(("chunks_fetched", "bytes_fetched", "flights", "demand_waits",
                                      "readahead_chunks", "failures", "chunks_from_peers", "bytes_from_peers",
                                      "chunks_from_origin", "bytes_from_origin", "granted_chunks",
@@ -234,12 +237,12 @@ class Fetcher:
         peers = self._peers
         if peers is not None:
             got: set[int] = set()
+            started = trio.current_time()
             with trio.move_on_after(peers.timeout * 3 + (end - start) / MIN_RATE):
                 for rfirst, piece in await peers.fetch(meta, img, f.first, f.count):
                     place(rfirst, piece)
                     got.update(range(rfirst, rfirst + -(-len(piece) // cs)))
-                    self._stats["bytes_from_peers"] += len(piece)
-                self._stats["chunks_from_peers"] += len(got)
+                    self._count(img, "peers", -(-len(piece) // cs), len(piece), started)
             missing = [c for c in missing if img.state[c] == ABSENT and c not in got]
         if not missing:
             return stored
@@ -252,12 +255,12 @@ class Fetcher:
         self._stats["granted_chunks"] += len(granted)
 
         async def from_claimer(peer, chunks, held):
-            before = len(chunks)
+            before, started = len(chunks), trio.current_time()
             wait = min(CLAIM_WAIT_MAX, deadline_for(self.fetch_timeout, before * cs))
             left = await peers.take_claimed(meta, img, peer, chunks, wait, place, held=held,
                                             urgent=f.ticket.priority == DEMAND)
-            self._stats["chunks_from_peers"] += before - len(left)
-            self._stats["bytes_from_peers"] += (before - len(left)) * cs
+            if before > len(left):
+                self._count(img, "peers", before - len(left), (before - len(left)) * cs, started)
             late.extend(left)
             self._stats["claimed_chunks_late"] += len(left)
 
@@ -283,6 +286,7 @@ class Fetcher:
         async with ticket:
             for rfirst, rcount in runs(chunks, self._max_chunks):
                 a, b = rfirst * cs, min(img.size, (rfirst + rcount) * cs)
+                started = trio.current_time()
                 await self._origin_bucket.wait_for(b - a, ticket.priority)
                 # Pieces are placed (cached, and so offered to peers) as they arrive, and a retry
                 # asks only for what is still missing.
@@ -304,8 +308,15 @@ class Fetcher:
 
                 await with_retries(attempt, timeout=deadline_for(self.fetch_timeout, b - a),
                                    what=f"Glance read of {meta.id} chunks {rfirst}..{rfirst + rcount - 1}")
-                self._stats["chunks_from_origin"] += rcount
-                self._stats["bytes_from_origin"] += b - a
+                self._count(img, "origin", rcount, b - a, started)
+
+    def _count(self, img: ImageData, source: str, chunks: int, nbytes: int, started: float) -> None:
+        """Chunks that arrived from ``source`` ("peers", "origin"), fetched since ``started``."""
+        self._stats[f"chunks_from_{source}"] += chunks
+        self._stats[f"bytes_from_{source}"] += nbytes
+        img.counters[f"bytes_from_{source}"] += nbytes
+        if self.observe is not None:
+            self.observe(source, trio.current_time() - started)
 
     def statistics(self) -> dict:
         return {**self._stats, "in_flight": len({id(f) for f in self._flights.values()}),
@@ -360,6 +371,7 @@ class Reader:
                     continue
                 if self.watcher is not None:
                     self.watcher(first, last, waited)
+                img.counters["bytes_read"] += len(data)
                 return data
             raise FetchFailed(self.meta.id, first, "cached copy keeps failing its checksum")
         finally:

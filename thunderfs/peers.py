@@ -73,6 +73,7 @@ class PeerSource:
         self._slow: dict[str, float] = {}   # slow (busy serving others, perhaps): until when
         self._rtt: dict[str, float] = {}
         self._asking: dict[str, int] = {}  # claim pieces outstanding per peer
+        self._served: dict[bytes, dict[str, int]] = {}  # content -> peer -> bytes it sent us
         self._stats = dict.fromkeys(("chunks", "bytes", "requests", "failures", "slow", "busy", "bad_chunks",
                                      "lookups", "lookup_failures", "no_manifest", "claims", "claim_failures",
                                      "claim_retries", "claim_waits"), 0)
@@ -233,6 +234,8 @@ class PeerSource:
                 return await self._lied(peer, img, first + i, "chunk does not match the manifest")
         self._stats["chunks"] += count
         self._stats["bytes"] += len(body)
+        served = self._served.setdefault(img.content, {})
+        served[peer.node_id] = served.get(peer.node_id, 0) + len(body)
         return "ok", body
 
     async def claim(self, meta: ImageMeta, img: ImageData, chunks: list[int],
@@ -344,6 +347,10 @@ class PeerSource:
         self._rtt[node_id] = ms if old is None else 0.8 * old + 0.2 * ms
         while len(self._rtt) > 256:
             self._rtt.pop(next(iter(self._rtt)))
+
+    def sources_of(self, content: bytes) -> dict[str, int]:
+        """The peers that sent chunks of ``content``, with the bytes each sent, most first."""
+        return dict(sorted(self._served.get(content, {}).items(), key=lambda kv: -kv[1]))
 
     def rtt_ms(self) -> dict[str, float]:
         return {k: round(v, 3) for k, v in self._rtt.items()}

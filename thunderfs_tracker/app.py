@@ -26,7 +26,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from thunderfs_tracker import selection
+from thunderfs_tracker import metrics, selection
 from thunderfs_tracker.manifests import ManifestStore, ManifestUnavailable
 from thunderfs_tracker.peer_store import MemoryPeerStore, PeerStore, StoreFull
 from thunderfs_tracker.profiles import ProfileStore
@@ -314,5 +314,6 @@ def create_app(config: TrackerConfig, store: PeerStore | None = None) -> web.App
     if config.secret:
         app[VERIFIER] = Verifier(config.secret)
     app.add_routes(routes())
+    metrics.install(app, lambda: {**app[STORE].statistics(), **app[STATS]})
     app.cleanup_ctx.append(_expiry)
     return app

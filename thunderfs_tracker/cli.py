@@ -9,11 +9,13 @@ from pathlib import Path
 
 from aiohttp import web
 
-from thunderfs_tracker import __version__
+from thunderfs_tracker import __version__, config_file
 from thunderfs_tracker.app import TrackerConfig, create_app
 from thunderfs_tracker.signing import SecretError, load_secret
 
 log = logging.getLogger(__name__)
+
+DEFAULT_CONFIG = Path("/etc/thunderfs/tracker.toml")
 
 
 def _listen(text: str) -> tuple[str, int]:
@@ -24,8 +26,12 @@ def _listen(text: str) -> tuple[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="thunderfs-tracker", description="Which thunderfs node holds which chunks.")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="thunderfs-tracker", description="Which thunderfs node holds which chunks. "
+                                "Every option may also be set in the config file (TOML), e.g. node_ttl = 30; "
+                                "flags win.")
     p.add_argument("--version", action="version", version=f"thunderfs-tracker {__version__}")
+    p.add_argument("--config", help=f"settings file (default {DEFAULT_CONFIG} if it exists)")
     p.add_argument("--listen", type=_listen, required=True, help="HOST:PORT")
     p.add_argument("--state-dir", required=True, help="where the tracker keeps its state")
     p.add_argument("--glance", help="Glance API URL: the tracker builds chunk manifests from Glance's bytes")
@@ -33,6 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--node-ttl", type=float, default=30.0, help="seconds after which a silent node expires")
     p.add_argument("--heartbeat", type=float, default=10.0, help="seconds between a node's announces")
     p.add_argument("--debug", action="store_true")
+    try:
+        if (path := config_file.path_in(argv, DEFAULT_CONFIG)) is not None:
+            config_file.use(p, path)
+    except config_file.ConfigFileError as exc:
+        print(f"thunderfs-tracker: {exc}", file=sys.stderr)
+        return 1
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,68 @@
+"""Prometheus metrics of the tracker: ``GET /metrics`` (outside /v1, so unsigned, like /healthz).
+
+Request latency by route is a histogram observed by a middleware; counts (nodes, images,
+lookups, claims, recordings, refusals) are read from the app's statistics at scrape time.
+Each app has a registry of its own (tests run several apps in one process).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+log = logging.getLogger(__name__)
+
+REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
+LATENCY = web.AppKey("metrics_latency", Histogram)
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+def install(app: web.Application, stats: Callable[[], dict]) -> None:
+    """Add the middleware, the collector of ``stats()`` and the /metrics route to ``app``."""
+    registry = CollectorRegistry(auto_describe=False)
+    app[REGISTRY] = registry
+    app[LATENCY] = Histogram("thunderfs_tracker_request_seconds", "Seconds to answer a request, by route",
+                             ["route", "method"], buckets=BUCKETS, registry=registry)
+    registry.register(_StatsCollector(stats))
+    app.middlewares.append(_timing)
+    app.router.add_get("/metrics", _metrics)
+
+
+@web.middleware
+async def _timing(request: web.Request, handler):
+    started = time.perf_counter()
+    try:
+        return await handler(request)
+    finally:
+        route = request.match_info.route.resource
+        name = route.canonical if route is not None else "unmatched"
+        request.app[LATENCY].labels(route=name, method=request.method).observe(time.perf_counter() - started)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[REGISTRY])
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+class _StatsCollector:
+    def __init__(self, stats: Callable[[], dict]):
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._stats()
+        yield GaugeMetricFamily("thunderfs_tracker_nodes", "Live nodes (heartbeat within the node TTL)",
+                                value=s["nodes"])
+        yield GaugeMetricFamily("thunderfs_tracker_images", "Image contents some node holds chunks of",
+                                value=s["images"])
+        requests = CounterMetricFamily("thunderfs_tracker_operations", "Operations answered, by kind",
+                                       labels=["kind"])
+        for kind in ("lookups", "claims", "recordings", "reports", "refused"):
+            requests.add_metric([kind], s.get(kind, 0))
+        yield requests
+        yield CounterMetricFamily("thunderfs_tracker_lookup_seconds", "Seconds spent answering lookups",
+                                  value=s.get("lookup_seconds", 0.0))
