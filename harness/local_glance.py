@@ -32,7 +32,7 @@ log_file = {dir}/api.log
 [database]
 connection = sqlite:///{dir}/glance.sqlite
 [paste_deploy]
-flavor =
+flavor = {flavor}
 config_file = {venv}/etc/glance/glance-api-paste.ini
 [glance_store]
 default_backend = fs
@@ -45,6 +45,18 @@ filesystem_store_datadir = {dir}/staging
 [oslo_policy]
 enforce_new_defaults = false
 enforce_scope = false
+"""
+
+# With a Keystone: tokens checked by keystonemiddleware (installed with Glance), as in a cloud.
+KEYSTONE_AUTHTOKEN = """[keystone_authtoken]
+www_authenticate_uri = {url}
+auth_url = {url}
+auth_type = password
+username = admin
+password = {password}
+project_name = admin
+user_domain_name = Default
+project_domain_name = Default
 """
 
 
@@ -65,7 +77,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 class LocalGlance:
     """One Glance API process; ``start()``/``stop()`` may be repeated (same port, same data)."""
 
-    def __init__(self, workdir: Path, port: int | None = None, host: str = "127.0.0.1", workers: int = 1):
+    def __init__(self, workdir: Path, port: int | None = None, host: str = "127.0.0.1", workers: int = 1,
+                 keystone=None):
         self.dir = Path(workdir)
         self.host = host
         self.port = port or free_port(host)
@@ -73,6 +86,7 @@ class LocalGlance:
         self.venv = glance_venv()
         self.proc: subprocess.Popen | None = None
         self._configured = False
+        self.keystone = keystone  # a harness.local_keystone.LocalKeystone, or None: no auth
 
     @property
     def url(self) -> str:
@@ -85,7 +99,12 @@ class LocalGlance:
             )
         for sub in ("images", "tasks", "staging"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
-        conf = CONFIG.format(port=self.port, dir=self.dir, venv=self.venv)
+        conf = CONFIG.format(port=self.port, dir=self.dir, venv=self.venv,
+                             flavor="keystone" if self.keystone else "")
+        if self.keystone:
+            from harness.local_keystone import ADMIN_PASSWORD
+
+            conf += KEYSTONE_AUTHTOKEN.format(url=self.keystone.url, password=ADMIN_PASSWORD)
         (self.dir / "glance-api.conf").write_text(conf)
         subprocess.run(
             [str(self.venv / "bin" / "glance-manage"), "--config-file", str(self.dir / "glance-api.conf"), "db_sync"],
@@ -154,12 +173,16 @@ class LocalGlance:
 
     def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
                 timeout: float = 300.0):
-        req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers or {})
+        req = urllib.request.Request(self.url + path, data=body, method=method,
+                                     headers={**self._auth_headers(), **(headers or {})})
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             data = resp.read()
             if resp.headers.get("Content-Type", "").startswith("application/json") and data:
                 return json.loads(data)
             return data
+
+    def _auth_headers(self) -> dict:
+        return {"X-Auth-Token": self.keystone.admin_token()} if self.keystone else {}
 
     def create_image(self, name: str, disk_format: str = "raw") -> str:
         meta = self.request(
@@ -177,7 +200,8 @@ class LocalGlance:
                 size = os.fstat(f.fileno()).st_size
                 req = urllib.request.Request(
                     f"{self.url}/v2/images/{image_id}/file", data=f, method="PUT",
-                    headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+                    headers={"Content-Type": "application/octet-stream", "Content-Length": str(size),
+                             **self._auth_headers()},
                 )
                 urllib.request.urlopen(req, timeout=600).read()
         else:

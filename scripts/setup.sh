@@ -41,4 +41,13 @@ if [ ! -x "$GLANCE_VENV/bin/gunicorn" ] || ! "$GLANCE_VENV/bin/python" -c "impor
     "$GLANCE_VENV/bin/pip" install -q glance gunicorn 2>&1 | grep -v "is ignored" || true
 fi
 "$GLANCE_VENV/bin/python" -c "import glance" 
+
+# A real Keystone for the tests of Glance behind Keystone (tests/test_keystone.py).
+KEYSTONE_VENV=${THUNDERFS_KEYSTONE_VENV:-.venv-keystone}
+if [ ! -x "$KEYSTONE_VENV/bin/gunicorn" ] || ! "$KEYSTONE_VENV/bin/python" -c "import keystone" 2>/dev/null; then
+    echo "setup: installing Keystone into $KEYSTONE_VENV (about a minute)"
+    "$PY" -m venv "$KEYSTONE_VENV"
+    "$KEYSTONE_VENV/bin/pip" install -q keystone gunicorn 2>&1 | grep -v "is ignored" || true
+fi
+"$KEYSTONE_VENV/bin/python" -c "import keystone"
 echo "setup: ready"

@@ -43,7 +43,7 @@ def _setup_logging(log_file: Path | None, debug: bool) -> None:
 
 
 def _mount_config(args) -> MountConfig:
-    for name, flag in (("mountpoint", "MOUNTPOINT"), ("glance", "--glance"), ("cache_dir", "--cache-dir")):
+    for name, flag in (("mountpoint", "MOUNTPOINT"), ("cache_dir", "--cache-dir")):
         if not getattr(args, name):
             raise ConfigError(f"{flag} is needed (on the command line, or {name} in the config file)")
     return MountConfig(
@@ -75,6 +75,7 @@ def _mount_config(args) -> MountConfig:
         prefetch_flights=args.prefetch_flights,
         prefetch_idle=args.prefetch_idle,
         metrics_listen=args.metrics_listen,
+        os_cloud=args.os_cloud,
         **({"node_id": args.node_id} if args.node_id else {}),
     )
 
@@ -370,7 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "name with underscores, e.g. cache_size = \"20G\"; flags win.")
     m.add_argument("mountpoint", nargs="?")
     m.add_argument("--config", help=f"settings file (default {DEFAULT_CONFIG} if it exists)")
-    m.add_argument("--glance", help="Glance API URL, e.g. http://glance:9292")
+    m.add_argument("--glance", help="Glance API URL, e.g. http://glance:9292 (default, with Keystone: "
+                                    "the catalog's image endpoint)")
+    m.add_argument("--os-cloud", help="authenticate to Glance with this cloud of clouds.yaml (default: "
+                                      "OS_CLOUD, else the OS_* variables, else no authentication)")
     m.add_argument("--cache-dir", help="where cached chunks and their index live")
     m.add_argument("--cache-size", type=_size, default="10G", help="bound of the cache (default 10G)")
     m.add_argument("--chunk-size", type=_size, default="64K",

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from thunderfs.errors import ConfigError
+from thunderfs.glance_auth import KeystoneSettings, find_settings
 from thunderfs.units import format_size
 
 log = logging.getLogger(__name__)
@@ -18,7 +19,7 @@ MIN_CHUNK, MAX_CHUNK = 4096, 16 * 2**20
 @dataclass
 class MountConfig:
     mountpoint: Path
-    glance_url: str
+    glance_url: str | None  # None: from Keystone's service catalog
     cache_dir: Path
     cache_size: int = 10 * 2**30
     chunk_size: int = 64 * 2**10
@@ -49,6 +50,9 @@ class MountConfig:
     prefetch_idle: float = 30.0
     # Prometheus (unset: none)
     metrics_listen: str | None = None
+    # Keystone: a cloud of clouds.yaml (else OS_CLOUD, else OS_* variables, else no auth)
+    os_cloud: str | None = None
+    keystone: "KeystoneSettings | None" = field(default=None, repr=False)
 
     def peer_address(self) -> tuple[str, int]:
         return _host_port("--peer-listen", self.peer_listen)
@@ -91,7 +95,12 @@ class MountConfig:
                               "--record-idle and --prefetch-idle must be positive")
         if self.metrics_listen is not None:
             self.metrics_address()
-        if not self.glance_url.startswith(("http://", "https://")):
+        self.keystone = find_settings(self.os_cloud)
+        if self.keystone is not None:
+            self.keystone.session()  # the plugin's options checked now, before any mount
+        if self.glance_url is None and self.keystone is None:
+            raise ConfigError("--glance is needed (or Keystone credentials, whose catalog names Glance)")
+        if self.glance_url is not None and not self.glance_url.startswith(("http://", "https://")):
             raise ConfigError(f"--glance must be an http(s) URL, not {self.glance_url!r}")
         mp = self.mountpoint
         if not mp.exists():

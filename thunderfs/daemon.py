@@ -25,6 +25,7 @@ from thunderfs.chunk_store import ChunkStore
 from thunderfs.config import MountConfig
 from thunderfs.errors import CacheLayoutError, ConfigError, OriginError
 from thunderfs.fetcher import Fetcher
+from thunderfs.glance_auth import GlanceAuthError, KeystoneAuth
 from thunderfs.fs import Operations
 from thunderfs.origin import GlanceOrigin
 from thunderfs.peer_server import PeerServer
@@ -96,9 +97,19 @@ async def run(config: MountConfig, ready: Callable[[], None] = lambda: None) -> 
         stack.callback(store.close)
         store.reclaim()
 
+        auth = None
+        if config.keystone is not None:
+            # Credentials that Keystone refuses, or a catalog without Glance: a clean start-up error.
+            auth = KeystoneAuth(config.keystone)
+            try:
+                await auth.token()
+                config.glance_url = config.glance_url or await auth.endpoint()
+            except GlanceAuthError as exc:
+                raise ConfigError(str(exc)) from None
+            log.info("Glance %s with Keystone tokens (%s)", config.glance_url, config.keystone.source)
         origin = await stack.enter_async_context(GlanceOrigin(
             config.glance_url, connect_timeout=config.connect_timeout,
-            request_timeout=config.fetch_timeout, concurrency=config.origin_concurrency))
+            request_timeout=config.fetch_timeout, concurrency=config.origin_concurrency, auth=auth))
         catalog = Catalog(origin, index, ttl=config.listing_ttl,
                           timeout=config.connect_timeout + 2)
         saved = catalog.load_saved()
@@ -147,7 +158,8 @@ async def run(config: MountConfig, ready: Callable[[], None] = lambda: None) -> 
                 "pid": os.getpid(),
                 "uptime": time.time() - started,
                 "mountpoint": str(mountpoint),
-                "glance": {"url": config.glance_url, "reachable": catalog.origin_ok, **origin.statistics()},
+                "glance": {"url": config.glance_url, "reachable": catalog.origin_ok, **origin.statistics(),
+                           **({"token_renewals": auth.renewals} if auth is not None else {})},
                 "cache": store.statistics(),
                 "fetch": fetcher.statistics(),
                 "fs": ops.statistics(),

@@ -22,7 +22,8 @@ _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 class GlanceOrigin:
     def __init__(self, url: str, *, connect_timeout: float = 3.0, request_timeout: float = 10.0,
-                 concurrency: int = 8, headers: dict[str, str] | None = None, page_size: int = 200):
+                 concurrency: int = 8, headers: dict[str, str] | None = None, page_size: int = 200,
+                 auth: httpx.Auth | None = None):
         self.url = url.rstrip("/")
         self._page_size = page_size
         self._client = httpx.AsyncClient(
@@ -30,6 +31,7 @@ class GlanceOrigin:
             timeout=httpx.Timeout(request_timeout, connect=connect_timeout),
             limits=httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4),
             headers=headers or {},
+            auth=auth,
         )
         self._stats = {"requests": 0, "range_requests": 0, "bytes": 0, "errors": 0}
 
