@@ -5,15 +5,18 @@ the service catalog, tokens renewed before they expire."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 
 import pytest
 import yaml
 
-from conftest import image_bytes
-from harness.local_glance import LocalGlance
+from conftest import SECRET, image_bytes, wait_for
+from harness.local_glance import LocalGlance, free_port
 from harness.local_keystone import LocalKeystone
 from harness.mounts import thunderfs
+from harness.tracker import LocalTracker
 from thunderfs import control
 
 TOKEN_SECONDS = 40  # Keystone's token lifetime here: renewed at half of it (RENEW_BEFORE is 300 s)
@@ -112,3 +115,40 @@ def test_bad_credentials_stop_the_daemon_at_start_with_a_message(cloud, tmp_path
                     "--os-cloud", cloud_name, env=_env(clouds))
     assert res.returncode == 1 and message in res.stderr
     assert not os.path.ismount(tmp_path / "mnt")
+
+
+def test_the_tracker_reads_glance_through_keystone_for_manifests(cloud, mounts, tmp_path, monkeypatch):
+    ks, glance, clouds, image_id, data = cloud
+    for key in [k for k in os.environ if k.startswith("OS_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(clouds))
+    tracker = LocalTracker(tmp_path / "tracker", "--os-cloud", "test", "--heartbeat", "1", "--node-ttl", "5",
+                           secret=SECRET)
+    tracker.start()  # no --glance: from the catalog
+    try:
+        secret = tmp_path / "secret"
+        secret.write_bytes(SECRET)
+        secret.chmod(0o600)
+        m = mounts("", name="ktracker")
+        res = thunderfs("mount", str(m.path), "--cache-dir", str(m.cache_dir), "--os-cloud", "test",
+                        "--tracker", tracker.url, "--peer-listen", f"127.0.0.1:{free_port()}", "--node-id", "k1",
+                        "--secret-file", str(secret))
+        assert res.returncode == 0, res.stderr
+        m.pid = control.read_record(m.path)["pid"]
+        assert m.image(image_id).read_bytes() == data
+        # The manifest (built by the tracker from Glance's bytes, with a token) reached the node.
+        # (The first open asks while it is being built; a later open asks again.)
+        def opened_and_has_manifest() -> bool:
+            with open(m.image(image_id), "rb") as f:
+                f.read(1)
+            return m.stats()["peers"]["manifests"] == 1
+
+        wait_for(opened_and_has_manifest, timeout=60, what="the manifest")
+        assert "built and checked against Glance's sha512" in tracker.log()
+        assert "with Keystone tokens" in tracker.log()
+    finally:
+        tracker.stop()
+    bad = subprocess.run([sys.executable, "-m", "thunderfs_tracker", "--os-cloud", "wrong", "--listen",
+                          f"127.0.0.1:{free_port()}", "--state-dir", str(tmp_path / "t2")],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "gave no token" in bad.stderr

@@ -115,8 +115,8 @@ def test_umount_of_a_busy_mount_fails_and_keeps_it(mount, images):
 
 def test_foreground_mount_reports_errors_on_stderr(glance, tmp_path):
     res = subprocess.run(
-        ["python", "-m", "thunderfs", "mount", str(tmp_path / "absent"), "--glance", glance.url,
+        [os.sys.executable, "-m", "thunderfs", "mount", str(tmp_path / "absent"), "--glance", glance.url,
          "--cache-dir", str(tmp_path / "c"), "--foreground"],
-        capture_output=True, text=True, timeout=60, executable=os.sys.executable)
+        capture_output=True, text=True, timeout=60)
     assert res.returncode != 0
     assert "does not exist" in res.stderr

@@ -96,8 +96,6 @@ class MountConfig:
         if self.metrics_listen is not None:
             self.metrics_address()
         self.keystone = find_settings(self.os_cloud)
-        if self.keystone is not None:
-            self.keystone.session()  # the plugin's options checked now, before any mount
         if self.glance_url is None and self.keystone is None:
             raise ConfigError("--glance is needed (or Keystone credentials, whose catalog names Glance)")
         if self.glance_url is not None and not self.glance_url.startswith(("http://", "https://")):

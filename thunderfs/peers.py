@@ -213,13 +213,19 @@ class PeerSource:
         except (httpx.TimeoutException, trio.TooSlowError) as exc:
             # Slow, not dead: skip it for a moment (it may just be busy serving others).
             self._stats["slow"] += 1
-            self._slow[peer.node_id] = trio.current_time() + self._avoid_slow
-            log.info("peer %s too slow (%s); skipping it for %.0fs", peer.node_id, type(exc).__name__, self._avoid_slow)
+            now = trio.current_time()
+            if self._slow.get(peer.node_id, 0) <= now:  # one line when it turns slow, not per request
+                log.info("peer %s too slow (%s); skipping it for %.0fs", peer.node_id, type(exc).__name__,
+                         self._avoid_slow)
+            self._slow[peer.node_id] = now + self._avoid_slow
             return "slow", None
         except httpx.HTTPError as exc:
             self._stats["failures"] += 1
-            self._avoid[peer.node_id] = trio.current_time() + self._avoid_failed
-            log.info("peer %s failed (%s); avoiding it for %.0fs", peer.node_id, type(exc).__name__, self._avoid_failed)
+            now = trio.current_time()
+            if self._avoid.get(peer.node_id, 0) <= now:
+                log.info("peer %s failed (%s); avoiding it for %.0fs", peer.node_id, type(exc).__name__,
+                         self._avoid_failed)
+            self._avoid[peer.node_id] = now + self._avoid_failed
             return "failed", None
         if status != 200:
             if status == 404:

@@ -27,6 +27,7 @@ from pathlib import Path
 from aiohttp import web
 
 from thunderfs_tracker import metrics, selection
+from thunderfs_tracker.keystone import AsyncTokens
 from thunderfs_tracker.manifests import ManifestStore, ManifestUnavailable
 from thunderfs_tracker.peer_store import MemoryPeerStore, PeerStore, StoreFull
 from thunderfs_tracker.profiles import ProfileStore
@@ -62,6 +63,7 @@ class TrackerConfig:
     suspect_seconds: float = 600.0
     claim_seconds: float = 30.0
     glance_url: str | None = None
+    glance_auth: AsyncTokens | None = None  # Keystone tokens for Glance
 
 
 CONFIG = web.AppKey("config", TrackerConfig)
@@ -309,7 +311,7 @@ def create_app(config: TrackerConfig, store: PeerStore | None = None) -> web.App
     app[STATS] = {"lookups": 0, "lookup_seconds": 0.0, "refused": 0, "reports": 0, "claims": 0,
                       "recordings": 0}
     app[SUSPECTS] = {}
-    app[MANIFESTS] = ManifestStore(config.state_dir, config.glance_url)
+    app[MANIFESTS] = ManifestStore(config.state_dir, config.glance_url, auth=config.glance_auth)
     app[PROFILES] = ProfileStore(config.state_dir)
     if config.secret:
         app[VERIFIER] = Verifier(config.secret)

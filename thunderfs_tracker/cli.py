@@ -9,7 +9,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from thunderfs_tracker import __version__, config_file
+from thunderfs_tracker import __version__, config_file, keystone
 from thunderfs_tracker.app import TrackerConfig, create_app
 from thunderfs_tracker.signing import SecretError, load_secret
 
@@ -34,7 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help=f"settings file (default {DEFAULT_CONFIG} if it exists)")
     p.add_argument("--listen", type=_listen, required=True, help="HOST:PORT")
     p.add_argument("--state-dir", required=True, help="where the tracker keeps its state")
-    p.add_argument("--glance", help="Glance API URL: the tracker builds chunk manifests from Glance's bytes")
+    p.add_argument("--glance", help="Glance API URL: the tracker builds chunk manifests from Glance's bytes "
+                                    "(default, with Keystone: the catalog's image endpoint)")
+    p.add_argument("--os-cloud", help="read Glance with a Keystone token of this cloud of clouds.yaml "
+                                      "(default: OS_CLOUD, else the OS_* variables, else no authentication)")
     p.add_argument("--secret-file", help="the cluster's shared secret: only signed requests of members are answered")
     p.add_argument("--node-ttl", type=float, default=30.0, help="seconds after which a silent node expires")
     p.add_argument("--heartbeat", type=float, default=10.0, help="seconds between a node's announces")
@@ -59,11 +62,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.node_ttl <= args.heartbeat:
         print("thunderfs-tracker: --node-ttl must be longer than --heartbeat", file=sys.stderr)
         return 1
+    glance_url, glance_auth = args.glance, None
+    try:
+        settings = keystone.find_settings(args.os_cloud)
+        if settings is not None:
+            source = keystone.TokenSource(settings)
+            source.token()  # credentials Keystone refuses stop the tracker now
+            glance_url = glance_url or source.image_endpoint()
+            glance_auth = keystone.AsyncTokens(source)
+            log.info("Glance %s with Keystone tokens (%s)", glance_url, settings.source)
+    except (keystone.KeystoneConfigError, keystone.KeystoneTokenError) as exc:
+        print(f"thunderfs-tracker: {exc}", file=sys.stderr)
+        return 1
     if secret is None:
         log.warning("no --secret-file: the tracker answers anyone who can reach it")
     host, port = args.listen
     config = TrackerConfig(state_dir=state, secret=secret, node_ttl=args.node_ttl, heartbeat=args.heartbeat,
-                           glance_url=args.glance)
+                           glance_url=glance_url, glance_auth=glance_auth)
     try:
         web.run_app(create_app(config), host=host, port=port, print=lambda *_: log.info("listening on %s:%d", host, port),
                     access_log=None, handle_signals=True)

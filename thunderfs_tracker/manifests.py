@@ -18,6 +18,7 @@ from pathlib import Path
 
 import aiohttp
 
+from thunderfs_tracker.keystone import AsyncTokens
 from thunderfs_tracker.protocol import Manifest
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,8 @@ class ManifestUnavailable(Exception):
 
 
 class ManifestStore:
-    def __init__(self, state_dir: Path, glance_url: str | None, *, keep_in_memory: int = 64):
+    def __init__(self, state_dir: Path, glance_url: str | None, *, keep_in_memory: int = 64,
+                 auth: AsyncTokens | None = None):
         self._dir = state_dir / "manifests"
         self._dir.mkdir(parents=True, exist_ok=True)
         self._glance = glance_url.rstrip("/") if glance_url else None
@@ -39,6 +41,7 @@ class ManifestStore:
         self._building: dict[tuple[str, int], asyncio.Task] = {}
         self._failed: dict[tuple[str, int], str] = {}
         self._session: aiohttp.ClientSession | None = None
+        self._auth = auth  # Keystone tokens for Glance, or None
         self.stats = {"built": 0, "failed": 0, "bytes_read": 0}
 
     def _path(self, image_id: str, chunk_size: int) -> Path:
@@ -95,10 +98,16 @@ class ManifestStore:
     async def _stream(self, image_id: str, chunk_size: int) -> Manifest:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_read=60))
-        async with self._session.get(f"{self._glance}/v2/images/{image_id}") as resp:
-            if resp.status != 200:
-                raise ManifestUnavailable(f"Glance answered {resp.status} for the image record")
-            rec = await resp.json()
+        for attempt in (1, 2):  # a 401 (a revoked token): once more with a new token
+            headers = await self._auth.headers() if self._auth else {}
+            async with self._session.get(f"{self._glance}/v2/images/{image_id}", headers=headers) as resp:
+                if resp.status == 401 and self._auth and attempt == 1:
+                    self._auth.drop()
+                    continue
+                if resp.status != 200:
+                    raise ManifestUnavailable(f"Glance answered {resp.status} for the image record")
+                rec = await resp.json()
+                break
         if rec.get("status") != "active" or not rec.get("os_hash_value"):
             raise ManifestUnavailable(f"image is {rec.get('status')} with no os_hash_value")
         algo, expected, size = rec.get("os_hash_algo") or "sha512", rec["os_hash_value"], int(rec["size"])
@@ -106,7 +115,7 @@ class ManifestStore:
         digests = bytearray()
         pending = bytearray()
         total = 0
-        async with self._session.get(f"{self._glance}/v2/images/{image_id}/file") as resp:
+        async with self._session.get(f"{self._glance}/v2/images/{image_id}/file", headers=headers) as resp:
             if resp.status != 200:
                 raise ManifestUnavailable(f"Glance answered {resp.status} for the image data")
             async for piece in resp.content.iter_chunked(1 << 20):
