@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -11,6 +9,7 @@ import urllib.request
 from pathlib import Path
 
 from harness.local_glance import free_port
+from harness.procs import stop_group
 
 
 class LocalTracker:
@@ -50,13 +49,7 @@ class LocalTracker:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_group(proc, timeout=10)
 
     def log(self) -> str:
         return (self.dir / "tracker.log").read_text()

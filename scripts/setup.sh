@@ -34,20 +34,16 @@ EXTRAS=test
 .venv/bin/pip install -q -e ".[$EXTRAS]" 2>&1 | grep -v "is ignored" || true
 .venv/bin/python -c "import pyfuse3, trio, lmdb, xxhash, httpx" 
 
-GLANCE_VENV=${THUNDERFS_GLANCE_VENV:-.venv-glance}
-if [ ! -x "$GLANCE_VENV/bin/gunicorn" ] || ! "$GLANCE_VENV/bin/python" -c "import glance" 2>/dev/null; then
-    echo "setup: installing Glance into $GLANCE_VENV (about a minute)"
-    "$PY" -m venv "$GLANCE_VENV"
-    "$GLANCE_VENV/bin/pip" install -q glance gunicorn 2>&1 | grep -v "is ignored" || true
-fi
-"$GLANCE_VENV/bin/python" -c "import glance" 
-
-# A real Keystone for the tests of Glance behind Keystone (tests/test_keystone.py).
-KEYSTONE_VENV=${THUNDERFS_KEYSTONE_VENV:-.venv-keystone}
-if [ ! -x "$KEYSTONE_VENV/bin/gunicorn" ] || ! "$KEYSTONE_VENV/bin/python" -c "import keystone" 2>/dev/null; then
-    echo "setup: installing Keystone into $KEYSTONE_VENV (about a minute)"
-    "$PY" -m venv "$KEYSTONE_VENV"
-    "$KEYSTONE_VENV/bin/pip" install -q keystone gunicorn 2>&1 | grep -v "is ignored" || true
-fi
-"$KEYSTONE_VENV/bin/python" -c "import keystone"
+# A venv of its own for an OpenStack service the tests run for real: DIR PACKAGE MODULE.
+service_venv() {
+    if [ ! -x "$1/bin/gunicorn" ] || ! "$1/bin/python" -c "import $3" 2>/dev/null; then
+        echo "setup: installing $2 into $1 (about a minute)"
+        "$PY" -m venv "$1"
+        "$1/bin/pip" install -q "$2" gunicorn 2>&1 | grep -v "is ignored" || true
+    fi
+    "$1/bin/python" -c "import $3"
+}
+service_venv "${THUNDERFS_GLANCE_VENV:-.venv-glance}" glance glance
+# Keystone: for the tests of Glance behind Keystone (tests/test_keystone.py).
+service_venv "${THUNDERFS_KEYSTONE_VENV:-.venv-keystone}" keystone keystone
 echo "setup: ready"
