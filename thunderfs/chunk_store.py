@@ -13,9 +13,10 @@ Invariants (read before adding an ``await`` to this module):
    their leaked bytes are punched out at the next start (``reclaim``).
 3. The committer task is the only writer of the index, one transaction at a time, in a thread.
 4. Eviction runs synchronously in the trio thread: it takes only ``INDEXED`` chunks that no read
-   has pinned and nobody touched since the last flush, marks them ``ABSENT``, punches the hole,
-   and queues the index delete.  A crash before that delete is durable leaves an index entry
-   over zeros: its checksum fails on first read and it is dropped (rule 5), never served.
+   has pinned and nobody touched since the last flush, marks them ``ABSENT`` and queues the index
+   delete; the hole is punched only once that delete is durable, and only if the chunk is still
+   ``ABSENT`` then (not staged again meanwhile).  So the index never lists a chunk over zeros: a
+   crash in between leaves unindexed bytes, punched out at the next start like rule 2's.
 5. An ``INDEXED`` chunk is checked against its xxh3 the first time it is read in a process's
    life; a mismatch drops it (as in 4) and raises ``ChunkCorrupt`` so that the caller fetches it
    again.  Chunks staged by this process were hashed from verified bytes and count as checked.
@@ -100,6 +101,7 @@ class ChunkStore:
         self._changes: dict[bytes, tuple[ImageData, set[int], set[int]]] = {}
         self._track_changes = False
         self._deletes: list[tuple[bytes, int]] = []
+        self._punches: list[tuple[ImageData, int]] = []  # evicted: punched once their delete is durable
         self._used = index.used_bytes()
         self._wake = trio.Event()
         self._writer = trio.CapacityLimiter(1)
@@ -296,13 +298,16 @@ class ChunkStore:
             log.warning(message)
 
     def _release(self, img: ImageData, c: int) -> None:
-        """Drop one cached chunk now (evicted or corrupt); its index entry goes in the next commit."""
+        """Drop one cached chunk now (evicted or corrupt); its index entry goes in the next commit,
+        its bytes once that is durable (rule 4)."""
         was = img.state[c]
         img.state[c] = ABSENT
         img.verified[c] = 0
-        self._scrub(img, c * self.chunk_size, img.chunk_len(c))
         if was == INDEXED:
             self._deletes.append((img.content, c))
+            self._punches.append((img, c))
+        else:
+            self._scrub(img, c * self.chunk_size, img.chunk_len(c))
         if was:
             self._used -= img.chunk_len(c)
             self._changed(img, c, False)
@@ -357,6 +362,7 @@ class ChunkStore:
     async def commit(self, touch: bool = True) -> None:
         pending, self._pending = self._pending, []
         deletes, self._deletes = self._deletes, []
+        punches, self._punches = self._punches, []
         now = _now_ms()
         touches = []
         if touch:
@@ -375,6 +381,7 @@ class ChunkStore:
             self._stats["commit_failures"] += 1
             log.warning("could not make %d cached chunks durable (%s); dropping them", len(pending), exc)
             self._deletes[:0] = deletes
+            self._punches[:0] = punches
             for img, c in pending:
                 if img.state[c] == PENDING:
                     self._release(img, c)
@@ -382,6 +389,10 @@ class ChunkStore:
         for img, c in pending:
             if img.state[c] == PENDING:
                 img.state[c] = INDEXED
+        # The deletes are durable: now the evicted bytes may go (no await since the check).
+        for img, c in punches:
+            if img.state[c] == ABSENT and self._images.get(img.content) is img:
+                self._scrub(img, c * self.chunk_size, img.chunk_len(c))
         self._stats["chunks_committed"] += len(pending)
 
     def _durable_commit(self, fds, deletes, puts, touches) -> None:
