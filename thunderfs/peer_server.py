@@ -62,7 +62,7 @@ class PeerServer:
                         return
                     status, body, slot = self._answer(request)
                     try:
-                        await self._send(conn, stream, status, body)
+                        await self._send(conn, stream, status, body, head=request.method == b"HEAD")
                     finally:
                         if slot:
                             self._busy -= 1  # taken in _answer, held until the bytes are sent
@@ -96,10 +96,10 @@ class PeerServer:
             elif isinstance(event, h11.ConnectionClosed):
                 return None
 
-    async def _send(self, conn: h11.Connection, stream, status: int, body: bytes) -> None:
+    async def _send(self, conn: h11.Connection, stream, status: int, body: bytes, head: bool = False) -> None:
         headers = [("Content-Length", str(len(body))), ("Content-Type", "application/octet-stream")]
         await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)))
-        if body:
+        if body and not head:  # an answer to HEAD has the length of the body it would have, not the body
             await self._bucket.wait_for(len(body))
             await stream.send_all(conn.send(h11.Data(data=body)))
         await stream.send_all(conn.send(h11.EndOfMessage()))

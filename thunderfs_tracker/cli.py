@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from thunderfs_tracker import __version__, config_file, keystone
 from thunderfs_tracker.app import TrackerConfig, create_app
@@ -16,6 +17,20 @@ from thunderfs_tracker.signing import SecretError, load_secret
 log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = Path("/etc/thunderfs/tracker.toml")
+
+
+class _ClientErrorsInOneLine(logging.Filter):
+    """aiohttp logs a client's malformed request (a line too long, a bad header: it answers 400)
+    at ERROR with a traceback; anyone who can reach the port could fill the log with them.  One
+    line at INFO says it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = "malformed request refused (%s): %s", (exc.code, exc.message.splitlines()[0][:200])
+            record.exc_info = record.exc_text = None
+        return True
 
 
 def _listen(text: str) -> tuple[str, int]:
@@ -52,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.server").addFilter(_ClientErrorsInOneLine())
     try:
         secret = load_secret(args.secret_file) if args.secret_file else None
         state = Path(args.state_dir)
