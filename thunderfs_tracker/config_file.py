@@ -37,7 +37,7 @@ def _value(key: str, action: argparse.Action, value: object) -> object:
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
         if not isinstance(value, bool):
             raise ConfigFileError(f"{key} must be true or false, not {value!r}")
-        return value if isinstance(action, argparse._StoreTrueAction) else not value
+        return value  # the key is the destination: its value, whichever way the flag sets it
     if isinstance(value, (dict, list)) or isinstance(value, bool):
         raise ConfigFileError(f"{key} must be a {'number' if action.type in (int, float) else 'string'}, "
                               f"not {value!r}")
@@ -55,8 +55,8 @@ def _value(key: str, action: argparse.Action, value: object) -> object:
     return str(value) if action.type is None and not isinstance(value, str) else value
 
 
-def load(path: Path, parser: argparse.ArgumentParser, *, table: str | None = None) -> dict[str, object]:
-    """The file's settings (its ``[table]`` if given) as argparse destinations and values."""
+def load(path: Path, parser: argparse.ArgumentParser) -> dict[str, object]:
+    """The file's settings as argparse destinations and values."""
     try:
         with open(path, "rb") as f:
             doc = tomllib.load(f)
@@ -66,13 +66,6 @@ def load(path: Path, parser: argparse.ArgumentParser, *, table: str | None = Non
         raise ConfigFileError(f"cannot read config file {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigFileError(f"config file {path} does not parse: {exc}") from None
-    if table is not None:
-        extra = sorted(k for k in doc if k != table)
-        if extra:
-            raise ConfigFileError(f"{path}: unknown section or key {', '.join(extra)} (expected [{table}])")
-        doc = doc.get(table, {})
-        if not isinstance(doc, dict):
-            raise ConfigFileError(f"{path}: {table} must be a table")
     options = _options(parser)
     unknown = sorted(k for k in doc if k not in options)
     if unknown:
@@ -97,10 +90,10 @@ def path_in(argv: list[str], default: Path) -> Path | None:
     return default if default.exists() else None
 
 
-def use(parser: argparse.ArgumentParser, path: Path, *, table: str | None = None) -> None:
+def use(parser: argparse.ArgumentParser, path: Path) -> None:
     """Make the file's settings ``parser``'s defaults: flags given still win, and options the
     file sets are no longer required on the command line."""
-    settings = load(path, parser, table=table)
+    settings = load(path, parser)
     options = _options(parser)
     for dest in settings:
         options[dest].required = False
