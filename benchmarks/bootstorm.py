@@ -224,23 +224,34 @@ def _interrupted(*_) -> None:
     raise KeyboardInterrupt
 
 
-def prefetch_counters(mounts: list[Mount], image_id: str) -> dict:
+def all_stats(mounts: list[Mount]) -> list[dict]:
+    """Every node's statistics, one control call each, for the timeline: a node that does not
+    answer this second is left out of it."""
+    out = []
+    for m in mounts:
+        try:
+            out.append(m.stats())
+        except Exception:
+            continue
+    return out
+
+
+def prefetch_counters(stats: list[dict], image_id: str) -> dict:
     """Summed over the nodes: chunks prefetched, later read, never read; reads that waited."""
     out = dict.fromkeys(("prefetched", "hits", "waste", "demand_waits", "reads"), 0)
-    for m in mounts:
-        for a in m.stats()["profiles"].values():
+    for s in stats:
+        for a in s["profiles"].values():
             if a["image_id"] == image_id:
                 for k in out:
                     out[k] += a[k]
     return out
 
 
-def counters(mounts: list[Mount]) -> dict:
+def counters(stats: list[dict]) -> dict:
     """The fetchers' and peer clients' counters summed over the nodes: where the bytes came from
     and why (claims late, lookups or claims that failed, peers slow or busy)."""
     out: dict[str, int] = {}
-    for m in mounts:
-        s = m.stats()
+    for s in stats:
         for section in ("fetch", "peers"):
             for k, v in s.get(section, {}).items():
                 if isinstance(v, int):
@@ -248,13 +259,9 @@ def counters(mounts: list[Mount]) -> dict:
     return out
 
 
-def node_sources(mounts: list[Mount]) -> dict:
+def node_sources(stats: list[dict]) -> dict:
     out = {"from_glance": 0, "from_peers": 0, "from_cache": 0}
-    for m in mounts:
-        try:
-            s = m.stats()
-        except Exception:
-            continue
+    for s in stats:
         out["from_glance"] += s["fetch"]["bytes_from_origin"]
         out["from_peers"] += s["fetch"]["bytes_from_peers"]
         out["from_cache"] += s["cache"]["bytes_read_disk"]
@@ -337,10 +344,11 @@ def main() -> int:
                     task = bar.add_task("thunderfs: peers + prefetch", total=args.nodes)
                     ms = [storm.mount(i, f"tf{i}", True) for i in range(args.nodes)]
                     r = storm.storm("thunderfs", [m.image(storm.image_id) for m in ms],
-                                    stats=lambda: node_sources(ms), progress=lambda: bar.advance(task))
-                    r["sources"] = node_sources(ms)
-                    r["prefetch"] = prefetch_counters(ms, storm.image_id)
-                    r["counters"] = counters(ms)
+                                    stats=lambda: node_sources(all_stats(ms)), progress=lambda: bar.advance(task))
+                    final = [m.stats() for m in ms]  # every node answers once the storm is over
+                    r["sources"] = node_sources(final)
+                    r["prefetch"] = prefetch_counters(final, storm.image_id)
+                    r["counters"] = counters(final)
                     tracker_stats = storm.tracker_stats()
                     results["tracker_requests_per_node"] = (
                         tracker_stats["lookups"] + tracker_stats["claims"]) / args.nodes
@@ -359,8 +367,8 @@ def main() -> int:
                     task = bar.add_task("thunderfs: Glance only", total=args.nodes)
                     ms = [storm.mount(i, f"go{i}", False) for i in range(args.nodes)]
                     r = storm.storm("glance-only", [m.image(storm.image_id) for m in ms],
-                                    stats=lambda: node_sources(ms), progress=lambda: bar.advance(task))
-                    r["sources"] = node_sources(ms)
+                                    stats=lambda: node_sources(all_stats(ms)), progress=lambda: bar.advance(task))
+                    r["sources"] = node_sources([m.stats() for m in ms])
                     results["ways"]["glance-only"] = r
                     for m in ms:
                         storm.unmount(m)

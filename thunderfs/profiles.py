@@ -74,8 +74,7 @@ class Activity:
         self.marks = bytearray(img.nchunks)  # NOT_PREFETCHED / PREFETCHED / HIT
         self.recording: Recording | None = None
         self.job: str | None = None  # "prefetch" or "warm" while one runs
-        self.job_scope: trio.CancelScope | None = None
-        self.job_seq = 0
+        self.job_scope: trio.CancelScope | None = None  # the running job's: which job it is
         self.job_total = self.job_done = 0
         self.profile_version = 0
         self.stats = dict.fromkeys(("prefetched", "hits", "demand_waits", "reads", "recordings_sent"), 0)
@@ -221,11 +220,10 @@ class Profiles:
         """The job is the image's from now on (a job it replaces is cancelled)."""
         if act.job_scope is not None:
             act.job_scope.cancel()
-        act.job_seq += 1
         act.job, act.job_done, act.job_total = kind, 0, 0
         act.job_scope = trio.CancelScope()
         assert self._nursery is not None
-        self._nursery.start_soon(self._job, act, act.job_seq, act.job_scope, kind, stop_when_idle)
+        self._nursery.start_soon(self._job, act, act.job_scope, kind, stop_when_idle)
 
     def cancel_job(self, meta: ImageMeta, img: ImageData) -> bool:
         act = self._activity.get(img.content)
@@ -234,8 +232,7 @@ class Profiles:
         act.job_scope.cancel()
         return True
 
-    async def _job(self, act: Activity, seq: int, scope: trio.CancelScope, kind: str,
-                   stop_when_idle: bool) -> None:
+    async def _job(self, act: Activity, scope: trio.CancelScope, kind: str, stop_when_idle: bool) -> None:
         try:
             with scope:
                 profile = await self.profile(act.meta, act.img)
@@ -259,7 +256,7 @@ class Profiles:
                 await self._fetch_in_order(act, rest, self._fetcher.max_chunks, mark, stop_when_idle)
                 log.info("%s of %s done: %d chunks", kind, act.meta.id, act.job_done)
         finally:
-            if act.job_seq == seq:  # not replaced by another job meanwhile
+            if act.job_scope is scope:  # not replaced by another job meanwhile
                 act.job, act.job_scope = None, None
 
     async def _fetch_in_order(self, act: Activity, order: list[int], batch: int, mark: bool,

@@ -60,7 +60,9 @@ class ImageStatus:
         meta = self._catalog.images.get(image_id)
         if meta is None:
             raise ValueError(f"no image {image_id!r} in this mount's listing")
-        self._profiles.cancel_job(meta, self._store.image(meta.content_key, meta.size))
+        img = self._store.find(meta.content_key)  # None: never opened here, nothing to drop
+        if img is not None:
+            self._profiles.cancel_job(meta, img)
         dropped = self._store.drop_image(meta.content_key)
         await self._store.commit(touch=False)
         log.info("evicted %s: %d chunks dropped", image_id, dropped)

@@ -108,7 +108,8 @@ class TrackerClient:
             return None
         return Manifest.parse(r)
 
-    async def claim(self, content: str, nchunks: int, chunks: list[int]) -> tuple[list[int], list[tuple[PeerRecord, list[int]]]]:
+    async def claim(self, content: str, nchunks: int,
+                    chunks: list[int]) -> tuple[list[int], list[tuple[PeerRecord, list[int], bool]]]:
         """Claim chunks about to be fetched from Glance: (granted, [(peer, its chunks, whether it
         holds them already rather than fetching them)])."""
         ranges = bits_to_ranges(chunks_to_bits(chunks))
