@@ -14,6 +14,9 @@ import pytest
 
 from harness.local_glance import LocalGlance
 from harness.mounts import thunderfs
+from harness.pagecache import drop_page_cache
+
+from conftest import wait_for
 
 CHUNK = 64 * 1024
 
@@ -138,23 +141,68 @@ def test_a_reused_image_id_with_other_bytes_is_not_served_from_old_chunks(mounts
         b.stop()
 
 
-def test_full_cache_disk_serves_reads_uncached_and_leaves_nothing_corrupt(glance, mounts, images, tmp_path):
-    image_id = images.add(12 * 2**20, seed=63)
-    data = images.data[image_id]
+def test_full_cache_disk_evicts_to_make_room_and_leaves_nothing_corrupt(glance, mounts, images, tmp_path):
+    """The cache on a file system of its own (tmpfs, 8 MiB) with a cache size far beyond it: it
+    fills to the brim, eviction makes room, the hot image stays cached; another file filling the
+    disk shrinks the cache, its removal lets it grow back; nothing is ever corrupt."""
+    MiB = 2**20
+    cold, hot = images.add(6 * MiB, seed=63), images.add(6 * MiB + 5, seed=62)
     fs = tmp_path / "small"
     fs.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(fs)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(fs)], check=True)
+
+    def read(m, image_id):
+        drop_page_cache(m.image(image_id))
+        assert m.image(image_id).read_bytes() == images.data[image_id]
+
+    def free() -> int:
+        st = os.statvfs(fs)
+        return st.f_bavail * st.f_frsize
+
     try:
-        m = mounts(glance.url, "--cache-size", "1G", cache_dir=fs / "cache")
+        m = mounts(glance.url, "--cache-size", "1G", "--readahead", "0", cache_dir=fs / "cache")
         m.mount()
-        assert m.image(image_id).read_bytes() == data
+        read(m, cold)
+        read(m, hot)  # 12 MiB through an 8 MiB disk
         s = m.stats()["cache"]
-        assert s["disk_full_events"] > 0 and s["bytes_not_cached"] > 0
-        assert "disk full" in m.log_tail()
+        assert s["evictions"] > 0
+        assert s["used"] <= s["room"] < 8 * MiB
+        assert free() > 0
+        # The hot image was kept: read again, it comes mostly from the cache, not Glance.
+        before = m.stats()["glance"]["bytes"]
+        read(m, hot)
+        assert m.stats()["glance"]["bytes"] - before < 2 * MiB
+        # Another file takes every free byte: the cache gives room back (keeping its reserve free
+        # for everyone) and goes on.
+        room = s["room"]
+        filler = fs / "filler"
+        with open(filler, "wb") as f:
+            try:
+                while True:
+                    f.write(b"x" * 65536)
+                    f.flush()
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+        assert free() < 65536
+        time.sleep(1.1)  # (the cache looks at its file system at most once a second)
+        read(m, cold)
+        read(m, hot)
+        wait_for(lambda: free() >= 2**20 - 65536, what="the cache to give room back")
+        s = m.stats()["cache"]
+        assert s["room"] <= room - 2**20 + 65536 and s["used"] <= s["room"]
+        shrunk = s["room"]
+        assert "short of space" in m.log_tail()
+        filler.unlink()
+        time.sleep(1.1)
+        read(m, hot)
+        read(m, cold)
+        assert m.stats()["cache"]["room"] > shrunk + 512 * 1024  # grown back
+        assert m.stats()["cache"]["corrupt_dropped"] == 0
         m.umount()
-        # Restart on the same full disk: whatever was indexed verifies, reads are right.
+        # Restart on the brim-full disk: whatever was indexed verifies, reads are right.
         m.mount()
-        assert m.image(image_id).read_bytes() == data
+        read(m, hot)
+        read(m, cold)
         assert m.stats()["cache"]["corrupt_dropped"] == 0
         m.umount()
     finally:

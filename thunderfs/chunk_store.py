@@ -103,6 +103,9 @@ class ChunkStore:
         self._deletes: list[tuple[bytes, int]] = []
         self._punches: list[tuple[ImageData, int]] = []  # evicted: punched once their delete is durable
         self._used = index.used_bytes()
+        self._punching = 0  # bytes evicted whose holes are not punched yet (still on disk)
+        self._room = capacity  # what the file system lets the cache hold (see _disk_room)
+        self._room_checked = -1.0
         self._wake = trio.Event()
         self._writer = trio.CapacityLimiter(1)
         self._pin_ids = itertools.count()
@@ -191,7 +194,7 @@ class ChunkStore:
                 n = self._index.drop_content(content)
                 log.warning("cache file of %s is missing; forgot its %d chunks", content.hex(), n)
         self._used = self._index.used_bytes()
-        self._evict(0)
+        self._evict(0, self._disk_room(recheck=True))
 
     # --- reads -----------------------------------------------------------------------------
 
@@ -246,13 +249,35 @@ class ChunkStore:
 
     # --- writes ----------------------------------------------------------------------------
 
+    def _disk_room(self, recheck: bool = False) -> int:
+        """The most the cache may hold now: its capacity, or less when its file system runs short
+        (other files grew, or the capacity was set larger than the disk).  It keeps a reserve
+        free there (2 % of the file system, at least 1 MiB, at most 1 GiB) for the index and
+        everyone else.  Checked at most once a second, and at once after ENOSPC."""
+        now = time.monotonic()
+        if recheck or now - self._room_checked >= 1.0:
+            self._room_checked = now
+            try:
+                st = os.statvfs(self._dir)
+            except OSError as exc:
+                log.warning("cannot check the cache's file system: %s", exc)
+                return min(self.capacity, self._room)
+            reserve = min(max(st.f_blocks * st.f_frsize // 50, 2**20), 2**30)
+            room = self._used + self._punching + st.f_bavail * st.f_frsize - reserve
+            if room < self.capacity and room < self._room - self.chunk_size:
+                self._warn_full(f"cache file system is short of space: holding at most {max(room, 0)} "
+                                f"bytes there (cache size {self.capacity})")
+            self._room = max(room, 0)
+        return min(self.capacity, self._room)
+
     def stage(self, img: ImageData, first: int, data: bytes | bytearray) -> bool:
         """Cache verified bytes of chunks ``first..``; False when they could not be cached
         (cache full of chunks in use, or disk full): the caller serves them from memory."""
         n = len(data)
-        if self._used + n > self.capacity:
-            self._evict(n)
-            if self._used + n > self.capacity:
+        limit = self._disk_room()
+        if self._used + n > limit:
+            self._evict(n, limit)
+            if self._used + n > limit:
                 self._stats["bytes_not_cached"] += n
                 self._warn_full("cache is full of chunks in use; serving %d bytes uncached" % n)
                 return False
@@ -265,9 +290,12 @@ class ChunkStore:
             self._scrub(img, offset, n)
             self._stats["bytes_not_cached"] += n
             if exc.errno in _DISK_FULL:
+                # Make room for what comes next: shrink to what the disk holds (the holes are
+                # punched once the next commit has made the evictions durable).
                 self._stats["disk_full_events"] += 1
-                self._evict(n)
-                self._warn_full(f"cache disk full ({exc.strerror}); serving reads uncached")
+                self._evict(n, self._disk_room(recheck=True))
+                self._warn_full(f"cache disk full ({exc.strerror}); evicting to make room, serving "
+                                "these reads uncached")
             else:
                 log.error("writing to cache file %s failed: %s; serving uncached", img.path.name, exc)
             return False
@@ -306,6 +334,7 @@ class ChunkStore:
         if was == INDEXED:
             self._deletes.append((img.content, c))
             self._punches.append((img, c))
+            self._punching += img.chunk_len(c)
         else:
             self._scrub(img, c * self.chunk_size, img.chunk_len(c))
         if was:
@@ -313,9 +342,10 @@ class ChunkStore:
             self._changed(img, c, False)
         self._wake.set()
 
-    def _evict(self, need: int) -> None:
-        """Make ``used + need <= capacity`` if chunks not in use allow; oldest last use first."""
-        target = self.capacity - need
+    def _evict(self, need: int, limit: int | None = None) -> None:
+        """Make ``used + need <= limit`` (default: the capacity) if chunks not in use allow;
+        oldest last use first."""
+        target = (self.capacity if limit is None else limit) - need
         if self._used <= target:
             return
         # The index's last-use order lags by up to one touch flush: first spare what was read since.
@@ -391,6 +421,7 @@ class ChunkStore:
                 img.state[c] = INDEXED
         # The deletes are durable: now the evicted bytes may go (no await since the check).
         for img, c in punches:
+            self._punching -= img.chunk_len(c)
             if img.state[c] == ABSENT and self._images.get(img.content) is img:
                 self._scrub(img, c * self.chunk_size, img.chunk_len(c))
         self._stats["chunks_committed"] += len(pending)
@@ -412,6 +443,7 @@ class ChunkStore:
         return {
             **self._stats,
             "capacity": self.capacity,
+            "room": min(self.capacity, self._room),  # less than capacity: the disk is short
             "used": self._used,
             "pending_chunks": len(self._pending),
             "open_contents": len(self._images),
