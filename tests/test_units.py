@@ -213,3 +213,19 @@ async def test_the_token_bucket_serves_demand_before_prefetch(autojump_clock):
     # The first prefetch was at the head before the demand read came; the demand read goes next.
     assert names == ["prefetch0", "demand", "prefetch1", "prefetch2"], order
     assert order[1][1] - start < 3.1  # after prefetch0's 2 MB debt, not after all 6 MB
+
+
+async def test_a_hole_is_never_served_a_chunk_not_cached_nor_given_raises(tmp_path, index):
+    """Found by the chaos run: a flight that skipped a chunk another fetch had cached, which was
+    then evicted, left the reader with neither the chunk on disk nor its bytes; the store served
+    the hole (zeros).  Now it refuses, and the reader fetches again."""
+    from thunderfs.errors import ChunkNotCached
+    store = store_of(tmp_path, index)
+    img = store.image(CONTENT, 4 * CS)
+    data = os.urandom(2 * CS)
+    assert store.stage(img, 0, data)
+    assert store.read(img, 0, 2 * CS) == data
+    with pytest.raises(ChunkNotCached):
+        store.read(img, 0, 3 * CS)  # chunk 2 is a hole
+    extra = {2: b"x" * CS}
+    assert store.read(img, CS, 2 * CS, extra) == data[CS:] + extra[2]

@@ -36,7 +36,7 @@ import trio
 import xxhash
 
 from thunderfs.chunk_index import ChunkIndex, Put
-from thunderfs.errors import ChunkCorrupt
+from thunderfs.errors import ChunkCorrupt, ChunkNotCached
 from thunderfs.holes import data_extents, punch_hole
 
 log = logging.getLogger(__name__)
@@ -211,8 +211,13 @@ class ChunkStore:
         del img.pins[token]
 
     def read(self, img: ImageData, offset: int, size: int, extra: dict[int, bytes] | None = None) -> bytes:
-        """Bytes ``[offset, offset+size)``: every chunk must be cached or given in ``extra``."""
+        """Bytes ``[offset, offset+size)``: every chunk must be cached or given in ``extra``, else
+        ``ChunkNotCached`` (a hole is never served)."""
         first, last = img.chunk_range(offset, size)
+        state = img.state
+        for c in range(first, last + 1):
+            if not state[c] and not (extra and c in extra):
+                raise ChunkNotCached(c)
         self._verify(img, first, last, skip=extra)
         if not extra:
             data = os.pread(img.fd, size, offset)

@@ -55,6 +55,15 @@ class ChunkCorrupt(CacheError):
         self.chunk = chunk
 
 
+class ChunkNotCached(CacheError):
+    """A chunk a read needed is neither cached nor in hand (evicted after another fetch cached it
+    and before this read pinned it): the caller fetches it again."""
+
+    def __init__(self, chunk: int):
+        super().__init__(f"chunk {chunk} is not cached")
+        self.chunk = chunk
+
+
 # --- fetch ----------------------------------------------------------------------------------
 
 

@@ -21,7 +21,7 @@ import trio
 from typing import TYPE_CHECKING
 
 from thunderfs.chunk_store import ABSENT, ChunkStore, ImageData
-from thunderfs.errors import ChunkCorrupt, FetchFailed, ThunderfsError
+from thunderfs.errors import ChunkCorrupt, ChunkNotCached, FetchFailed, ThunderfsError
 from thunderfs.image import ImageMeta
 from thunderfs.origin import GlanceOrigin
 from thunderfs.ratelimit import TokenBucket
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 
 class _Flight:
-    __slots__ = ("first", "count", "ticket", "done", "data", "stored", "error")
+    __slots__ = ("first", "count", "ticket", "done", "data", "filled", "stored", "error")
 
     def __init__(self, first: int, count: int, ticket: Ticket):
         self.first = first
@@ -43,6 +43,7 @@ class _Flight:
         self.ticket = ticket
         self.done = trio.Event()
         self.data: bytearray | None = None
+        self.filled: set[int] = set()  # chunks whose verified bytes are in ``data``
         self.stored = False
         self.error: BaseException | None = None
 
@@ -189,9 +190,13 @@ class Fetcher:
         for f in flights:
             if f.error is not None:
                 raise FetchFailed(meta.id, f.first, f.error)
-            if not f.stored:  # some pieces could not be cached: serve all of the flight from memory
-                for i in range(f.count):
-                    extra[f.first + i] = bytes(f.data[i * cs:(i + 1) * cs])
+            if not f.stored:
+                # Some pieces could not be cached: serve what the flight holds from memory.  Only
+                # chunks it filled: others were cached meanwhile by another fetch (its buffer has
+                # zeros there); the store reads them from disk, or says they are gone.
+                for c in f.filled:
+                    i = c - f.first
+                    extra[c] = bytes(f.data[i * cs:(i + 1) * cs])
         return extra
 
     async def _fly(self, meta: ImageMeta, img: ImageData, f: _Flight) -> None:
@@ -231,6 +236,7 @@ class Fetcher:
         def place(first: int, piece: bytes | bytearray) -> None:
             nonlocal stored
             data[(first - f.first) * cs:(first - f.first) * cs + len(piece)] = piece
+            f.filled.update(range(first, first + -(-len(piece) // cs)))
             stored = self._store.stage(img, first, piece) and stored
 
         missing = list(range(f.first, f.first + f.count))
@@ -367,13 +373,13 @@ class Reader:
                     extra = None
                 try:
                     data = store.read(img, offset, size, extra)
-                except ChunkCorrupt:
+                except (ChunkCorrupt, ChunkNotCached):
                     continue
                 if self.watcher is not None:
                     self.watcher(first, last, waited)
                 img.counters["bytes_read"] += len(data)
                 return data
-            raise FetchFailed(self.meta.id, first, "cached copy keeps failing its checksum")
+            raise FetchFailed(self.meta.id, first, "cached copy keeps failing its checksum or going away")
         finally:
             store.unpin(img, token)
 
