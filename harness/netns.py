@@ -112,6 +112,29 @@ class Lan:
         _tc(self.bridge_ns, "qdisc", "add", "dev", f"{self.tag}rb", "root", "tbf", "rate", rate, "burst", "256kb",
             "latency", "100ms")
 
+    def lose(self, node: Node, percent: int) -> None:
+        """Drop ``percent`` % of the packets into and out of ``node`` until ``unlose`` (nftables;
+        netem is not in this kernel).  Both drops are on arrival (the node's input, the bridge's
+        forwarding of what it sent): a drop on output would fail the sender's call with EPERM,
+        which lost packets never do."""
+        if not shutil.which("nft"):
+            raise NetnsUnavailable("packet loss needs nft (apt: nftables)")
+        rule = f"numgen random mod 100 < {int(percent)} drop"
+        self._nft(node.ns, f"table inet tf_loss {{ chain in {{ type filter hook input priority 0; {rule}\n }}\n }}\n")
+        self._nft(self.bridge_ns, f"table bridge tf_loss_{node.bridge_dev} {{ chain loss {{ type filter hook forward "
+                                  f"priority 0; iifname \"{node.bridge_dev}\" {rule}\n }}\n }}\n")
+
+    def unlose(self, node: Node) -> None:
+        for ns, table in ((node.ns, ("inet", "tf_loss")), (self.bridge_ns, ("bridge", f"tf_loss_{node.bridge_dev}"))):
+            subprocess.run(["ip", "netns", "exec", ns, "nft", "delete", "table", *table], capture_output=True)
+
+    @staticmethod
+    def _nft(ns: str, script: str) -> None:
+        res = subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=script, capture_output=True,
+                             text=True)
+        if res.returncode:
+            raise RuntimeError(f"nft in {ns}: {res.stderr.strip()}")
+
     def down(self) -> None:
         subprocess.run(["ip", "link", "del", self.root_dev], capture_output=True)
         for ns in reversed(self._made_ns):

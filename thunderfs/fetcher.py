@@ -170,8 +170,9 @@ class Fetcher:
         """Wait until ``chunks`` are cached; returns the bytes of any that could not be cached."""
         flights = self.start(meta, img, chunks, DEMAND)
         self._stats["demand_waits"] += 1
-        # Flights end by themselves (their own deadlines); this bound is the reader's safety net.
-        limit = deadline_for(self.fetch_timeout, max(f.count for f in flights) * self._cs) * 2 + 1
+        # The reader's own bound, whatever the flights it waits on still try (a flight's sources
+        # are tried in turn, each with its own deadline; it goes on for the cache after this).
+        limit = deadline_for(self.fetch_timeout, len(chunks) * self._cs) + 1
         if not self._demand_waiting:
             self._demand_idle = trio.Event()
         self._demand_waiting += 1

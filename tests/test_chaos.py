@@ -1,0 +1,25 @@
+"""The chaos run's short form: every fault once while four nodes read, nothing wrong, nothing hung.
+
+Real Glance, tracker and daemons in network namespaces; the fault injectors that stand in for what
+this kernel cannot do (a delaying proxy for latency, nftables for loss) and the lying peer (a real
+daemon whose cache files are altered behind its back) are described in harness/chaos.py.  The
+long form is ``benchmarks/chaos.py --duration SECONDS``.
+"""
+
+from __future__ import annotations
+
+from harness.chaos import FAULTS, Settings, run
+
+
+def test_every_fault_once_and_every_byte_read_is_glances(tmp_path):
+    report = run(Settings(workdir=tmp_path / "chaos"))
+    summary = "\n".join(report.lines() + [str(e) for e in report.events if e[1] not in FAULTS])
+    assert set(report.faults) == set(FAULTS), summary
+    assert report.reads > 1000 and report.bytes_checked > 500 * 2**20, summary
+    assert report.wrong_bytes == 0 and report.wrong_reads == 0, summary
+    assert report.hangs == 0, summary
+    assert report.errors_glance_up == 0, summary
+    assert report.final_images_checked == 12 and report.final_images_wrong == 0, summary
+    assert report.altered_chunks > 0 and report.bad_chunks_caught >= 1, summary
+    assert report.restart_failures == 0 and report.tracebacks == 0, summary
+    assert report.ok()
