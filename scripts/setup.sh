@@ -6,8 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# systemd: systemd-analyze, which checks the units in the tests; nftables: packet loss in the chaos run.
-APT_PACKAGES=(fuse3 libfuse3-dev pkg-config curl fio iproute2 e2fsprogs systemd nftables)
+# systemd: systemd-analyze, which checks the units in the tests; nftables: packet loss in the chaos run;
+# redis-server: the tracker replicas' shared store in the tests.
+APT_PACKAGES=(fuse3 libfuse3-dev pkg-config curl fio iproute2 e2fsprogs systemd nftables redis-server)
 # --bench: also what the VM boot benchmarks need (qemu, a kernel to boot, debootstrap).
 if [ "${1:-}" = "--bench" ]; then
     APT_PACKAGES+=(qemu-system-x86 qemu-utils linux-image-amd64 debootstrap)

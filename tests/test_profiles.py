@@ -86,25 +86,25 @@ def test_merge_keeps_what_half_the_recordings_touched_in_median_order():
     assert merge([boot1, boot2, dd]) == [(5, 5), (9, 100), (2, 150), (7, 253)]
 
 
-def test_a_nodes_new_recording_replaces_its_old_one_and_profiles_survive_a_restart(tmp_path):
+async def test_a_nodes_new_recording_replaces_its_old_one_and_profiles_survive_a_restart(tmp_path):
     store = ProfileStore(tmp_path)
     content = "ab" * 16
-    assert store.get(content, CHUNK) is None
-    store.add(content, CHUNK, 10, "n1", [(1, 0), (2, 5)])
-    p = store.add(content, CHUNK, 10, "n1", [(3, 0)])
+    assert await store.get(content, CHUNK) is None
+    await store.add(content, CHUNK, 10, "n1", [(1, 0), (2, 5)])
+    p = await store.add(content, CHUNK, 10, "n1", [(3, 0)])
     assert (p.version, p.recordings, p.touches) == (2, 1, [(3, 0)])
     with pytest.raises(ProtocolError):
-        store.add(content, CHUNK, 11, "n2", [(3, 0)])  # another content under this key
-    again = ProfileStore(tmp_path).get(content, CHUNK)
+        await store.add(content, CHUNK, 11, "n2", [(3, 0)])  # another content under this key
+    again = await ProfileStore(tmp_path).get(content, CHUNK)
     assert (again.version, again.touches) == (2, [(3, 0)])
 
 
-def test_a_corrupt_profile_file_is_ignored(tmp_path, caplog):
+async def test_a_corrupt_profile_file_is_ignored(tmp_path, caplog):
     store = ProfileStore(tmp_path)
     content = "cd" * 16
-    store.add(content, CHUNK, 10, "n1", [(1, 0)])
+    await store.add(content, CHUNK, 10, "n1", [(1, 0)])
     (tmp_path / "profiles" / f"{content}-{CHUNK}.json").write_text('{"nchunks": 10, "recordings": {"n1": [[99, 0]]}')
-    assert ProfileStore(tmp_path).get(content, CHUNK) is None
+    assert await ProfileStore(tmp_path).get(content, CHUNK) is None
     assert "unreadable" in caplog.text
 
 

@@ -42,7 +42,7 @@ class Announcer:
         self._rtt = rtt
         self._interval = delta_interval
         self._epoch: str | None = None
-        self._reach = Reachability(f"tracker {tracker.url}")
+        self._reach = Reachability(f"tracker {','.join(tracker.urls)}")
         self._stats = dict.fromkeys(("announces", "full_states", "deltas", "failures"), 0)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -89,4 +89,5 @@ class Announcer:
             self._epoch = None
 
     def statistics(self) -> dict:
-        return {**self._stats, "tracker_ok": self._reach.ok}
+        return {**self._stats, "tracker_ok": self._reach.ok, "tracker": self._tracker.url,
+                "tracker_failovers": self._tracker.failovers}

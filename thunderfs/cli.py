@@ -392,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the kernel's readahead on the mount: the size of its read requests (default 1M)")
     m.add_argument("--origin-rate", type=_size, default="0", help="bandwidth cap on Glance, bytes/s (e.g. 100M; 0: none)")
     peers = m.add_argument_group("peers", "chunk exchange with other nodes (all unset: Glance only)")
-    peers.add_argument("--tracker", help="tracker URL, e.g. http://tracker:7070")
+    peers.add_argument("--tracker", help="tracker URL, e.g. http://tracker:7070; replicas separated by commas "
+                       "(each node uses one, the next when it fails)")
     peers.add_argument("--peer-listen", help="HOST:PORT to serve cached chunks to other members on")
     peers.add_argument("--peer-url", help="how peers reach this node (default http://<peer-listen>)")
     peers.add_argument("--location", default="", help="where this node is, e.g. zone1/rack7/host3")

@@ -79,8 +79,10 @@ class MountConfig:
         if bool(self.tracker_url) != bool(self.peer_listen):
             raise ConfigError("--tracker and --peer-listen go together: a node that takes from peers also serves them")
         if self.tracker_url:
-            if not self.tracker_url.startswith(("http://", "https://")):
-                raise ConfigError(f"--tracker must be an http(s) URL, not {self.tracker_url!r}")
+            for url in self.tracker_url.split(","):
+                if not url.strip().startswith(("http://", "https://")):
+                    raise ConfigError(f"--tracker must be http(s) URLs (replicas separated by commas), "
+                                      f"not {url.strip()!r}")
             host, port = self.peer_address()
             if self.peer_url is None:
                 if host in ("0.0.0.0", "::"):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from aiohttp import web
 from thunderfs_tracker import metrics, selection
 from thunderfs_tracker.keystone import AsyncTokens
 from thunderfs_tracker.manifests import ManifestStore, ManifestUnavailable
-from thunderfs_tracker.peer_store import MemoryPeerStore, PeerStore, StoreFull
+from thunderfs_tracker.peer_store import MemoryPeerStore, PeerStore, StoreFull, StoreUnavailable
 from thunderfs_tracker.profiles import ProfileStore
 from thunderfs_tracker.protocol import (
     API,
@@ -64,16 +63,16 @@ class TrackerConfig:
     claim_seconds: float = 30.0
     glance_url: str | None = None
     glance_auth: AsyncTokens | None = None  # Keystone tokens for Glance
+    store_url: str = "memory"  # or redis://HOST:PORT/DB: peer state and profiles shared by replicas
 
 
 CONFIG = web.AppKey("config", TrackerConfig)
 STORE = web.AppKey("store", PeerStore)
 VERIFIER = web.AppKey("verifier", Verifier)
-EPOCH = web.AppKey("epoch", str)
 STATS = web.AppKey("stats", dict)
 MANIFESTS = web.AppKey("manifests", ManifestStore)
 SUSPECTS = web.AppKey("suspects", dict)
-PROFILES = web.AppKey("profiles", ProfileStore)
+PROFILES = web.AppKey("profiles", object)  # ProfileStore or RedisProfileStore
 
 
 def _error(status: type[web.HTTPException], message: str) -> web.HTTPException:
@@ -86,7 +85,7 @@ async def errors_middleware(request: web.Request, handler):
         return await handler(request)
     except ProtocolError as exc:
         raise _error(web.HTTPBadRequest, str(exc)) from None
-    except StoreFull as exc:
+    except (StoreFull, StoreUnavailable) as exc:
         raise _error(web.HTTPServiceUnavailable, str(exc)) from None
 
 
@@ -117,21 +116,22 @@ async def _json(request: web.Request):
 
 async def announce(request: web.Request) -> web.Response:
     node = NodeInfo.parse(request.match_info["node"], await _json(request))
-    request.app[STORE].put_node(node, time.monotonic())
+    await request.app[STORE].put_node(node, time.monotonic())
     cfg = request.app[CONFIG]
-    return web.json_response({"epoch": request.app[EPOCH], "heartbeat": cfg.heartbeat, "node_ttl": cfg.node_ttl})
+    return web.json_response({"epoch": await request.app[STORE].epoch(), "heartbeat": cfg.heartbeat,
+                              "node_ttl": cfg.node_ttl})
 
 
 async def chunks(request: web.Request) -> web.Response:
     node_id = check_node_id(request.match_info["node"])
     full, updates = parse_chunks(await _json(request))
     try:
-        request.app[STORE].update_chunks(node_id, full, updates)
+        await request.app[STORE].update_chunks(node_id, full, updates)
     except KeyError:
         raise _error(web.HTTPConflict, f"node {node_id} has not announced itself (or expired): announce first") from None
     except ValueError as exc:
         raise ProtocolError(str(exc)) from None
-    return web.json_response({"epoch": request.app[EPOCH]})
+    return web.json_response({"epoch": await request.app[STORE].epoch()})
 
 
 def _query_int(request: web.Request, name: str, lo: int, hi: int, default: int | None = None) -> int:
@@ -155,14 +155,14 @@ async def peers(request: web.Request) -> web.Response:
     last = _query_int(request, "last", first, min(MAX_CHUNKS - 1, first + MAX_LOOKUP_CHUNKS - 1))
     limit = _query_int(request, "limit", 1, 200, default=cfg.max_peers)
     asking = request.get("signer") or request.query.get("node")
-    nchunks = store.nchunks(content)
+    nchunks = await store.nchunks(content)
     if nchunks is None:
         raise _error(web.HTTPNotFound, f"no node holds image {content}")
     if last >= nchunks:
         raise ProtocolError(f"image {content} has chunks 0..{nchunks - 1}")
-    me = store.node(asking) if asking else None
+    me = await store.node(asking) if asking else None
     suspects, now = request.app[SUSPECTS], time.monotonic()
-    found = [(n, b) for n, b in store.holders(content, first, last)
+    found = [(n, b) for n, b in await store.holders(content, first, last)
              if n.node_id != asking and suspects.get(n.node_id, 0) < now]
     ranked = selection.rank(me, found)[:limit]
     nbits = last - first + 1
@@ -186,7 +186,7 @@ async def claims(request: web.Request) -> web.Response:
         raise ProtocolError(f"nchunks must be an integer from 1 to {MAX_CHUNKS}")
     want = ranges_to_bits(body.get("chunks", []), nchunks)
     try:
-        granted, others = request.app[STORE].claim(content, node_id, nchunks, want, time.monotonic(),
+        granted, others = await request.app[STORE].claim(content, node_id, nchunks, want, time.monotonic(),
                                                    request.app[CONFIG].claim_seconds)
     except KeyError:
         raise _error(web.HTTPConflict, f"node {node_id} has not announced itself (or expired)") from None
@@ -221,7 +221,7 @@ async def report(request: web.Request) -> web.Response:
 async def manifest(request: web.Request) -> web.Response:
     chunk_size = check_chunk_size(_query_int(request, "chunk_size", 1, 1 << 30))
     try:
-        m = request.app[MANIFESTS].get(request.match_info["image"], chunk_size)
+        m = await request.app[MANIFESTS].get(request.match_info["image"], chunk_size)
     except ManifestUnavailable as exc:
         raise _error(web.HTTPNotFound, str(exc)) from None
     if isinstance(m, str):
@@ -232,7 +232,7 @@ async def manifest(request: web.Request) -> web.Response:
 async def get_profile(request: web.Request) -> web.Response:
     content = check_content(request.match_info["content"])
     chunk_size = check_chunk_size(_query_int(request, "chunk_size", 1, 1 << 30))
-    profile = request.app[PROFILES].get(content, chunk_size)
+    profile = await request.app[PROFILES].get(content, chunk_size)
     if profile is None:
         raise _error(web.HTTPNotFound, f"no profile of image {content} yet")
     return web.json_response(profile.to_json())
@@ -252,14 +252,15 @@ async def add_recording(request: web.Request) -> web.Response:
     touches = parse_touches(body.get("chunks"), nchunks)
     if not touches:
         raise ProtocolError("an empty recording says nothing")
-    profile = request.app[PROFILES].add(content, chunk_size, nchunks, node_id, touches)
+    profile = await request.app[PROFILES].add(content, chunk_size, nchunks, node_id, touches)
     request.app[STATS]["recordings"] += 1
     return web.json_response({"version": profile.version, "chunks": len(profile.touches),
                               "recordings": profile.recordings})
 
 
 async def stats(request: web.Request) -> web.Response:
-    return web.json_response({**request.app[STORE].statistics(), **request.app[STATS], "epoch": request.app[EPOCH],
+    return web.json_response({**await request.app[STORE].statistics(), **request.app[STATS],
+                              "epoch": await request.app[STORE].epoch(),
                               "manifests": request.app[MANIFESTS].stats})
 
 
@@ -268,7 +269,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    return web.json_response({"ready": True, **request.app[STORE].statistics()})
+    return web.json_response({"ready": True, **await request.app[STORE].statistics()})
 
 
 def routes() -> list[web.RouteDef]:
@@ -293,7 +294,11 @@ async def _expiry(app: web.Application):
     async def sweep():
         while True:
             await asyncio.sleep(min(cfg.node_ttl / 3, 5.0))
-            gone = store.expire(time.monotonic() - cfg.node_ttl)
+            try:
+                gone = await store.expire(time.monotonic() - cfg.node_ttl)
+            except StoreUnavailable as exc:
+                log.warning("expiry skipped: %s", exc)
+                continue
             if gone:
                 log.info("expired %d nodes that missed their heartbeats: %s", len(gone), ", ".join(gone[:10]))
 
@@ -301,21 +306,35 @@ async def _expiry(app: web.Application):
     yield
     task.cancel()
     await app[MANIFESTS].close()
+    await store.close()
 
 
 def create_app(config: TrackerConfig, store: PeerStore | None = None) -> web.Application:
+    """The tracker; ``store`` defaults to one in memory (a restarted tracker's new epoch makes
+    nodes send their state again)."""
     app = web.Application(middlewares=[errors_middleware, auth_middleware], client_max_size=MAX_BODY)
     app[CONFIG] = config
-    app[STORE] = store or MemoryPeerStore()
-    app[EPOCH] = secrets.token_hex(8)  # a restarted tracker has lost peer state: nodes resend it
+
     app[STATS] = {"lookups": 0, "lookup_seconds": 0.0, "refused": 0, "reports": 0, "claims": 0,
                       "recordings": 0}
     app[SUSPECTS] = {}
-    app[MANIFESTS] = ManifestStore(config.state_dir, config.glance_url, auth=config.glance_auth)
-    app[PROFILES] = ProfileStore(config.state_dir)
+    if config.store_url.startswith("redis"):
+        from thunderfs_tracker.profiles import RedisProfileStore
+        from thunderfs_tracker.redis_store import RedisPeerStore
+
+        store = store or RedisPeerStore(config.store_url, node_ttl=config.node_ttl)
+        app[PROFILES] = RedisProfileStore(store.redis)
+    else:
+        app[PROFILES] = ProfileStore(config.state_dir)
+    app[STORE] = store or MemoryPeerStore()
+    app[MANIFESTS] = ManifestStore(config.state_dir, config.glance_url, auth=config.glance_auth,
+                                   shared=getattr(app[STORE], "redis", None))
     if config.secret:
         app[VERIFIER] = Verifier(config.secret)
     app.add_routes(routes())
-    metrics.install(app, lambda: {**app[STORE].statistics(), **app[STATS]})
+    async def all_stats() -> dict:
+        return {**await app[STORE].statistics(), **app[STATS]}
+
+    metrics.install(app, all_stats)
     app.cleanup_ctx.append(_expiry)
     return app

@@ -40,6 +40,12 @@ def _listen(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def _store_url(value: str) -> str:
+    if value == "memory" or value.startswith(("redis://", "rediss://", "unix://")):
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r} is neither memory nor a redis:// URL")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="thunderfs-tracker", description="Which thunderfs node holds which chunks. "
@@ -54,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--os-cloud", help="read Glance with a Keystone token of this cloud of clouds.yaml "
                                       "(default: OS_CLOUD, else the OS_* variables, else no authentication)")
     p.add_argument("--secret-file", help="the cluster's shared secret: only signed requests of members are answered")
+    p.add_argument("--store", default="memory", type=_store_url,
+                   help="where peer state and boot profiles live: memory (default; one tracker) or "
+                        "redis://HOST:PORT/DB (shared by tracker replicas)")
     p.add_argument("--node-ttl", type=float, default=30.0, help="seconds after which a silent node expires")
     p.add_argument("--heartbeat", type=float, default=10.0, help="seconds between a node's announces")
     p.add_argument("--debug", action="store_true")
@@ -94,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("no --secret-file: the tracker answers anyone who can reach it")
     host, port = args.listen
     config = TrackerConfig(state_dir=state, secret=secret, node_ttl=args.node_ttl, heartbeat=args.heartbeat,
-                           glance_url=glance_url, glance_auth=glance_auth)
+                           glance_url=glance_url, glance_auth=glance_auth, store_url=args.store)
     try:
         web.run_app(create_app(config), host=host, port=port, print=lambda *_: log.info("listening on %s:%d", host, port),
                     access_log=None, handle_signals=True)

@@ -1,14 +1,20 @@
 """The tracker client that the daemon imports: same wire types as the server, signed requests.
 
-Runs on trio (httpx).  Raises ``TrackerUnavailable`` when the tracker cannot be reached or is
-overloaded (the daemon goes on with Glance and the peers it knows) and ``TrackerRefused`` when it
+Runs on trio (httpx).  Raises ``TrackerUnavailable`` when no tracker can be reached or all are
+overloaded (the daemon goes on with Glance and the peers it knows) and ``TrackerRefused`` when one
 says the request is wrong or not a member's.
+
+Replicas: given several URLs (replicas on one shared store), a node talks to one of them, chosen
+by its node id so that nodes spread evenly; when that one fails (unreachable, 502-504), the same
+request goes at once to the next, and the failed one is left alone for ``REPLICA_REST`` seconds.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
+import zlib
 from dataclasses import dataclass
 
 import httpx
@@ -49,12 +55,37 @@ class AnnounceReply:
     node_ttl: float
 
 
+def split_urls(urls: str | list[str]) -> list[str]:
+    """``"http://a:7070,http://b:7070"`` or a list: the replicas' URLs, without trailing slashes."""
+    items = urls.split(",") if isinstance(urls, str) else urls
+    return [u.strip().rstrip("/") for u in items if u.strip()]
+
+
 class TrackerClient:
-    def __init__(self, url: str, node_id: str, *, secret: bytes | None = None, timeout: float = 2.0):
-        self.url = url.rstrip("/")
+    REPLICA_REST = 10.0
+
+    def __init__(self, urls: str | list[str], node_id: str, *, secret: bytes | None = None,
+                 timeout: float = 2.0):
+        self.urls = split_urls(urls)
+        if not self.urls:
+            raise ValueError("no tracker URL")
         self.node_id = node_id
         self._secret = secret
-        self._client = httpx.AsyncClient(base_url=self.url, timeout=timeout)
+        self._client = httpx.AsyncClient(timeout=timeout)
+        self._first = zlib.crc32(node_id.encode()) % len(self.urls)  # this node's replica
+        self._resting: dict[str, float] = {}
+        self.failovers = 0
+
+    @property
+    def url(self) -> str:
+        """The replica in use (for messages): this node's own unless it is resting."""
+        return self._order()[0]
+
+    def _order(self) -> list[str]:
+        n, now = len(self.urls), time.monotonic()
+        ring = [self.urls[(self._first + i) % n] for i in range(n)]
+        awake = [u for u in ring if self._resting.get(u, 0) <= now]
+        return awake + [u for u in ring if u not in awake]
 
     async def __aenter__(self) -> "TrackerClient":
         return self
@@ -64,15 +95,31 @@ class TrackerClient:
 
     async def _call(self, method: str, path: str, body: dict | None = None) -> dict:
         data = json.dumps(body).encode() if body is not None else b""
-        headers = {"Content-Type": "application/json"} if body is not None else {}
-        if self._secret:
+        failures = []
+        for i, url in enumerate(self._order()):
+            try:
+                result = await self._call_one(url, method, path, data, body is not None)
+            except TrackerUnavailable as exc:
+                failures.append(str(exc))
+                if self._resting.get(url, 0) <= time.monotonic() and len(self.urls) > 1:
+                    log.warning("%s; using another tracker replica for %.0fs", exc, self.REPLICA_REST)
+                self._resting[url] = time.monotonic() + self.REPLICA_REST
+                continue
+            if i:
+                self.failovers += 1
+            return result
+        raise TrackerUnavailable("; ".join(failures))
+
+    async def _call_one(self, url: str, method: str, path: str, data: bytes, is_json: bool) -> dict:
+        headers = {"Content-Type": "application/json"} if is_json else {}
+        if self._secret:  # signed per attempt: a nonce is accepted once
             headers.update(sign(self._secret, self.node_id, method, path, data))
         try:
-            resp = await self._client.request(method, path, content=data, headers=headers)
+            resp = await self._client.request(method, url + path, content=data, headers=headers)
         except httpx.HTTPError as exc:
-            raise TrackerUnavailable(f"tracker {self.url} unreachable: {exc}") from exc
+            raise TrackerUnavailable(f"tracker {url} unreachable: {exc}") from exc
         if resp.status_code in (502, 503, 504):
-            raise TrackerUnavailable(f"tracker {self.url} answered {resp.status_code}: {resp.text[:200]}")
+            raise TrackerUnavailable(f"tracker {url} answered {resp.status_code}: {resp.text[:200]}")
         if resp.status_code >= 400:
             try:
                 message = resp.json().get("error", resp.text)

@@ -4,6 +4,10 @@ The tracker is the party the cluster trusts to compute them: it reads Glance's b
 every chunk with sha256 and the whole image with Glance's own algorithm, and publishes the
 manifest only if that whole-image hash equals Glance's ``os_hash_value``.  A node accepts a
 peer's chunk only if it matches.  Manifests are kept in the state dir and survive restarts.
+
+With replicas (``shared``: the Redis of the peer store), a built manifest is also put in Redis
+(``tf:m:<image>:<chunk size>``), so that every replica answers the same, and one replica builds
+it while the others say "building" (a lock key, ``tf:mb:...``, that expires if its builder dies).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ class ManifestUnavailable(Exception):
 
 class ManifestStore:
     def __init__(self, state_dir: Path, glance_url: str | None, *, keep_in_memory: int = 64,
-                 auth: AsyncTokens | None = None):
+                 auth: AsyncTokens | None = None, shared=None):
         self._dir = state_dir / "manifests"
         self._dir.mkdir(parents=True, exist_ok=True)
         self._glance = glance_url.rstrip("/") if glance_url else None
@@ -42,12 +46,13 @@ class ManifestStore:
         self._failed: dict[tuple[str, int], str] = {}
         self._session: aiohttp.ClientSession | None = None
         self._auth = auth  # Keystone tokens for Glance, or None
+        self._shared = shared  # a redis.asyncio.Redis, or None
         self.stats = {"built": 0, "failed": 0, "bytes_read": 0}
 
     def _path(self, image_id: str, chunk_size: int) -> Path:
         return self._dir / f"{image_id}-{chunk_size}.json"
 
-    def get(self, image_id: str, chunk_size: int) -> Manifest | str:
+    async def get(self, image_id: str, chunk_size: int) -> Manifest | str:
         """The manifest, or a word on where it stands: 'building', or why it failed.  Asking
         starts the build (the first ask for an image pays for the one stream from Glance)."""
         if not _IMAGE_ID.match(image_id):
@@ -66,9 +71,38 @@ class ManifestStore:
             raise ManifestUnavailable(self._failed[key])
         if self._glance is None:
             raise ManifestUnavailable("the tracker has no --glance to build manifests from")
-        if key not in self._building:
-            self._building[key] = asyncio.create_task(self._build(image_id, chunk_size))
+        if key in self._building:
+            return "building"
+        if self._shared is not None:
+            raw, mine = await self._shared_state(image_id, chunk_size)
+            if raw is not None:
+                m = Manifest.parse(json.loads(raw))
+                self._save(key, m)
+                return m
+            if not mine:
+                return "building"  # another replica is building it
+        self._building[key] = asyncio.create_task(self._build(image_id, chunk_size))
         return "building"
+
+    async def _shared_state(self, image_id: str, chunk_size: int) -> tuple[bytes | None, bool]:
+        """(the manifest in Redis, or None; whether this replica took the lock to build it)."""
+        from redis.exceptions import RedisError
+
+        from thunderfs_tracker.peer_store import StoreUnavailable
+        try:
+            p = self._shared.pipeline(transaction=False)
+            p.get(f"tf:m:{image_id}:{chunk_size}")
+            p.set(f"tf:mb:{image_id}:{chunk_size}", "1", nx=True, ex=600)
+            raw, mine = await p.execute()
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"manifests in Redis unavailable: {exc}") from None
+        return raw, bool(mine)
+
+    def _save(self, key: tuple[str, int], m: Manifest) -> None:
+        tmp = self._path(*key).with_suffix(".tmp")
+        tmp.write_text(json.dumps(m.to_json()))
+        tmp.replace(self._path(*key))
+        self._remember(key, m)
 
     def _remember(self, key, m: Manifest) -> None:
         self._memory[key] = m
@@ -85,15 +119,22 @@ class ManifestStore:
             self._failed[key] = why
             self.stats["failed"] += 1
         else:
-            tmp = self._path(image_id, chunk_size).with_suffix(".tmp")
-            tmp.write_text(json.dumps(m.to_json()))
-            tmp.replace(self._path(image_id, chunk_size))
-            self._remember(key, m)
+            self._save(key, m)
+            if self._shared is not None:
+                try:
+                    await self._shared.set(f"tf:m:{image_id}:{chunk_size}", json.dumps(m.to_json()))
+                except Exception as exc:  # the others build it themselves
+                    log.warning("could not share the manifest of %s in Redis: %s", image_id, exc)
             self.stats["built"] += 1
             log.info("manifest of %s (%d chunks of %d) built and checked against Glance's %s",
                      image_id, m.nchunks, chunk_size, m.os_hash_algo)
         finally:
             self._building.pop(key, None)
+            if self._shared is not None:
+                try:
+                    await self._shared.delete(f"tf:mb:{image_id}:{chunk_size}")
+                except Exception:
+                    pass  # it expires
 
     async def _stream(self, image_id: str, chunk_size: int) -> Manifest:
         if self._session is None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
@@ -19,16 +19,19 @@ log = logging.getLogger(__name__)
 
 REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
 LATENCY = web.AppKey("metrics_latency", Histogram)
+COLLECTOR = web.AppKey("metrics_collector", object)
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
-def install(app: web.Application, stats: Callable[[], dict]) -> None:
-    """Add the middleware, the collector of ``stats()`` and the /metrics route to ``app``."""
+def install(app: web.Application, stats: Callable[[], Awaitable[dict]]) -> None:
+    """Add the middleware, the collector of ``await stats()`` (taken per scrape: the peer store
+    may be a network away) and the /metrics route to ``app``."""
     registry = CollectorRegistry(auto_describe=False)
     app[REGISTRY] = registry
     app[LATENCY] = Histogram("thunderfs_tracker_request_seconds", "Seconds to answer a request, by route",
                              ["route", "method"], buckets=BUCKETS, registry=registry)
-    registry.register(_StatsCollector(stats))
+    app[COLLECTOR] = _StatsCollector(stats)
+    registry.register(app[COLLECTOR])
     app.middlewares.append(_timing)
     app.router.add_get("/metrics", _metrics)
 
@@ -45,20 +48,23 @@ async def _timing(request: web.Request, handler):
 
 
 async def _metrics(request: web.Request) -> web.Response:
+    collector = request.app[COLLECTOR]
+    collector.latest = await collector.stats()
     body = generate_latest(request.app[REGISTRY])
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 class _StatsCollector:
-    def __init__(self, stats: Callable[[], dict]):
-        self._stats = stats
+    def __init__(self, stats: Callable[[], Awaitable[dict]]):
+        self.stats = stats
+        self.latest: dict = {}
 
     def collect(self) -> Iterator[Metric]:
-        s = self._stats()
+        s = self.latest
         yield GaugeMetricFamily("thunderfs_tracker_nodes", "Live nodes (heartbeat within the node TTL)",
-                                value=s["nodes"])
+                                value=s.get("nodes", 0))
         yield GaugeMetricFamily("thunderfs_tracker_images", "Image contents some node holds chunks of",
-                                value=s["images"])
+                                value=s.get("images", 0))
         requests = CounterMetricFamily("thunderfs_tracker_operations", "Operations answered, by kind",
                                        labels=["kind"])
         for kind in ("lookups", "claims", "recordings", "reports", "refused"):

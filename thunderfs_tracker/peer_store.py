@@ -1,5 +1,6 @@
 """Where the tracker keeps which node holds which chunks: a small interface, and the in-memory
-store (the embedded default).  Another store (Redis, for replicas) implements the same methods.
+store (the embedded default).  ``redis_store.RedisPeerStore`` implements the same methods for
+replicas on shared state.  The methods are coroutines (a shared store is a network away).
 
 Chunk sets are Python ints used as bitsets: a lookup of a range is a shift and a mask, in C.
 Memory is bounded by ``max_nodes`` and ``max_images_per_node``; a node that stops announcing is
@@ -9,6 +10,7 @@ expired with everything it held.
 from __future__ import annotations
 
 import logging
+import secrets
 from typing import Protocol
 
 from thunderfs_tracker.protocol import ChunkUpdate, NodeInfo
@@ -20,23 +22,32 @@ class StoreFull(Exception):
     """The store holds as much as it may; the client is told 503 and tries later."""
 
 
+class StoreUnavailable(Exception):
+    """The shared store cannot be reached: the client is told 503, with why."""
+
+
 class PeerStore(Protocol):
-    def put_node(self, node: NodeInfo, now: float) -> None: ...
+    async def epoch(self) -> str:
+        """Changes when the store loses its state (a restart): nodes then send their full state."""
 
-    def node(self, node_id: str) -> NodeInfo | None: ...
+    async def put_node(self, node: NodeInfo, now: float) -> None: ...
 
-    def nchunks(self, content: str) -> int | None: ...
+    async def node(self, node_id: str) -> NodeInfo | None: ...
 
-    def update_chunks(self, node_id: str, full: bool, updates: list[ChunkUpdate]) -> None: ...
+    async def nchunks(self, content: str) -> int | None: ...
 
-    def holders(self, content: str, first: int, last: int) -> list[tuple[NodeInfo, int]]: ...
+    async def update_chunks(self, node_id: str, full: bool, updates: list[ChunkUpdate]) -> None: ...
 
-    def expire(self, older_than: float) -> list[str]: ...
+    async def holders(self, content: str, first: int, last: int) -> list[tuple[NodeInfo, int]]: ...
 
-    def claim(self, content: str, node_id: str, nchunks: int, want: int, now: float,
-              ttl: float) -> tuple[int, list[tuple[NodeInfo, int, bool]]]: ...
+    async def expire(self, older_than: float) -> list[str]: ...
 
-    def statistics(self) -> dict: ...
+    async def claim(self, content: str, node_id: str, nchunks: int, want: int, now: float,
+                    ttl: float) -> tuple[int, list[tuple[NodeInfo, int, bool]]]: ...
+
+    async def statistics(self) -> dict: ...
+
+    async def close(self) -> None: ...
 
 
 class MemoryPeerStore:
@@ -49,18 +60,25 @@ class MemoryPeerStore:
         self._claims: dict[str, dict[str, tuple[int, float]]] = {}  # content -> node -> (bits, expires)
         self._max_nodes = max_nodes
         self._max_images = max_images_per_node
+        self._epoch = secrets.token_hex(8)  # a restarted tracker has lost peer state: nodes resend it
 
-    def node(self, node_id: str) -> NodeInfo | None:
+    async def epoch(self) -> str:
+        return self._epoch
+
+    async def close(self) -> None:
+        pass
+
+    async def node(self, node_id: str) -> NodeInfo | None:
         return self._nodes.get(node_id)
 
-    def put_node(self, node: NodeInfo, now: float) -> None:
+    async def put_node(self, node: NodeInfo, now: float) -> None:
         if node.node_id not in self._nodes and len(self._nodes) >= self._max_nodes:
             raise StoreFull(f"the tracker tracks {self._max_nodes} nodes already")
         self._nodes[node.node_id] = node
         self._seen[node.node_id] = now
         self._held.setdefault(node.node_id, set())
 
-    def update_chunks(self, node_id: str, full: bool, updates: list[ChunkUpdate]) -> None:
+    async def update_chunks(self, node_id: str, full: bool, updates: list[ChunkUpdate]) -> None:
         if node_id not in self._nodes:
             raise KeyError(node_id)
         held = self._held[node_id]
@@ -96,7 +114,7 @@ class MemoryPeerStore:
                 del self._nchunks[content]
         self._held.get(node_id, set()).discard(content)
 
-    def holders(self, content: str, first: int, last: int) -> list[tuple[NodeInfo, int]]:
+    async def holders(self, content: str, first: int, last: int) -> list[tuple[NodeInfo, int]]:
         per_node = self._chunks.get(content)
         if not per_node:
             return []
@@ -108,7 +126,7 @@ class MemoryPeerStore:
                 out.append((self._nodes[node_id], have))
         return out
 
-    def claim(self, content: str, node_id: str, nchunks: int, want: int, now: float,
+    async def claim(self, content: str, node_id: str, nchunks: int, want: int, now: float,
               ttl: float) -> tuple[int, list[tuple[NodeInfo, int, bool]]]:
         """A node is about to fetch ``want`` (bits) from Glance.  Chunks another live node holds
         or has claimed are not granted: that node is named instead (with whether it holds them
@@ -141,10 +159,10 @@ class MemoryPeerStore:
         claims[node_id] = (mine | granted, now + ttl)
         return granted, others
 
-    def nchunks(self, content: str) -> int | None:
+    async def nchunks(self, content: str) -> int | None:
         return self._nchunks.get(content)
 
-    def expire(self, older_than: float) -> list[str]:
+    async def expire(self, older_than: float) -> list[str]:
         gone = [n for n, seen in self._seen.items() if seen < older_than]
         for node_id in gone:
             for claims in self._claims.values():
@@ -155,5 +173,5 @@ class MemoryPeerStore:
             del self._seen[node_id]
         return gone
 
-    def statistics(self) -> dict:
+    async def statistics(self) -> dict:
         return {"nodes": len(self._nodes), "images": len(self._chunks)}

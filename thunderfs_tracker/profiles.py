@@ -11,6 +11,7 @@ per profile in the state dir, so profiles survive a restart.
 from __future__ import annotations
 
 import json
+import time
 import logging
 import os
 import statistics
@@ -71,7 +72,7 @@ class ProfileStore:
             old, _ = self._state.popitem(last=False)
             self._merged.pop(old, None)
 
-    def get(self, content: str, chunk_size: int) -> Profile | None:
+    async def get(self, content: str, chunk_size: int) -> Profile | None:
         key = (content, chunk_size)
         state = self._load(key)
         if state is None:
@@ -83,8 +84,8 @@ class ProfileStore:
             self._merged[key] = profile
         return profile
 
-    def add(self, content: str, chunk_size: int, nchunks: int, node_id: str,
-            touches: list[tuple[int, int]]) -> Profile:
+    async def add(self, content: str, chunk_size: int, nchunks: int, node_id: str,
+                  touches: list[tuple[int, int]]) -> Profile:
         """Take ``node_id``'s recording (replacing its last one); the merged profile."""
         key = (content, chunk_size)
         state = self._load(key)
@@ -100,7 +101,7 @@ class ProfileStore:
             recs.pop(next(iter(recs)))
         state["version"] += 1
         self._save(key, state)
-        profile = self.get(content, chunk_size)
+        profile = await self.get(content, chunk_size)
         assert profile is not None
         log.info("profile of %s: recording of %d chunks from %s; version %d has %d chunks from %d recordings",
                  content, len(touches), node_id, profile.version, len(profile.touches), profile.recordings)
@@ -113,3 +114,77 @@ class ProfileStore:
                 "recordings": {n: [[c, ms] for c, ms in rec] for n, rec in state["recordings"].items()}}
         tmp.write_text(json.dumps(data))
         os.replace(tmp, path)
+
+
+class RedisProfileStore:
+    """Profiles in Redis, so that every tracker replica answers the same: per (content, chunk
+    size) a hash node -> its recording (JSON, with when it came, for keeping the newest ``keep``),
+    the version (INCR) and the chunk count.  Merged profiles are cached per replica by version."""
+
+    def __init__(self, redis, *, keep: int = 16):
+        self._r = redis  # a redis.asyncio.Redis (the peer store's connection pool)
+        self._keep = keep
+        self._merged: OrderedDict[tuple[str, int], Profile] = OrderedDict()
+
+    async def _do(self, pipe):
+        from redis.exceptions import RedisError
+
+        from thunderfs_tracker.peer_store import StoreUnavailable
+        try:
+            return await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"profiles in Redis unavailable: {exc}") from None
+
+    async def get(self, content: str, chunk_size: int) -> Profile | None:
+        key = f"{check_content(content)}:{chunk_size}"
+        p = self._r.pipeline(transaction=False)
+        p.get(f"tf:pv:{key}")
+        p.get(f"tf:pk:{key}")
+        version, nchunks = await self._do(p)
+        if version is None or nchunks is None:
+            return None
+        version, nchunks = int(version), int(nchunks)
+        cached = self._merged.get((content, chunk_size))
+        if cached is not None and cached.version == version:
+            return cached
+        p = self._r.pipeline(transaction=False)
+        p.hgetall(f"tf:p:{key}")
+        (raw,) = await self._do(p)
+        recordings = []
+        for value in raw.values():
+            try:
+                recordings.append(parse_touches(json.loads(value)["chunks"], nchunks))
+            except (ValueError, KeyError, TypeError, ProtocolError) as exc:
+                log.warning("a recording of %s in Redis is unreadable (%s): ignoring it", content, exc)
+        if not recordings:
+            return None
+        profile = Profile(content, chunk_size, nchunks, version, len(recordings), merge(recordings))
+        self._merged[(content, chunk_size)] = profile
+        while len(self._merged) > 256:
+            self._merged.popitem(last=False)
+        return profile
+
+    async def add(self, content: str, chunk_size: int, nchunks: int, node_id: str,
+                  touches: list[tuple[int, int]]) -> Profile:
+        key = f"{check_content(content)}:{chunk_size}"
+        p = self._r.pipeline(transaction=False)
+        p.set(f"tf:pk:{key}", nchunks, nx=True)
+        p.get(f"tf:pk:{key}")
+        known = int((await self._do(p))[1])
+        if known != nchunks:
+            raise ProtocolError(f"image {content} has {known} chunks of {chunk_size}, not {nchunks}")
+        p = self._r.pipeline(transaction=False)
+        p.hset(f"tf:p:{key}", node_id, json.dumps({"at": time.time(), "chunks": [[c, ms] for c, ms in touches]}))
+        p.incr(f"tf:pv:{key}")
+        p.hgetall(f"tf:p:{key}")
+        _, _, recs = await self._do(p)
+        if len(recs) > self._keep:
+            by_age = sorted(recs, key=lambda n: json.loads(recs[n])["at"])
+            p = self._r.pipeline(transaction=False)
+            p.hdel(f"tf:p:{key}", *by_age[:len(recs) - self._keep])
+            await self._do(p)
+        profile = await self.get(content, chunk_size)
+        assert profile is not None
+        log.info("profile of %s: recording of %d chunks from %s; version %d has %d chunks from %d recordings",
+                 content, len(touches), node_id, profile.version, len(profile.touches), profile.recordings)
+        return profile

@@ -1,0 +1,253 @@
+"""The peer store in Redis, shared by tracker replicas (``--store redis://HOST:PORT/DB``).
+
+Keys (all under ``tf:``):
+
+    tf:epoch            a random token, set if absent; a Redis that lost its data gets a new one,
+                        and nodes that see it change send their full state again
+    tf:n:<node>         the node's record (JSON), expiring ``node_ttl`` after its last announce:
+                        liveness is key expiry, no sweeper runs on any replica
+    tf:h:<node>         set of contents the node holds chunks of (expires with the node)
+    tf:b:<content>:<node>  the node's chunks of one content: a bitset (chunk c = bit c), as a
+                        little-endian integer, zlib-compressed (a boot's scattered 2 % of a 2 GiB
+                        image is a 4 KiB bitmap, a few hundred bytes compressed); expires with it
+    tf:i:<content>      set of nodes holding chunks of the content (dead members are dropped when
+                        a lookup meets them)
+    tf:k:<content>      the content's number of chunks
+    tf:c:<content>      hash node -> its claim: "<expiry ms>:<hex of compressed bits>"
+    tf:images           set of contents someone holds (for statistics)
+    tf:alive            sorted set node -> last announce (statistics: live nodes)
+
+Round trips: an announce 2, a chunk update 2, a lookup 2, a claim 3 (all pipelined), whatever
+the number of nodes: a lookup draws at most ``sample`` holders of the content at random and ranks
+those (with 10,000 holders of one image, any 200 serve as well as all).
+
+Not atomic across replicas, by design: two replicas may grant one chunk to two nodes at the same
+moment (both fetch it from Glance: some egress, never a wrong byte, since every chunk is verified
+against its manifest), and a node's deltas are applied in the order its requests arrive (a node
+sends one update at a time).  Redis errors become ``StoreUnavailable`` (a 503 saying why).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+import zlib
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from thunderfs_tracker.peer_store import StoreUnavailable
+from thunderfs_tracker.protocol import ChunkUpdate, NodeInfo
+
+log = logging.getLogger(__name__)
+
+
+def _pack(bits: int) -> bytes:
+    return zlib.compress(bits.to_bytes((bits.bit_length() + 7) // 8, "little"), 1)
+
+
+def _unpack(blob: bytes | None) -> int:
+    return int.from_bytes(zlib.decompress(blob), "little") if blob else 0
+
+
+def _node_json(node: NodeInfo) -> str:
+    return json.dumps(node.to_json())
+
+
+def _node_parse(node_id: str, raw: bytes) -> NodeInfo:
+    return NodeInfo.parse(node_id, json.loads(raw))
+
+
+class RedisPeerStore:
+    def __init__(self, url: str, *, node_ttl: float = 30.0, sample: int = 200):
+        self.url = url
+        self.redis = self._r = aioredis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        self._ttl_ms = max(1000, int(node_ttl * 1000))
+        self._sample = sample
+
+    async def _do(self, pipe_or_coro):
+        try:
+            if hasattr(pipe_or_coro, "execute"):
+                return await pipe_or_coro.execute()
+            return await pipe_or_coro
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"the peer store (Redis at {self._where()}) is unavailable: {exc}") from None
+
+    def _where(self) -> str:
+        return self.url.split("@")[-1]
+
+    async def close(self) -> None:
+        await self._r.aclose()
+
+    async def epoch(self) -> str:
+        p = self._r.pipeline(transaction=False)
+        p.set("tf:epoch", secrets.token_hex(8), nx=True)
+        p.get("tf:epoch")
+        return (await self._do(p))[1].decode()
+
+    async def put_node(self, node: NodeInfo, now: float) -> None:
+        nid = node.node_id
+        p = self._r.pipeline(transaction=False)
+        p.set(f"tf:n:{nid}", _node_json(node), px=self._ttl_ms)
+        p.pexpire(f"tf:h:{nid}", self._ttl_ms)
+        p.smembers(f"tf:h:{nid}")
+        p.zadd("tf:alive", {nid: time.time()})
+        held = (await self._do(p))[2]
+        if held:
+            p = self._r.pipeline(transaction=False)
+            for content in held:
+                p.pexpire(f"tf:b:{content.decode()}:{nid}", self._ttl_ms)
+            await self._do(p)
+
+    async def node(self, node_id: str) -> NodeInfo | None:
+        raw = await self._do(self._r.get(f"tf:n:{node_id}"))
+        return _node_parse(node_id, raw) if raw else None
+
+    async def nchunks(self, content: str) -> int | None:
+        raw = await self._do(self._r.get(f"tf:k:{content}"))
+        return int(raw) if raw else None
+
+    async def update_chunks(self, node_id: str, full: bool, updates: list[ChunkUpdate]) -> None:
+        p = self._r.pipeline(transaction=False)
+        p.exists(f"tf:n:{node_id}")
+        p.smembers(f"tf:h:{node_id}")
+        for u in updates:
+            p.get(f"tf:k:{u.content}")
+            p.get(f"tf:b:{u.content}:{node_id}")
+        res = await self._do(p)
+        if not res[0]:
+            raise KeyError(node_id)
+        held = {c.decode() for c in res[1]}
+        w = self._r.pipeline(transaction=False)
+        listed = set()
+        for i, u in enumerate(updates):
+            known, old = res[2 + 2 * i], res[3 + 2 * i]
+            if known is not None and int(known) != u.nchunks:
+                raise ValueError(f"image {u.content} has {int(known)} chunks, not {u.nchunks}")
+            listed.add(u.content)
+            bits = u.add if u.full else (_unpack(old) | u.add) & ~u.remove
+            w.set(f"tf:k:{u.content}", u.nchunks)
+            if bits:
+                w.set(f"tf:b:{u.content}:{node_id}", _pack(bits), px=self._ttl_ms)
+                w.sadd(f"tf:i:{u.content}", node_id)
+                w.sadd(f"tf:h:{node_id}", u.content)
+                w.sadd("tf:images", u.content)
+                w.hdel(f"tf:c:{u.content}", node_id)  # what it holds now is held, not claimed
+            else:
+                self._drop(w, node_id, u.content)
+        if full:
+            for content in held - listed:
+                self._drop(w, node_id, content)
+        w.pexpire(f"tf:h:{node_id}", self._ttl_ms)
+        await self._do(w)
+
+    @staticmethod
+    def _drop(w, node_id: str, content: str) -> None:
+        w.delete(f"tf:b:{content}:{node_id}")
+        w.srem(f"tf:i:{content}", node_id)
+        w.srem(f"tf:h:{node_id}", content)
+
+    async def _sampled_holders(self, content: str, extra: list = ()) -> tuple[list[tuple[NodeInfo, int]], list]:
+        """Up to ``sample`` live holders of ``content`` with their bits (2 round trips), and the
+        results of ``extra`` commands queued in the first."""
+        p = self._r.pipeline(transaction=False)
+        p.srandmember(f"tf:i:{content}", self._sample)
+        for name, args in extra:
+            getattr(p, name)(*args)
+        first = await self._do(p)
+        ids = [i.decode() for i in first[0]]
+        if not ids:
+            return [], first[1:]
+        p = self._r.pipeline(transaction=False)
+        for nid in ids:
+            p.get(f"tf:n:{nid}")
+            p.get(f"tf:b:{content}:{nid}")
+        res = await self._do(p)
+        out, dead = [], []
+        for i, nid in enumerate(ids):
+            raw, blob = res[2 * i], res[2 * i + 1]
+            if raw is None or blob is None:
+                dead.append(nid)
+                continue
+            out.append((_node_parse(nid, raw), _unpack(blob)))
+        if dead:
+            await self._do(self._r.srem(f"tf:i:{content}", *dead))
+        return out, first[1:]
+
+    async def holders(self, content: str, first: int, last: int) -> list[tuple[NodeInfo, int]]:
+        mask = (1 << (last - first + 1)) - 1
+        found, _ = await self._sampled_holders(content)
+        return [(n, have) for n, bits in found if (have := (bits >> first) & mask)]
+
+    async def claim(self, content: str, node_id: str, nchunks: int, want: int, now: float,
+                    ttl: float) -> tuple[int, list[tuple[NodeInfo, int, bool]]]:
+        """As ``MemoryPeerStore.claim``: held chunks first, then live claims; the rest granted."""
+        found, (exists, known, claims) = await self._sampled_holders(
+            content, [("exists", (f"tf:n:{node_id}",)), ("get", (f"tf:k:{content}",)),
+                      ("hgetall", (f"tf:c:{content}",))])
+        if not exists:
+            raise KeyError(node_id)
+        if known is not None and int(known) != nchunks:
+            raise ValueError(f"image {content} has {int(known)} chunks, not {nchunks}")
+        others, taken = [], 0
+        for n, bits in found:
+            if n.node_id != node_id and bits & want & ~taken:
+                others.append((n, bits & want & ~taken, True))
+                taken |= bits & want
+                if taken & want == want:
+                    break
+        now_ms = int(time.time() * 1000)
+        mine, stale, claimers = 0, [], []
+        for raw_id, raw in claims.items():
+            other = raw_id.decode()
+            expires, hexbits = raw.decode().split(":", 1)
+            if int(expires) < now_ms:
+                stale.append(other)
+                continue
+            bits = _unpack(bytes.fromhex(hexbits))
+            if other == node_id:
+                mine = bits
+            elif bits & want & ~taken:
+                claimers.append((other, bits))
+        if claimers:
+            p = self._r.pipeline(transaction=False)
+            for other, _ in claimers:
+                p.get(f"tf:n:{other}")
+            for (other, bits), raw in zip(claimers, await self._do(p)):
+                if raw is None:
+                    stale.append(other)
+                elif bits & want & ~taken:
+                    others.append((_node_parse(other, raw), bits & want & ~taken, False))
+                    taken |= bits & want
+        granted = want & ~taken
+        w = self._r.pipeline(transaction=False)
+        if stale:
+            w.hdel(f"tf:c:{content}", *stale)
+        if granted:
+            w.hset(f"tf:c:{content}", node_id, f"{now_ms + int(ttl * 1000)}:{_pack(mine | granted).hex()}")
+            w.pexpire(f"tf:c:{content}", int(ttl * 2000))
+        if stale or granted:
+            await self._do(w)
+        return granted, others
+
+    async def expire(self, older_than: float) -> list[str]:
+        """Nothing to sweep (keys expire by themselves): trims the statistics' set of live nodes
+        and returns the nodes this replica took out of it (each is reported by one replica)."""
+        old = await self._do(self._r.zrangebyscore("tf:alive", 0, time.time() - self._ttl_ms / 1000))
+        if not old:
+            return []
+        p = self._r.pipeline(transaction=False)
+        for nid in old:
+            p.zrem("tf:alive", nid)
+        removed = await self._do(p)
+        return [nid.decode() for nid, n in zip(old, removed) if n]
+
+    async def statistics(self) -> dict:
+        p = self._r.pipeline(transaction=False)
+        p.zcount("tf:alive", time.time() - self._ttl_ms / 1000, "+inf")
+        p.scard("tf:images")
+        p.info("memory")
+        nodes, images, mem = await self._do(p)
+        return {"nodes": nodes, "images": images, "store": "redis", "store_memory_bytes": mem.get("used_memory", 0)}
