@@ -7,19 +7,20 @@ Keys (all under ``tf:``):
     tf:n:<node>         the node's record (JSON), expiring ``node_ttl`` after its last announce:
                         liveness is key expiry, no sweeper runs on any replica
     tf:h:<node>         set of contents the node holds chunks of (expires with the node)
-    tf:b:<content>:<node>  the node's chunks of one content: a bitset (chunk c = bit c), as a
+    tf:b:<content>      hash node -> its chunks of the content: a bitset (chunk c = bit c) as a
                         little-endian integer, zlib-compressed (a boot's scattered 2 % of a 2 GiB
-                        image is a 4 KiB bitmap, a few hundred bytes compressed); expires with it
-    tf:i:<content>      set of nodes holding chunks of the content (dead members are dropped when
-                        a lookup meets them)
+                        image is a 4 KiB bitmap, ~200 bytes compressed).  A field has no expiry of
+                        its own: a dead node's field goes when a lookup draws it, or at the
+                        node's next full state
     tf:k:<content>      the content's number of chunks
     tf:c:<content>      hash node -> its claim: "<expiry ms>:<hex of compressed bits>"
     tf:images           set of contents someone holds (for statistics)
     tf:alive            sorted set node -> last announce (statistics: live nodes)
 
-Round trips: an announce 2, a chunk update 2, a lookup 2, a claim 3 (all pipelined), whatever
-the number of nodes: a lookup draws at most ``sample`` holders of the content at random and ranks
-those (with 10,000 holders of one image, any 200 serve as well as all).
+Round trips: an announce 1, a chunk update 2, a lookup 2, a claim 3 (all pipelined), whatever
+the number of nodes: a lookup draws at most ``sample`` holders of the content at random
+(HRANDFIELD) and ranks those (with 10,000 holders of one image, any 64 serve as well as all:
+a node takes at most 20 of them).
 
 Not atomic across replicas, by design: two replicas may grant one chunk to two nodes at the same
 moment (both fetch it from Glance: some egress, never a wrong byte, since every chunk is verified
@@ -45,7 +46,7 @@ log = logging.getLogger(__name__)
 
 
 def _pack(bits: int) -> bytes:
-    return zlib.compress(bits.to_bytes((bits.bit_length() + 7) // 8, "little"), 1)
+    return zlib.compress(bits.to_bytes((bits.bit_length() + 7) // 8, "little"), 9)
 
 
 def _unpack(blob: bytes | None) -> int:
@@ -61,7 +62,7 @@ def _node_parse(node_id: str, raw: bytes) -> NodeInfo:
 
 
 class RedisPeerStore:
-    def __init__(self, url: str, *, node_ttl: float = 30.0, sample: int = 200):
+    def __init__(self, url: str, *, node_ttl: float = 30.0, sample: int = 64):
         self.url = url
         self.redis = self._r = aioredis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
         self._ttl_ms = max(1000, int(node_ttl * 1000))
@@ -92,14 +93,8 @@ class RedisPeerStore:
         p = self._r.pipeline(transaction=False)
         p.set(f"tf:n:{nid}", _node_json(node), px=self._ttl_ms)
         p.pexpire(f"tf:h:{nid}", self._ttl_ms)
-        p.smembers(f"tf:h:{nid}")
         p.zadd("tf:alive", {nid: time.time()})
-        held = (await self._do(p))[2]
-        if held:
-            p = self._r.pipeline(transaction=False)
-            for content in held:
-                p.pexpire(f"tf:b:{content.decode()}:{nid}", self._ttl_ms)
-            await self._do(p)
+        await self._do(p)
 
     async def node(self, node_id: str) -> NodeInfo | None:
         raw = await self._do(self._r.get(f"tf:n:{node_id}"))
@@ -115,7 +110,7 @@ class RedisPeerStore:
         p.smembers(f"tf:h:{node_id}")
         for u in updates:
             p.get(f"tf:k:{u.content}")
-            p.get(f"tf:b:{u.content}:{node_id}")
+            p.hget(f"tf:b:{u.content}", node_id)
         res = await self._do(p)
         if not res[0]:
             raise KeyError(node_id)
@@ -130,8 +125,7 @@ class RedisPeerStore:
             bits = u.add if u.full else (_unpack(old) | u.add) & ~u.remove
             w.set(f"tf:k:{u.content}", u.nchunks)
             if bits:
-                w.set(f"tf:b:{u.content}:{node_id}", _pack(bits), px=self._ttl_ms)
-                w.sadd(f"tf:i:{u.content}", node_id)
+                w.hset(f"tf:b:{u.content}", node_id, _pack(bits))
                 w.sadd(f"tf:h:{node_id}", u.content)
                 w.sadd("tf:images", u.content)
                 w.hdel(f"tf:c:{u.content}", node_id)  # what it holds now is held, not claimed
@@ -145,35 +139,32 @@ class RedisPeerStore:
 
     @staticmethod
     def _drop(w, node_id: str, content: str) -> None:
-        w.delete(f"tf:b:{content}:{node_id}")
-        w.srem(f"tf:i:{content}", node_id)
+        w.hdel(f"tf:b:{content}", node_id)
         w.srem(f"tf:h:{node_id}", content)
 
     async def _sampled_holders(self, content: str, extra: list = ()) -> tuple[list[tuple[NodeInfo, int]], list]:
         """Up to ``sample`` live holders of ``content`` with their bits (2 round trips), and the
         results of ``extra`` commands queued in the first."""
         p = self._r.pipeline(transaction=False)
-        p.srandmember(f"tf:i:{content}", self._sample)
+        p.hrandfield(f"tf:b:{content}", self._sample, withvalues=True)
         for name, args in extra:
             getattr(p, name)(*args)
         first = await self._do(p)
-        ids = [i.decode() for i in first[0]]
-        if not ids:
+        flat = first[0] or []
+        pairs = [(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)]
+        if not pairs:
             return [], first[1:]
         p = self._r.pipeline(transaction=False)
-        for nid in ids:
+        for nid, _ in pairs:
             p.get(f"tf:n:{nid}")
-            p.get(f"tf:b:{content}:{nid}")
-        res = await self._do(p)
         out, dead = [], []
-        for i, nid in enumerate(ids):
-            raw, blob = res[2 * i], res[2 * i + 1]
-            if raw is None or blob is None:
+        for (nid, blob), raw in zip(pairs, await self._do(p)):
+            if raw is None:
                 dead.append(nid)
                 continue
             out.append((_node_parse(nid, raw), _unpack(blob)))
         if dead:
-            await self._do(self._r.srem(f"tf:i:{content}", *dead))
+            await self._do(self._r.hdel(f"tf:b:{content}", *dead))
         return out, first[1:]
 
     async def holders(self, content: str, first: int, last: int) -> list[tuple[NodeInfo, int]]:

@@ -1,0 +1,232 @@
+"""10,000 simulated nodes against tracker replicas on one Redis: rates, latency, Redis memory.
+
+A real redis-server and real tracker processes (``--store redis://``); a generator (asyncio,
+aiohttp, every request signed as a daemon signs it) plays the nodes:
+
+  1. join: every node announces itself and sends its full state.  What a node holds is what a
+     boot reads: the chunks the recorded Debian boot touched (../shared/data/debian-boot-trace.txt,
+     ~530 of 32,768 chunks of a 2 GiB image), of one of ``--images`` images (a fifth of the nodes
+     hold two);
+  2. steady state for ``--seconds``: heartbeats (each node every 10 s, the daemon's default),
+     deltas (a tenth of the nodes per second add or drop a few chunks) and lookups of 16-chunk
+     windows, open loop at fixed rates, spread over the replicas as nodes spread themselves.
+
+Prints requests per second achieved by kind, p50/p99 latency by kind (client included), and Redis
+memory per node and per node-image held (used_memory_dataset after the join minus before,
+divided: the data, not client buffers).  The
+generator, Redis and the replicas share this machine's 2 cores: the generator's signing and
+parsing cost CPU the trackers would have to themselves in a cloud.
+
+Usage: .venv/bin/python benchmarks/tracker_load.py [--nodes 10000] [--replicas 1,2] [--seconds 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from harness import boot_trace  # noqa: E402
+from harness.local_redis import LocalRedis  # noqa: E402
+from harness.tracker import LocalTracker  # noqa: E402
+from thunderfs_tracker.protocol import ChunkUpdate, NodeInfo  # noqa: E402
+from thunderfs_tracker.signing import sign  # noqa: E402
+
+SECRET = b"tracker-load-secret-0123456789ab"
+CHUNK = 64 * 1024
+NCHUNKS = 2 * 2**30 // CHUNK
+
+
+def boot_chunks() -> list[int]:
+    try:
+        reads = boot_trace.load()
+    except SystemExit:  # no trace here: as many chunks, scattered the same way
+        return sorted(random.Random(0).sample(range(NCHUNKS), 530))
+    return sorted({c for r in reads for c in range(r.offset // CHUNK, (r.offset + r.size - 1) // CHUNK + 1)})
+
+
+class Load:
+    def __init__(self, urls: list[str], nodes: int, images: int):
+        self.urls = urls
+        self.nodes = nodes
+        self.images = [f"{i:032x}" for i in range(1, images + 1)]
+        self.held = boot_chunks()
+        self.lat: dict[str, list[float]] = {"announce": [], "full": [], "delta": [], "lookup": []}
+        self.errors: dict[str, int] = {}
+        self.session: aiohttp.ClientSession | None = None
+
+    def url_of(self, i: int) -> str:
+        return self.urls[i % len(self.urls)]
+
+    def images_of(self, i: int) -> list[str]:
+        first = self.images[i % len(self.images)]
+        return [first, self.images[(i + 1) % len(self.images)]] if i % 5 == 0 else [first]
+
+    async def call(self, kind: str, i: int, method: str, path: str, body: dict | None = None) -> None:
+        node = f"n{i}"
+        data = json.dumps(body).encode() if body is not None else b""
+        headers = sign(SECRET, node, method, path, data)
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        t = time.perf_counter()
+        try:
+            async with self.session.request(method, self.url_of(i) + path, data=data, headers=headers) as r:
+                await r.read()
+                ok = r.status == 200
+        except aiohttp.ClientError:
+            ok = False
+        if ok:
+            self.lat[kind].append(time.perf_counter() - t)
+        else:
+            self.errors[kind] = self.errors.get(kind, 0) + 1
+
+    def node_info(self, i: int) -> dict:
+        return NodeInfo(f"n{i}", f"http://10.{i // 60000}.{i // 250 % 240}.{i % 250 + 1}:7000",
+                        (f"z{i % 4}", f"r{i % 200}", f"n{i}")).to_json()
+
+    async def join(self, concurrency: int = 64) -> float:
+        bits = sum(1 << c for c in self.held)
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one(i: int) -> None:
+            async with sem:
+                await self.call("announce", i, "POST", f"/v1/nodes/n{i}/announce", self.node_info(i))
+                ups = [ChunkUpdate(img, NCHUNKS, add=bits, full=True).to_json() for img in self.images_of(i)]
+                await self.call("full", i, "POST", f"/v1/nodes/n{i}/chunks", {"full": True, "images": ups})
+
+        t = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(self.nodes)))
+        return time.perf_counter() - t
+
+    async def steady(self, seconds: float, lookups_per_s: float) -> dict[str, float]:
+        rates = {"announce": self.nodes / 10, "delta": self.nodes / 10, "lookup": lookups_per_s}
+        rng = random.Random(1)
+        tasks: set[asyncio.Task] = set()
+        sent = dict.fromkeys(rates, 0)
+        start = time.perf_counter()
+        held = self.held
+
+        def request(kind: str):
+            i = rng.randrange(self.nodes)
+            if kind == "announce":
+                return self.call(kind, i, "POST", f"/v1/nodes/n{i}/announce", self.node_info(i))
+            img = rng.choice(self.images_of(i))
+            if kind == "delta":
+                c = rng.choice(held)
+                return self.call(kind, i, "POST", f"/v1/nodes/n{i}/chunks", {"full": False, "images": [
+                    {"content": img, "nchunks": NCHUNKS, "add": [[c, c]], "remove": []}]})
+            c = rng.choice(held)
+            first = min(c, NCHUNKS - 16)
+            return self.call(kind, i, "GET", f"/v1/images/{img}/peers?first={first}&last={first + 15}")
+
+        while (now := time.perf_counter() - start) < seconds:
+            for kind, rate in rates.items():
+                while sent[kind] < rate * now:
+                    sent[kind] += 1
+                    if len(tasks) < 2000:  # beyond that the generator is the bottleneck: counted as not sent
+                        task = asyncio.create_task(request(kind))
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
+            await asyncio.sleep(0.002)
+        await asyncio.gather(*tasks)
+        return {k: len(self.lat[k]) / (time.perf_counter() - start) for k in rates}
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    v = sorted(values)
+    return v[min(len(v) - 1, int(q * len(v)))] * 1000
+
+
+async def redis_memory(redis: LocalRedis) -> int:
+    reader, writer = await asyncio.open_connection(redis.host, redis.port)
+    writer.write(b"INFO memory\r\n")
+    await writer.drain()
+    header = await reader.readline()
+    body = await reader.readexactly(int(header[1:]) + 2)
+    writer.close()
+    for line in body.decode().splitlines():
+        if line.startswith("used_memory_dataset:"):  # the data, without connection buffers
+            return int(line.split(":")[1])
+    raise RuntimeError("no used_memory_dataset in INFO")
+
+
+async def run_one(work: Path, replicas: int, args) -> dict:
+    redis = LocalRedis(work / f"redis-{replicas}").start()
+    trackers = []
+    try:
+        for r in range(replicas):
+            t = LocalTracker(work / f"tracker-{replicas}-{r}", "--store", redis.url, "--node-ttl", "60",
+                             "--heartbeat", "10", secret=SECRET)
+            t.start()
+            trackers.append(t)
+        load = Load([t.url for t in trackers], args.nodes, args.images)
+        before = await redis_memory(redis)
+        conn = aiohttp.TCPConnector(limit=256)
+        async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=30)) as s:
+            load.session = s
+            join = await load.join()
+            after = await redis_memory(redis)
+            for k in load.lat:
+                load.lat[k].clear()
+            achieved = await load.steady(args.seconds, args.lookups)
+        pairs = sum(len(load.images_of(i)) for i in range(args.nodes))
+        return {
+            "replicas": replicas, "nodes": args.nodes, "join_seconds": join,
+            "join_requests_per_s": 2 * args.nodes / join,
+            "achieved_per_s": achieved,
+            "p50_ms": {k: pct(v, 0.5) for k, v in load.lat.items() if v},
+            "p99_ms": {k: pct(v, 0.99) for k, v in load.lat.items() if v},
+            "errors": load.errors,
+            "redis_bytes_per_node": (after - before) / args.nodes,
+            "redis_bytes_per_node_image": (after - before) / pairs,
+            "chunks_held_per_node_image": len(load.held),
+        }
+    finally:
+        for t in trackers:
+            t.stop()
+        redis.stop()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nodes", type=int, default=10_000)
+    ap.add_argument("--images", type=int, default=5)
+    ap.add_argument("--replicas", default="1,2")
+    ap.add_argument("--seconds", type=float, default=30)
+    ap.add_argument("--lookups", type=float, default=200, help="lookups per second in the steady state")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="thunderfs-load-") as tmp:
+        for replicas in (int(r) for r in args.replicas.split(",")):
+            res = asyncio.run(run_one(Path(tmp), replicas, args))
+            results.append(res)
+            a, p50, p99 = res["achieved_per_s"], res["p50_ms"], res["p99_ms"]
+            print(f"{replicas} replica(s), {res['nodes']} nodes: join {res['join_seconds']:.0f}s "
+                  f"({res['join_requests_per_s']:.0f} req/s)")
+            for k in ("announce", "delta", "lookup"):
+                print(f"  {k:8s} {a[k]:6.0f}/s  p50 {p50.get(k, float('nan')):6.1f} ms  "
+                      f"p99 {p99.get(k, float('nan')):7.1f} ms")
+            print(f"  lookup p99 {p99.get('lookup', float('nan')):.1f} ms (target < 20); errors {res['errors'] or 0}")
+            print(f"  Redis: {res['redis_bytes_per_node']:.0f} B per node, {res['redis_bytes_per_node_image']:.0f} B "
+                  f"per node-image held ({res['chunks_held_per_node_image']} chunks each; target < 1024)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
