@@ -124,6 +124,9 @@ def test_non_members_are_refused_by_peers(cluster, images):
     ok = urllib.request.Request(f"http://{peer_url}/v1/chunks/{key}/0/1",
                                 headers=sign(SECRET, "friend", "GET", f"/v1/chunks/{key}/0/1"))
     assert urllib.request.urlopen(ok, timeout=5).read() == images.data[image_id][:CHUNK]
+    with pytest.raises(urllib.error.HTTPError) as exc:  # the same signed request again: a replay
+        urllib.request.urlopen(ok, timeout=5)
+    assert exc.value.code == 401 and b"replayed" in exc.value.read()
 
 
 def test_tracker_down_means_glance_and_known_peers(cluster, images):
