@@ -52,6 +52,7 @@ from harness.local_glance import LocalGlance, free_port  # noqa: E402
 from harness.mounts import Mount, thunderfs  # noqa: E402
 from harness.netns import Lan  # noqa: E402
 from harness.pagecache import drop_page_cache  # noqa: E402
+from harness.local_redis import LocalRedis  # noqa: E402
 from harness.tracker import LocalTracker  # noqa: E402
 from thunderfs_tracker.signing import sign  # noqa: E402
 
@@ -78,7 +79,8 @@ class Storm:
         self.glance = LocalGlance(work / "glance")
         self.lan = Lan(prefix="10.205.0")
         self.proxy: FaultProxy | None = None
-        self.tracker: LocalTracker | None = None
+        self.trackers: list[LocalTracker] = []  # replicas on one Redis when --replicas > 1
+        self.redis: LocalRedis | None = None
         self.nodes = []
         self.mounts: list[Mount] = []
         self.vms: list[subprocess.Popen] = []
@@ -94,14 +96,20 @@ class Storm:
         self.lan.up()
         self.lan.limit_root(self.args.glance_rate)
         self.proxy = FaultProxy(self.glance.url, host=self.lan.root_addr).start()
-        self.tracker = LocalTracker(self.work / "tracker", "--glance", self.proxy.url, "--heartbeat", "2",
-                                    "--node-ttl", "5", secret=SECRET, host=self.lan.root_addr)
-        self.tracker.start()
+        store = []
+        if self.args.replicas > 1:
+            self.redis = LocalRedis(self.work / "redis").start()
+            store = ["--store", self.redis.url]
+        for r in range(self.args.replicas):
+            t = LocalTracker(self.work / f"tracker{r}", "--glance", self.proxy.url, "--heartbeat", "2",
+                             "--node-ttl", "5", *store, secret=SECRET, host=self.lan.root_addr)
+            t.start()
+            self.trackers.append(t)
         # In a cloud Glance and the tracker have machines of their own; here they share two cores
         # with N daemons, and the scheduler would give each process 1/(N+2) of them: a tracker
         # that slow times out every node's claims into fetches from Glance.  Their weight stands
         # for their own machines (nice -10, whole process groups: gunicorn's workers too).
-        for proc in (self.glance.proc, self.tracker.proc):
+        for proc in (self.glance.proc, *(t.proc for t in self.trackers), *([self.redis.proc] if self.redis else [])):
             os.setpriority(os.PRIO_PGRP, proc.pid, -10)
         self.secret = self.work / "secret"
         self.secret.write_bytes(SECRET)
@@ -116,18 +124,28 @@ class Storm:
                 vm.wait()
         for m in self.mounts:
             m.cleanup()
-        if self.tracker:
-            self.tracker.stop()
+        for t in self.trackers:
+            t.stop()
+        if self.redis:
+            self.redis.stop()
         if self.proxy:
             self.proxy.stop()
         self.lan.down()
         self.glance.stop()
 
+    def kill_replica(self) -> None:
+        """SIGKILL the first tracker replica (its nodes move to the next)."""
+        t = self.trackers[0]
+        os.killpg(t.proc.pid, signal.SIGKILL)
+        t.proc.wait()
+        t.proc = None
+        print(f"  killed tracker replica {t.url}", flush=True)
+
     def mount(self, i: int, name: str, peers: bool, *extra: str) -> Mount:
         n = self.nodes[i]
         args = ["--cache-size", "4G", *extra]
         if peers:
-            args += ["--tracker", self.tracker.url, "--peer-listen", f"{n.addr}:{free_port()}", "--node-id", name,
+            args += ["--tracker", ",".join(t.url for t in self.trackers), "--peer-listen", f"{n.addr}:{free_port()}", "--node-id", name,
                      "--location", f"zone/rack{i % 4}/{name}", "--secret-file", str(self.secret)]
         m = Mount(self.work / f"mnt-{name}", self.proxy.url, self.work / f"cache-{name}", *args,
                   prefix=n.exec_prefix())
@@ -156,7 +174,8 @@ class Storm:
 
     def tracker_stats(self) -> dict:
         path = "/v1/stats"
-        req = urllib.request.Request(self.tracker.url + path, headers=sign(SECRET, "bootstorm", "GET", path))
+        live = next(t for t in reversed(self.trackers) if t.proc is not None)
+        req = urllib.request.Request(live.url + path, headers=sign(SECRET, "bootstorm", "GET", path))
         return json.loads(urllib.request.urlopen(req, timeout=10).read())
 
     def unmount(self, m: Mount) -> None:
@@ -252,7 +271,7 @@ def counters(stats: list[dict]) -> dict:
     and why (claims late, lookups or claims that failed, peers slow or busy)."""
     out: dict[str, int] = {}
     for s in stats:
-        for section in ("fetch", "peers"):
+        for section in ("fetch", "peers", "announcer"):
             for k, v in s.get(section, {}).items():
                 if isinstance(v, int):
                     out[f"{section}.{k}"] = out.get(f"{section}.{k}", 0) + v
@@ -278,6 +297,10 @@ def main() -> int:
     ap.add_argument("--node-rate", default="1gbit")
     ap.add_argument("--glance-rate", default="1gbit")
     ap.add_argument("--work", default="/var/tmp/thunderfs-bench")
+    ap.add_argument("--replicas", type=int, default=1,
+                    help="tracker replicas on one Redis (default 1: one tracker, peer state in memory)")
+    ap.add_argument("--kill-replica", type=float, metavar="SECONDS",
+                    help="SIGKILL the first replica this long into the thunderfs storm (needs --replicas 2+)")
     ap.add_argument("--keep", action="store_true", help="keep the run's directory (daemon logs) under --work")
     ap.add_argument("--out", help="results JSON (default WORK/results/bootstorm-MODE-N.json)")
     args = ap.parse_args()
@@ -295,7 +318,8 @@ def main() -> int:
           else tempfile.TemporaryDirectory(prefix="bootstorm-", dir=work_root)) as tmp:
         storm = Storm(args, Path(tmp))
         results = {"mode": args.mode, "nodes": args.nodes, "node_rate": args.node_rate,
-                   "glance_rate": args.glance_rate, "ways": {}}
+                   "glance_rate": args.glance_rate, "replicas": args.replicas,
+                   "kill_replica": args.kill_replica, "ways": {}}
         try:
             storm.up(disk)
             results.update(image_bytes=storm.size, boot_bytes=storm.boot_bytes)
@@ -343,6 +367,8 @@ def main() -> int:
                     bar.advance(task)
                     task = bar.add_task("thunderfs: peers + prefetch", total=args.nodes)
                     ms = [storm.mount(i, f"tf{i}", True) for i in range(args.nodes)]
+                    if args.kill_replica:
+                        threading.Timer(args.kill_replica, storm.kill_replica).start()
                     r = storm.storm("thunderfs", [m.image(storm.image_id) for m in ms],
                                     stats=lambda: node_sources(all_stats(ms)), progress=lambda: bar.advance(task))
                     final = [m.stats() for m in ms]  # every node answers once the storm is over

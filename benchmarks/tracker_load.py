@@ -7,8 +7,8 @@ aiohttp, every request signed as a daemon signs it) plays the nodes:
      boot reads: the chunks the recorded Debian boot touched (../shared/data/debian-boot-trace.txt,
      ~530 of 32,768 chunks of a 2 GiB image), of one of ``--images`` images (a fifth of the nodes
      hold two);
-  2. steady state for ``--seconds``: heartbeats (each node every 10 s, the daemon's default),
-     deltas (a tenth of the nodes per second add or drop a few chunks) and lookups of 16-chunk
+  2. steady state for ``--seconds``: heartbeats (each node every ``--heartbeat`` s, the daemon's
+     default 10), deltas (as many: a node's changes, batched) and lookups of 16-chunk
      windows, open loop at fixed rates, spread over the replicas as nodes spread themselves.
 
 Prints requests per second achieved by kind, p50/p99 latency by kind (client included), and Redis
@@ -63,6 +63,7 @@ class Load:
         self.held = boot_chunks()
         self.lat: dict[str, list[float]] = {"announce": [], "full": [], "delta": [], "lookup": []}
         self.errors: dict[str, int] = {}
+        self.why: dict[str, str] = {}  # the first answer of each failing status
         self.session: aiohttp.ClientSession | None = None
 
     def url_of(self, i: int) -> str:
@@ -81,14 +82,17 @@ class Load:
         t = time.perf_counter()
         try:
             async with self.session.request(method, self.url_of(i) + path, data=data, headers=headers) as r:
-                await r.read()
-                ok = r.status == 200
-        except aiohttp.ClientError:
-            ok = False
-        if ok:
+                body = await r.read()
+                status = str(r.status)
+                if r.status != 200 and status not in self.why:
+                    self.why[status] = body[:300].decode(errors="replace")
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            status = type(exc).__name__
+        if status == "200":
             self.lat[kind].append(time.perf_counter() - t)
         else:
-            self.errors[kind] = self.errors.get(kind, 0) + 1
+            key = f"{kind} {status}"
+            self.errors[key] = self.errors.get(key, 0) + 1
 
     def node_info(self, i: int) -> dict:
         return NodeInfo(f"n{i}", f"http://10.{i // 60000}.{i // 250 % 240}.{i % 250 + 1}:7000",
@@ -108,8 +112,8 @@ class Load:
         await asyncio.gather(*(one(i) for i in range(self.nodes)))
         return time.perf_counter() - t
 
-    async def steady(self, seconds: float, lookups_per_s: float) -> dict[str, float]:
-        rates = {"announce": self.nodes / 10, "delta": self.nodes / 10, "lookup": lookups_per_s}
+    async def steady(self, seconds: float, lookups_per_s: float, heartbeat: float) -> dict[str, float]:
+        rates = {"announce": self.nodes / heartbeat, "delta": self.nodes / heartbeat, "lookup": lookups_per_s}
         rng = random.Random(1)
         tasks: set[asyncio.Task] = set()
         sent = dict.fromkeys(rates, 0)
@@ -180,7 +184,7 @@ async def run_one(work: Path, replicas: int, args) -> dict:
             after = await redis_memory(redis)
             for k in load.lat:
                 load.lat[k].clear()
-            achieved = await load.steady(args.seconds, args.lookups)
+            achieved = await load.steady(args.seconds, args.lookups, args.heartbeat)
         pairs = sum(len(load.images_of(i)) for i in range(args.nodes))
         return {
             "replicas": replicas, "nodes": args.nodes, "join_seconds": join,
@@ -188,7 +192,7 @@ async def run_one(work: Path, replicas: int, args) -> dict:
             "achieved_per_s": achieved,
             "p50_ms": {k: pct(v, 0.5) for k, v in load.lat.items() if v},
             "p99_ms": {k: pct(v, 0.99) for k, v in load.lat.items() if v},
-            "errors": load.errors,
+            "errors": load.errors, "why": load.why,
             "redis_bytes_per_node": (after - before) / args.nodes,
             "redis_bytes_per_node_image": (after - before) / pairs,
             "chunks_held_per_node_image": len(load.held),
@@ -206,6 +210,8 @@ def main() -> int:
     ap.add_argument("--replicas", default="1,2")
     ap.add_argument("--seconds", type=float, default=30)
     ap.add_argument("--lookups", type=float, default=200, help="lookups per second in the steady state")
+    ap.add_argument("--heartbeat", type=float, default=10,
+                    help="seconds between a node's announces (the daemon's default 10); as many deltas")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     results = []
@@ -220,6 +226,8 @@ def main() -> int:
                 print(f"  {k:8s} {a[k]:6.0f}/s  p50 {p50.get(k, float('nan')):6.1f} ms  "
                       f"p99 {p99.get(k, float('nan')):7.1f} ms")
             print(f"  lookup p99 {p99.get('lookup', float('nan')):.1f} ms (target < 20); errors {res['errors'] or 0}")
+            for status, why in res["why"].items():
+                print(f"    {status}: {why}")
             print(f"  Redis: {res['redis_bytes_per_node']:.0f} B per node, {res['redis_bytes_per_node_image']:.0f} B "
                   f"per node-image held ({res['chunks_held_per_node_image']} chunks each; target < 1024)")
     if args.json:

@@ -32,7 +32,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from harness.delay_proxy import DelayProxy
@@ -94,7 +94,8 @@ class Report:
                 and self.tracebacks == 0 and self.final_images_checked > 0)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        # (not dataclasses.asdict: it rebuilds a Counter from its items, counting the pairs)
+        return {f.name: dict(v) if isinstance(v := getattr(self, f.name), Counter) else v for f in fields(self)}
 
     def lines(self) -> list[str]:
         faults = ", ".join(f"{k} {v}" for k, v in sorted(self.faults.items()))

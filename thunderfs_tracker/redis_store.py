@@ -62,9 +62,13 @@ def _node_parse(node_id: str, raw: bytes) -> NodeInfo:
 
 
 class RedisPeerStore:
-    def __init__(self, url: str, *, node_ttl: float = 30.0, sample: int = 64):
+    def __init__(self, url: str, *, node_ttl: float = 30.0, sample: int = 64, max_connections: int = 32):
         self.url = url
-        self.redis = self._r = aioredis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        # A bounded pool that makes a request wait for a connection (up to 5 s) rather than fail:
+        # under a burst, latency grows instead of 503s.
+        pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=5.0,
+                                                        socket_timeout=2.0, socket_connect_timeout=2.0)
+        self.redis = self._r = aioredis.Redis(connection_pool=pool)
         self._ttl_ms = max(1000, int(node_ttl * 1000))
         self._sample = sample
 
