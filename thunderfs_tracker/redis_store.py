@@ -13,19 +13,20 @@ Keys (all under ``tf:``):
                         its own: a dead node's field goes when a lookup draws it, or at the
                         node's next full state
     tf:k:<content>      the content's number of chunks
-    tf:c:<content>      hash node -> its claim: "<expiry ms>:<hex of compressed bits>"
+    tf:cl:<content>:<chunk>  the node fetching that chunk from Glance (SET NX, expires with the
+                        claim's ttl: the claim is atomic across replicas)
     tf:images           set of contents someone holds (for statistics)
     tf:alive            sorted set node -> last announce (statistics: live nodes)
 
-Round trips: an announce 1, a chunk update 2, a lookup 2, a claim 3 (all pipelined), whatever
+Round trips: an announce 1, a chunk update 2, a lookup 2, a claim 3-4 (all pipelined), whatever
 the number of nodes: a lookup draws at most ``sample`` holders of the content at random
 (HRANDFIELD) and ranks those (with 10,000 holders of one image, any 64 serve as well as all:
 a node takes at most 20 of them).
 
-Not atomic across replicas, by design: two replicas may grant one chunk to two nodes at the same
-moment (both fetch it from Glance: some egress, never a wrong byte, since every chunk is verified
-against its manifest), and a node's deltas are applied in the order its requests arrive (a node
-sends one update at a time).  Redis errors become ``StoreUnavailable`` (a 503 saying why).
+Claims are atomic (one key per chunk, SET NX).  Holders are a sample: a node may be granted a
+chunk that a holder outside the sample has (some egress, never a wrong byte: every chunk is
+verified against its manifest).  A node's deltas are applied in the order its requests arrive (a
+node sends one update at a time).  Redis errors become ``StoreUnavailable`` (a 503 saying why).
 """
 
 from __future__ import annotations
@@ -132,7 +133,6 @@ class RedisPeerStore:
                 w.hset(f"tf:b:{u.content}", node_id, _pack(bits))
                 w.sadd(f"tf:h:{node_id}", u.content)
                 w.sadd("tf:images", u.content)
-                w.hdel(f"tf:c:{u.content}", node_id)  # what it holds now is held, not claimed
             else:
                 self._drop(w, node_id, u.content)
         if full:
@@ -178,10 +178,11 @@ class RedisPeerStore:
 
     async def claim(self, content: str, node_id: str, nchunks: int, want: int, now: float,
                     ttl: float) -> tuple[int, list[tuple[NodeInfo, int, bool]]]:
-        """As ``MemoryPeerStore.claim``: held chunks first, then live claims; the rest granted."""
-        found, (exists, known, claims) = await self._sampled_holders(
-            content, [("exists", (f"tf:n:{node_id}",)), ("get", (f"tf:k:{content}",)),
-                      ("hgetall", (f"tf:c:{content}",))])
+        """As ``MemoryPeerStore.claim``: chunks held by others (in the sample) first; the rest is
+        claimed chunk by chunk with ``SET NX``, atomic in Redis: of any number of nodes and
+        replicas asking at once, one gets each chunk, the others are told whose it is."""
+        found, (exists, known) = await self._sampled_holders(
+            content, [("exists", (f"tf:n:{node_id}",)), ("get", (f"tf:k:{content}",))])
         if not exists:
             raise KeyError(node_id)
         if known is not None and int(known) != nchunks:
@@ -193,38 +194,28 @@ class RedisPeerStore:
                 taken |= bits & want
                 if taken & want == want:
                     break
-        now_ms = int(time.time() * 1000)
-        mine, stale, claimers = 0, [], []
-        for raw_id, raw in claims.items():
-            other = raw_id.decode()
-            expires, hexbits = raw.decode().split(":", 1)
-            if int(expires) < now_ms:
-                stale.append(other)
-                continue
-            bits = _unpack(bytes.fromhex(hexbits))
-            if other == node_id:
-                mine = bits
-            elif bits & want & ~taken:
-                claimers.append((other, bits))
-        if claimers:
+        rest = [c for c in range(want.bit_length()) if (want & ~taken) >> c & 1]
+        if not rest:
+            return 0, others
+        p = self._r.pipeline(transaction=False)
+        for c in rest:  # SET NX GET: nil if this node now holds the claim, else the claimer's id
+            p.set(f"tf:cl:{content}:{c}", node_id, nx=True, get=True, px=int(ttl * 1000))
+        owners: dict[str, int] = {}
+        granted = 0
+        for c, owner in zip(rest, await self._do(p)):
+            if owner is None or owner.decode() == node_id:
+                granted |= 1 << c
+            else:
+                owners[owner.decode()] = owners.get(owner.decode(), 0) | 1 << c
+        if owners:
             p = self._r.pipeline(transaction=False)
-            for other, _ in claimers:
+            for other in owners:
                 p.get(f"tf:n:{other}")
-            for (other, bits), raw in zip(claimers, await self._do(p)):
-                if raw is None:
-                    stale.append(other)
-                elif bits & want & ~taken:
-                    others.append((_node_parse(other, raw), bits & want & ~taken, False))
-                    taken |= bits & want
-        granted = want & ~taken
-        w = self._r.pipeline(transaction=False)
-        if stale:
-            w.hdel(f"tf:c:{content}", *stale)
-        if granted:
-            w.hset(f"tf:c:{content}", node_id, f"{now_ms + int(ttl * 1000)}:{_pack(mine | granted).hex()}")
-            w.pexpire(f"tf:c:{content}", int(ttl * 2000))
-        if stale or granted:
-            await self._do(w)
+            for (other, bits), raw in zip(owners.items(), await self._do(p)):
+                if raw is None:  # its claimer is gone: this node fetches them (unclaimed)
+                    granted |= bits
+                else:
+                    others.append((_node_parse(other, raw), bits, False))
         return granted, others
 
     async def expire(self, older_than: float) -> list[str]:
