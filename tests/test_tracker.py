@@ -338,3 +338,22 @@ def test_claims_grant_each_chunk_to_one_node_and_name_it_to_the_others(store_url
         granted, others = await s.claim(IMG, "a", 100, ranges_to_bits([[50, 59]], 100), now=1.5, ttl=1)
         assert bits_to_ranges(granted) == [[50, 59]] and others == []  # b's claim expired
     drive(store_url, body)
+
+
+async def test_a_client_of_two_replicas_fails_over_and_rests_the_dead_one(tracker):
+    from harness.local_glance import free_port
+    import zlib
+
+    from thunderfs_tracker.client import TrackerUnavailable
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    name = next(f"n{i}" for i in range(100) if zlib.crc32(f"n{i}".encode()) % 2 == 0)  # picks the first
+    async with TrackerClient([dead, tracker.url], name, secret=SECRET) as c:
+        assert c.url == dead
+        await c.announce(node(name, "z"))  # the dead one first (its id picks it), then the live one
+        assert c.failovers == 1 and c.url == tracker.url  # the dead one rests
+        await c.announce(node(name, "z"))
+        assert c.failovers == 1  # straight to the live one while the dead one rests
+    async with TrackerClient([dead], name, secret=SECRET) as c:
+        with pytest.raises(TrackerUnavailable) as exc:
+            await c.announce(node(name, "z"))
+        assert "unreachable" in str(exc.value) and exc.value.__cause__ is not None

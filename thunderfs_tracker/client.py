@@ -95,12 +95,12 @@ class TrackerClient:
 
     async def _call(self, method: str, path: str, body: dict | None = None) -> dict:
         data = json.dumps(body).encode() if body is not None else b""
-        failures = []
+        failures: list[TrackerUnavailable] = []
         for i, url in enumerate(self._order()):
             try:
                 result = await self._call_one(url, method, path, data, body is not None)
             except TrackerUnavailable as exc:
-                failures.append(str(exc))
+                failures.append(exc)
                 if self._resting.get(url, 0) <= time.monotonic() and len(self.urls) > 1:
                     log.warning("%s; using another tracker replica for %.0fs", exc, self.REPLICA_REST)
                 self._resting[url] = time.monotonic() + self.REPLICA_REST
@@ -108,7 +108,8 @@ class TrackerClient:
             if i:
                 self.failovers += 1
             return result
-        raise TrackerUnavailable("; ".join(failures))
+        # Chained to the last failure's cause: callers tell a slow tracker (a timeout) from a dead one.
+        raise TrackerUnavailable("; ".join(map(str, failures))) from failures[-1].__cause__
 
     async def _call_one(self, url: str, method: str, path: str, data: bytes, is_json: bool) -> dict:
         headers = {"Content-Type": "application/json"} if is_json else {}
