@@ -106,6 +106,28 @@ def test_writes_and_creates_fail_with_erofs(mount, images):
     assert path.read_bytes() == images.data[image_id]
 
 
+def test_utime_is_kept_in_memory_and_changes_nothing_else(mount, images):
+    """Nova touches its base files (os.utime) to mark them in use; an error other than EACCES
+    would fail the boot (issue 9).  Times are accepted, kept by the daemon, never written."""
+    image_id = images.add(3000, seed=33)
+    path = mount.image(image_id)
+    before = path.stat()
+    os.utime(path, ns=(1_000_000_000_000_000_000, 1_100_000_000_000_000_000))
+    st = path.stat()
+    assert (st.st_atime_ns, st.st_mtime_ns) == (1_000_000_000_000_000_000, 1_100_000_000_000_000_000)
+    assert st.st_ctime_ns >= before.st_ctime_ns and st.st_size == before.st_size
+    os.utime(path)  # "now", as Nova does
+    assert abs(path.stat().st_mtime - time.time()) < 5
+    assert path.read_bytes() == images.data[image_id]
+    with pytest.raises(OSError) as exc:  # the size, mode and owner stay read-only
+        os.truncate(path, 0)
+    assert exc.value.errno == errno.EROFS
+    # Another mount of the same image (a restart) starts again from Glance's times: memory only.
+    mount.umount()
+    mount.mount()
+    assert mount.image(image_id).stat().st_mtime_ns == before.st_mtime_ns
+
+
 def test_xattrs_name_the_image_and_its_hash(mount, glance, images):
     image_id = images.add(5000, seed=30)
     path = mount.image(image_id)

@@ -60,6 +60,9 @@ class Operations(pyfuse3.Operations):
         self._mounted_ns = time.time_ns()
         self._uid, self._gid = os.getuid(), os.getgid()
         self._reads = self._read_bytes = 0
+        # Times set with utime, by image id: kept in memory only (Nova's image cache manager
+        # touches its base files to mark them in use; the images themselves never change).
+        self._times: dict[str, tuple[int, int, int]] = {}  # id -> (atime, mtime, ctime) ns
         catalog.add_listener(self._listing_changed)
 
     # --- attributes ------------------------------------------------------------------------
@@ -88,6 +91,8 @@ class Operations(pyfuse3.Operations):
         a.st_blocks = -(-meta.size // 512)
         a.st_mtime_ns = a.st_atime_ns = meta.mtime_ns
         a.st_ctime_ns = meta.ctime_ns or meta.mtime_ns
+        if (times := self._times.get(meta.id)) is not None:
+            a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = times
         a.entry_timeout = self._entry_timeout
         a.attr_timeout = self._attr_timeout  # images are immutable
         return a
@@ -222,7 +227,17 @@ class Operations(pyfuse3.Operations):
     # --- the mount is read-only ------------------------------------------------------------
 
     async def setattr(self, inode, attr, fields, fh, ctx):
-        raise pyfuse3.FUSEError(errno.EROFS)
+        """Only an image's times may change (utime, touch): kept in memory, never written."""
+        meta = self._inodes.image(inode)
+        if (meta is None or fields.update_size or fields.update_mode or fields.update_uid
+                or fields.update_gid or not (fields.update_atime or fields.update_mtime)):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        now = time.time_ns()
+        current = self._image_attr(inode, meta)
+        atime = attr.st_atime_ns if fields.update_atime else current.st_atime_ns
+        mtime = attr.st_mtime_ns if fields.update_mtime else current.st_mtime_ns
+        self._times[meta.id] = (atime, mtime, now)
+        return self._image_attr(inode, meta)
 
     async def _read_only(self, *args, **kwargs):
         raise pyfuse3.FUSEError(errno.EROFS)
@@ -235,6 +250,7 @@ class Operations(pyfuse3.Operations):
     def _listing_changed(self, added: list[ImageMeta], removed: list[ImageMeta]) -> None:
         """Make the kernel forget dentries of images that went away or changed content."""
         for meta in removed:
+            self._times.pop(meta.id, None)
             try:
                 pyfuse3.invalidate_entry_async(IMAGES_DIR, os.fsencode(meta.id), ignore_enoent=True)
             except Exception as exc:  # not mounted yet, or already gone
