@@ -318,17 +318,17 @@ def create_app(config: TrackerConfig, store: PeerStore | None = None) -> web.App
     app[STATS] = {"lookups": 0, "lookup_seconds": 0.0, "refused": 0, "reports": 0, "claims": 0,
                       "recordings": 0}
     app[SUSPECTS] = {}
-    if config.store_url.startswith("redis"):
+    if config.store_url != "memory":  # redis://, rediss:// or unix:// (the CLI checks which)
         from thunderfs_tracker.profiles import RedisProfileStore
         from thunderfs_tracker.redis_store import RedisPeerStore
 
         store = store or RedisPeerStore(config.store_url, node_ttl=config.node_ttl)
-        app[PROFILES] = RedisProfileStore(store.redis)
+        app[PROFILES] = RedisProfileStore(store)
     else:
         app[PROFILES] = ProfileStore(config.state_dir)
     app[STORE] = store or MemoryPeerStore()
     app[MANIFESTS] = ManifestStore(config.state_dir, config.glance_url, auth=config.glance_auth,
-                                   shared=getattr(app[STORE], "redis", None))
+                                   shared=app[STORE] if config.store_url != "memory" else None)
     if config.secret:
         app[VERIFIER] = Verifier(config.secret)
     app.add_routes(routes())

@@ -46,7 +46,7 @@ class ManifestStore:
         self._failed: dict[tuple[str, int], str] = {}
         self._session: aiohttp.ClientSession | None = None
         self._auth = auth  # Keystone tokens for Glance, or None
-        self._shared = shared  # a redis.asyncio.Redis, or None
+        self._shared = shared  # a RedisPeerStore (its connections and error translation), or None
         self.stats = {"built": 0, "failed": 0, "bytes_read": 0}
 
     def _path(self, image_id: str, chunk_size: int) -> Path:
@@ -86,16 +86,10 @@ class ManifestStore:
 
     async def _shared_state(self, image_id: str, chunk_size: int) -> tuple[bytes | None, bool]:
         """(the manifest in Redis, or None; whether this replica took the lock to build it)."""
-        from redis.exceptions import RedisError
-
-        from thunderfs_tracker.peer_store import StoreUnavailable
-        try:
-            p = self._shared.pipeline(transaction=False)
-            p.get(f"tf:m:{image_id}:{chunk_size}")
-            p.set(f"tf:mb:{image_id}:{chunk_size}", "1", nx=True, ex=600)
-            raw, mine = await p.execute()
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"manifests in Redis unavailable: {exc}") from None
+        p = self._shared.redis.pipeline(transaction=False)
+        p.get(f"tf:m:{image_id}:{chunk_size}")
+        p.set(f"tf:mb:{image_id}:{chunk_size}", "1", nx=True, ex=600)
+        raw, mine = await self._shared.call(p)
         return raw, bool(mine)
 
     def _save(self, key: tuple[str, int], m: Manifest) -> None:
@@ -122,7 +116,7 @@ class ManifestStore:
             self._save(key, m)
             if self._shared is not None:
                 try:
-                    await self._shared.set(f"tf:m:{image_id}:{chunk_size}", json.dumps(m.to_json()))
+                    await self._shared.redis.set(f"tf:m:{image_id}:{chunk_size}", json.dumps(m.to_json()))
                 except Exception as exc:  # the others build it themselves
                     log.warning("could not share the manifest of %s in Redis: %s", image_id, exc)
             self.stats["built"] += 1
@@ -132,7 +126,7 @@ class ManifestStore:
             self._building.pop(key, None)
             if self._shared is not None:
                 try:
-                    await self._shared.delete(f"tf:mb:{image_id}:{chunk_size}")
+                    await self._shared.redis.delete(f"tf:mb:{image_id}:{chunk_size}")
                 except Exception:
                     pass  # it expires
 

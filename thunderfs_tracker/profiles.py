@@ -121,19 +121,11 @@ class RedisProfileStore:
     size) a hash node -> its recording (JSON, with when it came, for keeping the newest ``keep``),
     the version (INCR) and the chunk count.  Merged profiles are cached per replica by version."""
 
-    def __init__(self, redis, *, keep: int = 16):
-        self._r = redis  # a redis.asyncio.Redis (the peer store's connection pool)
+    def __init__(self, store, *, keep: int = 16):
+        self._r = store.redis  # the peer store's (a RedisPeerStore) connections
+        self._do = store.call  # and its translation of Redis errors
         self._keep = keep
         self._merged: OrderedDict[tuple[str, int], Profile] = OrderedDict()
-
-    async def _do(self, pipe):
-        from redis.exceptions import RedisError
-
-        from thunderfs_tracker.peer_store import StoreUnavailable
-        try:
-            return await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"profiles in Redis unavailable: {exc}") from None
 
     async def get(self, content: str, chunk_size: int) -> Profile | None:
         key = f"{check_content(content)}:{chunk_size}"

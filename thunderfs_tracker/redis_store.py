@@ -73,7 +73,9 @@ class RedisPeerStore:
         self._ttl_ms = max(1000, int(node_ttl * 1000))
         self._sample = sample
 
-    async def _do(self, pipe_or_coro):
+    async def call(self, pipe_or_coro):
+        """Execute a pipeline or await a command; Redis errors become ``StoreUnavailable``
+        (shared with the profile and manifest stores of a replica)."""
         try:
             if hasattr(pipe_or_coro, "execute"):
                 return await pipe_or_coro.execute()
@@ -91,7 +93,7 @@ class RedisPeerStore:
         p = self._r.pipeline(transaction=False)
         p.set("tf:epoch", secrets.token_hex(8), nx=True)
         p.get("tf:epoch")
-        return (await self._do(p))[1].decode()
+        return (await self.call(p))[1].decode()
 
     async def put_node(self, node: NodeInfo, now: float) -> None:
         nid = node.node_id
@@ -99,14 +101,14 @@ class RedisPeerStore:
         p.set(f"tf:n:{nid}", _node_json(node), px=self._ttl_ms)
         p.pexpire(f"tf:h:{nid}", self._ttl_ms)
         p.zadd("tf:alive", {nid: time.time()})
-        await self._do(p)
+        await self.call(p)
 
     async def node(self, node_id: str) -> NodeInfo | None:
-        raw = await self._do(self._r.get(f"tf:n:{node_id}"))
+        raw = await self.call(self._r.get(f"tf:n:{node_id}"))
         return _node_parse(node_id, raw) if raw else None
 
     async def nchunks(self, content: str) -> int | None:
-        raw = await self._do(self._r.get(f"tf:k:{content}"))
+        raw = await self.call(self._r.get(f"tf:k:{content}"))
         return int(raw) if raw else None
 
     async def update_chunks(self, node_id: str, full: bool, updates: list[ChunkUpdate]) -> None:
@@ -116,7 +118,7 @@ class RedisPeerStore:
         for u in updates:
             p.get(f"tf:k:{u.content}")
             p.hget(f"tf:b:{u.content}", node_id)
-        res = await self._do(p)
+        res = await self.call(p)
         if not res[0]:
             raise KeyError(node_id)
         held = {c.decode() for c in res[1]}
@@ -139,7 +141,7 @@ class RedisPeerStore:
             for content in held - listed:
                 self._drop(w, node_id, content)
         w.pexpire(f"tf:h:{node_id}", self._ttl_ms)
-        await self._do(w)
+        await self.call(w)
 
     @staticmethod
     def _drop(w, node_id: str, content: str) -> None:
@@ -153,7 +155,7 @@ class RedisPeerStore:
         p.hrandfield(f"tf:b:{content}", self._sample, withvalues=True)
         for name, args in extra:
             getattr(p, name)(*args)
-        first = await self._do(p)
+        first = await self.call(p)
         flat = first[0] or []
         pairs = [(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)]
         if not pairs:
@@ -162,13 +164,13 @@ class RedisPeerStore:
         for nid, _ in pairs:
             p.get(f"tf:n:{nid}")
         out, dead = [], []
-        for (nid, blob), raw in zip(pairs, await self._do(p)):
+        for (nid, blob), raw in zip(pairs, await self.call(p)):
             if raw is None:
                 dead.append(nid)
                 continue
             out.append((_node_parse(nid, raw), _unpack(blob)))
         if dead:
-            await self._do(self._r.hdel(f"tf:b:{content}", *dead))
+            await self.call(self._r.hdel(f"tf:b:{content}", *dead))
         return out, first[1:]
 
     async def holders(self, content: str, first: int, last: int) -> list[tuple[NodeInfo, int]]:
@@ -202,7 +204,7 @@ class RedisPeerStore:
             p.set(f"tf:cl:{content}:{c}", node_id, nx=True, get=True, px=int(ttl * 1000))
         owners: dict[str, int] = {}
         granted = 0
-        for c, owner in zip(rest, await self._do(p)):
+        for c, owner in zip(rest, await self.call(p)):
             if owner is None or owner.decode() == node_id:
                 granted |= 1 << c
             else:
@@ -211,7 +213,7 @@ class RedisPeerStore:
             p = self._r.pipeline(transaction=False)
             for other in owners:
                 p.get(f"tf:n:{other}")
-            for (other, bits), raw in zip(owners.items(), await self._do(p)):
+            for (other, bits), raw in zip(owners.items(), await self.call(p)):
                 if raw is None:  # its claimer is gone: this node fetches them (unclaimed)
                     granted |= bits
                 else:
@@ -221,13 +223,13 @@ class RedisPeerStore:
     async def expire(self, older_than: float) -> list[str]:
         """Nothing to sweep (keys expire by themselves): trims the statistics' set of live nodes
         and returns the nodes this replica took out of it (each is reported by one replica)."""
-        old = await self._do(self._r.zrangebyscore("tf:alive", 0, time.time() - self._ttl_ms / 1000))
+        old = await self.call(self._r.zrangebyscore("tf:alive", 0, time.time() - self._ttl_ms / 1000))
         if not old:
             return []
         p = self._r.pipeline(transaction=False)
         for nid in old:
             p.zrem("tf:alive", nid)
-        removed = await self._do(p)
+        removed = await self.call(p)
         return [nid.decode() for nid, n in zip(old, removed) if n]
 
     async def statistics(self) -> dict:
@@ -235,5 +237,5 @@ class RedisPeerStore:
         p.zcount("tf:alive", time.time() - self._ttl_ms / 1000, "+inf")
         p.scard("tf:images")
         p.info("memory")
-        nodes, images, mem = await self._do(p)
+        nodes, images, mem = await self.call(p)
         return {"nodes": nodes, "images": images, "store": "redis", "store_memory_bytes": mem.get("used_memory", 0)}
