@@ -18,6 +18,7 @@ from pathlib import Path
 from thunderfs import __version__, control, systemd
 from thunderfs.config import MountConfig
 from thunderfs.errors import ConfigError
+from thunderfs.nova_base import NovaBaseDir, NovaBaseError
 from thunderfs.units import format_size, parse_size
 from thunderfs_tracker import config_file
 
@@ -75,6 +76,8 @@ def _mount_config(args) -> MountConfig:
         prefetch_flights=args.prefetch_flights,
         prefetch_idle=args.prefetch_idle,
         metrics_listen=args.metrics_listen,
+        nova_base_dir=Path(args.nova_base_dir) if args.nova_base_dir else None,
+        nova_instances_path=Path(args.nova_instances_path) if args.nova_instances_path else None,
         os_cloud=args.os_cloud,
         **({"node_id": args.node_id} if args.node_id else {}),
     )
@@ -354,6 +357,40 @@ def cmd_warm(args, _argv) -> int:
 # --- parser -----------------------------------------------------------------------------------
 
 
+# --- nova-sync --------------------------------------------------------------------------------
+
+
+def _served_images(mp: Path) -> list[str]:
+    """The images the mount at ``mp`` lists; ConfigError unless a live daemon serves it."""
+    try:
+        control.call(mp, "stats", timeout=10.0)
+    except TimeoutError:
+        raise ConfigError(f"the thunderfs daemon serving {mp} does not answer") from None
+    try:
+        return sorted(os.listdir(mp / "images"))
+    except OSError as exc:
+        raise ConfigError(f"{mp} is not serving images ({exc.strerror})") from None
+
+
+def cmd_nova_sync(args, _argv) -> int:
+    mp = control.canonical(Path(args.mountpoint))
+    base = NovaBaseDir(Path(args.base_dir), mp / "images",
+                       Path(args.instances_path) if args.instances_path else None)
+    ids = _served_images(mp)  # first: a mount that is not up must not read as "no images"
+    base.check()
+    while True:
+        report = base.sync(ids)
+        print(f"{base.base_dir}: {report.summary()}", flush=True)
+        for name, what in sorted(report.foreign.items()):
+            print(f"  left alone: {name}: {what}")
+        for name in report.kept_in_use:
+            print(f"  kept: {name}: its image is gone from Glance, an instance disk is backed by it")
+        if args.watch is None:
+            return 0
+        time.sleep(args.watch)
+        ids = _served_images(mp)
+
+
 def _size(text: str) -> int:
     try:
         return parse_size(text)
@@ -411,6 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="prefetch fetches at once when an image is opened, 0: no prefetch (default 3)")
     prof.add_argument("--prefetch-idle", type=float, default=30.0,
                       help="a prefetch stops once nobody has read the image this long (default 30)")
+    nova = m.add_argument_group("Nova", "keep Nova's image cache linked to the images (see thunderfs nova-sync)")
+    nova.add_argument("--nova-base-dir", help="Nova's image cache, <instances_path>/_base: kept with a link per "
+                      "active image while mounted")
+    nova.add_argument("--nova-instances-path", help="where Nova's instance directories are (default: the "
+                      "parent of --nova-base-dir)")
     m.add_argument("--metrics-listen", help="HOST:PORT to serve Prometheus metrics on (/metrics; default: none)")
     m.add_argument("--no-allow-other", action="store_true", help="only the mounting user may read")
     m.add_argument("--foreground", action="store_true", help="stay in the foreground, log to stderr")
@@ -464,6 +506,16 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("image_id")
     w.add_argument("--quiet", action="store_true", help="no progress bar")
     w.set_defaults(func=cmd_warm)
+
+    ns = sub.add_parser("nova-sync", help="link Nova's image cache (_base) to the mount's images, so that Nova "
+                        "never downloads them")
+    ns.add_argument("mountpoint")
+    ns.add_argument("--base-dir", required=True, help="Nova's image cache: <instances_path>/_base")
+    ns.add_argument("--instances-path", help="Nova's instances_path, to tell which links instances are backed "
+                    "by (default: the parent of --base-dir)")
+    ns.add_argument("--watch", type=float, metavar="SECONDS", help="sync again every SECONDS until stopped "
+                    "(a mount with --nova-base-dir does this itself)")
+    ns.set_defaults(func=cmd_nova_sync)
     return p
 
 
@@ -475,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
             config_file.use(_subparser(parser, "mount"), path)
         args = parser.parse_args(argv)
         return args.func(args, argv)
-    except (ConfigError, config_file.ConfigFileError) as exc:
+    except (ConfigError, NovaBaseError, config_file.ConfigFileError) as exc:
         print(f"thunderfs: {exc}", file=sys.stderr)
         return 1
 

@@ -48,6 +48,9 @@ class MountConfig:
     record_idle: float = 20.0
     prefetch_flights: int = 3
     prefetch_idle: float = 30.0
+    # Nova's image cache kept linked into the mount (unset: none)
+    nova_base_dir: Path | None = None
+    nova_instances_path: Path | None = None  # default: the parent of nova_base_dir
     # Prometheus (unset: none)
     metrics_listen: str | None = None
     # Keystone: a cloud of clouds.yaml (else OS_CLOUD, else OS_* variables, else no auth)

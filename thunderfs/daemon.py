@@ -32,6 +32,7 @@ from thunderfs.peer_server import PeerServer
 from thunderfs.peers import PeerSource
 from thunderfs.profiles import ProfileControl, Profiles
 from thunderfs.metrics import DaemonMetrics
+from thunderfs.nova_base import NovaBaseDir, NovaBaseError
 from thunderfs.status import ImageStatus
 from thunderfs.announcer import Announcer
 from thunderfs_tracker.client import TrackerClient
@@ -151,6 +152,14 @@ async def run(config: MountConfig, ready: Callable[[], None] = lambda: None) -> 
         jobs = ProfileControl(catalog, store, profiles)
         image_status = ImageStatus(catalog, store, profiles, peers)
 
+        nova = None
+        if config.nova_base_dir is not None:
+            nova = NovaBaseDir(config.nova_base_dir, mountpoint / "images", config.nova_instances_path)
+            try:
+                nova.check()
+            except NovaBaseError as exc:
+                raise ConfigError(str(exc)) from None
+
         started = time.time()
 
         def stats(_req: dict) -> dict:
@@ -168,6 +177,7 @@ async def run(config: MountConfig, ready: Callable[[], None] = lambda: None) -> 
                 "per_image": image_status.images(),
                 **({"peers": peers.statistics(), "peer_server": peer_server.statistics(),
                     "announcer": announcer.statistics()} if peers else {}),
+                **({"nova": nova.statistics()} if nova else {}),
             }
 
         if config.metrics_listen:
@@ -205,6 +215,8 @@ async def run(config: MountConfig, ready: Callable[[], None] = lambda: None) -> 
             if peer_server is not None:
                 await nursery.start(peer_server.serve)
                 await nursery.start(announcer.run)
+            if nova is not None:
+                await nursery.start(nova.run, lambda: list(catalog.images), catalog.ttl)
             log.info("mounted %s: %d images, Glance %s, cache %s (%d MiB of %d MiB used)",
                      mountpoint, len(catalog.images), config.glance_url, config.cache_dir,
                      store.statistics()["used"] >> 20, config.cache_size >> 20)

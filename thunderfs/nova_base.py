@@ -1,0 +1,279 @@
+"""Nova's image cache kept pointing into the mount: one symbolic link per active image.
+
+Nova's libvirt driver looks for an image in ``<instances_path>/_base/<sha1 of the image id>`` and
+downloads it only when that file is missing.  A link there to ``MOUNT/images/<id>`` makes the
+download never happen; the VM's qcow2 overlay is backed by the link, and a boot reads only what it
+needs.  This module owns those links and nothing else in the directory:
+
+- a link is made for every image in the listing whose name is free;
+- a link of ours (one pointing into this mount) whose image left the listing is removed once no
+  instance disk is backed by it (what Nova's own cache manager checks before it removes a base
+  file), and kept while one is: the VM keeps its open file, and Nova sees its base still there;
+- a link that someone removed (Nova's cache manager removes unused base files) is put back while
+  its image is active;
+- anything else (Nova's ephemeral and swap bases, an image Nova downloaded before thunderfs, a
+  link somebody else made) is left alone and reported.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import stat
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from thunderfs.errors import ThunderfsError
+
+log = logging.getLogger(__name__)
+
+# Nova's instance disks that may be backed by an image of the cache: the root disk (the name Nova's
+# cache manager looks at) and the rescue disk.
+_INSTANCE_DISKS = ("disk", "disk.rescue")
+_QCOW2_MAGIC = b"QFI\xfb"
+
+
+class NovaBaseError(ThunderfsError):
+    """The image cache directory cannot be kept: missing, not a directory, not writable."""
+
+
+def cache_name(image_id: str) -> str:
+    """Nova's name for an image in its cache (``nova.virt.libvirt.imagecache.get_cache_fname``)."""
+    return hashlib.sha1(image_id.encode("utf-8")).hexdigest()
+
+
+def qcow2_backing_file(path: Path) -> str | None:
+    """The backing file named in a qcow2 header; None for a disk of another format or none."""
+    with open(path, "rb") as f:
+        header = f.read(20)
+        if len(header) < 20 or header[:4] != _QCOW2_MAGIC:
+            return None
+        offset, size = struct.unpack(">QI", header[8:20])
+        if not offset or not size or size > 4096:
+            return None
+        f.seek(offset)
+        return os.fsdecode(f.read(size))
+
+
+@dataclass
+class SyncReport:
+    linked: list[str] = field(default_factory=list)     # names linked in this pass
+    restored: list[str] = field(default_factory=list)   # of those, links made before and removed since
+    removed: list[str] = field(default_factory=list)    # links of images gone, no instance backed by them
+    kept_in_use: list[str] = field(default_factory=list)  # links of images gone, an instance still backed
+    foreign: dict[str, str] = field(default_factory=dict)  # name -> what is there instead of our link
+    links: int = 0                                       # links of ours there after the pass
+
+    def summary(self) -> str:
+        parts = [f"{self.links} links", f"{len(self.linked)} made"]
+        if self.restored:
+            parts.append(f"{len(self.restored)} put back")
+        parts.append(f"{len(self.removed)} removed")
+        if self.kept_in_use:
+            parts.append(f"{len(self.kept_in_use)} kept for instances (image gone)")
+        if self.foreign:
+            parts.append(f"{len(self.foreign)} left alone")
+        return ", ".join(parts)
+
+
+class NovaBaseDir:
+    """Links in ``base_dir`` (Nova's ``_base``) for the images under ``images_dir``."""
+
+    def __init__(self, base_dir: Path, images_dir: Path, instances_path: Path | None = None):
+        self.base_dir = Path(os.path.abspath(base_dir))
+        self.images_dir = Path(images_dir)
+        self.instances_path = Path(instances_path) if instances_path else self.base_dir.parent
+        self._made: set[str] = set()  # names this object has linked: a missing one was removed
+        self._foreign_seen: dict[str, str] = {}
+        self.passes = 0
+        self.linked_total = 0
+        self.restored_total = 0
+        self.removed_total = 0
+        self.last: SyncReport | None = None
+        self.last_error: str | None = None
+
+    def target(self, image_id: str) -> str:
+        return str(self.images_dir / image_id)
+
+    def check(self) -> None:
+        """Raises NovaBaseError unless links can be made in the directory (checked by making one)."""
+        if not self.base_dir.is_dir():
+            what = "does not exist" if not self.base_dir.exists() else "is not a directory"
+            raise NovaBaseError(f"Nova's image cache directory {self.base_dir} {what} "
+                                f"(it is <instances_path>/_base; create it as Nova's user)")
+        probe = self.base_dir / f".thunderfs-probe-{os.getpid()}"
+        try:
+            os.symlink(self.images_dir, probe)
+            os.unlink(probe)
+        except OSError as exc:
+            raise NovaBaseError(f"cannot make links in {self.base_dir}: {exc.strerror}") from None
+
+    def sync(self, image_ids: Iterable[str]) -> SyncReport:
+        """One pass.  Raises NovaBaseError if a link cannot be made; the links made in this pass
+        are then taken away again, so that a failed pass leaves the directory as it found it."""
+        wanted = {cache_name(i): i for i in image_ids}
+        report = SyncReport()
+        try:
+            present = set(os.listdir(self.base_dir))
+        except OSError as exc:
+            raise NovaBaseError(f"cannot list {self.base_dir}: {exc.strerror}") from None
+        try:
+            for name, image_id in sorted(wanted.items()):
+                self._ensure(name, image_id, name in present, report)
+        except OSError as exc:
+            for name in report.linked:
+                _unlink_quietly(self.base_dir / name)
+                self._made.discard(name)
+            raise NovaBaseError(f"cannot link {self.base_dir}: {exc.strerror} ({exc.filename}); "
+                                f"the {len(report.linked)} links made in this pass were taken back") from None
+        stale = [n for n in present if n not in wanted and self._ours(self.base_dir / n)]
+        if stale:
+            in_use = self._backing_names()
+            for name in stale:
+                if in_use is None or name in in_use:
+                    report.kept_in_use.append(name)
+                    report.links += 1
+                    continue
+                try:
+                    os.unlink(self.base_dir / name)
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    log.warning("cannot remove the link %s of an image gone from Glance: %s",
+                                self.base_dir / name, exc.strerror)
+                    report.links += 1
+                    continue
+                self._made.discard(name)
+                report.removed.append(name)
+        self._account(report)
+        return report
+
+    def _ensure(self, name: str, image_id: str, present: bool, report: SyncReport) -> None:
+        path = self.base_dir / name
+        target = self.target(image_id)
+        if present:
+            try:
+                current = os.readlink(path)
+            except FileNotFoundError:
+                present = False
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:  # EINVAL: not a link
+                    raise
+                report.foreign[name] = f"a {_kind(path)} (an earlier download?) for image {image_id}"
+                return
+            else:
+                if current == target:
+                    report.links += 1
+                    self._made.add(name)
+                    return
+                report.foreign[name] = f"a link to {current}, not {target}"
+                return
+        try:
+            os.symlink(target, path)
+        except FileExistsError:  # made meanwhile (Nova downloading it): look again next pass
+            report.foreign[name] = f"made by someone else meanwhile, for image {image_id}"
+            return
+        if name in self._made:
+            report.restored.append(name)
+        self._made.add(name)
+        report.linked.append(name)
+        report.links += 1
+
+    def _ours(self, path: Path) -> bool:
+        try:
+            return os.path.dirname(os.readlink(path)) == str(self.images_dir)
+        except OSError:
+            return False
+
+    def _backing_names(self) -> set[str] | None:
+        """Names in the cache that instance disks are backed by; None if some disk is unreadable
+        (then nothing is in doubt removed)."""
+        names: set[str] = set()
+        try:
+            entries = os.listdir(self.instances_path)
+        except OSError as exc:
+            log.warning("cannot list instances in %s (%s): keeping every link", self.instances_path, exc.strerror)
+            return None
+        for entry in entries:
+            for disk in _INSTANCE_DISKS:
+                path = self.instances_path / entry / disk
+                try:
+                    backing = qcow2_backing_file(path)
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                except OSError as exc:
+                    log.warning("cannot read the header of %s (%s): keeping every link", path, exc.strerror)
+                    return None
+                if backing:
+                    names.add(os.path.basename(backing))
+        return names
+
+    def _account(self, report: SyncReport) -> None:
+        self.passes += 1
+        self.linked_total += len(report.linked)
+        self.restored_total += len(report.restored)
+        self.removed_total += len(report.removed)
+        self.last, self.last_error = report, None
+        for name in report.restored:
+            log.info("put back the link %s, which someone removed (Nova's cache manager?)", self.base_dir / name)
+        for name in report.linked:
+            if name not in report.restored:
+                log.info("linked %s", self.base_dir / name)
+        for name in report.removed:
+            log.info("removed the link %s: its image is gone and no instance is backed by it", name)
+        for name, what in report.foreign.items():
+            if self._foreign_seen.get(name) != what:
+                log.warning("left alone in %s: %s is %s", self.base_dir, name, what)
+        self._foreign_seen = dict(report.foreign)
+
+    async def run(self, image_ids: Callable[[], Iterable[str]], interval: float, *,
+                  task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Sync every ``interval`` seconds, off the event loop (the directory may be on NFS)."""
+        task_status.started()
+        while True:
+            try:
+                await trio.to_thread.run_sync(self.sync, list(image_ids()))
+            except NovaBaseError as exc:
+                if str(exc) != self.last_error:
+                    log.error("%s", exc)
+                self.last_error = str(exc)
+            await trio.sleep(interval)
+
+    def statistics(self) -> dict:
+        last = self.last
+        return {
+            "base_dir": str(self.base_dir),
+            "passes": self.passes,
+            "links": last.links if last else 0,
+            "linked": self.linked_total,
+            "restored": self.restored_total,
+            "removed": self.removed_total,
+            "kept_in_use": len(last.kept_in_use) if last else 0,
+            "left_alone": dict(last.foreign) if last else {},
+            "last_error": self.last_error,
+        }
+
+
+def _kind(path: Path) -> str:
+    try:
+        st = path.lstat()
+    except OSError:
+        return "file"
+    if stat.S_ISREG(st.st_mode):
+        return f"regular file of {st.st_size} bytes"
+    if stat.S_ISDIR(st.st_mode):
+        return "directory"
+    return "special file"
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
