@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # Installs everything thunderfs, its tests and its benchmarks need on a fresh Debian machine:
-# system packages, the project venv (.venv) and a separate venv with a real Glance (.venv-glance).
+# system packages, the project venv (.venv), and venvs of their own with a real Glance (.venv-glance),
+# Keystone (.venv-keystone) and Nova (.venv-nova) for the tests.
 # Idempotent: what is already there is kept.  `scripts/setup.sh --bench` adds what the VM boot
 # benchmarks need.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # systemd: systemd-analyze, which checks the units in the tests; nftables: packet loss in the chaos run;
-# redis-server: the tracker replicas' shared store in the tests.
-APT_PACKAGES=(fuse3 libfuse3-dev pkg-config curl fio iproute2 e2fsprogs systemd nftables redis-server)
-# --bench: also what the VM boot benchmarks need (qemu, a kernel to boot, debootstrap).
+# redis-server: the tracker replicas' shared store in the tests; qemu, a kernel and busybox: the
+# tests boot the small VM that Nova's instance disk holds (tests/test_nova.py).
+APT_PACKAGES=(fuse3 libfuse3-dev pkg-config curl fio iproute2 e2fsprogs systemd nftables redis-server
+              qemu-system-x86 qemu-utils linux-image-amd64 busybox-static)
+# --bench: also what the Debian boot benchmarks need (debootstrap).
 if [ "${1:-}" = "--bench" ]; then
-    APT_PACKAGES+=(qemu-system-x86 qemu-utils linux-image-amd64 debootstrap)
+    APT_PACKAGES+=(debootstrap)
 fi
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -35,16 +38,18 @@ EXTRAS=test
 .venv/bin/pip install -q -e ".[$EXTRAS]" 2>&1 | grep -v "is ignored" || true
 .venv/bin/python -c "import pyfuse3, trio, lmdb, xxhash, httpx" 
 
-# A venv of its own for an OpenStack service the tests run for real: DIR PACKAGE MODULE.
+# A venv of its own for an OpenStack project the tests run for real: DIR "PACKAGES" "MODULES".
 service_venv() {
-    if [ ! -x "$1/bin/gunicorn" ] || ! "$1/bin/python" -c "import $3" 2>/dev/null; then
+    if ! "$1/bin/python" -W ignore -c "import $3" 2>/dev/null; then
         echo "setup: installing $2 into $1 (about a minute)"
         "$PY" -m venv "$1"
-        "$1/bin/pip" install -q "$2" gunicorn 2>&1 | grep -v "is ignored" || true
+        "$1/bin/pip" install -q $2 2>&1 | grep -v "is ignored" || true
     fi
-    "$1/bin/python" -c "import $3"
+    "$1/bin/python" -W ignore -c "import $3"
 }
-service_venv "${THUNDERFS_GLANCE_VENV:-.venv-glance}" glance glance
+service_venv "${THUNDERFS_GLANCE_VENV:-.venv-glance}" "glance gunicorn" "glance, gunicorn"
 # Keystone: for the tests of Glance behind Keystone (tests/test_keystone.py).
-service_venv "${THUNDERFS_KEYSTONE_VENV:-.venv-keystone}" keystone keystone
+service_venv "${THUNDERFS_KEYSTONE_VENV:-.venv-keystone}" "keystone gunicorn" "keystone, gunicorn"
+# Nova: the tests run its own image cache code against the mount (tests/test_nova.py).
+service_venv "${THUNDERFS_NOVA_VENV:-.venv-nova}" nova "nova.virt.libvirt.imagebackend"
 echo "setup: ready"

@@ -1,0 +1,196 @@
+"""Nova boots through thunderfs with no patch: its image cache (``_base``) holds links into the mount.
+
+Nova's own code runs here, from a real ``nova`` installed in a venv of its own
+(``.venv-nova``, made by scripts/setup.sh): its naming of base files, its format inspection and
+utime of a base file, its qcow2 instance disk, its image cache manager.  The disks it makes are
+booted under qemu (TCG).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import tiny_vm
+from harness.mounts import thunderfs
+from thunderfs.nova_base import cache_name
+
+ROOT = Path(__file__).resolve().parent.parent
+PROBE = ROOT / "harness" / "nova_probe.py"
+GiB = 2**30
+
+
+def nova_python() -> Path:
+    venv = Path(os.environ.get("THUNDERFS_NOVA_VENV", ROOT / ".venv-nova"))
+    python = venv / "bin" / "python"
+    assert python.exists(), f"no Nova venv at {venv}: run scripts/setup.sh"
+    return python
+
+
+def nova(*args: str) -> dict:
+    """Nova's own code, through harness/nova_probe.py in the Nova venv."""
+    res = subprocess.run([str(nova_python()), str(PROBE), *args], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, f"nova probe {args[0]} failed:\n{res.stderr[-4000:]}"
+    return json.loads(res.stdout)
+
+
+def wait_for(pred, timeout=20.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not (value := pred()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+    return value
+
+
+@pytest.fixture
+def nova_dirs(tmp_path):
+    instances = tmp_path / "instances"
+    base = instances / "_base"
+    base.mkdir(parents=True)
+    return instances, base
+
+
+def test_our_names_are_novas(images):
+    ids = [images.add(1000, seed=91), "3f0c1e2a-0000-4000-8000-000000000000", "an-id-of-another-shape"]
+    for image_id in ids:
+        assert cache_name(image_id) == nova("name", image_id)["cache_name"]
+
+
+def test_nova_sync_links_every_image_and_leaves_the_rest_alone(glance, mounts, images, nova_dirs):
+    instances, base = nova_dirs
+    a, b = images.add(300_000, seed=92), images.add(200_000, seed=93)
+    m = mounts(glance.url)
+    m.mount()
+    # What Nova keeps there of its own, and image b downloaded by Nova before thunderfs.
+    own = {"ephemeral_10_40d1d2c": b"e" * 100, "swap_512": b"s" * 100, cache_name(b): b"downloaded"}
+    for name, data in own.items():
+        (base / name).write_bytes(data)
+
+    res = thunderfs("nova-sync", str(m.path), "--base-dir", str(base))
+    assert res.returncode == 0, res.stderr
+    assert f"left alone: {cache_name(b)}: a regular file of 10 bytes" in res.stdout
+    link = base / cache_name(a)
+    assert os.readlink(link) == str(m.path / "images" / a)
+    with open(link, "rb") as f:
+        assert f.read() == images.data[a]
+    for name, data in own.items():
+        assert not (base / name).is_symlink() and (base / name).read_bytes() == data
+    every = {cache_name(i) for i in os.listdir(m.path / "images")}
+    assert {n for n in os.listdir(base) if (base / n).is_symlink()} == every - {cache_name(b)}
+
+    # A second pass changes nothing; a link someone removed is made again.
+    os.unlink(link)
+    res = thunderfs("nova-sync", str(m.path), "--base-dir", str(base))
+    assert res.returncode == 0 and "1 made" in res.stdout, res.stdout
+    assert os.readlink(link) == str(m.path / "images" / a)
+
+
+def test_nova_sync_refuses_what_it_cannot_do_and_links_nothing(glance, mounts, images, tmp_path, nova_dirs):
+    instances, base = nova_dirs
+    images.add(1000, seed=94)
+    m = mounts(glance.url)
+    # The mount is not up: its empty mount point must not read as "no images".
+    res = thunderfs("nova-sync", str(m.path), "--base-dir", str(base))
+    assert res.returncode == 1 and "no thunderfs daemon is serving" in res.stderr, res.stderr
+    m.mount()
+    missing = tmp_path / "nowhere" / "_base"
+    res = thunderfs("nova-sync", str(m.path), "--base-dir", str(missing))
+    assert res.returncode == 1 and f"{missing} does not exist" in res.stderr, res.stderr
+    assert not missing.exists()
+    # Not writable: a read-only file system (root may write anywhere else).
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], check=True)
+    try:
+        res = thunderfs("nova-sync", str(m.path), "--base-dir", str(ro))
+        assert res.returncode == 1 and f"cannot make links in {ro}" in res.stderr, res.stderr
+        assert os.listdir(ro) == []
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
+    assert os.listdir(base) == []
+    # The daemon option checks the same before it mounts.
+    other = mounts(glance.url, name="n2")
+    res = other.try_mount("--nova-base-dir", str(missing))
+    assert res.returncode != 0 and "does not exist" in res.stderr, res.stderr
+    assert not other.is_mounted()
+
+
+def test_mount_keeps_the_image_cache_beside_novas_cache_manager(glance, mounts, images, nova_dirs):
+    instances, base = nova_dirs
+    kept, used, unused = (images.add(1 << 20, seed=s) for s in (95, 96, 97))
+    m = mounts(glance.url, "--listing-ttl", "1", "--nova-base-dir", str(base))
+    m.mount()
+    for i in (kept, used, unused):
+        wait_for(lambda i=i: (base / cache_name(i)).is_symlink(), what=f"link of {i}")
+    # A new image gets its link within a listing.
+    new = images.add(1000, seed=98)
+    wait_for(lambda: (base / cache_name(new)).is_symlink(), what="link of a new image")
+
+    # An instance whose root disk Nova made on image `used`.
+    booted = nova("boot", "--instances-path", str(instances), "--image-id", used, "--instance", "inst-1",
+                  "--size", str(GiB))
+    assert booted["downloads"] == [] and booted["warnings"] == [], booted
+
+    # Nova's cache manager: `used` is in use; the others are unused and old enough, so it removes
+    # them (it removes the links, not the images); the mount puts them back.
+    mgr = nova("manager", "--instances-path", str(instances), "--in-use", used, "--instance", "inst-1")
+    assert cache_name(used) in mgr["active"]
+    assert {cache_name(kept), cache_name(unused)} <= set(mgr["removed"]), mgr
+    assert cache_name(used) not in mgr["removed"]
+    for i in (kept, unused):
+        wait_for(lambda i=i: (base / cache_name(i)).is_symlink(), what=f"link of {i} put back")
+    wait_for(lambda: m.stats()["nova"]["restored"] >= 2, what="restored count")
+
+    # `used` and `unused` deleted from Glance.  The instance's link stays while its disk is
+    # backed by it (and Nova's manager leaves the now dangling link alone); the other goes.
+    glance.delete(used)
+    glance.delete(unused)
+    wait_for(lambda: not (base / cache_name(unused)).is_symlink(), what="link of a deleted image removed")
+    stats = wait_for(lambda: (s := m.stats()["nova"])["kept_in_use"] == 1 and s, what="in-use link kept")
+    assert (base / cache_name(used)).is_symlink()
+    mgr = nova("manager", "--instances-path", str(instances), "--instance", "inst-1")
+    assert cache_name(used) not in mgr["removed"] and (base / cache_name(used)).is_symlink()
+    # The instance is deleted (Nova removes its directory): the link goes.
+    subprocess.run(["rm", "-rf", str(instances / "inst-1")], check=True)
+    wait_for(lambda: not (base / cache_name(used)).is_symlink(), what="link removed after the instance")
+    assert (base / cache_name(kept)).is_symlink()
+    assert m.stats()["nova"]["removed"] >= 2 and stats["last_error"] is None
+
+
+@pytest.mark.parametrize("disk_format", ["raw", "qcow2"])
+def test_nova_boots_an_instance_through_the_mount(glance, mounts, tmp_path, nova_dirs, disk_format):
+    instances, base = nova_dirs
+    disk = tiny_vm.build(tmp_path / "disk")
+    upload = disk.raw if disk_format == "raw" else tiny_vm.to_qcow2(disk.raw, tmp_path / "disk" / "tiny.qcow2")
+    image = glance.upload(f"tiny-{disk_format}", upload, disk_format=disk_format)
+    image_id = image["id"]
+    m = mounts(glance.url, "--nova-base-dir", str(base))
+    m.mount()
+    link = wait_for(lambda: (p := base / cache_name(image_id)).is_symlink() and p, what="link")
+    fetched0 = m.stats()["glance"]["bytes"]
+    before = time.time()
+
+    # What nova-compute does for the root disk (images_type=qcow2): finds the base file (no
+    # download), inspects its format, marks it in use (utime), makes the qcow2 disk on it.
+    booted = nova("boot", "--instances-path", str(instances), "--image-id", image_id, "--instance", "inst-1",
+                  "--size", str(GiB))
+    assert booted["downloads"] == [], "Nova downloaded the image"
+    assert booted["warnings"] == [], booted["warnings"]
+    assert booted["format"] == disk_format
+    assert booted["backing_file"] == str(link)
+    assert booted["base_mtime"] >= before - 1  # the utime reached the mount (kept in memory there)
+    inspected = m.stats()["glance"]["bytes"] - fetched0
+    assert inspected <= 4 * 2**20, f"Nova's inspection fetched {inspected} bytes"
+
+    # The VM boots from Nova's disk, reading through the link and the mount.
+    assert tiny_vm.boot(Path(booted["disk"])) == disk.payload_md5
+    fetched = m.stats()["glance"]["bytes"] - fetched0
+    assert fetched < image["size"] / 2, f"the boot fetched {fetched} of {image['size']} bytes"
+    print(f"{disk_format}: inspection fetched {inspected} B, boot {fetched} B of {image['size']} B",
+          file=sys.stderr)
