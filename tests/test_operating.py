@@ -114,6 +114,26 @@ def test_systemd_units_verify(unit, tmp_path):
     assert res.returncode == 0 and not problems, res.stderr
 
 
+def test_systemd_nova_drop_ins_verify(tmp_path):
+    """The drop-ins for a compute node with Nova (docs/nova.md), each appended to the unit it
+    extends (systemd reads a drop-in as more lines of the unit); nova-compute's unit is a stand-in."""
+    venv_bin = Path(sys.executable).parent
+    units = {
+        "thunderfs.service": (REPO / "systemd" / "thunderfs.service").read_text().replace(
+            "/opt/thunderfs/bin/", f"{venv_bin}/"),
+        "nova-compute.service": "[Unit]\nDescription=stand-in\n[Service]\nExecStart=/bin/true\n",
+    }
+    for unit in units:
+        drop_in = next((REPO / "systemd" / f"{unit}.d").glob("*.conf")).read_text()
+        (tmp_path / unit).write_text(units[unit] + "\n" + drop_in)
+    caps = (REPO / "systemd" / "thunderfs.service.d" / "nova.conf").read_text()
+    assert "CAP_DAC_OVERRIDE" in caps and "CAP_SYS_ADMIN" in caps
+    res = subprocess.run(["systemd-analyze", "verify", *(str(tmp_path / u) for u in units)],
+                         capture_output=True, text=True)
+    problems = [ln for ln in res.stderr.splitlines() if any(u in ln for u in units) or "Unknown" in ln]
+    assert res.returncode == 0 and not problems, res.stderr
+
+
 def test_ready_is_notified_once_mounted_and_stopping_on_sigterm(glance, images, mounts, tmp_path):
     """Type=notify as systemd does it: a datagram socket in NOTIFY_SOCKET."""
     image_id = images.add(70_000, seed=62)

@@ -112,7 +112,9 @@ class NovaBaseDir:
             os.symlink(self.images_dir, probe)
             os.unlink(probe)
         except OSError as exc:
-            raise NovaBaseError(f"cannot make links in {self.base_dir}: {exc.strerror}") from None
+            hint = (" (the thunderfs unit needs CAP_DAC_OVERRIDE for a directory of Nova's user: "
+                    "systemd/thunderfs.service.d/nova.conf)" if exc.errno in (errno.EACCES, errno.EPERM) else "")
+            raise NovaBaseError(f"cannot make links in {self.base_dir}: {exc.strerror}{hint}") from None
 
     def sync(self, image_ids: Iterable[str]) -> SyncReport:
         """One pass.  Raises NovaBaseError if a link cannot be made; the links made in this pass
