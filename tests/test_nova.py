@@ -164,13 +164,14 @@ def test_mount_keeps_the_image_cache_beside_novas_cache_manager(glance, mounts, 
 
 
 @pytest.mark.parametrize("disk_format", ["raw", "qcow2"])
-def test_nova_boots_an_instance_through_the_mount(glance, mounts, tmp_path, nova_dirs, disk_format):
+def test_nova_boots_an_instance_through_the_mount(glance, mounts, images, tmp_path, nova_dirs, disk_format):
     instances, base = nova_dirs
+    other = cache_name(images.add(1000, seed=99))  # an image no instance uses
     disk = tiny_vm.build(tmp_path / "disk")
     upload = disk.raw if disk_format == "raw" else tiny_vm.to_qcow2(disk.raw, tmp_path / "disk" / "tiny.qcow2")
     image = glance.upload(f"tiny-{disk_format}", upload, disk_format=disk_format)
     image_id = image["id"]
-    m = mounts(glance.url, "--nova-base-dir", str(base))
+    m = mounts(glance.url, "--nova-base-dir", str(base), "--listing-ttl", "1.5")
     m.mount()
     link = wait_for(lambda: (p := base / cache_name(image_id)).is_symlink() and p, what="link")
     fetched0 = m.stats()["glance"]["bytes"]
@@ -194,3 +195,18 @@ def test_nova_boots_an_instance_through_the_mount(glance, mounts, tmp_path, nova
     assert fetched < image["size"] / 2, f"the boot fetched {fetched} of {image['size']} bytes"
     print(f"{disk_format}: inspection fetched {inspected} B, boot {fetched} B of {image['size']} B",
           file=sys.stderr)
+
+    # Rollback to plain Nova: the link the instance is backed by becomes a full copy, the mount
+    # stops keeping the directory, and the instance boots with thunderfs unmounted.
+    assert (base / other).is_symlink()
+    res = thunderfs("nova-sync", str(m.path), "--base-dir", str(base), "--rollback")
+    assert res.returncode == 0, res.stderr
+    assert "1 replaced by copies" in res.stdout, res.stdout
+    assert not (base / other).exists() and not link.is_symlink()
+    with open(link, "rb") as f, open(upload, "rb") as g:
+        assert f.read() == g.read()
+    assert m.stats()["nova"]["released"] is True
+    time.sleep(2 * 1.5)
+    assert not (base / other).exists(), "the mount put a link back after the rollback"
+    assert m.umount().returncode == 0
+    assert tiny_vm.boot(Path(booted["disk"])) == disk.payload_md5

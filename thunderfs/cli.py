@@ -378,6 +378,8 @@ def cmd_nova_sync(args, _argv) -> int:
                        Path(args.instances_path) if args.instances_path else None)
     ids = _served_images(mp)  # first: a mount that is not up must not read as "no images"
     base.check()
+    if args.rollback:
+        return _nova_rollback(mp, base)
     while True:
         report = base.sync(ids)
         print(f"{base.base_dir}: {report.summary()}", flush=True)
@@ -389,6 +391,24 @@ def cmd_nova_sync(args, _argv) -> int:
             return 0
         time.sleep(args.watch)
         ids = _served_images(mp)
+
+
+def _nova_rollback(mp: Path, base: NovaBaseDir) -> int:
+    kept = control.call(mp, "stats").get("nova")
+    if kept and not kept["released"]:
+        if kept["base_dir"] != str(base.base_dir):
+            raise ConfigError(f"the mount keeps {kept['base_dir']}, not {base.base_dir}")
+        control.call(mp, "nova_release")  # else it would put the links back
+        print(f"the mount no longer keeps {base.base_dir}: take nova_base_dir out of its settings "
+              f"before it next starts")
+    report = base.rollback()
+    for name, written in sorted(report.copied.items()):
+        print(f"  copied: {name}: an instance is backed by it; now a file ({format_size(written)} of data)")
+    print(f"{base.base_dir}: rolled back: {len(report.removed)} links removed, {len(report.copied)} replaced "
+          f"by copies; Nova downloads images again from now on")
+    if report.copied:
+        print(f"running instances still read {mp}: unmount it once they have been rebooted or moved")
+    return 0
 
 
 def _size(text: str) -> int:
@@ -513,8 +533,12 @@ def build_parser() -> argparse.ArgumentParser:
     ns.add_argument("--base-dir", required=True, help="Nova's image cache: <instances_path>/_base")
     ns.add_argument("--instances-path", help="Nova's instances_path, to tell which links instances are backed "
                     "by (default: the parent of --base-dir)")
-    ns.add_argument("--watch", type=float, metavar="SECONDS", help="sync again every SECONDS until stopped "
+    once = ns.add_mutually_exclusive_group()
+    once.add_argument("--watch", type=float, metavar="SECONDS", help="sync again every SECONDS until stopped "
                     "(a mount with --nova-base-dir does this itself)")
+    once.add_argument("--rollback", action="store_true", help="back to plain Nova: remove the links (a link that "
+                    "instances are backed by is first replaced by a full copy of its image) and, if the mount "
+                    "keeps DIR itself, stop it doing so")
     ns.set_defaults(func=cmd_nova_sync)
     return p
 

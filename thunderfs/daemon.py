@@ -211,7 +211,8 @@ async def run(config: MountConfig, ready: Callable[[], None] = lambda: None) -> 
             await nursery.start(catalog.run)
             await nursery.start(profiles.run)
             await nursery.start(control.serve, control.socket_path(mountpoint),
-                                {"stats": stats, "stop": stop, **jobs.handlers(), **image_status.handlers()})
+                                {"stats": stats, "stop": stop, **jobs.handlers(), **image_status.handlers(),
+                                 **({"nova_release": nova.release} if nova else {})})
             if peer_server is not None:
                 await nursery.start(peer_server.serve)
                 await nursery.start(announcer.run)

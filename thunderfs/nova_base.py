@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 # cache manager looks at) and the rescue disk.
 _INSTANCE_DISKS = ("disk", "disk.rescue")
 _QCOW2_MAGIC = b"QFI\xfb"
+# A rollback's copies skip writing blocks of zeros of this size (sparse, like a download of a raw image).
+_SPARSE_BLOCK = 64 * 2**10
+_ZEROS = bytes(_SPARSE_BLOCK)
 
 
 class NovaBaseError(ThunderfsError):
@@ -82,6 +85,12 @@ class SyncReport:
         return ", ".join(parts)
 
 
+@dataclass
+class RollbackReport:
+    removed: list[str] = field(default_factory=list)      # links no instance was backed by
+    copied: dict[str, int] = field(default_factory=dict)  # name -> bytes of data written in its place
+
+
 class NovaBaseDir:
     """Links in ``base_dir`` (Nova's ``_base``) for the images under ``images_dir``."""
 
@@ -97,6 +106,8 @@ class NovaBaseDir:
         self.removed_total = 0
         self.last: SyncReport | None = None
         self.last_error: str | None = None
+        self.released = False
+        self._pass_lock = trio.Lock()
 
     def target(self, image_id: str) -> str:
         return str(self.images_dir / image_id)
@@ -238,14 +249,78 @@ class NovaBaseDir:
                   task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Sync every ``interval`` seconds, off the event loop (the directory may be on NFS)."""
         task_status.started()
-        while True:
-            try:
-                await trio.to_thread.run_sync(self.sync, list(image_ids()))
-            except NovaBaseError as exc:
-                if str(exc) != self.last_error:
-                    log.error("%s", exc)
-                self.last_error = str(exc)
+        while not self.released:
+            async with self._pass_lock:
+                if self.released:
+                    break
+                try:
+                    await trio.to_thread.run_sync(self.sync, list(image_ids()))
+                except NovaBaseError as exc:
+                    if str(exc) != self.last_error:
+                        log.error("%s", exc)
+                    self.last_error = str(exc)
             await trio.sleep(interval)
+
+    async def release(self, _req: dict | None = None) -> dict:
+        """Stop keeping the directory (for a rollback), once no pass is under way; the links stay."""
+        self.released = True
+        async with self._pass_lock:
+            pass
+        log.info("no longer keeping %s (released for a rollback); its links stay", self.base_dir)
+        return {"base_dir": str(self.base_dir), "released": True}
+
+    def rollback(self, copy_chunk: int = 4 * 2**20) -> RollbackReport:
+        """Back to plain Nova: every link of ours goes.  One that an instance disk is backed by is
+        first replaced by a full copy of its image, read through the mount (sparse: zero blocks
+        are not written), renamed over the link, so that the instance's backing file stays; the
+        copy is what Nova's own download would have left there.  Each step is atomic; on an error
+        the links not yet handled stay, and a rerun carries on."""
+        in_use = self._backing_names()
+        if in_use is None:
+            raise NovaBaseError("cannot tell which links instances are backed by (an instance disk is "
+                                "unreadable, see the log); nothing was changed")
+        report = RollbackReport()
+        try:
+            names = sorted(os.listdir(self.base_dir))
+        except OSError as exc:
+            raise NovaBaseError(f"cannot list {self.base_dir}: {exc.strerror}") from None
+        for name in names:
+            path = self.base_dir / name
+            if not self._ours(path):
+                continue
+            if name in in_use:
+                report.copied[name] = self._materialize(path, copy_chunk)
+            else:
+                _unlink_quietly(path)
+                report.removed.append(name)
+        return report
+
+    def _materialize(self, link: Path, chunk: int) -> int:
+        source = os.readlink(link)
+        tmp = link.with_name(f".{link.name}.thunderfs-copy")
+        written = 0
+        try:
+            with open(source, "rb", buffering=0) as src, open(tmp, "wb") as dst:
+                while piece := src.read(chunk):
+                    view = memoryview(piece)
+                    for at in range(0, len(piece), _SPARSE_BLOCK):
+                        block = view[at:at + _SPARSE_BLOCK]
+                        if block == _ZEROS[:len(block)]:
+                            dst.seek(len(block), os.SEEK_CUR)
+                        else:
+                            dst.write(block)
+                            written += len(block)
+                dst.truncate()
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.chmod(tmp, 0o644)
+            os.rename(tmp, link)
+        except OSError as exc:
+            _unlink_quietly(tmp)
+            raise NovaBaseError(f"cannot copy {source} to {link} for the instances backed by it: "
+                                f"{exc.strerror}; the link stays") from None
+        log.info("replaced the link %s by a copy of %s (%d bytes of data)", link, source, written)
+        return written
 
     def statistics(self) -> dict:
         last = self.last
@@ -259,6 +334,7 @@ class NovaBaseDir:
             "kept_in_use": len(last.kept_in_use) if last else 0,
             "left_alone": dict(last.foreign) if last else {},
             "last_error": self.last_error,
+            "released": self.released,
         }
 
 
