@@ -52,18 +52,28 @@ def kernel_and_initrd() -> tuple[str, str]:
 
 
 def boot(backing: Path, work: Path, name: str, timeout: float = 300, on_start=None) -> float:
-    """Seconds from qemu's start to the guest's marker.  ``on_start(proc)`` sees the qemu
-    process as soon as it runs (a harness that boots from threads kills it if interrupted)."""
+    """Seconds from qemu's start to the guest's marker, booting a fresh qcow2 overlay on
+    ``backing``.  ``on_start(proc)`` sees the qemu process as soon as it runs (a harness that
+    boots from threads kills it if interrupted)."""
     overlay = work / f"{name}.qcow2"
     overlay.unlink(missing_ok=True)
     # -u: do not open the backing file now (that open would start the image's recording early).
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(backing), "-F", "raw", "-u",
                     str(overlay), "2G"], check=True)
+    try:
+        return boot_disk(overlay, work, name, timeout=timeout, on_start=on_start)
+    finally:
+        overlay.unlink(missing_ok=True)
+
+
+def boot_disk(disk: Path, work: Path, name: str, cache: str = "writeback", timeout: float = 300,
+              on_start=None) -> float:
+    """Seconds from qemu's start to the guest's marker, booting the qcow2 ``disk`` as it is."""
     kernel, initrd = kernel_and_initrd()
     cmd = ["qemu-system-x86_64", "-m", "512", "-smp", "1", "-display", "none", "-monitor", "none",
            "-serial", "stdio", "-no-reboot", "-kernel", kernel, "-initrd", initrd,
            "-append", "console=ttyS0 root=/dev/vda rw quiet panic=-1",
-           "-drive", f"file={overlay},format=qcow2,if=virtio"]
+           "-drive", f"file={disk},format=qcow2,if=virtio,cache={cache}"]
     console = open(work / f"{name}.console", "w")
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=console, stdin=subprocess.DEVNULL, text=True,
@@ -88,7 +98,6 @@ def boot(backing: Path, work: Path, name: str, timeout: float = 300, on_start=No
             os.killpg(proc.pid, 9)
             proc.wait()
         console.close()
-        overlay.unlink(missing_ok=True)
     return took
 
 
