@@ -211,6 +211,12 @@ class LocalGlance:
     def delete(self, image_id: str) -> None:
         self.request("DELETE", f"/v2/images/{image_id}")
 
+    def hide(self, image_id: str) -> None:
+        """os_hidden: Glance's listings leave the image out unless asked; it stays usable by id."""
+        self.request("PATCH", f"/v2/images/{image_id}",
+                     json.dumps([{"op": "replace", "path": "/os_hidden", "value": True}]).encode(),
+                     {"Content-Type": "application/openstack-images-v2.1-json-patch"})
+
     def deactivate(self, image_id: str) -> None:
         self.request("POST", f"/v2/images/{image_id}/actions/deactivate")
 

@@ -38,6 +38,18 @@ def test_images_that_are_not_active_are_not_listed(mount, glance, images):
     assert not os.path.exists(mount.image(queued))
 
 
+def test_hidden_images_are_listed(mount, glance, images):
+    """Operators hide old images that instances still boot from; Nova boots them by id."""
+    hidden = images.add(1000, seed=26)
+    glance.hide(hidden)
+    assert glance.image(hidden)["os_hidden"] is True
+    assert hidden not in {i["id"] for i in glance.images()}  # Glance's own listing leaves it out
+    time.sleep(1.1)
+    assert hidden in os.listdir(mount.path / "images")
+    with open(mount.image(hidden), "rb") as f:
+        assert f.read() == images.data[hidden]
+
+
 def test_unknown_image_is_enoent(mount):
     for name in ("0b9c2b84-0000-4000-8000-000000000000", "not an id", "../../etc"):
         with pytest.raises(FileNotFoundError):

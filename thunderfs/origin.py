@@ -64,14 +64,17 @@ class GlanceOrigin:
         return resp
 
     async def list_images(self) -> list[ImageMeta]:
-        """Every active image, following Glance's pages."""
+        """Every active image, following Glance's pages.  Hidden ones too (``os_hidden``: left out of
+        Glance's listings unless asked for, yet instances boot from them, and operators hide old
+        images that instances still run from), which takes a second listing."""
         out: list[ImageMeta] = []
-        path: str | None = f"/v2/images?status=active&limit={self._page_size}"
-        while path:
-            page = (await self._get(path)).json()
-            out.extend(ImageMeta.from_glance(r) for r in page.get("images", ()) if r.get("status") == "active")
-            path = page.get("next")
-        return out
+        for hidden in ("", "&os_hidden=true"):
+            path: str | None = f"/v2/images?status=active{hidden}&limit={self._page_size}"
+            while path:
+                page = (await self._get(path)).json()
+                out.extend(ImageMeta.from_glance(r) for r in page.get("images", ()) if r.get("status") == "active")
+                path = page.get("next")
+        return list({m.id: m for m in out}.values())
 
     async def image(self, image_id: str) -> ImageMeta:
         return ImageMeta.from_glance((await self._get(f"/v2/images/{image_id}")).json())
