@@ -161,6 +161,8 @@ def test_mount_keeps_the_image_cache_beside_novas_cache_manager(glance, mounts, 
     wait_for(lambda: not (base / cache_name(used)).is_symlink(), what="link removed after the instance")
     assert (base / cache_name(kept)).is_symlink()
     assert m.stats()["nova"]["removed"] >= 2 and stats["last_error"] is None
+    shown = thunderfs("status", str(m.path)).stdout
+    assert f"Nova image cache {base}: kept;" in shown and "put back" in shown, shown
 
 
 @pytest.mark.parametrize("disk_format", ["raw", "qcow2"])

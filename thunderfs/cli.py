@@ -251,6 +251,11 @@ def _print_status(stats: dict) -> None:
         print(f"  peers: received {format_size(p['bytes'])} in {p['requests']} requests ({p['bad_chunks']} bad "
               f"chunks refused); sent {format_size(u['served_bytes'])} to others; avoided now: "
               f"{', '.join(p['avoided_peers']) or 'none'}")
+    if (n := stats.get("nova")) is not None:
+        state = "released (rolled back)" if n["released"] else f"ERROR: {n['last_error']}" if n["last_error"] else "kept"
+        print(f"  Nova image cache {n['base_dir']}: {state}; {n['links']} links, {n['linked']} made, "
+              f"{n['restored']} put back, {n['removed']} removed, {n['kept_in_use']} kept for instances "
+              f"(image gone), {len(n['left_alone'])} other files left alone")
     idle = 0
     for im in stats.get("per_image", []):
         if not im["cached_chunks"] and not im["bytes_read"]:
