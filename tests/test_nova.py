@@ -113,6 +113,18 @@ def test_nova_sync_refuses_what_it_cannot_do_and_links_nothing(glance, mounts, i
         assert os.listdir(ro) == []
     finally:
         subprocess.run(["umount", str(ro)], check=True)
+    # A pass that fails midway (a file system out of inodes after two links) takes back what it made.
+    for seed in range(100, 104):
+        images.add(1000, seed=seed)
+    full = tmp_path / "full"
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,nr_inodes=3", "tmpfs", str(full)], check=True)
+    try:
+        res = thunderfs("nova-sync", str(m.path), "--base-dir", str(full))
+        assert res.returncode == 1 and "links made in this pass were taken back" in res.stderr, res.stderr
+        assert os.listdir(full) == []
+    finally:
+        subprocess.run(["umount", str(full)], check=True)
     assert os.listdir(base) == []
     # The daemon option checks the same before it mounts.
     other = mounts(glance.url, name="n2")
