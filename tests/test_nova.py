@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import wait_for
 
 from harness import tiny_vm
 from harness.mounts import thunderfs
@@ -38,14 +39,6 @@ def nova(*args: str) -> dict:
     res = subprocess.run([str(nova_python()), str(PROBE), *args], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, f"nova probe {args[0]} failed:\n{res.stderr[-4000:]}"
     return json.loads(res.stdout)
-
-
-def wait_for(pred, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not (value := pred()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-    return value
 
 
 @pytest.fixture
@@ -219,6 +212,9 @@ def test_nova_boots_an_instance_through_the_mount(glance, mounts, images, tmp_pa
     assert not (base / other).exists() and not link.is_symlink()
     with open(link, "rb") as f, open(upload, "rb") as g:
         assert f.read() == g.read()
+    assert link.stat().st_mode & 0o777 == 0o644
+    if disk_format == "raw":  # sparse: the unused space of the raw disk (most of it) is not written
+        assert link.stat().st_blocks * 512 < image["size"] / 2
     assert m.stats()["nova"]["released"] is True
     time.sleep(2 * 1.5)
     assert not (base / other).exists(), "the mount put a link back after the rollback"

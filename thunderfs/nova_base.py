@@ -300,20 +300,30 @@ class NovaBaseDir:
         tmp = link.with_name(f".{link.name}.thunderfs-copy")
         written = 0
         try:
-            with open(source, "rb", buffering=0) as src, open(tmp, "wb") as dst:
-                while piece := src.read(chunk):
-                    view = memoryview(piece)
-                    for at in range(0, len(piece), _SPARSE_BLOCK):
-                        block = view[at:at + _SPARSE_BLOCK]
-                        if block == _ZEROS[:len(block)]:
-                            dst.seek(len(block), os.SEEK_CUR)
-                        else:
-                            dst.write(block)
-                            written += len(block)
-                dst.truncate()
-                dst.flush()
-                os.fsync(dst.fileno())
-            os.chmod(tmp, 0o644)
+            with open(source, "rb", buffering=0) as src:
+                # Root writing in a directory Nova's user owns: never through a name that user
+                # made (a link planted there would aim this write anywhere).
+                _unlink_quietly(tmp)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+                with open(fd, "wb") as dst:
+                    while piece := src.read(chunk):
+                        view = memoryview(piece)
+                        for at in range(0, len(piece), _SPARSE_BLOCK):
+                            block = view[at:at + _SPARSE_BLOCK]
+                            if block == _ZEROS[:len(block)]:
+                                dst.seek(len(block), os.SEEK_CUR)
+                            else:
+                                dst.write(block)
+                                written += len(block)
+                    dst.truncate()
+                    dst.flush()
+                    os.fchmod(dst.fileno(), 0o644)  # whatever the umask: Nova and qemu read it
+                    owner = os.stat(self.base_dir)
+                    try:  # Nova's own downloads belong to its user
+                        os.fchown(dst.fileno(), owner.st_uid, owner.st_gid)
+                    except PermissionError:
+                        pass
+                    os.fsync(dst.fileno())
             os.rename(tmp, link)
         except OSError as exc:
             _unlink_quietly(tmp)
