@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import trio
 
@@ -41,6 +41,10 @@ class Catalog:
         self._lock = trio.Lock()
         self._glance = Reachability("Glance")
         self.refreshes = 0
+        # Ids to keep listed when Glance drops them (images Nova instances are backed by: the
+        # daemon sets it from nova_base), and those kept so now.
+        self.retain: Callable[[], Collection[str]] = lambda: ()
+        self.gone: set[str] = set()
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -66,6 +70,12 @@ class Catalog:
             self.refreshes += 1
             new = {m.id: m for m in listing}
             old = self.images
+            gone = {i for i in self.retain() if i not in new and i in old}
+            for image_id in gone - self.gone:
+                log.warning("image %s left Glance; still listed while Nova instances are backed by it "
+                            "(what is cached reads, the rest cannot be fetched)", image_id)
+            new.update((i, old[i]) for i in gone)
+            self.gone = gone
             removed = [m for i, m in old.items() if i not in new or new[i].content_id != m.content_id]
             added = [m for i, m in new.items() if i not in old or old[i].content_id != m.content_id]
             self.images = new

@@ -114,6 +114,17 @@ async def run(config: MountConfig, ready: Callable[[], None] = lambda: None) -> 
         catalog = Catalog(origin, index, ttl=config.listing_ttl,
                           timeout=config.connect_timeout + 2)
         saved = catalog.load_saved()
+        nova = None
+        if config.nova_base_dir is not None:
+            nova = NovaBaseDir(config.nova_base_dir, mountpoint / "images", config.nova_instances_path)
+            try:
+                nova.check()
+            except NovaBaseError as exc:
+                raise ConfigError(str(exc)) from None
+            # Before the first listing: an image that left Glance while this daemon was down stays
+            # listed if an instance disk is backed by its link.
+            nova.scan_in_use()
+            catalog.retain = lambda: nova.in_use_ids
         try:
             await catalog.refresh()
         except OriginError as exc:
@@ -151,14 +162,6 @@ async def run(config: MountConfig, ready: Callable[[], None] = lambda: None) -> 
         ops = Operations(catalog, fetcher, profiles=profiles, block_size=config.chunk_size)
         jobs = ProfileControl(catalog, store, profiles)
         image_status = ImageStatus(catalog, store, profiles, peers)
-
-        nova = None
-        if config.nova_base_dir is not None:
-            nova = NovaBaseDir(config.nova_base_dir, mountpoint / "images", config.nova_instances_path)
-            try:
-                nova.check()
-            except NovaBaseError as exc:
-                raise ConfigError(str(exc)) from None
 
         started = time.time()
 
@@ -217,7 +220,8 @@ async def run(config: MountConfig, ready: Callable[[], None] = lambda: None) -> 
                 await nursery.start(peer_server.serve)
                 await nursery.start(announcer.run)
             if nova is not None:
-                await nursery.start(nova.run, lambda: list(catalog.images), catalog.ttl)
+                await nursery.start(nova.run, lambda: [i for i in catalog.images if i not in catalog.gone],
+                                    catalog.ttl)
             log.info("mounted %s: %d images, Glance %s, cache %s (%d MiB of %d MiB used)",
                      mountpoint, len(catalog.images), config.glance_url, config.cache_dir,
                      store.statistics()["used"] >> 20, config.cache_size >> 20)

@@ -108,6 +108,7 @@ class NovaBaseDir:
         self.last_error: str | None = None
         self.released = False
         self._pass_lock = trio.Lock()
+        self.in_use_ids: set[str] = set()
 
     def target(self, image_id: str) -> str:
         return str(self.images_dir / image_id)
@@ -145,9 +146,9 @@ class NovaBaseDir:
                 self._made.discard(name)
             raise NovaBaseError(f"cannot link {self.base_dir}: {exc.strerror} ({exc.filename}); "
                                 f"the {len(report.linked)} links made in this pass were taken back") from None
+        in_use = self.scan_in_use()
         stale = [n for n in present if n not in wanted and self._ours(self.base_dir / n)]
         if stale:
-            in_use = self._backing_names()
             for name in stale:
                 if in_use is None or name in in_use:
                     report.kept_in_use.append(name)
@@ -203,6 +204,24 @@ class NovaBaseDir:
             return os.path.dirname(os.readlink(path)) == str(self.images_dir)
         except OSError:
             return False
+
+    def scan_in_use(self) -> set[str] | None:
+        """The names here that instance disks are backed by (None if unknown: an unreadable disk),
+        and, in ``in_use_ids``, the images of those that are links of ours: the mount keeps them
+        listed if Glance drops them, so that a link an instance is backed by never dangles."""
+        names = self._backing_names()
+        if names is None:
+            return None
+        ids = set()
+        for name in names:
+            path = self.base_dir / name
+            if self._ours(path):
+                try:
+                    ids.add(os.path.basename(os.readlink(path)))
+                except OSError:
+                    continue
+        self.in_use_ids = ids
+        return names
 
     def _backing_names(self) -> set[str] | None:
         """Names in the cache that instance disks are backed by; None if some disk is unreadable
@@ -265,7 +284,7 @@ class NovaBaseDir:
         """Stop keeping the directory (for a rollback), once no pass is under way; the links stay."""
         self.released = True
         async with self._pass_lock:
-            pass
+            self.in_use_ids = set()  # the copies serve instances now: nothing to keep listed
         log.info("no longer keeping %s (released for a rollback); its links stay", self.base_dir)
         return {"base_dir": str(self.base_dir), "released": True}
 
@@ -342,6 +361,7 @@ class NovaBaseDir:
             "restored": self.restored_total,
             "removed": self.removed_total,
             "kept_in_use": len(last.kept_in_use) if last else 0,
+            "in_use": len(self.in_use_ids),
             "left_alone": dict(last.foreign) if last else {},
             "last_error": self.last_error,
             "released": self.released,
