@@ -20,7 +20,7 @@ from conftest import wait_for
 
 from harness import tiny_vm
 from harness.mounts import thunderfs
-from thunderfs.nova_base import cache_name
+from thunderfs.nova_base import NovaBaseDir, NovaBaseError, cache_name
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBE = ROOT / "harness" / "nova_probe.py"
@@ -233,3 +233,29 @@ def test_nova_boots_an_instance_through_the_mount(glance, mounts, images, tmp_pa
     assert not (base / other).exists(), "the mount put a link back after the rollback"
     assert m.umount().returncode == 0
     assert tiny_vm.boot(Path(booted["disk"])) == disk.payload_md5
+
+
+def test_nova_base_dir_is_not_written_once_replaced_and_instance_disks_are_read_safely(tmp_path):
+    """Nova's user owns _base and the instance directories, and thunderfs writes there as root:
+    a directory swapped in for _base is refused, and an instance 'disk' that is a FIFO or a link
+    elsewhere is neither waited on nor followed.  (No mount needed: the links' target is a path.)"""
+    instances = tmp_path / "instances"
+    base = instances / "_base"
+    base.mkdir(parents=True)
+    images_dir = tmp_path / "mnt" / "images"
+    for name, make in (("fifo", lambda p: os.mkfifo(p)), ("link", lambda p: os.symlink("/etc/hostname", p))):
+        (instances / name).mkdir()
+        make(instances / name / "disk")
+    nb = NovaBaseDir(base, images_dir)
+    nb.check()
+    report = nb.sync(["img-a", "img-b"])
+    assert sorted(report.linked) == sorted(cache_name(i) for i in ("img-a", "img-b"))
+    assert os.readlink(base / cache_name("img-a")) == str(images_dir / "img-a")
+    report = nb.sync(["img-a"])  # img-b gone, and no instance disk is backed by it
+    assert report.removed == [cache_name("img-b")] and report.kept_in_use == []
+
+    base.rename(instances / "_base.old")
+    base.mkdir()
+    with pytest.raises(NovaBaseError, match="no longer the directory thunderfs checked"):
+        nb.sync(["img-a", "img-c"])
+    assert os.listdir(base) == []

@@ -17,13 +17,14 @@ needs.  This module owns those links and nothing else in the directory:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
 import os
 import stat
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,8 +53,13 @@ def cache_name(image_id: str) -> str:
 
 
 def qcow2_backing_file(path: Path) -> str | None:
-    """The backing file named in a qcow2 header; None for a disk of another format or none."""
-    with open(path, "rb") as f:
+    """The backing file named in a qcow2 header; None for a disk of another format, none, or
+    anything that is not a regular file (opened without following a link or waiting on a FIFO:
+    the instance directories belong to Nova's user, and this runs as root)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
         header = f.read(20)
         if len(header) < 20 or header[:4] != _QCOW2_MAGIC:
             return None
@@ -109,6 +115,7 @@ class NovaBaseDir:
         self.released = False
         self._pass_lock = trio.Lock()
         self.in_use_ids: set[str] = set()
+        self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of base_dir when checked
 
     def target(self, image_id: str) -> str:
         return str(self.images_dir / image_id)
@@ -119,43 +126,62 @@ class NovaBaseDir:
             what = "does not exist" if not self.base_dir.exists() else "is not a directory"
             raise NovaBaseError(f"Nova's image cache directory {self.base_dir} {what} "
                                 f"(it is <instances_path>/_base; create it as Nova's user)")
-        probe = self.base_dir / f".thunderfs-probe-{os.getpid()}"
+        probe = f".thunderfs-probe-{os.getpid()}"
         try:
-            os.symlink(self.images_dir, probe)
-            os.unlink(probe)
+            with self._opened() as fd:
+                os.symlink(self.images_dir, probe, dir_fd=fd)
+                os.unlink(probe, dir_fd=fd)
+                st = os.fstat(fd)
+                self._identity = (st.st_dev, st.st_ino)
         except OSError as exc:
             hint = (" (the thunderfs unit needs CAP_DAC_OVERRIDE for a directory of Nova's user: "
                     "systemd/thunderfs.service.d/nova.conf)" if exc.errno in (errno.EACCES, errno.EPERM) else "")
             raise NovaBaseError(f"cannot make links in {self.base_dir}: {exc.strerror}{hint}") from None
+
+    @contextlib.contextmanager
+    def _opened(self) -> Iterator[int]:
+        """A descriptor of the directory, which every operation goes through, so that a directory
+        put in its place (Nova's user owns the parent; this runs as root) is noticed, not written."""
+        try:
+            fd = os.open(self.base_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise NovaBaseError(f"cannot open {self.base_dir}: {exc.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if self._identity is not None and (st.st_dev, st.st_ino) != self._identity:
+                raise NovaBaseError(f"{self.base_dir} is no longer the directory thunderfs checked (it was "
+                                    f"replaced); nothing is written there until thunderfs is restarted")
+            yield fd
+        finally:
+            os.close(fd)
 
     def sync(self, image_ids: Iterable[str]) -> SyncReport:
         """One pass.  Raises NovaBaseError if a link cannot be made; the links made in this pass
         are then taken away again, so that a failed pass leaves the directory as it found it."""
         wanted = {cache_name(i): i for i in image_ids}
         report = SyncReport()
-        try:
-            present = set(os.listdir(self.base_dir))
-        except OSError as exc:
-            raise NovaBaseError(f"cannot list {self.base_dir}: {exc.strerror}") from None
-        try:
-            for name, image_id in sorted(wanted.items()):
-                self._ensure(name, image_id, name in present, report)
-        except OSError as exc:
-            for name in report.linked:
-                _unlink_quietly(self.base_dir / name)
-                self._made.discard(name)
-            raise NovaBaseError(f"cannot link {self.base_dir}: {exc.strerror} ({exc.filename}); "
-                                f"the {len(report.linked)} links made in this pass were taken back") from None
-        in_use = self.scan_in_use()
-        stale = [n for n in present if n not in wanted and self._ours(self.base_dir / n)]
-        if stale:
-            for name in stale:
+        with self._opened() as fd:
+            try:
+                present = set(os.listdir(fd))
+            except OSError as exc:
+                raise NovaBaseError(f"cannot list {self.base_dir}: {exc.strerror}") from None
+            try:
+                for name, image_id in sorted(wanted.items()):
+                    self._ensure(fd, name, image_id, name in present, report)
+            except OSError as exc:
+                for name in report.linked:
+                    _unlink_quietly(name, fd)
+                    self._made.discard(name)
+                raise NovaBaseError(f"cannot link {self.base_dir}: {exc.strerror} ({exc.filename}); "
+                                    f"the {len(report.linked)} links made in this pass were taken back") from None
+            in_use = self._scan_in_use(fd)
+            for name in (n for n in present if n not in wanted and self._ours(n, fd)):
                 if in_use is None or name in in_use:
                     report.kept_in_use.append(name)
                     report.links += 1
                     continue
                 try:
-                    os.unlink(self.base_dir / name)
+                    os.unlink(name, dir_fd=fd)
                 except FileNotFoundError:
                     pass
                 except OSError as exc:
@@ -168,18 +194,17 @@ class NovaBaseDir:
         self._account(report)
         return report
 
-    def _ensure(self, name: str, image_id: str, present: bool, report: SyncReport) -> None:
-        path = self.base_dir / name
+    def _ensure(self, fd: int, name: str, image_id: str, present: bool, report: SyncReport) -> None:
         target = self.target(image_id)
         if present:
             try:
-                current = os.readlink(path)
+                current = os.readlink(name, dir_fd=fd)
             except FileNotFoundError:
                 present = False
             except OSError as exc:
                 if exc.errno != errno.EINVAL:  # EINVAL: not a link
                     raise
-                report.foreign[name] = f"a {_kind(path)} (an earlier download?) for image {image_id}"
+                report.foreign[name] = f"a {_kind(name, fd)} (an earlier download?) for image {image_id}"
                 return
             else:
                 if current == target:
@@ -189,7 +214,7 @@ class NovaBaseDir:
                 report.foreign[name] = f"a link to {current}, not {target}"
                 return
         try:
-            os.symlink(target, path)
+            os.symlink(target, name, dir_fd=fd)
         except FileExistsError:  # made meanwhile (Nova downloading it): look again next pass
             report.foreign[name] = f"made by someone else meanwhile, for image {image_id}"
             return
@@ -199,25 +224,29 @@ class NovaBaseDir:
         report.linked.append(name)
         report.links += 1
 
-    def _ours(self, path: Path) -> bool:
+    def _ours(self, name: str, fd: int) -> bool:
         try:
-            return os.path.dirname(os.readlink(path)) == str(self.images_dir)
+            return os.path.dirname(os.readlink(name, dir_fd=fd)) == str(self.images_dir)
         except OSError:
             return False
 
-    def scan_in_use(self) -> set[str] | None:
-        """The names here that instance disks are backed by (None if unknown: an unreadable disk),
-        and, in ``in_use_ids``, the images of those that are links of ours: the mount keeps them
-        listed if Glance drops them, so that a link an instance is backed by never dangles."""
+    def scan_in_use(self) -> None:
+        """Notes, in ``in_use_ids``, the images whose links instance disks are backed by: the mount
+        keeps them listed if Glance drops them, so that a link an instance needs never dangles."""
+        with self._opened() as fd:
+            self._scan_in_use(fd)
+
+    def _scan_in_use(self, fd: int) -> set[str] | None:
+        """The names here that instance disks are backed by (None if unknown: an unreadable disk);
+        updates ``in_use_ids``."""
         names = self._backing_names()
         if names is None:
             return None
         ids = set()
         for name in names:
-            path = self.base_dir / name
-            if self._ours(path):
+            if self._ours(name, fd):
                 try:
-                    ids.add(os.path.basename(os.readlink(path)))
+                    ids.add(os.path.basename(os.readlink(name, dir_fd=fd)))
                 except OSError:
                     continue
         self.in_use_ids = ids
@@ -240,6 +269,8 @@ class NovaBaseDir:
                 except (FileNotFoundError, NotADirectoryError):
                     continue
                 except OSError as exc:
+                    if exc.errno == errno.ELOOP:  # a link where Nova keeps a disk file: not Nova's
+                        continue
                     log.warning("cannot read the header of %s (%s): keeping every link", path, exc.strerror)
                     return None
                 if backing:
@@ -299,32 +330,34 @@ class NovaBaseDir:
             raise NovaBaseError("cannot tell which links instances are backed by (an instance disk is "
                                 "unreadable, see the log); nothing was changed")
         report = RollbackReport()
-        try:
-            names = sorted(os.listdir(self.base_dir))
-        except OSError as exc:
-            raise NovaBaseError(f"cannot list {self.base_dir}: {exc.strerror}") from None
-        for name in names:
-            path = self.base_dir / name
-            if not self._ours(path):
-                continue
-            if name in in_use:
-                report.copied[name] = self._materialize(path, copy_chunk)
-            else:
-                _unlink_quietly(path)
-                report.removed.append(name)
+        with self._opened() as fd:
+            try:
+                names = sorted(os.listdir(fd))
+            except OSError as exc:
+                raise NovaBaseError(f"cannot list {self.base_dir}: {exc.strerror}") from None
+            for name in names:
+                if not self._ours(name, fd):
+                    continue
+                if name in in_use:
+                    report.copied[name] = self._materialize(name, fd, copy_chunk)
+                else:
+                    _unlink_quietly(name, fd)
+                    report.removed.append(name)
         return report
 
-    def _materialize(self, link: Path, chunk: int) -> int:
-        source = os.readlink(link)
-        tmp = link.with_name(f".{link.name}.thunderfs-copy")
+    def _materialize(self, name: str, fd: int, chunk: int) -> int:
+        source = os.readlink(name, dir_fd=fd)
+        link = self.base_dir / name
+        tmp = f".{name}.thunderfs-copy"
         written = 0
         try:
             with open(source, "rb", buffering=0) as src:
                 # Root writing in a directory Nova's user owns: never through a name that user
                 # made (a link planted there would aim this write anywhere).
-                _unlink_quietly(tmp)
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-                with open(fd, "wb") as dst:
+                _unlink_quietly(tmp, fd)
+                out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                              dir_fd=fd)
+                with open(out, "wb") as dst:
                     while piece := src.read(chunk):
                         view = memoryview(piece)
                         for at in range(0, len(piece), _SPARSE_BLOCK):
@@ -337,15 +370,15 @@ class NovaBaseDir:
                     dst.truncate()
                     dst.flush()
                     os.fchmod(dst.fileno(), 0o644)  # whatever the umask: Nova and qemu read it
-                    owner = os.stat(self.base_dir)
+                    owner = os.fstat(fd)
                     try:  # Nova's own downloads belong to its user
                         os.fchown(dst.fileno(), owner.st_uid, owner.st_gid)
                     except PermissionError:
                         pass
                     os.fsync(dst.fileno())
-            os.rename(tmp, link)
+            os.rename(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
         except OSError as exc:
-            _unlink_quietly(tmp)
+            _unlink_quietly(tmp, fd)
             raise NovaBaseError(f"cannot copy {source} to {link} for the instances backed by it: "
                                 f"{exc.strerror}; the link stays") from None
         log.info("replaced the link %s by a copy of %s (%d bytes of data)", link, source, written)
@@ -368,9 +401,9 @@ class NovaBaseDir:
         }
 
 
-def _kind(path: Path) -> str:
+def _kind(name: str, fd: int) -> str:
     try:
-        st = path.lstat()
+        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
     except OSError:
         return "file"
     if stat.S_ISREG(st.st_mode):
@@ -380,8 +413,8 @@ def _kind(path: Path) -> str:
     return "special file"
 
 
-def _unlink_quietly(path: Path) -> None:
+def _unlink_quietly(name: str, fd: int) -> None:
     try:
-        os.unlink(path)
+        os.unlink(name, dir_fd=fd)
     except OSError:
         pass
