@@ -82,6 +82,17 @@ def test_nova_sync_links_every_image_and_leaves_the_rest_alone(glance, mounts, i
     res = thunderfs("nova-sync", str(m.path), "--base-dir", str(base))
     assert res.returncode == 0 and "1 made" in res.stdout, res.stdout
     assert os.readlink(link) == str(m.path / "images" / a)
+    # --watch does it again and again, until stopped.
+    watch = subprocess.Popen([sys.executable, "-m", "thunderfs", "nova-sync", str(m.path), "--base-dir", str(base),
+                              "--watch", "0.3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(2):
+            os.unlink(link)
+            wait_for(lambda: link.is_symlink(), timeout=10, what="--watch to put the link back")
+    finally:
+        watch.terminate()
+        out, err = watch.communicate(timeout=10)
+    assert "Traceback" not in err, err
 
 
 def test_nova_sync_refuses_what_it_cannot_do_and_links_nothing(glance, mounts, images, tmp_path, nova_dirs):

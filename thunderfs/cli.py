@@ -394,7 +394,10 @@ def cmd_nova_sync(args, _argv) -> int:
             print(f"  kept: {name}: its image is gone from Glance, an instance disk is backed by it")
         if args.watch is None:
             return 0
-        time.sleep(args.watch)
+        try:
+            time.sleep(args.watch)
+        except KeyboardInterrupt:
+            return 0
         ids = _served_images(mp)
 
 
