@@ -359,9 +359,6 @@ def cmd_warm(args, _argv) -> int:
     return 0 if total and j["cached_chunks"] >= total else 1
 
 
-# --- parser -----------------------------------------------------------------------------------
-
-
 # --- nova-sync --------------------------------------------------------------------------------
 
 
@@ -417,6 +414,9 @@ def _nova_rollback(mp: Path, base: NovaBaseDir) -> int:
     if report.copied:
         print(f"running instances still read {mp}: unmount it once they have been rebooted or moved")
     return 0
+
+
+# --- parser -----------------------------------------------------------------------------------
 
 
 def _size(text: str) -> int:

@@ -170,7 +170,8 @@ class NovaBaseDir:
                     self._ensure(fd, name, image_id, name in present, report)
             except OSError as exc:
                 for name in report.linked:
-                    _unlink_quietly(name, fd)
+                    if self._ours(name, fd):  # not a download Nova renamed over it meanwhile
+                        _unlink_quietly(name, fd)
                     self._made.discard(name)
                 raise NovaBaseError(f"cannot link {self.base_dir}: {exc.strerror} ({exc.filename}); "
                                     f"the {len(report.linked)} links made in this pass were taken back") from None
