@@ -155,16 +155,19 @@ class NovaBaseDir:
         finally:
             os.close(fd)
 
+    def _list(self, fd: int) -> list[str]:
+        try:
+            return os.listdir(fd)
+        except OSError as exc:
+            raise NovaBaseError(f"cannot list {self.base_dir}: {exc.strerror}") from None
+
     def sync(self, image_ids: Iterable[str]) -> SyncReport:
         """One pass.  Raises NovaBaseError if a link cannot be made; the links made in this pass
         are then taken away again, so that a failed pass leaves the directory as it found it."""
         wanted = {cache_name(i): i for i in image_ids}
         report = SyncReport()
         with self._opened() as fd:
-            try:
-                present = set(os.listdir(fd))
-            except OSError as exc:
-                raise NovaBaseError(f"cannot list {self.base_dir}: {exc.strerror}") from None
+            present = set(self._list(fd))
             try:
                 for name, image_id in sorted(wanted.items()):
                     self._ensure(fd, name, image_id, name in present, report)
@@ -332,11 +335,7 @@ class NovaBaseDir:
                                 "unreadable, see the log); nothing was changed")
         report = RollbackReport()
         with self._opened() as fd:
-            try:
-                names = sorted(os.listdir(fd))
-            except OSError as exc:
-                raise NovaBaseError(f"cannot list {self.base_dir}: {exc.strerror}") from None
-            for name in names:
+            for name in sorted(self._list(fd)):
                 if not self._ours(name, fd):
                     continue
                 if name in in_use:
