@@ -21,7 +21,6 @@ Usage: .venv/bin/python benchmarks/boot_bench.py [--work /var/tmp/thunderfs-benc
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import subprocess
@@ -33,6 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from harness import tiny_vm  # noqa: E402
 from harness.local_glance import LocalGlance, free_port  # noqa: E402
 from harness.mounts import Mount, thunderfs  # noqa: E402
 from harness.pagecache import drop_page_cache  # noqa: E402
@@ -44,11 +44,10 @@ MiB = 2**20
 
 
 def kernel_and_initrd() -> tuple[str, str]:
-    kernels = sorted(glob.glob("/boot/vmlinuz-*"))
-    initrds = sorted(glob.glob("/boot/initrd.img-*"))
-    if not kernels or not initrds:
-        raise SystemExit("no kernel in /boot: apt-get install linux-image-amd64 (see benchmarks/README.md)")
-    return kernels[-1], initrds[-1]
+    try:
+        return tuple(map(str, tiny_vm.kernel()))
+    except tiny_vm.TinyVmError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def boot(backing: Path, work: Path, name: str, timeout: float = 300, on_start=None) -> float:

@@ -21,7 +21,6 @@ Usage: .venv/bin/python benchmarks/nova_boot.py [--work /var/tmp/thunderfs-bench
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -32,32 +31,29 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.boot_bench import boot_disk  # noqa: E402
+from harness import nova_probe  # noqa: E402
 from harness.local_glance import LocalGlance  # noqa: E402
 from harness.mounts import Mount  # noqa: E402
 from harness.pagecache import drop_page_cache  # noqa: E402
 from thunderfs.nova_base import cache_name  # noqa: E402
 
 MiB = 2**20
-NOVA_PYTHON = REPO / ".venv-nova" / "bin" / "python"
 
 
 def nova_boot(instances: Path, image_id: str, instance: str, glance_url: str | None = None) -> dict:
-    args = [str(NOVA_PYTHON), str(REPO / "harness" / "nova_probe.py"), "boot", "--instances-path", str(instances),
-            "--image-id", image_id, "--instance", instance, "--size", str(4 * 2**30)]
-    if glance_url:
-        args += ["--glance", glance_url]
-    res = subprocess.run(args, capture_output=True, text=True, timeout=900)
-    if res.returncode != 0:
-        raise RuntimeError(f"Nova's disk preparation failed:\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout)
+    args = ["boot", "--instances-path", str(instances), "--image-id", image_id, "--instance", instance,
+            "--size", str(4 * 2**30)]
+    return nova_probe.run(*args, *(["--glance", glance_url] if glance_url else []))
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/var/tmp/thunderfs-bench", help="where the Debian disk is built and kept")
     args = ap.parse_args()
-    if not NOVA_PYTHON.exists():
-        raise SystemExit("no .venv-nova: run scripts/setup.sh")
+    try:
+        nova_probe.venv_python()
+    except nova_probe.NovaProbeError as exc:
+        raise SystemExit(str(exc)) from None
     work = Path(args.work)
     disk = Path(subprocess.run(["bash", str(REPO / "benchmarks" / "debian_image.sh"), str(work / "debian")],
                                check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])

@@ -8,6 +8,8 @@ manager does in a pass.  Prints one JSON object.  Used by tests/test_nova.py.
 
 Nova runs its privileged calls (the base file's utime) through a privsep daemon as root; here they
 run in this process, which the tests run as root: the same call with the same rights.
+
+``run()`` is how the tests and benchmarks call it (from thunderfs's venv).
 """
 
 from __future__ import annotations
@@ -16,8 +18,33 @@ import argparse
 import json
 import logging
 import os
+import subprocess
 import sys
 import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class NovaProbeError(RuntimeError):
+    pass
+
+
+def venv_python() -> Path:
+    """The Nova venv's python (scripts/setup.sh makes it; THUNDERFS_NOVA_VENV moves it)."""
+    venv = Path(os.environ.get("THUNDERFS_NOVA_VENV", REPO / ".venv-nova"))
+    python = venv / "bin" / "python"
+    if not python.exists():
+        raise NovaProbeError(f"no Nova venv at {venv}: run scripts/setup.sh")
+    return python
+
+
+def run(*args: str, timeout: float = 900) -> dict:
+    """Runs this probe in the Nova venv and returns what it printed."""
+    res = subprocess.run([str(venv_python()), __file__, *args], capture_output=True, text=True, timeout=timeout)
+    if res.returncode != 0:
+        raise NovaProbeError(f"nova probe {args[0]} failed:\n{res.stderr[-4000:]}")
+    return json.loads(res.stdout)
 
 
 class _Collect(logging.Handler):

@@ -8,7 +8,6 @@ booted under qemu (TCG).
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -18,27 +17,16 @@ from pathlib import Path
 import pytest
 from conftest import wait_for
 
-from harness import tiny_vm
+from harness import nova_probe, tiny_vm
 from harness.mounts import thunderfs
 from thunderfs.nova_base import NovaBaseDir, NovaBaseError, cache_name
 
-ROOT = Path(__file__).resolve().parent.parent
-PROBE = ROOT / "harness" / "nova_probe.py"
 GiB = 2**30
 
 
-def nova_python() -> Path:
-    venv = Path(os.environ.get("THUNDERFS_NOVA_VENV", ROOT / ".venv-nova"))
-    python = venv / "bin" / "python"
-    assert python.exists(), f"no Nova venv at {venv}: run scripts/setup.sh"
-    return python
-
-
 def nova(*args: str) -> dict:
-    """Nova's own code, through harness/nova_probe.py in the Nova venv."""
-    res = subprocess.run([str(nova_python()), str(PROBE), *args], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, f"nova probe {args[0]} failed:\n{res.stderr[-4000:]}"
-    return json.loads(res.stdout)
+    """Nova's own code, through harness/nova_probe.py in the Nova venv (a failure fails the test)."""
+    return nova_probe.run(*args, timeout=300)
 
 
 @pytest.fixture
