@@ -137,8 +137,8 @@ def main() -> int:
                 print(f"    node{i + 1}: {times[i]:5.1f}s  from Glance {fe['bytes_from_origin'] / MiB:4.0f} MiB, "
                       f"from peers {fe['bytes_from_peers'] / MiB:4.0f} MiB; peer failures {pe.get('failures')}, slow {pe.get('slow')}, "
                       f"busy {pe.get('busy')}, claim waits {pe.get('claim_waits')}; claims {pe.get('claims')} "
-                      f"(failed {pe.get('claim_failures')}), chunks granted {fe['granted_chunks']}, "
-                      f"waited for but late {fe['claimed_chunks_late']}")
+                      f"(failed {pe.get('claim_failures')}), chunks granted {pe.get('granted_chunks')}, "
+                      f"waited for but late {pe.get('claimed_chunks_late')}")
             print(f"  {len(crowd)} nodes at once: fastest {min(times.values()):.1f}s, slowest {slowest:.1f}s "
                   f"-> {slowest / alone:.2f} x one node alone (target <= 1.5)")
             print(f"  Glance egress for the reads: {egress / MiB:.0f} MiB = {egress / size:.2f} x the image "

@@ -20,6 +20,16 @@ from harness.tracker import LocalTracker
 from harness.mounts import Mount
 
 CHUNK = 64 * 1024
+UNIT = Path(__file__).parent / "unit"
+
+
+def pytest_collection_modifyitems(items):
+    """The fast layer is ``tests/unit`` (in-process: no mounts, no subprocesses, no namespaces);
+    every other test starts real processes and is end-to-end: marked ``slow``, so that
+    ``pytest -m "not slow"`` is the inner loop."""
+    for item in items:
+        if UNIT not in item.path.parents:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session", autouse=True)

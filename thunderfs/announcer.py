@@ -15,20 +15,12 @@ from collections.abc import Callable
 
 import trio
 
-from thunderfs.chunk_store import ChunkStore, ImageData
+from thunderfs.chunk_store import ChunkStore
 from thunderfs.reachability import Reachability
 from thunderfs_tracker.client import TrackerClient, TrackerError
 from thunderfs_tracker.protocol import ChunkUpdate, NodeInfo, chunks_to_bits
 
 log = logging.getLogger(__name__)
-
-
-def held_bits(img: ImageData) -> int:
-    packed = bytearray((img.nchunks + 7) // 8)
-    for c, s in enumerate(img.state):
-        if s:
-            packed[c >> 3] |= 1 << (c & 7)
-    return int.from_bytes(packed, "little")
 
 
 class Announcer:
@@ -71,7 +63,7 @@ class Announcer:
         self._store.drain_changes()  # the full state includes them
         updates = []
         for img in self._store.contents():
-            bits = held_bits(img)
+            bits = img.held_bits()
             if bits:
                 updates.append(ChunkUpdate(img.content.hex(), img.nchunks, add=bits, full=True))
         await self._tracker.send_chunks(True, updates)

@@ -79,8 +79,26 @@ class ImageData:
     def pinned(self, chunk: int) -> bool:
         return any(first <= chunk <= last for first, last in self.pins.values())
 
-    def cached_bytes(self) -> int:
-        return sum(self.chunk_len(c) for c, s in enumerate(self.state) if s)
+    # --- chunk state, for everyone outside this module (nobody else reads ``state``) ----------
+
+    def cached(self, chunk: int) -> bool:
+        """Servable now: its bytes are in the data file (durable or about to be)."""
+        return self.state[chunk] != ABSENT
+
+    def missing(self, first: int, last: int) -> list[int]:
+        state = self.state
+        return [c for c in range(first, last + 1) if not state[c]]
+
+    def cached_count(self) -> int:
+        return self.nchunks - self.state.count(ABSENT)
+
+    def held_bits(self) -> int:
+        """The cached chunks as an integer, bit ``c`` for chunk ``c`` (what the tracker is told)."""
+        packed = bytearray((self.nchunks + 7) // 8)
+        for c, s in enumerate(self.state):
+            if s:
+                packed[c >> 3] |= 1 << (c & 7)
+        return int.from_bytes(packed, "little")
 
     def close(self) -> None:
         os.close(self.fd)
@@ -197,10 +215,6 @@ class ChunkStore:
         self._evict(0, self._disk_room(recheck=True))
 
     # --- reads -----------------------------------------------------------------------------
-
-    def missing(self, img: ImageData, first: int, last: int) -> list[int]:
-        state = img.state
-        return [c for c in range(first, last + 1) if not state[c]]
 
     def pin(self, img: ImageData, first: int, last: int) -> int:
         token = next(self._pin_ids)

@@ -26,11 +26,14 @@ from thunderfs.config import MountConfig
 from thunderfs.errors import CacheLayoutError, ConfigError, OriginError
 from thunderfs.fetcher import Fetcher
 from thunderfs.glance_auth import GlanceAuthError, KeystoneAuth
+from thunderfs.glance_source import GlanceSource
 from thunderfs.fs import Operations
 from thunderfs.origin import GlanceOrigin
 from thunderfs.peer_server import PeerServer
 from thunderfs.peers import PeerSource
-from thunderfs.profiles import ProfileControl, Profiles
+from thunderfs.profile_control import ProfileControl
+from thunderfs.profiles import Profiles
+from thunderfs.reader import Readers
 from thunderfs.metrics import DaemonMetrics
 from thunderfs.nova_base import NovaBaseDir, NovaBaseError
 from thunderfs.status import ImageStatus
@@ -143,7 +146,8 @@ async def run(config: MountConfig, ready: Callable[[], None] = lambda: None) -> 
             tracker = await stack.enter_async_context(
                 TrackerClient(config.tracker_url, config.node_id, secret=secret, timeout=config.peer_timeout))
             peers = PeerSource(tracker, node_id=config.node_id, secret=secret, chunk_size=config.chunk_size,
-                               timeout=config.peer_timeout, max_request_chunks=config.max_request // config.chunk_size)
+                               timeout=config.peer_timeout, fetch_timeout=config.fetch_timeout,
+                               max_request_chunks=config.max_request // config.chunk_size)
             stack.push_async_callback(peers.aclose)
             peer_server = PeerServer(store, secret=secret, max_uploads=config.max_uploads, rate=config.upload_rate)
             try:
@@ -153,13 +157,22 @@ async def run(config: MountConfig, ready: Callable[[], None] = lambda: None) -> 
             log.info("serving peers on %s:%d as %s (%s), tracker %s", *bound, node.node_id, node.peer_url,
                      config.tracker_url)
             announcer = Announcer(tracker, store, node, load=lambda: peer_server.uploads, rtt=peers.rtt_ms)
-        fetcher = Fetcher(store, origin, fetch_timeout=config.fetch_timeout, max_request=config.max_request,
-                          origin_concurrency=config.origin_concurrency, readahead=config.readahead,
-                          peers=peers, origin_rate=config.origin_rate)
+        metrics = DaemonMetrics(lambda: stats({})) if config.metrics_listen else None
+        glance = GlanceSource(origin, chunk_size=config.chunk_size, max_chunks=config.max_request // config.chunk_size,
+                              fetch_timeout=config.fetch_timeout, concurrency=config.origin_concurrency,
+                              rate=config.origin_rate)
+        fetcher = Fetcher(store, [peers, glance] if peers else [glance], fetch_timeout=config.fetch_timeout,
+                          max_request=config.max_request, observe=metrics.observe if metrics else None)
         profiles = Profiles(fetcher, tracker, chunk_size=config.chunk_size,
                             record_window=config.record_window, record_idle=config.record_idle,
-                            prefetch_flights=config.prefetch_flights, prefetch_idle=config.prefetch_idle)
-        ops = Operations(catalog, fetcher, profiles=profiles, block_size=config.chunk_size)
+                            prefetch_flights=config.prefetch_flights, prefetch_idle=config.prefetch_idle,
+                            wait_ready=peers.wait_manifest if peers else None)
+        # On every open: the peer source asks for the manifest, the profiles record and prefetch.
+        on_open = [profiles.opened]
+        if peers is not None:
+            on_open.insert(0, lambda reader: peers.prepare(reader.meta))
+        readers = Readers(store, fetcher, readahead=config.readahead, on_open=on_open)
+        ops = Operations(catalog, readers, block_size=config.chunk_size)
         jobs = ProfileControl(catalog, store, profiles)
         image_status = ImageStatus(catalog, store, profiles, peers)
 
@@ -173,7 +186,7 @@ async def run(config: MountConfig, ready: Callable[[], None] = lambda: None) -> 
                 "glance": {"url": config.glance_url, "reachable": catalog.origin_ok, **origin.statistics(),
                            **({"token_renewals": auth.renewals} if auth is not None else {})},
                 "cache": store.statistics(),
-                "fetch": fetcher.statistics(),
+                "fetch": {**fetcher.statistics(), **glance.statistics()},
                 "fs": ops.statistics(),
                 "profiles": profiles.statistics(),
                 "images": len(catalog.images),
@@ -183,11 +196,9 @@ async def run(config: MountConfig, ready: Callable[[], None] = lambda: None) -> 
                 **({"nova": nova.statistics()} if nova else {}),
             }
 
-        if config.metrics_listen:
-            metrics = DaemonMetrics(lambda: stats({}))
+        if metrics is not None:
             metrics.start(*config.metrics_address())
             stack.callback(metrics.stop)
-            fetcher.observe = metrics.observe
 
         def stop(_req: dict) -> dict:
             pyfuse3.terminate()
@@ -211,6 +222,8 @@ async def run(config: MountConfig, ready: Callable[[], None] = lambda: None) -> 
             await nursery.start(_watch_signals)
             await nursery.start(store.run)
             await nursery.start(fetcher.run)
+            if peers is not None:
+                await nursery.start(peers.run)
             await nursery.start(catalog.run)
             await nursery.start(profiles.run)
             await nursery.start(control.serve, control.socket_path(mountpoint),

@@ -1,7 +1,7 @@
 """The FUSE side: translates kernel requests, keeps inodes, and is the one errno boundary.
 
 Layout: ``/images/<image-id>``, one read-only regular file per active Glance image.
-Everything below (catalog, fetcher, store) comes in through the constructor and raises its own
+Everything below (the catalog, the readers) comes in through the constructor and raises its own
 exceptions; ``_fuse_error`` turns them into ``FUSEError`` and logs once.
 """
 
@@ -18,10 +18,9 @@ import pyfuse3
 
 from thunderfs.catalog import Catalog
 from thunderfs.errors import FetchFailed, ImageGone, ThunderfsError
-from thunderfs.fetcher import Fetcher, Reader
 from thunderfs.image import ImageMeta
 from thunderfs.inodes import IMAGES_DIR, ROOT, InodeTable
-from thunderfs.profiles import Profiles
+from thunderfs.reader import Reader, Readers
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +44,11 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, catalog: Catalog, fetcher: Fetcher, *, profiles: Profiles | None = None,
-                 entry_timeout: float = 5.0, attr_timeout: float = 300.0, block_size: int = 2**20):
+    def __init__(self, catalog: Catalog, readers: Readers, *, entry_timeout: float = 5.0,
+                 attr_timeout: float = 300.0, block_size: int = 2**20):
         super().__init__()
         self._catalog = catalog
-        self._fetcher = fetcher
-        self._profiles = profiles
+        self._readers = readers
         self._inodes = InodeTable()
         self._handles: dict[int, tuple[int, Reader]] = {}
         self._fh = itertools.count(1)
@@ -160,14 +158,12 @@ class Operations(pyfuse3.Operations):
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             raise pyfuse3.FUSEError(errno.EROFS)
         try:
-            reader = self._fetcher.open(meta)
+            reader = self._readers.open(meta)
         except (ThunderfsError, OSError) as exc:
             if isinstance(exc, OSError):
                 log.error("opening the cache of image %s: %s", meta.id, exc)
                 raise pyfuse3.FUSEError(errno.EIO) from None
             raise _fuse_error(exc, f"open {meta.id}") from None
-        if self._profiles is not None:
-            self._profiles.opened(reader)
         fh = next(self._fh)
         self._handles[fh] = (inode, reader)
         self._inodes.opened(inode)

@@ -86,8 +86,8 @@ class _StatsCollector:
         yield served
         fetched = CounterMetricFamily("thunderfs_fetched_bytes", "Bytes fetched into the cache, by source",
                                       labels=["source"])
-        fetched.add_metric(["peer"], fetch["bytes_from_peers"])
-        fetched.add_metric(["glance"], fetch["bytes_from_origin"])
+        for source, label in SOURCES.items():  # a node with no tracker has no peer source: 0
+            fetched.add_metric([label], fetch.get(f"bytes_from_{source}", 0))
         yield fetched
         yield gauge("thunderfs_cache_used_bytes", "Bytes of chunks in the cache", cache["used"])
         yield gauge("thunderfs_cache_capacity_bytes", "The cache's bound", cache["capacity"])

@@ -23,7 +23,7 @@ _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 class GlanceOrigin:
     def __init__(self, url: str, *, connect_timeout: float = 3.0, request_timeout: float = 10.0,
                  concurrency: int = 8, headers: dict[str, str] | None = None, page_size: int = 200,
-                 auth: httpx.Auth | None = None):
+                 auth: httpx.Auth | None = None, transport: httpx.AsyncBaseTransport | None = None):
         self.url = url.rstrip("/")
         self._page_size = page_size
         self._client = httpx.AsyncClient(
@@ -32,6 +32,7 @@ class GlanceOrigin:
             limits=httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4),
             headers=headers or {},
             auth=auth,
+            transport=transport,  # tests: an httpx.MockTransport
         )
         self._stats = {"requests": 0, "range_requests": 0, "bytes": 0, "errors": 0}
 

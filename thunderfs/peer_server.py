@@ -133,7 +133,7 @@ class PeerServer:
             return 503, b"upload slots full\n", False
         img = self._store.find(content)
         last = first + count - 1
-        if img is None or last >= img.nchunks or self._store.missing(img, first, last):
+        if img is None or last >= img.nchunks or img.missing(first, last):
             self._stats["not_held"] += 1
             return 404, b"not held\n", False
         cs = self._store.chunk_size

@@ -7,9 +7,11 @@ out, fails or answers 503 is skipped for this fetch (and avoided a while if it f
 sends a wrong chunk is reported to the tracker and avoided for a long while.
 
 Lookups are asked per window of ``lookup_window`` chunks and cached for ``lookup_ttl`` seconds,
-so the tracker hears from a node a few times per window, not once per read.  Every error stays
-inside: ``fetch`` returns what it got (possibly nothing) and the caller fetches the rest from
-Glance.
+so the tracker hears from a node a few times per window, not once per read.  As a source
+(``sources.Source``) it takes first what peers hold, then claims the rest at the tracker: what
+this node is granted goes on to Glance at once, what other nodes are fetching is taken from them
+as it appears.  Every error stays inside: ``fetch`` returns what it did not deliver and the
+fetcher asks Glance for it.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ import httpx
 import trio
 
 from thunderfs.chunk_store import ImageData
-from thunderfs.fetcher import runs
+from thunderfs.flights import FlightAbandoned, SingleFlight
 from thunderfs.image import ImageMeta
+from thunderfs.slots import DEMAND
+from thunderfs.sources import MIN_RATE, Sink, Want, deadline_for, runs
 from thunderfs_tracker.client import TrackerClient, TrackerError
 from thunderfs_tracker.protocol import Manifest, PeerRecord
 from thunderfs_tracker.signing import sign
@@ -31,7 +35,16 @@ from thunderfs_tracker.signing import sign
 log = logging.getLogger(__name__)
 
 
+# The longest a flight waits for chunks another node claimed before fetching them from Glance itself.
+CLAIM_WAIT_MAX = 60.0
+# How often readahead and prefetch ask a slow tracker for a claim before fetching from Glance
+# unclaimed (a reader waiting asks once: it had better have its bytes).
+CLAIM_TRIES_BACKGROUND = 3
+
+
 class PeerSource:
+    name = "peers"
+
     # How often a node waiting for chunks another node is fetching from Glance looks again.
     CLAIM_POLL = 0.25
     # The size of a request for chunks that are still arriving at the node that fetches them.
@@ -46,14 +59,16 @@ class PeerSource:
     SLOW_HOLDER_PATIENCE = 2
 
     def __init__(self, tracker: TrackerClient, *, node_id: str, secret: bytes | None, chunk_size: int,
-                 timeout: float = 2.0, lookup_window: int = 1024, lookup_ttl: float = 2.0,
+                 timeout: float = 2.0, fetch_timeout: float = 20.0, lookup_window: int = 1024, lookup_ttl: float = 2.0,
                  max_request_chunks: int = 256, avoid_failed: float = 30.0, avoid_slow: float = 5.0,
-                 avoid_lying: float = 3600.0, min_rate: float = 2**20):
+                 avoid_lying: float = 3600.0, min_rate: float = 2**20,
+                 transport: httpx.AsyncBaseTransport | None = None):
         self._tracker = tracker
         self._node_id = node_id
         self._secret = secret
         self._cs = chunk_size
         self.timeout = timeout
+        self._fetch_timeout = fetch_timeout
         self._window = lookup_window
         self._ttl = lookup_ttl
         self._max = max_request_chunks
@@ -63,12 +78,13 @@ class PeerSource:
         # Per socket operation: connect, and silence between reads.  The whole transfer is bounded
         # separately, by its size (_from_peer).
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=min(timeout, 1.0)),
-                                       limits=httpx.Limits(max_connections=64, max_keepalive_connections=32))
+                                       limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+                                       transport=transport)  # tests: an httpx.MockTransport
         self._manifests: dict[bytes, Manifest] = {}
         self._manifest_asked: dict[bytes, float] = {}
-        self._manifest_asking: dict[bytes, trio.Event] = {}
         self._lookups: dict[tuple[str, int], tuple[float, list[PeerRecord]]] = {}  # -> (when, peers)
-        self._looking: dict[tuple[str, int], trio.Event] = {}  # lookups under way
+        self._asking_tracker = SingleFlight()  # manifest requests and lookups under way
+        self._nursery: trio.Nursery | None = None
         self._avoid: dict[str, float] = {}  # failed or lied: until when
         self._slow: dict[str, float] = {}   # slow (busy serving others, perhaps): until when
         self._rtt: dict[str, float] = {}
@@ -76,10 +92,33 @@ class PeerSource:
         self._served: dict[bytes, dict[str, int]] = {}  # content -> peer -> bytes it sent us
         self._stats = dict.fromkeys(("chunks", "bytes", "requests", "failures", "slow", "busy", "bad_chunks",
                                      "lookups", "lookup_failures", "no_manifest", "claims", "claim_failures",
-                                     "claim_retries", "claim_waits"), 0)
+                                     "claim_retries", "claim_waits", "granted_chunks",
+                                     "claimed_chunks_late"), 0)
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def prepare(self, meta: ImageMeta) -> None:
+        """An image was opened: ask for its manifest now, so that it is there (or being built)
+        before peers are needed."""
+        if self._nursery is not None:
+            self._nursery.start_soon(self.manifest, meta)
+
+    async def wait_manifest(self, meta: ImageMeta, timeout: float = 10.0) -> bool:
+        """Until the image's manifest is here (True), or for at most ``timeout`` seconds: what
+        is fetched before it comes from Glance (peers' bytes cannot be checked), so a prefetch,
+        which nobody waits for, waits for it first."""
+        with trio.move_on_after(timeout):
+            while await self.manifest(meta) is None:
+                await trio.sleep(1.0)
+            return True
+        return False
 
     # --- manifests -------------------------------------------------------------------------
 
@@ -87,31 +126,26 @@ class PeerSource:
         """The image's manifest if the tracker has it; one request at a time per image (a second
         asker waits for the first), and at most one a second while the tracker is building it."""
         key = meta.content_key
-        while True:
-            m = self._manifests.get(key)
-            if m is not None:
-                return m
-            asking = self._manifest_asking.get(key)
-            if asking is None:
-                break
-            await asking.wait()
-            if key not in self._manifests:
-                return None
+        if (m := self._manifests.get(key)) is not None:
+            return m
+        try:
+            return await self._asking_tracker.run(("manifest", key), lambda: self._ask_manifest(meta))
+        except FlightAbandoned:
+            return None
+
+    async def _ask_manifest(self, meta: ImageMeta) -> Manifest | None:
+        key = meta.content_key
         if trio.current_time() - self._manifest_asked.get(key, -1e9) < 1.0:
             return None
         self._manifest_asked[key] = trio.current_time()
-        self._manifest_asking[key] = done = trio.Event()
+        m = None
         try:
-            m = None
             # A manifest is 44 bytes of JSON per chunk (1.4 MiB for 2 GiB): give it time by size.
             with trio.move_on_after(self.timeout + meta.size // self._cs * 44 / self._min_rate):
                 m = await self._tracker.manifest(meta.id, self._cs)
         except TrackerError as exc:
             log.debug("no manifest for %s: %s", meta.id, exc)
             return None
-        finally:
-            del self._manifest_asking[key]
-            done.set()
         if m is None:
             return None
         if (m.os_hash_value, m.size, m.chunk_size) != (meta.os_hash_value, meta.size, self._cs):
@@ -146,42 +180,71 @@ class PeerSource:
         while it is asked all take its answer (a crowd of waiters would otherwise multiply the
         tracker's load, and an overloaded tracker times out into fetches from Glance)."""
         key = (content, w)
-        if (asking := self._looking.get(key)) is not None:
-            await asking.wait()
-            return self._lookups.get(key) or (trio.current_time(), [])
-        self._looking[key] = asking = trio.Event()
-        now = trio.current_time()
         try:
-            self._stats["lookups"] += 1
-            previous = self._lookups.get(key)
-            try:
-                with trio.fail_after(self.timeout):
-                    found = await self._tracker.lookup(content, wfirst, wlast)
-            except (TrackerError, trio.TooSlowError) as exc:
-                self._stats["lookup_failures"] += 1
-                log.debug("tracker lookup failed: %s", exc)
-                found = previous[1] if previous else []  # the peers we already knew
-            self._lookups[key] = answer = (now, found)
-            if len(self._lookups) > 4096:
-                self._lookups = {k: v for k, v in self._lookups.items() if now - v[0] < self._ttl}
-            return answer
-        finally:
-            del self._looking[key]
-            asking.set()
+            return await self._asking_tracker.run(("lookup", key), lambda: self._ask_lookup(key, wfirst, wlast))
+        except FlightAbandoned:
+            return self._lookups.get(key) or (trio.current_time(), [])
+
+    async def _ask_lookup(self, key: tuple[str, int], wfirst: int, wlast: int) -> tuple[float, list[PeerRecord]]:
+        now = trio.current_time()
+        self._stats["lookups"] += 1
+        previous = self._lookups.get(key)
+        try:
+            with trio.fail_after(self.timeout):
+                found = await self._tracker.lookup(key[0], wfirst, wlast)
+        except (TrackerError, trio.TooSlowError) as exc:
+            self._stats["lookup_failures"] += 1
+            log.debug("tracker lookup failed: %s", exc)
+            found = previous[1] if previous else []  # the peers we already knew
+        self._lookups[key] = answer = (now, found)
+        if len(self._lookups) > 4096:
+            self._lookups = {k: v for k, v in self._lookups.items() if now - v[0] < self._ttl}
+        return answer
 
     # --- fetching --------------------------------------------------------------------------
 
-    async def fetch(self, meta: ImageMeta, img: ImageData, first: int, count: int) -> list[tuple[int, bytes]]:
-        """Verified runs ``(first chunk, bytes)`` of chunks first..first+count-1 from peers: as many
+    async def fetch(self, want: Want, sink: Sink) -> list[int]:
+        """First what peers hold (verified); then, for the rest, a claim at the tracker: the chunks
+        this node is granted go on to Glance at once (``sink.pass_on``), while those other nodes
+        are fetching are taken from them as they appear.  Returns what did not come in time."""
+        meta, img, cs = want.meta, want.img, self._cs
+        got: set[int] = set()
+        with trio.move_on_after(self.timeout * 3 + want.nbytes() / MIN_RATE):
+            for rfirst, piece in await self._from_holders(meta, img, want.chunks):
+                sink.put(rfirst, piece)
+                got.update(range(rfirst, rfirst + -(-len(piece) // cs)))
+        missing = [c for c in want.chunks if c not in got and not img.cached(c)]
+        if not missing:
+            return []
+        tries = 1 if want.priority == DEMAND else CLAIM_TRIES_BACKGROUND
+        granted, others = await self.claim(meta, img, missing, tries=tries)
+        self._stats["granted_chunks"] += len(granted)
+        sink.pass_on(granted)
+        late: list[int] = []
+
+        async def from_claimer(peer: PeerRecord, chunks: list[int], held: bool) -> None:
+            wait = min(CLAIM_WAIT_MAX, deadline_for(self._fetch_timeout, len(chunks) * cs))
+            left = await self.take_claimed(meta, img, peer, chunks, wait, sink.put, held=held,
+                                           urgent=want.priority == DEMAND)
+            late.extend(left)
+            self._stats["claimed_chunks_late"] += len(left)
+
+        async with trio.open_nursery() as nursery:
+            for peer, chunks, held in others:
+                nursery.start_soon(from_claimer, peer, chunks, held)
+        return sorted(late)
+
+    async def _from_holders(self, meta: ImageMeta, img: ImageData, chunks: list[int]) -> list[tuple[int, bytes]]:
+        """Verified runs ``(first chunk, bytes)`` of ``chunks`` from peers that hold them: as many
         as they could give."""
         manifest = await self.manifest(meta)
         if manifest is None:
             self._stats["no_manifest"] += 1
             return []
-        want = set(range(first, first + count))
+        want = set(chunks)
         got: list[tuple[int, bytes]] = []
         now = trio.current_time()
-        for peer, bits in await self._holders(img, first, first + count - 1):
+        for peer, bits in await self._holders(img, min(chunks), max(chunks)):
             if max(self._avoid.get(peer.node_id, 0), self._slow.get(peer.node_id, 0)) > now:
                 continue
             has = sorted(c for c in want if bits >> c & 1)

@@ -21,29 +21,21 @@ chunks never read (waste), demand reads that had to wait.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
 
 import trio
 
-from thunderfs.chunk_store import ABSENT, ImageData
-from thunderfs.errors import ThunderfsError
-from thunderfs.fetcher import Fetcher, Reader
+from thunderfs.chunk_store import ImageData
+from thunderfs.fetcher import Fetcher
 from thunderfs.image import ImageMeta
+from thunderfs.reader import Reader
 from thunderfs.slots import PREFETCH
 from thunderfs_tracker.client import TrackerClient, TrackerError
 from thunderfs_tracker.protocol import Profile, ProtocolError
 
-if TYPE_CHECKING:
-    from thunderfs.catalog import Catalog
-    from thunderfs.chunk_store import ChunkStore
-
 log = logging.getLogger(__name__)
 
 NOT_PREFETCHED, PREFETCHED, HIT = 0, 1, 2
-
-
-class ProfileMismatch(ThunderfsError):
-    """The tracker's profile does not describe this image."""
 
 
 class Recording:
@@ -100,15 +92,20 @@ class Activity:
         return {"image_id": self.meta.id, "chunk_size": self.img.chunk_size, **s, "waste": s["prefetched"] - s["hits"],
                 "recording": self.recording is not None, "profile_version": self.profile_version,
                 "job": self.job, "job_done": self.job_done, "job_total": self.job_total,
-                "cached_chunks": self.img.nchunks - self.img.state.count(ABSENT)}
+                "cached_chunks": self.img.cached_count()}
 
 
 class Profiles:
+    """``wait_ready(meta)``: until the sources are ready for the image (the peer source has its
+    manifest), so that a prefetch does not take from Glance what peers hold; False on timeout."""
+
     def __init__(self, fetcher: Fetcher, tracker: TrackerClient | None, *, chunk_size: int,
                  record_window: float = 60.0, record_idle: float = 20.0, prefetch_flights: int = 3,
-                 prefetch_idle: float = 30.0, batch_chunks: int = 64):
+                 prefetch_idle: float = 30.0, batch_chunks: int = 64,
+                 wait_ready: Callable[[ImageMeta], Awaitable[bool]] | None = None):
         self._fetcher = fetcher
         self._tracker = tracker
+        self._wait_ready = wait_ready
         self._cs = chunk_size
         self.record_window = record_window
         self.record_idle = record_idle
@@ -142,11 +139,11 @@ class Profiles:
         img = reader.img
         first_open = img.content not in self._activity
         act = self.activity(reader.meta, img)
-        reader.watcher = act.read
+        reader.watch(act.read)
         if self._nursery is None or self._tracker is None:
             return
         # The first open with nothing of it cached: opened on this node for the first time.
-        if first_open and self.record_window > 0 and not any(img.state):
+        if first_open and self.record_window > 0 and not img.cached_count():
             self.start_recording(act, self.record_window)
         if self.prefetch_flights > 0 and act.job is None:
             self._begin(act, "prefetch", stop_when_idle=True)
@@ -249,7 +246,7 @@ class Profiles:
                 log.info("%s of %s: %d chunks%s", kind, act.meta.id, act.job_total,
                          f" (profile version {profile.version})" if profile else "")
                 mark = kind == "prefetch"  # warm's chunks are not counted as prefetched (hits, waste)
-                if self._tracker is not None and not await self._fetcher.wait_manifest(act.meta):
+                if self._wait_ready is not None and not await self._wait_ready(act.meta):
                     log.info("%s of %s goes ahead without the manifest: from Glance only", kind, act.meta.id)
                 await self._fetch_in_order(act, order, self._batch, mark, stop_when_idle)
                 # Then, for warm, the rest in the largest requests: the profile's chunks first.
@@ -278,17 +275,16 @@ class Profiles:
                 await fetcher.wait_demand_idle()
                 part = order[pos:pos + batch]
                 pos += len(part)
-                missing = sorted(c for c in part if not img.state[c] and not fetcher.in_flight(img, c))
+                missing = sorted(c for c in part if not img.cached(c) and not fetcher.in_flight(img, c))
                 if missing:
                     if mark:  # a read from now on is a hit
                         for c in missing:
                             act.marks[c] = PREFETCHED
                         act.stats["prefetched"] += len(missing)
-                    for f in fetcher.start(meta, img, missing, PREFETCH):
-                        await f.done.wait()
+                    await fetcher.fetch(meta, img, missing, PREFETCH)
                     if mark:  # what could not be fetched was not prefetched
                         for c in missing:
-                            if not img.state[c] and act.marks[c] == PREFETCHED:
+                            if not img.cached(c) and act.marks[c] == PREFETCHED:
                                 act.marks[c] = NOT_PREFETCHED
                                 act.stats["prefetched"] -= 1
                 act.job_done += len(part)
@@ -299,62 +295,3 @@ class Profiles:
 
     def statistics(self) -> dict:
         return {a.img.content.hex(): a.statistics() for a in self._activity.values()}
-
-
-class ProfileControl:
-    """The control socket's profile operations: image ids in, plain dicts out."""
-
-    def __init__(self, catalog: "Catalog", store: "ChunkStore", profiles: Profiles):
-        self._catalog = catalog
-        self._store = store
-        self._profiles = profiles
-
-    def handlers(self) -> dict:
-        return {"profile_record": self.record, "profile_show": self.show, "prefetch": self.prefetch,
-                "warm": self.warm, "job": self.job, "cancel": self.cancel}
-
-    async def _image(self, req: dict) -> tuple[ImageMeta, ImageData]:
-        image_id = str(req.get("image_id", ""))
-        meta = await self._catalog.lookup(image_id)
-        if meta is None:
-            raise ValueError(f"no active image {image_id!r} in Glance")
-        return meta, self._store.image(meta.content_key, meta.size)
-
-    def _need_tracker(self) -> None:
-        if not self._profiles.has_tracker:
-            raise ValueError("this mount has no --tracker: profiles live at the tracker")
-
-    async def record(self, req: dict) -> dict:
-        self._need_tracker()
-        meta, img = await self._image(req)
-        seconds = float(req.get("seconds") or self._profiles.record_window or 60.0)
-        if not 0 < seconds <= 3600:
-            raise ValueError("--seconds must be from 0 to 3600")
-        act = self._profiles.activity(meta, img)
-        started = self._profiles.start_recording(act, seconds)
-        return {"recording": True, "already": not started, "seconds": seconds}
-
-    async def show(self, req: dict) -> dict:
-        self._need_tracker()
-        meta, img = await self._image(req)
-        profile = await self._profiles.profile(meta, img)
-        if profile is None:
-            raise ValueError(f"the tracker has no profile of {meta.id} that fits it")
-        return {"image_id": meta.id, **profile.to_json()}
-
-    async def prefetch(self, req: dict) -> dict:
-        self._need_tracker()
-        meta, img = await self._image(req)
-        return self._profiles.start_job(meta, img, "prefetch").statistics()
-
-    async def warm(self, req: dict) -> dict:
-        meta, img = await self._image(req)
-        return self._profiles.start_job(meta, img, "warm").statistics()
-
-    async def job(self, req: dict) -> dict:
-        meta, img = await self._image(req)
-        return self._profiles.activity(meta, img).statistics()
-
-    async def cancel(self, req: dict) -> dict:
-        meta, img = await self._image(req)
-        return {"cancelled": self._profiles.cancel_job(meta, img)}

@@ -10,8 +10,6 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from thunderfs.chunk_store import ABSENT
-
 if TYPE_CHECKING:
     from thunderfs.catalog import Catalog
     from thunderfs.chunk_store import ChunkStore
@@ -35,7 +33,7 @@ class ImageStatus:
         for meta in sorted(self._catalog.images.values(), key=lambda m: m.name or m.id):
             content = meta.content_key
             img = self._store.find(content)
-            cached = 0 if img is None else img.nchunks - img.state.count(ABSENT)
+            cached = 0 if img is None else img.cached_count()
             nchunks = max(1, -(-meta.size // self._store.chunk_size))
             act = activity.get(content.hex())
             out.append({

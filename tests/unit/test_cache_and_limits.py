@@ -10,7 +10,7 @@ import trio
 from thunderfs.chunk_index import ChunkIndex, Put
 from thunderfs.chunk_store import ABSENT, INDEXED, PENDING, ChunkStore
 from thunderfs.errors import ChunkCorrupt, ConfigError
-from thunderfs.fetcher import runs
+from thunderfs.sources import runs
 from thunderfs.image import ImageMeta
 from thunderfs.slots import DEMAND, PREFETCH, READAHEAD, PrioritySlots
 from thunderfs.units import parse_size

@@ -1,0 +1,259 @@
+"""Reader and Fetcher against in-memory sources: single flight, coalescing, the order of sources,
+handing chunks on, failures, priorities and readahead."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import trio
+
+from conftest import CS, MemorySource, fetcher_of, meta_of, pattern, running
+from thunderfs.chunk_store import ChunkStore
+from thunderfs.errors import FetchFailed, OriginUnavailable
+from thunderfs.reader import Reader, Readers
+from thunderfs.slots import DEMAND, PREFETCH, READAHEAD, PrioritySlots
+
+DATA = pattern(64 * CS + 100)  # a short last chunk
+META = meta_of(DATA)
+
+
+def reader_of(store, fetcher, readahead=0) -> Reader:
+    return Readers(store, fetcher, readahead=readahead).open(META)
+
+
+async def test_a_missing_chunk_is_fetched_cached_and_then_served_from_the_cache(store):
+    src = MemorySource("origin", DATA)
+    fetcher = fetcher_of(store, src)
+    async with running(fetcher):
+        r = reader_of(store, fetcher)
+        assert await r.read(CS + 10, 100) == DATA[CS + 10:CS + 110]
+        assert await r.read(CS, CS) == DATA[CS:2 * CS]
+    assert src.asks == [[1]]
+    assert r.img.cached(1) and not r.img.cached(0)
+    s = fetcher.statistics()
+    assert (s["chunks_from_origin"], s["bytes_from_origin"], s["flights"]) == (1, CS, 1)
+
+
+async def test_the_short_last_chunk_and_reads_past_the_end(store):
+    fetcher = fetcher_of(store, MemorySource("origin", DATA))
+    async with running(fetcher):
+        r = reader_of(store, fetcher)
+        assert await r.read(len(DATA) - 150, 1000) == DATA[-150:]
+        assert await r.read(len(DATA), 10) == b""
+        assert await r.read(0, 0) == b""
+
+
+async def test_readers_of_one_chunk_share_one_flight(store):
+    gate = trio.Event()
+    src = MemorySource("origin", DATA, gate=gate)
+    fetcher = fetcher_of(store, src)
+    got = []
+    async with running(fetcher):
+        r = reader_of(store, fetcher)
+
+        async def read():
+            got.append(await r.read(5 * CS, CS))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(10):
+                nursery.start_soon(read)
+            await trio.testing.wait_all_tasks_blocked()
+            assert fetcher.statistics()["in_flight"] == 1
+            gate.set()
+    assert got == [DATA[5 * CS:6 * CS]] * 10
+    assert src.asks == [[5]]
+
+
+async def test_adjacent_missing_chunks_go_in_one_request_split_at_max_request(store):
+    src = MemorySource("origin", DATA)
+    fetcher = fetcher_of(store, src, max_request=4 * CS)
+    async with running(fetcher):
+        r = reader_of(store, fetcher)
+        await r.read(2 * CS, CS)  # cached: not asked again
+        assert await r.read(0, 10 * CS) == DATA[:10 * CS]
+    assert src.asks[0] == [2]
+    assert sorted(src.asks[1:]) == [[0, 1], [3, 4, 5, 6], [7, 8, 9]]  # flights run side by side
+
+
+async def test_sources_are_asked_in_order_and_the_next_gets_only_what_is_left(store):
+    peers = MemorySource("peers", DATA, has={1, 2, 5})
+    glance = MemorySource("origin", DATA)
+    fetcher = fetcher_of(store, peers, glance)
+    async with running(fetcher):
+        assert await reader_of(store, fetcher).read(0, 8 * CS) == DATA[:8 * CS]
+    assert peers.asks == [list(range(8))]
+    assert sorted(c for ask in glance.asks for c in ask) == [0, 3, 4, 6, 7]
+    s = fetcher.statistics()
+    assert (s["chunks_from_peers"], s["chunks_from_origin"]) == (3, 5)
+
+
+async def test_chunks_passed_on_are_fetched_at_once_while_the_first_source_still_works(store):
+    # A peer source passes on what the tracker granted it and waits for the rest: the next
+    # source must not wait for it (two nodes waiting for each other's claims would deadlock).
+    gate = trio.Event()
+    peers = MemorySource("peers", DATA, gate=gate, pass_on={0, 1})
+    glance = MemorySource("origin", DATA)
+    fetcher = fetcher_of(store, peers, glance)
+    async with running(fetcher):
+        r = reader_of(store, fetcher)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(r.read, 0, 4 * CS)
+            while not r.img.cached(1):
+                await trio.sleep(0.001)
+            assert glance.asks == [[0, 1]] and not r.img.cached(2)
+            gate.set()
+    assert all(r.img.cached(c) for c in range(4))
+
+
+async def test_chunks_no_source_delivers_fail_the_read(store):
+    fetcher = fetcher_of(store, MemorySource("peers", DATA, has={0}), MemorySource("origin", DATA, has={1}))
+    async with running(fetcher):
+        r = reader_of(store, fetcher)
+        with pytest.raises(FetchFailed, match="no source has chunks 2..3"):
+            await r.read(0, 4 * CS)
+        assert r.img.cached(0) and r.img.cached(1)  # what came is kept
+
+
+async def test_a_failing_source_fails_its_readers_and_the_next_read_tries_again(store):
+    glance = MemorySource("origin", DATA, error=OriginUnavailable("Glance answered 503"))
+    fetcher = fetcher_of(store, glance)
+    async with running(fetcher):
+        r = reader_of(store, fetcher)
+        with pytest.raises(FetchFailed, match="503"):
+            await r.read(0, CS)
+        glance.error = None
+        assert await r.read(0, CS) == DATA[:CS]
+    assert fetcher.statistics()["failures"] == 1
+
+
+async def test_a_bug_in_a_source_fails_the_read_and_is_logged_not_the_daemon(store, caplog):
+    fetcher = fetcher_of(store, MemorySource("origin", DATA, error=KeyError("oops")))
+    async with running(fetcher):
+        with pytest.raises(FetchFailed, match="oops"):
+            await reader_of(store, fetcher).read(0, CS)
+    assert any(r.levelno == logging.ERROR and r.exc_info for r in caplog.records)
+
+
+async def test_a_reader_that_gives_up_does_not_cancel_the_flight_others_wait_for(store):
+    gate = trio.Event()
+    src = MemorySource("origin", DATA, gate=gate)
+    fetcher = fetcher_of(store, src)
+    async with running(fetcher):
+        r = reader_of(store, fetcher)
+        with trio.move_on_after(0.01):
+            await r.read(0, CS)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(r.read, 0, CS)
+            await trio.testing.wait_all_tasks_blocked()
+            gate.set()
+    assert src.asks == [[0]] and r.img.cached(0)
+
+
+async def test_a_read_waits_no_longer_than_the_fetch_timeout(store, autojump_clock):
+    fetcher = fetcher_of(store, MemorySource("origin", DATA, gate=trio.Event()), fetch_timeout=5)
+    async with running(fetcher):
+        started = trio.current_time()
+        with pytest.raises(FetchFailed, match="within 6s"):
+            await reader_of(store, fetcher).read(0, CS)
+        assert trio.current_time() - started == pytest.approx(6)
+
+
+async def test_with_no_room_in_the_cache_a_read_is_served_from_memory(tmp_path, index):
+    small = ChunkStore(tmp_path, index, CS, 2 * CS)
+    fetcher = fetcher_of(small, MemorySource("origin", DATA))
+    async with running(fetcher):
+        assert await reader_of(small, fetcher).read(0, 4 * CS) == DATA[:4 * CS]
+    assert small.statistics()["bytes_not_cached"] > 0
+    small.close()
+
+
+async def test_sequential_reads_fetch_ahead_and_scattered_reads_do_not(store):
+    src = MemorySource("origin", DATA)
+    fetcher = fetcher_of(store, src, max_request=8 * CS)
+    Reader.SEQUENTIAL_TRIGGER, Reader.INITIAL_WINDOW = 4 * CS, 16 * CS  # for this small image
+    try:
+        async with running(fetcher):
+            r = reader_of(store, fetcher, readahead=32 * CS)
+            for c in (40, 3, 20, 9):
+                await r.read(c * CS, CS)
+            assert fetcher.statistics()["readahead_chunks"] == 0
+            for c in range(4):
+                await r.read(c * CS, CS)
+            await trio.testing.wait_all_tasks_blocked()
+            assert fetcher.statistics()["readahead_chunks"] > 0
+            assert r.img.cached(12)  # ahead of the reader, in requests of up to 8 chunks
+    finally:
+        del Reader.SEQUENTIAL_TRIGGER, Reader.INITIAL_WINDOW
+    assert READAHEAD in [p for _, p in src.served] and max(len(a) for a in src.asks) <= 8
+
+
+async def test_a_demand_read_overtakes_queued_prefetch_and_promotes_what_it_joins(store):
+    slots = PrioritySlots(1)
+    gate = trio.Event()
+    src = MemorySource("origin", DATA, slots=slots, gate=gate)
+    fetcher = fetcher_of(store, src)
+    async with running(fetcher):
+        img = store.image(META.content_key, META.size)
+        fetcher.start(META, img, [0], PREFETCH)  # takes the one slot, held at the gate
+        await trio.testing.wait_all_tasks_blocked()
+        fetcher.start(META, img, [10], PREFETCH)
+        await trio.testing.wait_all_tasks_blocked()
+        fetcher.start(META, img, [20], PREFETCH)
+        await trio.testing.wait_all_tasks_blocked()
+        r = reader_of(store, fetcher)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(r.read, 20 * CS, CS)  # joins the queued flight of chunk 20
+            await trio.testing.wait_all_tasks_blocked()
+            gate.set()
+    assert src.served == [([0], PREFETCH), ([20], DEMAND), ([10], PREFETCH)]
+
+
+async def test_prefetch_waits_for_its_flights_and_does_not_raise(store):
+    src = MemorySource("origin", DATA, error=OriginUnavailable("down"))
+    fetcher = fetcher_of(store, src)
+    async with running(fetcher):
+        img = store.image(META.content_key, META.size)
+        await fetcher.fetch(META, img, [1, 2, 3], PREFETCH)
+        assert not img.cached(1)
+        src.error = None
+        await fetcher.fetch(META, img, [1, 2, 3], PREFETCH)
+        assert img.missing(0, 3) == [0]
+
+
+async def test_prefetch_yields_until_no_reader_waits(store):
+    gate = trio.Event()
+    fetcher = fetcher_of(store, MemorySource("origin", DATA, gate=gate))
+    idle = False
+    async with running(fetcher):
+        r = reader_of(store, fetcher)
+
+        async def prefetcher():
+            nonlocal idle
+            await fetcher.wait_demand_idle()
+            idle = True
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(r.read, 0, CS)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(prefetcher)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not idle
+            gate.set()
+    assert idle
+
+
+async def test_every_delivered_run_is_observed_by_source(store):
+    seen = []
+    fetcher = fetcher_of(store, MemorySource("peers", DATA, has={0}), MemorySource("origin", DATA),
+                         observe=lambda source, seconds: seen.append(source))
+    async with running(fetcher):
+        r = reader_of(store, fetcher)
+        await r.read(0, 2 * CS)
+    assert sorted(seen) == ["origin", "peers"]
+    assert (r.img.counters["bytes_from_peers"], r.img.counters["bytes_from_origin"]) == (CS, CS)
+
+
+def test_a_fetcher_needs_a_source(store):
+    with pytest.raises(ValueError):
+        fetcher_of(store)

@@ -1,0 +1,217 @@
+"""PeerSource's choices with a fake tracker and peers behind an httpx MockTransport: verified
+bytes from holders, lying, busy, slow and dead peers, claims, and one tracker request at a time."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+import httpx
+import pytest
+import trio
+
+from conftest import CS, meta_of, pattern
+from thunderfs.peers import PeerSource
+from thunderfs.slots import DEMAND
+from thunderfs.sources import Urgency, Want
+from thunderfs_tracker.client import TrackerUnavailable
+from thunderfs_tracker.protocol import Manifest, PeerRecord
+
+DATA = pattern(32 * CS)
+META = meta_of(DATA)
+
+
+def manifest_of(data=DATA, meta=META) -> Manifest:
+    digests = b"".join(hashlib.sha256(data[i:i + CS]).digest() for i in range(0, len(data), CS))
+    return Manifest(meta.id, len(data), CS, "sha512", meta.os_hash_value, digests)
+
+
+def peer(name: str, chunks) -> PeerRecord:
+    return PeerRecord(name, f"http://{name}:7071", (), 0, sum(1 << c for c in chunks))
+
+
+class FakeTracker:
+    def __init__(self, manifest=None, holders=(), granted=None, claimed=()):
+        self._manifest = manifest
+        self.holders = list(holders)
+        self.granted = granted  # None: everything asked
+        self.claimed = list(claimed)
+        self.calls = {"manifest": 0, "lookup": 0, "claim": 0}
+        self.reports = []
+        self.down = False
+        self.gate: trio.Event | None = None
+        self.holders_after_claim = None  # who holds what once the claim is made
+
+    async def _call(self, what):
+        self.calls[what] += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.down:
+            raise TrackerUnavailable("tracker down")
+
+    async def manifest(self, image_id, chunk_size):
+        await self._call("manifest")
+        return self._manifest
+
+    async def lookup(self, content, first, last):
+        await self._call("lookup")
+        return self.holders
+
+    async def claim(self, content, nchunks, chunks):
+        await self._call("claim")
+        if self.holders_after_claim is not None:
+            self.holders = self.holders_after_claim
+        granted = chunks if self.granted is None else [c for c in chunks if c in self.granted]
+        return granted, self.claimed
+
+    async def report(self, node_id, content, chunk, reason):
+        self.reports.append((node_id, chunk))
+
+
+class Peers:
+    """The peers' side: node name -> how it answers ("ok", "lie", "busy", "dead", "hang")."""
+
+    def __init__(self, **behaviour):
+        self.behaviour = behaviour
+        self.asked: list[tuple[str, int, int]] = []
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        node = request.url.host
+        first, count = map(int, re.search(r"/(\d+)/(\d+)$", request.url.path).groups())
+        self.asked.append((node, first, count))
+        how = self.behaviour.get(node, "ok")
+        body = DATA[first * CS:(first + count) * CS]
+        if how == "dead":
+            raise httpx.ConnectError("refused", request=request)
+        if how == "hang":
+            await trio.sleep_forever()
+        if how == "busy":
+            return httpx.Response(503)
+        if how == "lie":
+            body = bytes(len(body))
+        return httpx.Response(200, content=body)
+
+
+class Sink:
+    def __init__(self):
+        self.got: dict[int, bytes] = {}
+        self.passed: list[int] = []
+
+    def put(self, first, data):
+        for i in range(-(-len(data) // CS)):
+            self.got[first + i] = bytes(data[i * CS:(i + 1) * CS])
+
+    def pass_on(self, chunks):
+        self.passed.extend(chunks)
+
+
+def source_of(tracker, peers, **kw) -> PeerSource:
+    return PeerSource(tracker, node_id="me", secret=None, chunk_size=CS, timeout=kw.pop("timeout", 1.0),
+                      transport=httpx.MockTransport(peers), **kw)
+
+
+def want(store, chunks, priority=DEMAND) -> Want:
+    return Want(META, store.image(META.content_key, META.size), list(chunks), Urgency(priority))
+
+
+def right(sink, chunks) -> bool:
+    return all(sink.got[c] == DATA[c * CS:(c + 1) * CS] for c in chunks)
+
+
+async def test_holders_bytes_are_verified_and_delivered(store):
+    tracker = FakeTracker(manifest_of(), [peer("a", range(8))])
+    src, sink = source_of(tracker, Peers()), Sink()
+    assert await src.fetch(want(store, range(8)), sink) == []
+    assert right(sink, range(8)) and sink.passed == []
+    assert src.statistics()["chunks"] == 8
+
+
+async def test_without_a_manifest_nothing_comes_from_peers(store):
+    peers = Peers()
+    src, sink = source_of(FakeTracker(None, [peer("a", range(8))]), peers), Sink()
+    assert await src.fetch(want(store, range(4)), sink) == []
+    assert sink.got == {} and sink.passed == [0, 1, 2, 3] and peers.asked == []
+
+
+async def test_a_manifest_that_does_not_fit_glances_listing_is_not_used(store):
+    other = meta_of(DATA[:-1])
+    peers = Peers()
+    src, sink = source_of(FakeTracker(manifest_of(DATA[:-1], other), [peer("a", range(8))]), peers), Sink()
+    await src.fetch(want(store, range(2)), sink)
+    assert peers.asked == [] and sink.passed == [0, 1]
+
+
+async def test_a_lying_peer_is_refused_reported_avoided_and_the_next_holder_used(store):
+    tracker = FakeTracker(manifest_of(), [peer("liar", range(8)), peer("good", range(8))])
+    peers = Peers(liar="lie")
+    src, sink = source_of(tracker, peers), Sink()
+    assert await src.fetch(want(store, range(4)), sink) == []
+    assert right(sink, range(4))
+    assert tracker.reports == [("liar", 0)]
+    assert "liar" in src.statistics()["avoided_peers"]
+    peers.asked.clear()
+    await src.fetch(want(store, range(4, 8)), Sink())
+    assert {n for n, _, _ in peers.asked} == {"good"}
+
+
+@pytest.mark.parametrize("how", ["busy", "dead"])
+async def test_a_busy_or_dead_peer_is_skipped_for_the_next(store, how):
+    tracker = FakeTracker(manifest_of(), [peer("x", range(8)), peer("y", range(8))])
+    src, sink = source_of(tracker, Peers(x=how)), Sink()
+    assert await src.fetch(want(store, range(8)), sink) == []
+    assert right(sink, range(8))
+    assert src.statistics()["busy" if how == "busy" else "failures"] == 1
+
+
+async def test_a_hung_peer_costs_a_timeout_then_it_is_skipped_as_slow(store, autojump_clock):
+    tracker = FakeTracker(manifest_of(), [peer("hung", range(8)), peer("ok", range(8))])
+    src, sink = source_of(tracker, Peers(hung="hang")), Sink()
+    assert await src.fetch(want(store, range(8)), sink) == []
+    assert right(sink, range(8)) and "hung" in src.statistics()["slow_peers"]
+
+
+async def test_granted_chunks_go_on_at_once_and_claimed_ones_come_from_the_claimer(store):
+    # Before the claim nobody holds anything; the claimer gets its chunks from Glance meanwhile.
+    claimer = peer("claimer", range(4, 8))
+    tracker = FakeTracker(manifest_of(), holders=[], granted={0, 1, 2, 3}, claimed=[(claimer, [4, 5, 6, 7], False)])
+    tracker.holders_after_claim = [claimer]
+    src, sink = source_of(tracker, Peers()), Sink()
+    src.CLAIM_POLL = 0.01
+    assert await src.fetch(want(store, range(8)), sink) == []
+    assert sink.passed == [0, 1, 2, 3] and right(sink, range(4, 8))
+    assert src.statistics()["granted_chunks"] == 4
+
+
+async def test_chunks_of_a_claimer_that_fails_are_returned_for_glance(store):
+    claimer = peer("claimer", range(4))
+    tracker = FakeTracker(manifest_of(), holders=[], granted=set(), claimed=[(claimer, [0, 1, 2, 3], True)])
+    tracker.holders_after_claim = [claimer]
+    src, sink = source_of(tracker, Peers(claimer="dead")), Sink()
+    src.CLAIM_POLL = 0.01
+    assert await src.fetch(want(store, range(4)), sink) == [0, 1, 2, 3]
+    assert sink.got == {} and src.statistics()["claimed_chunks_late"] == 4
+
+
+async def test_with_the_tracker_down_everything_goes_to_glance(store):
+    tracker = FakeTracker(manifest_of())
+    src = source_of(tracker, Peers())
+    assert await src.manifest(META) is not None  # known from before the outage
+    tracker.down = True
+    sink = Sink()
+    assert await src.fetch(want(store, range(4)), sink) == []
+    assert sink.passed == [0, 1, 2, 3]
+    assert src.statistics()["lookup_failures"] == 1 and src.statistics()["claim_failures"] == 1
+
+
+async def test_one_manifest_request_and_one_lookup_at_a_time(store):
+    tracker = FakeTracker(manifest_of(), [peer("a", range(8))])
+    tracker.gate = trio.Event()
+    src = source_of(tracker, Peers())
+    img = store.image(META.content_key, META.size)
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(src.manifest, META)
+            nursery.start_soon(src._holders, img, 0, 7)
+        await trio.testing.wait_all_tasks_blocked()
+        tracker.gate.set()
+    assert (tracker.calls["manifest"], tracker.calls["lookup"]) == (1, 1)

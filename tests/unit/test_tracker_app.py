@@ -1,0 +1,166 @@
+"""The tracker's handlers through aiohttp's test client (in-process, its own asyncio loop; the
+rest of this layer runs on trio): membership, announce and lookup, claims, profiles, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+
+import pytest
+
+from aiohttp.test_utils import TestClient, TestServer
+
+from thunderfs_tracker.app import TrackerConfig, create_app
+from thunderfs_tracker.profiles import ProfileStore, merge
+from thunderfs_tracker.protocol import ChunkUpdate, NodeInfo, ProtocolError, bits_to_ranges, ranges_to_bits
+from thunderfs_tracker.selection import rank
+from thunderfs_tracker.signing import sign
+
+SECRET = b"a-cluster-secret-of-some-length"
+CHUNK = 64 * 1024
+IMG = "0123456789abcdef0123456789abcdef"
+
+
+def with_client(tmp_path, body, secret=SECRET):
+    """``await body(call)`` against a tracker app; ``call(node, method, path, obj)`` signs as ``node``."""
+    async def main():
+        app = create_app(TrackerConfig(state_dir=tmp_path, secret=secret))
+        async with TestClient(TestServer(app)) as client:
+            async def call(node, method, path, obj=None):
+                data = json.dumps(obj).encode() if obj is not None else b""
+                headers = {"Content-Type": "application/json"}
+                if node is not None:
+                    headers.update(sign(SECRET, node, method, path, data))
+                resp = await client.request(method, path, data=data, headers=headers)
+                return resp.status, await resp.json()
+            await body(call)
+    asyncio.run(main())
+
+
+def node_json(name, location="z1/r1"):
+    return NodeInfo(name, f"http://{name}:7071", tuple(location.split("/"))).to_json()
+
+
+async def announce(call, name, chunks, location="z1/r1", nchunks=64):
+    assert (await call(name, "POST", f"/v1/nodes/{name}/announce", node_json(name, location)))[0] == 200
+    update = ChunkUpdate(IMG, nchunks, add=sum(1 << c for c in chunks), full=True)
+    assert (await call(name, "POST", f"/v1/nodes/{name}/chunks", {"full": True, "images": [update.to_json()]}))[0] == 200
+
+
+def test_holders_are_found_nearest_first_and_the_asker_is_left_out(tmp_path):
+    async def body(call):
+        await announce(call, "far", [1, 2], "z2/r9")
+        await announce(call, "near", [2, 3], "z1/r1")
+        await announce(call, "me", [0], "z1/r1")
+        status, r = await call("me", "GET", f"/v1/images/{IMG}/peers?first=0&last=63&node=me")
+        assert status == 200
+        assert [p["node_id"] for p in r["peers"]] == ["near", "far"]
+    with_client(tmp_path, body)
+
+
+def test_unsigned_and_wrongly_signed_requests_are_refused_and_health_stays_open(tmp_path):
+    async def body(call):
+        assert (await call(None, "GET", "/v1/stats"))[0] == 401
+        assert (await call("a", "POST", "/v1/nodes/b/announce", node_json("b")))[0] == 403  # not for another
+        assert (await call(None, "GET", "/healthz"))[0] == 200
+    with_client(tmp_path, body)
+
+
+def test_malformed_bodies_get_a_400_that_says_why(tmp_path):
+    async def body(call):
+        status, r = await call("a", "POST", "/v1/nodes/a/announce", {"peer_url": "ftp://x"})
+        assert status == 400 and "peer_url" in r["error"]
+        status, r = await call("a", "GET", "/v1/images/NOTHEX/peers?first=0&last=1")
+        assert status == 400 and "content" in r["error"]
+    with_client(tmp_path, body)
+
+
+def test_a_claim_grants_each_chunk_once_and_names_the_claimer_to_the_others(tmp_path):
+    async def body(call):
+        await announce(call, "a", [])
+        await announce(call, "b", [])
+        ranges = bits_to_ranges(0b1111)
+        status, r = await call("a", "POST", f"/v1/images/{IMG}/claims", {"node_id": "a", "nchunks": 64, "chunks": ranges})
+        assert status == 200 and r["granted"] == [[0, 3]]
+        status, r = await call("b", "POST", f"/v1/images/{IMG}/claims", {"node_id": "b", "nchunks": 64, "chunks": ranges})
+        assert r["granted"] == [] and [o["node_id"] for o in r["claimed"]] == ["a"]
+    with_client(tmp_path, body)
+
+
+def test_recordings_merge_into_a_profile(tmp_path):
+    async def body(call):
+        assert (await call("a", "GET", f"/v1/profiles/{IMG}?chunk_size=65536"))[0] == 404
+        for node, chunks in (("a", [[5, 0], [9, 100]]), ("b", [[5, 10], [9, 300], [7, 400]])):
+            status, r = await call(node, "POST", f"/v1/profiles/{IMG}?chunk_size=65536",
+                                   {"node_id": node, "nchunks": 64, "chunks": chunks})
+            assert status == 200
+        status, r = await call("a", "GET", f"/v1/profiles/{IMG}?chunk_size=65536")
+        assert status == 200 and r["version"] == 2 and [c for c, _ in r["chunks"]][:2] == [5, 9]
+        status, r = await call("a", "POST", f"/v1/profiles/{IMG}?chunk_size=65536",
+                               {"node_id": "a", "nchunks": 64, "chunks": [[99, 0]]})
+        assert status == 400
+    with_client(tmp_path, body)
+
+
+# --- the selection policy, the wire format and the profile store, alone ---------------------
+
+
+def node(name: str, location: str, load: int = 0, rtt=None) -> NodeInfo:
+    return NodeInfo(name, f"http://10.0.0.{abs(hash(name)) % 200 + 1}:7000", tuple(location.split("/")), load, rtt or {})
+
+
+def test_rank_prefers_shared_location_then_rtt_then_load():
+    me = node("me", "z1/r1/h1", rtt={"b": 5.0, "c": 1.0})
+    cands = [(node("far", "z2/r9/h9"), 1), (node("zone", "z1/r2/h2"), 1),
+             (node("b", "z1/r1/h2"), 1), (node("c", "z1/r1/h3"), 1), (node("busy", "z1/r1/h4", load=5), 1)]
+    order = [n.node_id for n, _ in rank(me, cands)]
+    assert order[:2] == ["c", "b"]           # same rack, measured rtt
+    assert order[2] == "busy"                # same rack, no rtt known
+    assert order[3:] == ["zone", "far"]
+
+
+def test_rank_shuffles_peers_that_tie():
+    me = node("me", "z/r/h")
+    cands = [(node(f"p{i}", "z/r/x"), 1) for i in range(6)]
+    firsts = {rank(me, cands, random.Random(seed))[0][0].node_id for seed in range(40)}
+    assert len(firsts) > 3
+
+
+def test_ranges_and_bits_round_trip():
+    bits = ranges_to_bits([[0, 0], [3, 7], [100, 130]], 200)
+    assert bits_to_ranges(bits) == [[0, 0], [3, 7], [100, 130]]
+
+
+def test_merge_keeps_what_half_the_recordings_touched_in_median_order():
+    boot1 = [(5, 0), (9, 100), (2, 300)]
+    boot2 = [(5, 10), (2, 150), (9, 400), (7, 500)]
+    assert merge([boot1]) == boot1
+    # Two recordings: either one's chunks count; 2 at median 225 ms comes before 9 at 250 ms.
+    assert merge([boot1, boot2]) == [(5, 5), (2, 225), (9, 250), (7, 500)]
+    # A third recording that read everything does not drag every chunk in: only chunks two of
+    # the three touched stay (7 does: boot2 and dd), at their median time.
+    dd = [(c, c) for c in range(100)]
+    assert merge([boot1, boot2, dd]) == [(5, 5), (9, 100), (2, 150), (7, 253)]
+
+
+async def test_a_nodes_new_recording_replaces_its_old_one_and_profiles_survive_a_restart(tmp_path):
+    store = ProfileStore(tmp_path)
+    content = "ab" * 16
+    assert await store.get(content, CHUNK) is None
+    await store.add(content, CHUNK, 10, "n1", [(1, 0), (2, 5)])
+    p = await store.add(content, CHUNK, 10, "n1", [(3, 0)])
+    assert (p.version, p.recordings, p.touches) == (2, 1, [(3, 0)])
+    with pytest.raises(ProtocolError):
+        await store.add(content, CHUNK, 11, "n2", [(3, 0)])  # another content under this key
+    again = await ProfileStore(tmp_path).get(content, CHUNK)
+    assert (again.version, again.touches) == (2, [(3, 0)])
+
+
+async def test_a_corrupt_profile_file_is_ignored(tmp_path, caplog):
+    store = ProfileStore(tmp_path)
+    content = "cd" * 16
+    await store.add(content, CHUNK, 10, "n1", [(1, 0)])
+    (tmp_path / "profiles" / f"{content}-{CHUNK}.json").write_text('{"nchunks": 10, "recordings": {"n1": [[99, 0]]}')
+    assert await ProfileStore(tmp_path).get(content, CHUNK) is None
+    assert "unreadable" in caplog.text
