@@ -54,7 +54,7 @@ from harness.netns import Lan  # noqa: E402
 from harness.pagecache import drop_page_cache  # noqa: E402
 from harness.local_redis import LocalRedis  # noqa: E402
 from harness.tracker import LocalTracker  # noqa: E402
-from thunderfs_tracker.signing import sign  # noqa: E402
+from thunderfs_common.signing import sign  # noqa: E402
 
 SECRET = b"bootstorm-secret-0123456789abcdef"
 MiB = 2**20

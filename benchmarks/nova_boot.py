@@ -35,7 +35,7 @@ from harness import nova_probe  # noqa: E402
 from harness.local_glance import LocalGlance  # noqa: E402
 from harness.mounts import Mount  # noqa: E402
 from harness.pagecache import drop_page_cache  # noqa: E402
-from thunderfs.nova_base import cache_name  # noqa: E402
+from thunderfs.nova.base_dir import cache_name  # noqa: E402
 
 MiB = 2**20
 

@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 from harness.local_glance import LocalGlance, free_port  # noqa: E402
 from harness.mounts import Mount  # noqa: E402
 from harness.tracker import LocalTracker  # noqa: E402
-from thunderfs_tracker.signing import sign  # noqa: E402
+from thunderfs_common.signing import sign  # noqa: E402
 
 SECRET = b"peer-serve-bench-secret-0123456789"
 MiB = 2**20

@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from harness.tracker import LocalTracker  # noqa: E402
 from thunderfs_tracker.protocol import ChunkUpdate, NodeInfo  # noqa: E402
-from thunderfs_tracker.signing import sign  # noqa: E402
+from thunderfs_common.signing import sign  # noqa: E402
 
 SECRET = b"tracker-bench-secret-0123456789"
 IMG = "00112233445566778899aabbccddeeff"

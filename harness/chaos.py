@@ -40,7 +40,7 @@ from harness.local_glance import LocalGlance, free_port
 from harness.mounts import Mount, thunderfs
 from harness.netns import Lan
 from harness.tracker import LocalTracker
-from thunderfs.holes import data_extents
+from thunderfs.cache.holes import data_extents
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from thunderfs import control
+from thunderfs.service import control
 
 
 def thunderfs(*args: str, check: bool = False, timeout: float = 180, prefix: list[str] | None = None,

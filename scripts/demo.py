@@ -28,7 +28,7 @@ from harness.local_glance import LocalGlance, free_port  # noqa: E402
 from harness.mounts import Mount, thunderfs  # noqa: E402
 from harness.netns import Lan  # noqa: E402
 from harness.tracker import LocalTracker  # noqa: E402
-from thunderfs.units import format_size  # noqa: E402
+from thunderfs_common.units import format_size  # noqa: E402
 
 TRACE = REPO.parent / "shared" / "data" / "debian-boot-trace.txt"
 

@@ -19,7 +19,7 @@ import time
 
 import xxhash
 
-from thunderfs.chunk_index import ChunkIndex
+from thunderfs.cache.index import ChunkIndex
 
 KILLS = int(os.environ.get("THUNDERFS_CRASH_KILLS", "50"))
 CHUNK = 64 * 2**10

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from conftest import SECRET
 from harness.local_glance import free_port
 from harness.tracker import LocalTracker
-from thunderfs_tracker.signing import sign
+from thunderfs_common.signing import sign
 
 EXAMPLES = 300
 segment = st.one_of(

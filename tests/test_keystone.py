@@ -17,7 +17,7 @@ from harness.local_glance import LocalGlance, free_port
 from harness.local_keystone import LocalKeystone
 from harness.mounts import thunderfs
 from harness.tracker import LocalTracker
-from thunderfs import control
+from thunderfs.service import control
 
 TOKEN_SECONDS = 40  # Keystone's token lifetime here: renewed at half of it (RENEW_BEFORE is 300 s)
 

@@ -11,7 +11,8 @@ from datetime import datetime
 import pytest
 import trio
 
-from thunderfs.origin import GlanceOrigin
+from conftest import wait_for
+from thunderfs.glance.origin import GlanceOrigin
 
 
 def test_active_images_are_listed_with_glance_sizes_and_times(mount, glance, images):
@@ -44,8 +45,7 @@ def test_hidden_images_are_listed(mount, glance, images):
     glance.hide(hidden)
     assert glance.image(hidden)["os_hidden"] is True
     assert hidden not in {i["id"] for i in glance.images()}  # Glance's own listing leaves it out
-    time.sleep(1.1)
-    assert hidden in os.listdir(mount.path / "images")
+    wait_for(lambda: hidden in os.listdir(mount.path / "images"), what="the hidden image to be listed")
     with open(mount.image(hidden), "rb") as f:
         assert f.read() == images.data[hidden]
 

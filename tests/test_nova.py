@@ -19,7 +19,7 @@ from conftest import wait_for
 
 from harness import nova_probe, tiny_vm
 from harness.mounts import thunderfs
-from thunderfs.nova_base import NovaBaseDir, NovaBaseError, cache_name
+from thunderfs.nova.base_dir import NovaBaseDir, NovaBaseError, cache_name
 
 GiB = 2**30
 

@@ -18,8 +18,10 @@ from conftest import SECRET, wait_for
 from harness.local_glance import free_port
 from harness.mounts import thunderfs
 from harness.tracker import LocalTracker
-from thunderfs import systemd
-from thunderfs_tracker import config_file
+from thunderfs.service import systemd
+from thunderfs.config import MountConfig
+from thunderfs_common import options
+from thunderfs_tracker.config import TrackerConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -73,7 +75,7 @@ def test_missing_config_and_secret_files_are_refused(glance, tmp_path):
     res = thunderfs("mount", str(tmp_path / "mnt"), "--config", str(tmp_path / "nope.toml"))
     assert res.returncode == 1 and "nope.toml does not exist" in res.stderr
     res = thunderfs("mount", str(tmp_path / "mnt"), "--glance", glance.url, "--cache-dir", str(tmp_path / "c"),
-                    "--tracker", "http://127.0.0.1:1", "--peer-listen", "127.0.0.1:0",
+                    "--tracker", "http://127.0.0.1:1", "--peer-listen", "127.0.0.1:1",
                     "--secret-file", str(tmp_path / "no-secret"))
     assert res.returncode == 1 and "no-secret does not exist" in res.stderr
     assert not os.path.ismount(tmp_path / "mnt")
@@ -85,18 +87,9 @@ def test_missing_config_and_secret_files_are_refused(glance, tmp_path):
 
 
 def test_the_example_config_files_hold_only_real_options():
-    from thunderfs.cli import _subparser, build_parser
-
-    settings = config_file.load(REPO / "config" / "thunderfs.toml", _subparser(build_parser(), "mount"))
+    settings = options.read_file(REPO / "config" / "thunderfs.toml", MountConfig)
     assert settings["cache_size"] == 200 * 2**30 and settings["metrics_listen"] == "127.0.0.1:9479"
-    import argparse
-
-    from thunderfs_tracker import cli as tracker_cli
-
-    tracker_parser = argparse.ArgumentParser()
-    tracker_parser.add_argument("--listen", type=tracker_cli._listen)
-    tracker_parser.add_argument("--glance")
-    assert config_file.load(REPO / "config" / "tracker.toml", tracker_parser)["listen"] == ("0.0.0.0", 7070)
+    assert options.read_file(REPO / "config" / "tracker.toml", TrackerConfig)["listen"] == ("0.0.0.0", 7070)
 
 
 # --- systemd --------------------------------------------------------------------------------
@@ -166,8 +159,8 @@ def test_journal_lines_carry_syslog_priorities():
     import logging
 
     f = systemd.JournalFormatter()
-    rec = logging.LogRecord("thunderfs.peers", logging.WARNING, __file__, 1, "peer %s lied\nsecond line", ("x",), None)
-    assert f.format(rec) == "<4>thunderfs.peers: peer x lied\n<4>second line"
+    rec = logging.LogRecord("thunderfs.fetch.peers", logging.WARNING, __file__, 1, "peer %s lied\nsecond line", ("x",), None)
+    assert f.format(rec) == "<4>thunderfs.fetch.peers: peer x lied\n<4>second line"
     rec.levelno = logging.INFO
     assert f.format(rec).startswith("<6>")
     assert not systemd.under_journal()  # JOURNAL_STREAM is not ours here

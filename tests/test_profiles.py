@@ -21,7 +21,7 @@ import pytest
 import conftest
 from conftest import SECRET
 from harness.mounts import thunderfs
-from thunderfs_tracker.signing import sign
+from thunderfs_common.signing import sign
 
 CHUNK = 64 * 1024
 

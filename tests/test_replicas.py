@@ -20,7 +20,7 @@ from conftest import SECRET, wait_for
 from harness.local_glance import free_port
 from harness.local_redis import LocalRedis
 from harness.tracker import LocalTracker
-from thunderfs_tracker.signing import sign
+from thunderfs_common.signing import sign
 
 CHUNK = 64 * 1024
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import time
 
 import httpx
 import pytest
@@ -15,9 +14,10 @@ from harness.local_redis import LocalRedis
 from harness.tracker import LocalTracker
 from thunderfs_tracker.client import TrackerClient, TrackerRefused
 from thunderfs_tracker.peer_store import MemoryPeerStore
+from thunderfs_tracker.redis_conn import RedisConnection
 from thunderfs_tracker.redis_store import RedisPeerStore
 from thunderfs_tracker.protocol import ChunkUpdate, NodeInfo, bits_to_ranges, ranges_to_bits
-from thunderfs_tracker.signing import sign
+from thunderfs_common.signing import sign
 
 SECRET = b"a-cluster-secret-of-some-length"
 IMG = "0123456789abcdef0123456789abcdef"
@@ -44,7 +44,7 @@ def tracker(tmp_path, store_url):
 
 
 def open_store(store_url: str):
-    return MemoryPeerStore() if store_url == "memory" else RedisPeerStore(store_url, node_ttl=30)
+    return MemoryPeerStore() if store_url == "memory" else RedisPeerStore(RedisConnection(store_url), node_ttl=30)
 
 
 def drive(store_url: str, body) -> None:

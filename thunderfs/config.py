@@ -1,121 +1,144 @@
-"""The daemon's settings, checked once; nothing below the daemon reads options."""
+"""The daemon's settings: each option declared once (``thunderfs_common.options``), parsed and
+checked once, then frozen.  Nothing below the daemon reads them: parts take plain values."""
 
 from __future__ import annotations
 
-import logging
+import dataclasses
 import socket
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from thunderfs.errors import ConfigError
-from thunderfs.glance_auth import KeystoneSettings, find_settings
-from thunderfs.units import format_size
-
-log = logging.getLogger(__name__)
+from thunderfs_common.hostport import parse_host_port
+from thunderfs_common.options import at_least, http_url, not_negative, option, positive, size
+from thunderfs_common.units import format_size
+from thunderfs_tracker.protocol import ProtocolError, check_node_id, parse_location
 
 MIN_CHUNK, MAX_CHUNK = 4096, 16 * 2**20
 
+PEERS = "peers: chunk exchange with other nodes (all unset: Glance only)"
+PROFILES = "boot profiles: record what readers touch first; prefetch it (needs --tracker)"
+NOVA = "Nova: keep Nova's image cache linked to the images (see thunderfs nova-sync)"
 
-@dataclass
+
+def _chunk_size(value: int) -> str | None:
+    if MIN_CHUNK <= value <= MAX_CHUNK and not value & (value - 1):
+        return None
+    return f"must be a power of two from {format_size(MIN_CHUNK)} to {format_size(MAX_CHUNK)}, not {value}"
+
+
+def _host_port(flag: str):
+    def check(value: str) -> str | None:
+        try:
+            parse_host_port(value, flag)
+        except ValueError as exc:
+            return str(exc).removeprefix(flag + " ")
+        return None
+    return check
+
+
+def _urls(value: str) -> str | None:
+    for url in value.split(","):
+        if not url.strip().startswith(("http://", "https://")):
+            return f"must be http(s) URLs (replicas separated by commas), not {url.strip()!r}"
+    return None
+
+
+def _protocol(check):
+    """The protocol's own check of a value, as an option's: "node id must match ..." -> "must match ..."."""
+    def run(value: str) -> str | None:
+        try:
+            check(value)
+        except ProtocolError as exc:
+            text = str(exc)
+            return text[text.index("must"):] if "must" in text else text
+        return None
+    return run
+
+
+def _exists(value: Path) -> str | None:
+    return None if value.is_file() else f"{value} does not exist"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class MountConfig:
-    mountpoint: Path
-    glance_url: str | None  # None: from Keystone's service catalog
-    cache_dir: Path
-    cache_size: int = 10 * 2**30
-    chunk_size: int = 64 * 2**10
-    max_request: int = 16 * 2**20
-    origin_concurrency: int = 8
-    fetch_timeout: float = 20.0
-    connect_timeout: float = 3.0
-    listing_ttl: float = 10.0
-    readahead: int = 64 * 2**20
-    kernel_readahead: int = 1024 * 2**10
-    allow_other: bool = True
-    log_file: Path | None = None
-    origin_rate: int = 0
-    # peers (all unset: Glance only)
-    tracker_url: str | None = None
-    peer_listen: str | None = None
-    peer_url: str | None = None
-    location: str = ""
-    node_id: str = field(default_factory=socket.gethostname)
-    secret_file: Path | None = None
-    max_uploads: int = 8
-    upload_rate: int = 0
-    peer_timeout: float = 2.0
-    # boot access profiles (need the tracker)
-    record_window: float = 60.0
-    record_idle: float = 20.0
-    prefetch_flights: int = 3
-    prefetch_idle: float = 30.0
-    # Nova's image cache kept linked into the mount (unset: none)
-    nova_base_dir: Path | None = None
-    nova_instances_path: Path | None = None  # default: the parent of nova_base_dir
-    # Prometheus (unset: none)
-    metrics_listen: str | None = None
-    # Keystone: a cloud of clouds.yaml (else OS_CLOUD, else OS_* variables, else no auth)
-    os_cloud: str | None = None
-    keystone: "KeystoneSettings | None" = field(default=None, repr=False)
+    mountpoint: Path = option(help="where Glance's images appear, as MOUNTPOINT/images/<image-id>", positional=True)
+    glance: str | None = option(None, "Glance API URL, e.g. http://glance:9292 (default, with Keystone: the "
+                                "catalog's image endpoint)", check=http_url)
+    os_cloud: str | None = option(None, "authenticate to Glance with this cloud of clouds.yaml (default: OS_CLOUD, "
+                                  "else the OS_* variables, else no authentication)")
+    cache_dir: Path = option(help="where cached chunks and their index live", parse=lambda v: Path(v).resolve())
+    cache_size: int = option(10 * 2**30, "bound of the cache", parse=size, check=positive)
+    chunk_size: int = option(64 * 2**10, "unit of caching and verification (see benchmarks/README.md)",
+                             parse=size, check=_chunk_size)
+    max_request: int = option(16 * 2**20, "largest Range request to Glance (each costs ~7 ms fixed)", parse=size)
+    origin_concurrency: int = option(8, "parallel requests to Glance", check=at_least(1))
+    fetch_timeout: float = option(20.0, "seconds a read may wait for an uncached chunk before EIO", check=positive)
+    connect_timeout: float = option(3.0, "seconds to connect to Glance", check=positive)
+    listing_ttl: float = option(10.0, "seconds between image listings", check=positive)
+    readahead: int = option(64 * 2**20, "largest window fetched ahead of a sequential reader, 0 for none",
+                            parse=size, check=not_negative)
+    kernel_readahead: int = option(2**20, "the kernel's readahead on the mount: the size of its read requests",
+                                   parse=size, check=not_negative)
+    origin_rate: int = option(0, "bandwidth cap on Glance, bytes/s (e.g. 100M; 0: none)", parse=size)
+    # peers
+    tracker: str | None = option(None, "tracker URL, e.g. http://tracker:7070; replicas separated by commas "
+                                 "(each node uses one, the next when it fails)", check=_urls, group=PEERS)
+    peer_listen: str | None = option(None, "HOST:PORT to serve cached chunks to other members on",
+                                     check=_host_port("--peer-listen"), group=PEERS)
+    peer_url: str | None = option(None, "how peers reach this node (default http://<peer-listen>)", group=PEERS)
+    location: str = option("", "where this node is, e.g. zone1/rack7/host3", check=_protocol(parse_location),
+                           group=PEERS)
+    node_id: str = option(help="this node's name in the cluster (default: the host name)",
+                          default_factory=socket.gethostname, check=_protocol(check_node_id), group=PEERS)
+    secret_file: Path | None = option(None, "the cluster's shared secret; peers and tracker answer only members",
+                                      check=_exists, group=PEERS)
+    max_uploads: int = option(8, "chunk uploads served at once", check=at_least(1), group=PEERS)
+    upload_rate: int = option(0, "bandwidth cap on uploads to peers, bytes/s (0: none)", parse=size, group=PEERS)
+    peer_timeout: float = option(2.0, "seconds a peer may take", check=positive, group=PEERS)
+    # boot access profiles
+    record_window: float = option(60.0, "seconds of reads recorded after an image's first open here, 0: never",
+                                  check=not_negative, group=PROFILES)
+    record_idle: float = option(20.0, "a recording ends once reads stop this long (boots pause ~10 s)",
+                                check=positive, group=PROFILES)
+    prefetch_flights: int = option(3, "prefetch fetches at once when an image is opened, 0: no prefetch",
+                                   check=not_negative, group=PROFILES)
+    prefetch_idle: float = option(30.0, "a prefetch stops once nobody has read the image this long",
+                                  check=positive, group=PROFILES)
+    # Nova
+    nova_base_dir: Path | None = option(None, "Nova's image cache, <instances_path>/_base: kept with a link per "
+                                        "active image while mounted", group=NOVA)
+    nova_instances_path: Path | None = option(None, "where Nova's instance directories are (default: the parent "
+                                              "of --nova-base-dir)", group=NOVA)
+    # running
+    metrics_listen: str | None = option(None, "HOST:PORT to serve Prometheus metrics on (/metrics; default: none)",
+                                        check=_host_port("--metrics-listen"))
+    allow_other: bool = option(True, "only the mounting user may read", flag="--no-allow-other")
+    foreground: bool = option(False, "stay in the foreground, log to stderr")
+    log_file: Path | None = option(None, "where the daemon logs (default, in the background: CACHE_DIR/thunderfs.log)")
+    debug: bool = option(False, "log at DEBUG")
+    ready_fd: int | None = option(None, "the pipe to say READY or ERROR on", hidden=True, file=False)
 
-    def peer_address(self) -> tuple[str, int]:
-        return _host_port("--peer-listen", self.peer_listen)
-
-    def metrics_address(self) -> tuple[str, int]:
-        return _host_port("--metrics-listen", self.metrics_listen)
-
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         cs = self.chunk_size
-        if cs < MIN_CHUNK or cs > MAX_CHUNK or cs & (cs - 1):
-            raise ConfigError(f"--chunk-size must be a power of two from {format_size(MIN_CHUNK)} "
-                              f"to {format_size(MAX_CHUNK)}, not {cs}")
         if self.cache_size < cs:
-            raise ConfigError(f"--cache-size ({self.cache_size}) is smaller than one chunk ({cs})")
+            raise ValueError(f"--cache-size ({self.cache_size}) is smaller than one chunk ({cs})")
         if self.max_request < cs:
-            raise ConfigError(f"--max-request ({self.max_request}) is smaller than one chunk ({cs})")
-        if self.readahead < 0 or self.kernel_readahead < 0:
-            raise ConfigError("--readahead and --kernel-readahead must not be negative")
-        if self.origin_concurrency < 1:
-            raise ConfigError("--origin-concurrency must be at least 1")
-        for name in ("fetch_timeout", "connect_timeout", "listing_ttl"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive")
-        if bool(self.tracker_url) != bool(self.peer_listen):
-            raise ConfigError("--tracker and --peer-listen go together: a node that takes from peers also serves them")
-        if self.tracker_url:
-            for url in self.tracker_url.split(","):
-                if not url.strip().startswith(("http://", "https://")):
-                    raise ConfigError(f"--tracker must be http(s) URLs (replicas separated by commas), "
-                                      f"not {url.strip()!r}")
-            host, port = self.peer_address()
-            if self.peer_url is None:
-                if host in ("0.0.0.0", "::"):
-                    raise ConfigError("--peer-listen on a wildcard address needs --peer-url (how peers reach us)")
-                self.peer_url = f"http://{host}:{port}"
-            if self.secret_file is not None and not self.secret_file.is_file():
-                raise ConfigError(f"--secret-file {self.secret_file} does not exist")
-            if self.max_uploads < 1 or self.peer_timeout <= 0:
-                raise ConfigError("--max-uploads must be at least 1 and --peer-timeout positive")
-        if self.record_window < 0 or self.record_idle <= 0 or self.prefetch_flights < 0 or self.prefetch_idle <= 0:
-            raise ConfigError("--record-window and --prefetch-flights must not be negative, "
-                              "--record-idle and --prefetch-idle must be positive")
-        if self.metrics_listen is not None:
-            self.metrics_address()
-        self.keystone = find_settings(self.os_cloud)
-        if self.glance_url is None and self.keystone is None:
-            raise ConfigError("--glance is needed (or Keystone credentials, whose catalog names Glance)")
-        if self.glance_url is not None and not self.glance_url.startswith(("http://", "https://")):
-            raise ConfigError(f"--glance must be an http(s) URL, not {self.glance_url!r}")
-        mp = self.mountpoint
-        if not mp.exists():
-            raise ConfigError(f"mount point {mp} does not exist")
-        if not mp.is_dir():
-            raise ConfigError(f"mount point {mp} is not a directory")
-        if mp.is_mount():
-            raise ConfigError(f"mount point {mp} is already a mount point (busy)")
+            raise ValueError(f"--max-request ({self.max_request}) is smaller than one chunk ({cs})")
+        if bool(self.tracker) != bool(self.peer_listen):
+            raise ValueError("--tracker and --peer-listen go together: a node that takes from peers also serves them")
+        if self.tracker and self.peer_url is None:
+            host, port = self.peer_address
+            if host in ("0.0.0.0", "::"):
+                raise ValueError("--peer-listen on a wildcard address needs --peer-url (how peers reach us)")
+            object.__setattr__(self, "peer_url", f"http://{host}:{port}")  # derived once, while being made
 
+    @property
+    def peer_address(self) -> tuple[str, int]:
+        return parse_host_port(self.peer_listen, "--peer-listen")
 
-def _host_port(flag: str, text: str | None) -> tuple[str, int]:
-    host, sep, port = (text or "").rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ConfigError(f"{flag} must be HOST:PORT, not {text!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    @property
+    def metrics_address(self) -> tuple[str, int]:
+        return parse_host_port(self.metrics_listen, "--metrics-listen")
+
+    @property
+    def tracker_urls(self) -> list[str]:
+        return [u.strip() for u in (self.tracker or "").split(",") if u.strip()]

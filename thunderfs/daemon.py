@@ -18,29 +18,32 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from thunderfs import control, systemd
-from thunderfs.catalog import Catalog
-from thunderfs.chunk_index import ChunkIndex
-from thunderfs.chunk_store import ChunkStore
+from thunderfs.service import control
+from thunderfs.service import systemd
+from thunderfs.glance.catalog import Catalog
+from thunderfs.cache.index import ChunkIndex
+from thunderfs.cache.store import ChunkStore
 from thunderfs.config import MountConfig
 from thunderfs.errors import CacheLayoutError, ConfigError, OriginError
-from thunderfs.fetcher import Fetcher
-from thunderfs.glance_auth import GlanceAuthError, KeystoneAuth
-from thunderfs.glance_source import GlanceSource
-from thunderfs.fs import Operations
-from thunderfs.origin import GlanceOrigin
-from thunderfs.peer_server import PeerServer
-from thunderfs.peers import PeerSource
-from thunderfs.profile_control import ProfileControl
-from thunderfs.profiles import Profiles
-from thunderfs.reader import Readers
-from thunderfs.metrics import DaemonMetrics
-from thunderfs.nova_base import NovaBaseDir, NovaBaseError
-from thunderfs.status import ImageStatus
-from thunderfs.announcer import Announcer
+from thunderfs.fetch.fetcher import Fetcher
+from thunderfs.glance.auth import GlanceAuthError, KeystoneAuth
+from thunderfs.fetch.glance import GlanceSource
+from thunderfs.fuse.operations import Operations
+from thunderfs.glance.origin import GlanceOrigin
+from thunderfs.cluster.peer_server import PeerServer
+from thunderfs.fetch.peers import PeerSource
+from thunderfs.profiles.control import ProfileControl
+from thunderfs.profiles.service import Profiles
+from thunderfs.fetch.reader import Readers
+from thunderfs.service.metrics import DaemonMetrics
+from thunderfs.nova.base_dir import NovaBaseDir, NovaBaseError
+from thunderfs.nova.service import NovaService
+from thunderfs.service.status import ImageStatus
+from thunderfs.cluster.announcer import Announcer
 from thunderfs_tracker.client import TrackerClient
-from thunderfs_tracker.protocol import NodeInfo, ProtocolError, check_node_id, parse_location
-from thunderfs_tracker.signing import SecretError, load_secret
+from thunderfs_common.keystone import KeystoneSettings
+from thunderfs_tracker.protocol import NodeInfo, parse_location
+from thunderfs_common.signing import SecretError, load_secret
 
 log = logging.getLogger(__name__)
 
@@ -82,17 +85,29 @@ async def _watch_signals(task_status=trio.TASK_STATUS_IGNORED) -> None:
             return
 
 
-async def run(config: MountConfig, ready: Callable[[], None] = lambda: None) -> None:
-    """Mount and serve until unmounted or signalled; calls ``ready()`` once the mount is up."""
-    config.validate()
+def _check_mountpoint(mp: Path) -> None:
+    if not mp.exists():
+        raise ConfigError(f"mount point {mp} does not exist")
+    if not mp.is_dir():
+        raise ConfigError(f"mount point {mp} is not a directory")
+    if mp.is_mount():
+        raise ConfigError(f"mount point {mp} is already a mount point (busy)")
+
+
+async def run(config: MountConfig, keystone: KeystoneSettings | None = None,
+              ready: Callable[[], None] = lambda: None) -> None:
+    """Mount and serve until unmounted or signalled; calls ``ready()`` once the mount is up.
+    ``keystone``: the credentials to get Glance tokens with (None: a Glance without Keystone)."""
+    _check_mountpoint(config.mountpoint)
     # Once mounted, any stat under the mount point would wait on this very process.
     mountpoint = control.canonical(config.mountpoint)
     async with contextlib.AsyncExitStack() as stack:
         lock_fd = _lock_cache_dir(config.cache_dir)
         stack.callback(os.close, lock_fd)
 
-        # Sized so that it never needs to grow (growing races readers in other threads): two
-        # records of ~40 bytes per chunk, with a wide margin for B-tree pages.
+        # Sized so that it should not need to grow (growing races readers in other threads; the
+        # index doubles the map, with a warning, if it ever fills): two records of ~40 bytes per
+        # chunk, with a wide margin for B-tree pages.
         map_size = max(256 * 2**20, (config.cache_size // config.chunk_size) * 512)
         index = ChunkIndex(config.cache_dir / "index", map_size=map_size)
         stack.callback(index.close)
@@ -102,17 +117,20 @@ async def run(config: MountConfig, ready: Callable[[], None] = lambda: None) -> 
         store.reclaim()
 
         auth = None
-        if config.keystone is not None:
+        glance_url = config.glance
+        if keystone is not None:
             # Credentials that Keystone refuses, or a catalog without Glance: a clean start-up error.
-            auth = KeystoneAuth(config.keystone)
+            auth = KeystoneAuth(keystone)
             try:
                 await auth.token()
-                config.glance_url = config.glance_url or await auth.endpoint()
+                glance_url = glance_url or await auth.endpoint()
             except GlanceAuthError as exc:
                 raise ConfigError(str(exc)) from None
-            log.info("Glance %s with Keystone tokens (%s)", config.glance_url, config.keystone.source)
+            log.info("Glance %s with Keystone tokens (%s)", glance_url, keystone.source)
+        if glance_url is None:
+            raise ConfigError("--glance is needed (or Keystone credentials, whose catalog names Glance)")
         origin = await stack.enter_async_context(GlanceOrigin(
-            config.glance_url, connect_timeout=config.connect_timeout,
+            glance_url, connect_timeout=config.connect_timeout,
             request_timeout=config.fetch_timeout, concurrency=config.origin_concurrency, auth=auth))
         catalog = Catalog(origin, index, ttl=config.listing_ttl,
                           timeout=config.connect_timeout + 2)
@@ -128,34 +146,35 @@ async def run(config: MountConfig, ready: Callable[[], None] = lambda: None) -> 
             # listed if an instance disk is backed by its link.
             nova.scan_in_use()
             catalog.retain = lambda: nova.in_use_ids
+            nova_service = NovaService(nova)
         try:
             await catalog.refresh()
         except OriginError as exc:
             if not saved and not index.used_bytes():
-                raise ConfigError(f"Glance at {config.glance_url} is unreachable ({exc}) and the cache "
+                raise ConfigError(f"Glance at {glance_url} is unreachable ({exc}) and the cache "
                                   f"at {config.cache_dir} is empty: nothing to serve") from None
         peers = peer_server = announcer = tracker = None
-        if config.tracker_url:
+        if config.tracker:
             try:
                 secret = load_secret(config.secret_file) if config.secret_file else None
-                node = NodeInfo(check_node_id(config.node_id), config.peer_url, parse_location(config.location))
-            except (SecretError, ProtocolError) as exc:
+            except SecretError as exc:
                 raise ConfigError(str(exc)) from None
+            node = NodeInfo(config.node_id, config.peer_url, parse_location(config.location))
             if secret is None:
                 log.warning("no --secret-file: this node serves its cached chunks to anyone who can reach it")
             tracker = await stack.enter_async_context(
-                TrackerClient(config.tracker_url, config.node_id, secret=secret, timeout=config.peer_timeout))
+                TrackerClient(config.tracker_urls, config.node_id, secret=secret, timeout=config.peer_timeout))
             peers = PeerSource(tracker, node_id=config.node_id, secret=secret, chunk_size=config.chunk_size,
                                timeout=config.peer_timeout, fetch_timeout=config.fetch_timeout,
                                max_request_chunks=config.max_request // config.chunk_size)
             stack.push_async_callback(peers.aclose)
             peer_server = PeerServer(store, secret=secret, max_uploads=config.max_uploads, rate=config.upload_rate)
             try:
-                bound = await peer_server.listen(*config.peer_address())
+                bound = await peer_server.listen(*config.peer_address)
             except OSError as exc:
                 raise ConfigError(f"cannot serve peers on {config.peer_listen}: {exc.strerror}") from None
             log.info("serving peers on %s:%d as %s (%s), tracker %s", *bound, node.node_id, node.peer_url,
-                     config.tracker_url)
+                     config.tracker)
             announcer = Announcer(tracker, store, node, load=lambda: peer_server.uploads, rtt=peers.rtt_ms)
         metrics = DaemonMetrics(lambda: stats({})) if config.metrics_listen else None
         glance = GlanceSource(origin, chunk_size=config.chunk_size, max_chunks=config.max_request // config.chunk_size,
@@ -183,7 +202,7 @@ async def run(config: MountConfig, ready: Callable[[], None] = lambda: None) -> 
                 "pid": os.getpid(),
                 "uptime": time.time() - started,
                 "mountpoint": str(mountpoint),
-                "glance": {"url": config.glance_url, "reachable": catalog.origin_ok, **origin.statistics(),
+                "glance": {"url": glance_url, "reachable": catalog.origin_ok, **origin.statistics(),
                            **({"token_renewals": auth.renewals} if auth is not None else {})},
                 "cache": store.statistics(),
                 "fetch": {**fetcher.statistics(), **glance.statistics()},
@@ -197,7 +216,7 @@ async def run(config: MountConfig, ready: Callable[[], None] = lambda: None) -> 
             }
 
         if metrics is not None:
-            metrics.start(*config.metrics_address())
+            metrics.start(*config.metrics_address)
             stack.callback(metrics.stop)
 
         def stop(_req: dict) -> dict:
@@ -214,7 +233,7 @@ async def run(config: MountConfig, ready: Callable[[], None] = lambda: None) -> 
         stack.callback(pyfuse3.close, unmount=True)
         _set_kernel_readahead(mountpoint, config.kernel_readahead // 1024)
         control.write_record(mountpoint, {"pid": os.getpid(), "mountpoint": str(mountpoint),
-                                          "cache_dir": str(config.cache_dir), "glance": config.glance_url,
+                                          "cache_dir": str(config.cache_dir), "glance": glance_url,
                                           "socket": str(control.socket_path(mountpoint))})
         stack.callback(control.remove_record, mountpoint)
 
@@ -228,15 +247,15 @@ async def run(config: MountConfig, ready: Callable[[], None] = lambda: None) -> 
             await nursery.start(profiles.run)
             await nursery.start(control.serve, control.socket_path(mountpoint),
                                 {"stats": stats, "stop": stop, **jobs.handlers(), **image_status.handlers(),
-                                 **({"nova_release": nova.release} if nova else {})})
+                                 **({"nova_release": nova_service.release} if nova else {})})
             if peer_server is not None:
                 await nursery.start(peer_server.serve)
                 await nursery.start(announcer.run)
             if nova is not None:
-                await nursery.start(nova.run, lambda: [i for i in catalog.images if i not in catalog.gone],
+                await nursery.start(nova_service.run, lambda: [i for i in catalog.images if i not in catalog.gone],
                                     catalog.ttl)
             log.info("mounted %s: %d images, Glance %s, cache %s (%d MiB of %d MiB used)",
-                     mountpoint, len(catalog.images), config.glance_url, config.cache_dir,
+                     mountpoint, len(catalog.images), glance_url, config.cache_dir,
                      store.statistics()["used"] >> 20, config.cache_size >> 20)
             ready()
             await pyfuse3.main()

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import logging
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-
-log = logging.getLogger(__name__)
-
 
 def _ns(stamp: str | None) -> int:
     if not stamp:

@@ -10,12 +10,8 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import logging
 
 import trio
-
-log = logging.getLogger(__name__)
-
 
 class TokenBucket:
     def __init__(self, rate: float, burst: float | None = None):

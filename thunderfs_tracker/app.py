@@ -20,18 +20,20 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 from aiohttp import web
 
 from thunderfs_tracker import metrics, selection
-from thunderfs_tracker.keystone import AsyncTokens
+from thunderfs_tracker.config import TrackerConfig
 from thunderfs_tracker.manifests import ManifestStore, ManifestUnavailable
-from thunderfs_tracker.peer_store import MemoryPeerStore, PeerStore, StoreFull, StoreUnavailable
+from thunderfs_tracker.peer_store import PeerStore, StoreFull, StoreUnavailable
 from thunderfs_tracker.profiles import ProfileStore
+from thunderfs_tracker.stores import open_stores
 from thunderfs_tracker.protocol import (
     API,
+    AnnounceReply,
+    Claimed,
+    ClaimReply,
     MAX_CHUNKS,
     NodeInfo,
     PeerRecord,
@@ -44,26 +46,12 @@ from thunderfs_tracker.protocol import (
     parse_touches,
     ranges_to_bits,
 )
-from thunderfs_tracker.signing import Verifier
+from thunderfs_common.signing import Verifier
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 4 * 2**20
 MAX_LOOKUP_CHUNKS = 1 << 16
-
-
-@dataclass
-class TrackerConfig:
-    state_dir: Path
-    secret: bytes | None = None
-    node_ttl: float = 30.0
-    heartbeat: float = 10.0
-    max_peers: int = 20
-    suspect_seconds: float = 600.0
-    claim_seconds: float = 30.0
-    glance_url: str | None = None
-    glance_auth: AsyncTokens | None = None  # Keystone tokens for Glance
-    store_url: str = "memory"  # or redis://HOST:PORT/DB: peer state and profiles shared by replicas
 
 
 CONFIG = web.AppKey("config", TrackerConfig)
@@ -72,7 +60,8 @@ VERIFIER = web.AppKey("verifier", Verifier)
 STATS = web.AppKey("stats", dict)
 MANIFESTS = web.AppKey("manifests", ManifestStore)
 SUSPECTS = web.AppKey("suspects", dict)
-PROFILES = web.AppKey("profiles", object)  # ProfileStore or RedisProfileStore
+PROFILES = web.AppKey("profiles", ProfileStore)
+SIGNER = web.RequestKey("signer", str)  # the member that signed the request
 
 
 def _error(status: type[web.HTTPException], message: str) -> web.HTTPException:
@@ -103,7 +92,7 @@ async def auth_middleware(request: web.Request, handler):
     node = request.match_info.get("node")
     if node is not None and node != signer:
         raise _error(web.HTTPForbidden, f"node {signer} may not speak for {node}")
-    request["signer"] = signer
+    request[SIGNER] = signer
     return await handler(request)
 
 
@@ -117,9 +106,8 @@ async def _json(request: web.Request):
 async def announce(request: web.Request) -> web.Response:
     node = NodeInfo.parse(request.match_info["node"], await _json(request))
     await request.app[STORE].put_node(node, time.monotonic())
-    cfg = request.app[CONFIG]
-    return web.json_response({"epoch": await request.app[STORE].epoch(), "heartbeat": cfg.heartbeat,
-                              "node_ttl": cfg.node_ttl})
+    epoch = await request.app[STORE].epoch()
+    return web.json_response(AnnounceReply(epoch, request.app[CONFIG].heartbeat).to_json())
 
 
 async def chunks(request: web.Request) -> web.Response:
@@ -132,6 +120,10 @@ async def chunks(request: web.Request) -> web.Response:
     except ValueError as exc:
         raise ProtocolError(str(exc)) from None
     return web.json_response({"epoch": await request.app[STORE].epoch()})
+
+
+def _chunks(bits: int) -> list[int]:
+    return [c for a, b in bits_to_ranges(bits) for c in range(a, b + 1)]
 
 
 def _query_int(request: web.Request, name: str, lo: int, hi: int, default: int | None = None) -> int:
@@ -154,7 +146,7 @@ async def peers(request: web.Request) -> web.Response:
     first = _query_int(request, "first", 0, MAX_CHUNKS - 1)
     last = _query_int(request, "last", first, min(MAX_CHUNKS - 1, first + MAX_LOOKUP_CHUNKS - 1))
     limit = _query_int(request, "limit", 1, 200, default=cfg.max_peers)
-    asking = request.get("signer") or request.query.get("node")
+    asking = request.get(SIGNER) or request.query.get("node")
     nchunks = await store.nchunks(content)
     if nchunks is None:
         raise _error(web.HTTPNotFound, f"no node holds image {content}")
@@ -180,7 +172,7 @@ async def claims(request: web.Request) -> web.Response:
     body = await _json(request)
     if not isinstance(body, dict):
         raise ProtocolError("claim must be a JSON object")
-    node_id = check_node_id(request.get("signer") or body.get("node_id"))
+    node_id = check_node_id(request.get(SIGNER) or body.get("node_id"))
     nchunks = body.get("nchunks")
     if not isinstance(nchunks, int) or isinstance(nchunks, bool) or not 1 <= nchunks <= MAX_CHUNKS:
         raise ProtocolError(f"nchunks must be an integer from 1 to {MAX_CHUNKS}")
@@ -193,9 +185,9 @@ async def claims(request: web.Request) -> web.Response:
     except ValueError as exc:
         raise ProtocolError(str(exc)) from None
     request.app[STATS]["claims"] += 1
-    return web.json_response({"granted": bits_to_ranges(granted), "claimed": [
-        {"node_id": n.node_id, "peer_url": n.peer_url, "location": "/".join(n.location), "load": n.load,
-         "chunks": bits_to_ranges(b), "held": held} for n, b, held in others]})
+    return web.json_response(ClaimReply(_chunks(granted), [
+        Claimed(PeerRecord(n.node_id, n.peer_url, n.location, n.load, 0), _chunks(b), held)
+        for n, b, held in others]).to_json())
 
 
 async def report(request: web.Request) -> web.Response:
@@ -214,7 +206,7 @@ async def report(request: web.Request) -> web.Response:
     suspects[suspect] = time.monotonic() + cfg.suspect_seconds
     request.app[STATS]["reports"] += 1
     log.warning("node %s reports that %s served a bad chunk of %s (%s): left out of lookups for %.0fs",
-                request.get("signer", "?"), suspect, content, reason, cfg.suspect_seconds)
+                request.get(SIGNER, "?"), suspect, content, reason, cfg.suspect_seconds)
     return web.json_response({"ok": True})
 
 
@@ -244,7 +236,7 @@ async def add_recording(request: web.Request) -> web.Response:
     body = await _json(request)
     if not isinstance(body, dict):
         raise ProtocolError("recording must be a JSON object")
-    node_id = check_node_id(request.get("signer") or body.get("node_id"))
+    node_id = check_node_id(request.get(SIGNER) or body.get("node_id"))
     chunk_size = check_chunk_size(_query_int(request, "chunk_size", 1, 1 << 30, default=body.get("chunk_size")))
     nchunks = body.get("nchunks")
     if not isinstance(nchunks, int) or isinstance(nchunks, bool) or not 1 <= nchunks <= MAX_CHUNKS:
@@ -309,26 +301,19 @@ async def _expiry(app: web.Application):
     await store.close()
 
 
-def create_app(config: TrackerConfig, store: PeerStore | None = None) -> web.Application:
-    """The tracker; ``store`` defaults to one in memory (a restarted tracker's new epoch makes
-    nodes send their state again)."""
+def create_app(config: TrackerConfig) -> web.Application:
+    """The tracker, with the stores ``config.store`` names (in memory, a restarted tracker's new
+    epoch makes nodes send their state again)."""
     app = web.Application(middlewares=[errors_middleware, auth_middleware], client_max_size=MAX_BODY)
     app[CONFIG] = config
-
     app[STATS] = {"lookups": 0, "lookup_seconds": 0.0, "refused": 0, "reports": 0, "claims": 0,
-                      "recordings": 0}
+                  "recordings": 0}
     app[SUSPECTS] = {}
-    if config.store_url != "memory":  # redis://, rediss:// or unix:// (the CLI checks which)
-        from thunderfs_tracker.profiles import RedisProfileStore
-        from thunderfs_tracker.redis_store import RedisPeerStore
-
-        store = store or RedisPeerStore(config.store_url, node_ttl=config.node_ttl)
-        app[PROFILES] = RedisProfileStore(store)
-    else:
-        app[PROFILES] = ProfileStore(config.state_dir)
-    app[STORE] = store or MemoryPeerStore()
+    stores = open_stores(config)
+    app[STORE] = stores.peers
+    app[PROFILES] = stores.profiles
     app[MANIFESTS] = ManifestStore(config.state_dir, config.glance_url, auth=config.glance_auth,
-                                   shared=app[STORE] if config.store_url != "memory" else None)
+                                   shared=stores.shared)
     if config.secret:
         app[VERIFIER] = Verifier(config.secret)
     app.add_routes(routes())

@@ -15,12 +15,13 @@ import json
 import logging
 import time
 import zlib
-from dataclasses import dataclass
 
 import httpx
 
 from thunderfs_tracker.protocol import (
     API,
+    AnnounceReply,
+    ClaimReply,
     ChunkUpdate,
     Manifest,
     NodeInfo,
@@ -29,7 +30,7 @@ from thunderfs_tracker.protocol import (
     bits_to_ranges,
     chunks_to_bits,
 )
-from thunderfs_tracker.signing import sign
+from thunderfs_common.signing import SignedRequests
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +49,6 @@ class TrackerRefused(TrackerError):
         self.status = status
 
 
-@dataclass(frozen=True)
-class AnnounceReply:
-    epoch: str
-    heartbeat: float
-    node_ttl: float
-
-
 def split_urls(urls: str | list[str]) -> list[str]:
     """``"http://a:7070,http://b:7070"`` or a list: the replicas' URLs, without trailing slashes."""
     items = urls.split(",") if isinstance(urls, str) else urls
@@ -70,8 +64,8 @@ class TrackerClient:
         if not self.urls:
             raise ValueError("no tracker URL")
         self.node_id = node_id
-        self._secret = secret
-        self._client = httpx.AsyncClient(timeout=timeout)
+        # Signed per attempt (a nonce is accepted once): a failover resends a new signature.
+        self._client = httpx.AsyncClient(timeout=timeout, auth=SignedRequests(secret, node_id) if secret else None)
         self._first = zlib.crc32(node_id.encode()) % len(self.urls)  # this node's replica
         self._resting: dict[str, float] = {}
         self.failovers = 0
@@ -113,8 +107,6 @@ class TrackerClient:
 
     async def _call_one(self, url: str, method: str, path: str, data: bytes, is_json: bool) -> dict:
         headers = {"Content-Type": "application/json"} if is_json else {}
-        if self._secret:  # signed per attempt: a nonce is accepted once
-            headers.update(sign(self._secret, self.node_id, method, path, data))
         try:
             resp = await self._client.request(method, url + path, content=data, headers=headers)
         except httpx.HTTPError as exc:
@@ -131,7 +123,7 @@ class TrackerClient:
 
     async def announce(self, node: NodeInfo) -> AnnounceReply:
         r = await self._call("POST", f"{API}/nodes/{self.node_id}/announce", node.to_json())
-        return AnnounceReply(r["epoch"], float(r["heartbeat"]), float(r["node_ttl"]))
+        return AnnounceReply.parse(r)
 
     async def send_chunks(self, full: bool, updates: list[ChunkUpdate]) -> str:
         r = await self._call("POST", f"{API}/nodes/{self.node_id}/chunks",
@@ -163,13 +155,8 @@ class TrackerClient:
         ranges = bits_to_ranges(chunks_to_bits(chunks))
         r = await self._call("POST", f"{API}/images/{content}/claims",
                              {"node_id": self.node_id, "nchunks": nchunks, "chunks": ranges})
-        granted = [c for a, b in r["granted"] for c in range(a, b + 1)]
-        others = []
-        for o in r["claimed"]:
-            node = NodeInfo.parse(o["node_id"], o)
-            rec = PeerRecord(node.node_id, node.peer_url, node.location, node.load, 0)
-            others.append((rec, [c for a, b in o["chunks"] for c in range(a, b + 1)], bool(o.get("held"))))
-        return granted, others
+        reply = ClaimReply.parse(r, nchunks)
+        return reply.granted, [(c.peer, c.chunks, c.held) for c in reply.claimed]
 
     async def profile(self, content: str, chunk_size: int) -> Profile | None:
         """The image's boot access profile, or None if nobody has recorded one yet."""

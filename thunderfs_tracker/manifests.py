@@ -22,8 +22,9 @@ from pathlib import Path
 
 import aiohttp
 
-from thunderfs_tracker.keystone import AsyncTokens
+from thunderfs_common.keystone import AsyncTokens
 from thunderfs_tracker.protocol import Manifest
+from thunderfs_tracker.redis_conn import RedisConnection
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ class ManifestUnavailable(Exception):
 
 class ManifestStore:
     def __init__(self, state_dir: Path, glance_url: str | None, *, keep_in_memory: int = 64,
-                 auth: AsyncTokens | None = None, shared=None):
+                 auth: AsyncTokens | None = None, shared: RedisConnection | None = None):
         self._dir = state_dir / "manifests"
         self._dir.mkdir(parents=True, exist_ok=True)
         self._glance = glance_url.rstrip("/") if glance_url else None
@@ -46,7 +47,7 @@ class ManifestStore:
         self._failed: dict[tuple[str, int], str] = {}
         self._session: aiohttp.ClientSession | None = None
         self._auth = auth  # Keystone tokens for Glance, or None
-        self._shared = shared  # a RedisPeerStore (its connections and error translation), or None
+        self._shared = shared  # the replicas' Redis (manifests built once for all), or None
         self.stats = {"built": 0, "failed": 0, "bytes_read": 0}
 
     def _path(self, image_id: str, chunk_size: int) -> Path:

@@ -7,7 +7,6 @@ Each app has a registry of its own (tests run several apps in one process).
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
 
@@ -15,7 +14,6 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-log = logging.getLogger(__name__)
 
 REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
 LATENCY = web.AppKey("metrics_latency", Histogram)

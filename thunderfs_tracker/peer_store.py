@@ -9,14 +9,10 @@ expired with everything it held.
 
 from __future__ import annotations
 
-import logging
 import secrets
 from typing import Protocol
 
 from thunderfs_tracker.protocol import ChunkUpdate, NodeInfo
-
-log = logging.getLogger(__name__)
-
 
 class StoreFull(Exception):
     """The store holds as much as it may; the client is told 503 and tries later."""

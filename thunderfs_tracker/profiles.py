@@ -17,8 +17,10 @@ import os
 import statistics
 from collections import OrderedDict
 from pathlib import Path
+from typing import Protocol
 
 from thunderfs_tracker.protocol import Profile, ProtocolError, check_content, parse_touches
+from thunderfs_tracker.redis_conn import RedisConnection
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,18 @@ def merge(recordings: list[list[tuple[int, int]]]) -> list[tuple[int, int]]:
     return kept
 
 
-class ProfileStore:
+class ProfileStore(Protocol):
+    """Where a tracker keeps boot profiles: files of its own (one tracker) or Redis (replicas)."""
+
+    async def get(self, content: str, chunk_size: int) -> Profile | None:
+        """The merged profile, or None if nobody has recorded one."""
+
+    async def add(self, content: str, chunk_size: int, nchunks: int, node_id: str,
+                  touches: list[tuple[int, int]]) -> Profile:
+        """A node's recording (replacing its earlier one); the new merged profile."""
+
+
+class FileProfileStore:
     def __init__(self, state_dir: Path, *, keep: int = 16, in_memory: int = 256):
         self._dir = state_dir / "profiles"
         self._dir.mkdir(parents=True, exist_ok=True)
@@ -121,9 +134,9 @@ class RedisProfileStore:
     size) a hash node -> its recording (JSON, with when it came, for keeping the newest ``keep``),
     the version (INCR) and the chunk count.  Merged profiles are cached per replica by version."""
 
-    def __init__(self, store, *, keep: int = 16):
-        self._r = store.redis  # the peer store's (a RedisPeerStore) connections
-        self._do = store.call  # and its translation of Redis errors
+    def __init__(self, conn: RedisConnection, *, keep: int = 16):
+        self._r = conn.redis  # the replica's one connection pool
+        self._do = conn.call  # and its translation of Redis errors
         self._keep = keep
         self._merged: OrderedDict[tuple[str, int], Profile] = OrderedDict()
 

@@ -207,6 +207,66 @@ class PeerRecord:
         return cls(node.node_id, node.peer_url, node.location, node.load, decode_bits(obj.get("chunks"), nbits))
 
 
+@dataclass(frozen=True)
+class AnnounceReply:
+    """The tracker's answer to an announce: its epoch (a new one: it lost peer state, send the
+    full state again) and the heartbeat it wants."""
+
+    epoch: str
+    heartbeat: float
+
+    def to_json(self) -> dict:
+        return {"epoch": self.epoch, "heartbeat": self.heartbeat}
+
+    @classmethod
+    def parse(cls, obj) -> "AnnounceReply":
+        if not isinstance(obj, dict) or not isinstance(obj.get("epoch"), str) or len(obj["epoch"]) > 64:
+            raise ProtocolError("announce reply must have an epoch string")
+        heartbeat = obj.get("heartbeat")
+        if not isinstance(heartbeat, (int, float)) or isinstance(heartbeat, bool) or not 0 < heartbeat <= 3600:
+            raise ProtocolError("heartbeat must be a number of seconds from 0 to 3600")
+        return cls(obj["epoch"], float(heartbeat))
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """Chunks another node is fetching from Glance (or already ``held``): take them from it."""
+
+    peer: PeerRecord  # its ``chunks`` unused (0): what it has is ``chunks`` here
+    chunks: list[int]
+    held: bool
+
+
+@dataclass(frozen=True)
+class ClaimReply:
+    """The tracker's answer to a claim: the chunks this node may fetch from Glance, and who has
+    or is fetching the others."""
+
+    granted: list[int]
+    claimed: list[Claimed]
+
+    def to_json(self) -> dict:
+        return {"granted": bits_to_ranges(chunks_to_bits(self.granted)), "claimed": [
+            {"node_id": c.peer.node_id, "peer_url": c.peer.peer_url, "location": "/".join(c.peer.location),
+             "load": c.peer.load, "chunks": bits_to_ranges(chunks_to_bits(c.chunks)), "held": c.held}
+            for c in self.claimed]}
+
+    @classmethod
+    def parse(cls, obj, nchunks: int) -> "ClaimReply":
+        if not isinstance(obj, dict) or not isinstance(obj.get("claimed"), list):
+            raise ProtocolError("claim reply must have granted and claimed")
+
+        def chunks(ranges) -> list[int]:  # checked, then expanded
+            return [c for a, b in bits_to_ranges(ranges_to_bits(ranges, nchunks)) for c in range(a, b + 1)]
+
+        claimed = []
+        for o in obj["claimed"][:MAX_IMAGES_PER_MESSAGE]:
+            node = NodeInfo.parse(o.get("node_id") if isinstance(o, dict) else None, o)
+            claimed.append(Claimed(PeerRecord(node.node_id, node.peer_url, node.location, node.load, 0),
+                                   chunks(o.get("chunks")), bool(o.get("held"))))
+        return cls(chunks(obj.get("granted")), claimed)
+
+
 MIN_CHUNK_SIZE, MAX_CHUNK_SIZE = 4096, 16 * 2**20
 DIGEST = 32
 

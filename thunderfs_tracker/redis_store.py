@@ -32,19 +32,12 @@ node sends one update at a time).  Redis errors become ``StoreUnavailable`` (a 5
 from __future__ import annotations
 
 import json
-import logging
 import secrets
 import time
 import zlib
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
-
-from thunderfs_tracker.peer_store import StoreUnavailable
 from thunderfs_tracker.protocol import ChunkUpdate, NodeInfo
-
-log = logging.getLogger(__name__)
-
+from thunderfs_tracker.redis_conn import RedisConnection
 
 def _pack(bits: int) -> bytes:
     return zlib.compress(bits.to_bytes((bits.bit_length() + 7) // 8, "little"), 9)
@@ -63,31 +56,15 @@ def _node_parse(node_id: str, raw: bytes) -> NodeInfo:
 
 
 class RedisPeerStore:
-    def __init__(self, url: str, *, node_ttl: float = 30.0, sample: int = 64, max_connections: int = 32):
-        self.url = url
-        # A bounded pool that makes a request wait for a connection (up to 5 s) rather than fail:
-        # under a burst, latency grows instead of 503s.
-        pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=5.0,
-                                                        socket_timeout=2.0, socket_connect_timeout=2.0)
-        self.redis = self._r = aioredis.Redis(connection_pool=pool)
+    def __init__(self, conn: RedisConnection, *, node_ttl: float = 30.0, sample: int = 64):
+        self.conn = conn
+        self._r = conn.redis
+        self.call = conn.call
         self._ttl_ms = max(1000, int(node_ttl * 1000))
         self._sample = sample
 
-    async def call(self, pipe_or_coro):
-        """Execute a pipeline or await a command; Redis errors become ``StoreUnavailable``
-        (shared with the profile and manifest stores of a replica)."""
-        try:
-            if hasattr(pipe_or_coro, "execute"):
-                return await pipe_or_coro.execute()
-            return await pipe_or_coro
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"the peer store (Redis at {self._where()}) is unavailable: {exc}") from None
-
-    def _where(self) -> str:
-        return self.url.split("@")[-1]
-
     async def close(self) -> None:
-        await self._r.aclose()
+        await self.conn.close()
 
     async def epoch(self) -> str:
         p = self._r.pipeline(transaction=False)

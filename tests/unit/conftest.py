@@ -9,12 +9,12 @@ import hashlib
 import pytest
 import trio
 
-from thunderfs.chunk_index import ChunkIndex
-from thunderfs.chunk_store import ChunkStore
-from thunderfs.fetcher import Fetcher
+from thunderfs.cache.index import ChunkIndex
+from thunderfs.cache.store import ChunkStore
+from thunderfs.fetch.fetcher import Fetcher
 from thunderfs.image import ImageMeta
-from thunderfs.slots import PrioritySlots
-from thunderfs.sources import Sink, Want, runs
+from thunderfs.fetch.slots import PrioritySlots
+from thunderfs.fetch.source import Sink, Want, runs
 
 CS = 4096
 

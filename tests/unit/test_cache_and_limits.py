@@ -7,13 +7,13 @@ import os
 import pytest
 import trio
 
-from thunderfs.chunk_index import ChunkIndex, Put
-from thunderfs.chunk_store import ABSENT, INDEXED, PENDING, ChunkStore
-from thunderfs.errors import ChunkCorrupt, ConfigError
-from thunderfs.sources import runs
+from thunderfs.cache.index import ChunkIndex, Put
+from thunderfs.cache.store import ABSENT, INDEXED, PENDING, ChunkStore
+from thunderfs.errors import ChunkCorrupt
+from thunderfs.fetch.source import runs
 from thunderfs.image import ImageMeta
-from thunderfs.slots import DEMAND, PREFETCH, READAHEAD, PrioritySlots
-from thunderfs.units import parse_size
+from thunderfs.fetch.slots import DEMAND, PREFETCH, READAHEAD, PrioritySlots
+from thunderfs_common.units import parse_size
 
 CS = 4096
 CONTENT = bytes(range(16))
@@ -37,7 +37,7 @@ def test_parse_size():
     assert parse_size("1.5M") == 1572864
     assert parse_size("4096") == 4096
     for bad in ("", "x", "-1", "5Q"):
-        with pytest.raises(ConfigError):
+        with pytest.raises(ValueError, match="not a size"):
             parse_size(bad)
 
 
@@ -192,7 +192,7 @@ async def test_a_promoted_ticket_overtakes_and_a_cancelled_one_gives_its_place_b
 
 async def test_the_token_bucket_serves_demand_before_prefetch(autojump_clock):
     from thunderfs.ratelimit import TokenBucket
-    from thunderfs.slots import DEMAND, PREFETCH
+    from thunderfs.fetch.slots import DEMAND, PREFETCH
 
     bucket = TokenBucket(rate=1_000_000, burst=1_000_000)
     await bucket.wait_for(1_000_000)  # the burst, spent: the bucket is empty

@@ -9,10 +9,10 @@ import pytest
 import trio
 
 from conftest import CS, MemorySource, fetcher_of, meta_of, pattern, running
-from thunderfs.chunk_store import ChunkStore
+from thunderfs.cache.store import ChunkStore
 from thunderfs.errors import FetchFailed, OriginUnavailable
-from thunderfs.reader import Reader, Readers
-from thunderfs.slots import DEMAND, PREFETCH, READAHEAD, PrioritySlots
+from thunderfs.fetch.reader import Reader, Readers
+from thunderfs.fetch.slots import DEMAND, PREFETCH, READAHEAD, PrioritySlots
 
 DATA = pattern(64 * CS + 100)  # a short last chunk
 META = meta_of(DATA)
@@ -168,23 +168,21 @@ async def test_with_no_room_in_the_cache_a_read_is_served_from_memory(tmp_path, 
     small.close()
 
 
-async def test_sequential_reads_fetch_ahead_and_scattered_reads_do_not(store):
+async def test_sequential_reads_fetch_ahead_and_scattered_reads_do_not(store, monkeypatch):
     src = MemorySource("origin", DATA)
     fetcher = fetcher_of(store, src, max_request=8 * CS)
-    Reader.SEQUENTIAL_TRIGGER, Reader.INITIAL_WINDOW = 4 * CS, 16 * CS  # for this small image
-    try:
-        async with running(fetcher):
-            r = reader_of(store, fetcher, readahead=32 * CS)
-            for c in (40, 3, 20, 9):
-                await r.read(c * CS, CS)
-            assert fetcher.statistics()["readahead_chunks"] == 0
-            for c in range(4):
-                await r.read(c * CS, CS)
-            await trio.testing.wait_all_tasks_blocked()
-            assert fetcher.statistics()["readahead_chunks"] > 0
-            assert r.img.cached(12)  # ahead of the reader, in requests of up to 8 chunks
-    finally:
-        del Reader.SEQUENTIAL_TRIGGER, Reader.INITIAL_WINDOW
+    monkeypatch.setattr(Reader, "SEQUENTIAL_TRIGGER", 4 * CS)  # for this small image
+    monkeypatch.setattr(Reader, "INITIAL_WINDOW", 16 * CS)
+    async with running(fetcher):
+        r = reader_of(store, fetcher, readahead=32 * CS)
+        for c in (40, 3, 20, 9):
+            await r.read(c * CS, CS)
+        assert fetcher.statistics()["readahead_chunks"] == 0
+        for c in range(4):
+            await r.read(c * CS, CS)
+        await trio.testing.wait_all_tasks_blocked()
+        assert fetcher.statistics()["readahead_chunks"] > 0
+        assert r.img.cached(12)  # ahead of the reader, in requests of up to 8 chunks
     assert READAHEAD in [p for _, p in src.served] and max(len(a) for a in src.asks) <= 8
 
 

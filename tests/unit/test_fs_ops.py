@@ -14,8 +14,8 @@ import pytest
 
 from conftest import meta_of
 from thunderfs.errors import FetchFailed, ImageGone
-from thunderfs.fs import IMAGES, XATTR_PREFIX, Operations
-from thunderfs.inodes import IMAGES_DIR, ROOT
+from thunderfs.fuse.operations import IMAGES, XATTR_PREFIX, Operations
+from thunderfs.fuse.inodes import IMAGES_DIR, ROOT
 
 CTX = SimpleNamespace(uid=0, gid=0, pid=1, umask=0o022)
 A = meta_of(b"a" * 1000, "aaaaaaaa-0000-0000-0000-000000000001", "alpha")

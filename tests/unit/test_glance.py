@@ -10,12 +10,12 @@ import pytest
 import trio
 
 from conftest import CS, meta_of, pattern
-from thunderfs.catalog import Catalog
+from thunderfs.glance.catalog import Catalog
 from thunderfs.errors import ImageGone, OriginError, OriginUnavailable
-from thunderfs.glance_source import PLACE_STEP, GlanceSource
-from thunderfs.origin import GlanceOrigin
-from thunderfs.sources import Urgency, Want
-from thunderfs.slots import DEMAND
+from thunderfs.fetch.glance import PLACE_STEP, GlanceSource
+from thunderfs.glance.origin import GlanceOrigin
+from thunderfs.fetch.source import Urgency, Want
+from thunderfs.fetch.slots import DEMAND
 
 DATA = pattern(600 * CS)
 META = meta_of(DATA)

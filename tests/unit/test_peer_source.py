@@ -11,9 +11,9 @@ import pytest
 import trio
 
 from conftest import CS, meta_of, pattern
-from thunderfs.peers import PeerSource
-from thunderfs.slots import DEMAND
-from thunderfs.sources import Urgency, Want
+from thunderfs.fetch.peers import PeerSource
+from thunderfs.fetch.slots import DEMAND
+from thunderfs.fetch.source import Urgency, Want
 from thunderfs_tracker.client import TrackerUnavailable
 from thunderfs_tracker.protocol import Manifest, PeerRecord
 
@@ -107,7 +107,7 @@ class Sink:
 
 def source_of(tracker, peers, **kw) -> PeerSource:
     return PeerSource(tracker, node_id="me", secret=None, chunk_size=CS, timeout=kw.pop("timeout", 1.0),
-                      transport=httpx.MockTransport(peers), **kw)
+                      claim_poll=0.01, transport=httpx.MockTransport(peers), **kw)
 
 
 def want(store, chunks, priority=DEMAND) -> Want:
@@ -176,7 +176,6 @@ async def test_granted_chunks_go_on_at_once_and_claimed_ones_come_from_the_claim
     tracker = FakeTracker(manifest_of(), holders=[], granted={0, 1, 2, 3}, claimed=[(claimer, [4, 5, 6, 7], False)])
     tracker.holders_after_claim = [claimer]
     src, sink = source_of(tracker, Peers()), Sink()
-    src.CLAIM_POLL = 0.01
     assert await src.fetch(want(store, range(8)), sink) == []
     assert sink.passed == [0, 1, 2, 3] and right(sink, range(4, 8))
     assert src.statistics()["granted_chunks"] == 4
@@ -187,7 +186,6 @@ async def test_chunks_of_a_claimer_that_fails_are_returned_for_glance(store):
     tracker = FakeTracker(manifest_of(), holders=[], granted=set(), claimed=[(claimer, [0, 1, 2, 3], True)])
     tracker.holders_after_claim = [claimer]
     src, sink = source_of(tracker, Peers(claimer="dead")), Sink()
-    src.CLAIM_POLL = 0.01
     assert await src.fetch(want(store, range(4)), sink) == [0, 1, 2, 3]
     assert sink.got == {} and src.statistics()["claimed_chunks_late"] == 4
 
@@ -195,7 +193,7 @@ async def test_chunks_of_a_claimer_that_fails_are_returned_for_glance(store):
 async def test_with_the_tracker_down_everything_goes_to_glance(store):
     tracker = FakeTracker(manifest_of())
     src = source_of(tracker, Peers())
-    assert await src.manifest(META) is not None  # known from before the outage
+    assert await src.directory.manifest(META) is not None  # known from before the outage
     tracker.down = True
     sink = Sink()
     assert await src.fetch(want(store, range(4)), sink) == []
@@ -210,8 +208,8 @@ async def test_one_manifest_request_and_one_lookup_at_a_time(store):
     img = store.image(META.content_key, META.size)
     async with trio.open_nursery() as nursery:
         for _ in range(5):
-            nursery.start_soon(src.manifest, META)
-            nursery.start_soon(src._holders, img, 0, 7)
+            nursery.start_soon(src.directory.manifest, META)
+            nursery.start_soon(src.directory.holders, img, 0, 7)
         await trio.testing.wait_all_tasks_blocked()
         tracker.gate.set()
     assert (tracker.calls["manifest"], tracker.calls["lookup"]) == (1, 1)

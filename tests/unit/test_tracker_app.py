@@ -11,11 +11,12 @@ import pytest
 
 from aiohttp.test_utils import TestClient, TestServer
 
-from thunderfs_tracker.app import TrackerConfig, create_app
-from thunderfs_tracker.profiles import ProfileStore, merge
+from thunderfs_tracker.app import create_app
+from thunderfs_tracker.config import TrackerConfig
+from thunderfs_tracker.profiles import FileProfileStore, merge
 from thunderfs_tracker.protocol import ChunkUpdate, NodeInfo, ProtocolError, bits_to_ranges, ranges_to_bits
 from thunderfs_tracker.selection import rank
-from thunderfs_tracker.signing import sign
+from thunderfs_common.signing import sign
 
 SECRET = b"a-cluster-secret-of-some-length"
 CHUNK = 64 * 1024
@@ -25,7 +26,7 @@ IMG = "0123456789abcdef0123456789abcdef"
 def with_client(tmp_path, body, secret=SECRET):
     """``await body(call)`` against a tracker app; ``call(node, method, path, obj)`` signs as ``node``."""
     async def main():
-        app = create_app(TrackerConfig(state_dir=tmp_path, secret=secret))
+        app = create_app(TrackerConfig(listen=("127.0.0.1", 7070), state_dir=tmp_path, secret=secret))
         async with TestClient(TestServer(app)) as client:
             async def call(node, method, path, obj=None):
                 data = json.dumps(obj).encode() if obj is not None else b""
@@ -145,7 +146,7 @@ def test_merge_keeps_what_half_the_recordings_touched_in_median_order():
 
 
 async def test_a_nodes_new_recording_replaces_its_old_one_and_profiles_survive_a_restart(tmp_path):
-    store = ProfileStore(tmp_path)
+    store = FileProfileStore(tmp_path)
     content = "ab" * 16
     assert await store.get(content, CHUNK) is None
     await store.add(content, CHUNK, 10, "n1", [(1, 0), (2, 5)])
@@ -153,14 +154,42 @@ async def test_a_nodes_new_recording_replaces_its_old_one_and_profiles_survive_a
     assert (p.version, p.recordings, p.touches) == (2, 1, [(3, 0)])
     with pytest.raises(ProtocolError):
         await store.add(content, CHUNK, 11, "n2", [(3, 0)])  # another content under this key
-    again = await ProfileStore(tmp_path).get(content, CHUNK)
+    again = await FileProfileStore(tmp_path).get(content, CHUNK)
     assert (again.version, again.touches) == (2, [(3, 0)])
 
 
 async def test_a_corrupt_profile_file_is_ignored(tmp_path, caplog):
-    store = ProfileStore(tmp_path)
+    store = FileProfileStore(tmp_path)
     content = "cd" * 16
     await store.add(content, CHUNK, 10, "n1", [(1, 0)])
     (tmp_path / "profiles" / f"{content}-{CHUNK}.json").write_text('{"nchunks": 10, "recordings": {"n1": [[99, 0]]}')
-    assert await ProfileStore(tmp_path).get(content, CHUNK) is None
+    assert await FileProfileStore(tmp_path).get(content, CHUNK) is None
     assert "unreadable" in caplog.text
+
+
+def test_the_daemons_client_signs_what_the_tracker_verifies_and_parses_its_replies(tmp_path):
+    """TrackerClient (httpx, signing with SignedRequests) against the app, on asyncio: announce,
+    a full state, a lookup with a query string, a claim and its reply, through the real signatures."""
+    from thunderfs_tracker.client import TrackerClient, TrackerRefused
+
+    async def main():
+        app = create_app(TrackerConfig(listen=("127.0.0.1", 7070), state_dir=tmp_path, secret=SECRET))
+        async with TestClient(TestServer(app)) as http:
+            url = str(http.make_url("")).rstrip("/")
+            async with TrackerClient(url, "a", secret=SECRET) as a, TrackerClient(url, "b", secret=SECRET) as b, \
+                    TrackerClient(url, "c", secret=b"not-the-cluster-secret!") as stranger:
+                reply = await a.announce(NodeInfo("a", "http://a:7071", ("z1", "r1")))
+                assert reply.heartbeat == 10.0 and reply.epoch
+                await b.announce(NodeInfo("b", "http://b:7071", ("z1", "r2")))
+                await a.send_chunks(True, [ChunkUpdate(IMG, 64, add=0b1010, full=True)])
+                found = await b.lookup(IMG, 0, 63)
+                assert [(p.node_id, p.chunks) for p in found] == [("a", 0b1010)]
+                granted, others = await b.claim(IMG, 64, [1, 2, 3])
+                assert granted == [2] and [(p.node_id, cs, held) for p, cs, held in others] == [("a", [1, 3], True)]
+                try:
+                    await stranger.lookup(IMG, 0, 1)
+                except TrackerRefused as exc:
+                    assert exc.status == 401
+                else:
+                    raise AssertionError("a request signed with another secret was answered")
+    asyncio.run(main())

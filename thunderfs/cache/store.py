@@ -1,0 +1,473 @@
+"""Chunk data on local disk, bounded in size, crash-safe.
+
+Layout: one sparse data file per image *content* (``data/<content-key>.data``, as long as the
+image), chunk N at offset ``N * chunk_size``.  A read that spans many cached chunks is one
+``pread``; an evicted chunk is a punched hole.
+
+Invariants (read before adding an ``await`` to this module):
+
+1. A chunk is served from disk only while its in-memory state is not ``ABSENT``.
+2. ``INDEXED``: the index holds it and its data was made durable (fdatasync) before the index
+   transaction.  ``PENDING``: written from verified bytes, readable through the page cache, not yet
+   durable; the committer makes it ``INDEXED``.  A crash loses pending chunks, never corrupts:
+   their leaked bytes are punched out at the next start (``reclaim``).
+3. The committer task is the only writer of the index, one transaction at a time, in a thread.
+4. Eviction runs synchronously in the trio thread: it takes only ``INDEXED`` chunks that no read
+   has pinned and nobody touched since the last flush, marks them ``ABSENT`` and queues the index
+   delete; the hole is punched only once that delete is durable, and only if the chunk is still
+   ``ABSENT`` then (not staged again meanwhile).  So the index never lists a chunk over zeros: a
+   crash in between leaves unindexed bytes, punched out at the next start like rule 2's.
+5. An ``INDEXED`` chunk is checked against its xxh3 the first time it is read in a process's
+   life; a mismatch drops it (as in 4) and raises ``ChunkCorrupt`` so that the caller fetches it
+   again.  Chunks staged by this process were hashed from verified bytes and count as checked.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import time
+from array import array
+from pathlib import Path
+
+import trio
+import xxhash
+
+from thunderfs.cache.index import ChunkIndex, Put
+from thunderfs.errors import ChunkCorrupt, ChunkNotCached
+from thunderfs.cache.holes import data_extents, punch_hole
+
+log = logging.getLogger(__name__)
+
+ABSENT, PENDING, INDEXED = 0, 1, 2
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class ImageData:
+    """The data file and per-chunk state of one image content."""
+
+    def __init__(self, content: bytes, size: int, chunk_size: int, path: Path):
+        self.content = content
+        self.size = size
+        self.chunk_size = chunk_size
+        self.nchunks = max(1, -(-size // chunk_size))
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if os.fstat(self.fd).st_size != size:
+            os.ftruncate(self.fd, size)
+        self.state = bytearray(self.nchunks)
+        self.verified = bytearray(self.nchunks)
+        self.xxh = array("Q", bytes(8 * self.nchunks))
+        self.pins: dict[int, tuple[int, int]] = {}
+        self.touched: set[int] = set()
+        # Bytes served to readers, and fetched by source (status and metrics per image).
+        self.counters = dict.fromkeys(("bytes_read", "bytes_from_peers", "bytes_from_origin"), 0)
+
+    def chunk_range(self, offset: int, size: int) -> tuple[int, int]:
+        return offset // self.chunk_size, (offset + size - 1) // self.chunk_size
+
+    def chunk_len(self, chunk: int) -> int:
+        return min(self.chunk_size, self.size - chunk * self.chunk_size)
+
+    def pinned(self, chunk: int) -> bool:
+        return any(first <= chunk <= last for first, last in self.pins.values())
+
+    # --- chunk state, for everyone outside this module (nobody else reads ``state``) ----------
+
+    def cached(self, chunk: int) -> bool:
+        """Servable now: its bytes are in the data file (durable or about to be)."""
+        return self.state[chunk] != ABSENT
+
+    def missing(self, first: int, last: int) -> list[int]:
+        state = self.state
+        return [c for c in range(first, last + 1) if not state[c]]
+
+    def cached_count(self) -> int:
+        return self.nchunks - self.state.count(ABSENT)
+
+    def held_bits(self) -> int:
+        """The cached chunks as an integer, bit ``c`` for chunk ``c`` (what the tracker is told)."""
+        packed = bytearray((self.nchunks + 7) // 8)
+        for c, s in enumerate(self.state):
+            if s:
+                packed[c >> 3] |= 1 << (c & 7)
+        return int.from_bytes(packed, "little")
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class ChunkStore:
+    def __init__(self, root: Path, index: ChunkIndex, chunk_size: int, capacity: int,
+                 *, commit_interval: float = 0.2, touch_interval: float = 5.0):
+        self._dir = root / "data"
+        self._dir.mkdir(parents=True, exist_ok=True)
+        self._index = index
+        self.chunk_size = chunk_size
+        self.capacity = capacity
+        self._commit_interval = commit_interval
+        self._touch_interval = touch_interval
+        self._images: dict[bytes, ImageData] = {}
+        self._pending: list[tuple[ImageData, int]] = []
+        self._changes: dict[bytes, tuple[ImageData, set[int], set[int]]] = {}
+        self._track_changes = False
+        self._deletes: list[tuple[bytes, int]] = []
+        self._punches: list[tuple[ImageData, int]] = []  # evicted: punched once their delete is durable
+        self._used = index.used_bytes()
+        self._punching = 0  # bytes evicted whose holes are not punched yet (still on disk)
+        self._room = capacity  # what the file system lets the cache hold (see _disk_room)
+        self._room_checked = -1.0
+        self._wake = trio.Event()
+        self._writer = trio.CapacityLimiter(1)
+        self._pin_ids = itertools.count()
+        self._last_full_warning = 0.0
+        self._stats = dict.fromkeys(
+            ("bytes_read_disk", "bytes_read_memory", "chunks_staged", "chunks_committed", "evictions",
+             "corrupt_dropped", "disk_full_events", "bytes_not_cached", "commit_failures"), 0)
+
+    # --- images ----------------------------------------------------------------------------
+
+    def _path(self, content: bytes) -> Path:
+        return self._dir / f"{content.hex()}.data"
+
+    def image(self, content: bytes, size: int) -> ImageData:
+        """The data of one image content, loaded from the index on first use."""
+        img = self._images.get(content)
+        if img is not None:
+            return img
+        img = ImageData(content, size, self.chunk_size, self._path(content))
+        bad = []
+        for rec in self._index.chunks_of(content):
+            if rec.chunk >= img.nchunks or rec.length != img.chunk_len(rec.chunk):
+                bad.append((content, rec.chunk))
+                continue
+            img.state[rec.chunk] = INDEXED
+            img.xxh[rec.chunk] = rec.xxh3
+        if bad:
+            log.warning("dropping %d index entries of %s that do not fit the image", len(bad), content.hex())
+            self._deletes.extend(bad)
+        self._images[content] = img
+        return img
+
+    def contents(self) -> list[ImageData]:
+        return list(self._images.values())
+
+    def drain_changes(self) -> dict[bytes, tuple[ImageData, set[int], set[int]]]:
+        """Chunks that became servable or went away since the last call (for the announcer).
+        Recorded only once this has been called: a node without peers keeps no such log."""
+        self._track_changes = True
+        changes, self._changes = self._changes, {}
+        return changes
+
+    def changes_pending(self) -> int:
+        """Chunks that became servable or went away since the last ``drain_changes``."""
+        return sum(len(added) + len(removed) for _, added, removed in self._changes.values())
+
+    def _changed(self, img: ImageData, chunk: int, added: bool) -> None:
+        if not self._track_changes:
+            return
+        entry = self._changes.get(img.content)
+        if entry is None:
+            entry = self._changes[img.content] = (img, set(), set())
+        (entry[1] if added else entry[2]).add(chunk)
+        (entry[2] if added else entry[1]).discard(chunk)
+
+    def find(self, content: bytes) -> ImageData | None:
+        """The data of a content this cache has a file for, else None."""
+        img = self._images.get(content)
+        if img is None:
+            path = self._path(content)
+            if not path.exists():
+                return None
+            img = self.image(content, path.stat().st_size)
+        return img
+
+    def reclaim(self) -> None:
+        """At start: punch data no index entry covers (a crash between write and index), drop
+        index entries whose data file is gone, delete data files nothing indexes."""
+        indexed = self._index.contents()
+        for path in self._dir.glob("*.data"):
+            try:
+                content = bytes.fromhex(path.stem)
+            except ValueError:
+                continue
+            if content not in indexed:
+                log.info("removing unindexed cache file %s", path.name)
+                path.unlink()
+                continue
+            img = self.find(content)
+            leaked = 0
+            for start, end in list(data_extents(img.fd)):
+                for c in range(start // self.chunk_size, (end - 1) // self.chunk_size + 1):
+                    if img.state[c] == ABSENT:
+                        punch_hole(img.fd, c * self.chunk_size, img.chunk_len(c))
+                        leaked += 1
+            if leaked:
+                log.info("punched %d unindexed chunks out of %s (left by a crash)", leaked, path.name)
+        for content in indexed:
+            if not self._path(content).exists():
+                n = self._index.drop_content(content)
+                log.warning("cache file of %s is missing; forgot its %d chunks", content.hex(), n)
+        self._used = self._index.used_bytes()
+        self._evict(0, self._disk_room(recheck=True))
+
+    # --- reads -----------------------------------------------------------------------------
+
+    def pin(self, img: ImageData, first: int, last: int) -> int:
+        token = next(self._pin_ids)
+        img.pins[token] = (first, last)
+        return token
+
+    def unpin(self, img: ImageData, token: int) -> None:
+        del img.pins[token]
+
+    def read(self, img: ImageData, offset: int, size: int, extra: dict[int, bytes] | None = None) -> bytes:
+        """Bytes ``[offset, offset+size)``: every chunk must be cached or given in ``extra``, else
+        ``ChunkNotCached`` (a hole is never served)."""
+        first, last = img.chunk_range(offset, size)
+        state = img.state
+        for c in range(first, last + 1):
+            if not state[c] and not (extra and c in extra):
+                raise ChunkNotCached(c)
+        self._verify(img, first, last, skip=extra)
+        if not extra:
+            data = os.pread(img.fd, size, offset)
+            self._stats["bytes_read_disk"] += len(data)
+        else:
+            parts, end, cs = [], offset + size, self.chunk_size
+            for c in range(first, last + 1):
+                start, stop = max(offset, c * cs), min(end, (c + 1) * cs)
+                if c in extra:
+                    parts.append(extra[c][start - c * cs:stop - c * cs])
+                    self._stats["bytes_read_memory"] += stop - start
+                else:
+                    parts.append(os.pread(img.fd, stop - start, start))
+                    self._stats["bytes_read_disk"] += stop - start
+            data = b"".join(parts)
+        img.touched.update(range(first, last + 1))
+        return data
+
+    def _verify(self, img: ImageData, first: int, last: int, skip=None) -> None:
+        verified, state = img.verified, img.state
+        for c in range(first, last + 1):
+            if verified[c] or (skip and c in skip):
+                continue
+            if state[c] != INDEXED:
+                continue
+            data = os.pread(img.fd, img.chunk_len(c), c * self.chunk_size)
+            if xxhash.xxh3_64_intdigest(data) != img.xxh[c]:
+                log.warning("cached chunk %d of %s failed its checksum: dropped, fetching it again",
+                            c, img.content.hex())
+                self._stats["corrupt_dropped"] += 1
+                self._release(img, c)
+                raise ChunkCorrupt(c)
+            verified[c] = 1
+
+    # --- writes ----------------------------------------------------------------------------
+
+    def _disk_room(self, recheck: bool = False) -> int:
+        """The most the cache may hold now: its capacity, or less when its file system runs short
+        (other files grew, or the capacity was set larger than the disk).  It keeps a reserve
+        free there (2 % of the file system, at least 1 MiB, at most 1 GiB) for the index and
+        everyone else.  Checked at most once a second, and at once after ENOSPC."""
+        now = time.monotonic()
+        if recheck or now - self._room_checked >= 1.0:
+            self._room_checked = now
+            try:
+                st = os.statvfs(self._dir)
+            except OSError as exc:
+                log.warning("cannot check the cache's file system: %s", exc)
+                return min(self.capacity, self._room)
+            reserve = min(max(st.f_blocks * st.f_frsize // 50, 2**20), 2**30)
+            room = self._used + self._punching + st.f_bavail * st.f_frsize - reserve
+            if room < self.capacity and room < self._room - self.chunk_size:
+                self._warn_full(f"cache file system is short of space: holding at most {max(room, 0)} "
+                                f"bytes there (cache size {self.capacity})")
+            self._room = max(room, 0)
+        return min(self.capacity, self._room)
+
+    def stage(self, img: ImageData, first: int, data: bytes | bytearray) -> bool:
+        """Cache verified bytes of chunks ``first..``; False when they could not be cached
+        (cache full of chunks in use, or disk full): the caller serves them from memory."""
+        n = len(data)
+        limit = self._disk_room()
+        if self._used + n > limit:
+            self._evict(n, limit)
+            if self._used + n > limit:
+                self._stats["bytes_not_cached"] += n
+                self._warn_full("cache is full of chunks in use; serving %d bytes uncached" % n)
+                return False
+        offset = first * self.chunk_size
+        try:
+            written = os.pwrite(img.fd, data, offset)
+            if written != n:
+                raise OSError(errno.ENOSPC, "short write")
+        except OSError as exc:
+            self._scrub(img, offset, n)
+            self._stats["bytes_not_cached"] += n
+            if exc.errno in _DISK_FULL:
+                # Make room for what comes next: shrink to what the disk holds (the holes are
+                # punched once the next commit has made the evictions durable).
+                self._stats["disk_full_events"] += 1
+                self._evict(n, self._disk_room(recheck=True))
+                self._warn_full(f"cache disk full ({exc.strerror}); evicting to make room, serving "
+                                "these reads uncached")
+            else:
+                log.error("writing to cache file %s failed: %s; serving uncached", img.path.name, exc)
+            return False
+        cs = self.chunk_size
+        view = memoryview(data)
+        for i in range(-(-n // cs)):
+            c = first + i
+            img.xxh[c] = xxhash.xxh3_64_intdigest(view[i * cs:(i + 1) * cs])
+            img.state[c] = PENDING
+            img.verified[c] = 1
+            self._pending.append((img, c))
+            self._changed(img, c, True)
+        self._used += n
+        self._stats["chunks_staged"] += -(-n // cs)
+        self._wake.set()
+        return True
+
+    def _scrub(self, img: ImageData, offset: int, length: int) -> None:
+        try:
+            punch_hole(img.fd, offset, length)
+        except OSError as exc:
+            log.error("could not punch out a failed write in %s: %s", img.path.name, exc)
+
+    def _warn_full(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last_full_warning > 30:
+            self._last_full_warning = now
+            log.warning(message)
+
+    def _release(self, img: ImageData, c: int) -> None:
+        """Drop one cached chunk now (evicted or corrupt); its index entry goes in the next commit,
+        its bytes once that is durable (rule 4)."""
+        was = img.state[c]
+        img.state[c] = ABSENT
+        img.verified[c] = 0
+        if was == INDEXED:
+            self._deletes.append((img.content, c))
+            self._punches.append((img, c))
+            self._punching += img.chunk_len(c)
+        else:
+            self._scrub(img, c * self.chunk_size, img.chunk_len(c))
+        if was:
+            self._used -= img.chunk_len(c)
+            self._changed(img, c, False)
+        self._wake.set()
+
+    def _evict(self, need: int, limit: int | None = None) -> None:
+        """Make ``used + need <= limit`` (default: the capacity) if chunks not in use allow;
+        oldest last use first."""
+        target = (self.capacity if limit is None else limit) - need
+        if self._used <= target:
+            return
+        # The index's last-use order lags by up to one touch flush: first spare what was read since.
+        for spare_touched in (True, False):
+            for content, c, _ in self._index.lru_oldest():
+                if self._used <= target:
+                    return
+                img = self.find(content)
+                if img is None or c >= img.nchunks or img.state[c] != INDEXED or img.pinned(c):
+                    continue
+                if spare_touched and c in img.touched:
+                    continue
+                self._release(img, c)
+                self._stats["evictions"] += 1
+
+    def drop_image(self, content: bytes) -> int:
+        """Evict every unpinned chunk of one content now; returns how many."""
+        img = self.find(content)
+        if img is None:
+            return 0
+        dropped = 0
+        for c in range(img.nchunks):
+            if img.state[c] == INDEXED and not img.pinned(c):
+                self._release(img, c)
+                dropped += 1
+        return dropped
+
+    # --- the committer ---------------------------------------------------------------------
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Commit staged chunks and queued deletes every ``commit_interval``; flush last-use times."""
+        task_status.started()
+        last_touch = time.monotonic()
+        while True:
+            with trio.move_on_after(self._commit_interval):
+                await self._wake.wait()
+            await trio.sleep(0.02)  # gather a batch
+            self._wake = trio.Event()
+            touch = time.monotonic() - last_touch >= self._touch_interval
+            if touch:
+                last_touch = time.monotonic()
+            await self.commit(touch=touch)
+
+    async def commit(self, touch: bool = True) -> None:
+        pending, self._pending = self._pending, []
+        deletes, self._deletes = self._deletes, []
+        punches, self._punches = self._punches, []
+        now = _now_ms()
+        touches = []
+        if touch:
+            for img in self._images.values():
+                touches.extend((img.content, c, now) for c in img.touched if img.state[c] == INDEXED)
+                img.touched.clear()
+        pending = [(img, c) for img, c in pending if img.state[c] == PENDING]
+        if not (pending or deletes or touches):
+            return
+        puts = [Put(img.content, c, img.chunk_len(c), img.xxh[c], now) for img, c in pending]
+        fds = {img.fd for img, _ in pending}
+        try:
+            await trio.to_thread.run_sync(self._durable_commit, fds, deletes, puts, touches,
+                                          limiter=self._writer, abandon_on_cancel=False)
+        except OSError as exc:
+            self._stats["commit_failures"] += 1
+            log.warning("could not make %d cached chunks durable (%s); dropping them", len(pending), exc)
+            self._deletes[:0] = deletes
+            self._punches[:0] = punches
+            for img, c in pending:
+                if img.state[c] == PENDING:
+                    self._release(img, c)
+            return
+        for img, c in pending:
+            if img.state[c] == PENDING:
+                img.state[c] = INDEXED
+        # The deletes are durable: now the evicted bytes may go (no await since the check).
+        for img, c in punches:
+            self._punching -= img.chunk_len(c)
+            if img.state[c] == ABSENT and self._images.get(img.content) is img:
+                self._scrub(img, c * self.chunk_size, img.chunk_len(c))
+        self._stats["chunks_committed"] += len(pending)
+
+    def _durable_commit(self, fds, deletes, puts, touches) -> None:
+        for fd in fds:
+            os.fdatasync(fd)
+        try:
+            self._index.commit(deletes=deletes, puts=puts, touches=touches)
+        except Exception as exc:
+            raise OSError(errno.EIO, str(exc)) from exc
+
+    def close(self) -> None:
+        for img in self._images.values():
+            img.close()
+        self._images.clear()
+
+    def statistics(self) -> dict:
+        return {
+            **self._stats,
+            "capacity": self.capacity,
+            "room": min(self.capacity, self._room),  # less than capacity: the disk is short
+            "used": self._used,
+            "pending_chunks": len(self._pending),
+            "open_contents": len(self._images),
+        }

@@ -1,0 +1,82 @@
+"""``thunderfs status`` and ``thunderfs evict``: what a running daemon has done; an image's
+cached chunks dropped."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from thunderfs.service import control
+from thunderfs.errors import ConfigError
+from thunderfs_common.units import format_size
+
+
+def add_parsers(sub) -> None:
+    s = sub.add_parser("status", help="what the daemon serving MOUNTPOINT (default: every mount) has done")
+    s.add_argument("mountpoint", nargs="?")
+    s.add_argument("--json", action="store_true", help="everything, as JSON (a list without MOUNTPOINT)")
+    s.set_defaults(func=cmd_status)
+
+    e = sub.add_parser("evict", help="drop an image's cached chunks")
+    e.add_argument("mountpoint")
+    e.add_argument("image_id")
+    e.set_defaults(func=cmd_evict)
+
+
+def cmd_status(args, _argv) -> int:
+    mounts = [Path(args.mountpoint)] if args.mountpoint else control.mountpoints()
+    if not mounts:
+        raise ConfigError("no thunderfs mount is running here")
+    all_stats = [control.call(m, "stats") for m in mounts]
+    if args.json:
+        print(json.dumps(all_stats[0] if args.mountpoint else all_stats, indent=2, sort_keys=True))
+        return 0
+    for stats in all_stats:
+        _print_status(stats)
+    return 0
+
+
+def _print_status(stats: dict) -> None:
+    g, c, f = stats["glance"], stats["cache"], stats["fetch"]
+    print(f"{stats['mountpoint']}: {stats['images']} images, daemon pid {stats['pid']}")
+    print(f"  Glance {g['url']} ({'reachable' if g['reachable'] else 'UNREACHABLE'}): "
+          f"{format_size(g['bytes'])} in {g['range_requests']} range requests, {g['errors']} errors")
+    print(f"  cache {format_size(c['used'])} of {format_size(c['capacity'])}; served "
+          f"{format_size(c['bytes_read_disk'])} from disk, {format_size(c['bytes_read_memory'])} uncached; "
+          f"{c['evictions']} evictions, {c['corrupt_dropped']} corrupt chunks dropped")
+    print(f"  fetched {f['chunks_fetched']} chunks in {f['flights']} requests "
+          f"({f['readahead_chunks']} by readahead), {f['failures']} failures")
+    if "peers" in stats:
+        p, u = stats["peers"], stats["peer_server"]
+        print(f"  peers: received {format_size(p['bytes'])} in {p['requests']} requests ({p['bad_chunks']} bad "
+              f"chunks refused); sent {format_size(u['served_bytes'])} to others; avoided now: "
+              f"{', '.join(p['avoided_peers']) or 'none'}")
+    if (n := stats.get("nova")) is not None:
+        state = "released (rolled back)" if n["released"] else f"ERROR: {n['last_error']}" if n["last_error"] else "kept"
+        print(f"  Nova image cache {n['base_dir']}: {state}; {n['links']} links, {n['linked']} made, "
+              f"{n['restored']} put back, {n['removed']} removed, {n['kept_in_use']} kept for instances "
+              f"(image gone), {len(n['left_alone'])} other files left alone")
+    idle = 0
+    for im in stats.get("per_image", []):
+        if not im["cached_chunks"] and not im["bytes_read"]:
+            idle += 1
+            continue
+        print(f"  {im['id']} {im['name']!r}: {format_size(im['size'])}, {100 * im['cached_fraction']:.1f}% cached; "
+              f"read {format_size(im['bytes_read'])}; fetched {format_size(im['bytes_from_peers'])} from peers, "
+              f"{format_size(im['bytes_from_origin'])} from Glance")
+        if im["peers"]:
+            print("    peers: " + ", ".join(f"{n} {format_size(b)}" for n, b in list(im["peers"].items())[:5])
+                  + (f" and {len(im['peers']) - 5} more" if len(im["peers"]) > 5 else ""))
+        if (pr := im["profile"]) is not None:
+            job = f"{pr['job']} {pr['job_done']}/{pr['job_total']}" if pr["job"] else "no prefetch running"
+            print(f"    profile v{pr['profile_version'] or '-'}{', recording' if pr['recording'] else ''}; {job}; "
+                  f"prefetched {pr['prefetched']}, {pr['hits']} read, {pr['waste']} not read; "
+                  f"{pr['demand_waits']} reads waited")
+    if idle:
+        print(f"  {idle} other image{'s' if idle > 1 else ''}: nothing cached or read")
+
+
+def cmd_evict(args, _argv) -> int:
+    r = control.call(Path(args.mountpoint), "evict", image_id=args.image_id)
+    print(f"{args.image_id}: {r['dropped_chunks']} cached chunks dropped")
+    return 0

@@ -1,0 +1,89 @@
+"""Telling the tracker who we are and what we hold.
+
+Announces (the heartbeat) at the tracker's pace; sends the full chunk state at start and whenever
+the tracker's epoch changes (it restarted and lost peer state) or a send failed; otherwise sends
+the chunks that became servable or went away, batched every ``delta_interval`` seconds, so that a
+chunk this node just fetched is relayed to others within about a second.  The tracker being down
+costs nothing but discovery: the node keeps reading from Glance and the peers it knew.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import trio
+
+from thunderfs.cache.store import ChunkStore
+from thunderfs.reachability import Reachability
+from thunderfs_tracker.client import TrackerClient, TrackerError
+from thunderfs_tracker.protocol import ChunkUpdate, NodeInfo, chunks_to_bits
+
+class Announcer:
+    def __init__(self, tracker: TrackerClient, store: ChunkStore, node: NodeInfo, *,
+                 load: Callable[[], int] = lambda: 0, rtt: Callable[[], dict[str, float]] = dict,
+                 delta_interval: float = 0.5):
+        self._tracker = tracker
+        self._store = store
+        self._node = node
+        self._load = load
+        self._rtt = rtt
+        self._interval = delta_interval
+        self._epoch: str | None = None
+        self._reach = Reachability(f"tracker {','.join(tracker.urls)}")
+        self._sending = 0  # changes drained and not yet acknowledged by the tracker
+        self._stats = dict.fromkeys(("announces", "full_states", "deltas", "failures"), 0)
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        next_announce = 0.0
+        while True:
+            try:
+                if self._epoch is None or trio.current_time() >= next_announce:
+                    node = dataclasses.replace(self._node, load=self._load(), rtt_ms=self._rtt())
+                    reply = await self._tracker.announce(node)
+                    self._stats["announces"] += 1
+                    next_announce = trio.current_time() + reply.heartbeat
+                    if reply.epoch != self._epoch:
+                        await self._send_full()
+                        self._epoch = reply.epoch
+                await self._send_deltas()
+                self._reach.up()
+            except TrackerError as exc:
+                self._stats["failures"] += 1
+                self._epoch = None  # what we hold is resent in full once it answers again
+                next_announce = trio.current_time() + 2.0
+                self._reach.down(str(exc), "reading from Glance and the peers already known")
+            await trio.sleep(self._interval)
+
+    async def _send_full(self) -> None:
+        self._store.drain_changes()  # the full state includes them
+        updates = []
+        for img in self._store.contents():
+            bits = img.held_bits()
+            if bits:
+                updates.append(ChunkUpdate(img.content.hex(), img.nchunks, add=bits, full=True))
+        await self._tracker.send_chunks(True, updates)
+        self._stats["full_states"] += 1
+
+    async def _send_deltas(self) -> None:
+        changes = self._store.drain_changes()
+        if not changes:
+            return
+        updates = [ChunkUpdate(content.hex(), img.nchunks, add=chunks_to_bits(added), remove=chunks_to_bits(removed))
+                   for content, (img, added, removed) in changes.items()]
+        self._sending = sum(len(added) + len(removed) for _, added, removed in changes.values())
+        try:
+            epoch = await self._tracker.send_chunks(False, updates)
+        finally:
+            self._sending = 0
+        self._stats["deltas"] += 1
+        if epoch != self._epoch:
+            self._epoch = None
+
+    def statistics(self) -> dict:
+        unsent = self._store.changes_pending() + self._sending
+        return {**self._stats, "unannounced_changes": unsent,
+                "in_sync": self._epoch is not None and not unsent,  # the tracker knows what this node holds
+                "tracker_ok": self._reach.ok, "tracker": self._tracker.url,
+                "tracker_failovers": self._tracker.failovers}

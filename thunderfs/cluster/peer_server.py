@@ -1,0 +1,152 @@
+"""Serving cached chunks to other members of the cluster over HTTP (h11 on trio).
+
+    GET /v1/chunks/<content-key>/<first>/<count>   -> the bytes of those chunks, all cached, or 404
+    GET /healthz
+
+Only members' signed requests are answered (401 otherwise).  Uploads are capped in number (503
+when every slot is busy: the asker moves on to another source) and in bandwidth (token bucket).
+A chunk is served only after its checksum was checked in this process (rule 5 of chunk_store):
+a corrupt cached chunk is dropped, never relayed.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import h11
+import trio
+
+from thunderfs.cache.store import ChunkStore
+from thunderfs.errors import ChunkCorrupt
+from thunderfs.ratelimit import TokenBucket
+from thunderfs_common.signing import Verifier
+
+log = logging.getLogger(__name__)
+
+_CHUNKS = re.compile(r"^/v1/chunks/([0-9a-f]{32})/(\d{1,9})/(\d{1,6})$")
+MAX_REQUEST_CHUNKS = 1024
+IDLE_TIMEOUT = 30.0
+
+
+class PeerServer:
+    def __init__(self, store: ChunkStore, *, secret: bytes | None, max_uploads: int = 8, rate: float = 0):
+        self._store = store
+        self._verifier = Verifier(secret) if secret else None
+        self._slots = max_uploads
+        self._busy = 0
+        self._bucket = TokenBucket(rate)
+        self._stats = dict.fromkeys(("requests", "served_chunks", "served_bytes", "not_held", "busy",
+                                     "refused", "bad_requests"), 0)
+
+    @property
+    def uploads(self) -> int:
+        return self._busy
+
+    async def listen(self, host: str, port: int) -> tuple[str, int]:
+        """Bind now (before the mount is made, so that a busy port is a clean start-up error)."""
+        self._listeners = await trio.open_tcp_listeners(port, host=host)
+        return self._listeners[0].socket.getsockname()[:2]
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        await trio.serve_listeners(self._connection, self._listeners)
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
+        try:
+            async with stream:
+                while True:
+                    request = await self._next_request(conn, stream)
+                    if request is None:
+                        return
+                    status, body, slot = self._answer(request)
+                    try:
+                        await self._send(conn, stream, status, body, head=request.method == b"HEAD")
+                    finally:
+                        if slot:
+                            self._busy -= 1  # taken in _answer, held until the bytes are sent
+                    if conn.our_state is h11.MUST_CLOSE:
+                        return
+                    conn.start_next_cycle()
+        except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+            return  # a client that broke the protocol, hung up, or idled past IDLE_TIMEOUT
+        except Exception:
+            # The boundary of one connection: whatever went wrong is logged and ends it, never
+            # the daemon (serve_listeners would let it take the whole nursery down).
+            log.exception("peer connection failed")
+            self._stats["bad_requests"] += 1
+
+    async def _next_request(self, conn: h11.Connection, stream) -> h11.Request | None:
+        request = None
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                with trio.fail_after(IDLE_TIMEOUT):
+                    data = await stream.receive_some(65536)
+                conn.receive_data(data)
+                if not data and conn.their_state is h11.IDLE:
+                    return None
+            elif isinstance(event, h11.Request):
+                request = event
+            elif isinstance(event, h11.Data):
+                continue  # bodies are not used; a GET has none
+            elif isinstance(event, h11.EndOfMessage):
+                return request
+            elif isinstance(event, h11.ConnectionClosed):
+                return None
+
+    async def _send(self, conn: h11.Connection, stream, status: int, body: bytes, head: bool = False) -> None:
+        headers = [("Content-Length", str(len(body))), ("Content-Type", "application/octet-stream")]
+        await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)))
+        if body and not head:  # an answer to HEAD has the length of the body it would have, not the body
+            await self._bucket.wait_for(len(body))
+            await stream.send_all(conn.send(h11.Data(data=body)))
+        await stream.send_all(conn.send(h11.EndOfMessage()))
+
+    def _answer(self, request: h11.Request) -> tuple[int, bytes, bool]:
+        """Status, body, and whether an upload slot was taken (the caller frees it once sent)."""
+        self._stats["requests"] += 1
+        target = request.target.decode("ascii", "replace")
+        if request.method != b"GET":
+            self._stats["bad_requests"] += 1
+            return 405, b"only GET\n", False
+        if target == "/healthz":
+            return 200, b"ok\n", False
+        if self._verifier is not None:
+            headers = {k.decode().title(): v.decode("latin-1") for k, v in request.headers}
+            try:
+                self._verifier.verify("GET", target, headers, b"")
+            except ValueError as exc:
+                self._stats["refused"] += 1
+                return 401, f"not a member: {exc}\n".encode(), False
+        m = _CHUNKS.match(target)
+        if not m:
+            self._stats["bad_requests"] += 1
+            return 400, b"GET /v1/chunks/<content-key>/<first>/<count>\n", False
+        content, first, count = bytes.fromhex(m.group(1)), int(m.group(2)), int(m.group(3))
+        if not 1 <= count <= MAX_REQUEST_CHUNKS:
+            self._stats["bad_requests"] += 1
+            return 400, f"count must be from 1 to {MAX_REQUEST_CHUNKS}\n".encode(), False
+        if self._busy >= self._slots:
+            self._stats["busy"] += 1
+            return 503, b"upload slots full\n", False
+        img = self._store.find(content)
+        last = first + count - 1
+        if img is None or last >= img.nchunks or img.missing(first, last):
+            self._stats["not_held"] += 1
+            return 404, b"not held\n", False
+        cs = self._store.chunk_size
+        start, end = first * cs, min(img.size, (last + 1) * cs)
+        try:
+            data = self._store.read(img, start, end - start)
+        except ChunkCorrupt:
+            self._stats["not_held"] += 1
+            return 404, b"not held\n", False
+        self._stats["served_chunks"] += count
+        self._stats["served_bytes"] += len(data)
+        self._busy += 1
+        return 200, data, True
+
+    def statistics(self) -> dict:
+        return {**self._stats, "uploads_in_progress": self._busy, "upload_slots": self._slots}

@@ -1,0 +1,159 @@
+"""Claims: before a node fetches chunks from Glance it tells the tracker, which grants it the
+chunks nobody else has or is fetching and names the nodes that do for the rest.  Those chunks are
+then taken from peers as they appear at the claimer, so that a crowd of nodes booting one image
+makes Glance send each chunk about once.
+
+Waiters for the same new chunks take different pieces from the claimer, then trade them among
+themselves; a claimer that fails hands its chunks back to the caller at once, one that is slow is
+waited for (bounded), and a reader waiting on a slow claimer that already holds its chunks waits
+only ``SLOW_HOLDER_PATIENCE`` peer timeouts.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Awaitable, Callable
+
+import httpx
+import trio
+
+from thunderfs.cache.store import ImageData
+from thunderfs.fetch.peer_client import Answer, PeerClient, Reply
+from thunderfs.fetch.peer_directory import PeerDirectory
+from thunderfs.fetch.source import runs
+from thunderfs.image import ImageMeta
+from thunderfs_tracker.client import TrackerClient, TrackerError
+from thunderfs_tracker.protocol import Manifest, PeerRecord
+
+log = logging.getLogger(__name__)
+
+Ask = Callable[[PeerRecord, ImageData, Manifest, int, int], Awaitable[Reply]]
+
+
+class ClaimTaker:
+    # The size of a request for chunks that are still arriving at the node that fetches them.
+    PIECE = 2**20
+    # How many such pieces one waiting flight asks for at once, from different peers.
+    WORKERS = 6
+    # How many of those requests this node has outstanding at one peer: a crowd of waiters all
+    # asking the first holder at once would bury it (it times out, and everybody goes to Glance).
+    PER_PEER = 2
+    # How long a reader waits for chunks a slow peer already holds (times the peer timeout) while
+    # other holders appear, before Glance: a hung sole holder costs a reader this, no more.
+    SLOW_HOLDER_PATIENCE = 2
+
+    def __init__(self, tracker: TrackerClient, directory: PeerDirectory, client: PeerClient, ask: Ask, *,
+                 chunk_size: int, timeout: float = 2.0, max_request_chunks: int = 256, poll: float = 0.25):
+        self._tracker = tracker
+        self._directory = directory
+        self._client = client
+        self._ask = ask
+        self.timeout = timeout
+        # How often a node waiting for chunks another node is fetching from Glance looks again.
+        self.poll = poll
+        self._piece = max(1, min(max_request_chunks, self.PIECE // chunk_size))
+        self._asking: dict[str, int] = {}  # pieces outstanding per peer
+        self._stats = dict.fromkeys(("claims", "claim_failures", "claim_retries", "claim_waits"), 0)
+
+    async def claim(self, meta: ImageMeta, img: ImageData, chunks: list[int],
+                    *, tries: int = 1) -> tuple[list[int], list[tuple[PeerRecord, list[int], bool]]]:
+        """Before fetching ``chunks`` from Glance: (chunks this node may fetch, [(peer, chunks it
+        is fetching or holds, whether it holds them)]).  Without a manifest, or with the tracker
+        down, everything is granted.  A tracker that is slow (not down) is asked up to ``tries``
+        times: a background fetch had better wait than fetch from Glance what a crowd of other
+        nodes is fetching too."""
+        if self._directory.manifest_nowait(meta) is None:
+            return chunks, []
+        for attempt in range(1, tries + 1):
+            try:
+                with trio.fail_after(self.timeout):
+                    granted, others = await self._tracker.claim(img.content.hex(), img.nchunks, chunks)
+                break
+            except (TrackerError, trio.TooSlowError) as exc:
+                slow = isinstance(exc, trio.TooSlowError) or isinstance(exc.__cause__, httpx.TimeoutException)
+                if slow and attempt < tries:
+                    self._stats["claim_retries"] += 1
+                    continue
+                self._stats["claim_failures"] += 1
+                log.debug("claim failed: %r", exc)
+                return chunks, []
+        self._stats["claims"] += 1
+        # A peer that has failed or lied is not waited for.  One that was slow a moment ago is:
+        # on a loaded host every peer is slow now and then, and skipping them sends the whole
+        # crowd to Glance (take bounds the wait for a slow holder).
+        others = [(p, cs, held) for p, cs, held in others if not self._client.avoided(p.node_id)]
+        granted = sorted(set(chunks) - {c for _, cs, _ in others for c in cs})
+        return granted, others
+
+    async def take(self, meta: ImageMeta, img: ImageData, claimer: PeerRecord, chunks: list[int], wait: float,
+                   put: Callable[[int, bytes], None], *, held: bool = False, urgent: bool = True) -> list[int]:
+        """Take ``chunks``, which ``claimer`` is fetching from Glance, as they appear, for at most
+        ``wait`` seconds: from whichever peers hold them by then, nodes that already took them
+        from the claimer before the claimer itself (so that its uplink is not the only one that
+        carries them), a few pieces at once from different peers.  ``put(first, bytes)``
+        receives each verified run.  Returns the chunks not delivered (the caller fetches them
+        from Glance), at once if the claimer fails (a slow claimer is waited for; if it already
+        ``held`` them and a reader waits (``urgent``), only for SLOW_HOLDER_PATIENCE timeouts)."""
+        manifest = self._directory.manifest_nowait(meta)
+        pending = set(chunks)
+        if manifest is None:
+            return sorted(pending)
+        if urgent and held and self._client.slow(claimer.node_id):
+            wait = min(wait, self.SLOW_HOLDER_PATIENCE * self.timeout)
+        taking: set[int] = set()
+        resting: dict[str, float] = {}  # peers that were busy or slow: not asked again until then
+        claimer_failed = False
+
+        async def worker() -> None:
+            nonlocal claimer_failed
+            while pending and not claimer_failed:
+                holders = await self._directory.holders(img, min(pending), max(pending), max_age=self.poll)
+                choice = self._pick(holders, pending - taking, claimer, resting)
+                if choice is None:
+                    self._stats["claim_waits"] += 1
+                    await trio.sleep(self.poll)
+                    continue
+                peer, rfirst, rcount = choice
+                piece = range(rfirst, rfirst + rcount)
+                taking.update(piece)
+                self._asking[peer.node_id] = self._asking.get(peer.node_id, 0) + 1
+                try:
+                    reply = await self._ask(peer, img, manifest, rfirst, rcount)
+                finally:
+                    taking.difference_update(piece)
+                    if (left := self._asking.pop(peer.node_id) - 1) > 0:
+                        self._asking[peer.node_id] = left
+                if reply.answer is Answer.OK:
+                    put(rfirst, reply.data)
+                    pending.difference_update(piece)
+                elif reply.answer in (Answer.FAILED, Answer.LIED) and peer.node_id == claimer.node_id:
+                    claimer_failed = True
+                elif reply.answer in (Answer.BUSY, Answer.SLOW, Answer.NOT_HELD):
+                    resting[peer.node_id] = trio.current_time() + self.poll
+
+        with trio.move_on_after(wait):
+            async with trio.open_nursery() as nursery:
+                for _ in range(min(self.WORKERS, -(-len(pending) // self._piece))):
+                    nursery.start_soon(worker)
+        return sorted(pending)
+
+    def _pick(self, holders: list[tuple[PeerRecord, int]], wanted: set[int], claimer: PeerRecord,
+              resting: dict[str, float]) -> tuple[PeerRecord, int, int] | None:
+        """The best-ranked peer that can be asked for some of ``wanted`` (the claimer last), and a
+        random piece of what it holds."""
+        now = trio.current_time()
+        ranked = sorted(holders, key=lambda held: held[0].node_id == claimer.node_id)
+        for peer, bits in ranked:
+            node = peer.node_id
+            if resting.get(node, 0) > now or self._client.avoided(node) or self._asking.get(node, 0) >= self.PER_PEER:
+                continue
+            if node != claimer.node_id and self._client.slow(node):
+                continue
+            pieces = runs(sorted(c for c in wanted if bits >> c & 1), self._piece)
+            if pieces:
+                return (peer, *random.choice(pieces))
+        return None
+
+    def statistics(self) -> dict:
+        return dict(self._stats)

@@ -1,0 +1,64 @@
+"""Glance as a source of chunks: asked last, within its own slots and bandwidth, with retries.
+
+Adjacent chunks go in one Range request of at most ``max_chunks`` chunks.  Pieces are handed to
+the sink (cached, and so offered to peers) every ``PLACE_STEP`` bytes as they arrive, not only
+once a whole request (up to 16 MiB) is in, and a retry asks only for what is still missing.  A
+request holds one of Glance's slots (demand before readahead before prefetch) and waits for its
+bytes in the token bucket (``--origin-rate``).  Errors are the origin's: ``OriginUnavailable``
+after retrying within the deadline, ``ImageGone`` at once.
+"""
+
+from __future__ import annotations
+
+from thunderfs.glance.origin import GlanceOrigin
+from thunderfs.ratelimit import TokenBucket
+from thunderfs.fetch.retry import with_retries
+from thunderfs.fetch.slots import PrioritySlots
+from thunderfs.fetch.source import Sink, Want, deadline_for, runs
+
+# Chunks fetched from Glance are cached (and so offered to peers) in pieces of this size as they
+# arrive, not only once a whole request (up to 16 MiB) is in.
+PLACE_STEP = 2**20
+
+
+class GlanceSource:
+    name = "origin"
+
+    def __init__(self, origin: GlanceOrigin, *, chunk_size: int, max_chunks: int, fetch_timeout: float,
+                 concurrency: int, rate: float = 0):
+        self._origin = origin
+        self._cs = chunk_size
+        self._max_chunks = max_chunks
+        self._timeout = fetch_timeout
+        self._slots = PrioritySlots(concurrency)
+        self._bucket = TokenBucket(rate)
+
+    async def fetch(self, want: Want, sink: Sink) -> list[int]:
+        cs, step = self._cs, max(1, PLACE_STEP // self._cs)
+        meta, img = want.meta, want.img
+        async with want.urgency.ticket(self._slots):
+            for rfirst, rcount in runs(want.chunks, self._max_chunks):
+                a, b = rfirst * cs, min(img.size, (rfirst + rcount) * cs)
+                await self._bucket.wait_for(b - a, want.priority)
+                placed = rfirst  # the first chunk not handed over yet
+                at = a  # where the attempt under way started
+
+                def on_data(buf: bytearray, got: int) -> None:
+                    nonlocal placed
+                    ready = (at + got) // cs if at + got < b else rfirst + rcount
+                    if ready - placed >= step or ready == rfirst + rcount:
+                        sink.put(placed, memoryview(buf)[placed * cs - at:min(b, ready * cs) - at])
+                        placed = ready
+
+                async def attempt() -> None:
+                    nonlocal at
+                    at = placed * cs
+                    if at < b:
+                        await self._origin.read_range(meta.id, at, b, on_data)
+
+                await with_retries(attempt, timeout=deadline_for(self._timeout, b - a),
+                                   what=f"Glance read of {meta.id} chunks {rfirst}..{rfirst + rcount - 1}")
+        return []
+
+    def statistics(self) -> dict:
+        return {"origin_slots": self._slots.statistics()}

@@ -1,0 +1,142 @@
+"""Asking one peer for a run of chunks, and checking every chunk against the image's manifest.
+
+The answer is a ``Reply`` whose ``answer`` says what happened (``Answer``): the bytes, every chunk
+verified; or that the peer does not hold them, is busy, is slow, failed, or lied.  The client
+remembers what peers did: one that failed is avoided ``avoid_failed`` seconds, one that lied
+``avoid_lying``, one that was slow is rested ``avoid_slow``; and how fast each answers (time to
+first byte, smoothed), which the tracker ranks peers by after location.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import logging
+from dataclasses import dataclass
+
+import httpx
+import trio
+
+from thunderfs.cache.store import ImageData
+from thunderfs_common.signing import SignedRequests
+from thunderfs_tracker.protocol import Manifest, PeerRecord
+
+log = logging.getLogger(__name__)
+
+
+class Answer(enum.Enum):
+    OK = "ok"
+    NOT_HELD = "not_held"
+    BUSY = "busy"
+    SLOW = "slow"
+    FAILED = "failed"
+    LIED = "lied"
+
+
+@dataclass(frozen=True)
+class Reply:
+    answer: Answer
+    data: bytes | None = None  # OK: the run's bytes, every chunk checked
+    bad_chunk: int = -1  # LIED: the first chunk that failed
+    why: str = ""  # LIED: how
+
+
+class PeerClient:
+    def __init__(self, *, node_id: str, secret: bytes | None, chunk_size: int, timeout: float = 2.0,
+                 min_rate: float = 2**20, avoid_failed: float = 30.0, avoid_slow: float = 5.0,
+                 avoid_lying: float = 3600.0, transport: httpx.AsyncBaseTransport | None = None):
+        self._cs = chunk_size
+        self.timeout = timeout
+        self._min_rate = min_rate
+        self._avoid_failed, self._avoid_slow, self._avoid_lying = avoid_failed, avoid_slow, avoid_lying
+        # Per socket operation: connect, and silence between reads.  The whole transfer is bounded
+        # separately, by its size (get).
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=min(timeout, 1.0)),
+                                       limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+                                       auth=SignedRequests(secret, node_id) if secret else None,
+                                       transport=transport)  # tests: an httpx.MockTransport
+        self._avoid: dict[str, float] = {}  # failed or lied: until when
+        self._slow: dict[str, float] = {}   # slow (busy serving others, perhaps): until when
+        self._rtt: dict[str, float] = {}
+        self._served: dict[bytes, dict[str, int]] = {}  # content -> peer -> bytes it sent us
+        self._stats = dict.fromkeys(("chunks", "bytes", "requests", "failures", "slow", "busy", "bad_chunks"), 0)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    def avoided(self, node_id: str) -> bool:
+        """It failed or lied lately: not asked, not waited for."""
+        return self._avoid.get(node_id, 0) > trio.current_time()
+
+    def slow(self, node_id: str) -> bool:
+        return self._slow.get(node_id, 0) > trio.current_time()
+
+    async def get(self, peer: PeerRecord, img: ImageData, manifest: Manifest, first: int, count: int) -> Reply:
+        path = f"/v1/chunks/{img.content.hex()}/{first}/{count}"
+        self._stats["requests"] += 1
+        started = trio.current_time()
+        expected = min(img.size, (first + count) * self._cs) - first * self._cs
+        try:
+            with trio.fail_after(self.timeout + expected / self._min_rate):
+                async with self._http.stream("GET", peer.peer_url.rstrip("/") + path) as resp:
+                    self._note_rtt(peer.node_id, trio.current_time() - started)
+                    status = resp.status_code
+                    body = await resp.aread() if status == 200 else b""
+        except (httpx.TimeoutException, trio.TooSlowError) as exc:
+            # Slow, not dead: skip it for a moment (it may just be busy serving others).
+            self._stats["slow"] += 1
+            if not self.slow(peer.node_id):  # one line when it turns slow, not per request
+                log.info("peer %s too slow (%s); skipping it for %.0fs", peer.node_id, type(exc).__name__,
+                         self._avoid_slow)
+            self._slow[peer.node_id] = trio.current_time() + self._avoid_slow
+            return Reply(Answer.SLOW)
+        except httpx.HTTPError as exc:
+            self._stats["failures"] += 1
+            if not self.avoided(peer.node_id):
+                log.info("peer %s failed (%s); avoiding it for %.0fs", peer.node_id, type(exc).__name__,
+                         self._avoid_failed)
+            self._avoid[peer.node_id] = trio.current_time() + self._avoid_failed
+            return Reply(Answer.FAILED)
+        if status != 200:
+            if status == 404:
+                return Reply(Answer.NOT_HELD)
+            self._stats["busy" if status == 503 else "failures"] += 1
+            return Reply(Answer.BUSY if status == 503 else Answer.FAILED)
+        if len(body) != expected:
+            return self._lied(peer, img, first, f"sent {len(body)} bytes for {expected}")
+        view, cs = memoryview(body), self._cs
+        for i in range(count):
+            if hashlib.sha256(view[i * cs:(i + 1) * cs]).digest() != manifest.digest(first + i):
+                return self._lied(peer, img, first + i, "chunk does not match the manifest")
+        self._stats["chunks"] += count
+        self._stats["bytes"] += len(body)
+        served = self._served.setdefault(img.content, {})
+        served[peer.node_id] = served.get(peer.node_id, 0) + len(body)
+        return Reply(Answer.OK, body)
+
+    def _lied(self, peer: PeerRecord, img: ImageData, chunk: int, why: str) -> Reply:
+        self._stats["bad_chunks"] += 1
+        self._avoid[peer.node_id] = trio.current_time() + self._avoid_lying
+        log.warning("peer %s sent a bad chunk %d of %s (%s): discarded, peer avoided and reported",
+                    peer.node_id, chunk, img.content.hex(), why)
+        return Reply(Answer.LIED, bad_chunk=chunk, why=why)
+
+    def _note_rtt(self, node_id: str, seconds: float) -> None:
+        """Time to first byte, smoothed: what the tracker ranks peers by after location."""
+        ms = seconds * 1000
+        old = self._rtt.pop(node_id, None)
+        self._rtt[node_id] = ms if old is None else 0.8 * old + 0.2 * ms
+        while len(self._rtt) > 256:
+            self._rtt.pop(next(iter(self._rtt)))
+
+    def sources_of(self, content: bytes) -> dict[str, int]:
+        """The peers that sent chunks of ``content``, with the bytes each sent, most first."""
+        return dict(sorted(self._served.get(content, {}).items(), key=lambda kv: -kv[1]))
+
+    def rtt_ms(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in self._rtt.items()}
+
+    def statistics(self) -> dict:
+        now = trio.current_time()
+        return {**self._stats, "avoided_peers": sorted(n for n, t in self._avoid.items() if t > now),
+                "slow_peers": sorted(n for n, t in self._slow.items() if t > now), "rtt_ms": self.rtt_ms()}

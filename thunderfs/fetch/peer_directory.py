@@ -1,0 +1,147 @@
+"""Who holds what, as the tracker says: each image's manifest, and which peers hold which chunks.
+
+A manifest is asked once at a time per image (a second asker waits for the first), at most once
+a second while the tracker is still building it, and kept once it came and fits Glance's listing.
+Lookups are asked per window of ``lookup_window`` chunks, one at a time per window, and cached for
+``lookup_ttl`` seconds, so the tracker hears from a node a few times per window, not once per read;
+with the tracker down, the peers known from the last lookup are used.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from thunderfs.cache.store import ImageData
+from thunderfs.fetch.flights import FlightAbandoned, SingleFlight
+from thunderfs.image import ImageMeta
+from thunderfs_tracker.client import TrackerClient, TrackerError
+from thunderfs_tracker.protocol import Manifest, PeerRecord
+
+log = logging.getLogger(__name__)
+
+
+class PeerDirectory:
+    def __init__(self, tracker: TrackerClient, *, chunk_size: int, timeout: float = 2.0,
+                 lookup_window: int = 1024, lookup_ttl: float = 2.0, min_rate: float = 2**20):
+        self._tracker = tracker
+        self._cs = chunk_size
+        self.timeout = timeout
+        self._window = lookup_window
+        self._ttl = lookup_ttl
+        self._min_rate = min_rate
+        self._manifests: dict[bytes, Manifest] = {}
+        self._manifest_asked: dict[bytes, float] = {}
+        self._lookups: dict[tuple[str, int], tuple[float, list[PeerRecord]]] = {}  # -> (when, peers)
+        self._asking = SingleFlight()  # manifest requests and lookups under way
+        self._nursery: trio.Nursery | None = None
+        self._stats = dict.fromkeys(("lookups", "lookup_failures"), 0)
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def prepare(self, meta: ImageMeta) -> None:
+        """An image was opened: ask for its manifest now, so that it is there (or being built)
+        before peers are needed."""
+        if self._nursery is not None:
+            self._nursery.start_soon(self.manifest, meta)
+
+    # --- manifests -------------------------------------------------------------------------
+
+    def manifest_nowait(self, meta: ImageMeta) -> Manifest | None:
+        """The image's manifest if it is here already."""
+        return self._manifests.get(meta.content_key)
+
+    async def manifest(self, meta: ImageMeta) -> Manifest | None:
+        """The image's manifest if the tracker has it."""
+        if (m := self.manifest_nowait(meta)) is not None:
+            return m
+        try:
+            return await self._asking.run(("manifest", meta.content_key), lambda: self._ask_manifest(meta))
+        except FlightAbandoned:
+            return None
+
+    async def wait_manifest(self, meta: ImageMeta, timeout: float = 10.0) -> bool:
+        """Until the image's manifest is here (True), or for at most ``timeout`` seconds: what
+        is fetched before it comes from Glance (peers' bytes cannot be checked), so a prefetch,
+        which nobody waits for, waits for it first."""
+        with trio.move_on_after(timeout):
+            while await self.manifest(meta) is None:
+                await trio.sleep(1.0)
+            return True
+        return False
+
+    async def _ask_manifest(self, meta: ImageMeta) -> Manifest | None:
+        key = meta.content_key
+        if trio.current_time() - self._manifest_asked.get(key, -1e9) < 1.0:
+            return None
+        self._manifest_asked[key] = trio.current_time()
+        m = None
+        try:
+            # A manifest is 44 bytes of JSON per chunk (1.4 MiB for 2 GiB): give it time by size.
+            with trio.move_on_after(self.timeout + meta.size // self._cs * 44 / self._min_rate):
+                m = await self._tracker.manifest(meta.id, self._cs)
+        except TrackerError as exc:
+            log.debug("no manifest for %s: %s", meta.id, exc)
+            return None
+        if m is None:
+            return None
+        if (m.os_hash_value, m.size, m.chunk_size) != (meta.os_hash_value, meta.size, self._cs):
+            log.warning("the tracker's manifest of %s does not match Glance's listing; not using peers for it", meta.id)
+            return None
+        self._manifests[key] = m
+        return m
+
+    # --- lookups ---------------------------------------------------------------------------
+
+    async def holders(self, img: ImageData, first: int, last: int,
+                      max_age: float | None = None) -> list[tuple[PeerRecord, int]]:
+        """Peers with any of chunks first..last, nearest first, with their chunks as absolute bits,
+        from lookups at most ``max_age`` (default: the lookup TTL) seconds old."""
+        content = img.content.hex()
+        merged: dict[str, tuple[PeerRecord, int]] = {}  # in the order the tracker ranked them
+        now = trio.current_time()
+        max_age = self._ttl if max_age is None else max_age
+        for w in range(first // self._window, last // self._window + 1):
+            wfirst = w * self._window
+            wlast = min(img.nchunks, wfirst + self._window) - 1
+            cached = self._lookups.get((content, w))
+            if cached is None or now - cached[0] >= max_age:
+                cached = await self._lookup(content, w, wfirst, wlast)
+            for p in cached[1]:
+                rec, bits = merged.get(p.node_id, (p, 0))
+                merged[p.node_id] = (rec, bits | (p.chunks << wfirst))
+        return list(merged.values())
+
+    async def _lookup(self, content: str, w: int, wfirst: int, wlast: int) -> tuple[float, list[PeerRecord]]:
+        """One tracker lookup of a window at a time: the flights and claim workers that want it
+        while it is asked all take its answer (a crowd of waiters would otherwise multiply the
+        tracker's load, and an overloaded tracker times out into fetches from Glance)."""
+        key = (content, w)
+        try:
+            return await self._asking.run(("lookup", key), lambda: self._ask_lookup(key, wfirst, wlast))
+        except FlightAbandoned:
+            return self._lookups.get(key) or (trio.current_time(), [])
+
+    async def _ask_lookup(self, key: tuple[str, int], wfirst: int, wlast: int) -> tuple[float, list[PeerRecord]]:
+        now = trio.current_time()
+        self._stats["lookups"] += 1
+        previous = self._lookups.get(key)
+        try:
+            with trio.fail_after(self.timeout):
+                found = await self._tracker.lookup(key[0], wfirst, wlast)
+        except (TrackerError, trio.TooSlowError) as exc:
+            self._stats["lookup_failures"] += 1
+            log.debug("tracker lookup failed: %s", exc)
+            found = previous[1] if previous else []  # the peers we already knew
+        self._lookups[key] = answer = (now, found)
+        if len(self._lookups) > 4096:
+            self._lookups = {k: v for k, v in self._lookups.items() if now - v[0] < self._ttl}
+        return answer
+
+    def statistics(self) -> dict:
+        return {**self._stats, "manifests": len(self._manifests)}

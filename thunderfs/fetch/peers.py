@@ -1,0 +1,147 @@
+"""Peers as a source of chunks (``source.Source``): first what peers hold, then claims.
+
+A peer's bytes are trusted only if every chunk's sha256 matches the image's manifest, which the
+tracker built from Glance's bytes and bound to Glance's ``os_hash_value`` (checked again against
+the listing's, ``peer_directory``).  Until a manifest exists, nothing comes from peers.  A peer
+that times out, fails or answers 503 is skipped for this fetch (and avoided a while if it failed,
+``peer_client``); one that sends a wrong chunk is reported to the tracker and avoided for a long
+while.  Then the rest is claimed at the tracker (``claims``): what this node is granted goes on
+to Glance at once, what other nodes are fetching is taken from them as it appears.  Every error
+stays inside: ``fetch`` returns what it did not deliver and the fetcher asks Glance for it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import httpx
+import trio
+
+from thunderfs.cache.store import ImageData
+from thunderfs.fetch.claims import ClaimTaker
+from thunderfs.fetch.peer_client import Answer, PeerClient, Reply
+from thunderfs.fetch.peer_directory import PeerDirectory
+from thunderfs.fetch.slots import DEMAND
+from thunderfs.fetch.source import MIN_RATE, Sink, Want, deadline_for, runs
+from thunderfs.image import ImageMeta
+from thunderfs_tracker.client import TrackerClient, TrackerError
+from thunderfs_tracker.protocol import Manifest, PeerRecord
+
+log = logging.getLogger(__name__)
+
+# The longest a flight waits for chunks another node claimed before fetching them from Glance itself.
+CLAIM_WAIT_MAX = 60.0
+# How often readahead and prefetch ask a slow tracker for a claim before fetching from Glance
+# unclaimed (a reader waiting asks once: it had better have its bytes).
+CLAIM_TRIES_BACKGROUND = 3
+
+
+class PeerSource:
+    name = "peers"
+
+    def __init__(self, tracker: TrackerClient, *, node_id: str, secret: bytes | None, chunk_size: int,
+                 timeout: float = 2.0, fetch_timeout: float = 20.0, lookup_window: int = 1024,
+                 lookup_ttl: float = 2.0, max_request_chunks: int = 256, claim_poll: float = 0.25,
+                 min_rate: float = 2**20, transport: httpx.AsyncBaseTransport | None = None):
+        self._tracker = tracker
+        self._cs = chunk_size
+        self.timeout = timeout
+        self._fetch_timeout = fetch_timeout
+        self._max = max_request_chunks
+        self.client = PeerClient(node_id=node_id, secret=secret, chunk_size=chunk_size, timeout=timeout,
+                                 min_rate=min_rate, transport=transport)
+        self.directory = PeerDirectory(tracker, chunk_size=chunk_size, timeout=timeout, lookup_window=lookup_window,
+                                       lookup_ttl=lookup_ttl, min_rate=min_rate)
+        self.claims = ClaimTaker(tracker, self.directory, self.client, self._ask, chunk_size=chunk_size,
+                                 timeout=timeout, max_request_chunks=max_request_chunks, poll=claim_poll)
+        self._stats = dict.fromkeys(("no_manifest", "granted_chunks", "claimed_chunks_late"), 0)
+
+    # --- what the daemon wires -------------------------------------------------------------
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        await self.directory.run(task_status=task_status)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    def prepare(self, meta: ImageMeta) -> None:
+        self.directory.prepare(meta)
+
+    async def wait_manifest(self, meta: ImageMeta, timeout: float = 10.0) -> bool:
+        return await self.directory.wait_manifest(meta, timeout)
+
+    def rtt_ms(self) -> dict[str, float]:
+        return self.client.rtt_ms()
+
+    def sources_of(self, content: bytes) -> dict[str, int]:
+        return self.client.sources_of(content)
+
+    # --- the source ------------------------------------------------------------------------
+
+    async def fetch(self, want: Want, sink: Sink) -> list[int]:
+        """First what peers hold (verified); then, for the rest, a claim at the tracker: the chunks
+        this node is granted go on to Glance at once (``sink.pass_on``), while those other nodes
+        are fetching are taken from them as they appear.  Returns what did not come in time."""
+        meta, img, cs = want.meta, want.img, self._cs
+        got: set[int] = set()
+        with trio.move_on_after(self.timeout * 3 + want.nbytes() / MIN_RATE):
+            for rfirst, piece in await self._from_holders(meta, img, want.chunks):
+                sink.put(rfirst, piece)
+                got.update(range(rfirst, rfirst + -(-len(piece) // cs)))
+        missing = [c for c in want.chunks if c not in got and not img.cached(c)]
+        if not missing:
+            return []
+        tries = 1 if want.priority == DEMAND else CLAIM_TRIES_BACKGROUND
+        granted, others = await self.claims.claim(meta, img, missing, tries=tries)
+        self._stats["granted_chunks"] += len(granted)
+        sink.pass_on(granted)
+        late: list[int] = []
+
+        async def from_claimer(peer: PeerRecord, chunks: list[int], held: bool) -> None:
+            wait = min(CLAIM_WAIT_MAX, deadline_for(self._fetch_timeout, len(chunks) * cs))
+            left = await self.claims.take(meta, img, peer, chunks, wait, sink.put, held=held,
+                                          urgent=want.priority == DEMAND)
+            late.extend(left)
+            self._stats["claimed_chunks_late"] += len(left)
+
+        async with trio.open_nursery() as nursery:
+            for peer, chunks, held in others:
+                nursery.start_soon(from_claimer, peer, chunks, held)
+        return sorted(late)
+
+    async def _from_holders(self, meta: ImageMeta, img: ImageData, chunks: list[int]) -> list[tuple[int, bytes]]:
+        """Verified runs ``(first chunk, bytes)`` of ``chunks`` from peers that hold them: as many
+        as they could give."""
+        manifest = await self.directory.manifest(meta)
+        if manifest is None:
+            self._stats["no_manifest"] += 1
+            return []
+        want = set(chunks)
+        got: list[tuple[int, bytes]] = []
+        for peer, bits in await self.directory.holders(img, min(chunks), max(chunks)):
+            if self.client.avoided(peer.node_id) or self.client.slow(peer.node_id):
+                continue
+            has = sorted(c for c in want if bits >> c & 1)
+            for rfirst, rcount in runs(has, self._max):
+                reply = await self._ask(peer, img, manifest, rfirst, rcount)
+                if reply.answer is not Answer.OK:
+                    break  # this peer failed: the next one
+                got.append((rfirst, reply.data))
+                want.difference_update(range(rfirst, rfirst + rcount))
+            if not want:
+                break
+        return got
+
+    async def _ask(self, peer: PeerRecord, img: ImageData, manifest: Manifest, first: int, count: int) -> Reply:
+        """One peer asked for a run; a peer that lied is reported to the tracker."""
+        reply = await self.client.get(peer, img, manifest, first, count)
+        if reply.answer is Answer.LIED:
+            try:
+                with trio.move_on_after(self.timeout):
+                    await self._tracker.report(peer.node_id, img.content.hex(), reply.bad_chunk, reply.why)
+            except TrackerError as exc:
+                log.info("could not report peer %s to the tracker: %s", peer.node_id, exc)
+        return reply
+
+    def statistics(self) -> dict:
+        return {**self.client.statistics(), **self.directory.statistics(), **self.claims.statistics(), **self._stats}

@@ -1,0 +1,125 @@
+"""One open image file: pins the chunks it reads, fetches what is missing, serves from the cache,
+and fetches ahead of a sequential reader.
+
+``Readers`` is the FUSE layer's one door to the read path: it opens a ``Reader`` per file handle
+and tells whoever the daemon wired in (the profiles, the peer source) that an image was opened.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+
+from thunderfs.cache.store import ChunkStore, ImageData
+from thunderfs.errors import ChunkCorrupt, ChunkNotCached, FetchFailed
+from thunderfs.fetch.fetcher import Fetcher
+from thunderfs.image import ImageMeta
+from thunderfs.fetch.slots import READAHEAD
+
+# Called with (first chunk, last chunk, whether the read had to fetch) after every read.
+ReadWatcher = Callable[[int, int, bool], None]
+
+
+class Reader:
+    """One open image file.
+
+    Readahead starts only once the reader has gone ``SEQUENTIAL_TRIGGER`` bytes in order: a boot's
+    reads are mostly scattered (the recorded Debian boot never reads more than 1 MiB in order),
+    and fetching ahead of scattered reads only wastes Glance's bandwidth.  Then a window of
+    chunks, doubling up to ``readahead``, is kept in flight ahead of the reader.
+    """
+
+    SEQUENTIAL_TRIGGER = 2 * 2**20
+    INITIAL_WINDOW = 8 * 2**20
+
+    def __init__(self, store: ChunkStore, fetcher: Fetcher, meta: ImageMeta, img: ImageData, *,
+                 readahead: int = 64 * 2**20):
+        self._store = store
+        self._fetcher = fetcher
+        self.meta = meta
+        self.img = img
+        self._readahead = readahead
+        self._recent: deque[tuple[int, int]] = deque(maxlen=8)
+        self._run_bytes = 0
+        self._window = 0
+        self._ahead_until = -1
+        self._watchers: list[ReadWatcher] = []
+
+    def watch(self, watcher: ReadWatcher) -> None:
+        self._watchers.append(watcher)
+
+    async def read(self, offset: int, size: int) -> bytes:
+        img = self.img
+        if offset >= img.size or size <= 0:
+            return b""
+        size = min(size, img.size - offset)
+        first, last = img.chunk_range(offset, size)
+        store = self._store
+        token = store.pin(img, first, last)
+        try:
+            waited = False
+            for _ in range(3):
+                missing = img.missing(first, last)
+                self._read_ahead(offset, size, last)
+                if missing:
+                    waited = True
+                    extra = await self._fetcher.ensure(self.meta, img, missing)
+                else:
+                    extra = None
+                try:
+                    data = store.read(img, offset, size, extra)
+                except (ChunkCorrupt, ChunkNotCached):
+                    continue
+                for watcher in self._watchers:
+                    watcher(first, last, waited)
+                img.counters["bytes_read"] += len(data)
+                return data
+            raise FetchFailed(self.meta.id, first, "cached copy keeps failing its checksum or going away")
+        finally:
+            store.unpin(img, token)
+
+    def _read_ahead(self, offset: int, size: int, last: int) -> None:
+        limit = self._readahead
+        # The kernel sends a sequential reader's requests concurrently, so they may arrive a little
+        # out of order: "in order" means adjacent to one of the last few reads.
+        if any(offset == end or offset + size == start for start, end in self._recent):
+            self._run_bytes += size
+        else:
+            self._run_bytes = size
+            self._window = 0
+            self._ahead_until = last
+        self._recent.append((offset, offset + size))
+        if not limit or self._run_bytes < self.SEQUENTIAL_TRIGGER:
+            return
+        # Keep the whole window in flight, issued in pieces as large as one request may be, so
+        # that several large requests overlap instead of the reader waiting on one at a time.
+        self._window = min(limit, max(self.INITIAL_WINDOW, self._window * 2))
+        fetcher, img = self._fetcher, self.img
+        target = min(img.nchunks - 1, last + max(1, self._window // fetcher.chunk_size))
+        ra_first = max(last + 1, self._ahead_until + 1)
+        piece = min(fetcher.max_chunks, max(1, self._window // fetcher.chunk_size // 4))
+        if target - ra_first + 1 < piece and target < img.nchunks - 1:
+            return
+        self._ahead_until = target
+        missing = img.missing(ra_first, target)
+        if missing:
+            fetcher.start(self.meta, img, missing, READAHEAD)
+
+
+class Readers:
+    """Opens readers; ``on_open(reader)`` hooks (wired by the daemon) hear of every open."""
+
+    def __init__(self, store: ChunkStore, fetcher: Fetcher, *, readahead: int = 64 * 2**20,
+                 on_open: list[Callable[[Reader], None]] | None = None):
+        self._store = store
+        self._fetcher = fetcher
+        self._readahead = readahead
+        self._on_open = list(on_open or ())
+
+    def open(self, meta: ImageMeta) -> Reader:
+        """Raises ``OSError`` if the image's cache file cannot be opened."""
+        reader = Reader(self._store, self._fetcher, meta, self._store.image(meta.content_key, meta.size),
+                        readahead=self._readahead)
+        for hook in self._on_open:
+            hook(reader)
+        return reader

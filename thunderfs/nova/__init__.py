@@ -1,0 +1,1 @@
+"""Nova's image cache (``_base``) kept as links into the mount."""
