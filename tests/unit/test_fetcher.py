@@ -8,7 +8,7 @@ import logging
 import pytest
 import trio
 
-from conftest import CS, MemorySource, fetcher_of, meta_of, pattern, running
+from fakes import CS, MemorySource, fetcher_of, meta_of, pattern, running
 from thunderfs.cache.store import ChunkStore
 from thunderfs.errors import FetchFailed, OriginUnavailable
 from thunderfs.fetch.reader import Reader, Readers

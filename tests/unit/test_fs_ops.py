@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pyfuse3
 import pytest
 
-from conftest import meta_of
+from fakes import meta_of
 from thunderfs.errors import FetchFailed, ImageGone
 from thunderfs.fuse.operations import IMAGES, XATTR_PREFIX, Operations
 from thunderfs.fuse.inodes import IMAGES_DIR, ROOT

@@ -9,7 +9,7 @@ import httpx
 import pytest
 import trio
 
-from conftest import CS, meta_of, pattern
+from fakes import CS, meta_of, pattern
 from thunderfs.glance.catalog import Catalog
 from thunderfs.errors import ImageGone, OriginError, OriginUnavailable
 from thunderfs.fetch.glance import PLACE_STEP, GlanceSource

@@ -10,7 +10,7 @@ import httpx
 import pytest
 import trio
 
-from conftest import CS, meta_of, pattern
+from fakes import CS, meta_of, pattern
 from thunderfs.fetch.peers import PeerSource
 from thunderfs.fetch.slots import DEMAND
 from thunderfs.fetch.source import Urgency, Want

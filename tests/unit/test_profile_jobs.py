@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import trio
 
-from conftest import CS, MemorySource, fetcher_of, meta_of, pattern, running
+from fakes import CS, MemorySource, fetcher_of, meta_of, pattern, running
 from thunderfs.fetch.reader import Readers
 from thunderfs.profiles.service import Profiles
 from thunderfs_tracker.protocol import Profile
