@@ -80,6 +80,8 @@ class Report:
     slowest_read: float = 0.0
     final_images_checked: int = 0
     final_images_wrong: int = 0
+    final_seconds: float = 0.0  # the whole-image reads after the faults
+    final_slowest: float = 0.0  # the slowest of them
     altered_chunks: int = 0
     bad_chunks_caught: int = 0          # by readers' verification against the manifest
     restart_failures: int = 0
@@ -109,7 +111,8 @@ class Report:
             f"{self.errors_glance_down} {dict(self.errors_by_kind)}",
             f"liar: {self.altered_chunks} chunks altered on its disk, {self.bad_chunks_caught} bad chunks caught "
             "by readers",
-            f"after the faults: {self.final_images_checked} whole images read back on every node, "
+            f"after the faults: {self.final_images_checked} whole images read back on every node in "
+            f"{self.final_seconds:.0f}s (slowest {self.final_slowest:.1f}s), "
             f"{self.final_images_wrong} wrong; daemon restarts failed: {self.restart_failures}; "
             f"tracebacks logged: {self.tracebacks}",
             f"{'PASS' if self.ok() else 'FAIL'} in {self.seconds:.0f}s",
@@ -399,11 +402,13 @@ class ChaosRun:
             time.sleep(self.rng.uniform(self.s.gap, 4 * self.s.gap))
 
     def _final_check(self) -> None:
+        started = time.monotonic()
         for node in self.nodes:
             if not node.reads:
                 continue
             for image_id, data in self.images.items():
                 path = node.mount.image(image_id)
+                image_started = time.monotonic()
                 try:
                     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
                     h, pos, buf = hashlib.sha512(), 0, mmap.mmap(-1, MiB)
@@ -419,9 +424,11 @@ class ChaosRun:
                     ok = False
                     self._event("final_error", node.name, str(exc))
                 self.report.final_images_checked += 1
+                self.report.final_slowest = max(self.report.final_slowest, time.monotonic() - image_started)
                 if not ok:
                     self.report.final_images_wrong += 1
                     self._event("final_wrong", node.name, image_id)
+        self.report.final_seconds = time.monotonic() - started
 
     def _collect(self) -> None:
         for node in self.nodes:
@@ -437,6 +444,7 @@ class ChaosRun:
                 "peer_failures": peers.get("failures"), "bad_chunks": peers.get("bad_chunks"),
                 "corrupt_dropped": st["cache"]["corrupt_dropped"], "evictions": st["cache"]["evictions"],
                 "served_chunks": st.get("peer_server", {}).get("served_chunks"),
+                "claim_waits": peers.get("claim_waits"), "claimed_chunks_late": peers.get("claimed_chunks_late"),
             }
 
     def _count_tracebacks(self) -> None:
