@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from conftest import wait_for
-from thunderfs.glance.origin import GlanceOrigin
+from thunderfs_common.glance import GlanceClient
 
 
 def test_active_images_are_listed_with_glance_sizes_and_times(mount, glance, images):
@@ -150,7 +150,7 @@ def test_xattrs_name_the_image_and_its_hash(mount, glance, images):
 async def test_listing_follows_glance_pages(glance, images):
     """Glance pages its listing; every active image must be found across pages."""
     ids = {images.add(100, seed=40 + i) for i in range(5)}
-    async with GlanceOrigin(glance.url, page_size=2) as origin:
+    async with GlanceClient(glance.url, page_size=2) as origin:
         listed = {m.id for m in await origin.list_images()}
         requests = origin.statistics()["requests"]
     assert ids <= listed

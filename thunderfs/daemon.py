@@ -24,12 +24,13 @@ from thunderfs.glance.catalog import Catalog
 from thunderfs.cache.index import ChunkIndex
 from thunderfs.cache.store import ChunkStore
 from thunderfs.config import MountConfig
-from thunderfs.errors import CacheLayoutError, ConfigError, OriginError
+from thunderfs.errors import CacheLayoutError, ConfigError
+from thunderfs_common.glance import GlanceError
 from thunderfs.fetch.fetcher import Fetcher
 from thunderfs.glance.auth import GlanceAuthError, KeystoneAuth
 from thunderfs.fetch.glance import GlanceSource
 from thunderfs.fuse.operations import Operations
-from thunderfs.glance.origin import GlanceOrigin
+from thunderfs_common.glance import GlanceClient
 from thunderfs.cluster.peer_server import PeerServer
 from thunderfs.fetch.peers import PeerSource
 from thunderfs.profiles.control import ProfileControl
@@ -129,7 +130,7 @@ async def run(config: MountConfig, keystone: KeystoneSettings | None = None,
             log.info("Glance %s with Keystone tokens (%s)", glance_url, keystone.source)
         if glance_url is None:
             raise ConfigError("--glance is needed (or Keystone credentials, whose catalog names Glance)")
-        origin = await stack.enter_async_context(GlanceOrigin(
+        origin = await stack.enter_async_context(GlanceClient(
             glance_url, connect_timeout=config.connect_timeout,
             request_timeout=config.fetch_timeout, concurrency=config.origin_concurrency, auth=auth))
         catalog = Catalog(origin, index, ttl=config.listing_ttl,
@@ -149,7 +150,7 @@ async def run(config: MountConfig, keystone: KeystoneSettings | None = None,
             nova_service = NovaService(nova)
         try:
             await catalog.refresh()
-        except OriginError as exc:
+        except GlanceError as exc:
             if not saved and not index.used_bytes():
                 raise ConfigError(f"Glance at {glance_url} is unreachable ({exc}) and the cache "
                                   f"at {config.cache_dir} is empty: nothing to serve") from None

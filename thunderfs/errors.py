@@ -13,27 +13,8 @@ class ConfigError(ThunderfsError):
     """Bad options or an environment the daemon cannot start in (told to the operator as is)."""
 
 
-# --- origin (Glance) ------------------------------------------------------------------------
-
-
-class OriginError(ThunderfsError):
-    """Glance did not give us what we asked for."""
-
-
-class OriginUnavailable(OriginError):
-    """Glance cannot be reached, timed out, or answered 5xx: worth retrying."""
-
-
-class OriginProtocolError(OriginError):
-    """Glance answered, but wrongly (short body, wrong Content-Range): worth retrying."""
-
-
-class ImageGone(OriginError):
-    """Glance says the image does not exist (any more) or has no data: final."""
-
-
-def is_temp_failure(exc: BaseException) -> bool:
-    return isinstance(exc, (OriginUnavailable, OriginProtocolError))
+# --- Glance: its errors are the Glance client's own (thunderfs_common.glance: GlanceError and
+# below), shared with the tracker; the fs boundary turns them into EIO like these.
 
 
 # --- cache ----------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
+
 log = logging.getLogger(__name__)
 
 
@@ -151,8 +153,9 @@ def renew_in(lifetime: float, before: float = 300.0) -> float:
     return max(lifetime - before, lifetime / 2)
 
 
-class AsyncTokens:
-    """The tracker's side (asyncio): X-Auth-Token headers, renewed ahead of expiry in a thread."""
+class AsyncTokens(httpx.Auth):
+    """The tracker's side (asyncio), as httpx auth for its Glance client: an X-Auth-Token, renewed
+    ahead of expiry in a thread; a 401 (a revoked token) gets a new one and the request once more."""
 
     def __init__(self, source: TokenSource):
         self._source = source
@@ -160,15 +163,24 @@ class AsyncTokens:
         self._renew_at = 0.0  # loop time
         self._lock = asyncio.Lock()
 
-    async def headers(self) -> dict[str, str]:
+    async def token(self) -> str:
         async with self._lock:
             loop = asyncio.get_running_loop()
             if self._token is None or loop.time() >= self._renew_at:
                 self._token, lifetime = await loop.run_in_executor(None, self._source.token, self._token is not None)
                 self._renew_at = loop.time() + renew_in(lifetime)
                 log.info("Keystone token for Glance: valid for %.0fs", lifetime)
-            return {"X-Auth-Token": self._token}
+            return self._token
 
     def drop(self) -> None:
-        """Glance refused the token (401): the next ``headers()`` gets a new one."""
+        """Glance refused the token (401): the next ``token()`` gets a new one."""
         self._renew_at = 0.0
+
+    async def async_auth_flow(self, request: httpx.Request):
+        request.headers["X-Auth-Token"] = await self.token()
+        response = yield request
+        if response.status_code == 401:
+            log.info("Glance refused the token (401): getting a new one")
+            self.drop()
+            request.headers["X-Auth-Token"] = await self.token()
+            yield request

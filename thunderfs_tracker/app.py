@@ -23,6 +23,7 @@ import time
 
 from aiohttp import web
 
+from thunderfs_common.glance import GlanceClient
 from thunderfs_tracker import metrics, selection
 from thunderfs_tracker.config import TrackerConfig
 from thunderfs_tracker.manifests import ManifestStore, ManifestUnavailable
@@ -32,8 +33,13 @@ from thunderfs_tracker.stores import open_stores
 from thunderfs_tracker.protocol import (
     API,
     AnnounceReply,
+    ChunkState,
+    Claim,
     Claimed,
     ClaimReply,
+    LookupReply,
+    Recording,
+    Report,
     MAX_CHUNKS,
     NodeInfo,
     PeerRecord,
@@ -42,9 +48,6 @@ from thunderfs_tracker.protocol import (
     check_content,
     check_node_id,
     bits_to_ranges,
-    parse_chunks,
-    parse_touches,
-    ranges_to_bits,
 )
 from thunderfs_common.signing import Verifier
 
@@ -112,7 +115,8 @@ async def announce(request: web.Request) -> web.Response:
 
 async def chunks(request: web.Request) -> web.Response:
     node_id = check_node_id(request.match_info["node"])
-    full, updates = parse_chunks(await _json(request))
+    state = ChunkState.parse(await _json(request))
+    full, updates = state.full, state.updates
     try:
         await request.app[STORE].update_chunks(node_id, full, updates)
     except KeyError:
@@ -157,26 +161,19 @@ async def peers(request: web.Request) -> web.Response:
     found = [(n, b) for n, b in await store.holders(content, first, last)
              if n.node_id != asking and suspects.get(n.node_id, 0) < now]
     ranked = selection.rank(me, found)[:limit]
-    nbits = last - first + 1
-    out = [PeerRecord(n.node_id, n.peer_url, n.location, n.load, b).to_json(nbits) for n, b in ranked]
+    reply = LookupReply(first, last, [PeerRecord(n.node_id, n.peer_url, n.location, n.load, b) for n, b in ranked])
     stats = request.app[STATS]
     stats["lookups"] += 1
     stats["lookup_seconds"] += time.perf_counter() - started
-    return web.json_response({"first": first, "last": last, "peers": out})
+    return web.json_response(reply.to_json())
 
 
 async def claims(request: web.Request) -> web.Response:
     """So that many nodes starting on one image at once do not all fetch the same chunks from
     Glance: the first to claim a chunk fetches it; the others are told to take it from that node."""
     content = check_content(request.match_info["content"])
-    body = await _json(request)
-    if not isinstance(body, dict):
-        raise ProtocolError("claim must be a JSON object")
-    node_id = check_node_id(request.get(SIGNER) or body.get("node_id"))
-    nchunks = body.get("nchunks")
-    if not isinstance(nchunks, int) or isinstance(nchunks, bool) or not 1 <= nchunks <= MAX_CHUNKS:
-        raise ProtocolError(f"nchunks must be an integer from 1 to {MAX_CHUNKS}")
-    want = ranges_to_bits(body.get("chunks", []), nchunks)
+    claim = Claim.parse(await _json(request), request.get(SIGNER))
+    node_id, nchunks, want = claim.node_id, claim.nchunks, claim.chunks
     try:
         granted, others = await request.app[STORE].claim(content, node_id, nchunks, want, time.monotonic(),
                                                    request.app[CONFIG].claim_seconds)
@@ -193,12 +190,8 @@ async def claims(request: web.Request) -> web.Response:
 async def report(request: web.Request) -> web.Response:
     """A peer served a bad chunk: it is left out of lookups for a while (every report is logged;
     reporting takes membership, and a suspect comes back by itself)."""
-    body = await _json(request)
-    if not isinstance(body, dict):
-        raise ProtocolError("report must be a JSON object")
-    suspect = check_node_id(body.get("node_id"))
-    content = check_content(body.get("content"))
-    reason = str(body.get("reason", ""))[:200]
+    r = Report.parse(await _json(request))
+    suspect, content, reason = r.node_id, r.content, r.reason
     cfg = request.app[CONFIG]
     suspects = request.app[SUSPECTS]
     if len(suspects) > 100_000:
@@ -234,17 +227,9 @@ async def add_recording(request: web.Request) -> web.Response:
     """A node recorded which chunks a reader touched first after opening the image, and when."""
     content = check_content(request.match_info["content"])
     body = await _json(request)
-    if not isinstance(body, dict):
-        raise ProtocolError("recording must be a JSON object")
-    node_id = check_node_id(request.get(SIGNER) or body.get("node_id"))
+    rec = Recording.parse(body, request.get(SIGNER))
     chunk_size = check_chunk_size(_query_int(request, "chunk_size", 1, 1 << 30, default=body.get("chunk_size")))
-    nchunks = body.get("nchunks")
-    if not isinstance(nchunks, int) or isinstance(nchunks, bool) or not 1 <= nchunks <= MAX_CHUNKS:
-        raise ProtocolError(f"nchunks must be an integer from 1 to {MAX_CHUNKS}")
-    touches = parse_touches(body.get("chunks"), nchunks)
-    if not touches:
-        raise ProtocolError("an empty recording says nothing")
-    profile = await request.app[PROFILES].add(content, chunk_size, nchunks, node_id, touches)
+    profile = await request.app[PROFILES].add(content, chunk_size, rec.nchunks, rec.node_id, rec.touches)
     request.app[STATS]["recordings"] += 1
     return web.json_response({"version": profile.version, "chunks": len(profile.touches),
                               "recordings": profile.recordings})
@@ -312,8 +297,10 @@ def create_app(config: TrackerConfig) -> web.Application:
     stores = open_stores(config)
     app[STORE] = stores.peers
     app[PROFILES] = stores.profiles
-    app[MANIFESTS] = ManifestStore(config.state_dir, config.glance_url, auth=config.glance_auth,
-                                   shared=stores.shared)
+    # 60 s of silence from Glance (not the whole stream) ends a manifest build.
+    glance = GlanceClient(config.glance_url, request_timeout=60, connect_timeout=10,
+                          auth=config.glance_auth) if config.glance_url else None
+    app[MANIFESTS] = ManifestStore(config.state_dir, glance, shared=stores.shared)
     if config.secret:
         app[VERIFIER] = Verifier(config.secret)
     app.add_routes(routes())

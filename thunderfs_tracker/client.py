@@ -18,19 +18,24 @@ import zlib
 
 import httpx
 
+from thunderfs_common.signing import SignedRequests
 from thunderfs_tracker.protocol import (
     API,
     AnnounceReply,
-    ClaimReply,
+    ChunkState,
     ChunkUpdate,
+    Claim,
+    ClaimReply,
+    LookupReply,
     Manifest,
     NodeInfo,
     PeerRecord,
     Profile,
-    bits_to_ranges,
+    Recording,
+    Report,
     chunks_to_bits,
+    parse_epoch,
 )
-from thunderfs_common.signing import SignedRequests
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +131,8 @@ class TrackerClient:
         return AnnounceReply.parse(r)
 
     async def send_chunks(self, full: bool, updates: list[ChunkUpdate]) -> str:
-        r = await self._call("POST", f"{API}/nodes/{self.node_id}/chunks",
-                             {"full": full, "images": [u.to_json() for u in updates]})
-        return r["epoch"]
+        r = await self._call("POST", f"{API}/nodes/{self.node_id}/chunks", ChunkState(full, updates).to_json())
+        return parse_epoch(r)
 
     async def lookup(self, content: str, first: int, last: int, limit: int | None = None) -> list[PeerRecord]:
         q = f"first={first}&last={last}&node={self.node_id}" + (f"&limit={limit}" if limit else "")
@@ -138,8 +142,7 @@ class TrackerClient:
             if exc.status == 404:
                 return []
             raise
-        nbits = last - first + 1
-        return [PeerRecord.parse(p, nbits) for p in r["peers"]]
+        return LookupReply.parse(r, first, last).peers
 
     async def manifest(self, image_id: str, chunk_size: int) -> Manifest | None:
         """The image's manifest, or None while the tracker is still building it."""
@@ -152,9 +155,8 @@ class TrackerClient:
                     chunks: list[int]) -> tuple[list[int], list[tuple[PeerRecord, list[int], bool]]]:
         """Claim chunks about to be fetched from Glance: (granted, [(peer, its chunks, whether it
         holds them already rather than fetching them)])."""
-        ranges = bits_to_ranges(chunks_to_bits(chunks))
         r = await self._call("POST", f"{API}/images/{content}/claims",
-                             {"node_id": self.node_id, "nchunks": nchunks, "chunks": ranges})
+                             Claim(self.node_id, nchunks, chunks_to_bits(chunks)).to_json())
         reply = ClaimReply.parse(r, nchunks)
         return reply.granted, [(c.peer, c.chunks, c.held) for c in reply.claimed]
 
@@ -172,13 +174,12 @@ class TrackerClient:
                             touches: list[tuple[int, int]]) -> int:
         """Send what a reader touched first ([(chunk, ms since open)]); the profile's new version."""
         r = await self._call("POST", f"{API}/profiles/{content}?chunk_size={chunk_size}",
-                             {"node_id": self.node_id, "nchunks": nchunks, "chunks": [[c, ms] for c, ms in touches]})
+                             Recording(self.node_id, nchunks, touches).to_json())
         return int(r["version"])
 
     async def report(self, node_id: str, content: str, chunk: int, reason: str) -> None:
         """Tell the tracker that a peer served a chunk that failed verification."""
-        await self._call("POST", f"{API}/reports", {"node_id": node_id, "content": content, "chunk": chunk,
-                                                   "reason": reason[:200]})
+        await self._call("POST", f"{API}/reports", Report(node_id, content, chunk, reason).to_json())
 
     async def stats(self) -> dict:
         return await self._call("GET", f"{API}/stats")

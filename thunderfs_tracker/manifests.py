@@ -20,9 +20,8 @@ import re
 from collections import OrderedDict
 from pathlib import Path
 
-import aiohttp
 
-from thunderfs_common.keystone import AsyncTokens
+from thunderfs_common.glance import GlanceClient
 from thunderfs_tracker.protocol import Manifest
 from thunderfs_tracker.redis_conn import RedisConnection
 
@@ -36,17 +35,17 @@ class ManifestUnavailable(Exception):
 
 
 class ManifestStore:
-    def __init__(self, state_dir: Path, glance_url: str | None, *, keep_in_memory: int = 64,
-                 auth: AsyncTokens | None = None, shared: RedisConnection | None = None):
+    def __init__(self, state_dir: Path, glance: GlanceClient | None, *, keep_in_memory: int = 64,
+                 shared: RedisConnection | None = None):
+        """``glance``: the client to read images with (closed with the store), or None (no
+        manifests: nodes then read from Glance only)."""
         self._dir = state_dir / "manifests"
         self._dir.mkdir(parents=True, exist_ok=True)
-        self._glance = glance_url.rstrip("/") if glance_url else None
+        self._glance = glance
         self._memory: OrderedDict[tuple[str, int], Manifest] = OrderedDict()
         self._keep = keep_in_memory
         self._building: dict[tuple[str, int], asyncio.Task] = {}
         self._failed: dict[tuple[str, int], str] = {}
-        self._session: aiohttp.ClientSession | None = None
-        self._auth = auth  # Keystone tokens for Glance, or None
         self._shared = shared  # the replicas' Redis (manifests built once for all), or None
         self.stats = {"built": 0, "failed": 0, "bytes_read": 0}
 
@@ -132,35 +131,21 @@ class ManifestStore:
                     pass  # it expires
 
     async def _stream(self, image_id: str, chunk_size: int) -> Manifest:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_read=60))
-        for attempt in (1, 2):  # a 401 (a revoked token): once more with a new token
-            headers = await self._auth.headers() if self._auth else {}
-            async with self._session.get(f"{self._glance}/v2/images/{image_id}", headers=headers) as resp:
-                if resp.status == 401 and self._auth and attempt == 1:
-                    self._auth.drop()
-                    continue
-                if resp.status != 200:
-                    raise ManifestUnavailable(f"Glance answered {resp.status} for the image record")
-                rec = await resp.json()
-                break
-        if rec.get("status") != "active" or not rec.get("os_hash_value"):
-            raise ManifestUnavailable(f"image is {rec.get('status')} with no os_hash_value")
-        algo, expected, size = rec.get("os_hash_algo") or "sha512", rec["os_hash_value"], int(rec["size"])
+        meta = await self._glance.image(image_id)
+        if meta.status != "active" or not meta.os_hash_value:
+            raise ManifestUnavailable(f"image is {meta.status} with no os_hash_value")
+        algo, expected, size = meta.os_hash_algo or "sha512", meta.os_hash_value, meta.size
         whole = hashlib.new(algo)
         digests = bytearray()
         pending = bytearray()
         total = 0
-        async with self._session.get(f"{self._glance}/v2/images/{image_id}/file", headers=headers) as resp:
-            if resp.status != 200:
-                raise ManifestUnavailable(f"Glance answered {resp.status} for the image data")
-            async for piece in resp.content.iter_chunked(1 << 20):
-                whole.update(piece)
-                total += len(piece)
-                pending += piece
-                while len(pending) >= chunk_size:
-                    digests += hashlib.sha256(pending[:chunk_size]).digest()
-                    del pending[:chunk_size]
+        async for piece in self._glance.stream(image_id):
+            whole.update(piece)
+            total += len(piece)
+            pending += piece
+            while len(pending) >= chunk_size:
+                digests += hashlib.sha256(pending[:chunk_size]).digest()
+                del pending[:chunk_size]
         if pending or total == 0:
             digests += hashlib.sha256(pending).digest()
         self.stats["bytes_read"] += total
@@ -173,5 +158,5 @@ class ManifestStore:
     async def close(self) -> None:
         for task in self._building.values():
             task.cancel()
-        if self._session is not None:
-            await self._session.close()
+        if self._glance is not None:
+            await self._glance.aclose()

@@ -178,13 +178,31 @@ class ChunkUpdate:
                    remove=ranges_to_bits(obj.get("remove", []), nchunks))
 
 
-def parse_chunks(obj) -> tuple[bool, list[ChunkUpdate]]:
-    if not isinstance(obj, dict) or not isinstance(obj.get("full"), bool):
-        raise ProtocolError('chunks body must be {"full": true|false, "images": [...]}')
-    images = obj.get("images")
-    if not isinstance(images, list) or len(images) > MAX_IMAGES_PER_MESSAGE:
-        raise ProtocolError(f"images must be a list of at most {MAX_IMAGES_PER_MESSAGE}")
-    return obj["full"], [ChunkUpdate.parse(i, obj["full"]) for i in images]
+@dataclass(frozen=True)
+class ChunkState:
+    """What a node holds, sent to the tracker: its whole state (``full``), or what changed."""
+
+    full: bool
+    updates: list[ChunkUpdate]
+
+    def to_json(self) -> dict:
+        return {"full": self.full, "images": [u.to_json() for u in self.updates]}
+
+    @classmethod
+    def parse(cls, obj) -> "ChunkState":
+        if not isinstance(obj, dict) or not isinstance(obj.get("full"), bool):
+            raise ProtocolError('chunks body must be {"full": true|false, "images": [...]}')
+        images = obj.get("images")
+        if not isinstance(images, list) or len(images) > MAX_IMAGES_PER_MESSAGE:
+            raise ProtocolError(f"images must be a list of at most {MAX_IMAGES_PER_MESSAGE}")
+        return cls(obj["full"], [ChunkUpdate.parse(i, obj["full"]) for i in images])
+
+
+def parse_epoch(obj) -> str:
+    """The tracker's epoch in a reply (a new one: it lost peer state)."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("epoch"), str) or len(obj["epoch"]) > 64:
+        raise ProtocolError("reply must have an epoch string")
+    return obj["epoch"]
 
 
 @dataclass(frozen=True)
@@ -208,6 +226,29 @@ class PeerRecord:
 
 
 @dataclass(frozen=True)
+class LookupReply:
+    """Holders of chunks ``first..last``, nearest first; each peer's bits count from ``first``."""
+
+    first: int
+    last: int
+    peers: list[PeerRecord]
+
+    def to_json(self) -> dict:
+        nbits = self.last - self.first + 1
+        return {"first": self.first, "last": self.last, "peers": [p.to_json(nbits) for p in self.peers]}
+
+    @classmethod
+    def parse(cls, obj, first: int, last: int) -> "LookupReply":
+        if not isinstance(obj, dict) or not isinstance(obj.get("peers"), list):
+            raise ProtocolError("lookup reply must have peers")
+        if (obj.get("first"), obj.get("last")) != (first, last):
+            raise ProtocolError(f"lookup reply is for chunks {obj.get('first')}..{obj.get('last')}, "
+                                f"not {first}..{last}")
+        nbits = last - first + 1
+        return cls(first, last, [PeerRecord.parse(p, nbits) for p in obj["peers"][:MAX_IMAGES_PER_MESSAGE]])
+
+
+@dataclass(frozen=True)
 class AnnounceReply:
     """The tracker's answer to an announce: its epoch (a new one: it lost peer state, send the
     full state again) and the heartbeat it wants."""
@@ -226,6 +267,29 @@ class AnnounceReply:
         if not isinstance(heartbeat, (int, float)) or isinstance(heartbeat, bool) or not 0 < heartbeat <= 3600:
             raise ProtocolError("heartbeat must be a number of seconds from 0 to 3600")
         return cls(obj["epoch"], float(heartbeat))
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A node is about to fetch ``chunks`` (bits) of an image from Glance."""
+
+    node_id: str
+    nchunks: int
+    chunks: int
+
+    def to_json(self) -> dict:
+        return {"node_id": self.node_id, "nchunks": self.nchunks, "chunks": bits_to_ranges(self.chunks)}
+
+    @classmethod
+    def parse(cls, obj, signer: str | None = None) -> "Claim":
+        """``signer``: the member that signed the request, who may speak only for itself."""
+        if not isinstance(obj, dict):
+            raise ProtocolError("claim must be a JSON object")
+        node_id = check_node_id(signer or obj.get("node_id"))
+        nchunks = obj.get("nchunks")
+        if not isinstance(nchunks, int) or isinstance(nchunks, bool) or not 1 <= nchunks <= MAX_CHUNKS:
+            raise ProtocolError(f"nchunks must be an integer from 1 to {MAX_CHUNKS}")
+        return cls(node_id, nchunks, ranges_to_bits(obj.get("chunks", []), nchunks))
 
 
 @dataclass(frozen=True)
@@ -339,6 +403,53 @@ def parse_touches(value, nchunks: int) -> list[tuple[int, int]]:
         seen.add(c)
         out.append((c, ms))
     return out
+
+
+@dataclass(frozen=True)
+class Recording:
+    """A node's recording of the chunks a reader touched first after an open, with when."""
+
+    node_id: str
+    nchunks: int
+    touches: list[tuple[int, int]]
+
+    def to_json(self) -> dict:
+        return {"node_id": self.node_id, "nchunks": self.nchunks, "chunks": [[c, ms] for c, ms in self.touches]}
+
+    @classmethod
+    def parse(cls, obj, signer: str | None = None) -> "Recording":
+        """``signer``: the member that signed the request, who may speak only for itself."""
+        if not isinstance(obj, dict):
+            raise ProtocolError("recording must be a JSON object")
+        node_id = check_node_id(signer or obj.get("node_id"))
+        nchunks = obj.get("nchunks")
+        if not isinstance(nchunks, int) or isinstance(nchunks, bool) or not 1 <= nchunks <= MAX_CHUNKS:
+            raise ProtocolError(f"nchunks must be an integer from 1 to {MAX_CHUNKS}")
+        touches = parse_touches(obj.get("chunks"), nchunks)
+        if not touches:
+            raise ProtocolError("an empty recording says nothing")
+        return cls(node_id, nchunks, touches)
+
+
+@dataclass(frozen=True)
+class Report:
+    """A member says that a peer served a chunk that failed verification."""
+
+    node_id: str  # the peer that lied
+    content: str
+    chunk: int
+    reason: str
+
+    def to_json(self) -> dict:
+        return {"node_id": self.node_id, "content": self.content, "chunk": self.chunk, "reason": self.reason[:200]}
+
+    @classmethod
+    def parse(cls, obj) -> "Report":
+        if not isinstance(obj, dict):
+            raise ProtocolError("report must be a JSON object")
+        chunk = obj.get("chunk", 0)
+        return cls(check_node_id(obj.get("node_id")), check_content(obj.get("content")),
+                   chunk if isinstance(chunk, int) and not isinstance(chunk, bool) else 0, str(obj.get("reason", ""))[:200])
 
 
 @dataclass

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import re
+
+import httpx
 
 import trio
 
 from thunderfs.fetch.fetcher import Fetcher
 from thunderfs.fetch.slots import PrioritySlots
 from thunderfs.fetch.source import Sink, Want, runs
-from thunderfs.image import ImageMeta
+from thunderfs_common.image import ImageMeta
 
 CS = 4096
 
@@ -78,3 +81,62 @@ async def running(*services):
 
 def fetcher_of(store, *sources, **kwargs) -> Fetcher:
     return Fetcher(store, list(sources), max_request=kwargs.pop("max_request", 16 * CS), **kwargs)
+
+
+# --- Glance, through an httpx MockTransport ---------------------------------------------------
+
+
+class Body(httpx.AsyncByteStream):
+    """A response body that arrives in pieces, as from a socket."""
+
+    def __init__(self, data: bytes, step: int = 64 * 1024):
+        self.data, self.step = data, step
+
+    async def __aiter__(self):
+        for i in range(0, len(self.data), self.step):
+            yield self.data[i:i + self.step]
+
+
+def ranged(status, data, headers=None) -> httpx.Response:
+    return httpx.Response(status, stream=Body(data), headers=headers or {})
+
+
+class FakeGlance:
+    """Serves one image's data with Range, and a listing in pages; ``faults`` are answered first."""
+
+    def __init__(self, data: bytes, records=None, hidden=None, page=2):
+        self.data = data
+        self.records = records if records is not None else []
+        self.hidden = hidden or []
+        self.page = page
+        self.faults: list = []  # callables (request) -> Response, used up in order
+        self.ranges: list[tuple[int, int]] = []
+        self.listings = 0
+        self.down = False
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if self.down:
+            raise httpx.ConnectError("connection refused", request=request)
+        if request.url.path.endswith("/file") and "Range" not in request.headers:
+            return ranged(200, self.data)
+        if request.url.path.endswith("/file"):
+            m = re.match(r"bytes=(\d+)-(\d+)", request.headers["Range"])
+            a, b = int(m.group(1)), int(m.group(2)) + 1
+            self.ranges.append((a, b))
+            if self.faults:
+                return self.faults.pop(0)(request, a, b)
+            return ranged(206, self.data[a:b], headers={"Content-Range": f"bytes {a}-{b - 1}/{len(self.data)}"})
+        if request.url.path == "/v2/images":
+            self.listings += 1
+            pool = self.hidden if request.url.params.get("os_hidden") else self.records
+            start = int(request.url.params.get("marker") or 0)
+            body = {"images": pool[start:start + self.page]}
+            if start + self.page < len(pool):
+                body["next"] = f"/v2/images?status=active&marker={start + self.page}" + (
+                    "&os_hidden=true" if request.url.params.get("os_hidden") else "")
+            return httpx.Response(200, json=body)
+        image_id = request.url.path.rsplit("/", 1)[1]
+        for r in self.records:
+            if r["id"] == image_id:
+                return httpx.Response(200, json=r)
+        return httpx.Response(404)

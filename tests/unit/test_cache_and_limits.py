@@ -11,7 +11,7 @@ from thunderfs.cache.index import ChunkIndex, Put
 from thunderfs.cache.store import ABSENT, INDEXED, PENDING, ChunkStore
 from thunderfs.errors import ChunkCorrupt
 from thunderfs.fetch.source import runs
-from thunderfs.image import ImageMeta
+from thunderfs_common.image import ImageMeta
 from thunderfs.fetch.slots import DEMAND, PREFETCH, READAHEAD, PrioritySlots
 from thunderfs_common.units import parse_size
 

@@ -10,7 +10,8 @@ import trio
 
 from fakes import CS, MemorySource, fetcher_of, meta_of, pattern, running
 from thunderfs.cache.store import ChunkStore
-from thunderfs.errors import FetchFailed, OriginUnavailable
+from thunderfs.errors import FetchFailed
+from thunderfs_common.glance import GlanceUnavailable
 from thunderfs.fetch.reader import Reader, Readers
 from thunderfs.fetch.slots import DEMAND, PREFETCH, READAHEAD, PrioritySlots
 
@@ -116,7 +117,7 @@ async def test_chunks_no_source_delivers_fail_the_read(store):
 
 
 async def test_a_failing_source_fails_its_readers_and_the_next_read_tries_again(store):
-    glance = MemorySource("origin", DATA, error=OriginUnavailable("Glance answered 503"))
+    glance = MemorySource("origin", DATA, error=GlanceUnavailable("Glance answered 503"))
     fetcher = fetcher_of(store, glance)
     async with running(fetcher):
         r = reader_of(store, fetcher)
@@ -208,7 +209,7 @@ async def test_a_demand_read_overtakes_queued_prefetch_and_promotes_what_it_join
 
 
 async def test_prefetch_waits_for_its_flights_and_does_not_raise(store):
-    src = MemorySource("origin", DATA, error=OriginUnavailable("down"))
+    src = MemorySource("origin", DATA, error=GlanceUnavailable("down"))
     fetcher = fetcher_of(store, src)
     async with running(fetcher):
         img = store.image(META.content_key, META.size)

@@ -13,7 +13,8 @@ import pyfuse3
 import pytest
 
 from fakes import meta_of
-from thunderfs.errors import FetchFailed, ImageGone
+from thunderfs.errors import FetchFailed
+from thunderfs_common.glance import ImageGone
 from thunderfs.fuse.operations import IMAGES, XATTR_PREFIX, Operations
 from thunderfs.fuse.inodes import IMAGES_DIR, ROOT
 

@@ -3,76 +3,21 @@ retries, errors) and the catalog (pages, hidden images, TTL, misses, outages).""
 
 from __future__ import annotations
 
-import re
 
 import httpx
 import pytest
 import trio
 
-from fakes import CS, meta_of, pattern
+from fakes import CS, FakeGlance, meta_of, pattern, ranged
 from thunderfs.glance.catalog import Catalog
-from thunderfs.errors import ImageGone, OriginError, OriginUnavailable
+from thunderfs_common.glance import GlanceError, GlanceUnavailable, ImageGone
 from thunderfs.fetch.glance import PLACE_STEP, GlanceSource
-from thunderfs.glance.origin import GlanceOrigin
+from thunderfs_common.glance import GlanceClient
 from thunderfs.fetch.source import Urgency, Want
 from thunderfs.fetch.slots import DEMAND
 
 DATA = pattern(600 * CS)
 META = meta_of(DATA)
-
-
-class Body(httpx.AsyncByteStream):
-    """A response body that arrives in pieces, as from a socket."""
-
-    def __init__(self, data: bytes, step: int = 64 * 1024):
-        self.data, self.step = data, step
-
-    async def __aiter__(self):
-        for i in range(0, len(self.data), self.step):
-            yield self.data[i:i + self.step]
-
-
-def ranged(status, data, headers=None) -> httpx.Response:
-    return httpx.Response(status, stream=Body(data), headers=headers or {})
-
-
-class FakeGlance:
-    """Serves one image's data with Range, and a listing in pages; ``faults`` are answered first."""
-
-    def __init__(self, data=DATA, records=None, hidden=None, page=2):
-        self.data = data
-        self.records = records if records is not None else []
-        self.hidden = hidden or []
-        self.page = page
-        self.faults: list = []  # callables (request) -> Response, used up in order
-        self.ranges: list[tuple[int, int]] = []
-        self.listings = 0
-        self.down = False
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        if self.down:
-            raise httpx.ConnectError("connection refused", request=request)
-        if request.url.path.endswith("/file"):
-            m = re.match(r"bytes=(\d+)-(\d+)", request.headers["Range"])
-            a, b = int(m.group(1)), int(m.group(2)) + 1
-            self.ranges.append((a, b))
-            if self.faults:
-                return self.faults.pop(0)(request, a, b)
-            return ranged(206, self.data[a:b], headers={"Content-Range": f"bytes {a}-{b - 1}/{len(self.data)}"})
-        if request.url.path == "/v2/images":
-            self.listings += 1
-            pool = self.hidden if request.url.params.get("os_hidden") else self.records
-            start = int(request.url.params.get("marker") or 0)
-            body = {"images": pool[start:start + self.page]}
-            if start + self.page < len(pool):
-                body["next"] = f"/v2/images?status=active&marker={start + self.page}" + (
-                    "&os_hidden=true" if request.url.params.get("os_hidden") else "")
-            return httpx.Response(200, json=body)
-        image_id = request.url.path.rsplit("/", 1)[1]
-        for r in self.records:
-            if r["id"] == image_id:
-                return httpx.Response(200, json=r)
-        return httpx.Response(404)
 
 
 class ListSink:
@@ -89,8 +34,8 @@ class ListSink:
         raise AssertionError("Glance is the last source")
 
 
-def origin_of(glance) -> GlanceOrigin:
-    return GlanceOrigin("http://glance", transport=httpx.MockTransport(glance), request_timeout=5)
+def origin_of(glance) -> GlanceClient:
+    return GlanceClient("http://glance", transport=httpx.MockTransport(glance), request_timeout=5)
 
 
 def source_of(glance, **kw) -> GlanceSource:
@@ -103,7 +48,7 @@ def want(store, chunks) -> Want:
 
 
 async def test_a_run_is_one_range_request_handed_over_in_pieces_as_it_arrives(store):
-    glance, sink = FakeGlance(), ListSink()
+    glance, sink = FakeGlance(DATA), ListSink()
     assert await source_of(glance).fetch(want(store, list(range(10, 10 + 300))), sink) == []
     assert glance.ranges == [(10 * CS, 310 * CS)]
     step = PLACE_STEP // CS
@@ -112,13 +57,13 @@ async def test_a_run_is_one_range_request_handed_over_in_pieces_as_it_arrives(st
 
 
 async def test_runs_are_split_at_gaps_and_at_the_largest_request(store):
-    glance = FakeGlance()
+    glance = FakeGlance(DATA)
     await source_of(glance, max_chunks=4).fetch(want(store, [0, 1, 2, 3, 4, 5, 9]), ListSink())
     assert glance.ranges == [(0, 4 * CS), (4 * CS, 6 * CS), (9 * CS, 10 * CS)]
 
 
 async def test_a_short_body_is_retried_for_what_is_still_missing(store):
-    glance, sink = FakeGlance(), ListSink()
+    glance, sink = FakeGlance(DATA), ListSink()
     glance.faults.append(lambda req, a, b: ranged(
         206, DATA[a:a + PLACE_STEP + 100], headers={"Content-Range": f"bytes {a}-{b - 1}/{len(DATA)}"}))
     chunks = list(range(0, 2 * PLACE_STEP // CS))
@@ -133,7 +78,7 @@ async def test_a_short_body_is_retried_for_what_is_still_missing(store):
     lambda req, a, b: httpx.Response(503),
 ], ids=["wrong-content-range", "range-ignored", "503"])
 async def test_a_wrong_answer_is_retried_and_nothing_wrong_is_handed_over(store, fault):
-    glance, sink = FakeGlance(), ListSink()
+    glance, sink = FakeGlance(DATA), ListSink()
     glance.faults.append(fault)
     await source_of(glance).fetch(want(store, [3, 4]), sink)
     assert len(glance.ranges) == 2
@@ -141,7 +86,7 @@ async def test_a_wrong_answer_is_retried_and_nothing_wrong_is_handed_over(store,
 
 
 async def test_an_image_glance_does_not_have_fails_at_once(store):
-    glance = FakeGlance()
+    glance = FakeGlance(DATA)
     glance.faults.append(lambda req, a, b: httpx.Response(404))
     with pytest.raises(ImageGone):
         await source_of(glance).fetch(want(store, [0]), ListSink())
@@ -149,10 +94,10 @@ async def test_an_image_glance_does_not_have_fails_at_once(store):
 
 
 async def test_glance_down_is_retried_until_the_deadline_then_unavailable(store, autojump_clock):
-    glance = FakeGlance()
+    glance = FakeGlance(DATA)
     glance.down = True
     started = trio.current_time()
-    with pytest.raises(OriginUnavailable, match="gave up after 5s"):
+    with pytest.raises(GlanceUnavailable, match="gave up after 5s"):
         await source_of(glance).fetch(want(store, [0]), ListSink())
     assert trio.current_time() - started == pytest.approx(5, abs=0.1)
 
@@ -163,13 +108,13 @@ def record(i, hidden=False):
 
 
 async def test_the_listing_follows_pages_and_includes_hidden_images():
-    glance = FakeGlance(records=[record(i) for i in range(5)], hidden=[record(7, True)])
+    glance = FakeGlance(DATA, records=[record(i) for i in range(5)], hidden=[record(7, True)])
     images = await origin_of(glance).list_images()
     assert sorted(m.name for m in images) == ["img0", "img1", "img2", "img3", "img4", "img7"]
 
 
 async def test_the_catalog_refreshes_on_its_ttl_and_tells_listeners(index, autojump_clock):
-    glance = FakeGlance(records=[record(1)])
+    glance = FakeGlance(DATA, records=[record(1)])
     catalog = Catalog(origin_of(glance), index, ttl=10)
     heard = []
     catalog.add_listener(lambda added, removed: heard.append(([m.name for m in added], [m.name for m in removed])))
@@ -187,11 +132,11 @@ async def test_the_catalog_refreshes_on_its_ttl_and_tells_listeners(index, autoj
 
 
 async def test_the_catalog_keeps_its_last_listing_when_glance_is_down_and_saves_it(index):
-    glance = FakeGlance(records=[record(1), record(2)])
+    glance = FakeGlance(DATA, records=[record(1), record(2)])
     catalog = Catalog(origin_of(glance), index)
     await catalog.refresh()
     glance.down = True
-    with pytest.raises(OriginError):
+    with pytest.raises(GlanceError):
         await catalog.refresh()
     assert sorted(catalog.images) == sorted(r["id"] for r in glance.records)
     assert catalog.origin_ok is False
@@ -200,10 +145,10 @@ async def test_the_catalog_keeps_its_last_listing_when_glance_is_down_and_saves_
 
 
 async def test_a_lookup_of_an_unlisted_id_asks_glance_once_per_miss_interval(index, autojump_clock):
-    glance = FakeGlance(records=[record(3)])
+    glance = FakeGlance(DATA, records=[record(3)])
     asked = []
     transport = httpx.MockTransport(lambda req: (asked.append(req.url.path), glance(req))[1])
-    catalog = Catalog(GlanceOrigin("http://glance", transport=transport), index, miss_refresh_interval=1.0)
+    catalog = Catalog(GlanceClient("http://glance", transport=transport), index, miss_refresh_interval=1.0)
     meta = await catalog.lookup(record(3)["id"])
     assert meta is not None and meta.name == "img3"  # a new image, without waiting for a listing
     missing = "00000000-0000-0000-0000-999999999999"
@@ -217,7 +162,7 @@ async def test_a_lookup_of_an_unlisted_id_asks_glance_once_per_miss_interval(ind
 
 
 async def test_images_kept_for_nova_stay_listed_when_glance_drops_them(index):
-    glance = FakeGlance(records=[record(1), record(2)])
+    glance = FakeGlance(DATA, records=[record(1), record(2)])
     catalog = Catalog(origin_of(glance), index)
     catalog.retain = lambda: {record(2)["id"]}
     await catalog.refresh()

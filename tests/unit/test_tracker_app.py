@@ -4,8 +4,11 @@ rest of this layer runs on trio): membership, announce and lookup, claims, profi
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import random
+
+import httpx
 
 import pytest
 
@@ -193,3 +196,57 @@ def test_the_daemons_client_signs_what_the_tracker_verifies_and_parses_its_repli
                 else:
                     raise AssertionError("a request signed with another secret was answered")
     asyncio.run(main())
+
+
+def test_a_manifest_is_built_from_glance_through_the_one_glance_client_and_bound_to_its_hash(tmp_path):
+    from fakes import FakeGlance, pattern
+    from thunderfs_common.glance import GlanceClient
+    from thunderfs_tracker.manifests import ManifestStore, ManifestUnavailable
+
+    data = pattern(5 * CHUNK + 10)
+    image_id = "6b0c1f44-0000-4d1e-9a57-1e3f0c5a9b21"
+    good = {"id": image_id, "status": "active", "size": len(data), "os_hash_algo": "sha512",
+            "os_hash_value": hashlib.sha512(data).hexdigest()}
+
+    async def build(record):
+        glance = FakeGlance(data, records=[record])
+        store = ManifestStore(tmp_path / record["os_hash_value"][:8], GlanceClient(
+            "http://glance", transport=httpx.MockTransport(glance)))
+        try:
+            assert await store.get(image_id, CHUNK) == "building"
+            while (m := await store.get(image_id, CHUNK)) == "building":
+                await asyncio.sleep(0.01)
+            return m
+        except ManifestUnavailable as exc:
+            return str(exc)
+        finally:
+            await store.close()
+
+    m = asyncio.run(build(good))
+    assert m.nchunks == 6 and m.os_hash_value == good["os_hash_value"]
+    assert all(m.digest(i) == hashlib.sha256(data[i * CHUNK:(i + 1) * CHUNK]).digest() for i in range(6))
+    lied = asyncio.run(build({**good, "os_hash_value": "0" * 128}))
+    assert "does not match Glance's os_hash_value" in lied
+
+
+def test_every_message_both_sides_exchange_reads_back_as_written():
+    from thunderfs_tracker.protocol import (AnnounceReply, ChunkState, Claim, Claimed, ClaimReply, LookupReply,
+                                            PeerRecord, Recording, Report, parse_epoch)
+
+    peer = PeerRecord("a", "http://a:7071", ("z1", "r1"), 3, 0b101)
+    assert AnnounceReply.parse(AnnounceReply("e1", 10.0).to_json()) == AnnounceReply("e1", 10.0)
+    state = ChunkState(True, [ChunkUpdate(IMG, 64, add=0b1011, full=True)])
+    assert ChunkState.parse(state.to_json()) == state
+    assert parse_epoch({"epoch": "e2"}) == "e2"
+    assert LookupReply.parse(LookupReply(8, 10, [peer]).to_json(), 8, 10).peers == [peer]
+    with pytest.raises(ProtocolError, match="not 0..2"):
+        LookupReply.parse(LookupReply(8, 10, [peer]).to_json(), 0, 2)  # an answer to another question
+    assert Claim.parse(Claim("a", 64, 0b110).to_json()) == Claim("a", 64, 0b110)
+    assert Claim.parse(Claim("a", 64, 0b110).to_json(), signer="b").node_id == "b"  # the signer speaks
+    reply = ClaimReply([1, 2], [Claimed(PeerRecord("b", "http://b:7071", (), 0, 0), [5, 9], True)])
+    assert ClaimReply.parse(reply.to_json(), 64) == reply
+    assert Recording.parse(Recording("a", 10, [(3, 0), (1, 5)]).to_json()) == Recording("a", 10, [(3, 0), (1, 5)])
+    assert Report.parse(Report("liar", IMG, 4, "bad").to_json()) == Report("liar", IMG, 4, "bad")
+    for bad, words in ((["x"], "claim must be"), ({"node_id": "a", "nchunks": 0}, "nchunks")):
+        with pytest.raises(ProtocolError, match=words):
+            Claim.parse(bad)

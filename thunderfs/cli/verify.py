@@ -10,8 +10,9 @@ from pathlib import Path
 import trio
 
 from thunderfs.service import control
-from thunderfs.errors import ConfigError, OriginError
-from thunderfs.glance.origin import GlanceOrigin
+from thunderfs.errors import ConfigError
+from thunderfs_common.glance import GlanceError
+from thunderfs_common.glance import GlanceClient
 from thunderfs_common.units import format_size
 
 
@@ -24,7 +25,7 @@ def add_parsers(sub) -> None:
 
 
 async def _glance_hash(glance_url: str, image_id: str) -> tuple[str, str]:
-    async with GlanceOrigin(glance_url, request_timeout=10) as origin:
+    async with GlanceClient(glance_url, request_timeout=10) as origin:
         meta = await origin.image(image_id)
     return meta.os_hash_algo or "sha512", meta.os_hash_value or ""
 
@@ -38,7 +39,7 @@ def cmd_verify(args, _argv) -> int:
     try:
         algo, expected = trio.run(_glance_hash, glance, args.image_id)
         where = "Glance"
-    except OriginError as exc:
+    except GlanceError as exc:
         algo = os.getxattr(path, "user.thunderfs.os_hash_algo").decode() or "sha512"
         expected = os.getxattr(path, "user.thunderfs.os_hash_value").decode()
         where = f"the mount's last listing (Glance unreachable: {exc})"

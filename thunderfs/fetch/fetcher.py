@@ -19,7 +19,7 @@ import trio
 from thunderfs.cache.store import ChunkStore, ImageData
 from thunderfs.errors import FetchFailed, ThunderfsError
 from thunderfs.fetch.flights import Flight, SingleFlight
-from thunderfs.image import ImageMeta
+from thunderfs_common.image import ImageMeta
 from thunderfs.fetch.slots import DEMAND
 from thunderfs.fetch.source import Source, Urgency, Want, deadline_for, runs
 

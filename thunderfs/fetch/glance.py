@@ -4,13 +4,13 @@ Adjacent chunks go in one Range request of at most ``max_chunks`` chunks.  Piece
 the sink (cached, and so offered to peers) every ``PLACE_STEP`` bytes as they arrive, not only
 once a whole request (up to 16 MiB) is in, and a retry asks only for what is still missing.  A
 request holds one of Glance's slots (demand before readahead before prefetch) and waits for its
-bytes in the token bucket (``--origin-rate``).  Errors are the origin's: ``OriginUnavailable``
+bytes in the token bucket (``--origin-rate``).  Errors are the origin's: ``GlanceUnavailable``
 after retrying within the deadline, ``ImageGone`` at once.
 """
 
 from __future__ import annotations
 
-from thunderfs.glance.origin import GlanceOrigin
+from thunderfs_common.glance import GlanceClient
 from thunderfs.ratelimit import TokenBucket
 from thunderfs.fetch.retry import with_retries
 from thunderfs.fetch.slots import PrioritySlots
@@ -24,7 +24,7 @@ PLACE_STEP = 2**20
 class GlanceSource:
     name = "origin"
 
-    def __init__(self, origin: GlanceOrigin, *, chunk_size: int, max_chunks: int, fetch_timeout: float,
+    def __init__(self, origin: GlanceClient, *, chunk_size: int, max_chunks: int, fetch_timeout: float,
                  concurrency: int, rate: float = 0):
         self._origin = origin
         self._cs = chunk_size

@@ -15,7 +15,7 @@ import trio
 
 from thunderfs.cache.store import ImageData
 from thunderfs.fetch.flights import FlightAbandoned, SingleFlight
-from thunderfs.image import ImageMeta
+from thunderfs_common.image import ImageMeta
 from thunderfs_tracker.client import TrackerClient, TrackerError
 from thunderfs_tracker.protocol import Manifest, PeerRecord
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from thunderfs.cache.store import ChunkStore, ImageData
 from thunderfs.errors import ChunkCorrupt, ChunkNotCached, FetchFailed
 from thunderfs.fetch.fetcher import Fetcher
-from thunderfs.image import ImageMeta
+from thunderfs_common.image import ImageMeta
 from thunderfs.fetch.slots import READAHEAD
 
 # Called with (first chunk, last chunk, whether the read had to fetch) after every read.

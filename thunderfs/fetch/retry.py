@@ -7,7 +7,7 @@ import random
 
 import trio
 
-from thunderfs.errors import OriginUnavailable, is_temp_failure
+from thunderfs_common.glance import GlanceUnavailable, is_temp_failure
 
 log = logging.getLogger(__name__)
 
@@ -32,5 +32,5 @@ async def with_retries(fn, *args, timeout: float, what: str, base: float = 0.05,
             log.debug("%s: attempt %d failed (%s); again in %.2fs", what, attempt, last_exc, delay)
             await trio.sleep(delay)
     if last_exc is not None:
-        raise OriginUnavailable(f"{what}: gave up after {timeout:g}s and {attempt} attempts: {last_exc}")
-    raise OriginUnavailable(f"{what}: no answer within {timeout:g}s")
+        raise GlanceUnavailable(f"{what}: gave up after {timeout:g}s and {attempt} attempts: {last_exc}")
+    raise GlanceUnavailable(f"{what}: no answer within {timeout:g}s")

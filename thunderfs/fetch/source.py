@@ -22,7 +22,7 @@ from thunderfs.fetch.slots import PrioritySlots, Ticket
 
 if TYPE_CHECKING:
     from thunderfs.cache.store import ImageData
-    from thunderfs.image import ImageMeta
+    from thunderfs_common.image import ImageMeta
 
 
 def runs(chunks: Iterable[int], max_len: int) -> list[tuple[int, int]]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from thunderfs.image import ImageMeta
+from thunderfs_common.image import ImageMeta
 
 
 ROOT = 1  # pyfuse3.ROOT_INODE

@@ -17,8 +17,9 @@ import time
 import pyfuse3
 
 from thunderfs.glance.catalog import Catalog
-from thunderfs.errors import FetchFailed, ImageGone, ThunderfsError
-from thunderfs.image import ImageMeta
+from thunderfs.errors import FetchFailed, ThunderfsError
+from thunderfs_common.glance import GlanceError, ImageGone
+from thunderfs_common.image import ImageMeta
 from thunderfs.fuse.inodes import IMAGES_DIR, ROOT, InodeTable
 from thunderfs.fetch.reader import Reader, Readers
 
@@ -28,7 +29,7 @@ IMAGES = b"images"
 XATTR_PREFIX = b"user.thunderfs."
 
 
-def _fuse_error(exc: ThunderfsError, what: str) -> pyfuse3.FUSEError:
+def _fuse_error(exc: ThunderfsError | GlanceError, what: str) -> pyfuse3.FUSEError:
     """The errno boundary: one log line per failed request, one errno."""
     if isinstance(exc, FetchFailed):
         log.error("read failed: %s", exc)
@@ -159,7 +160,7 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         try:
             reader = self._readers.open(meta)
-        except (ThunderfsError, OSError) as exc:
+        except (ThunderfsError, GlanceError, OSError) as exc:
             if isinstance(exc, OSError):
                 log.error("opening the cache of image %s: %s", meta.id, exc)
                 raise pyfuse3.FUSEError(errno.EIO) from None
@@ -176,7 +177,7 @@ class Operations(pyfuse3.Operations):
         self._read_bytes += size
         try:
             return await reader.read(off, size)
-        except ThunderfsError as exc:
+        except (ThunderfsError, GlanceError) as exc:
             raise _fuse_error(exc, f"read {reader.meta.id} at {off}+{size}") from None
         except OSError as exc:
             log.error("read %s at %d+%d: cache I/O failed: %s", reader.meta.id, off, size, exc)

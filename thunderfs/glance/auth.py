@@ -13,14 +13,15 @@ import logging
 import httpx
 import trio
 
-from thunderfs.errors import ConfigError, OriginUnavailable
+from thunderfs.errors import ConfigError
+from thunderfs_common.glance import GlanceUnavailable
 from thunderfs_common.keystone import (KeystoneConfigError, KeystoneSettings, KeystoneTokenError, TokenSource,
                                         find_settings as _find_settings, renew_in)
 
 log = logging.getLogger(__name__)
 
 
-class GlanceAuthError(OriginUnavailable):
+class GlanceAuthError(GlanceUnavailable):
     """Keystone did not give a token (unreachable, or the credentials were refused)."""
 
 

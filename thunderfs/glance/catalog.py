@@ -13,9 +13,9 @@ from collections.abc import Callable, Collection
 import trio
 
 from thunderfs.cache.index import ChunkIndex
-from thunderfs.errors import OriginError
-from thunderfs.image import ImageMeta
-from thunderfs.glance.origin import GlanceOrigin
+from thunderfs_common.glance import GlanceError
+from thunderfs_common.image import ImageMeta
+from thunderfs_common.glance import GlanceClient
 from thunderfs.reachability import Reachability
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ Listener = Callable[[list[ImageMeta], list[ImageMeta]], None]
 
 
 class Catalog:
-    def __init__(self, origin: GlanceOrigin, index: ChunkIndex, *, ttl: float = 10.0, timeout: float = 5.0,
+    def __init__(self, origin: GlanceClient, index: ChunkIndex, *, ttl: float = 10.0, timeout: float = 5.0,
                  miss_refresh_interval: float = 1.0):
         self._origin = origin
         self._index = index
@@ -53,7 +53,7 @@ class Catalog:
         return len(self.images)
 
     async def refresh(self) -> None:
-        """Ask Glance now; raises OriginError if it cannot be asked (the old listing stays)."""
+        """Ask Glance now; raises GlanceError if it cannot be asked (the old listing stays)."""
         async with self._lock:
             self._last_attempt = trio.current_time()
             try:
@@ -61,8 +61,8 @@ class Catalog:
                     listing = await self._origin.list_images()
             except trio.TooSlowError:
                 self._glance.down(f"no listing within {self._timeout:g}s", self._meanwhile())
-                raise OriginError(f"Glance gave no image listing within {self._timeout:g}s") from None
-            except OriginError as exc:
+                raise GlanceError(f"Glance gave no image listing within {self._timeout:g}s") from None
+            except GlanceError as exc:
                 self._glance.down(str(exc), self._meanwhile())
                 raise
             self._glance.up()
@@ -102,7 +102,7 @@ class Catalog:
                 return
         try:
             await self.refresh()
-        except OriginError:
+        except GlanceError:
             pass
 
     async def lookup(self, image_id: str) -> ImageMeta | None:
@@ -120,7 +120,7 @@ class Catalog:
         try:
             with trio.fail_after(self._timeout):
                 meta = await self._origin.image(image_id)
-        except (OriginError, trio.TooSlowError):
+        except (GlanceError, trio.TooSlowError):
             meta = None
         if meta is None or meta.status != "active" or meta.id != image_id:
             self._misses[image_id] = now
@@ -137,5 +137,5 @@ class Catalog:
             await trio.sleep(max(0.0, self._last_attempt + self.ttl - trio.current_time()))
             try:
                 await self.refresh()
-            except OriginError:
+            except GlanceError:
                 pass

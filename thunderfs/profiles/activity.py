@@ -9,7 +9,7 @@ from __future__ import annotations
 import trio
 
 from thunderfs.cache.store import ImageData
-from thunderfs.image import ImageMeta
+from thunderfs_common.image import ImageMeta
 
 NOT_PREFETCHED, PREFETCHED, HIT = 0, 1, 2
 

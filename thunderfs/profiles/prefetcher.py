@@ -19,7 +19,7 @@ import trio
 from thunderfs.cache.store import ImageData
 from thunderfs.fetch.fetcher import Fetcher
 from thunderfs.fetch.slots import PREFETCH
-from thunderfs.image import ImageMeta
+from thunderfs_common.image import ImageMeta
 from thunderfs.profiles.activity import NOT_PREFETCHED, PREFETCHED, Activity
 from thunderfs_tracker.client import TrackerClient, TrackerError
 from thunderfs_tracker.protocol import Profile, ProtocolError

@@ -11,7 +11,7 @@ import trio
 from thunderfs.cache.store import ImageData
 from thunderfs.fetch.fetcher import Fetcher
 from thunderfs.fetch.reader import Reader
-from thunderfs.image import ImageMeta
+from thunderfs_common.image import ImageMeta
 from thunderfs.profiles.activity import Activity
 from thunderfs.profiles.prefetcher import Prefetcher
 from thunderfs.profiles.recorder import Recorder

@@ -1,7 +1,9 @@
-"""The Glance client: image listing, image records, and byte ranges of image data.
+"""The one Glance client, for the daemon (on trio) and the tracker (on asyncio): image listing,
+image records, byte ranges of image data, and a whole image's data as a stream.
 
-One attempt per call; it raises ``OriginUnavailable``/``OriginProtocolError`` (worth retrying) or
-``ImageGone``/``OriginError`` (final).  Retrying is the caller's business (``retry.py``).
+One attempt per call; it raises ``GlanceUnavailable``/``GlanceProtocolError`` (worth retrying) or
+``ImageGone``/``GlanceError`` (final).  Retrying is the caller's business.  Keystone tokens come in
+as an ``httpx.Auth`` of the caller's event loop.
 """
 
 from __future__ import annotations
@@ -11,14 +13,33 @@ import re
 
 import httpx
 
-from thunderfs.errors import ImageGone, OriginError, OriginProtocolError, OriginUnavailable
-from thunderfs.image import ImageMeta
+from thunderfs_common.image import ImageMeta
+
+
+class GlanceError(Exception):
+    """Glance did not give us what we asked for."""
+
+
+class GlanceUnavailable(GlanceError):
+    """Glance cannot be reached, timed out, or answered 5xx: worth retrying."""
+
+
+class GlanceProtocolError(GlanceError):
+    """Glance answered, but wrongly (short body, wrong Content-Range): worth retrying."""
+
+
+class ImageGone(GlanceError):
+    """Glance says the image does not exist (any more) or has no data: final."""
+
+
+def is_temp_failure(exc: BaseException) -> bool:
+    return isinstance(exc, (GlanceUnavailable, GlanceProtocolError))
 
 
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 
-class GlanceOrigin:
+class GlanceClient:
     def __init__(self, url: str, *, connect_timeout: float = 3.0, request_timeout: float = 10.0,
                  concurrency: int = 8, headers: dict[str, str] | None = None, page_size: int = 200,
                  auth: httpx.Auth | None = None, transport: httpx.AsyncBaseTransport | None = None):
@@ -34,24 +55,27 @@ class GlanceOrigin:
         )
         self._stats = {"requests": 0, "range_requests": 0, "bytes": 0, "errors": 0}
 
-    async def __aenter__(self) -> "GlanceOrigin":
+    async def __aenter__(self) -> "GlanceClient":
         return self
 
     async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
         await self._client.aclose()
 
     @contextlib.contextmanager
     def _transport(self, what: str):
-        """Transport failures become OriginUnavailable (worth retrying); every failure is counted."""
+        """Transport failures become GlanceUnavailable (worth retrying); every failure is counted."""
         try:
             yield
         except httpx.TimeoutException as exc:
             self._stats["errors"] += 1
-            raise OriginUnavailable(f"Glance timed out on {what}") from exc
+            raise GlanceUnavailable(f"Glance timed out on {what}") from exc
         except httpx.HTTPError as exc:
             self._stats["errors"] += 1
-            raise OriginUnavailable(f"Glance at {self.url} failed on {what}: {exc}") from exc
-        except OriginError:
+            raise GlanceUnavailable(f"Glance at {self.url} failed on {what}: {exc}") from exc
+        except GlanceError:
             self._stats["errors"] += 1
             raise
 
@@ -96,16 +120,27 @@ class GlanceOrigin:
                 async for piece in resp.aiter_raw():
                     n = len(piece)
                     if got + n > want:
-                        raise OriginProtocolError(f"Glance sent more than the {want} bytes asked for")
+                        raise GlanceProtocolError(f"Glance sent more than the {want} bytes asked for")
                     buf[got:got + n] = piece
                     got += n
                     if on_data is not None:
                         on_data(buf, got)
         if got != want:
             self._stats["errors"] += 1
-            raise OriginProtocolError(f"Glance sent {got} of {want} bytes of {image_id} at {start}")
+            raise GlanceProtocolError(f"Glance sent {got} of {want} bytes of {image_id} at {start}")
         self._stats["bytes"] += got
         return buf
+
+    async def stream(self, image_id: str, piece: int = 2**20):
+        """The image's whole data, in pieces of up to ``piece`` bytes as they arrive."""
+        path = f"/v2/images/{image_id}/file"
+        self._stats["requests"] += 1
+        with self._transport(f"{image_id} data"):
+            async with self._client.stream("GET", path) as resp:
+                _raise_for_status(resp, path)
+                async for data in resp.aiter_bytes(piece):
+                    self._stats["bytes"] += len(data)
+                    yield data
 
     def statistics(self) -> dict:
         return dict(self._stats)
@@ -120,8 +155,8 @@ def _raise_for_status(resp: httpx.Response, path: str) -> None:
     if code == 416:
         raise ImageGone(f"Glance refused the range of {path} (416): the image is shorter than listed")
     if code in (408, 429) or code >= 500:
-        raise OriginUnavailable(f"Glance answered {code} for {path}")
-    raise OriginError(f"Glance answered {code} for {path}")
+        raise GlanceUnavailable(f"Glance answered {code} for {path}")
+    raise GlanceError(f"Glance answered {code} for {path}")
 
 
 def _check_range(resp: httpx.Response, start: int, end: int) -> None:
@@ -129,10 +164,10 @@ def _check_range(resp: httpx.Response, start: int, end: int) -> None:
         # A server may answer a range that covers the whole image with the whole image.
         if start == 0 and resp.headers.get("Content-Length") == str(end):
             return
-        raise OriginProtocolError(f"Glance ignored the range request ({start}-{end - 1})")
+        raise GlanceProtocolError(f"Glance ignored the range request ({start}-{end - 1})")
     if resp.status_code != 206:
-        raise OriginProtocolError(f"Glance answered {resp.status_code} to a range request")
+        raise GlanceProtocolError(f"Glance answered {resp.status_code} to a range request")
     m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
     if not m or int(m.group(1)) != start or int(m.group(2)) != end - 1:
-        raise OriginProtocolError(
+        raise GlanceProtocolError(
             f"Glance sent Content-Range {resp.headers.get('Content-Range')!r} for bytes {start}-{end - 1}")
