@@ -182,9 +182,16 @@ async def claims(request: web.Request) -> web.Response:
     except ValueError as exc:
         raise ProtocolError(str(exc)) from None
     request.app[STATS]["claims"] += 1
-    return web.json_response(ClaimReply(_chunks(granted), [
-        Claimed(PeerRecord(n.node_id, n.peer_url, n.location, n.load, 0), _chunks(b), held)
-        for n, b, held in others]).to_json())
+    # A suspect is left out of lookups, so nobody could take its chunks: never name it as their
+    # holder (the asker would wait for them in vain); the asker fetches them itself.
+    suspects, now = request.app[SUSPECTS], time.monotonic()
+    named = []
+    for n, b, held in others:
+        if suspects.get(n.node_id, 0) < now:
+            named.append(Claimed(PeerRecord(n.node_id, n.peer_url, n.location, n.load, 0), _chunks(b), held))
+        else:
+            granted |= b
+    return web.json_response(ClaimReply(_chunks(granted), named).to_json())
 
 
 async def report(request: web.Request) -> web.Response:

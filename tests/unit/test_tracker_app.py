@@ -250,3 +250,21 @@ def test_every_message_both_sides_exchange_reads_back_as_written():
     for bad, words in ((["x"], "claim must be"), ({"node_id": "a", "nchunks": 0}, "nchunks")):
         with pytest.raises(ProtocolError, match=words):
             Claim.parse(bad)
+
+
+def test_a_suspect_is_never_named_as_the_holder_of_claimed_chunks(tmp_path):
+    """Left out of lookups after a report, a lying node must not be named in claim replies either:
+    nobody could take its chunks, and a reader would wait for them in vain."""
+    async def body(call):
+        await announce(call, "liar", [0, 1, 2, 3])
+        await announce(call, "good", [])
+        await announce(call, "me", [])
+        ranges = bits_to_ranges(0b1111)
+        status, r = await call("me", "POST", f"/v1/images/{IMG}/claims", {"node_id": "me", "nchunks": 64, "chunks": ranges})
+        assert [o["node_id"] for o in r["claimed"]] == ["liar"] and r["granted"] == []  # before the report
+        status, _ = await call("good", "POST", "/v1/reports", {"node_id": "liar", "content": IMG, "chunk": 0,
+                                                                "reason": "chunk does not match the manifest"})
+        assert status == 200
+        status, r = await call("me", "POST", f"/v1/images/{IMG}/claims", {"node_id": "me", "nchunks": 64, "chunks": ranges})
+        assert r["claimed"] == [] and r["granted"] == [[0, 3]]  # what only the liar holds, this node fetches
+    with_client(tmp_path, body)
