@@ -33,8 +33,13 @@ def test_images_that_are_not_active_are_not_listed(mount, glance, images):
     queued = glance.create_image("never-uploaded")
     deactivated = images.add(1000, seed=25)
     glance.deactivate(deactivated)
-    time.sleep(1.1)  # past the lookup miss interval
-    names = os.listdir(mount.path / "images")
+    fresh = images.add(500, seed=27)  # listed once the mount's listing is newer than the two above
+
+    def listing_after_them():
+        names = os.listdir(mount.path / "images")
+        return names if fresh in names else None
+
+    names = wait_for(listing_after_them, what="a listing made after the images were created")
     assert queued not in names
     assert not os.path.exists(mount.image(queued))
 
