@@ -228,7 +228,7 @@ def test_nova_boots_an_instance_through_the_mount(glance, mounts, images, tmp_pa
     if disk_format == "raw":  # sparse: the unused space of the raw disk (most of it) is not written
         assert link.stat().st_blocks * 512 < image["size"] / 2
     assert m.stats()["nova"]["released"] is True
-    time.sleep(2 * 1.5)
+    wait_for(lambda: m.stats()["nova"]["stopped"], what="the mount's passes over _base to stop")
     assert not (base / other).exists(), "the mount put a link back after the rollback"
     assert m.umount().returncode == 0
     assert tiny_vm.boot(Path(booted["disk"])) == disk.payload_md5

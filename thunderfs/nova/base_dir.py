@@ -83,6 +83,7 @@ class NovaBaseDir:
         self.last: SyncReport | None = None
         self.last_error: str | None = None
         self.released = False  # released for a rollback: no more passes (service.NovaService)
+        self.stopped = False  # the passes have stopped (after a release)
         self.in_use_ids: set[str] = set()
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of base_dir when checked
 
@@ -282,6 +283,7 @@ class NovaBaseDir:
             "left_alone": dict(last.foreign) if last else {},
             "last_error": self.last_error,
             "released": self.released,
+            "stopped": self.stopped,
         }
 
 

@@ -22,6 +22,12 @@ class NovaService:
                   task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Sync every ``interval`` seconds, off the event loop (the directory may be on NFS)."""
         task_status.started()
+        try:
+            await self._passes(image_ids, interval)
+        finally:
+            self.base.stopped = True  # no pass runs from now on
+
+    async def _passes(self, image_ids: Callable[[], Iterable[str]], interval: float) -> None:
         while not self.base.released:
             async with self._pass_lock:
                 if self.base.released:
