@@ -17,6 +17,11 @@ class ConfigError(ThunderfsError):
 # below), shared with the tracker; the fs boundary turns them into EIO like these.
 
 
+class SourceFailed(ThunderfsError):
+    """A source of chunks failed for good (Glance unavailable past the deadline, the image gone):
+    the reads that needed it fail with EIO."""
+
+
 # --- cache ----------------------------------------------------------------------------------
 
 

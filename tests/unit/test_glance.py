@@ -10,6 +10,7 @@ import trio
 
 from fakes import CS, FakeGlance, meta_of, pattern, ranged
 from thunderfs.glance.catalog import Catalog
+from thunderfs.errors import SourceFailed
 from thunderfs_common.glance import GlanceError, GlanceUnavailable, ImageGone
 from thunderfs.fetch.glance import PLACE_STEP, GlanceSource
 from thunderfs_common.glance import GlanceClient
@@ -88,17 +89,18 @@ async def test_a_wrong_answer_is_retried_and_nothing_wrong_is_handed_over(store,
 async def test_an_image_glance_does_not_have_fails_at_once(store):
     glance = FakeGlance(DATA)
     glance.faults.append(lambda req, a, b: httpx.Response(404))
-    with pytest.raises(ImageGone):
+    with pytest.raises(SourceFailed, match="Glance has no") as info:
         await source_of(glance).fetch(want(store, [0]), ListSink())
-    assert len(glance.ranges) == 1
+    assert isinstance(info.value.__cause__, ImageGone) and len(glance.ranges) == 1
 
 
 async def test_glance_down_is_retried_until_the_deadline_then_unavailable(store, autojump_clock):
     glance = FakeGlance(DATA)
     glance.down = True
     started = trio.current_time()
-    with pytest.raises(GlanceUnavailable, match="gave up after 5s"):
+    with pytest.raises(SourceFailed, match="gave up after 5s") as info:
         await source_of(glance).fetch(want(store, [0]), ListSink())
+    assert isinstance(info.value.__cause__, GlanceUnavailable)
     assert trio.current_time() - started == pytest.approx(5, abs=0.1)
 
 
@@ -169,3 +171,17 @@ async def test_images_kept_for_nova_stay_listed_when_glance_drops_them(index):
     glance.records = [record(1)]
     await catalog.refresh()
     assert record(2)["id"] in catalog.images and catalog.gone == {record(2)["id"]}
+
+
+async def test_a_glance_outage_fails_reads_with_one_line_and_no_traceback(store, caplog, autojump_clock):
+    from fakes import fetcher_of, running
+    from thunderfs.errors import FetchFailed
+    from thunderfs.fetch.reader import Readers
+
+    glance = FakeGlance(DATA)
+    glance.down = True
+    fetcher = fetcher_of(store, source_of(glance), fetch_timeout=5)
+    async with running(fetcher):
+        with pytest.raises(FetchFailed, match="gave up after 5s"):
+            await Readers(store, fetcher).open(META).read(0, CS)
+    assert not [r for r in caplog.records if r.exc_info], "an outage is no bug: no traceback"

@@ -4,17 +4,18 @@ Adjacent chunks go in one Range request of at most ``max_chunks`` chunks.  Piece
 the sink (cached, and so offered to peers) every ``PLACE_STEP`` bytes as they arrive, not only
 once a whole request (up to 16 MiB) is in, and a retry asks only for what is still missing.  A
 request holds one of Glance's slots (demand before readahead before prefetch) and waits for its
-bytes in the token bucket (``--origin-rate``).  Errors are the origin's: ``GlanceUnavailable``
-after retrying within the deadline, ``ImageGone`` at once.
+bytes in the token bucket (``--origin-rate``).  It fails with ``SourceFailed`` (saying why: Glance
+unavailable past the deadline after retries, or the image gone, at once).
 """
 
 from __future__ import annotations
 
-from thunderfs_common.glance import GlanceClient
-from thunderfs.ratelimit import TokenBucket
+from thunderfs.errors import SourceFailed
 from thunderfs.fetch.retry import with_retries
 from thunderfs.fetch.slots import PrioritySlots
 from thunderfs.fetch.source import Sink, Want, deadline_for, runs
+from thunderfs.ratelimit import TokenBucket
+from thunderfs_common.glance import GlanceClient, GlanceError
 
 # Chunks fetched from Glance are cached (and so offered to peers) in pieces of this size as they
 # arrive, not only once a whole request (up to 16 MiB) is in.
@@ -34,6 +35,12 @@ class GlanceSource:
         self._bucket = TokenBucket(rate)
 
     async def fetch(self, want: Want, sink: Sink) -> list[int]:
+        try:
+            return await self._fetch(want, sink)
+        except GlanceError as exc:
+            raise SourceFailed(str(exc)) from exc
+
+    async def _fetch(self, want: Want, sink: Sink) -> list[int]:
         cs, step = self._cs, max(1, PLACE_STEP // self._cs)
         meta, img = want.meta, want.img
         async with want.urgency.ticket(self._slots):

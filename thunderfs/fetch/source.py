@@ -9,7 +9,8 @@ caches it at once, so that peers can take it) and returns the chunks it did not 
 fetcher gives to the next source.  A source that knows early that it will not deliver some chunks
 (a peer source granted them by the tracker: nobody else is fetching them) gives them on at once
 with ``sink.pass_on(chunks)``, so that the next source fetches them while this one goes on.
-A source raises only errors of its own family; the last one's become the readers' EIO.
+A source raises only ``thunderfs.errors`` (``SourceFailed`` for a failure of its own): what it
+raises fails the flight's readers with EIO; anything else is a bug, logged whole by the fetcher.
 """
 
 from __future__ import annotations
