@@ -3,7 +3,9 @@
 Requests made by hypothesis: every route's path with odd segments (huge, negative, path
 traversal, unknown images, non-ASCII), bodies that are random JSON or random bytes, signed with
 the cluster's secret (so that the handlers behind the membership check are reached) or unsigned
-or signed wrongly.  Every answer must be a 2xx or a 4xx, never a 5xx; the processes must stay up,
+or signed wrongly, or signed with one of the signature headers replaced by odd text (non-ASCII,
+wrong lengths and formats).  Every answer must be a 2xx or a 4xx, never a 5xx, and every request
+to a protected route that is not rightly signed must get a 401; the processes must stay up,
 answer /healthz afterwards, log no traceback, and not grow their memory without bound.
 """
 
@@ -22,7 +24,7 @@ from hypothesis import strategies as st
 from conftest import SECRET
 from harness.local_glance import free_port
 from harness.tracker import LocalTracker
-from thunderfs_common.signing import sign
+from thunderfs_common.signing import H_NODE, H_NONCE, H_SIG, H_TIME, sign
 
 EXAMPLES = 300
 segment = st.one_of(
@@ -43,6 +45,11 @@ shaped = st.fixed_dictionaries({}, optional={
     "node": json_value, "chunk": json_value, "touches": json_value, "chunk_size": json_value})
 body = st.one_of(st.none(), json_value.map(lambda v: json.dumps(v).encode()),
                  shaped.map(lambda v: json.dumps(v).encode()), st.binary(max_size=2000))
+# How a request is signed: rightly, not at all, with another secret, or with one signature header
+# replaced by odd text (anything a header can carry: latin-1, no control characters).
+odd_text = st.text(alphabet=st.characters(max_codepoint=255, blacklist_categories=("Cs", "Cc")), max_size=80)
+signing = st.one_of(st.sampled_from(["signed", "signed", "unsigned", "wrongly"]),
+                    st.tuples(st.sampled_from([H_NODE, H_TIME, H_NONCE, H_SIG]), odd_text))
 
 
 def _path(template: str, parts: list[str]) -> str:
@@ -52,13 +59,16 @@ def _path(template: str, parts: list[str]) -> str:
     return out
 
 
-def _send(host: str, port: int, method: str, path: str, data: bytes | None, how: str) -> int:
+def _send(host: str, port: int, method: str, path: str, data: bytes | None, how: str | tuple[str, str]) -> int:
     data = data or b""
     headers = {"Content-Type": "application/json"}
     if how == "signed":
         headers.update(sign(SECRET, "fuzzer", method, path, data))
     elif how == "wrongly":
         headers.update(sign(b"not-the-cluster-secret-at-all", "fuzzer", method, path, data))
+    elif isinstance(how, tuple):  # rightly signed, then one header replaced
+        headers.update(sign(SECRET, "fuzzer", method, path, data))
+        headers[how[0]] = how[1]
     conn = http.client.HTTPConnection(host, port, timeout=10)
     try:
         conn.request(method, path, body=data if method == "POST" else None, headers=headers)
@@ -98,14 +108,17 @@ def test_the_tracker_answers_any_request_with_a_2xx_or_4xx(fuzz_tracker):
 
     @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
     @given(route=st.sampled_from(TRACKER_ROUTES), parts=st.lists(segment, min_size=3, max_size=3),
-           data=body, how=st.sampled_from(["signed", "signed", "signed", "unsigned", "wrongly"]))
+           data=body, how=signing)
     def one(route, parts, data, how):
         method, template = route
         if "/nodes/{}/" in template and len(parts[0]) % 2:
             parts = ["fuzzer", *parts[1:]]  # half the time its own name (the handler runs), else another's
-        status = _send(t.host, t.port, method, _path(template, parts), data, how)
+        path = _path(template, parts)
+        status = _send(t.host, t.port, method, path, data, how)
         seen[status] = seen.get(status, 0) + 1
-        assert status < 500, f"{method} {_path(template, parts)} -> {status}"
+        assert status < 500, f"{method} {path} -> {status}"
+        if template.startswith("/v1") and how != "signed":
+            assert status == 401, f"{method} {path} signed {how!r} -> {status}"
 
     one()
     assert t.proc.poll() is None
@@ -134,14 +147,15 @@ def test_the_peer_server_answers_any_request_with_a_2xx_or_4xx(glance, images, m
 
         @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
         @given(parts=st.lists(segment, min_size=3, max_size=3), real=st.booleans(), data=body,
-               method=st.sampled_from(["GET", "GET", "POST", "HEAD"]),
-               how=st.sampled_from(["signed", "signed", "unsigned", "wrongly"]))
+               method=st.sampled_from(["GET", "GET", "POST", "HEAD"]), how=signing)
         def one(parts, real, data, method, how):
             if real:
                 parts = [content, *parts[1:]]
             path = _path("/v1/chunks/{}/{}/{}", parts)
             status = _send("127.0.0.1", port, method, path, data, how)
             assert status < 500, f"{method} {path} -> {status}"
+            if method == "GET" and how != "signed":
+                assert status == 401, f"{method} {path} signed {how!r} -> {status}"
 
         one()
         # Raw garbage instead of HTTP: the connection is dropped, the daemon goes on.

@@ -91,6 +91,9 @@ class MountConfig:
                           default_factory=socket.gethostname, check=_protocol(check_node_id), group=PEERS)
     secret_file: Path | None = option(None, "the cluster's shared secret; peers and tracker answer only members",
                                       check=_exists, group=PEERS)
+    tracker_public_key: Path | None = option(None, "the tracker's Ed25519 public key (PEM): manifests it did not "
+                                             "sign are refused (the tracker's --manifest-key)", check=_exists,
+                                             group=PEERS)
     max_uploads: int = option(8, "chunk uploads served at once", check=at_least(1), group=PEERS)
     upload_rate: int = option(0, "bandwidth cap on uploads to peers, bytes/s (0: none)", parse=size, group=PEERS)
     peer_timeout: float = option(2.0, "seconds a peer may take", check=positive, group=PEERS)

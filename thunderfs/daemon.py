@@ -43,6 +43,7 @@ from thunderfs.service.status import ImageStatus
 from thunderfs.cluster.announcer import Announcer
 from thunderfs_tracker.client import TrackerClient
 from thunderfs_common.keystone import KeystoneSettings
+from thunderfs_common.manifest_proof import KeyFileError, load_public_key
 from thunderfs_tracker.protocol import NodeInfo, parse_location
 from thunderfs_common.signing import SecretError, load_secret
 
@@ -158,7 +159,8 @@ async def run(config: MountConfig, keystone: KeystoneSettings | None = None,
         if config.tracker:
             try:
                 secret = load_secret(config.secret_file) if config.secret_file else None
-            except SecretError as exc:
+                tracker_key = load_public_key(config.tracker_public_key) if config.tracker_public_key else None
+            except (SecretError, KeyFileError) as exc:
                 raise ConfigError(str(exc)) from None
             node = NodeInfo(config.node_id, config.peer_url, parse_location(config.location))
             if secret is None:
@@ -167,7 +169,7 @@ async def run(config: MountConfig, keystone: KeystoneSettings | None = None,
                 TrackerClient(config.tracker_urls, config.node_id, secret=secret, timeout=config.peer_timeout))
             peers = PeerSource(tracker, node_id=config.node_id, secret=secret, chunk_size=config.chunk_size,
                                timeout=config.peer_timeout, fetch_timeout=config.fetch_timeout,
-                               max_request_chunks=config.max_request // config.chunk_size)
+                               max_request_chunks=config.max_request // config.chunk_size, tracker_key=tracker_key)
             stack.push_async_callback(peers.aclose)
             peer_server = PeerServer(store, secret=secret, max_uploads=config.max_uploads, rate=config.upload_rate)
             try:

@@ -24,6 +24,7 @@ import time
 from aiohttp import web
 
 from thunderfs_common.glance import GlanceClient
+from thunderfs_common.manifest_proof import ManifestProof
 from thunderfs_tracker import metrics, selection
 from thunderfs_tracker.config import TrackerConfig
 from thunderfs_tracker.manifests import ManifestStore, ManifestUnavailable
@@ -49,7 +50,7 @@ from thunderfs_tracker.protocol import (
     check_node_id,
     bits_to_ranges,
 )
-from thunderfs_common.signing import Verifier
+from thunderfs_common.signing import H_NONCE, H_REPLY, NonceCacheFull, Verifier, sign_reply
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ STATS = web.AppKey("stats", dict)
 MANIFESTS = web.AppKey("manifests", ManifestStore)
 SUSPECTS = web.AppKey("suspects", dict)
 PROFILES = web.AppKey("profiles", ProfileStore)
+NONCES = web.AppKey("nonces", object)  # MemoryNonces or RedisNonces
 SIGNER = web.RequestKey("signer", str)  # the member that signed the request
 
 
@@ -83,15 +85,40 @@ async def errors_middleware(request: web.Request, handler):
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler):
+    """Members only: a request must be signed (its nonce new to every replica), and a node may
+    speak only for itself.  Every answer to a request with a well-formed nonce is signed, so
+    that nobody on the way can alter it or replay an old one."""
     verifier = request.app.get(VERIFIER)
     if verifier is None or not request.path.startswith(API):
         return await handler(request)
+    nonce = request.headers.get(H_NONCE)
+    try:
+        response = await _members_only(request, handler, verifier)
+    except web.HTTPException as exc:
+        response = exc
+    if isinstance(nonce, str) and len(nonce) == 24 and nonce.isascii():
+        response.headers[H_REPLY] = sign_reply(request.app[CONFIG].secret, nonce, response.status,
+                                               response.body or b"")
+    if isinstance(response, web.HTTPException):
+        raise response
+    return response
+
+
+async def _members_only(request: web.Request, handler, verifier: Verifier):
     body = await request.read()
     try:
-        signer = verifier.verify(request.method, request.path_qs, request.headers, body)
+        signer, nonce = verifier.verify(request.method, request.path_qs, request.headers, body, check_nonce=False)
+        fresh = await request.app[NONCES].remember(nonce)
+    except NonceCacheFull as exc:
+        raise _error(web.HTTPServiceUnavailable, f"too many signed requests to remember: {exc}") from None
+    except StoreUnavailable as exc:
+        raise _error(web.HTTPServiceUnavailable, str(exc)) from None
     except ValueError as exc:
         request.app[STATS]["refused"] += 1
         raise _error(web.HTTPUnauthorized, f"not a member: {exc}") from None
+    if not fresh:
+        request.app[STATS]["refused"] += 1
+        raise _error(web.HTTPUnauthorized, "not a member: replayed request")
     node = request.match_info.get("node")
     if node is not None and node != signer:
         raise _error(web.HTTPForbidden, f"node {signer} may not speak for {node}")
@@ -296,7 +323,7 @@ async def _expiry(app: web.Application):
 def create_app(config: TrackerConfig) -> web.Application:
     """The tracker, with the stores ``config.store`` names (in memory, a restarted tracker's new
     epoch makes nodes send their state again)."""
-    app = web.Application(middlewares=[errors_middleware, auth_middleware], client_max_size=MAX_BODY)
+    app = web.Application(middlewares=[auth_middleware, errors_middleware], client_max_size=MAX_BODY)
     app[CONFIG] = config
     app[STATS] = {"lookups": 0, "lookup_seconds": 0.0, "refused": 0, "reports": 0, "claims": 0,
                   "recordings": 0}
@@ -304,10 +331,12 @@ def create_app(config: TrackerConfig) -> web.Application:
     stores = open_stores(config)
     app[STORE] = stores.peers
     app[PROFILES] = stores.profiles
+    app[NONCES] = stores.nonces
     # 60 s of silence from Glance (not the whole stream) ends a manifest build.
     glance = GlanceClient(config.glance_url, request_timeout=60, connect_timeout=10,
                           auth=config.glance_auth) if config.glance_url else None
-    app[MANIFESTS] = ManifestStore(config.state_dir, glance, shared=stores.shared)
+    app[MANIFESTS] = ManifestStore(config.state_dir, glance, shared=stores.shared,
+                                   proof=config.manifest_proof or ManifestProof(secret=config.secret))
     if config.secret:
         app[VERIFIER] = Verifier(config.secret)
     app.add_routes(routes())

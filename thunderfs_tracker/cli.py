@@ -12,6 +12,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from thunderfs_common import keystone, options
+from thunderfs_common.manifest_proof import KeyFileError, ManifestProof, load_private_key
 from thunderfs_common.signing import SecretError, load_secret
 from thunderfs_tracker import __version__
 from thunderfs_tracker.app import create_app
@@ -56,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("aiohttp.server").addFilter(_ClientErrorsInOneLine())
     try:
         secret = load_secret(config.secret_file) if config.secret_file else None
+        signing_key = load_private_key(config.manifest_key) if config.manifest_key else None
         config.state_dir.mkdir(parents=True, exist_ok=True)
-    except (SecretError, OSError) as exc:
+    except (SecretError, KeyFileError, OSError) as exc:
         print(f"thunderfs-tracker: {exc}", file=sys.stderr)
         return 1
     glance_url, glance_auth = config.glance, None
@@ -74,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if secret is None:
         log.warning("no --secret-file: the tracker answers anyone who can reach it")
-    config = dataclasses.replace(config, secret=secret, glance_url=glance_url, glance_auth=glance_auth)
+    config = dataclasses.replace(config, secret=secret, glance_url=glance_url, glance_auth=glance_auth,
+                                 manifest_proof=ManifestProof(signing_key, secret))
     host, port = config.listen
     try:
         web.run_app(create_app(config), host=host, port=port, print=lambda *_: log.info("listening on %s:%d", host, port),

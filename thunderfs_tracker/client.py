@@ -18,7 +18,7 @@ import zlib
 
 import httpx
 
-from thunderfs_common.signing import SignedRequests
+from thunderfs_common.signing import H_NONCE, SignedRequests, reply_is_signed
 from thunderfs_tracker.protocol import (
     API,
     AnnounceReply,
@@ -64,13 +64,17 @@ class TrackerClient:
     REPLICA_REST = 10.0
 
     def __init__(self, urls: str | list[str], node_id: str, *, secret: bytes | None = None,
-                 timeout: float = 2.0):
+                 timeout: float = 2.0, transport: httpx.AsyncBaseTransport | None = None):
         self.urls = split_urls(urls)
         if not self.urls:
             raise ValueError("no tracker URL")
         self.node_id = node_id
+        self._secret = secret
+        self.refused_answers = 0  # answers that failed authentication
+        self._refusing: set[str] = set()  # replicas whose last answer failed it (logged once)
         # Signed per attempt (a nonce is accepted once): a failover resends a new signature.
-        self._client = httpx.AsyncClient(timeout=timeout, auth=SignedRequests(secret, node_id) if secret else None)
+        self._client = httpx.AsyncClient(timeout=timeout, auth=SignedRequests(secret, node_id) if secret else None,
+                                         transport=transport)  # tests: an httpx.MockTransport
         self._first = zlib.crc32(node_id.encode()) % len(self.urls)  # this node's replica
         self._resting: dict[str, float] = {}
         self.failovers = 0
@@ -116,6 +120,16 @@ class TrackerClient:
             resp = await self._client.request(method, url + path, content=data, headers=headers)
         except httpx.HTTPError as exc:
             raise TrackerUnavailable(f"tracker {url} unreachable: {exc}") from exc
+        if self._secret is not None and not reply_is_signed(self._secret, resp.request.headers.get(H_NONCE, ""),
+                                                            resp.status_code, resp.content, resp.headers):
+            # Altered on the way, an old answer replayed, or not the tracker: never acted on.
+            self.refused_answers += 1
+            if url not in self._refusing:
+                self._refusing.add(url)
+                log.warning("an answer from tracker %s failed authentication: refused (it is altered, replayed "
+                            "or not the tracker's; going on with Glance and the peers already known)", url)
+            raise TrackerUnavailable(f"tracker {url}: its answer failed authentication")
+        self._refusing.discard(url)
         if resp.status_code in (502, 503, 504):
             raise TrackerUnavailable(f"tracker {url} answered {resp.status_code}: {resp.text[:200]}")
         if resp.status_code >= 400:
@@ -124,7 +138,10 @@ class TrackerClient:
             except ValueError:
                 message = resp.text
             raise TrackerRefused(resp.status_code, message[:500])
-        return resp.json()
+        try:
+            return resp.json()
+        except ValueError:
+            raise TrackerUnavailable(f"tracker {url} answered something that is not JSON") from None
 
     async def announce(self, node: NodeInfo) -> AnnounceReply:
         r = await self._call("POST", f"{API}/nodes/{self.node_id}/announce", node.to_json())

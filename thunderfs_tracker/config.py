@@ -8,6 +8,7 @@ from pathlib import Path
 
 from thunderfs_common.hostport import parse_host_port
 from thunderfs_common.keystone import AsyncTokens
+from thunderfs_common.manifest_proof import ManifestProof
 from thunderfs_common.options import http_url, option, positive
 
 
@@ -30,15 +31,19 @@ class TrackerConfig:
     os_cloud: str | None = option(None, "read Glance with a Keystone token of this cloud of clouds.yaml (default: "
                                   "OS_CLOUD, else the OS_* variables, else no authentication)")
     secret_file: Path | None = option(None, "the cluster's shared secret: only signed requests of members are answered")
+    manifest_key: Path | None = option(None, "an Ed25519 private key (PEM) that signs every manifest: nodes given its "
+                                       "public key (--tracker-public-key) take no manifest it did not sign (default: "
+                                       "manifests proven with a MAC under the secret)")
     store: str = option("memory", "where peer state and boot profiles live: memory (one tracker) or "
                         "redis://HOST:PORT/DB (shared by tracker replicas)", parse=_store)
     node_ttl: float = option(30.0, "seconds after which a silent node expires", check=positive)
     heartbeat: float = option(10.0, "seconds between a node's announces", check=positive)
     debug: bool = option(False, "log at DEBUG")
-    # not options: what the CLI derives (the secret file's secret, Glance's URL and its tokens)
+    # not options: what the CLI derives (the secret file's secret, Glance's URL and its tokens, the key)
     secret: bytes | None = dataclasses.field(default=None, repr=False)
     glance_url: str | None = None
     glance_auth: AsyncTokens | None = dataclasses.field(default=None, repr=False)
+    manifest_proof: ManifestProof | None = dataclasses.field(default=None, repr=False)  # from manifest_key
     # fixed policy
     max_peers: int = 20
     suspect_seconds: float = 600.0

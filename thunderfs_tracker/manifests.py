@@ -13,6 +13,7 @@ it while the others say "building" (a lock key, ``tf:mb:...``, that expires if i
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
@@ -22,7 +23,8 @@ from pathlib import Path
 
 
 from thunderfs_common.glance import GlanceClient
-from thunderfs_tracker.protocol import Manifest
+from thunderfs_common.manifest_proof import ManifestProof
+from thunderfs_tracker.protocol import Manifest, ProtocolError
 from thunderfs_tracker.redis_conn import RedisConnection
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,7 @@ class ManifestUnavailable(Exception):
 
 class ManifestStore:
     def __init__(self, state_dir: Path, glance: GlanceClient | None, *, keep_in_memory: int = 64,
-                 shared: RedisConnection | None = None):
+                 shared: RedisConnection | None = None, proof: ManifestProof | None = None):
         """``glance``: the client to read images with (closed with the store), or None (no
         manifests: nodes then read from Glance only)."""
         self._dir = state_dir / "manifests"
@@ -47,7 +49,8 @@ class ManifestStore:
         self._building: dict[tuple[str, int], asyncio.Task] = {}
         self._failed: dict[tuple[str, int], str] = {}
         self._shared = shared  # the replicas' Redis (manifests built once for all), or None
-        self.stats = {"built": 0, "failed": 0, "bytes_read": 0}
+        self._proof = proof or ManifestProof()  # signs what it builds, checks what it loads
+        self.stats = {"built": 0, "failed": 0, "bytes_read": 0, "proof_failures": 0}
 
     def _path(self, image_id: str, chunk_size: int) -> Path:
         return self._dir / f"{image_id}-{chunk_size}.json"
@@ -64,9 +67,11 @@ class ManifestStore:
             return m
         path = self._path(image_id, chunk_size)
         if path.exists():
-            m = Manifest.parse(json.loads(path.read_text()))
-            self._remember(key, m)
-            return m
+            m = self._trusted(path.read_bytes(), f"{path}")
+            if m is not None:
+                self._remember(key, m)
+                return m
+            path.unlink(missing_ok=True)
         if key in self._failed:
             raise ManifestUnavailable(self._failed[key])
         if self._glance is None:
@@ -75,14 +80,29 @@ class ManifestStore:
             return "building"
         if self._shared is not None:
             raw, mine = await self._shared_state(image_id, chunk_size)
-            if raw is not None:
-                m = Manifest.parse(json.loads(raw))
+            m = self._trusted(raw, "Redis") if raw is not None else None
+            if m is not None:
                 self._save(key, m)
                 return m
             if not mine:
                 return "building"  # another replica is building it
         self._building[key] = asyncio.create_task(self._build(image_id, chunk_size))
         return "building"
+
+    def _trusted(self, raw: bytes, where: str) -> Manifest | None:
+        """A stored manifest if it parses and its proof holds (whoever could write the file or
+        Redis without the key or the secret could otherwise poison it), else None, logged."""
+        try:
+            m = Manifest.parse(json.loads(raw))
+        except (ValueError, ProtocolError) as exc:
+            log.warning("the manifest stored in %s is unreadable (%s): building it again", where, exc)
+            return None
+        if not self._proof.holds(m.signed_bytes(), m.proof):
+            self.stats["proof_failures"] += 1
+            log.warning("the manifest of %s stored in %s fails its proof: not used, building it again",
+                        m.image_id, where)
+            return None
+        return m
 
     async def _shared_state(self, image_id: str, chunk_size: int) -> tuple[bytes | None, bool]:
         """(the manifest in Redis, or None; whether this replica took the lock to build it)."""
@@ -107,6 +127,7 @@ class ManifestStore:
         key = (image_id, chunk_size)
         try:
             m = await self._stream(image_id, chunk_size)
+            m = dataclasses.replace(m, proof=self._proof.make(m.signed_bytes()))
         except Exception as exc:  # recorded and told to every asker, not raised into the loop
             why = f"building the manifest of {image_id} failed: {exc}"
             log.warning("%s", why)

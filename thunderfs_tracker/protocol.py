@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -352,10 +353,16 @@ class Manifest:
     os_hash_algo: str
     os_hash_value: str
     digests: bytes
+    proof: bytes = b""  # the tracker's signature (or MAC) over ``signed_bytes()``; empty: none
 
     @property
     def nchunks(self) -> int:
         return max(1, -(-self.size // self.chunk_size))
+
+    def signed_bytes(self) -> bytes:
+        """What a manifest's proof covers: every field but the proof, in one canonical form."""
+        body = {k: v for k, v in self.to_json().items() if k != "proof"}
+        return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
     def digest(self, chunk: int) -> bytes:
         return self.digests[chunk * DIGEST:(chunk + 1) * DIGEST]
@@ -363,7 +370,8 @@ class Manifest:
     def to_json(self) -> dict:
         return {"image_id": self.image_id, "size": self.size, "chunk_size": self.chunk_size,
                 "os_hash_algo": self.os_hash_algo, "os_hash_value": self.os_hash_value,
-                "sha256": base64.b64encode(self.digests).decode()}
+                "sha256": base64.b64encode(self.digests).decode(),
+                **({"proof": base64.b64encode(self.proof).decode()} if self.proof else {})}
 
     @classmethod
     def parse(cls, obj) -> "Manifest":
@@ -372,7 +380,8 @@ class Manifest:
         try:
             m = cls(str(obj["image_id"]), int(obj["size"]), check_chunk_size(int(obj["chunk_size"])),
                     str(obj["os_hash_algo"]), str(obj["os_hash_value"]),
-                    base64.b64decode(obj["sha256"], validate=True))
+                    base64.b64decode(obj["sha256"], validate=True),
+                    base64.b64decode(obj.get("proof", ""), validate=True))
         except (KeyError, TypeError, ValueError, binascii.Error) as exc:
             raise ProtocolError(f"malformed manifest: {exc}") from None
         if len(m.digests) != m.nchunks * DIGEST:

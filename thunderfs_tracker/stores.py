@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from thunderfs_tracker.config import TrackerConfig
+from thunderfs_tracker.nonces import MemoryNonces, RedisNonces
 from thunderfs_tracker.peer_store import MemoryPeerStore, PeerStore
 from thunderfs_tracker.profiles import FileProfileStore, ProfileStore, RedisProfileStore
 from thunderfs_tracker.redis_conn import RedisConnection
@@ -17,11 +18,12 @@ from thunderfs_tracker.redis_store import RedisPeerStore
 class Stores:
     peers: PeerStore
     profiles: ProfileStore
+    nonces: MemoryNonces | RedisNonces  # of signed requests: a replay is refused by every replica
     shared: RedisConnection | None  # what replicas share (manifests too), None in memory
 
 
 def open_stores(config: TrackerConfig) -> Stores:
     if config.store == "memory":
-        return Stores(MemoryPeerStore(), FileProfileStore(config.state_dir), None)
+        return Stores(MemoryPeerStore(), FileProfileStore(config.state_dir), MemoryNonces(), None)
     conn = RedisConnection(config.store)  # redis://, rediss:// or unix:// (the config checks which)
-    return Stores(RedisPeerStore(conn, node_ttl=config.node_ttl), RedisProfileStore(conn), conn)
+    return Stores(RedisPeerStore(conn, node_ttl=config.node_ttl), RedisProfileStore(conn), RedisNonces(conn), conn)

@@ -4,11 +4,14 @@ rest of this layer runs on trio): membership, announce and lookup, claims, profi
 from __future__ import annotations
 
 import asyncio
+import base64
+import dataclasses
 import hashlib
 import json
 import random
 
 import httpx
+import trio
 
 import pytest
 
@@ -17,9 +20,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from thunderfs_tracker.app import create_app
 from thunderfs_tracker.config import TrackerConfig
 from thunderfs_tracker.profiles import FileProfileStore, merge
-from thunderfs_tracker.protocol import ChunkUpdate, NodeInfo, ProtocolError, bits_to_ranges, ranges_to_bits
+from thunderfs_tracker.protocol import ChunkUpdate, Manifest, NodeInfo, ProtocolError, bits_to_ranges, ranges_to_bits
 from thunderfs_tracker.selection import rank
-from thunderfs_common.signing import sign
+from thunderfs_common.signing import H_NODE, H_NONCE, H_SIG, H_TIME, reply_is_signed, sign
 
 SECRET = b"a-cluster-secret-of-some-length"
 CHUNK = 64 * 1024
@@ -173,7 +176,7 @@ async def test_a_corrupt_profile_file_is_ignored(tmp_path, caplog):
 def test_the_daemons_client_signs_what_the_tracker_verifies_and_parses_its_replies(tmp_path):
     """TrackerClient (httpx, signing with SignedRequests) against the app, on asyncio: announce,
     a full state, a lookup with a query string, a claim and its reply, through the real signatures."""
-    from thunderfs_tracker.client import TrackerClient, TrackerRefused
+    from thunderfs_tracker.client import TrackerClient, TrackerUnavailable
 
     async def main():
         app = create_app(TrackerConfig(listen=("127.0.0.1", 7070), state_dir=tmp_path, secret=SECRET))
@@ -189,12 +192,10 @@ def test_the_daemons_client_signs_what_the_tracker_verifies_and_parses_its_repli
                 assert [(p.node_id, p.chunks) for p in found] == [("a", 0b1010)]
                 granted, others = await b.claim(IMG, 64, [1, 2, 3])
                 assert granted == [2] and [(p.node_id, cs, held) for p, cs, held in others] == [("a", [1, 3], True)]
-                try:
+                # The tracker refuses it (401), signed with the cluster's secret, which the stranger
+                # cannot check: to it, the answer is not the tracker's.
+                with pytest.raises(TrackerUnavailable, match="failed authentication"):
                     await stranger.lookup(IMG, 0, 1)
-                except TrackerRefused as exc:
-                    assert exc.status == 401
-                else:
-                    raise AssertionError("a request signed with another secret was answered")
     asyncio.run(main())
 
 
@@ -268,3 +269,163 @@ def test_a_suspect_is_never_named_as_the_holder_of_claimed_chunks(tmp_path):
         status, r = await call("me", "POST", f"/v1/images/{IMG}/claims", {"node_id": "me", "nchunks": 64, "chunks": ranges})
         assert r["claimed"] == [] and r["granted"] == [[0, 3]]  # what only the liar holds, this node fetches
     with_client(tmp_path, body)
+
+
+# --- membership: odd headers, replays, full nonce caches, signed answers ----------------------
+
+
+def test_odd_signature_headers_get_a_401_that_says_which(tmp_path):
+    async def body(raw):
+        good = sign(SECRET, "a", "GET", "/v1/stats")
+        for name, value, words in ((H_SIG, "é" * 64, "malformed X-Thunderfs-Signature"),
+                                   (H_SIG, "ab", "malformed X-Thunderfs-Signature"),
+                                   (H_NONCE, "zz" * 12, "malformed X-Thunderfs-Nonce"),
+                                   (H_TIME, "soon", "malformed X-Thunderfs-Time"),
+                                   (H_NODE, "a/b", "malformed X-Thunderfs-Node")):
+            status, r = await raw("GET", "/v1/stats", {**good, name: value})
+            assert status == 401 and words in r["error"], (name, value, r)
+    with_raw_client(tmp_path, body)
+
+
+def test_a_replayed_request_is_refused(tmp_path):
+    async def body(raw):
+        headers = sign(SECRET, "a", "GET", "/v1/stats")
+        assert (await raw("GET", "/v1/stats", headers))[0] == 200
+        status, r = await raw("GET", "/v1/stats", headers)
+        assert status == 401 and "replayed" in r["error"]
+    with_raw_client(tmp_path, body)
+
+
+def test_a_full_nonce_cache_refuses_new_requests_rather_than_forget_live_ones():
+    from thunderfs_common.signing import NonceCache, NonceCacheFull
+
+    cache = NonceCache(max_nonces=2)
+    assert cache.remember("a" * 24, 0.0) and cache.remember("b" * 24, 1.0)
+    assert not cache.remember("a" * 24, 2.0)  # a replay, still inside the window
+    with pytest.raises(NonceCacheFull):
+        cache.remember("c" * 24, 3.0)
+    assert cache.remember("c" * 24, 200.0)  # the old ones left the window
+
+
+def test_every_answer_to_a_signed_request_is_signed_for_its_nonce(tmp_path):
+    async def body(raw):
+        headers = sign(SECRET, "a", "GET", "/v1/stats")
+        status, _, resp_headers, content = await raw("GET", "/v1/stats", headers, full=True)
+        assert reply_is_signed(SECRET, headers[H_NONCE], status, content, resp_headers)
+        assert not reply_is_signed(SECRET, "0" * 24, status, content, resp_headers)  # another request's
+        assert not reply_is_signed(SECRET, headers[H_NONCE], status, content + b" ", resp_headers)  # altered
+        bad = sign(SECRET, "a", "GET", "/v1/images/NOTHEX/peers?first=0&last=1")
+        status, _, resp_headers, content = await raw("GET", "/v1/images/NOTHEX/peers?first=0&last=1", bad, full=True)
+        assert status == 400 and reply_is_signed(SECRET, bad[H_NONCE], status, content, resp_headers)
+    with_raw_client(tmp_path, body)
+
+
+def test_the_daemons_client_refuses_answers_that_fail_authentication(caplog):
+    from thunderfs_tracker.client import TrackerClient, TrackerUnavailable
+
+    def forger(request):  # a machine in the middle: a fine answer, but not signed with the secret
+        return httpx.Response(200, json={"epoch": "e", "heartbeat": 1.0})
+
+    async def main():
+        async with TrackerClient("http://t:7070", "a", secret=SECRET, transport=httpx.MockTransport(forger)) as c:
+            for _ in range(3):
+                with pytest.raises(TrackerUnavailable, match="failed authentication"):
+                    await c.announce(NodeInfo("a", "http://a:7071"))
+            assert c.refused_answers == 3
+    asyncio.run(main())
+    assert len([r for r in caplog.records if "failed authentication" in r.getMessage()]) == 1  # logged once
+
+
+def with_raw_client(tmp_path, body):
+    """``await body(raw)``; ``raw(method, path, headers)`` sends exactly those headers."""
+    async def main():
+        app = create_app(TrackerConfig(listen=("127.0.0.1", 7070), state_dir=tmp_path, secret=SECRET))
+        async with TestClient(TestServer(app)) as client:
+            async def raw(method, path, headers, full=False):
+                resp = await client.request(method, path, headers=headers, skip_auto_headers=("Content-Type",))
+                content = await resp.read()
+                obj = json.loads(content) if content.startswith(b"{") else {}
+                return (resp.status, obj, resp.headers, content) if full else (resp.status, obj)
+
+            await body(raw)
+    asyncio.run(main())
+
+
+def test_manifests_carry_their_proof_and_a_stored_one_that_fails_it_is_built_again(tmp_path):
+    """Signed with the tracker's key when it builds them; loaded from its disk only if the
+    signature holds (whoever can write there cannot poison one)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from fakes import FakeGlance, pattern
+    from thunderfs_common.glance import GlanceClient
+    from thunderfs_common.manifest_proof import ManifestProof, signed_by
+    from thunderfs_tracker.manifests import ManifestStore
+
+    data = pattern(3 * CHUNK)
+    image_id = "6b0c1f44-0000-4d1e-9a57-1e3f0c5a9b21"
+    record = {"id": image_id, "status": "active", "size": len(data), "os_hash_algo": "sha512",
+              "os_hash_value": hashlib.sha512(data).hexdigest()}
+    key = Ed25519PrivateKey.generate()
+
+    def store():
+        return ManifestStore(tmp_path, GlanceClient("http://glance", transport=httpx.MockTransport(
+            FakeGlance(data, records=[record]))), proof=ManifestProof(key))
+
+    async def get(s):
+        while (m := await s.get(image_id, CHUNK)) == "building":
+            await asyncio.sleep(0.01)
+        return m
+
+    async def main():
+        s = store()
+        m = await get(s)
+        await s.close()
+        assert signed_by(key.public_key(), m.signed_bytes(), m.proof)
+        assert Manifest.parse(m.to_json()).proof == m.proof
+        # Someone who can write the tracker's disk swaps a digest, keeping the proof.
+        path = tmp_path / "manifests" / f"{image_id}-{CHUNK}.json"
+        doc = json.loads(path.read_text())
+        forged = Manifest.parse(doc)
+        doc["sha256"] = base64.b64encode(hashlib.sha256(b"evil").digest() + forged.digests[32:]).decode()
+        path.write_text(json.dumps(doc))
+        s = store()
+        assert await s.get(image_id, CHUNK) == "building"  # not taken: built again from Glance
+        assert s.stats["proof_failures"] == 1
+        again = await get(s)
+        await s.close()
+        assert again.digests == m.digests
+    asyncio.run(main())
+
+
+def test_a_node_with_the_trackers_key_refuses_a_manifest_the_key_did_not_sign(caplog):
+    """Not even a member on the path (who can sign answers with the shared secret) can forge one."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from fakes import meta_of, pattern
+    from thunderfs.fetch.peer_directory import PeerDirectory
+
+    data = pattern(2 * CHUNK)
+    meta = meta_of(data)
+    tracker_key, member_key = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    digests = b"".join(hashlib.sha256(data[i:i + CHUNK]).digest() for i in range(0, len(data), CHUNK))
+    bare = Manifest(meta.id, len(data), CHUNK, "sha512", meta.os_hash_value, digests)
+
+    class Tracker:
+        manifest_now = bare
+
+        async def manifest(self, image_id, chunk_size):
+            return self.manifest_now
+
+    async def main():
+        tracker = Tracker()
+        for signer in (None, member_key):
+            tracker.manifest_now = bare if signer is None else dataclasses.replace(
+                bare, proof=signer.sign(bare.signed_bytes()))
+            d = PeerDirectory(tracker, chunk_size=CHUNK, tracker_key=tracker_key.public_key())
+            assert await d.manifest(meta) is None
+            assert d.statistics()["manifests_refused"] == 1
+        tracker.manifest_now = dataclasses.replace(bare, proof=tracker_key.sign(bare.signed_bytes()))
+        d = PeerDirectory(tracker, chunk_size=CHUNK, tracker_key=tracker_key.public_key())
+        assert await d.manifest(meta) == tracker.manifest_now
+    trio.run(main)
+    assert "not signed by the tracker's key" in caplog.text

@@ -86,4 +86,5 @@ class Announcer:
         return {**self._stats, "unannounced_changes": unsent,
                 "in_sync": self._epoch is not None and not unsent,  # the tracker knows what this node holds
                 "tracker_ok": self._reach.ok, "tracker": self._tracker.url,
-                "tracker_failovers": self._tracker.failovers}
+                "tracker_failovers": self._tracker.failovers,
+                "tracker_answers_refused": self._tracker.refused_answers}

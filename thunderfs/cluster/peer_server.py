@@ -20,7 +20,7 @@ import trio
 from thunderfs.cache.store import ChunkStore
 from thunderfs.errors import ChunkCorrupt
 from thunderfs.ratelimit import TokenBucket
-from thunderfs_common.signing import Verifier
+from thunderfs_common.signing import NonceCacheFull, Verifier
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +114,12 @@ class PeerServer:
         if target == "/healthz":
             return 200, b"ok\n", False
         if self._verifier is not None:
-            headers = {k.decode().title(): v.decode("latin-1") for k, v in request.headers}
+            headers = {k.decode("latin-1").title(): v.decode("latin-1") for k, v in request.headers}
             try:
                 self._verifier.verify("GET", target, headers, b"")
+            except NonceCacheFull as exc:
+                self._stats["busy"] += 1
+                return 503, f"too many signed requests to remember: {exc}\n".encode(), False
             except ValueError as exc:
                 self._stats["refused"] += 1
                 return 401, f"not a member: {exc}\n".encode(), False

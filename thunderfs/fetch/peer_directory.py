@@ -16,6 +16,7 @@ import trio
 from thunderfs.cache.store import ImageData
 from thunderfs.fetch.flights import FlightAbandoned, SingleFlight
 from thunderfs_common.image import ImageMeta
+from thunderfs_common.manifest_proof import Ed25519PublicKey, signed_by
 from thunderfs_tracker.client import TrackerClient, TrackerError
 from thunderfs_tracker.protocol import Manifest, PeerRecord
 
@@ -24,8 +25,11 @@ log = logging.getLogger(__name__)
 
 class PeerDirectory:
     def __init__(self, tracker: TrackerClient, *, chunk_size: int, timeout: float = 2.0,
-                 lookup_window: int = 1024, lookup_ttl: float = 2.0, min_rate: float = 2**20):
+                 lookup_window: int = 1024, lookup_ttl: float = 2.0, min_rate: float = 2**20,
+                 tracker_key: Ed25519PublicKey | None = None):
+        """``tracker_key``: the tracker's public key; a manifest it did not sign is refused."""
         self._tracker = tracker
+        self._tracker_key = tracker_key
         self._cs = chunk_size
         self.timeout = timeout
         self._window = lookup_window
@@ -36,7 +40,7 @@ class PeerDirectory:
         self._lookups: dict[tuple[str, int], tuple[float, list[PeerRecord]]] = {}  # -> (when, peers)
         self._asking = SingleFlight()  # manifest requests and lookups under way
         self._nursery: trio.Nursery | None = None
-        self._stats = dict.fromkeys(("lookups", "lookup_failures"), 0)
+        self._stats = dict.fromkeys(("lookups", "lookup_failures", "manifests_refused"), 0)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -92,6 +96,11 @@ class PeerDirectory:
             return None
         if (m.os_hash_value, m.size, m.chunk_size) != (meta.os_hash_value, meta.size, self._cs):
             log.warning("the tracker's manifest of %s does not match Glance's listing; not using peers for it", meta.id)
+            return None
+        if self._tracker_key is not None and not signed_by(self._tracker_key, m.signed_bytes(), m.proof):
+            self._stats["manifests_refused"] += 1
+            log.warning("the manifest of %s is not signed by the tracker's key: refused; not using peers for it",
+                        meta.id)
             return None
         self._manifests[key] = m
         return m

@@ -24,6 +24,7 @@ from thunderfs.fetch.peer_directory import PeerDirectory
 from thunderfs.fetch.slots import DEMAND
 from thunderfs.fetch.source import MIN_RATE, Sink, Want, deadline_for, runs
 from thunderfs_common.image import ImageMeta
+from thunderfs_common.manifest_proof import Ed25519PublicKey
 from thunderfs_tracker.client import TrackerClient, TrackerError
 from thunderfs_tracker.protocol import Manifest, PeerRecord
 
@@ -42,7 +43,8 @@ class PeerSource:
     def __init__(self, tracker: TrackerClient, *, node_id: str, secret: bytes | None, chunk_size: int,
                  timeout: float = 2.0, fetch_timeout: float = 20.0, lookup_window: int = 1024,
                  lookup_ttl: float = 2.0, max_request_chunks: int = 256, claim_poll: float = 0.25,
-                 min_rate: float = 2**20, transport: httpx.AsyncBaseTransport | None = None):
+                 min_rate: float = 2**20, tracker_key: Ed25519PublicKey | None = None,
+                 transport: httpx.AsyncBaseTransport | None = None):
         self._tracker = tracker
         self._cs = chunk_size
         self.timeout = timeout
@@ -51,7 +53,7 @@ class PeerSource:
         self.client = PeerClient(node_id=node_id, secret=secret, chunk_size=chunk_size, timeout=timeout,
                                  min_rate=min_rate, transport=transport)
         self.directory = PeerDirectory(tracker, chunk_size=chunk_size, timeout=timeout, lookup_window=lookup_window,
-                                       lookup_ttl=lookup_ttl, min_rate=min_rate)
+                                       lookup_ttl=lookup_ttl, min_rate=min_rate, tracker_key=tracker_key)
         self.claims = ClaimTaker(tracker, self.directory, self.client, self._ask, chunk_size=chunk_size,
                                  timeout=timeout, max_request_chunks=max_request_chunks, poll=claim_poll)
         self._stats = dict.fromkeys(("no_manifest", "granted_chunks", "claimed_chunks_late"), 0)

@@ -113,6 +113,7 @@ class _StatsCollector:
                               ("tracker_lookup", "lookup_failures"), ("tracker_claim", "claim_failures")):
                 errors.add_metric([kind], p[key])
             errors.add_metric(["tracker_announce"], ann["failures"])
+            errors.add_metric(["tracker_answer_refused"], ann["tracker_answers_refused"])
             yield counter("thunderfs_uploaded_bytes", "Bytes sent to other nodes", up["served_bytes"])
             yield counter("thunderfs_uploaded_chunks", "Chunks sent to other nodes", up["served_chunks"])
             refused = CounterMetricFamily("thunderfs_upload_refusals", "Chunk requests from other nodes not "

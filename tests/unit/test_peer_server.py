@@ -1,0 +1,50 @@
+"""The peer server in-process on a loopback socket: members only, and odd or non-ASCII signature
+headers get a 401 that says why (not a dropped connection with a traceback)."""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from fakes import CS, meta_of, pattern
+from thunderfs.cluster.peer_server import PeerServer
+from thunderfs_common.signing import H_SIG, sign
+
+SECRET = b"a-cluster-secret-of-some-length"
+DATA = pattern(8 * CS)
+META = meta_of(DATA)
+
+
+async def ask(port: int, path: str, headers: dict[str, str | bytes]) -> tuple[int, bytes]:
+    lines = [f"GET {path} HTTP/1.1".encode(), b"Host: peer", b"Connection: close"]
+    lines += [k.encode() + b": " + (v if isinstance(v, bytes) else v.encode()) for k, v in headers.items()]
+    async with await trio.open_tcp_stream("127.0.0.1", port) as s:
+        await s.send_all(b"\r\n".join(lines) + b"\r\n\r\n")
+        answer = b""
+        while piece := await s.receive_some(65536):
+            answer += piece
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+async def test_members_get_chunks_and_odd_headers_a_401_that_says_why(store, caplog):
+    img = store.image(META.content_key, META.size)
+    store.stage(img, 0, DATA[:2 * CS])
+    server = PeerServer(store, secret=SECRET)
+    _, port = await server.listen("127.0.0.1", 0)
+    path = f"/v1/chunks/{META.content_key.hex()}/0/2"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        status, body = await ask(port, path, sign(SECRET, "n1", "GET", path))
+        assert (status, body) == (200, DATA[:2 * CS])
+        for value, words in (("é".encode("latin-1") * 64, b"malformed X-Thunderfs-Signature"),
+                             (b"\xff\xfe" * 32, b"malformed X-Thunderfs-Signature"),
+                             (b"00", b"malformed X-Thunderfs-Signature")):
+            status, body = await ask(port, path, {**sign(SECRET, "n1", "GET", path), H_SIG: value})
+            assert status == 401 and words in body, (value, body)
+        status, body = await ask(port, path, {})
+        assert status == 401 and b"unsigned" in body
+        nursery.cancel_scope.cancel()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert server.statistics()["refused"] == 4
