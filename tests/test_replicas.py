@@ -25,9 +25,14 @@ from thunderfs_common.signing import sign
 CHUNK = 64 * 1024
 
 
+REDIS_PASSWORD = "a-redis-password-of-this-cluster"
+
+
 @pytest.fixture
 def replicas(tmp_path, glance):
-    redis = LocalRedis(tmp_path / "redis").start()
+    """Two trackers on one Redis as operators run it: a password, and TLS only (rediss://, the CA
+    file in the URL)."""
+    redis = LocalRedis(tmp_path / "redis", password=REDIS_PASSWORD, tls=True).start()
     trackers = []
     for i in range(2):
         t = LocalTracker(tmp_path / f"tracker{i}", "--glance", glance.url, "--heartbeat", "1", "--node-ttl", "4",
@@ -125,3 +130,17 @@ def test_redis_down_is_a_503_saying_why_and_back_empty_nodes_send_their_state_ag
              timeout=15, what="a's state to be sent again")
     assert signed_get(trackers[0].url, "/v1/stats")[1]["epoch"] != epoch
     assert "Traceback" not in a.log_tail(10**6)
+
+
+def test_a_replica_with_the_wrong_redis_password_says_so_and_never_shows_a_password(replicas, tmp_path):
+    redis, _ = replicas
+    wrong = redis.url.replace(REDIS_PASSWORD, "not-the-password")
+    t = LocalTracker(tmp_path / "wrong", "--store", wrong, secret=SECRET)
+    t.start()
+    try:
+        status, body = signed_get(t.url, "/v1/stats")
+        assert status == 503 and f"Redis at {redis.host}:{redis.port}/0" in body["error"], body
+        assert "not-the-password" not in body["error"] and REDIS_PASSWORD not in body["error"]
+    finally:
+        t.stop()
+    assert "not-the-password" not in t.log() and REDIS_PASSWORD not in t.log()
