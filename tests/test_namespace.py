@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import errno
+import grp
 import os
+import subprocess
 import stat
 import time
 from datetime import datetime
@@ -15,6 +17,13 @@ from conftest import wait_for
 from thunderfs_common.glance import GlanceClient
 
 
+def kvm_or_root() -> int:
+    try:
+        return grp.getgrnam("kvm").gr_gid
+    except KeyError:
+        return 0
+
+
 def test_active_images_are_listed_with_glance_sizes_and_times(mount, glance, images):
     ids = [images.add(n, seed=20 + i) for i, n in enumerate((1, 65536, 65537, 300_001))]
     listed = set(os.listdir(mount.path / "images"))
@@ -24,7 +33,9 @@ def test_active_images_are_listed_with_glance_sizes_and_times(mount, glance, ima
         st = os.stat(mount.image(image_id))
         rec = glance.image(image_id)
         assert st.st_size == rec["size"] == len(images.data[image_id])
-        assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o444
+        # By default only root and the group qemu runs in (kvm here) may read an image.
+        assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o440
+        assert (st.st_uid, st.st_gid) == (0, kvm_or_root())
         updated = datetime.fromisoformat(rec["updated_at"].replace("Z", "+00:00")).timestamp()
         assert abs(st.st_mtime - updated) < 1
 
@@ -161,3 +172,22 @@ async def test_listing_follows_glance_pages(glance, images):
     assert ids <= listed
     assert requests >= 3  # more than one page was followed
     await trio.lowlevel.checkpoint()
+
+
+def test_a_local_user_outside_the_image_group_cannot_read_images(glance, images, mounts):
+    """The kernel checks the files' owner and mode (default_permissions): the configured group
+    reads, any other local user or service is refused."""
+    image_id = images.add(5000, seed=29)
+    m = mounts(glance.url, "--image-group", "nogroup", "--image-mode", "440")
+    m.mount()
+    path = str(m.image(image_id))
+
+    def cat_as(gid: int) -> subprocess.CompletedProcess:
+        return subprocess.run(["setpriv", "--reuid=65534", f"--regid={gid}", "--clear-groups", "cat", path],
+                              capture_output=True)
+
+    inside = cat_as(grp.getgrnam("nogroup").gr_gid)
+    assert inside.returncode == 0 and inside.stdout == images.data[image_id]
+    outside = cat_as(grp.getgrnam("daemon").gr_gid)
+    assert outside.returncode != 0 and b"Permission denied" in outside.stderr
+    assert open(path, "rb").read() == images.data[image_id]  # root still reads

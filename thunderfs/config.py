@@ -54,8 +54,14 @@ def _protocol(check):
     return run
 
 
-def _exists(value: Path) -> str | None:
-    return None if value.is_file() else f"{value} does not exist"
+def _octal(value) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return int(str(value), 8)
+
+
+def _read_only(value: int) -> str | None:
+    return None if 0 <= value <= 0o444 and not value & ~0o444 else f"must have read bits only (like 440), not {value:o}"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -90,10 +96,9 @@ class MountConfig:
     node_id: str = option(help="this node's name in the cluster (default: the host name)",
                           default_factory=socket.gethostname, check=_protocol(check_node_id), group=PEERS)
     secret_file: Path | None = option(None, "the cluster's shared secret; peers and tracker answer only members",
-                                      check=_exists, group=PEERS)
+                                      group=PEERS)
     tracker_public_key: Path | None = option(None, "the tracker's Ed25519 public key (PEM): manifests it did not "
-                                             "sign are refused (the tracker's --manifest-key)", check=_exists,
-                                             group=PEERS)
+                                             "sign are refused (the tracker's --manifest-key)", group=PEERS)
     max_uploads: int = option(8, "chunk uploads served at once", check=at_least(1), group=PEERS)
     upload_rate: int = option(0, "bandwidth cap on uploads to peers, bytes/s (0: none)", parse=size, group=PEERS)
     peer_timeout: float = option(2.0, "seconds a peer may take", check=positive, group=PEERS)
@@ -115,6 +120,11 @@ class MountConfig:
     metrics_listen: str | None = option(None, "HOST:PORT to serve Prometheus metrics on (/metrics; default: none)",
                                         check=_host_port("--metrics-listen"))
     allow_other: bool = option(True, "only the mounting user may read", flag="--no-allow-other")
+    image_owner: str = option("root", "the user that owns the image files")
+    image_group: str | None = option(None, "the group that may read the image files: the one qemu runs in (default: "
+                                     "kvm if this host has it, as libvirt-qemu is in it, else root)")
+    image_mode: int = option(0o440, "the image files' mode, octal, read bits only (default 440: owner and "
+                             "group; 444 lets every local user read every image)", parse=_octal, check=_read_only)
     foreground: bool = option(False, "stay in the foreground, log to stderr")
     log_file: Path | None = option(None, "where the daemon logs (default, in the background: CACHE_DIR/thunderfs.log)")
     debug: bool = option(False, "log at DEBUG")
@@ -133,6 +143,11 @@ class MountConfig:
             if host in ("0.0.0.0", "::"):
                 raise ValueError("--peer-listen on a wildcard address needs --peer-url (how peers reach us)")
             object.__setattr__(self, "peer_url", f"http://{host}:{port}")  # derived once, while being made
+
+    def missing_files(self) -> list[str]:
+        """The files it names that this host does not have (a check of the host, not the values)."""
+        named = (("--secret-file", self.secret_file), ("--tracker-public-key", self.tracker_public_key))
+        return [f"{flag} {path} does not exist" for flag, path in named if path is not None and not path.is_file()]
 
     @property
     def peer_address(self) -> tuple[str, int]:

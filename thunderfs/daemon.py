@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import grp
 import logging
 import os
+import pwd
 import signal
 import time
 from collections.abc import Callable
@@ -85,6 +87,22 @@ async def _watch_signals(task_status=trio.TASK_STATUS_IGNORED) -> None:
             systemd.notify("STOPPING=1")
             pyfuse3.terminate()
             return
+
+
+def _image_owner(config: MountConfig) -> tuple[int, int]:
+    """The uid and gid of the image files: ``image_owner``, and ``image_group`` (default: kvm if
+    this host has it, else root)."""
+    try:
+        uid = pwd.getpwnam(config.image_owner).pw_uid
+        group = config.image_group
+        if group is None:
+            try:
+                return uid, grp.getgrnam("kvm").gr_gid
+            except KeyError:
+                group = "root"
+        return uid, grp.getgrnam(group).gr_gid
+    except KeyError as exc:
+        raise ConfigError(f"no such user or group on this host: {exc.args[0]}") from None
 
 
 def _check_mountpoint(mp: Path) -> None:
@@ -194,7 +212,8 @@ async def run(config: MountConfig, keystone: KeystoneSettings | None = None,
         if peers is not None:
             on_open.insert(0, lambda reader: peers.prepare(reader.meta))
         readers = Readers(store, fetcher, readahead=config.readahead, on_open=on_open)
-        ops = Operations(catalog, readers, block_size=config.chunk_size)
+        ops = Operations(catalog, readers, block_size=config.chunk_size, image_owner=_image_owner(config),
+                         image_mode=config.image_mode)
         jobs = ProfileControl(catalog, store, profiles)
         image_status = ImageStatus(catalog, store, profiles, peers)
 
@@ -226,7 +245,8 @@ async def run(config: MountConfig, keystone: KeystoneSettings | None = None,
             pyfuse3.terminate()
             return {"stopping": True}
 
-        options = set(pyfuse3.default_options) | {"fsname=thunderfs", "subtype=thunderfs"}
+        # The kernel checks the image files' owner and mode: only root and the image group read them.
+        options = set(pyfuse3.default_options) | {"fsname=thunderfs", "subtype=thunderfs", "default_permissions"}
         if config.allow_other:
             options.add("allow_other")
         try:

@@ -80,7 +80,7 @@ async def test_the_root_holds_images_and_images_holds_one_file_per_image(ops):
     d = await ops.lookup(ROOT, IMAGES, CTX)
     assert d.st_ino == IMAGES_DIR
     a = await lookup(ops, A.id)
-    assert stat.S_ISREG(a.st_mode) and a.st_mode & 0o777 == 0o444
+    assert stat.S_ISREG(a.st_mode) and a.st_mode & 0o777 == 0o440
     assert (a.st_size, a.st_blksize, a.st_mtime_ns) == (1000, 4096, A.mtime_ns)
     assert (await lookup(ops, A.id)).st_ino == a.st_ino != (await lookup(ops, B.id)).st_ino
     assert (await ops.getattr(a.st_ino, CTX)).st_size == 1000

@@ -31,7 +31,7 @@ def test_defaults_then_the_file_then_the_flags(tmp_path):
     c = load("/mnt", "--cache-dir", str(tmp_path), "--cache-size", "512M", tmp_path=tmp_path,
              file_text='glance = "http://g:9292"\ncache_size = "1G"\nfetch_timeout = 7\n')
     assert (c.cache_size, c.fetch_timeout, c.glance, c.chunk_size) == (512 * 2**20, 7.0, "http://g:9292", 65536)
-    assert c.cache_dir == tmp_path.resolve() and c.allow_other
+    assert c.cache_dir == tmp_path.resolve() and c.allow_other and c.image_mode == 0o440
 
 
 def test_settings_are_frozen(tmp_path):
@@ -51,6 +51,8 @@ def test_settings_are_frozen(tmp_path):
     (["--tracker", "http://t:7070", "--peer-listen", "0.0.0.0:7071"], "needs --peer-url"),
     (["--tracker", "http://t:7070", "--peer-listen", "10.0.0.5:0"], "--peer-listen must be HOST:PORT with a port from 1"),
     (["--node-id", "bad/name"], "--node-id must match"),
+    (["--image-mode", "640"], "--image-mode must have read bits only"),
+    (["--image-mode", "9"], "--image-mode: invalid literal"),
 ])
 def test_a_bad_flag_is_refused_naming_it(tmp_path, argv, words):
     with pytest.raises(options.OptionError, match=None) as info:
@@ -112,3 +114,11 @@ def test_host_port():
     for bad in ("7070", "h:0", "h:70000", "h:x", None):
         with pytest.raises(ValueError, match="--listen must be HOST:PORT"):
             parse_host_port(bad, "--listen")
+
+
+def test_files_the_settings_name_are_checked_against_the_host_apart_from_the_values(tmp_path):
+    secret = tmp_path / "secret"
+    c = load("/mnt", "--cache-dir", str(tmp_path), "--secret-file", str(secret))  # the value is fine
+    assert c.missing_files() == [f"--secret-file {secret} does not exist"]
+    secret.write_bytes(b"x" * 32)
+    assert c.missing_files() == []

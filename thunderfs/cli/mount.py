@@ -59,6 +59,8 @@ def _setup_logging(log_file: Path | None, debug: bool) -> None:
 
 def cmd_mount(args, argv: list[str]) -> int:
     config = load_config(args)
+    if missing := config.missing_files():
+        raise ConfigError("; ".join(missing))
     keystone = find_settings(config.os_cloud)
     if config.glance is None and keystone is None:
         raise ConfigError("--glance is needed (or Keystone credentials, whose catalog names Glance)")

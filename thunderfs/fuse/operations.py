@@ -46,7 +46,10 @@ class Operations(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(self, catalog: Catalog, readers: Readers, *, entry_timeout: float = 5.0,
-                 attr_timeout: float = 300.0, block_size: int = 2**20):
+                 attr_timeout: float = 300.0, block_size: int = 2**20, image_owner: tuple[int, int] | None = None,
+                 image_mode: int = 0o440):
+        """``image_owner`` (uid, gid) and ``image_mode``: who may read the image files (the kernel
+        checks, with ``default_permissions``); default: this process's user and group, 0440."""
         super().__init__()
         self._catalog = catalog
         self._readers = readers
@@ -57,7 +60,8 @@ class Operations(pyfuse3.Operations):
         self._attr_timeout = attr_timeout
         self._block_size = block_size
         self._mounted_ns = time.time_ns()
-        self._uid, self._gid = os.getuid(), os.getgid()
+        self._uid, self._gid = image_owner or (os.getuid(), os.getgid())
+        self._image_mode = image_mode
         self._reads = self._read_bytes = 0
         # Times set with utime, by image id: kept in memory only (Nova's image cache manager
         # touches its base files to mark them in use; the images themselves never change).
@@ -82,7 +86,7 @@ class Operations(pyfuse3.Operations):
     def _image_attr(self, ino: int, meta: ImageMeta) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = ino
-        a.st_mode = stat.S_IFREG | 0o444
+        a.st_mode = stat.S_IFREG | self._image_mode
         a.st_nlink = 1
         a.st_uid, a.st_gid = self._uid, self._gid
         a.st_size = meta.size
