@@ -1,13 +1,15 @@
-"""The peer serving path (h11 on trio, in the daemon): what one node can give its peers.
+"""The peer serving path (h11 on trio, in the daemon): what one node can give its peers, with and
+without membership (signed requests), side by side.
 
-One daemon on loopback with an image fully cached; every request signed, as in a cluster.
-Side by side, in one run:
+Two daemons on loopback with the same image fully cached: one in a cluster with a secret (every
+request signed and checked), one without.  In one run:
 
   glance   curl of the whole image from the real Glance (the baseline a node would otherwise use)
   curl     curl fetching the image from the peer server in 16 MiB requests (one curl process,
            the server's throughput without a Python client in the way)
   client   the daemon's own peer client (httpx on trio, sha256 checked against the manifest, as
-           PeerSource does it), 4 requests at a time, at 64 KiB (one chunk) and 1 MiB requests
+           PeerSource does it), 4 requests at a time, at 64 KiB (one chunk) and 1 MiB requests,
+           signed to the daemon with the secret and unsigned to the other, in alternating rounds
 
 Usage: .venv/bin/python benchmarks/peer_serve_bench.py [--size-mib 256]
 """
@@ -46,7 +48,7 @@ def curl_rate(args: list[str], nbytes: int) -> float:
 
 
 async def client_rate(base: str, content: str, nchunks: int, per_request: int, digests: list[bytes],
-                      concurrency: int = 4) -> tuple[float, float]:
+                      secret: bytes | None, concurrency: int = 4) -> tuple[float, float]:
     """MiB/s and requests/s fetching every chunk, ``per_request`` chunks a request, verified."""
     todo = list(range(0, nchunks, per_request))
     done = 0
@@ -57,7 +59,7 @@ async def client_rate(base: str, content: str, nchunks: int, per_request: int, d
                 first = todo.pop()
                 count = min(per_request, nchunks - first)
                 path = f"/v1/chunks/{content}/{first}/{count}"
-                resp = await http.get(base + path, headers=sign(SECRET, "bench", "GET", path))
+                resp = await http.get(base + path, headers=sign(secret, "bench", "GET", path) if secret else {})
                 resp.raise_for_status()
                 view = memoryview(resp.content)
                 for i in range(count):
@@ -75,12 +77,13 @@ async def client_rate(base: str, content: str, nchunks: int, per_request: int, d
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-mib", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of the client runs")
     args = ap.parse_args()
     size = args.size_mib * MiB
     with tempfile.TemporaryDirectory(prefix="thunderfs-serve-") as tmp:
         work = Path(tmp)
         glance = LocalGlance(work / "glance")
-        tracker = mount = None
+        trackers, mounts = [], []
         try:
             glance.start()
             data = os.urandom(size)
@@ -89,24 +92,30 @@ def main() -> int:
             image_id = glance.upload("serve", work / "image.raw")["id"]
             (work / "image.raw").unlink()
             del data
-            tracker = LocalTracker(work / "tracker", "--glance", glance.url, secret=SECRET)
-            tracker.start()
             secret = work / "secret"
             secret.write_bytes(SECRET)
             secret.chmod(0o600)
-            port = free_port()
-            mount = Mount(work / "mnt", glance.url, work / "cache", "--tracker", tracker.url,
-                          "--peer-listen", f"127.0.0.1:{port}", "--secret-file", str(secret),
-                          "--cache-size", f"{2 * args.size_mib}M")
-            mount.mount()
-            with open(mount.image(image_id), "rb") as f:
-                while f.read(MiB):
-                    pass
-            content = os.getxattr(mount.image(image_id), "user.thunderfs.content_key").decode()
-            base = f"http://127.0.0.1:{port}"
+            bases, contents = {}, {}
+            for kind, key in (("signed", SECRET), ("open", None)):
+                tracker = LocalTracker(work / f"tracker-{kind}", "--glance", glance.url, secret=key)
+                tracker.start()
+                trackers.append(tracker)
+                port = free_port()
+                mount = Mount(work / f"mnt-{kind}", glance.url, work / f"cache-{kind}", "--tracker", tracker.url,
+                              "--peer-listen", f"127.0.0.1:{port}", *(["--secret-file", str(secret)] if key else []),
+                              "--cache-size", f"{2 * args.size_mib}M")
+                mount.mount()
+                mounts.append(mount)
+                with open(mount.image(image_id), "rb") as f:
+                    while f.read(MiB):
+                        pass
+                contents[kind] = os.getxattr(mount.image(image_id), "user.thunderfs.content_key").decode()
+                bases[kind] = f"http://127.0.0.1:{port}"
+            content, base = contents["signed"], bases["signed"]
             nchunks = size // CHUNK
 
-            print(f"image {args.size_mib} MiB, cached on one daemon; loopback; 2 cores")
+            print(f"image {args.size_mib} MiB, cached on two daemons (one with a secret, one without); loopback; "
+                  f"2 cores")
             glance_rate = curl_rate([f"{glance.url}/v2/images/{image_id}/file"], size)
             print(f"  glance  curl whole image from Glance            {glance_rate:8.0f} MiB/s   1.00 x")
             per = 16 * MiB // CHUNK
@@ -119,18 +128,30 @@ def main() -> int:
             rate = curl_rate(["-K", str(work / "curl.cfg")], size)
             print(f"  curl    peer server, 16 MiB requests            {rate:8.0f} MiB/s  {rate / glance_rate:5.2f} x")
             for per_request in (1, 16):
-                mibs, rps = trio.run(client_rate, base, content, nchunks, per_request, digests)
+                rates: dict[str, list[tuple[float, float]]] = {"signed": [], "open": []}
+                for _ in range(args.rounds):  # alternating, so that the machine's drift falls on both
+                    for kind, key in (("signed", SECRET), ("open", None)):
+                        rates[kind].append(trio.run(client_rate, bases[kind], contents[kind], nchunks, per_request,
+                                                    digests, key))
                 label = f"{per_request * CHUNK // 1024} KiB requests, verified"
-                print(f"  client  peer server, {label:27s} {mibs:8.0f} MiB/s  {mibs / glance_rate:5.2f} x"
-                      f"   {rps:6.0f} requests/s")
-            served = mount.stats()["peer_server"]
-            print(f"  peer server: {served['requests']} requests, {served['served_bytes'] / MiB:.0f} MiB served, "
-                  f"{served['busy']} busy")
+                med = {k: sorted(v)[len(v) // 2] for k, v in rates.items()}
+                for kind in ("signed", "open"):
+                    mibs, rps = med[kind]
+                    spread = ", ".join(f"{m:.0f}" for m, _ in rates[kind])
+                    print(f"  client  {kind:6s} peer server, {label:27s} {mibs:8.0f} MiB/s  {mibs / glance_rate:5.2f} x"
+                          f"   {rps:6.0f} requests/s   (median of {args.rounds}: {spread})")
+                ratio = med["signed"][0] / med["open"][0]
+                print(f"          signed / open at {per_request * CHUNK // 1024} KiB: {ratio:.2f} x "
+                      f"(target >= 0.8 x: {'met' if ratio >= 0.8 else 'MISSED'})")
+            for kind, m in zip(("signed", "open"), mounts):
+                served = m.stats()["peer_server"]
+                print(f"  peer server ({kind}): {served['requests']} requests, "
+                      f"{served['served_bytes'] / MiB:.0f} MiB served, {served['busy']} busy, {served['refused']} refused")
         finally:
-            if mount:
-                mount.cleanup()
-            if tracker:
-                tracker.stop()
+            for m in mounts:
+                m.cleanup()
+            for t in trackers:
+                t.stop()
             glance.stop()
     return 0
 

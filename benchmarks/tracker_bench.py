@@ -1,10 +1,13 @@
-"""Tracker lookups under many announcing nodes: a real tracker process, N simulated nodes.
+"""Tracker lookups under many announcing nodes, with and without authentication, side by side.
 
-Each simulated node announces itself and the full chunk state of one image (a random half of
-its chunks), then keeps sending heartbeats and deltas while lookups of 16-chunk windows are timed
-from one client.  Both run on this 2-core machine with the tracker (they share its cores).
+Two real tracker processes with the same N simulated nodes: one with the cluster's secret (every
+request signed, every answer signed and checked by the client, as the daemon does), one without.
+Each simulated node announces itself and the full chunk state of one image (a random half of its
+chunks); then heartbeats and deltas keep coming to both while lookups of 16-chunk windows are
+timed from one client, in alternating rounds (so that the machine's drift falls on both).  All on
+this 2-core machine with the trackers (they share its cores).
 
-Usage: .venv/bin/python benchmarks/tracker_bench.py [--nodes 1000] [--lookups 2000]
+Usage: .venv/bin/python benchmarks/tracker_bench.py [--nodes 1000] [--lookups 2000] [--rounds 8]
 """
 
 from __future__ import annotations
@@ -25,74 +28,99 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from harness.tracker import LocalTracker  # noqa: E402
+from thunderfs_common.signing import H_NONCE, reply_is_signed, sign  # noqa: E402
 from thunderfs_tracker.protocol import ChunkUpdate, NodeInfo  # noqa: E402
-from thunderfs_common.signing import sign  # noqa: E402
 
 SECRET = b"tracker-bench-secret-0123456789"
 IMG = "00112233445566778899aabbccddeeff"
 NCHUNKS = 16384  # a 1 GiB image in 64 KiB chunks
 
 
-def post(h: httpx.Client, node: str, path: str, body: dict) -> None:
-    data = json.dumps(body).encode()
-    r = h.post(path, content=data, headers=sign(SECRET, node, "POST", path, data))
+def send(h: httpx.Client, secret: bytes | None, node: str, method: str, path: str, body: dict | None = None):
+    data = json.dumps(body).encode() if body is not None else b""
+    headers = sign(secret, node, method, path, data) if secret else {}
+    r = h.request(method, path, content=data, headers=headers)
+    if secret is not None:  # the daemon acts on no answer whose signature fails
+        assert reply_is_signed(secret, headers[H_NONCE], r.status_code, r.content, r.headers)
     r.raise_for_status()
+    return r
+
+
+def populate(h: httpx.Client, secret: bytes | None, nodes: int) -> float:
+    t0 = time.perf_counter()
+    for i in range(nodes):
+        name = f"n{i}"
+        node = NodeInfo(name, f"http://10.1.{i // 250}.{i % 250 + 1}:7000", (f"z{i % 4}", f"r{i % 40}", name), i % 3)
+        send(h, secret, name, "POST", f"/v1/nodes/{name}/announce", node.to_json())
+        bits = random.Random(i).getrandbits(NCHUNKS)
+        send(h, secret, name, "POST", f"/v1/nodes/{name}/chunks",
+             {"full": True, "images": [ChunkUpdate(IMG, NCHUNKS, add=bits, full=True).to_json()]})
+    return time.perf_counter() - t0
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--nodes", type=int, default=1000)
-    ap.add_argument("--lookups", type=int, default=2000)
+    ap.add_argument("--lookups", type=int, default=2000, help="per tracker")
+    ap.add_argument("--rounds", type=int, default=8)
     args = ap.parse_args()
+    kinds = {"authenticated": SECRET, "open": None}
     with tempfile.TemporaryDirectory() as tmp:
-        t = LocalTracker(Path(tmp), "--node-ttl", "120", "--heartbeat", "30", secret=SECRET)
-        t.start()
+        trackers = {}
         try:
-            with httpx.Client(base_url=t.url) as h:
-                t0 = time.perf_counter()
-                for i in range(args.nodes):
-                    name = f"n{i}"
-                    node = NodeInfo(name, f"http://10.1.{i // 250}.{i % 250 + 1}:7000",
-                                    (f"z{i % 4}", f"r{i % 40}", name), i % 3)
-                    post(h, name, f"/v1/nodes/{name}/announce", node.to_json())
-                    bits = random.Random(i).getrandbits(NCHUNKS)
-                    post(h, name, f"/v1/nodes/{name}/chunks",
-                         {"full": True, "images": [ChunkUpdate(IMG, NCHUNKS, add=bits, full=True).to_json()]})
-                setup = time.perf_counter() - t0
-                print(f"{args.nodes} nodes announced full state in {setup:.1f}s "
+            for kind, secret in kinds.items():
+                t = LocalTracker(Path(tmp) / kind, "--node-ttl", "120", "--heartbeat", "30", secret=secret)
+                t.start()
+                trackers[kind] = t
+            clients = {kind: httpx.Client(base_url=t.url) for kind, t in trackers.items()}
+            for kind, h in clients.items():
+                setup = populate(h, kinds[kind], args.nodes)
+                print(f"{kind:13s}: {args.nodes} nodes announced full state in {setup:.1f}s "
                       f"({2 * args.nodes / setup:.0f} requests/s)")
+            stop = threading.Event()
 
-                stop = threading.Event()
+            def churn(kind: str):  # heartbeats and deltas, as daemons send them, during the lookups
+                rng = random.Random(1)
+                with httpx.Client(base_url=trackers[kind].url) as hc:
+                    while not stop.is_set():
+                        i = rng.randrange(args.nodes)
+                        c = rng.randrange(NCHUNKS - 16)
+                        send(hc, kinds[kind], f"n{i}", "POST", f"/v1/nodes/n{i}/chunks", {"full": False, "images": [
+                            {"content": IMG, "nchunks": NCHUNKS, "add": [[c, c + 15]], "remove": []}]})
+                        time.sleep(0.002)
 
-                def churn():  # heartbeats and deltas, as daemons send them, during the lookups
-                    rng = random.Random(1)
-                    with httpx.Client(base_url=t.url) as hc:
-                        while not stop.is_set():
-                            i = rng.randrange(args.nodes)
-                            c = rng.randrange(NCHUNKS - 16)
-                            post(hc, f"n{i}", f"/v1/nodes/n{i}/chunks", {"full": False, "images": [
-                                {"content": IMG, "nchunks": NCHUNKS, "add": [[c, c + 15]], "remove": []}]})
-
-                th = threading.Thread(target=churn)
+            threads = [threading.Thread(target=churn, args=(k,)) for k in kinds]
+            for th in threads:
                 th.start()
-                lat = []
-                rng = random.Random(2)
-                for _ in range(args.lookups):
-                    first = rng.randrange(NCHUNKS - 16)
-                    path = f"/v1/images/{IMG}/peers?first={first}&last={first + 15}"
-                    s = time.perf_counter()
-                    r = h.get(path, headers=sign(SECRET, "n0", "GET", path))
-                    lat.append(time.perf_counter() - s)
-                    assert r.status_code == 200 and r.json()["peers"]
-                stop.set()
+            lat: dict[str, list[float]] = {k: [] for k in kinds}
+            rng = random.Random(2)
+            per_round = max(1, args.lookups // args.rounds)
+            for _ in range(args.rounds):
+                for kind, h in clients.items():
+                    for _ in range(per_round):
+                        first = rng.randrange(NCHUNKS - 16)
+                        s = time.perf_counter()
+                        r = send(h, kinds[kind], "n0", "GET", f"/v1/images/{IMG}/peers?first={first}&last={first + 15}")
+                        lat[kind].append(time.perf_counter() - s)
+                        assert r.json()["peers"]
+            stop.set()
+            for th in threads:
                 th.join()
-            lat.sort()
-            p = lambda q: lat[int(q * (len(lat) - 1))] * 1000  # noqa: E731
-            print(f"lookup latency over {len(lat)} lookups (client included, with concurrent deltas): "
-                  f"p50 {p(0.5):.2f} ms, p99 {p(0.99):.2f} ms, max {lat[-1] * 1000:.2f} ms, "
-                  f"mean {statistics.mean(lat) * 1000:.2f} ms (target p99 < 10 ms)")
+            for h in clients.values():
+                h.close()
         finally:
-            t.stop()
+            for t in trackers.values():
+                t.stop()
+    q = {}
+    for kind, xs in lat.items():
+        xs.sort()
+        p = lambda f: xs[int(f * (len(xs) - 1))] * 1000  # noqa: E731
+        q[kind] = (p(0.5), p(0.99))
+        print(f"{kind:13s}: {len(xs)} lookups (client included, with concurrent deltas): p50 {p(0.5):.2f} ms, "
+              f"p99 {p(0.99):.2f} ms, max {xs[-1] * 1000:.2f} ms, mean {statistics.mean(xs) * 1000:.2f} ms")
+    ratio50, ratio99 = q["open"][0] / q["authenticated"][0], q["open"][1] / q["authenticated"][1]
+    print(f"authenticated speed vs open (open latency / authenticated latency): p50 {ratio50:.2f} x, "
+          f"p99 {ratio99:.2f} x (target >= 0.8 x: {'met' if min(ratio50, ratio99) >= 0.8 else 'MISSED'})")
     return 0
 
 

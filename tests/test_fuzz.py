@@ -117,7 +117,9 @@ def test_the_tracker_answers_any_request_with_a_2xx_or_4xx(fuzz_tracker):
         status = _send(t.host, t.port, method, path, data, how)
         seen[status] = seen.get(status, 0) + 1
         assert status < 500, f"{method} {path} -> {status}"
-        if template.startswith("/v1") and how != "signed":
+        # Not rightly signed: 401, unless the HTTP layer refused the request line itself (aiohttp
+        # takes lines of at most 8190 bytes: a 400 before any route or check runs).
+        if template.startswith("/v1") and how != "signed" and not (status == 400 and len(path) > 8000):
             assert status == 401, f"{method} {path} signed {how!r} -> {status}"
 
     one()

@@ -181,6 +181,10 @@ def test_a_local_user_outside_the_image_group_cannot_read_images(glance, images,
     m = mounts(glance.url, "--image-group", "nogroup", "--image-mode", "440")
     m.mount()
     path = str(m.image(image_id))
+    # Let other users reach the mount point at all (pytest makes its directories 0700).
+    for d in [*reversed(m.path.parents[:len(m.path.parents) - 2])]:
+        if d.stat().st_mode & 0o711 != 0o711:
+            d.chmod(d.stat().st_mode | 0o711)
 
     def cat_as(gid: int) -> subprocess.CompletedProcess:
         return subprocess.run(["setpriv", "--reuid=65534", f"--regid={gid}", "--clear-groups", "cat", path],

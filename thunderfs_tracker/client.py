@@ -71,7 +71,7 @@ class TrackerClient:
         self.node_id = node_id
         self._secret = secret
         self.refused_answers = 0  # answers that failed authentication
-        self._refusing: set[str] = set()  # replicas whose last answer failed it (logged once)
+        self._refused_logged: set[str] = set()  # replicas whose refused answers were logged (once each)
         # Signed per attempt (a nonce is accepted once): a failover resends a new signature.
         self._client = httpx.AsyncClient(timeout=timeout, auth=SignedRequests(secret, node_id) if secret else None,
                                          transport=transport)  # tests: an httpx.MockTransport
@@ -124,12 +124,11 @@ class TrackerClient:
                                                             resp.status_code, resp.content, resp.headers):
             # Altered on the way, an old answer replayed, or not the tracker: never acted on.
             self.refused_answers += 1
-            if url not in self._refusing:
-                self._refusing.add(url)
+            if url not in self._refused_logged:  # once per replica; then counted only
+                self._refused_logged.add(url)
                 log.warning("an answer from tracker %s failed authentication: refused (it is altered, replayed "
                             "or not the tracker's; going on with Glance and the peers already known)", url)
             raise TrackerUnavailable(f"tracker {url}: its answer failed authentication")
-        self._refusing.discard(url)
         if resp.status_code in (502, 503, 504):
             raise TrackerUnavailable(f"tracker {url} answered {resp.status_code}: {resp.text[:200]}")
         if resp.status_code >= 400:
