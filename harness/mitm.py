@@ -50,18 +50,31 @@ def _reply(h: BaseHTTPRequestHandler, status: int, body: bytes, headers: dict[st
     h.wfile.write(body)
 
 
-class EvilPeer:
-    """Serves ``fill`` bytes for every chunk of every image: what the rewritten manifests expect."""
+class _Served:
+    """An HTTP server of its own on ``host``, in a thread; ``_handle(request)`` answers."""
 
-    def __init__(self, chunk_size: int, host: str = "127.0.0.1", fill: int = 0x41):
-        self.chunk_size, self.fill = chunk_size, fill
-        self.requests = 0
+    def __init__(self, host: str):
         self._server = _server(self._handle, host)
 
     @property
     def url(self) -> str:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
+
+    def _handle(self, h: BaseHTTPRequestHandler) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        self._server.shutdown()
+
+
+class EvilPeer(_Served):
+    """Serves ``fill`` bytes for every chunk of every image: what the rewritten manifests expect."""
+
+    def __init__(self, chunk_size: int, host: str = "127.0.0.1", fill: int = 0x41):
+        self.chunk_size, self.fill = chunk_size, fill
+        self.requests = 0
+        super().__init__(host)
 
     def chunk(self, length: int) -> bytes:
         return bytes([self.fill]) * length
@@ -72,11 +85,8 @@ class EvilPeer:
         count = int(m.group(2)) if m else 1
         _reply(h, 200, self.chunk(count * self.chunk_size), {"Content-Type": "application/octet-stream"})
 
-    def stop(self) -> None:
-        self._server.shutdown()
 
-
-class TrackerMitm:
+class TrackerMitm(_Served):
     """``rewrite``: which answers it rewrites ("manifest", "lookup", "claim")."""
 
     def __init__(self, tracker_url: str, evil: EvilPeer, host: str = "127.0.0.1",
@@ -85,12 +95,7 @@ class TrackerMitm:
         self.evil = evil
         self.rewrite = rewrite
         self.rewritten: dict[str, int] = {"manifest": 0, "lookup": 0, "claim": 0}
-        self._server = _server(self._handle, host)
-
-    @property
-    def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        super().__init__(host)
 
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
         length = int(h.headers.get("Content-Length") or 0)
@@ -136,6 +141,3 @@ class TrackerMitm:
         else:
             return body
         return json.dumps(obj).encode()
-
-    def stop(self) -> None:
-        self._server.shutdown()

@@ -8,9 +8,11 @@ live in Redis); a replica killed costs nothing a reader sees; Redis down makes t
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
+import subprocess
 import urllib.error
 import urllib.request
 
@@ -144,3 +146,68 @@ def test_a_replica_with_the_wrong_redis_password_says_so_and_never_shows_a_passw
     finally:
         t.stop()
     assert "not-the-password" not in t.log() and REDIS_PASSWORD not in t.log()
+
+
+def test_a_request_replayed_to_another_replica_is_refused(replicas):
+    """The replicas remember signed requests' nonces together (in Redis): what one answered, a
+    machine in the middle cannot replay to the other."""
+    _, trackers = replicas
+    headers = sign(SECRET, "probe", "GET", "/v1/stats")
+
+    def get(url):
+        req = urllib.request.Request(url + "/v1/stats", headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"{}")
+
+    assert get(trackers[0].url)[0] == 200
+    status, body = get(trackers[1].url)
+    assert status == 401 and "replayed" in body["error"]
+
+
+def test_a_manifest_altered_in_redis_is_not_served_but_built_again(replicas, node, images, glance, tmp_path):
+    """Whoever can write to Redis (but has neither the key nor the secret) cannot poison a
+    manifest: its proof is checked when a replica loads it."""
+    redis, trackers = replicas
+    image_id = images.add(8 * CHUNK + 5, seed=305)
+    a = node("a")
+    assert a.image(image_id).read_bytes() == images.data[image_id]
+    path = f"/v1/manifests/{image_id}?chunk_size={CHUNK}"
+    real = wait_for(lambda: (r := signed_get(trackers[0].url, path))[0] == 200 and r[1], what="the manifest")
+    forged = dict(real, sha256=base64.b64encode(bytes(32) + base64.b64decode(real["sha256"])[32:]).decode())
+    key = f"tf:m:{image_id}:{CHUNK}"
+    cli = ["redis-cli", "--tls", "--cacert", str(redis.tls[0]), "-h", redis.host, "-p", str(redis.port),
+           "-a", REDIS_PASSWORD, "--no-auth-warning"]
+    subprocess.run([*cli, "SET", key, json.dumps(forged)], check=True, capture_output=True)
+    # A replica that has not seen it (a new one: nothing in its memory or on its disk) loads it
+    # from Redis, finds the proof broken, and builds it again from Glance rather than serve it.
+    fresh = LocalTracker(tmp_path / "tracker-new", "--glance", glance.url, "--store", redis.url, secret=SECRET)
+    fresh.start()
+    try:
+        status, body = signed_get(fresh.url, path)
+        assert status in (200, 202) and body.get("sha256") != forged["sha256"]
+        rebuilt = wait_for(lambda: (r := signed_get(fresh.url, path))[0] == 200 and r[1], what="a rebuilt manifest")
+        assert rebuilt["sha256"] == real["sha256"]
+        assert "fails its proof" in fresh.log()
+    finally:
+        fresh.stop()
+
+
+def test_a_replica_that_cannot_verify_redis_certificate_says_so(replicas, tmp_path):
+    """TLS to Redis with another CA than the one that signed Redis's certificate: a 503 naming
+    Redis and the certificate, not a connection made anyway."""
+    from harness.tls import make_ca_and_server
+
+    redis, _ = replicas
+    other_ca = make_ca_and_server(tmp_path / "other-ca")[0]
+    url = redis.url.replace(str(redis.tls[0]), str(other_ca))
+    t = LocalTracker(tmp_path / "wrong-ca", "--store", url, secret=SECRET)
+    t.start()
+    try:
+        status, body = signed_get(t.url, "/v1/stats")
+        assert status == 503 and "Redis at" in body["error"] and "certificate" in body["error"].lower(), body
+    finally:
+        t.stop()
+    assert "Traceback" not in t.log()

@@ -287,9 +287,7 @@ class Claim:
         if not isinstance(obj, dict):
             raise ProtocolError("claim must be a JSON object")
         node_id = check_node_id(signer or obj.get("node_id"))
-        nchunks = obj.get("nchunks")
-        if not isinstance(nchunks, int) or isinstance(nchunks, bool) or not 1 <= nchunks <= MAX_CHUNKS:
-            raise ProtocolError(f"nchunks must be an integer from 1 to {MAX_CHUNKS}")
+        nchunks = _int(obj, "nchunks", 1, MAX_CHUNKS)
         return cls(node_id, nchunks, ranges_to_bits(obj.get("chunks", []), nchunks))
 
 
@@ -431,9 +429,7 @@ class Recording:
         if not isinstance(obj, dict):
             raise ProtocolError("recording must be a JSON object")
         node_id = check_node_id(signer or obj.get("node_id"))
-        nchunks = obj.get("nchunks")
-        if not isinstance(nchunks, int) or isinstance(nchunks, bool) or not 1 <= nchunks <= MAX_CHUNKS:
-            raise ProtocolError(f"nchunks must be an integer from 1 to {MAX_CHUNKS}")
+        nchunks = _int(obj, "nchunks", 1, MAX_CHUNKS)
         touches = parse_touches(obj.get("chunks"), nchunks)
         if not touches:
             raise ProtocolError("an empty recording says nothing")

@@ -7,7 +7,8 @@ import os
 import pytest
 import trio
 
-from thunderfs.cache.index import ChunkIndex, Put
+from fakes import CS
+from thunderfs.cache.index import Put
 from thunderfs.cache.store import ABSENT, INDEXED, PENDING, ChunkStore
 from thunderfs.errors import ChunkCorrupt
 from thunderfs.fetch.source import runs
@@ -15,16 +16,7 @@ from thunderfs_common.image import ImageMeta
 from thunderfs.fetch.slots import DEMAND, PREFETCH, READAHEAD, PrioritySlots
 from thunderfs_common.units import parse_size
 
-CS = 4096
 CONTENT = bytes(range(16))
-
-
-@pytest.fixture
-def index(tmp_path):
-    ix = ChunkIndex(tmp_path / "index")
-    ix.check_layout(CS)
-    yield ix
-    ix.close()
 
 
 def store_of(tmp_path, index, capacity=10 * CS):
