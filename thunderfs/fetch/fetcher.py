@@ -168,7 +168,7 @@ class Fetcher:
                 other = exc.split(ThunderfsError)[1]
             else:
                 other = None if isinstance(exc, ThunderfsError) else exc
-            if other is not None:  # not one of ours (Glance unavailable, ...): a bug, logged whole
+            if other is not None:  # a source's failure is ours (SourceFailed); anything else, a bug: logged whole
                 log.error("fetching chunks %d..%d of %s failed", run.first, run.first + run.count - 1,
                           run.meta.id, exc_info=exc)
             raise _first_leaf(exc) from None
@@ -197,7 +197,7 @@ class Fetcher:
             sink = _Sink(self, run, source.name, pass_on)
             pass_on(await source.fetch(Want(run.meta, run.img, chunks, run.urgency), sink))
         if unserved:
-            raise FetchFailed(run.meta.id, unserved[0], f"no source has chunks {unserved[0]}..{unserved[-1]}")
+            raise FetchFailed(run.meta.id, min(unserved), f"no source has chunks {min(unserved)}..{max(unserved)}")
 
     def _count(self, img: ImageData, source: str, chunks: int, nbytes: int, started: float) -> None:
         """Chunks that arrived from ``source`` ("peers", "origin"), asked for since ``started``."""
