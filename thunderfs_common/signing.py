@@ -1,8 +1,9 @@
 """Membership: requests signed with the cluster's shared secret (HMAC-SHA256), and answers too.
 
 Shared by every side that speaks the protocol (tracker, its client, the daemons' peer servers).
-A request's signature covers the method, the path with its query, a timestamp, a nonce and the
-body's sha256, so a request cannot be altered, moved to another path, or replayed: the timestamp
+A request's signature covers the sending node's id, the method, the path with its query, a
+timestamp, a nonce and the body's sha256, so a request cannot be altered, passed off as another
+node's, moved to another path, or replayed: the timestamp
 must be within ``MAX_SKEW`` seconds and a nonce is accepted once (``NonceCache``: a full cache
 refuses new requests rather than forget a nonce that could still be replayed).  Headers that are
 not exactly what a signer sends (wrong characters, lengths, formats) are refused as such, before
@@ -59,14 +60,16 @@ def load_secret(path: str | Path) -> bytes:
     return secret
 
 
-def _mac(secret: bytes, method: str, path_qs: str, stamp: str, nonce: str, body: bytes) -> str:
-    msg = "\n".join((method.upper(), path_qs, stamp, nonce, hashlib.sha256(body).hexdigest()))
+def _mac(secret: bytes, node: str, method: str, path_qs: str, stamp: str, nonce: str, body: bytes) -> str:
+    """Over everything a request says: who sends it too, so that nobody on the way can pass it off
+    as another node's."""
+    msg = "\n".join((node, method.upper(), path_qs, stamp, nonce, hashlib.sha256(body).hexdigest()))
     return hmac.new(secret, msg.encode(), hashlib.sha256).hexdigest()
 
 
 def sign(secret: bytes, node_id: str, method: str, path_qs: str, body: bytes = b"") -> dict[str, str]:
     stamp, nonce = f"{time.time():.3f}", secrets.token_hex(12)
-    return {H_NODE: node_id, H_TIME: stamp, H_NONCE: nonce, H_SIG: _mac(secret, method, path_qs, stamp, nonce, body)}
+    return {H_NODE: node_id, H_TIME: stamp, H_NONCE: nonce, H_SIG: _mac(secret, node_id, method, path_qs, stamp, nonce, body)}
 
 
 class SignedRequests(httpx.Auth):
@@ -132,7 +135,7 @@ class Verifier:
         now = time.time()
         if abs(now - float(stamp)) > MAX_SKEW:
             raise ValueError("timestamp outside the allowed clock skew")
-        if not hmac.compare_digest(sig, _mac(self._secret, method, path_qs, stamp, nonce, body)):
+        if not hmac.compare_digest(sig, _mac(self._secret, node, method, path_qs, stamp, nonce, body)):
             raise ValueError("bad signature")
         if check_nonce and not self._nonces.remember(nonce, now):
             raise ValueError("replayed request")

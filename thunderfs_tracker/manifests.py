@@ -79,11 +79,14 @@ class ManifestStore:
         if key in self._building:
             return "building"
         if self._shared is not None:
-            raw, mine = await self._shared_state(image_id, chunk_size)
+            raw = await self._shared.call(self._shared.redis.get(f"tf:m:{image_id}:{chunk_size}"))
             m = self._trusted(raw, "Redis") if raw is not None else None
             if m is not None:
                 self._save(key, m)
                 return m
+            # None there (or one whose proof fails): one replica builds it, under a lock.
+            mine = await self._shared.call(self._shared.redis.set(f"tf:mb:{image_id}:{chunk_size}", "1",
+                                                                 nx=True, ex=600))
             if not mine:
                 return "building"  # another replica is building it
         self._building[key] = asyncio.create_task(self._build(image_id, chunk_size))
@@ -103,14 +106,6 @@ class ManifestStore:
                         m.image_id, where)
             return None
         return m
-
-    async def _shared_state(self, image_id: str, chunk_size: int) -> tuple[bytes | None, bool]:
-        """(the manifest in Redis, or None; whether this replica took the lock to build it)."""
-        p = self._shared.redis.pipeline(transaction=False)
-        p.get(f"tf:m:{image_id}:{chunk_size}")
-        p.set(f"tf:mb:{image_id}:{chunk_size}", "1", nx=True, ex=600)
-        raw, mine = await self._shared.call(p)
-        return raw, bool(mine)
 
     def _save(self, key: tuple[str, int], m: Manifest) -> None:
         tmp = self._path(*key).with_suffix(".tmp")

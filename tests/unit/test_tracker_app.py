@@ -429,3 +429,14 @@ def test_a_node_with_the_trackers_key_refuses_a_manifest_the_key_did_not_sign(ca
         assert await d.manifest(meta) == tracker.manifest_now
     trio.run(main)
     assert "not signed by the tracker's key" in caplog.text
+
+
+def test_a_request_passed_off_as_another_nodes_fails_its_signature(tmp_path):
+    """The signature covers the node id: a machine in the middle changing X-Thunderfs-Node makes
+    the request a forgery (401), not another node's (which a 403 would have shown)."""
+    async def body(raw):
+        path = "/v1/nodes/a/announce"
+        headers = sign(SECRET, "a", "POST", path)
+        status, r = await raw("POST", path, {**headers, H_NODE: "b"})
+        assert status == 401 and "bad signature" in r["error"]
+    with_raw_client(tmp_path, body)
