@@ -201,10 +201,10 @@ def _checked(o: _Option, value: Any, from_file: bool) -> Any:
     return value
 
 
-def load(schema: type, args: argparse.Namespace, config_file: Path | None = None, **derived: Any):
-    """The settings: defaults, then ``config_file``'s, then the flags in ``args``; ``derived``
-    are values the program computed (not options).  Parsed and checked once; OptionError says
-    what is wrong."""
+def load(schema: type, args: argparse.Namespace, config_file: Path | None = None):
+    """The settings: defaults, then ``config_file``'s, then the flags in ``args``.  Parsed and
+    checked once; OptionError says what is wrong.  What a program derives from them (a secret read
+    from its file, tokens) it adds with ``dataclasses.replace``."""
     values = read_file(config_file, schema) if config_file is not None else {}
     for o in _options(schema):
         if o.name in vars(args):
@@ -213,7 +213,7 @@ def load(schema: type, args: argparse.Namespace, config_file: Path | None = None
         if o.required and o.name not in values:
             raise OptionError(f"{o.shown} is needed (on the command line, or {o.name} in the config file)")
     try:
-        return schema(**values, **derived)
+        return schema(**values)
     except ValueError as exc:  # a check across options (__post_init__)
         raise OptionError(str(exc)) from None
 
