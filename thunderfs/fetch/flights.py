@@ -26,9 +26,6 @@ class Flight:
         self._done = trio.Event()
         self.state = state  # what the owner keeps with the flight (the fetcher: its urgency)
 
-    def done(self) -> bool:
-        return self._done.is_set()
-
     async def wait_done(self) -> None:
         """Until it has finished, whatever its outcome."""
         await self._done.wait()
