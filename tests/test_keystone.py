@@ -17,7 +17,6 @@ from harness.local_glance import LocalGlance, free_port
 from harness.local_keystone import LocalKeystone
 from harness.mounts import thunderfs
 from harness.tracker import LocalTracker
-from thunderfs.service import control
 
 TOKEN_SECONDS = 40  # Keystone's token lifetime here: renewed at half of it (RENEW_BEFORE is 300 s)
 
@@ -71,7 +70,7 @@ def test_a_cloud_of_clouds_yaml_finds_glance_in_the_catalog_and_renews_tokens(cl
     res = thunderfs("mount", str(m.path), "--cache-dir", str(m.cache_dir), "--os-cloud", "test",
                     env=_env(clouds))
     assert res.returncode == 0, res.stderr + m.log_tail()
-    m.pid = control.read_record(m.path)["pid"]
+    m.read_pids()
     s = m.stats()
     assert s["glance"]["url"] == glance.url
     with open(m.image(image_id), "rb") as f:
@@ -134,7 +133,7 @@ def test_the_tracker_reads_glance_through_keystone_for_manifests(cloud, mounts, 
                         "--tracker", tracker.url, "--peer-listen", f"127.0.0.1:{free_port()}", "--node-id", "k1",
                         "--secret-file", str(secret))
         assert res.returncode == 0, res.stderr
-        m.pid = control.read_record(m.path)["pid"]
+        m.read_pids()
         assert m.image(image_id).read_bytes() == data
         # The manifest (built by the tracker from Glance's bytes, with a token) reached the node.
         # (The first open asks while it is being built; a later open asks again.)

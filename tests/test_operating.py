@@ -47,7 +47,7 @@ def test_config_file_sets_options_and_flags_win(glance, images, mounts, tmp_path
                     f'fetch_timeout = 7\nmountpoint = "{m.path}"\n')
     res = thunderfs("mount", "--config", str(conf), "--cache-size", "512M")
     assert res.returncode == 0, res.stderr
-    m.pid = json.loads(thunderfs("status", str(m.path), "--json", check=True).stdout)["pid"]
+    m.read_pids()
     stats = m.stats()
     assert stats["cache"]["capacity"] == 512 * 2**20  # the flag won over the file's 1G
     assert m.image(image_id).read_bytes() == images.data[image_id]  # Glance and cache dir from the file

@@ -1,7 +1,13 @@
 """The composition root: builds every part in one nursery and one AsyncExitStack, mounts, serves.
 
 Nothing else knows all the parts.  Teardown runs in reverse: stop serving FUSE, stop the
-background tasks, make staged chunks durable, close the index, unmount.
+background tasks, make staged chunks durable, close the index.
+
+A mount outlives this process when a service manager (systemd, or the keeper) holds its
+``/dev/fuse`` descriptor: the process mounts once and stores the descriptor there; each later
+process is handed it (``inherited``) and takes the connection over.  SIGTERM, or ``thunderfs
+restart``, then ends this process without unmounting ("handed over"); only an unmount ends the
+mount ("unmounted").
 """
 
 from __future__ import annotations
@@ -17,7 +23,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pyfuse3
 import trio
 
 from thunderfs.service import control
@@ -31,7 +36,10 @@ from thunderfs_common.glance import GlanceError
 from thunderfs.fetch.fetcher import Fetcher
 from thunderfs.glance.auth import GlanceAuthError, KeystoneAuth
 from thunderfs.fetch.glance import GlanceSource
+from thunderfs.fuse import mounting
 from thunderfs.fuse.operations import Operations
+from thunderfs.fuse.session import Session
+from thunderfs.fuse.state import SessionState
 from thunderfs_common.glance import GlanceClient
 from thunderfs.cluster.peer_server import PeerServer
 from thunderfs.fetch.peers import PeerSource
@@ -79,14 +87,24 @@ def _set_kernel_readahead(mountpoint: Path, kb: int) -> None:
                 return
 
 
-async def _watch_signals(task_status=trio.TASK_STATUS_IGNORED) -> None:
+UNMOUNTED = "unmounted"
+HANDED_OVER = "handed over"
+
+
+async def _watch_signals(stop: Callable[[str], None], task_status=trio.TASK_STATUS_IGNORED) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         task_status.started()
         async for signum in signals:
-            log.info("%s: unmounting", signal.Signals(signum).name)
-            systemd.notify("STOPPING=1")
-            pyfuse3.terminate()
+            stop(signal.Signals(signum).name)
             return
+
+
+def _unmount_quietly(mountpoint: Path) -> None:
+    """On the way out of a process nobody takes over from: the mount must not stay behind dead."""
+    try:
+        mounting.unmount(mountpoint, lazy=True)
+    except mounting.MountError:
+        pass  # unmounted already
 
 
 def _image_owner(config: MountConfig) -> tuple[int, int]:
@@ -106,22 +124,37 @@ def _image_owner(config: MountConfig) -> tuple[int, int]:
 
 
 def _check_mountpoint(mp: Path) -> None:
+    """A directory with nothing mounted on it; a FUSE mount whose daemon is gone (ENOTCONN) is
+    detached first."""
+    fstype = mounting.mounted_type(mp)
+    if fstype is not None and fstype.startswith("fuse") and mounting.is_dead(mp):
+        try:
+            mounting.unmount(mp, lazy=True)
+        except mounting.MountError as exc:
+            raise ConfigError(f"mount point {mp} is a dead mount that cannot be detached: {exc}") from None
+        log.warning("detached the dead mount at %s (%s; the process that served it is gone)", mp, fstype)
+    elif fstype is not None:
+        raise ConfigError(f"mount point {mp} is already a mount point ({fstype}; busy)")
     if not mp.exists():
         raise ConfigError(f"mount point {mp} does not exist")
     if not mp.is_dir():
         raise ConfigError(f"mount point {mp} is not a directory")
-    if mp.is_mount():
-        raise ConfigError(f"mount point {mp} is already a mount point (busy)")
 
 
 async def run(config: MountConfig, keystone: KeystoneSettings | None = None,
-              ready: Callable[[], None] = lambda: None) -> None:
-    """Mount and serve until unmounted or signalled; calls ``ready()`` once the mount is up.
-    ``keystone``: the credentials to get Glance tokens with (None: a Glance without Keystone)."""
-    _check_mountpoint(config.mountpoint)
+              ready: Callable[[], None] = lambda: None, inherited: dict[str, int] | None = None) -> str:
+    """Mount (or take over ``inherited``: the descriptors "fuse" and "session") and serve until
+    unmounted (``UNMOUNTED``) or told to hand over (``HANDED_OVER``); calls ``ready()`` once the
+    mount is served.  ``keystone``: the credentials to get Glance tokens with (None: a Glance
+    without Keystone)."""
+    inherited = dict(inherited or {})
     # Once mounted, any stat under the mount point would wait on this very process.
     mountpoint = control.canonical(config.mountpoint)
+    if "fuse" not in inherited:
+        _check_mountpoint(mountpoint)
     async with contextlib.AsyncExitStack() as stack:
+        for fd in inherited.values():
+            stack.callback(os.close, fd)
         lock_fd = _lock_cache_dir(config.cache_dir)
         stack.callback(os.close, lock_fd)
 
@@ -212,8 +245,6 @@ async def run(config: MountConfig, keystone: KeystoneSettings | None = None,
         if peers is not None:
             on_open.insert(0, lambda reader: peers.prepare(reader.meta))
         readers = Readers(store, fetcher, readahead=config.readahead, on_open=on_open)
-        ops = Operations(catalog, readers, block_size=config.chunk_size, image_owner=_image_owner(config),
-                         image_mode=config.image_mode)
         jobs = ProfileControl(catalog, store, profiles)
         image_status = ImageStatus(catalog, store, profiles, peers)
 
@@ -228,7 +259,7 @@ async def run(config: MountConfig, keystone: KeystoneSettings | None = None,
                            **({"token_renewals": auth.renewals} if auth is not None else {})},
                 "cache": store.statistics(),
                 "fetch": {**fetcher.statistics(), **glance.statistics()},
-                "fs": ops.statistics(),
+                "fs": {**ops.statistics(), **session.statistics()},
                 "profiles": profiles.statistics(),
                 "images": len(catalog.images),
                 "per_image": image_status.images(),
@@ -237,53 +268,92 @@ async def run(config: MountConfig, keystone: KeystoneSettings | None = None,
                 **({"nova": nova.statistics()} if nova else {}),
             }
 
+        # The connection: taken over, or mounted now and put in the service manager's store.
+        if "fuse" in inherited:
+            fuse_fd = inherited["fuse"]
+            state = SessionState.load(inherited["session"]) if "session" in inherited else SessionState.create()
+            kept = True
+            log.info("taking over the mount at %s", mountpoint)
+        else:
+            try:
+                fuse_fd = mounting.mount(mountpoint, allow_other=config.allow_other)
+            except mounting.MountError as exc:
+                raise ConfigError(f"cannot mount {mountpoint}: {exc}") from None
+            stack.callback(os.close, fuse_fd)
+            state = SessionState.create()
+            stack.callback(os.close, state.fd)
+            kept = systemd.store_fds({"fuse": fuse_fd, "session": state.fd})
+            if not kept:
+                log.info("no service manager keeps the mount: it ends with this process")
+                stack.callback(_unmount_quietly, mountpoint)
+
+        # The kernel checks the image files' owner and mode: only root and the image group read them.
+        ops = Operations(catalog, readers, block_size=config.chunk_size, image_owner=_image_owner(config),
+                         image_mode=config.image_mode, state=state)
+        session = Session(fuse_fd, ops, state)
+        ending = {"how": UNMOUNTED}
         if metrics is not None:
             metrics.start(*config.metrics_address)
             stack.callback(metrics.stop)
 
-        def stop(_req: dict) -> dict:
-            pyfuse3.terminate()
-            return {"stopping": True}
+        def stop(why: str) -> None:
+            if kept:
+                log.info("%s: handing the mount over to the next serving process", why)
+                ending["how"] = HANDED_OVER
+                session.stop()
+            else:
+                log.info("%s: unmounting", why)
+                systemd.notify("STOPPING=1")
+                try:
+                    mounting.unmount(mountpoint, lazy=True)
+                except mounting.MountError as exc:
+                    log.error("%s", exc)
+                    session.stop()
 
-        # The kernel checks the image files' owner and mode: only root and the image group read them.
-        options = set(pyfuse3.default_options) | {"fsname=thunderfs", "subtype=thunderfs", "default_permissions"}
-        if config.allow_other:
-            options.add("allow_other")
-        try:
-            pyfuse3.init(ops, str(mountpoint), options)
-        except RuntimeError as exc:
-            raise ConfigError(f"cannot mount {mountpoint}: {exc}") from None
-        stack.callback(pyfuse3.close, unmount=True)
-        _set_kernel_readahead(mountpoint, config.kernel_readahead // 1024)
-        control.write_record(mountpoint, {"pid": os.getpid(), "mountpoint": str(mountpoint),
-                                          "cache_dir": str(config.cache_dir), "glance": glance_url,
-                                          "socket": str(control.socket_path(mountpoint))})
-        stack.callback(control.remove_record, mountpoint)
+        def restart(_req: dict) -> dict:
+            if not kept:
+                raise ValueError("no service manager (keeper or systemd) holds this mount: a restart would end it")
+            stop("restart requested")
+            return {"pid": os.getpid()}
+
+        record = {"pid": os.getpid(), "mountpoint": str(mountpoint), "cache_dir": str(config.cache_dir),
+                  "glance": glance_url, "socket": str(control.socket_path(mountpoint)),
+                  "keeper": int(os.environ["THUNDERFS_KEEPER_PID"]) if "THUNDERFS_KEEPER_PID" in os.environ else None}
 
         async with trio.open_nursery() as nursery:
-            await nursery.start(_watch_signals)
+            async def serve_fuse() -> None:
+                await session.serve()
+                nursery.cancel_scope.cancel()
+
+            await nursery.start(_watch_signals, stop)
             await nursery.start(store.run)
             await nursery.start(fetcher.run)
             if peers is not None:
                 await nursery.start(peers.run)
             await nursery.start(catalog.run)
             await nursery.start(profiles.run)
+            nursery.start_soon(serve_fuse)
+            await session.wait_initialized()
+            _set_kernel_readahead(mountpoint, config.kernel_readahead // 1024)
             await nursery.start(control.serve, control.socket_path(mountpoint),
-                                {"stats": stats, "stop": stop, **jobs.handlers(), **image_status.handlers(),
+                                {"stats": stats, "restart": restart, **jobs.handlers(), **image_status.handlers(),
                                  **({"nova_release": nova_service.release} if nova else {})})
+            control.write_record(mountpoint, record)
             if peer_server is not None:
                 await nursery.start(peer_server.serve)
                 await nursery.start(announcer.run)
             if nova is not None:
                 await nursery.start(nova_service.run, lambda: [i for i in catalog.images if i not in catalog.gone],
                                     catalog.ttl)
-            log.info("mounted %s: %d images, Glance %s, cache %s (%d MiB of %d MiB used)",
+            log.info("%s %s: %d images, Glance %s, cache %s (%d MiB of %d MiB used)",
+                     "took over" if session.takeover else "mounted",
                      mountpoint, len(catalog.images), glance_url, config.cache_dir,
                      store.statistics()["used"] >> 20, config.cache_size >> 20)
             ready()
-            await pyfuse3.main()
-            # pyfuse3.main returns after terminate() or an external unmount.
-            nursery.cancel_scope.cancel()
+        if session.unmounted:
+            ending["how"] = UNMOUNTED
+            control.remove_record(mountpoint)
         with trio.CancelScope(shield=True):
             await store.commit(touch=True)
-        log.info("unmounting %s", mountpoint)
+        log.info("%s %s", "unmounted" if ending["how"] == UNMOUNTED else "handed over", mountpoint)
+    return ending["how"]

@@ -1,5 +1,6 @@
-"""fs.Operations called directly, as the kernel's requests would call it, with a fake request
-context and a catalog and readers of our own: attributes, lookups, opens, reads, errors."""
+"""fuse.Operations called directly, as the session calls it for the kernel's requests, with a
+catalog and readers of our own: attributes, lookups, opens, reads, errors, handles of a previous
+process."""
 
 from __future__ import annotations
 
@@ -7,18 +8,16 @@ import errno
 import logging
 import os
 import stat
-from types import SimpleNamespace
 
-import pyfuse3
 import pytest
 
 from fakes import meta_of
 from thunderfs.errors import FetchFailed
 from thunderfs_common.glance import ImageGone
-from thunderfs.fuse.operations import IMAGES, XATTR_PREFIX, Operations
-from thunderfs.fuse.inodes import IMAGES_DIR, ROOT
-
-CTX = SimpleNamespace(uid=0, gid=0, pid=1, umask=0o022)
+from thunderfs.fuse.kernel import FuseError
+from thunderfs.fuse.operations import ENOATTR, IMAGES, XATTR_PREFIX, Operations, SetTimes
+from thunderfs.fuse.inodes import IMAGES_DIR, ROOT, derive
+from thunderfs.fuse.state import SessionState
 A = meta_of(b"a" * 1000, "aaaaaaaa-0000-0000-0000-000000000001", "alpha")
 B = meta_of(b"b" * 5000, "bbbbbbbb-0000-0000-0000-000000000002", "beta")
 
@@ -65,62 +64,108 @@ def ops():
 
 
 async def lookup(ops, name):
-    return await ops.lookup(IMAGES_DIR, os.fsencode(name), CTX)
+    return (await ops.lookup(IMAGES_DIR, os.fsencode(name))).attr
 
 
-async def fuse_errno(coro) -> int:
-    with pytest.raises(pyfuse3.FUSEError) as info:
-        await coro
+async def fuse_errno(call) -> int:
+    with pytest.raises(FuseError) as info:
+        result = call()
+        if hasattr(result, "__await__"):
+            await result
     return info.value.errno
 
 
 async def test_the_root_holds_images_and_images_holds_one_file_per_image(ops):
-    root = await ops.getattr(ROOT, CTX)
-    assert stat.S_ISDIR(root.st_mode) and root.st_mode & 0o777 == 0o555
-    d = await ops.lookup(ROOT, IMAGES, CTX)
-    assert d.st_ino == IMAGES_DIR
+    root = ops.getattr(ROOT).attr
+    assert stat.S_ISDIR(root.mode) and root.mode & 0o777 == 0o555
+    d = (await ops.lookup(ROOT, IMAGES)).attr
+    assert d.ino == IMAGES_DIR
     a = await lookup(ops, A.id)
-    assert stat.S_ISREG(a.st_mode) and a.st_mode & 0o777 == 0o440
-    assert (a.st_size, a.st_blksize, a.st_mtime_ns) == (1000, 4096, A.mtime_ns)
-    assert (await lookup(ops, A.id)).st_ino == a.st_ino != (await lookup(ops, B.id)).st_ino
-    assert (await ops.getattr(a.st_ino, CTX)).st_size == 1000
+    assert stat.S_ISREG(a.mode) and a.mode & 0o777 == 0o440
+    assert (a.size, a.blksize, a.mtime_ns) == (1000, 4096, A.mtime_ns)
+    assert (await lookup(ops, A.id)).ino == a.ino != (await lookup(ops, B.id)).ino
+    assert ops.getattr(a.ino).attr.size == 1000
+
+
+async def test_inode_numbers_are_derived_from_the_image_and_its_content(ops):
+    """Every process serving the connection gives an image the same number without being told."""
+    a = await lookup(ops, A.id)
+    assert a.ino == derive(A) > IMAGES_DIR
+    other = Operations(FakeCatalog(A, B), FakeReaders())
+    assert other.getattr(a.ino).attr.size == A.size  # never looked up in this one
+    changed = meta_of(b"c" * 1000, A.id, "alpha")  # same id, other bytes: another inode
+    assert derive(changed) != a.ino
 
 
 async def test_unknown_names_and_inodes_are_enoent(ops):
-    assert await fuse_errno(lookup(ops, "nope")) == errno.ENOENT
-    assert await fuse_errno(ops.lookup(ROOT, b"other", CTX)) == errno.ENOENT
-    assert await fuse_errno(ops.getattr(12345, CTX)) == errno.ENOENT
+    assert await fuse_errno(lambda: lookup(ops, "nope")) == errno.ENOENT
+    assert await fuse_errno(lambda: ops.lookup(ROOT, b"other")) == errno.ENOENT
+    assert await fuse_errno(lambda: ops.getattr(12345)) == errno.ENOENT
 
 
 async def test_dot_and_dotdot(ops):
-    assert (await ops.lookup(IMAGES_DIR, b"..", CTX)).st_ino == ROOT
-    assert (await ops.lookup(IMAGES_DIR, b".", CTX)).st_ino == IMAGES_DIR
+    assert (await ops.lookup(IMAGES_DIR, b"..")).attr.ino == ROOT
+    assert (await ops.lookup(IMAGES_DIR, b".")).attr.ino == IMAGES_DIR
 
 
 async def test_opening_for_writing_is_erofs_and_a_directory_eisdir(ops):
-    ino = (await lookup(ops, A.id)).st_ino
-    assert await fuse_errno(ops.open(ino, os.O_RDWR, CTX)) == errno.EROFS
-    assert await fuse_errno(ops.open(ino, os.O_RDONLY | os.O_TRUNC, CTX)) == errno.EROFS
-    assert await fuse_errno(ops.open(IMAGES_DIR, os.O_RDONLY, CTX)) == errno.EISDIR
+    ino = (await lookup(ops, A.id)).ino
+    assert await fuse_errno(lambda: ops.open(ino, os.O_RDWR)) == errno.EROFS
+    assert await fuse_errno(lambda: ops.open(ino, os.O_RDONLY | os.O_TRUNC)) == errno.EROFS
+    assert await fuse_errno(lambda: ops.open(IMAGES_DIR, os.O_RDONLY)) == errno.EISDIR
 
 
 async def test_a_read_goes_to_the_files_reader(ops):
-    ino = (await lookup(ops, B.id)).st_ino
-    fi = await ops.open(ino, os.O_RDONLY, CTX)
-    assert fi.keep_cache  # images never change under an inode
-    assert await ops.read(fi.fh, 4990, 100) == b"x" * 10
+    ino = (await lookup(ops, B.id)).ino
+    fh = ops.open(ino, os.O_RDONLY)
+    assert await ops.read(ino, fh, 4990, 100) == b"x" * 10
     assert ops.statistics()["open_handles"] == 1
-    await ops.release(fi.fh)
+    ops.release(fh)
     assert ops.statistics()["open_handles"] == 0
+
+
+async def test_a_handle_a_previous_process_opened_is_served(ops):
+    """After a takeover the kernel reads on handles this process never gave out: the inode in the
+    request names the image, and a reader is opened for it then."""
+    ino = derive(B)
+    assert await ops.read(ino, 987654321, 0, 10) == b"x" * 10
+    assert ops._readers.opened == [B.id]
+    assert ops.statistics()["handles_reopened"] == 1
+    await ops.read(ino, 987654321, 10, 10)
+    assert ops.statistics()["handles_reopened"] == 1  # once per handle
+    ops.release(987654321)
+    assert ops.statistics()["open_handles"] == 0
+    assert await fuse_errno(lambda: ops.read(4242, 1, 0, 10)) == errno.EIO  # no image of ours
+
+
+async def test_an_image_glance_dropped_while_open_is_left_to_the_next_process():
+    state = SessionState.create()
+    try:
+        catalog = FakeCatalog(A, B)
+        ops = Operations(catalog, FakeReaders(), state=state)
+        ino = (await lookup(ops, A.id)).ino
+        fh = ops.open(ino, os.O_RDONLY)
+        del catalog.images[A.id]
+        catalog.listeners[0]([], [A])
+        assert ino in SessionState.load(state.fd).held
+        # The next process on the connection knows it although Glance does not list it.
+        nxt = Operations(FakeCatalog(B), FakeReaders(), state=SessionState.load(state.fd))
+        assert await nxt.read(ino, fh, 0, 5) == b"x" * 5
+        # Here, closed and forgotten: dropped from the state.
+        ops.release(fh)
+        ops.forget([(ino, 1)])
+        assert ino not in SessionState.load(state.fd).held
+    finally:
+        os.close(state.fd)
 
 
 @pytest.mark.parametrize("error", [FetchFailed("i", 3, "Glance down"), ImageGone("gone"), OSError(5, "disk")])
 async def test_every_failure_below_is_one_eio_and_one_log_line(ops, caplog, error):
-    ino = (await lookup(ops, A.id)).st_ino
+    ino = (await lookup(ops, A.id)).ino
     ops._readers.error = error
-    fi = await ops.open(ino, os.O_RDONLY, CTX)
+    fh = ops.open(ino, os.O_RDONLY)
     caplog.clear()
-    assert await fuse_errno(ops.read(fi.fh, 0, 10)) == errno.EIO
+    assert await fuse_errno(lambda: ops.read(ino, fh, 0, 10)) == errno.EIO
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and not errors[0].exc_info
 
@@ -131,60 +176,47 @@ async def test_an_open_that_cannot_reach_the_cache_is_eio(ops):
             raise OSError(errno.ENOSPC, "No space left on device")
 
     ops = Operations(FakeCatalog(A), Broken())
-    ino = (await lookup(ops, A.id)).st_ino
-    assert await fuse_errno(ops.open(ino, os.O_RDONLY, CTX)) == errno.EIO
+    ino = (await lookup(ops, A.id)).ino
+    assert await fuse_errno(lambda: ops.open(ino, os.O_RDONLY)) == errno.EIO
 
 
 async def test_utime_is_kept_and_everything_else_is_read_only(ops):
-    ino = (await lookup(ops, A.id)).st_ino
-    attr = pyfuse3.EntryAttributes()
-    attr.st_atime_ns, attr.st_mtime_ns = 10**18, 2 * 10**18
-    fields = SimpleNamespace(update_size=False, update_mode=False, update_uid=False, update_gid=False,
-                             update_atime=True, update_mtime=True)
-    got = await ops.setattr(ino, attr, fields, None, CTX)
-    assert (got.st_atime_ns, got.st_mtime_ns) == (10**18, 2 * 10**18)
-    assert (await ops.getattr(ino, CTX)).st_mtime_ns == 2 * 10**18
-    fields.update_size = True
-    assert await fuse_errno(ops.setattr(ino, attr, fields, None, CTX)) == errno.EROFS
-    for call in (ops.write(1, 0, b"x"), ops.mkdir(IMAGES_DIR, b"d", 0o755, CTX), ops.unlink(IMAGES_DIR, b"x", CTX),
-                 ops.rename(IMAGES_DIR, b"a", IMAGES_DIR, b"b", 0, CTX), ops.setxattr(ino, b"user.x", b"1", CTX)):
-        assert await fuse_errno(call) == errno.EROFS
+    ino = (await lookup(ops, A.id)).ino
+    got = ops.setattr(ino, SetTimes(atime_ns=10**18, mtime_ns=2 * 10**18)).attr
+    assert (got.atime_ns, got.mtime_ns) == (10**18, 2 * 10**18)
+    assert ops.getattr(ino).attr.mtime_ns == 2 * 10**18
+    touched = ops.setattr(ino, SetTimes(mtime_ns=-1)).attr  # touch: now
+    assert touched.mtime_ns > 2 * 10**18 - 10**18 and touched.atime_ns == 10**18
+    assert await fuse_errno(lambda: ops.setattr(ino, SetTimes(other=True, mtime_ns=5))) == errno.EROFS
+    assert await fuse_errno(lambda: ops.setattr(ino, SetTimes())) == errno.EROFS
 
 
-async def test_a_listing_change_forgets_kept_times(ops, monkeypatch):
+async def test_a_listing_change_forgets_kept_times(ops):
     invalidated = []
-    monkeypatch.setattr(pyfuse3, "invalidate_entry_async", lambda ino, name, ignore_enoent: invalidated.append(name))
-    ino = (await lookup(ops, A.id)).st_ino
-    attr = pyfuse3.EntryAttributes()
-    attr.st_mtime_ns = 5
-    fields = SimpleNamespace(update_size=False, update_mode=False, update_uid=False, update_gid=False,
-                             update_atime=False, update_mtime=True)
-    await ops.setattr(ino, attr, fields, None, CTX)
+    ops.invalidate_entry = lambda parent, name: invalidated.append((parent, name))
+    ino = (await lookup(ops, A.id)).ino
+    ops.setattr(ino, SetTimes(mtime_ns=5))
     ops._catalog.listeners[0]([], [A])
-    assert invalidated == [os.fsencode(A.id)]
-    assert (await ops.getattr(ino, CTX)).st_mtime_ns == A.mtime_ns
+    assert invalidated == [(IMAGES_DIR, os.fsencode(A.id))]
+    assert ops.getattr(ino).attr.mtime_ns == A.mtime_ns
 
 
 async def test_xattrs_say_what_the_image_is(ops):
-    ino = (await lookup(ops, A.id)).st_ino
-    assert await ops.getxattr(ino, XATTR_PREFIX + b"image_id", CTX) == A.id.encode()
-    assert await ops.getxattr(ino, XATTR_PREFIX + b"os_hash_value", CTX) == A.os_hash_value.encode()
-    assert XATTR_PREFIX + b"content_key" in await ops.listxattr(ino, CTX)
-    assert await fuse_errno(ops.getxattr(ino, b"user.other", CTX)) == pyfuse3.ENOATTR
+    ino = (await lookup(ops, A.id)).ino
+    assert ops.getxattr(ino, XATTR_PREFIX + b"image_id") == A.id.encode()
+    assert ops.getxattr(ino, XATTR_PREFIX + b"os_hash_value") == A.os_hash_value.encode()
+    assert XATTR_PREFIX + b"content_key" in ops.listxattr(ino)
+    assert await fuse_errno(lambda: ops.getxattr(ino, b"user.other")) == ENOATTR
 
 
-async def test_readdir_lists_images_by_id_after_asking_for_a_fresh_listing(ops, monkeypatch):
-    names = []
-    monkeypatch.setattr(pyfuse3, "readdir_reply", lambda token, name, attr, nxt: names.append(name) or True)
-    fh = await ops.opendir(IMAGES_DIR, CTX)
+async def test_readdir_lists_images_by_id_after_asking_for_a_fresh_listing(ops):
+    fh = await ops.opendir(IMAGES_DIR)
     assert ops._catalog.fresh == 1
-    await ops.readdir(fh, 0, None)
+    names = [name for name, _attr, _next in ops.readdir(fh, 0)]
     assert names == sorted([os.fsencode(A.id), os.fsencode(B.id)])
-    names.clear()
-    await ops.readdir(fh, 1, None)  # resumed after the first entry
-    assert names == [os.fsencode(max(A.id, B.id))]
+    resumed = list(ops.readdir(fh, 1))  # after the first entry
+    assert [n for n, _, _ in resumed] == [os.fsencode(max(A.id, B.id))] and resumed[0][2] == 2
 
 
 async def test_statfs_counts_the_images(ops):
-    s = await ops.statfs(CTX)
-    assert s.f_files == 4 and s.f_blocks == -(-6000 // 4096) and s.f_bavail == 0
+    assert ops.statfs() == (-(-6000 // 4096), 4)

@@ -1,7 +1,7 @@
 """The map of docs/design.md holds: the import-linter contracts in pyproject.toml (rooms import
-only rooms below them, type-checking imports included; pyfuse3 only in the FUSE layer and the
-daemon; nothing below the daemon reads the config; from the tracker the daemon takes only its
-client and protocol; shared code owns nothing of either program)."""
+only rooms below them, type-checking imports included; pyfuse3 nowhere, the FUSE layer speaks
+the kernel's protocol itself; nothing below the daemon reads the config; from the tracker the
+daemon takes only its client and protocol; shared code owns nothing of either program)."""
 
 from __future__ import annotations
 

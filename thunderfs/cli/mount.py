@@ -1,5 +1,11 @@
-"""``thunderfs mount`` and ``thunderfs umount``: settings in, the daemon started (in the
-background unless ``--foreground``), and stopped."""
+"""``thunderfs mount``, ``umount`` and ``restart``: settings in, the daemon started (in the
+background unless ``--foreground``), replaced, and stopped.
+
+Who runs what: under systemd (``NOTIFY_SOCKET`` set) ``mount --foreground`` serves the mount
+itself and keeps its descriptor in systemd's store.  Anywhere else it runs the keeper
+(``service/keeper.py``), which starts the serving process (this same command, under the keeper's
+``NOTIFY_SOCKET``) and starts it again whenever it dies.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +18,10 @@ import sys
 import time
 from pathlib import Path
 
+from thunderfs.fuse import mounting
 from thunderfs.service import control
 from thunderfs.service import systemd
+from thunderfs.service.keeper import RESTART_EXIT, Keeper, serving_command
 from thunderfs.config import MountConfig
 from thunderfs.errors import ConfigError
 from thunderfs.glance.auth import find_settings
@@ -37,6 +45,13 @@ def add_parsers(sub) -> None:
     u.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the daemon (default 60)")
     u.set_defaults(func=cmd_umount)
 
+    r = sub.add_parser("restart", help="replace the serving process with one started from the code installed now; "
+                                       "the mount and its open files stay")
+    r.add_argument("mountpoint")
+    r.add_argument("--timeout", type=float, default=120.0,
+                   help="seconds to wait for the new process to serve (default 120)")
+    r.set_defaults(func=cmd_restart)
+
 
 def load_config(args: argparse.Namespace) -> MountConfig:
     """The mount's settings: defaults, the config file (--config, else the default one if it
@@ -53,7 +68,7 @@ def _setup_logging(log_file: Path | None, debug: bool) -> None:
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug else logging.INFO)
-    for noisy in ("httpx", "httpcore", "pyfuse3"):
+    for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -66,12 +81,19 @@ def cmd_mount(args, argv: list[str]) -> int:
         raise ConfigError("--glance is needed (or Keystone credentials, whose catalog names Glance)")
     if not config.foreground:
         return _spawn_daemon(config, argv)
+    inherited = systemd.listen_fds()
+    _setup_logging(config.log_file, config.debug)
+    if inherited or os.environ.get("NOTIFY_SOCKET"):
+        return _serve(config, keystone, inherited)
+    return _keep(config, argv)
 
+
+def _serve(config: MountConfig, keystone, inherited: dict[str, int]) -> int:
+    """Serve the mount in this process: 0 once unmounted, ``RESTART_EXIT`` once handed over."""
     import trio  # only the daemon needs it
 
     from thunderfs import daemon
 
-    _setup_logging(config.log_file, config.debug)
     ready_fd = config.ready_fd
 
     def ready() -> None:
@@ -83,15 +105,52 @@ def cmd_mount(args, argv: list[str]) -> int:
             ready_fd = None
 
     try:
-        trio.run(daemon.run, config, keystone, ready)
+        how = trio.run(daemon.run, config, keystone, ready, inherited)
     except ConfigError as exc:
         log.error("%s", exc)
+        systemd.notify(f"STATUS=error: {exc}")
         if ready_fd is not None:
             os.write(ready_fd, f"ERROR {exc}\n".encode())
-        else:
+        elif not os.environ.get("NOTIFY_SOCKET"):
             print(f"thunderfs: {exc}", file=sys.stderr)
         return 1
+    if how == daemon.HANDED_OVER:
+        return RESTART_EXIT
+    systemd.notify("STOPPING=1")
     return 0
+
+
+def _keep(config: MountConfig, argv: list[str]) -> int:
+    """Run the keeper: it starts the serving process and starts it again whenever it dies."""
+    ready_fd = config.ready_fd
+
+    def on_ready(answer: str) -> None:
+        nonlocal ready_fd
+        if ready_fd is not None:
+            os.write(ready_fd, answer.encode() + b"\n")
+            os.close(ready_fd)
+            ready_fd = None
+        elif answer.startswith("ERROR "):
+            print(f"thunderfs: {answer[6:]}", file=sys.stderr)
+
+    def on_stop() -> None:
+        mounting.unmount(control.canonical(config.mountpoint), lazy=True)
+
+    keeper = Keeper(serving_command(_without_ready_fd(argv)), on_ready=on_ready, on_stop=on_stop)
+    return keeper.run()
+
+
+def _without_ready_fd(argv: list[str]) -> list[str]:
+    """The serving process reports to the keeper, not to whoever waits on the keeper."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--ready-fd":
+            skip = True
+        elif not arg.startswith("--ready-fd="):
+            out.append(arg)
+    return out
 
 
 def _spawn_daemon(config: MountConfig, argv: list[str]) -> int:
@@ -132,25 +191,70 @@ def _spawn_daemon(config: MountConfig, argv: list[str]) -> int:
 
 
 
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a process that exited but nobody reaped yet is done)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1][:1] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def _wait_gone(pids: list[int], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while any(_running(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def cmd_umount(args, _argv) -> int:
     mp = control.canonical(Path(args.mountpoint))
     try:
-        pid = control.read_record(mp)["pid"]
+        record = control.read_record(mp)
     except ConfigError:
-        pid = None
-    res = subprocess.run(["fusermount3", "-u", str(mp)], capture_output=True, text=True)
-    if res.returncode != 0:
-        print(f"thunderfs: cannot unmount {mp}: {res.stderr.strip() or res.stdout.strip()}", file=sys.stderr)
+        record = {}
+    fstype = mounting.mounted_type(mp)
+    if fstype is None:
+        control.remove_record(mp)
+        print(f"thunderfs: {mp} is not mounted", file=sys.stderr)
         return 1
-    if pid is not None:
-        deadline = time.monotonic() + args.timeout
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.05)
-        else:
-            print(f"thunderfs: unmounted {mp}, but daemon {pid} is still finishing", file=sys.stderr)
+    if fstype.startswith("fuse") and mounting.is_dead(mp):
+        # Its daemon is gone: nothing can serve it again, and a plain unmount of it may hang.
+        try:
+            mounting.unmount(mp, lazy=True)
+        except mounting.MountError as exc:
+            print(f"thunderfs: cannot detach the dead mount {mp}: {exc}", file=sys.stderr)
             return 1
+        control.remove_record(mp)
+        print(f"thunderfs: detached the dead mount {mp} (its daemon was gone)")
+        return 0
+    try:
+        mounting.unmount(mp)
+    except mounting.MountError as exc:
+        print(f"thunderfs: cannot unmount {mp}: {exc}", file=sys.stderr)
+        return 1
+    pids = [p for p in (record.get("pid"), record.get("keeper")) if p]
+    if not _wait_gone(pids, args.timeout):
+        print(f"thunderfs: unmounted {mp}, but its daemon ({', '.join(map(str, pids))}) is still finishing",
+              file=sys.stderr)
+        return 1
     return 0
+
+
+def cmd_restart(args, _argv) -> int:
+    mp = control.canonical(Path(args.mountpoint))
+    old = control.call(mp, "restart")["pid"]
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        try:
+            new = control.call(mp, "stats", timeout=5)["pid"]
+        except (ConfigError, OSError, ValueError):
+            new = old
+        if new != old:
+            print(f"thunderfs: {mp} is served by process {new} (was {old})")
+            return 0
+        time.sleep(0.1)
+    print(f"thunderfs: no new process serves {mp} after {args.timeout:g}s; see its log", file=sys.stderr)
+    return 1

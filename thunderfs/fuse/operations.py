@@ -2,7 +2,12 @@
 
 Layout: ``/images/<image-id>``, one read-only regular file per active Glance image.
 Everything below (the catalog, the readers) comes in through the constructor and raises its own
-exceptions; ``_fuse_error`` turns them into ``FUSEError`` and logs once.
+exceptions; ``_fuse_error`` turns them into ``FuseError`` and logs once.  The session
+(``session.py``) speaks the kernel's protocol; this class knows only inodes, names and bytes.
+
+File handles are numbers from a random base, so that a handle a previous process on the same
+connection opened is never mistaken for one of ours: a read on such a handle opens a reader for
+its inode then and there.
 """
 
 from __future__ import annotations
@@ -11,13 +16,16 @@ import errno
 import itertools
 import logging
 import os
+import secrets
 import stat
 import time
-
-import pyfuse3
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from thunderfs.glance.catalog import Catalog
 from thunderfs.errors import FetchFailed, ThunderfsError
+from thunderfs.fuse.kernel import Attr, Entry, FuseError
+from thunderfs.fuse.state import SessionState
 from thunderfs_common.glance import GlanceError, ImageGone
 from thunderfs_common.image import ImageMeta
 from thunderfs.fuse.inodes import IMAGES_DIR, ROOT, InodeTable
@@ -27,9 +35,19 @@ log = logging.getLogger(__name__)
 
 IMAGES = b"images"
 XATTR_PREFIX = b"user.thunderfs."
+ENOATTR = errno.ENODATA
 
 
-def _fuse_error(exc: ThunderfsError | GlanceError, what: str) -> pyfuse3.FUSEError:
+@dataclass(frozen=True)
+class SetTimes:
+    """A setattr request: new times (ns; -1: now; None: unchanged), and whether it asks to change
+    anything else (mode, owner, size)."""
+    other: bool = False
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
+
+
+def _fuse_error(exc: ThunderfsError | GlanceError, what: str) -> FuseError:
     """The errno boundary: one log line per failed request, one errno."""
     if isinstance(exc, FetchFailed):
         log.error("read failed: %s", exc)
@@ -37,146 +55,140 @@ def _fuse_error(exc: ThunderfsError | GlanceError, what: str) -> pyfuse3.FUSEErr
         log.error("%s: %s", what, exc)
     else:
         log.error("%s: %s: %s", what, type(exc).__name__, exc)
-    return pyfuse3.FUSEError(errno.EIO)
+    return FuseError(errno.EIO)
 
 
-class Operations(pyfuse3.Operations):
-    supports_dot_lookup = True
-    enable_writeback_cache = False
-    enable_acl = False
-
+class Operations:
     def __init__(self, catalog: Catalog, readers: Readers, *, entry_timeout: float = 5.0,
                  attr_timeout: float = 300.0, block_size: int = 2**20, image_owner: tuple[int, int] | None = None,
-                 image_mode: int = 0o440):
+                 image_mode: int = 0o440, state: SessionState | None = None):
         """``image_owner`` (uid, gid) and ``image_mode``: who may read the image files (the kernel
-        checks, with ``default_permissions``); default: this process's user and group, 0440."""
-        super().__init__()
+        checks, with ``default_permissions``); default: this process's user and group, 0440.
+        ``state``: what the previous process on this connection left (and where to leave ours)."""
         self._catalog = catalog
         self._readers = readers
-        self._inodes = InodeTable()
+        self._inodes = InodeTable(state)
+        self._inodes.listing(catalog.images, [])
         self._handles: dict[int, tuple[int, Reader]] = {}
-        self._fh = itertools.count(1)
+        self._fh = itertools.count(secrets.randbits(40) << 20)
         self._entry_timeout = entry_timeout
         self._attr_timeout = attr_timeout
         self._block_size = block_size
         self._mounted_ns = time.time_ns()
         self._uid, self._gid = image_owner or (os.getuid(), os.getgid())
         self._image_mode = image_mode
-        self._reads = self._read_bytes = 0
+        self._reads = self._read_bytes = self._reopened = 0
         # Times set with utime, by image id: kept in memory only (Nova's image cache manager
         # touches its base files to mark them in use; the images themselves never change).
         self._times: dict[str, tuple[int, int, int]] = {}  # id -> (atime, mtime, ctime) ns
+        # Wired by the session: make the kernel forget a name.
+        self.invalidate_entry: Callable[[int, bytes], None] = lambda parent, name: None
         catalog.add_listener(self._listing_changed)
 
     # --- attributes ------------------------------------------------------------------------
 
-    def _dir_attr(self, ino: int) -> pyfuse3.EntryAttributes:
-        a = pyfuse3.EntryAttributes()
-        a.st_ino = ino
-        a.st_mode = stat.S_IFDIR | 0o555
-        a.st_nlink = 2
-        a.st_uid, a.st_gid = self._uid, self._gid
-        a.st_size = 0
-        a.st_blksize = 4096
-        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self._mounted_ns
-        a.entry_timeout = self._entry_timeout
-        a.attr_timeout = 1.0
-        return a
+    def _dir_entry(self, ino: int) -> Entry:
+        attr = Attr(ino=ino, mode=stat.S_IFDIR | 0o555, nlink=2, uid=self._uid, gid=self._gid,
+                    atime_ns=self._mounted_ns, mtime_ns=self._mounted_ns, ctime_ns=self._mounted_ns)
+        return Entry(attr, self._entry_timeout, 1.0)
 
-    def _image_attr(self, ino: int, meta: ImageMeta) -> pyfuse3.EntryAttributes:
-        a = pyfuse3.EntryAttributes()
-        a.st_ino = ino
-        a.st_mode = stat.S_IFREG | self._image_mode
-        a.st_nlink = 1
-        a.st_uid, a.st_gid = self._uid, self._gid
-        a.st_size = meta.size
-        a.st_blksize = self._block_size
-        a.st_blocks = -(-meta.size // 512)
-        a.st_mtime_ns = a.st_atime_ns = meta.mtime_ns
-        a.st_ctime_ns = meta.ctime_ns or meta.mtime_ns
+    def _image_entry(self, ino: int, meta: ImageMeta) -> Entry:
+        atime = mtime = meta.mtime_ns
+        ctime = meta.ctime_ns or meta.mtime_ns
         if (times := self._times.get(meta.id)) is not None:
-            a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = times
-        a.entry_timeout = self._entry_timeout
-        a.attr_timeout = self._attr_timeout  # images are immutable
-        return a
+            atime, mtime, ctime = times
+        attr = Attr(ino=ino, mode=stat.S_IFREG | self._image_mode, size=meta.size, uid=self._uid, gid=self._gid,
+                    blksize=self._block_size, atime_ns=atime, mtime_ns=mtime, ctime_ns=ctime)
+        return Entry(attr, self._entry_timeout, self._attr_timeout)  # images are immutable
 
-    async def getattr(self, inode, ctx=None):
+    def getattr(self, inode: int) -> Entry:
         if inode in (ROOT, IMAGES_DIR):
-            return self._dir_attr(inode)
+            return self._dir_entry(inode)
         meta = self._inodes.image(inode)
         if meta is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        return self._image_attr(inode, meta)
+            raise FuseError(errno.ENOENT)
+        return self._image_entry(inode, meta)
 
-    async def lookup(self, parent_inode, name, ctx=None):
+    async def lookup(self, parent_inode: int, name: bytes) -> Entry:
         if parent_inode == ROOT:
             if name == IMAGES:
-                return self._dir_attr(IMAGES_DIR)
+                return self._dir_entry(IMAGES_DIR)
             if name in (b".", b".."):
-                return self._dir_attr(ROOT)
+                return self._dir_entry(ROOT)
         elif parent_inode == IMAGES_DIR:
             if name == b".":
-                return self._dir_attr(IMAGES_DIR)
+                return self._dir_entry(IMAGES_DIR)
             if name == b"..":
-                return self._dir_attr(ROOT)
+                return self._dir_entry(ROOT)
             meta = await self._catalog.lookup(os.fsdecode(name))
             if meta is not None:
                 ino = self._inodes.of_image(meta)
                 self._inodes.looked_up(ino)
-                return self._image_attr(ino, meta)
-        raise pyfuse3.FUSEError(errno.ENOENT)
+                return self._image_entry(ino, meta)
+        raise FuseError(errno.ENOENT)
 
-    async def forget(self, inode_list):
+    def forget(self, inode_list: list[tuple[int, int]]) -> None:
         for ino, n in inode_list:
-            self._inodes.forget(ino, n, self._catalog.images)
+            self._inodes.forget(ino, n)
 
     # --- directories -----------------------------------------------------------------------
 
-    async def opendir(self, inode, ctx=None):
+    async def opendir(self, inode: int) -> int:
         if inode not in (ROOT, IMAGES_DIR):
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
+            raise FuseError(errno.ENOTDIR)
         if inode == IMAGES_DIR:
             await self._catalog.wait_fresh()
         return inode
 
-    async def readdir(self, fh, start_id, token):
-        if fh == ROOT:
-            if start_id == 0:
-                pyfuse3.readdir_reply(token, IMAGES, self._dir_attr(IMAGES_DIR), 1)
+    def readdir(self, inode: int, offset: int) -> Iterator[tuple[bytes, Attr, int]]:
+        """(name, attributes, offset of the next entry) from ``offset`` on."""
+        if inode == ROOT:
+            if offset == 0:
+                yield IMAGES, self._dir_entry(IMAGES_DIR).attr, 1
             return
         images = sorted(self._catalog.images.values(), key=lambda m: m.id)
-        for i, meta in enumerate(images[start_id:], start_id):
-            ino = self._inodes.of_image(meta)
-            if not pyfuse3.readdir_reply(token, os.fsencode(meta.id), self._image_attr(ino, meta), i + 1):
-                return
-            self._inodes.looked_up(ino)
-
-    async def releasedir(self, fh):
-        pass
+        for i, meta in enumerate(images[offset:], offset):
+            yield os.fsencode(meta.id), self._image_entry(self._inodes.of_image(meta), meta).attr, i + 1
 
     # --- files -----------------------------------------------------------------------------
 
-    async def open(self, inode, flags, ctx=None):
+    def open(self, inode: int, flags: int) -> int:
         meta = self._inodes.image(inode)
         if meta is None:
-            raise pyfuse3.FUSEError(errno.EISDIR if inode in (ROOT, IMAGES_DIR) else errno.ENOENT)
+            raise FuseError(errno.EISDIR if inode in (ROOT, IMAGES_DIR) else errno.ENOENT)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
-            raise pyfuse3.FUSEError(errno.EROFS)
+            raise FuseError(errno.EROFS)
+        fh = next(self._fh)
+        self._handles[fh] = (inode, self._open_reader(meta))
+        self._inodes.opened(inode)
+        return fh
+
+    def _open_reader(self, meta: ImageMeta) -> Reader:
         try:
-            reader = self._readers.open(meta)
+            return self._readers.open(meta)
         except (ThunderfsError, GlanceError, OSError) as exc:
             if isinstance(exc, OSError):
                 log.error("opening the cache of image %s: %s", meta.id, exc)
-                raise pyfuse3.FUSEError(errno.EIO) from None
+                raise FuseError(errno.EIO) from None
             raise _fuse_error(exc, f"open {meta.id}") from None
-        fh = next(self._fh)
+
+    def _handle(self, inode: int, fh: int) -> Reader:
+        handle = self._handles.get(fh)
+        if handle is not None:
+            return handle[1]
+        # Opened by a previous process on this connection.
+        meta = self._inodes.image(inode)
+        if meta is None:
+            log.error("read of handle %d: inode %d is no image this process knows", fh, inode)
+            raise FuseError(errno.EIO)
+        reader = self._open_reader(meta)
         self._handles[fh] = (inode, reader)
         self._inodes.opened(inode)
-        # Images never change under an inode: let the kernel keep its page cache across opens.
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
+        self._reopened += 1
+        return reader
 
-    async def read(self, fh, off, size):
-        _, reader = self._handles[fh]
+    async def read(self, inode: int, fh: int, off: int, size: int) -> bytes:
+        reader = self._handle(inode, fh)
         self._reads += 1
         self._read_bytes += size
         try:
@@ -185,15 +197,16 @@ class Operations(pyfuse3.Operations):
             raise _fuse_error(exc, f"read {reader.meta.id} at {off}+{size}") from None
         except OSError as exc:
             log.error("read %s at %d+%d: cache I/O failed: %s", reader.meta.id, off, size, exc)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+            raise FuseError(errno.EIO) from None
 
-    async def release(self, fh):
-        inode, _ = self._handles.pop(fh)
-        self._inodes.closed(inode, self._catalog.images)
+    def release(self, fh: int) -> None:
+        handle = self._handles.pop(fh, None)
+        if handle is not None:
+            self._inodes.closed(handle[0])
 
     # --- extended attributes: what the image is, for verify and status ---------------------
 
-    def _xattrs(self, inode) -> dict[bytes, bytes]:
+    def _xattrs(self, inode: int) -> dict[bytes, bytes]:
         meta = self._inodes.image(inode)
         if meta is None:
             return {}
@@ -205,58 +218,44 @@ class Operations(pyfuse3.Operations):
             XATTR_PREFIX + b"content_key": meta.content_key.hex().encode(),
         }
 
-    async def getxattr(self, inode, name, ctx=None):
+    def getxattr(self, inode: int, name: bytes) -> bytes:
         value = self._xattrs(inode).get(name)
         if value is None:
-            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+            raise FuseError(ENOATTR)
         return value
 
-    async def listxattr(self, inode, ctx=None):
+    def listxattr(self, inode: int) -> list[bytes]:
         return list(self._xattrs(inode))
 
-    async def statfs(self, ctx=None):
-        s = pyfuse3.StatvfsData()
+    def statfs(self) -> tuple[int, int]:
+        """(4 KiB blocks, files): the images' total size, nothing free."""
         total = sum(m.size for m in self._catalog.images.values())
-        s.f_bsize = s.f_frsize = 4096
-        s.f_blocks = -(-total // 4096)
-        s.f_bfree = s.f_bavail = 0
-        s.f_files = len(self._catalog.images) + 2
-        s.f_ffree = s.f_favail = 0
-        s.f_namemax = 255
-        return s
+        return -(-total // 4096), len(self._catalog.images) + 2
 
     # --- the mount is read-only ------------------------------------------------------------
 
-    async def setattr(self, inode, attr, fields, fh, ctx):
+    def setattr(self, inode: int, changes: SetTimes) -> Entry:
         """Only an image's times may change (utime, touch): kept in memory, never written."""
         meta = self._inodes.image(inode)
-        if (meta is None or fields.update_size or fields.update_mode or fields.update_uid
-                or fields.update_gid or not (fields.update_atime or fields.update_mtime)):
-            raise pyfuse3.FUSEError(errno.EROFS)
+        if meta is None or changes.other or (changes.atime_ns is None and changes.mtime_ns is None):
+            raise FuseError(errno.EROFS)
         now = time.time_ns()
-        current = self._image_attr(inode, meta)
-        atime = attr.st_atime_ns if fields.update_atime else current.st_atime_ns
-        mtime = attr.st_mtime_ns if fields.update_mtime else current.st_mtime_ns
+        current = self._image_entry(inode, meta).attr
+        atime = current.atime_ns if changes.atime_ns is None else now if changes.atime_ns < 0 else changes.atime_ns
+        mtime = current.mtime_ns if changes.mtime_ns is None else now if changes.mtime_ns < 0 else changes.mtime_ns
         self._times[meta.id] = (atime, mtime, now)
-        return self._image_attr(inode, meta)
-
-    async def _read_only(self, *args, **kwargs):
-        raise pyfuse3.FUSEError(errno.EROFS)
-
-    create = mkdir = mknod = symlink = link = unlink = rmdir = rename = _read_only
-    write = setxattr = removexattr = _read_only
+        return self._image_entry(inode, meta)
 
     # --- listing changes -------------------------------------------------------------------
 
     def _listing_changed(self, added: list[ImageMeta], removed: list[ImageMeta]) -> None:
         """Make the kernel forget dentries of images that went away or changed content."""
+        self._inodes.listing(self._catalog.images, removed)
         for meta in removed:
             self._times.pop(meta.id, None)
-            try:
-                pyfuse3.invalidate_entry_async(IMAGES_DIR, os.fsencode(meta.id), ignore_enoent=True)
-            except Exception as exc:  # not mounted yet, or already gone
-                log.debug("invalidate %s: %s", meta.id, exc)
+            self.invalidate_entry(IMAGES_DIR, os.fsencode(meta.id))
 
     def statistics(self) -> dict:
         return {"open_handles": len(self._handles), "inodes": len(self._inodes),
-                "read_requests": self._reads, "read_request_bytes": self._read_bytes}
+                "read_requests": self._reads, "read_request_bytes": self._read_bytes,
+                "handles_reopened": self._reopened}

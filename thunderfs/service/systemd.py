@@ -1,7 +1,9 @@
-"""What the daemon tells systemd: readiness (Type=notify), and log priorities journald understands.
+"""What the daemon tells systemd (or the keeper, which speaks the same protocol): readiness
+(Type=notify), the descriptors to keep while the daemon restarts (the file descriptor store), and
+log priorities journald understands.
 
-Both are a few lines of protocol (sd_notify(3), sd-daemon(3)'s ``<N>`` prefixes), not worth a
-dependency on libsystemd; both do nothing when not run by systemd.
+All are a few lines of protocol (sd_notify(3), sd_listen_fds(3), sd-daemon(3)'s ``<N>``
+prefixes), not worth a dependency on libsystemd; all do nothing when not run by systemd.
 """
 
 from __future__ import annotations
@@ -13,8 +15,12 @@ import socket
 log = logging.getLogger(__name__)
 
 
-def notify(state: str) -> bool:
-    """Send ``state`` (e.g. "READY=1", "STOPPING=1") to systemd if it asked for it; True if sent."""
+LISTEN_FDS_START = 3
+
+
+def notify(state: str, fds: list[int] | None = None) -> bool:
+    """Send ``state`` (e.g. "READY=1", "STOPPING=1") to systemd if it asked for it, with ``fds``
+    attached; True if sent."""
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
         return False
@@ -23,11 +29,36 @@ def notify(state: str) -> bool:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
             s.connect(address)
-            s.sendall(state.encode())
+            if fds:
+                socket.send_fds(s, [state.encode()], fds)
+            else:
+                s.sendall(state.encode())
     except OSError as exc:
-        log.warning("could not notify systemd (%s): %s", state, exc)
+        log.warning("could not notify systemd (%s): %s", state.splitlines()[0], exc)
         return False
     return True
+
+
+def store_fds(named: dict[str, int]) -> bool:
+    """Put descriptors in the service manager's store (``FileDescriptorStoreMax=``): it keeps them
+    while this process restarts, and hands them to the next one (``listen_fds``)."""
+    return all([notify(f"FDSTORE=1\nFDNAME={name}", [fd]) for name, fd in named.items()])
+
+
+def listen_fds() -> dict[str, int]:
+    """The descriptors the service manager passed to this process, by name (sd_listen_fds(3));
+    taken once: the variables are removed so that no child takes them too."""
+    pid, count = os.environ.pop("LISTEN_PID", ""), os.environ.pop("LISTEN_FDS", "")
+    names = os.environ.pop("LISTEN_FDNAMES", "")
+    if not count or pid != str(os.getpid()):
+        return {}
+    fds = range(LISTEN_FDS_START, LISTEN_FDS_START + int(count))
+    labels = names.split(":") if names else []
+    out = {}
+    for i, fd in enumerate(fds):
+        os.set_inheritable(fd, False)
+        out[labels[i] if i < len(labels) else f"fd{i}"] = fd
+    return out
 
 
 def under_journal() -> bool:

@@ -1,0 +1,197 @@
+"""The FUSE session against a fake kernel: a SEQPACKET socket pair stands in for /dev/fuse (one
+request per read, one answer per write).  INIT, answers and errors, the resend a takeover asks
+for, and the session state left for the next process."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+
+import pytest
+import trio
+
+from fakes import meta_of
+from thunderfs.fuse import kernel as k
+from thunderfs.fuse.inodes import IMAGES_DIR, derive
+from thunderfs.fuse.kernel import Op
+from thunderfs.fuse.operations import Operations
+from thunderfs.fuse.session import Session
+from thunderfs.fuse.state import SLOT, SessionState
+from test_fs_ops import FakeCatalog, FakeReaders
+
+A = meta_of(b"a" * 100_000, "aaaaaaaa-0000-0000-0000-000000000001", "alpha")
+
+
+class FakeKernel:
+    def __init__(self):
+        self.ours, self.theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.theirs.setblocking(False)
+        self._unique = 0
+
+    async def send(self, op: Op, body: bytes = b"", nodeid: int = 0) -> int:
+        self._unique += 1
+        self.ours.send(k.IN_HEADER.pack(k.IN_HEADER.size + len(body), op, self._unique, nodeid, 0, 0, 1, 0, 0)
+                       + body)
+        return self._unique
+
+    async def answer(self) -> tuple[int, int, bytes]:
+        """(unique, errno, payload) of the next message the session wrote."""
+        with trio.fail_after(5):
+            await trio.lowlevel.wait_readable(self.ours)
+        msg = self.ours.recv(1 << 20)
+        length, error, unique = k.OUT_HEADER.unpack_from(msg)
+        assert length == len(msg)
+        return unique, -error, msg[k.OUT_HEADER.size:]
+
+    async def init(self, minor: int = 44, flags: int = k.ASYNC_READ | k.MAX_PAGES | k.INIT_EXT | (1 << 3),
+                   flags2: int = k.HAS_RESEND >> 32) -> bytes:
+        await self.send(Op.INIT, struct.pack("<IIIII44x", 7, minor, 131072, flags, flags2))
+        unique, err, out = await self.answer()
+        assert err == 0
+        return out
+
+
+@pytest.fixture
+def state():
+    s = SessionState.create()
+    yield s
+    os.close(s.fd)
+
+
+async def serve(nursery, kern: FakeKernel, state: SessionState, catalog=None) -> Session:
+    ops = Operations(catalog or FakeCatalog(A), FakeReaders(), state=state)
+    session = Session(kern.theirs.fileno(), ops, state)
+    await nursery.start(session.serve)
+    return session
+
+
+async def test_init_agrees_on_what_both_sides_know_and_is_saved_first(state):
+    kern = FakeKernel()
+    async with trio.open_nursery() as nursery:
+        session = await serve(nursery, kern, state)
+        assert not session.takeover
+        out = await kern.init()
+        major, minor, _ra, flags, max_bg, _cong, max_write, _gran, max_pages, _align, flags2 = k.INIT_OUT.unpack(out)
+        assert (major, minor) == (7, k.KERNEL_MINOR)  # the lower of the two
+        assert flags == k.ASYNC_READ | k.MAX_PAGES  # (1 << 3) was offered, not wanted
+        assert (max_pages, max_bg, flags2) == (256, 64, 0)
+        await session.wait_initialized()
+        assert SessionState.load(state.fd).init.minor == k.KERNEL_MINOR
+        nursery.cancel_scope.cancel()
+
+
+async def test_requests_are_answered_and_what_cannot_be_done_is_an_errno(state):
+    kern = FakeKernel()
+    async with trio.open_nursery() as nursery:
+        await serve(nursery, kern, state)
+        await kern.init()
+        u = await kern.send(Op.LOOKUP, b"images\0", nodeid=1)
+        unique, err, out = await kern.answer()
+        assert (unique, err) == (u, 0) and k.ENTRY_OUT.unpack_from(out)[0] == IMAGES_DIR
+        await kern.send(Op.LOOKUP, A.id.encode() + b"\0", nodeid=IMAGES_DIR)
+        _, err, out = await kern.answer()
+        ino = k.ENTRY_OUT.unpack_from(out)[0]
+        assert err == 0 and ino == derive(A)
+        await kern.send(Op.OPEN, k.OPEN_IN.pack(os.O_RDONLY, 0), nodeid=ino)
+        _, err, out = await kern.answer()
+        fh, flags, _ = k.OPEN_OUT.unpack(out)
+        assert flags & k.FOPEN_KEEP_CACHE and flags & k.FOPEN_NOFLUSH
+        await kern.send(Op.READ, k.READ_IN.pack(fh, 99_990, 4096, 0, 0, 0, 0), nodeid=ino)
+        _, err, out = await kern.answer()
+        assert (err, out) == (0, b"x" * 10)
+        await kern.send(Op.FORGET, k.FORGET_IN.pack(1), nodeid=ino)  # no answer to this one
+        for op, want in ((Op.MKDIR, errno.EROFS), (Op.WRITE, errno.EROFS), (Op.LSEEK, errno.ENOSYS), (99, errno.ENOSYS)):
+            u = await kern.send(op, b"\0" * 16, nodeid=ino)
+            assert (await kern.answer())[:2] == (u, want)
+        await kern.send(Op.GETXATTR, k.GETXATTR_IN.pack(0, 0) + b"user.thunderfs.image_id\0", nodeid=ino)
+        _, err, out = await kern.answer()
+        assert (err, k.GETXATTR_OUT.unpack(out)[0]) == (0, len(A.id))
+        await kern.send(Op.GETXATTR, k.GETXATTR_IN.pack(4, 0) + b"user.thunderfs.image_id\0", nodeid=ino)
+        assert (await kern.answer())[1] == errno.ERANGE
+        nursery.cancel_scope.cancel()
+
+
+async def test_readdir_fills_at_most_the_size_asked(state):
+    b = meta_of(b"b" * 10, "bbbbbbbb-0000-0000-0000-000000000002", "beta")
+    kern = FakeKernel()
+    async with trio.open_nursery() as nursery:
+        await serve(nursery, kern, state, FakeCatalog(A, b))
+        await kern.init()
+        one = len(k.dirent(1, 1, A.id.encode(), 0o100000))
+        await kern.send(Op.READDIR, k.READ_IN.pack(IMAGES_DIR, 0, one + 8, 0, 0, 0, 0), nodeid=IMAGES_DIR)
+        _, err, out = await kern.answer()
+        ino, nxt, namelen, kind = k.DIRENT.unpack_from(out)
+        assert (len(out), ino, nxt, kind) == (one, derive(A), 1, 8)
+        assert out[k.DIRENT.size:k.DIRENT.size + namelen] == A.id.encode()
+        await kern.send(Op.READDIR, k.READ_IN.pack(IMAGES_DIR, nxt, 4096, 0, 0, 0, 0), nodeid=IMAGES_DIR)
+        _, err, out = await kern.answer()
+        assert k.DIRENT.unpack_from(out)[0] == derive(b) and len(out) == one
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_takeover_asks_the_kernel_to_resend_and_serves_old_handles(state):
+    state.init = k.InitParams(minor=40, flags=k.HAS_RESEND, max_write=131072, max_pages=256)
+    state.save()
+    kern = FakeKernel()
+    async with trio.open_nursery() as nursery:
+        session = await serve(nursery, kern, SessionState.load(state.fd))
+        assert session.takeover
+        unique, code, payload = await kern.answer()  # first of all: the resend notification
+        assert (unique, code, payload) == (0, -k.Notify.RESEND, b"")
+        # A read the previous process had taken, sent again with the resend bit, on its handle.
+        u = await kern.send(Op.READ, k.READ_IN.pack(777, 0, 5, 0, 0, 0, 0), nodeid=derive(A))
+        assert await kern.answer() == (u, 0, b"x" * 5)
+        assert session.statistics()["resent"] is True
+        nursery.cancel_scope.cancel()
+
+
+async def test_stop_leaves_requests_in_progress_unanswered(state):
+    class Slow(FakeReaders):
+        def open(self, meta):
+            reader = super().open(meta)
+
+            async def read(off, size):
+                await trio.sleep_forever()
+            reader.read = read
+            return reader
+
+    kern = FakeKernel()
+    async with trio.open_nursery() as nursery:
+        ops = Operations(FakeCatalog(A), Slow(), state=state)
+        session = Session(kern.theirs.fileno(), ops, state)
+        await nursery.start(session.serve)
+        await kern.init()
+        await kern.send(Op.READ, k.READ_IN.pack(1, 0, 5, 0, 0, 0, 0), nodeid=derive(A))
+        await trio.testing.wait_all_tasks_blocked()
+        assert session.statistics()["in_flight"] == 1
+        session.stop()
+    with pytest.raises(BlockingIOError):
+        kern.ours.recv(1 << 16, socket.MSG_DONTWAIT)  # no answer: the next process gets it
+
+
+async def test_the_session_ends_when_the_kernel_goes(state):
+    kern = FakeKernel()
+    ops = Operations(FakeCatalog(A), FakeReaders(), state=state)
+    session = Session(kern.theirs.fileno(), ops, state)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.serve)
+        await kern.init()
+        kern.ours.close()
+    assert session.unmounted
+
+
+def test_the_state_survives_a_write_cut_short(state):
+    state.init = k.InitParams(minor=40, flags=0, max_write=131072, max_pages=256)
+    state.save()
+    state.held = {5: A.to_record()}
+    state.save()
+    # The newest slot torn (a SIGKILL in the middle of a write): the one before it is read.
+    newest = (2 % 2) * SLOT
+    os.pwrite(state.fd, b"\xff" * 64, newest + 20)
+    loaded = SessionState.load(state.fd)
+    assert loaded.init.max_pages == 256 and loaded.held == {}
+    # And a whole newest slot wins.
+    state.save()
+    assert SessionState.load(state.fd).held == {5: A.to_record()}

@@ -1,0 +1,112 @@
+"""Mounting and unmounting a FUSE connection, and telling a dead mount from a live one.
+
+As root the mount is made with mount(2) on a ``/dev/fuse`` descriptor this process opened (the
+descriptor is the connection: whoever holds it can serve the mount).  Otherwise ``fusermount3``
+mounts and hands the descriptor back over a socket, as libfuse does.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import socket
+import subprocess
+import threading
+from pathlib import Path
+
+MS_NOSUID = 2
+MS_NODEV = 4
+MNT_DETACH = 2
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+class MountError(Exception):
+    """The mount or unmount failed; the message says why."""
+
+
+def _options(allow_other: bool, fd: int | None = None) -> str:
+    opts = ["rootmode=40000", f"user_id={os.getuid()}", f"group_id={os.getgid()}", "default_permissions"]
+    if fd is not None:
+        opts.insert(0, f"fd={fd}")
+    if allow_other:
+        opts.append("allow_other")
+    return ",".join(opts)
+
+
+def mount(mountpoint: Path, *, fsname: str = "thunderfs", subtype: str = "thunderfs",
+          allow_other: bool = False) -> int:
+    """Mount a new FUSE connection at ``mountpoint``; returns its ``/dev/fuse`` descriptor."""
+    if os.geteuid() != 0:
+        return _fusermount(mountpoint, fsname, subtype, allow_other)
+    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    rc = _libc.mount(fsname.encode(), os.fsencode(mountpoint), f"fuse.{subtype}".encode(),
+                     MS_NOSUID | MS_NODEV, _options(allow_other, fd).encode())
+    if rc != 0:
+        err = ctypes.get_errno()
+        os.close(fd)
+        raise MountError(f"mount {mountpoint}: {os.strerror(err)}")
+    return fd
+
+
+def _fusermount(mountpoint: Path, fsname: str, subtype: str, allow_other: bool) -> int:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with ours, theirs:
+        env = {**os.environ, "_FUSE_COMMFD": str(theirs.fileno())}
+        res = subprocess.run(["fusermount3", "-o", f"fsname={fsname},subtype={subtype},{_options(allow_other)}",
+                              "--", str(mountpoint)], env=env, pass_fds=(theirs.fileno(),),
+                             capture_output=True, text=True)
+        theirs.close()
+        if res.returncode != 0:
+            raise MountError(f"mount {mountpoint}: {res.stderr.strip() or 'fusermount3 failed'}")
+        _msg, fds, _flags, _addr = socket.recv_fds(ours, 16, 1)
+    if not fds:
+        raise MountError(f"mount {mountpoint}: fusermount3 sent no descriptor")
+    os.set_inheritable(fds[0], False)
+    return fds[0]
+
+
+def unmount(mountpoint: Path, *, lazy: bool = False) -> None:
+    """Unmount; ``lazy`` detaches it now even if files are open (they fail from then on)."""
+    if os.geteuid() == 0:
+        if _libc.umount2(os.fsencode(mountpoint), MNT_DETACH if lazy else 0) != 0:
+            err = ctypes.get_errno()
+            raise MountError(f"unmount {mountpoint}: {os.strerror(err)}")
+        return
+    res = subprocess.run(["fusermount3", "-u", *(["-z"] if lazy else []), str(mountpoint)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        raise MountError(f"unmount {mountpoint}: {res.stderr.strip() or res.stdout.strip()}")
+
+
+def mounted_type(mountpoint: Path) -> str | None:
+    """The file system type mounted at ``mountpoint`` (the topmost), or None.  Read from
+    mountinfo: a stat of a hung mount would hang."""
+    target = str(mountpoint)
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == target:
+                found = fields[fields.index("-") + 1]
+    return found
+
+
+def is_dead(mountpoint: Path, timeout: float = 2.0) -> bool:
+    """Whether the mount at ``mountpoint`` has lost its connection (ENOTCONN): nobody will ever
+    serve it again.  A mount that does not answer within ``timeout`` counts as alive (busy)."""
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            os.stat(mountpoint)
+            result.append(False)
+        except OSError as exc:
+            result.append(exc.errno in (errno.ENOTCONN, errno.ECONNABORTED))
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(result and result[0])

@@ -1,0 +1,68 @@
+"""What one serving process hands to the next on the same FUSE connection, in a memfd.
+
+The memfd lives as long as the connection's descriptor (both sit in the keeper's or systemd's
+descriptor store), so a process killed with SIGKILL leaves it behind intact.  It holds what
+INIT settled and the images the kernel still holds inodes of although Glance no longer lists
+them (everything else the next process derives again).
+
+Written rarely (at INIT; when such an image appears or is forgotten), into two slots in turn,
+each with a sequence number and a CRC: a write cut short by SIGKILL leaves the other slot whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+
+from thunderfs.fuse.kernel import InitParams
+
+SLOT = 1 << 20
+_HEAD = struct.Struct("<QII")  # sequence, length, crc32
+
+
+class SessionState:
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.init: InitParams | None = None
+        self.held: dict[int, dict] = {}  # inode -> image record
+        self._seq = 0
+
+    @classmethod
+    def create(cls) -> "SessionState":
+        fd = os.memfd_create("thunderfs-session", os.MFD_CLOEXEC)
+        os.ftruncate(fd, 2 * SLOT)
+        return cls(fd)
+
+    @classmethod
+    def load(cls, fd: int) -> "SessionState":
+        """The newest whole slot; an empty or unreadable memfd gives an empty state."""
+        state = cls(fd)
+        best = None
+        for slot in (0, 1):
+            head = os.pread(fd, _HEAD.size, slot * SLOT)
+            if len(head) < _HEAD.size:
+                continue
+            seq, length, crc = _HEAD.unpack(head)
+            if not seq or length > SLOT - _HEAD.size:
+                continue
+            body = os.pread(fd, length, slot * SLOT + _HEAD.size)
+            if zlib.crc32(body) != crc:
+                continue
+            if best is None or seq > best[0]:
+                best = (seq, body)
+        if best is not None:
+            record = json.loads(best[1])
+            state._seq = best[0]
+            state.init = InitParams.from_record(record["init"]) if record.get("init") else None
+            state.held = {int(k): v for k, v in record.get("held", {}).items()}
+        return state
+
+    def save(self) -> None:
+        body = json.dumps({"init": self.init.to_record() if self.init else None,
+                           "held": {str(k): v for k, v in self.held.items()}}).encode()
+        if len(body) > SLOT - _HEAD.size:
+            raise ValueError("session state too large")
+        self._seq += 1
+        os.pwrite(self.fd, _HEAD.pack(self._seq, len(body), zlib.crc32(body)) + body, (self._seq % 2) * SLOT)
