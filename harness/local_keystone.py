@@ -72,6 +72,10 @@ class LocalKeystone:
         self._manage("bootstrap", "--bootstrap-password", ADMIN_PASSWORD, "--bootstrap-region-id", "RegionOne",
                      "--bootstrap-admin-url", self.url, "--bootstrap-public-url", self.url,
                      "--bootstrap-internal-url", self.url)
+        self.resume(timeout)
+
+    def resume(self, timeout: float = 60.0) -> None:
+        """Serve again after ``stop()``, with the same database and keys (an outage that ends)."""
         env = dict(os.environ, OS_KEYSTONE_CONFIG_FILES=str(self.dir / "keystone.conf"))
         logf = open(self.dir / "gunicorn.log", "ab")
         # Keystone parses the process's command line as its own options: the worker forgets

@@ -151,3 +151,38 @@ def test_the_tracker_reads_glance_through_keystone_for_manifests(cloud, mounts, 
                           f"127.0.0.1:{free_port()}", "--state-dir", str(tmp_path / "t2")],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "gave no token" in bad.stderr
+
+
+def test_keystone_down_at_start_serves_the_cache_and_authenticates_once_it_is_back(cloud, mounts):
+    """The endpoint Keystone's catalog named at the last start is kept with the cache: a start
+    while Keystone does not answer serves what is cached, and Glance is used again, with a fresh
+    token, once Keystone answers."""
+    ks, glance, clouds, image_id, data = cloud
+    other = image_bytes(2**20 + 7, seed=92)
+    other_id = glance.upload("behind-keystone-2", other)["id"]
+    m = mounts("", name="ksdown")
+    args = (str(m.path), "--cache-dir", str(m.cache_dir), "--os-cloud", "test")
+    res = thunderfs("mount", *args, env=_env(clouds))
+    assert res.returncode == 0, res.stderr + m.log_tail()
+    m.read_pids()
+    assert m.image(image_id).read_bytes() == data  # cached now
+    assert m.umount().returncode == 0
+    ks.stop()
+    try:
+        res = thunderfs("mount", *args, env=_env(clouds))
+        assert res.returncode == 0, res.stderr + m.log_tail()
+        m.read_pids()
+        assert "Traceback" not in res.stderr
+        assert m.image(image_id).read_bytes() == data  # from the cache alone
+        assert "no Glance endpoint" not in m.log_tail() and "authenticating once Keystone answers" in m.log_tail()
+    finally:
+        ks.resume()
+    # Keystone is back: a token, and the image never read before comes from Glance.
+    assert wait_for(lambda: _reads(m.image(other_id)) == other, 60, "a Glance read with a new token")
+
+
+def _reads(path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None

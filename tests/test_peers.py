@@ -206,3 +206,18 @@ def test_an_idle_peer_connection_is_closed_and_the_daemon_lives_on(cluster, imag
     idle.close()
     assert a.alive() and a.is_mounted()
     assert a.stats()["peer_server"]["requests"] >= 1
+
+
+def test_a_second_node_under_a_taken_id_is_refused_on_both_sides(make_cluster, images):
+    """Two hosts with one name (the default node id is the host name) must not merge into one
+    node at the tracker: the second is refused, and both the tracker and that node say why."""
+    image_id = images.add(300_000, seed=86)
+    _, tracker, node = make_cluster()
+    a = node("a", "z1/r1")
+    b = node("b", "z1/r1", "--node-id", "a")
+    wait_for(lambda: b.stats()["announcer"]["node_id_refused"], 30, "the tracker refusing the second 'a'")
+    assert "the tracker refuses this node" in b.log_tail() and "taken by another live node" in b.log_tail()
+    assert "refused an announce: node id a is taken" in tracker.log()
+    assert a.stats()["announcer"]["node_id_refused"] is False
+    # The refused node still serves its reads (from Glance).
+    assert b.image(image_id).read_bytes() == images.data[image_id]

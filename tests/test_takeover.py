@@ -7,69 +7,18 @@ must see no error and no wrong byte.
 
 from __future__ import annotations
 
-import mmap
 import os
-import random
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
 
 import pytest
 
-from conftest import wait_for
+from harness.direct_reader import BLOCK, DirectReader
 from harness.mounts import thunderfs
 from thunderfs.fuse import mounting
-
-BLOCK = 64 * 1024
-
-
-class DirectReader(threading.Thread):
-    """Reads random 64 KiB blocks of one image with O_DIRECT until stopped; counts reads, errors,
-    wrong bytes and the slowest read."""
-
-    def __init__(self, path, data: bytes, seed: int = 1):
-        super().__init__(daemon=True)
-        self.path, self.data = path, data
-        self.rng = random.Random(seed)
-        self.reads = self.errors = self.wrong = 0
-        self.slowest = 0.0
-        self.failures: list[str] = []
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        buf = mmap.mmap(-1, BLOCK)  # page-aligned, as O_DIRECT wants
-        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
-        try:
-            blocks = len(self.data) // BLOCK
-            while not self._halt.is_set():
-                off = self.rng.randrange(blocks) * BLOCK
-                t = time.monotonic()
-                try:
-                    n = os.preadv(fd, [buf], off)
-                except OSError as exc:
-                    self.errors += 1
-                    self.failures.append(f"read at {off}: {exc}")
-                    continue
-                finally:
-                    self.slowest = max(self.slowest, time.monotonic() - t)
-                if buf[:n] != self.data[off:off + n] or n != BLOCK:
-                    self.wrong += 1
-                    self.failures.append(f"wrong bytes at {off} ({n} bytes)")
-                self.reads += 1
-        finally:
-            os.close(fd)
-
-    def wait_reads(self, more: int, timeout: float = 60) -> None:
-        target = self.reads + more
-        wait_for(lambda: self.reads >= target or not self.is_alive(), timeout, f"{more} more reads")
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join(30)
-
 
 def test_sigkill_of_the_serving_process_is_recovered_with_no_failed_read(glance, mounts, images):
     image_id = images.add(24 * 2**20, seed=81)

@@ -18,6 +18,7 @@ import grp
 import logging
 import os
 import pwd
+import secrets
 import signal
 import time
 from collections.abc import Callable
@@ -34,7 +35,7 @@ from thunderfs.config import MountConfig
 from thunderfs.errors import CacheLayoutError, ConfigError
 from thunderfs_common.glance import GlanceError
 from thunderfs.fetch.fetcher import Fetcher
-from thunderfs.glance.auth import GlanceAuthError, KeystoneAuth
+from thunderfs.glance.auth import GlanceAuthError, KeystoneAuth, KeystoneDown
 from thunderfs.fetch.glance import GlanceSource
 from thunderfs.fuse import mounting
 from thunderfs.fuse.operations import Operations
@@ -173,10 +174,19 @@ async def run(config: MountConfig, keystone: KeystoneSettings | None = None,
         glance_url = config.glance
         if keystone is not None:
             # Credentials that Keystone refuses, or a catalog without Glance: a clean start-up error.
+            # Keystone not answering: the endpoint its catalog named at the last start, and the
+            # cache served meanwhile (tokens are asked for again on every Glance request).
             auth = KeystoneAuth(keystone)
             try:
                 await auth.token()
                 glance_url = glance_url or await auth.endpoint()
+                index.save_note("glance_endpoint", glance_url)
+            except KeystoneDown as exc:
+                glance_url = glance_url or index.load_note("glance_endpoint")
+                if glance_url is None:
+                    raise ConfigError(f"{exc}, and no Glance endpoint is known from an earlier start") from None
+                log.warning("%s; serving the cache with Glance %s (from the last start) and authenticating "
+                            "once Keystone answers", exc, glance_url)
             except GlanceAuthError as exc:
                 raise ConfigError(str(exc)) from None
             log.info("Glance %s with Keystone tokens (%s)", glance_url, keystone.source)
@@ -213,7 +223,12 @@ async def run(config: MountConfig, keystone: KeystoneSettings | None = None,
                 tracker_key = load_public_key(config.tracker_public_key) if config.tracker_public_key else None
             except (SecretError, KeyFileError) as exc:
                 raise ConfigError(str(exc)) from None
-            node = NodeInfo(config.node_id, config.peer_url, parse_location(config.location))
+            # Kept with the cache: the tracker tells this daemon from another under the same id.
+            instance = index.load_note("node_instance")
+            if instance is None:
+                instance = secrets.token_hex(8)
+                index.save_note("node_instance", instance)
+            node = NodeInfo(config.node_id, config.peer_url, parse_location(config.location), instance=instance)
             if secret is None:
                 log.warning("no --secret-file: this node serves its cached chunks to anyone who can reach it")
             tracker = await stack.enter_async_context(
@@ -328,6 +343,7 @@ async def run(config: MountConfig, keystone: KeystoneSettings | None = None,
             await nursery.start(_watch_signals, stop)
             await nursery.start(store.run)
             await nursery.start(fetcher.run)
+            await nursery.start(glance.run)
             if peers is not None:
                 await nursery.start(peers.run)
             await nursery.start(catalog.run)

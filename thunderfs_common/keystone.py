@@ -30,6 +30,10 @@ class KeystoneTokenError(Exception):
     """Keystone gave no token (unreachable, or the credentials were refused), or no endpoint."""
 
 
+class KeystoneUnreachable(KeystoneTokenError):
+    """Keystone did not answer (connection refused, timed out, or it failed with a 5xx)."""
+
+
 CLOUDS_YAML = (Path("clouds.yaml"), Path.home() / ".config" / "openstack" / "clouds.yaml",
                Path("/etc/openstack/clouds.yaml"))
 
@@ -127,6 +131,12 @@ class TokenSource:
             if renew:
                 plugin.invalidate()  # a new token now, not the old one until its last minutes
             access = plugin.get_access(self._session)
+        except (exceptions.ConnectionError, exceptions.DiscoveryFailure) as exc:
+            raise KeystoneUnreachable(f"Keystone ({self.settings.source}) is unreachable: {exc}") from None
+        except exceptions.HttpError as exc:
+            if exc.http_status >= 500:
+                raise KeystoneUnreachable(f"Keystone ({self.settings.source}) failed: {exc}") from None
+            raise KeystoneTokenError(f"Keystone ({self.settings.source}) gave no token: {exc}") from None
         except exceptions.ClientException as exc:
             raise KeystoneTokenError(f"Keystone ({self.settings.source}) gave no token: {exc}") from None
         expires = access.expires

@@ -28,7 +28,7 @@ from thunderfs_common.manifest_proof import ManifestProof
 from thunderfs_tracker import metrics, selection
 from thunderfs_tracker.config import TrackerConfig
 from thunderfs_tracker.manifests import ManifestStore, ManifestUnavailable
-from thunderfs_tracker.peer_store import PeerStore, StoreFull, StoreUnavailable
+from thunderfs_tracker.peer_store import NodeIdTaken, PeerStore, StoreFull, StoreUnavailable
 from thunderfs_tracker.profiles import ProfileStore
 from thunderfs_tracker.stores import open_stores
 from thunderfs_tracker.protocol import (
@@ -81,6 +81,9 @@ async def errors_middleware(request: web.Request, handler):
         raise _error(web.HTTPBadRequest, str(exc)) from None
     except (StoreFull, StoreUnavailable) as exc:
         raise _error(web.HTTPServiceUnavailable, str(exc)) from None
+    except NodeIdTaken as exc:
+        log.warning("refused an announce: %s", exc)
+        raise _error(web.HTTPConflict, str(exc)) from None
 
 
 @web.middleware

@@ -18,7 +18,9 @@ import hashlib
 import json
 import logging
 import re
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -36,9 +38,15 @@ class ManifestUnavailable(Exception):
     """No manifest can be built (no Glance configured, image unknown, or its bytes do not match)."""
 
 
+# A failed build is tried again on the first ask after this many seconds, doubling per failure.
+RETRY_FIRST = 10.0
+RETRY_MAX = 900.0
+
+
 class ManifestStore:
     def __init__(self, state_dir: Path, glance: GlanceClient | None, *, keep_in_memory: int = 64,
-                 shared: RedisConnection | None = None, proof: ManifestProof | None = None):
+                 shared: RedisConnection | None = None, proof: ManifestProof | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         """``glance``: the client to read images with (closed with the store), or None (no
         manifests: nodes then read from Glance only)."""
         self._dir = state_dir / "manifests"
@@ -47,7 +55,9 @@ class ManifestStore:
         self._memory: OrderedDict[tuple[str, int], Manifest] = OrderedDict()
         self._keep = keep_in_memory
         self._building: dict[tuple[str, int], asyncio.Task] = {}
-        self._failed: dict[tuple[str, int], str] = {}
+        # Builds that failed: why, when to try again, how many times in a row.
+        self._failed: dict[tuple[str, int], tuple[str, float, int]] = {}
+        self._clock = clock
         self._shared = shared  # the replicas' Redis (manifests built once for all), or None
         self._proof = proof or ManifestProof()  # signs what it builds, checks what it loads
         self.stats = {"built": 0, "failed": 0, "bytes_read": 0, "proof_failures": 0}
@@ -73,7 +83,10 @@ class ManifestStore:
                 return m
             path.unlink(missing_ok=True)
         if key in self._failed:
-            raise ManifestUnavailable(self._failed[key])
+            why, retry_at, _ = self._failed[key]
+            left = retry_at - self._clock()
+            if left > 0:
+                raise ManifestUnavailable(f"{why} (tried again in {left:.0f}s)")
         if self._glance is None:
             raise ManifestUnavailable("the tracker has no --glance to build manifests from")
         if key in self._building:
@@ -125,10 +138,13 @@ class ManifestStore:
             m = dataclasses.replace(m, proof=self._proof.make(m.signed_bytes()))
         except Exception as exc:  # recorded and told to every asker, not raised into the loop
             why = f"building the manifest of {image_id} failed: {exc}"
-            log.warning("%s", why)
-            self._failed[key] = why
+            failures = self._failed.get(key, ("", 0.0, 0))[2] + 1
+            wait = min(RETRY_MAX, RETRY_FIRST * 2 ** (failures - 1))
+            log.warning("%s; trying again on an ask after %.0fs", why, wait)
+            self._failed[key] = (why, self._clock() + wait, failures)
             self.stats["failed"] += 1
         else:
+            self._failed.pop(key, None)
             self._save(key, m)
             if self._shared is not None:
                 try:

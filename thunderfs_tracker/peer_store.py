@@ -14,6 +14,17 @@ from typing import Protocol
 
 from thunderfs_tracker.protocol import ChunkUpdate, NodeInfo
 
+class NodeIdTaken(Exception):
+    """Another live daemon announces under this node id (two hosts with one name)."""
+
+
+def check_same_node(old: NodeInfo | None, new: NodeInfo) -> None:
+    """Refuse ``new`` if a live record of its id comes from another daemon (another instance)."""
+    if old is not None and old.instance and new.instance and old.instance != new.instance:
+        raise NodeIdTaken(f"node id {new.node_id} is taken by another live node (peer URL {old.peer_url}); "
+                          f"give each node its own --node-id (this one announced {new.peer_url})")
+
+
 class StoreFull(Exception):
     """The store holds as much as it may; the client is told 503 and tries later."""
 
@@ -68,6 +79,7 @@ class MemoryPeerStore:
         return self._nodes.get(node_id)
 
     async def put_node(self, node: NodeInfo, now: float) -> None:
+        check_same_node(self._nodes.get(node.node_id), node)
         if node.node_id not in self._nodes and len(self._nodes) >= self._max_nodes:
             raise StoreFull(f"the tracker tracks {self._max_nodes} nodes already")
         self._nodes[node.node_id] = node

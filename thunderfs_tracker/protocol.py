@@ -28,6 +28,7 @@ MAX_LOCATION_DEPTH = 8
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _CONTENT = re.compile(r"^[0-9a-f]{32}$")
+_INSTANCE = re.compile(r"^(|[0-9a-f]{8,64})$")
 _URL = re.compile(r"^https?://[A-Za-z0-9.\-\[\]:]{1,200}(/[A-Za-z0-9._~/-]{0,50})?$")
 
 
@@ -126,10 +127,12 @@ class NodeInfo:
     location: tuple[str, ...] = ()
     load: int = 0
     rtt_ms: dict[str, float] = field(default_factory=dict, compare=False)
+    # Random, kept with the node's cache: tells two daemons that claim one node id apart.
+    instance: str = ""
 
     def to_json(self) -> dict:
         return {"peer_url": self.peer_url, "location": "/".join(self.location), "load": self.load,
-                "rtt_ms": self.rtt_ms}
+                "rtt_ms": self.rtt_ms, **({"instance": self.instance} if self.instance else {})}
 
     @classmethod
     def parse(cls, node_id: str, obj) -> "NodeInfo":
@@ -147,8 +150,11 @@ class NodeInfo:
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 600_000:
                 raise ProtocolError("each rtt must be a number of milliseconds from 0 to 600000")
             clean[k] = float(v)
+        instance = obj.get("instance", "")
+        if not isinstance(instance, str) or not _INSTANCE.match(instance):
+            raise ProtocolError("instance must be 8 to 64 hex digits")
         return cls(check_node_id(node_id), url, parse_location(obj.get("location")),
-                   _int(obj, "load", 0, 1_000_000) if "load" in obj else 0, clean)
+                   _int(obj, "load", 0, 1_000_000) if "load" in obj else 0, clean, instance)
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ import time
 import zlib
 
 from thunderfs_tracker.protocol import ChunkUpdate, NodeInfo
+from thunderfs_tracker.peer_store import check_same_node
 from thunderfs_tracker.redis_conn import RedisConnection
 
 def _pack(bits: int) -> bytes:
@@ -74,6 +75,8 @@ class RedisPeerStore:
 
     async def put_node(self, node: NodeInfo, now: float) -> None:
         nid = node.node_id
+        old = await self.call(self._r.get(f"tf:n:{nid}"))
+        check_same_node(_node_parse(nid, old) if old else None, node)
         p = self._r.pipeline(transaction=False)
         p.set(f"tf:n:{nid}", _node_json(node), px=self._ttl_ms)
         p.pexpire(f"tf:h:{nid}", self._ttl_ms)

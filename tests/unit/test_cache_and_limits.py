@@ -101,6 +101,28 @@ async def test_a_corrupt_chunk_is_dropped_not_served(tmp_path, index):
     store.close()
 
 
+async def test_bytes_that_rot_after_their_first_read_are_never_served(tmp_path, index):
+    """Checked on every read from the data file, not once per process: a chunk read fine a moment
+    ago and damaged since (bit rot, a stray write) is dropped, whether staged by this process or
+    indexed before it."""
+    store = store_of(tmp_path, index)
+    img = store.image(CONTENT, 4 * CS)
+    data = os.urandom(4 * CS)
+    store.stage(img, 0, data)
+    await store.commit()
+    assert store.read(img, 100, 3 * CS) == data[100:100 + 3 * CS]
+    assert store.read(img, CS + 5, 10) == data[CS + 5:CS + 15]  # a small read checks its whole chunk
+    with open(img.path, "r+b") as f:
+        f.seek(CS + CS // 2)
+        f.write(b"\xff\x00")
+    with pytest.raises(ChunkCorrupt) as exc:
+        store.read(img, CS + 5, 10)  # these 10 bytes are intact; their chunk is not
+    assert exc.value.chunk == 1 and img.state[1] == ABSENT
+    assert store.read(img, 0, 100) == data[:100]  # the others still serve
+    assert store.statistics()["corrupt_dropped"] == 1
+    store.close()
+
+
 async def test_eviction_spares_pinned_chunks_and_keeps_the_bound(tmp_path, index):
     store = store_of(tmp_path, index, capacity=4 * CS)
     img = store.image(CONTENT, 16 * CS)

@@ -104,6 +104,45 @@ async def test_glance_down_is_retried_until_the_deadline_then_unavailable(store,
     assert trio.current_time() - started == pytest.approx(5, abs=0.1)
 
 
+async def test_once_glance_is_known_down_reads_fail_at_once_until_a_probe_finds_it_back(store, autojump_clock):
+    """The first read of an outage waits its deadline; the next ones fail within a second, the
+    ones already retrying stop at their next attempt; a probe in the background notices Glance is
+    back, and reads go to it again at once."""
+    glance = FakeGlance(DATA)
+    glance.down = True
+    src = source_of(glance)
+    results = {}
+
+    async def read(name, chunk):
+        t = trio.current_time()
+        try:
+            await src.fetch(want(store, [chunk]), ListSink())
+            results[name] = ("ok", trio.current_time() - t)
+        except SourceFailed:
+            results[name] = ("failed", trio.current_time() - t)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(src.run)
+        nursery.start_soon(read, "first", 0)
+        await trio.sleep(3)
+        nursery.start_soon(read, "second", 1)  # already retrying when the first gives up
+        await trio.sleep(2.5)
+        assert results["first"] == ("failed", pytest.approx(5, abs=0.1))
+        assert results["second"] == ("failed", pytest.approx(2, abs=0.1))  # when the first gave up
+        assert src.breaker.is_open
+        await read("during", 2)
+        assert results["during"] == ("failed", 0)  # at once, no request
+        before = len(glance.ranges)
+        glance.down = False  # back: the probe notices within its interval
+        await trio.sleep(6)
+        assert not src.breaker.is_open
+        await read("after", 3)
+        assert results["after"][0] == "ok" and len(glance.ranges) == before + 1
+        stats = src.statistics()["origin_breaker"]
+        assert stats["opened"] == 1 and stats["failed_fast"] == 1 and stats["probes"] >= 1
+        nursery.cancel_scope.cancel()
+
+
 def record(i, hidden=False):
     return {"id": f"00000000-0000-0000-0000-{i:012d}", "name": f"img{i}", "size": 100 * i, "status": "active",
             "os_hash_algo": "sha512", "os_hash_value": f"{i:0128x}", "os_hidden": hidden}

@@ -74,6 +74,20 @@ def test_unsigned_and_wrongly_signed_requests_are_refused_and_health_stays_open(
     with_client(tmp_path, body)
 
 
+def test_a_second_live_node_under_a_taken_id_is_refused_with_a_clear_error(tmp_path):
+    async def body(call):
+        first = {**node_json("a"), "instance": "aaaaaaaa11111111"}
+        assert (await call("a", "POST", "/v1/nodes/a/announce", first))[0] == 200
+        other = {**node_json("a"), "peer_url": "http://10.0.0.9:7071", "instance": "bbbbbbbb22222222"}
+        status, r = await call("a", "POST", "/v1/nodes/a/announce", other)
+        assert status == 409
+        assert "node id a is taken by another live node" in r["error"] and "--node-id" in r["error"]
+        assert (await call("a", "POST", "/v1/nodes/a/announce", first))[0] == 200  # the first goes on
+        assert (await call("a", "POST", "/v1/nodes/a/announce", {**first, "instance": "xyz"}))[0] == 400
+
+    with_client(tmp_path, body)
+
+
 def test_malformed_bodies_get_a_400_that_says_why(tmp_path):
     async def body(call):
         status, r = await call("a", "POST", "/v1/nodes/a/announce", {"peer_url": "ftp://x"})
@@ -228,6 +242,48 @@ def test_a_manifest_is_built_from_glance_through_the_one_glance_client_and_bound
     assert all(m.digest(i) == hashlib.sha256(data[i * CHUNK:(i + 1) * CHUNK]).digest() for i in range(6))
     lied = asyncio.run(build({**good, "os_hash_value": "0" * 128}))
     assert "does not match Glance's os_hash_value" in lied
+
+
+def test_a_failed_manifest_build_is_tried_again_with_backoff(tmp_path):
+    """Glance down during a build: asks get the reason until the backoff passes, then the next
+    ask builds it again; the wait doubles with each failure."""
+    from fakes import FakeGlance, pattern
+    from thunderfs_common.glance import GlanceClient
+    from thunderfs_tracker.manifests import RETRY_FIRST, ManifestStore, ManifestUnavailable
+
+    data = pattern(3 * CHUNK)
+    image_id = "6b0c1f44-0000-4d1e-9a57-1e3f0c5a9b22"
+    record = {"id": image_id, "status": "active", "size": len(data), "os_hash_algo": "sha512",
+              "os_hash_value": hashlib.sha512(data).hexdigest()}
+    glance = FakeGlance(data, records=[record])
+    now = [0.0]
+
+    async def settle(store):
+        while (m := await store.get(image_id, CHUNK)) == "building":
+            await asyncio.sleep(0.01)
+        return m
+
+    async def scenario():
+        store = ManifestStore(tmp_path, GlanceClient("http://glance", transport=httpx.MockTransport(glance),
+                                                     request_timeout=1), clock=lambda: now[0])
+        try:
+            glance.down = True
+            with pytest.raises(ManifestUnavailable, match="tried again in 10s"):
+                await settle(store)
+            now[0] += RETRY_FIRST - 1
+            with pytest.raises(ManifestUnavailable, match="tried again in 1s"):
+                await store.get(image_id, CHUNK)
+            now[0] += 1  # the backoff has passed: the next ask builds again, and fails again
+            with pytest.raises(ManifestUnavailable, match="tried again in 20s"):
+                await settle(store)
+            glance.down = False
+            now[0] += 2 * RETRY_FIRST
+            m = await settle(store)
+            assert m.nchunks == 3 and store.stats["failed"] == 2 and store.stats["built"] == 1
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
 
 
 def test_every_message_both_sides_exchange_reads_back_as_written():

@@ -207,3 +207,14 @@ class ChunkIndex:
     def load_images(self) -> dict[str, dict]:
         with self._env.begin(db=self._images) as txn:
             return {k.decode(): json.loads(v) for k, v in txn.cursor()}
+
+    # --- what the last start learnt (the Glance endpoint from Keystone's catalog) -----------
+
+    def save_note(self, key: str, value: str) -> None:
+        with self._env.begin(write=True, db=self._meta) as txn:
+            txn.put(b"note:" + key.encode(), value.encode())
+
+    def load_note(self, key: str) -> str | None:
+        with self._env.begin(db=self._meta) as txn:
+            raw = txn.get(b"note:" + key.encode())
+        return raw.decode() if raw is not None else None

@@ -17,9 +17,11 @@ Invariants (read before adding an ``await`` to this module):
    delete; the hole is punched only once that delete is durable, and only if the chunk is still
    ``ABSENT`` then (not staged again meanwhile).  So the index never lists a chunk over zeros: a
    crash in between leaves unindexed bytes, punched out at the next start like rule 2's.
-5. An ``INDEXED`` chunk is checked against its xxh3 the first time it is read in a process's
-   life; a mismatch drops it (as in 4) and raises ``ChunkCorrupt`` so that the caller fetches it
-   again.  Chunks staged by this process were hashed from verified bytes and count as checked.
+5. Every chunk is checked against its xxh3 every time its bytes come from the data file, however
+   recently it was checked before: a byte on disk can rot after its first read (issue 18).  A read
+   takes whole chunks from the file (one ``pread`` per run), hashes each, and serves its slice; a
+   mismatch drops the chunk (as in 4) and raises ``ChunkCorrupt`` so that the caller fetches it
+   again.  Only bytes handed in from memory (``extra``: just fetched and verified) skip it.
 """
 
 from __future__ import annotations
@@ -63,7 +65,6 @@ class ImageData:
         if os.fstat(self.fd).st_size != size:
             os.ftruncate(self.fd, size)
         self.state = bytearray(self.nchunks)
-        self.verified = bytearray(self.nchunks)
         self.xxh = array("Q", bytes(8 * self.nchunks))
         self.pins: dict[int, tuple[int, int]] = {}
         self.touched: set[int] = set()
@@ -129,7 +130,7 @@ class ChunkStore:
         self._pin_ids = itertools.count()
         self._last_full_warning = 0.0
         self._stats = dict.fromkeys(
-            ("bytes_read_disk", "bytes_read_memory", "chunks_staged", "chunks_committed", "evictions",
+            ("bytes_read_disk", "bytes_checked", "bytes_read_memory", "chunks_staged", "chunks_committed", "evictions",
              "corrupt_dropped", "disk_full_events", "bytes_not_cached", "commit_failures"), 0)
 
     # --- images ----------------------------------------------------------------------------
@@ -230,45 +231,48 @@ class ChunkStore:
 
     def read(self, img: ImageData, offset: int, size: int, extra: dict[int, bytes] | None = None) -> bytes:
         """Bytes ``[offset, offset+size)``: every chunk must be cached or given in ``extra``, else
-        ``ChunkNotCached`` (a hole is never served)."""
+        ``ChunkNotCached`` (a hole is never served); a cached chunk whose bytes fail their checksum
+        is dropped and ``ChunkCorrupt`` raised (rule 5)."""
         first, last = img.chunk_range(offset, size)
         state = img.state
         for c in range(first, last + 1):
             if not state[c] and not (extra and c in extra):
                 raise ChunkNotCached(c)
-        self._verify(img, first, last, skip=extra)
-        if not extra:
-            data = os.pread(img.fd, size, offset)
-            self._stats["bytes_read_disk"] += len(data)
-        else:
-            parts, end, cs = [], offset + size, self.chunk_size
-            for c in range(first, last + 1):
+        cs, end = self.chunk_size, offset + size
+        parts = []
+        c = first
+        while c <= last:
+            if extra and c in extra:
                 start, stop = max(offset, c * cs), min(end, (c + 1) * cs)
-                if c in extra:
-                    parts.append(extra[c][start - c * cs:stop - c * cs])
-                    self._stats["bytes_read_memory"] += stop - start
-                else:
-                    parts.append(os.pread(img.fd, stop - start, start))
-                    self._stats["bytes_read_disk"] += stop - start
-            data = b"".join(parts)
+                parts.append(extra[c][start - c * cs:stop - c * cs])
+                self._stats["bytes_read_memory"] += stop - start
+                c += 1
+                continue
+            run_last = c
+            while run_last < last and not (extra and run_last + 1 in extra):
+                run_last += 1
+            base = c * cs
+            whole = memoryview(self._checked(img, c, run_last))
+            parts.append(whole[max(offset, base) - base:min(end, (run_last + 1) * cs) - base])
+            self._stats["bytes_read_disk"] += len(parts[-1])
+            c = run_last + 1
         img.touched.update(range(first, last + 1))
-        return data
+        return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
 
-    def _verify(self, img: ImageData, first: int, last: int, skip=None) -> None:
-        verified, state = img.verified, img.state
-        for c in range(first, last + 1):
-            if verified[c] or (skip and c in skip):
-                continue
-            if state[c] != INDEXED:
-                continue
-            data = os.pread(img.fd, img.chunk_len(c), c * self.chunk_size)
-            if xxhash.xxh3_64_intdigest(data) != img.xxh[c]:
+    def _checked(self, img: ImageData, first: int, last: int) -> bytes:
+        """Chunks ``first..last`` whole from the data file, each checked against its xxh3."""
+        cs = self.chunk_size
+        data = os.pread(img.fd, min(img.size, (last + 1) * cs) - first * cs, first * cs)
+        self._stats["bytes_checked"] += len(data)
+        view = memoryview(data)
+        for i, c in enumerate(range(first, last + 1)):
+            if xxhash.xxh3_64_intdigest(view[i * cs:(i + 1) * cs]) != img.xxh[c]:
                 log.warning("cached chunk %d of %s failed its checksum: dropped, fetching it again",
                             c, img.content.hex())
                 self._stats["corrupt_dropped"] += 1
                 self._release(img, c)
                 raise ChunkCorrupt(c)
-            verified[c] = 1
+        return data
 
     # --- writes ----------------------------------------------------------------------------
 
@@ -328,7 +332,6 @@ class ChunkStore:
             c = first + i
             img.xxh[c] = xxhash.xxh3_64_intdigest(view[i * cs:(i + 1) * cs])
             img.state[c] = PENDING
-            img.verified[c] = 1
             self._pending.append((img, c))
             self._changed(img, c, True)
         self._used += n
@@ -353,7 +356,6 @@ class ChunkStore:
         its bytes once that is durable (rule 4)."""
         was = img.state[c]
         img.state[c] = ABSENT
-        img.verified[c] = 0
         if was == INDEXED:
             self._deletes.append((img.content, c))
             self._punches.append((img, c))

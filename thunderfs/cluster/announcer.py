@@ -10,14 +10,17 @@ costs nothing but discovery: the node keeps reading from Glance and the peers it
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 
 import trio
 
 from thunderfs.cache.store import ChunkStore
 from thunderfs.reachability import Reachability
-from thunderfs_tracker.client import TrackerClient, TrackerError
+from thunderfs_tracker.client import TrackerClient, TrackerError, TrackerRefused
 from thunderfs_tracker.protocol import ChunkUpdate, NodeInfo, chunks_to_bits
+
+log = logging.getLogger(__name__)
 
 class Announcer:
     def __init__(self, tracker: TrackerClient, store: ChunkStore, node: NodeInfo, *,
@@ -32,6 +35,7 @@ class Announcer:
         self._epoch: str | None = None
         self._reach = Reachability(f"tracker {','.join(tracker.urls)}")
         self._sending = 0  # changes drained and not yet acknowledged by the tracker
+        self._refused = False  # the tracker refuses this node id (another node has it)
         self._stats = dict.fromkeys(("announces", "full_states", "deltas", "failures"), 0)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -49,6 +53,20 @@ class Announcer:
                         self._epoch = reply.epoch
                 await self._send_deltas()
                 self._reach.up()
+                if self._refused:
+                    log.warning("the tracker accepts this node's id again")
+                    self._refused = False
+            except TrackerRefused as exc:
+                self._stats["failures"] += 1
+                self._epoch = None
+                next_announce = trio.current_time() + 5.0
+                if exc.status == 409 and not self._refused:
+                    # Another live daemon announces this node id: say so once, loudly, and go on
+                    # trying (it may be this node's own record from a cache that was wiped).
+                    log.error("the tracker refuses this node: %s", exc)
+                self._refused = exc.status == 409
+                if not self._refused:
+                    self._reach.down(str(exc), "reading from Glance and the peers already known")
             except TrackerError as exc:
                 self._stats["failures"] += 1
                 self._epoch = None  # what we hold is resent in full once it answers again
@@ -85,6 +103,6 @@ class Announcer:
         unsent = self._store.changes_pending() + self._sending
         return {**self._stats, "unannounced_changes": unsent,
                 "in_sync": self._epoch is not None and not unsent,  # the tracker knows what this node holds
-                "tracker_ok": self._reach.ok, "tracker": self._tracker.url,
+                "tracker_ok": self._reach.ok, "tracker": self._tracker.url, "node_id_refused": self._refused,
                 "tracker_failovers": self._tracker.failovers,
                 "tracker_answers_refused": self._tracker.refused_answers}

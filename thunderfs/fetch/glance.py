@@ -5,17 +5,24 @@ the sink (cached, and so offered to peers) every ``PLACE_STEP`` bytes as they ar
 once a whole request (up to 16 MiB) is in, and a retry asks only for what is still missing.  A
 request holds one of Glance's slots (demand before readahead before prefetch) and waits for its
 bytes in the token bucket (``--origin-rate``).  It fails with ``SourceFailed`` (saying why: Glance
-unavailable past the deadline after retries, or the image gone, at once).
+unavailable past the deadline after retries, or the image gone, at once).  Once a request has
+given up on Glance after its deadline, the breaker (``breaker.py``) fails the next ones at once
+until a probe finds Glance back.
 """
 
 from __future__ import annotations
 
+import functools
+
+import trio
+
 from thunderfs.errors import SourceFailed
+from thunderfs.fetch.breaker import Breaker
 from thunderfs.fetch.retry import with_retries
 from thunderfs.fetch.slots import PrioritySlots
 from thunderfs.fetch.source import Sink, Want, deadline_for, runs
 from thunderfs.ratelimit import TokenBucket
-from thunderfs_common.glance import GlanceClient, GlanceError
+from thunderfs_common.glance import GlanceClient, GlanceError, GlanceUnavailable, is_temp_failure
 
 # Chunks fetched from Glance are cached (and so offered to peers) in pieces of this size as they
 # arrive, not only once a whole request (up to 16 MiB) is in.
@@ -33,12 +40,21 @@ class GlanceSource:
         self._timeout = fetch_timeout
         self._slots = PrioritySlots(concurrency)
         self._bucket = TokenBucket(rate)
+        self.breaker = Breaker("Glance")
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        await self.breaker.run(task_status=task_status)
 
     async def fetch(self, want: Want, sink: Sink) -> list[int]:
+        self.breaker.check()
         try:
-            return await self._fetch(want, sink)
+            missing = await self._fetch(want, sink)
         except GlanceError as exc:
+            if is_temp_failure(exc) and not self.breaker.is_open:
+                self.breaker.open(str(exc).rsplit(": ", 1)[-1], functools.partial(self._probe, want.meta.id))
             raise SourceFailed(str(exc)) from exc
+        self.breaker.close()
+        return missing
 
     async def _fetch(self, want: Want, sink: Sink) -> list[int]:
         cs, step = self._cs, max(1, PLACE_STEP // self._cs)
@@ -64,8 +80,20 @@ class GlanceSource:
                         await self._origin.read_range(meta.id, at, b, on_data)
 
                 await with_retries(attempt, timeout=deadline_for(self._timeout, b - a),
-                                   what=f"Glance read of {meta.id} chunks {rfirst}..{rfirst + rcount - 1}")
+                                   what=f"Glance read of {meta.id} chunks {rfirst}..{rfirst + rcount - 1}",
+                                   give_up=self._known_down, sleep=self.breaker.sleep_unless_open)
         return []
 
+    async def _probe(self, image_id: str) -> None:
+        """Raises while Glance does not answer; any answer (the image gone included) is an answer."""
+        try:
+            await self._origin.image(image_id)
+        except GlanceError as exc:
+            if is_temp_failure(exc):
+                raise
+
+    def _known_down(self) -> GlanceUnavailable | None:
+        return GlanceUnavailable("Glance is unreachable (another read gave up on it)") if self.breaker.is_open else None
+
     def statistics(self) -> dict:
-        return {"origin_slots": self._slots.statistics()}
+        return {"origin_slots": self._slots.statistics(), "origin_breaker": self.breaker.statistics()}

@@ -15,14 +15,18 @@ import trio
 
 from thunderfs.errors import ConfigError
 from thunderfs_common.glance import GlanceUnavailable
-from thunderfs_common.keystone import (KeystoneConfigError, KeystoneSettings, KeystoneTokenError, TokenSource,
-                                        find_settings as _find_settings, renew_in)
+from thunderfs_common.keystone import (KeystoneConfigError, KeystoneSettings, KeystoneTokenError,
+                                        KeystoneUnreachable, TokenSource, find_settings as _find_settings, renew_in)
 
 log = logging.getLogger(__name__)
 
 
 class GlanceAuthError(GlanceUnavailable):
     """Keystone did not give a token (unreachable, or the credentials were refused)."""
+
+
+class KeystoneDown(GlanceAuthError):
+    """Keystone did not answer: the credentials may well be good."""
 
 
 def find_settings(cloud: str | None) -> KeystoneSettings | None:
@@ -52,6 +56,8 @@ class KeystoneAuth(httpx.Auth):
             if self._token is None or trio.current_time() >= self._renew_at:
                 try:
                     self._token, lifetime = await trio.to_thread.run_sync(self._source.token, self._token is not None)
+                except KeystoneUnreachable as exc:
+                    raise KeystoneDown(str(exc)) from None
                 except KeystoneTokenError as exc:
                     raise GlanceAuthError(str(exc)) from None
                 self._renew_at = trio.current_time() + renew_in(lifetime)
@@ -64,6 +70,8 @@ class KeystoneAuth(httpx.Auth):
         await self.token()
         try:
             return await trio.to_thread.run_sync(self._source.image_endpoint)
+        except KeystoneUnreachable as exc:
+            raise KeystoneDown(str(exc)) from None
         except KeystoneTokenError as exc:
             raise GlanceAuthError(str(exc)) from None
 
