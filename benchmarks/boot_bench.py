@@ -11,9 +11,11 @@ one daemon per "node" with its own cache, all on loopback:
   (b) node B, empty cache, the profile recorded on A: B prefetches along it while booting
   (c) node B again, warm cache (the kernel's page cache of the image dropped first)
   (d) the image copied to local disk first (the copy timed apart), the overlay backed by it
+  (e) node B's warm cache with Glance stopped and node A unmounted (no peer either): a boot
+      during an outage; misses fail at once once Glance is known down (issue 18's breaker)
 
 Targets (issue 4): (b) within 1.1 x of (c); prefetched chunks the boot never read at most 20%
-of the profile.
+of the profile.  Issue 18: (e) within 1.1 x of (d).
 
 Usage: .venv/bin/python benchmarks/boot_bench.py [--work /var/tmp/thunderfs-bench] [--runs 1]
 """
@@ -162,8 +164,9 @@ def main() -> int:
                 waste.append((s["prefetched"], s["hits"], s["waste"], s["demand_waits"]))
                 drop_page_cache(b.image(image_id))
                 warm.append(boot(b.image(image_id), tmp, f"b{i}-warm"))
-                b.cleanup()
-                mounts.remove(b)
+                if i < args.runs - 1:
+                    b.cleanup()
+                    mounts.remove(b)
             rows.append(("(b) empty cache, profile from node a", sum(cold) / len(cold)))
             rows.append(("(c) warm cache", sum(warm) / len(warm)))
             local = tmp / "local.raw"
@@ -173,6 +176,14 @@ def main() -> int:
             drop_page_cache(local)
             rows.append((f"(d) local copy (the copy itself: {copy:.1f}s more)", boot(local, tmp, "local")))
             local.unlink()
+            # (e): the last warm node, alone (node a, which holds the whole boot, unmounted), Glance down.
+            a.cleanup()
+            mounts.remove(a)
+            glance.stop()
+            drop_page_cache(b.image(image_id))
+            rows.append(("(e) warm cache, Glance stopped, no peer", boot(b.image(image_id), tmp, "b-outage")))
+            fetch = b.stats()["fetch"]
+            breaker = fetch["origin_breaker"]
 
             c = rows[2][1]
             print(f"  {'boot to multi-user':48s} {'seconds':>8s} {'vs (c)':>7s}")
@@ -182,6 +193,8 @@ def main() -> int:
                 print(f"  runs of (b): {', '.join(f'{x:.1f}' for x in cold)}; of (c): {', '.join(f'{x:.1f}' for x in warm)}")
             pre, hits, wasted, waits = (sum(x[i] for x in waste) / len(waste) for i in range(4))
             print(f"  (b)/(c) = {rows[1][1] / c:.2f} (target <= 1.1)")
+            print(f"  (e)/(d) = {rows[4][1] / rows[3][1]:.2f} (target <= 1.1); during (e) Glance was found down "
+                  f"{breaker['opened']} time(s), {breaker['failed_fast']} fetches failed at once")
             print(f"  prefetched {pre:.0f} chunks, {hits:.0f} then read by the boot, {wasted:.0f} never read "
                   f"= {wasted / max(1, nprof):.0%} of the profile (target <= 20%); {waits:.0f} boot reads waited for a fetch")
         finally:

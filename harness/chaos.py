@@ -7,7 +7,10 @@ in front of Glance and the tracker (``harness.delay_proxy``; there is no netem) 
 that drop packets.  The lying peer is a real daemon whose cache files are altered on disk behind
 its back, after it has checked them: it serves wrong bytes with a straight face.
 
-Faults (``FAULTS``): a peer killed with SIGKILL and started again on its cache; a peer stopped with
+Faults (``FAULTS``): a peer killed with SIGKILL (keeper and serving process: the node's whole
+daemon) and started again on its cache; a node's serving process killed with SIGKILL (its keeper
+starts another, which takes the mount over) and replaced with ``thunderfs restart``: its own
+reader reads on through both and must see no error; a peer's serving process stopped with
 SIGSTOP (a slow peer) and continued; the tracker killed with SIGKILL and started again (its peer
 state is in memory: lost); Glance stopped for ``glance_outage`` seconds; 10 % packet loss on a
 node's link; 100 ms of latency each way to Glance and the tracker; the liar's chunks altered.
@@ -46,7 +49,8 @@ log = logging.getLogger(__name__)
 
 MiB = 2**20
 SECRET = b"chaos-run-secret-0123456789abcdef"
-FAULTS = ("latency", "loss", "peer_stop", "peer_kill", "liar", "tracker_kill", "glance_stop")
+FAULTS = ("latency", "loss", "peer_stop", "peer_kill", "server_kill", "server_restart", "liar", "tracker_kill",
+          "glance_stop")
 HANG_MARGIN = 5.0
 
 
@@ -302,11 +306,34 @@ class ChaosRun:
 
     def _fault_peer_stop(self, node: _Node) -> None:
         with node.gate:
-            node.mount.signal(signal.SIGSTOP)
+            node.mount.signal_server(signal.SIGSTOP)
             try:
                 time.sleep(8)
             finally:
-                node.mount.signal(signal.SIGCONT)
+                node.mount.signal_server(signal.SIGCONT)
+
+    def _fault_server_kill(self, node: _Node) -> None:
+        # No gate: the node's own reader reads on, and the mount must hold.
+        old = node.mount.signal_server(signal.SIGKILL)
+        self._wait_new_server(node, old)
+
+    def _fault_server_restart(self, node: _Node) -> None:
+        old = node.mount.pid
+        res = thunderfs("restart", str(node.mount.path), prefix=node.mount.prefix)
+        if res.returncode != 0:
+            with self._lock:
+                self.report.restart_failures += 1
+                self._event("restart_failed", node.name, res.stderr[-500:])
+            return
+        self._wait_new_server(node, old)
+
+    def _wait_new_server(self, node: _Node, old: int) -> None:
+        try:
+            node.mount.wait_new_server(old)
+        except TimeoutError as exc:
+            with self._lock:
+                self.report.restart_failures += 1
+                self._event("restart_failed", node.name, str(exc)[-500:])
 
     def _fault_peer_kill(self, node: _Node) -> None:
         with node.gate:

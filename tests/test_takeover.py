@@ -10,12 +10,14 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
 
 import pytest
 
+from conftest import wait_for
 from harness.direct_reader import BLOCK, DirectReader
 from harness.mounts import thunderfs
 from thunderfs.fuse import mounting
@@ -217,3 +219,41 @@ def test_sigterm_of_the_keeper_unmounts(glance, mounts, images):
     assert m.wait_exit(30)
     assert not m.is_mounted()
     assert not os.path.exists(f"/proc/{server}")
+
+
+def test_a_vm_keeps_running_through_a_kill_and_a_restart(glance, mounts, tmp_path):
+    """A qemu guest (TCG, cache=none as Nova's) booting from a qcow2 overlay on the mount: the
+    serving process is killed with SIGKILL while the guest runs, then replaced with ``thunderfs
+    restart``; the guest reaches its marker with its payload intact."""
+    from harness import tiny_vm
+
+    disk = tiny_vm.build(tmp_path / "disk")
+    image_id = glance.upload("tiny-takeover", disk.raw)["id"]
+    m = mounts(glance.url)
+    m.mount()
+    overlay = tmp_path / "overlay.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(m.image(image_id)), "-F", "raw", "-u",
+                    str(overlay), str(256 * 2**20)], check=True)
+    result = {}
+    guest = threading.Thread(target=lambda: result.update(md5=_boot(overlay)))
+    guest.start()
+    # The guest reads its root through the mount: kill the serving process once reads arrive.
+    wait_for(lambda: m.stats()["fs"]["read_requests"] > 0, 60, "the guest's first reads")
+    assert guest.is_alive()
+    new = m.wait_new_server(m.signal_server(signal.SIGKILL))
+    wait_for(lambda: m.stats()["fs"]["read_requests"] > 0 or not guest.is_alive(), 60, "reads after the kill")
+    assert guest.is_alive(), "the guest finished before the restart: the test needs a longer boot"
+    res = thunderfs("restart", str(m.path))
+    assert res.returncode == 0, res.stderr
+    m.read_pids()
+    assert m.pid != new
+    guest.join(180)
+    assert result.get("md5") == disk.payload_md5, result
+
+
+def _boot(overlay) -> str:
+    from harness import tiny_vm
+    try:
+        return tiny_vm.boot(overlay)
+    except tiny_vm.TinyVmError as exc:
+        return str(exc)

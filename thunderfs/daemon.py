@@ -274,7 +274,7 @@ async def run(config: MountConfig, keystone: KeystoneSettings | None = None,
                            **({"token_renewals": auth.renewals} if auth is not None else {})},
                 "cache": store.statistics(),
                 "fetch": {**fetcher.statistics(), **glance.statistics()},
-                "fs": {**ops.statistics(), **session.statistics()},
+                "fs": {**ops.statistics(), **session.statistics()} if session is not None else {},
                 "profiles": profiles.statistics(),
                 "images": len(catalog.images),
                 "per_image": image_status.images(),
@@ -282,6 +282,11 @@ async def run(config: MountConfig, keystone: KeystoneSettings | None = None,
                     "announcer": announcer.statistics()} if peers else {}),
                 **({"nova": nova.statistics()} if nova else {}),
             }
+
+        ops = session = None
+        if metrics is not None:  # before the mount: a port in use is a start-up error, not a crash loop
+            metrics.start(*config.metrics_address)
+            stack.callback(metrics.stop)
 
         # The connection: taken over, or mounted now and put in the service manager's store.
         if "fuse" in inherited:
@@ -307,9 +312,6 @@ async def run(config: MountConfig, keystone: KeystoneSettings | None = None,
                          image_mode=config.image_mode, state=state)
         session = Session(fuse_fd, ops, state)
         ending = {"how": UNMOUNTED}
-        if metrics is not None:
-            metrics.start(*config.metrics_address)
-            stack.callback(metrics.stop)
 
         def stop(why: str) -> None:
             if kept:

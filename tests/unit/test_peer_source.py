@@ -36,7 +36,8 @@ class FakeTracker:
         self.holders = list(holders)
         self.granted = granted  # None: everything asked
         self.claimed = list(claimed)
-        self.calls = {"manifest": 0, "lookup": 0, "claim": 0}
+        self.calls = {"manifest": 0, "lookup": 0, "claim": 0, "stats": 0}
+        self.hung = False  # answers nothing (a stopped tracker)
         self.reports = []
         self.down = False
         self.gate: trio.Event | None = None
@@ -46,8 +47,14 @@ class FakeTracker:
         self.calls[what] += 1
         if self.gate is not None:
             await self.gate.wait()
+        if self.hung:
+            await trio.sleep_forever()
         if self.down:
             raise TrackerUnavailable("tracker down")
+
+    async def stats(self):
+        await self._call("stats")
+        return {}
 
     async def manifest(self, image_id, chunk_size):
         await self._call("manifest")
@@ -198,7 +205,32 @@ async def test_with_the_tracker_down_everything_goes_to_glance(store):
     sink = Sink()
     assert await src.fetch(want(store, range(4)), sink) == []
     assert sink.passed == [0, 1, 2, 3]
-    assert src.statistics()["lookup_failures"] == 1 and src.statistics()["claim_failures"] == 1
+    # The failed lookup marked the tracker down: the claim was not even sent.
+    assert src.statistics()["lookup_failures"] == 1 and src.statistics()["claims_skipped"] == 1
+
+
+async def test_a_hung_tracker_costs_one_timeout_not_one_per_read(store, autojump_clock):
+    tracker = FakeTracker(manifest_of())
+    src = source_of(tracker, Peers(), lookup_window=2)
+    assert await src.directory.manifest(META) is not None
+    tracker.hung = True
+    async with trio.open_nursery() as nursery:
+        await nursery.start(src.run)
+        took = []
+        for first in (0, 2, 4):  # three lookup windows: each would ask the tracker
+            t = trio.current_time()
+            assert await src.fetch(want(store, [first]), Sink()) == []
+            took.append(trio.current_time() - t)
+        assert took[0] == pytest.approx(src.timeout, abs=0.01)  # the first waits its timeout
+        assert took[1:] == [0, 0]  # the next ones do not ask
+        assert src.statistics()["lookups_skipped"] == 2 and src.statistics()["claims_skipped"] == 3
+        tracker.hung = False  # back: the probe notices, and lookups go to it again
+        await trio.sleep(10)
+        assert not src.directory.tracker_breaker.is_open and tracker.calls["stats"] >= 1
+        before = tracker.calls["lookup"]
+        await src.fetch(want(store, [6]), Sink())
+        assert tracker.calls["lookup"] == before + 1
+        nursery.cancel_scope.cancel()
 
 
 async def test_one_manifest_request_and_one_lookup_at_a_time(store):

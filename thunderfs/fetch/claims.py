@@ -54,7 +54,7 @@ class ClaimTaker:
         self.poll = poll
         self._piece = max(1, min(max_request_chunks, self.PIECE // chunk_size))
         self._asking: dict[str, int] = {}  # pieces outstanding per peer
-        self._stats = dict.fromkeys(("claims", "claim_failures", "claim_retries", "claim_waits"), 0)
+        self._stats = dict.fromkeys(("claims", "claim_failures", "claim_retries", "claim_waits", "claims_skipped"), 0)
 
     async def claim(self, meta: ImageMeta, img: ImageData, chunks: list[int],
                     *, tries: int = 1) -> tuple[list[int], list[tuple[PeerRecord, list[int], bool]]]:
@@ -64,6 +64,9 @@ class ClaimTaker:
         times: a background fetch had better wait than fetch from Glance what a crowd of other
         nodes is fetching too."""
         if self._directory.manifest_nowait(meta) is None:
+            return chunks, []
+        if self._directory.tracker_breaker.is_open:
+            self._stats["claims_skipped"] += 1
             return chunks, []
         for attempt in range(1, tries + 1):
             try:
@@ -77,7 +80,9 @@ class ClaimTaker:
                     continue
                 self._stats["claim_failures"] += 1
                 log.debug("claim failed: %r", exc)
+                self._directory.tracker_down(exc)
                 return chunks, []
+        self._directory.tracker_breaker.close()
         self._stats["claims"] += 1
         # A peer that has failed or lied is not waited for.  One that was slow a moment ago is:
         # on a loaded host every peer is slow now and then, and skipping them sends the whole

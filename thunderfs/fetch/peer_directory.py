@@ -4,7 +4,9 @@ A manifest is asked once at a time per image (a second asker waits for the first
 a second while the tracker is still building it, and kept once it came and fits Glance's listing.
 Lookups are asked per window of ``lookup_window`` chunks, one at a time per window, and cached for
 ``lookup_ttl`` seconds, so the tracker hears from a node a few times per window, not once per read;
-with the tracker down, the peers known from the last lookup are used.
+with the tracker down, the peers known from the last lookup are used.  Once a lookup or a claim
+has timed out or failed, the tracker counts as down (``tracker_breaker``): lookups and claims are
+not sent until a probe finds it back, so a hung tracker costs one timeout, not one per read.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import trio
 
 from thunderfs.cache.store import ImageData
+from thunderfs.fetch.breaker import Breaker
 from thunderfs.fetch.flights import FlightAbandoned, SingleFlight
 from thunderfs_common.image import ImageMeta
 from thunderfs_common.manifest_proof import Ed25519PublicKey, signed_by
@@ -38,9 +41,10 @@ class PeerDirectory:
         self._manifests: dict[bytes, Manifest] = {}
         self._manifest_asked: dict[bytes, float] = {}
         self._lookups: dict[tuple[str, int], tuple[float, list[PeerRecord]]] = {}  # -> (when, peers)
+        self.tracker_breaker = Breaker("the tracker")
         self._asking = SingleFlight()  # manifest requests and lookups under way
         self._nursery: trio.Nursery | None = None
-        self._stats = dict.fromkeys(("lookups", "lookup_failures", "manifests_refused"), 0)
+        self._stats = dict.fromkeys(("lookups", "lookup_failures", "lookups_skipped", "manifests_refused"), 0)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -138,19 +142,30 @@ class PeerDirectory:
 
     async def _ask_lookup(self, key: tuple[str, int], wfirst: int, wlast: int) -> tuple[float, list[PeerRecord]]:
         now = trio.current_time()
-        self._stats["lookups"] += 1
         previous = self._lookups.get(key)
+        if self.tracker_breaker.is_open:
+            self._stats["lookups_skipped"] += 1
+            return (now, previous[1]) if previous else (now, [])  # the peers we already knew
+        self._stats["lookups"] += 1
         try:
             with trio.fail_after(self.timeout):
                 found = await self._tracker.lookup(key[0], wfirst, wlast)
         except (TrackerError, trio.TooSlowError) as exc:
             self._stats["lookup_failures"] += 1
-            log.debug("tracker lookup failed: %s", exc)
+            log.debug("tracker lookup failed: %r", exc)
+            self.tracker_down(exc)
             found = previous[1] if previous else []  # the peers we already knew
+        else:
+            self.tracker_breaker.close()
         self._lookups[key] = answer = (now, found)
         if len(self._lookups) > 4096:
             self._lookups = {k: v for k, v in self._lookups.items() if now - v[0] < self._ttl}
         return answer
 
+    def tracker_down(self, exc: BaseException) -> None:
+        """A lookup or claim failed: lookups and claims wait for a probe to find the tracker back."""
+        why = "no answer within the peer timeout" if isinstance(exc, trio.TooSlowError) else str(exc)
+        self.tracker_breaker.open(why, lambda: self._tracker.stats())
+
     def statistics(self) -> dict:
-        return {**self._stats, "manifests": len(self._manifests)}
+        return {**self._stats, "manifests": len(self._manifests), "tracker_breaker": self.tracker_breaker.statistics()}

@@ -61,7 +61,9 @@ class PeerSource:
     # --- what the daemon wires -------------------------------------------------------------
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        await self.directory.run(task_status=task_status)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.directory.tracker_breaker.run)
+            await self.directory.run(task_status=task_status)
 
     async def aclose(self) -> None:
         await self.client.aclose()

@@ -31,6 +31,7 @@ RESTART_EXIT = 75  # the serving process asks to be replaced (``thunderfs restar
 BACKOFF = (0.0, 0.2, 1.0, 2.0, 5.0, 10.0)
 STABLE = 10.0  # a process that lived this long before dying restarts at once
 STOP_GRACE = 10.0
+GIVE_UP = 60.0  # seconds of serving processes failing to start before the keeper unmounts
 
 
 class Keeper:
@@ -57,7 +58,7 @@ class Keeper:
         signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._signalled)
-        failures = 0
+        failures, failing_since = 0, None
         try:
             while True:
                 started = time.monotonic()
@@ -69,16 +70,29 @@ class Keeper:
                 if code == 0 or self._stopping:
                     log.info("the serving process %d exited (%s); the keeper ends", self.pid, code)
                     return 0 if code == 0 or self._stopping else 1
-                if not self._stored:
-                    # It died before handing over the mount: nothing to keep.
+                if not self._ready:
+                    # The first start failed: a start-up error, told to whoever waits; a mount it
+                    # made and stored is undone (nobody served it yet).
                     why = self._status.removeprefix("error: ") if self._status.startswith("error: ") \
-                        else f"the daemon exited ({_describe(code)}) before mounting"
-                    if not self._ready:
-                        self._on_ready(f"ERROR {why}")
+                        else f"the daemon exited ({_describe(code)}) before it served"
+                    if self._stored:
+                        self._on_stop_now()
+                    self._on_ready(f"ERROR {why}")
                     log.error("%s", why)
                     return 1
-                # One that served (said READY) restarts at once; one that keeps failing to start waits longer each time.
-                failures = 0 if self._served or code == RESTART_EXIT or lived > STABLE else failures + 1
+                # One that served (said READY) restarts at once; one that keeps failing to start
+                # waits longer each time, and past GIVE_UP seconds of failing the keeper gives up:
+                # reads then fail (the mount is detached) instead of waiting for ever.
+                if self._served or code == RESTART_EXIT or lived > STABLE:
+                    failures, failing_since = 0, None
+                else:
+                    failures += 1
+                    failing_since = failing_since or started
+                    if time.monotonic() - failing_since > GIVE_UP:
+                        log.error("the serving process keeps failing to start (%s; %s): unmounting",
+                                  _describe(code), self._status or "see above")
+                        self._on_stop_now()
+                        return 1
                 delay = BACKOFF[min(failures, len(BACKOFF) - 1)]
                 log.warning("the serving process %d %s after %.1fs; starting a new one%s", self.pid,
                             _describe(code), lived, f" in {delay:g}s" if delay else "")
