@@ -141,6 +141,32 @@ def test_a_reused_image_id_with_other_bytes_is_not_served_from_old_chunks(mounts
         b.stop()
 
 
+def test_bytes_flipped_under_a_running_daemon_are_caught_on_the_next_read(glance, mounts, images):
+    """Checked on every read, not once per process: chunks read (and so checked) a moment ago,
+    damaged on disk since, are never served again."""
+    import mmap
+
+    image_id = images.add(20 * CHUNK, seed=63)
+    data = images.data[image_id]
+    m = mounts(glance.url)
+    m.mount()
+    assert m.image(image_id).read_bytes() == data
+    with open(m.data_file(image_id), "r+b") as f:  # the daemon's page cache sees it at once
+        for off in (3 * CHUNK + 100, 17 * CHUNK + 5):
+            f.seek(off)
+            b = f.read(1)
+            f.seek(off)
+            f.write(bytes([b[0] ^ 0xFF]))
+    buf = mmap.mmap(-1, len(data))  # O_DIRECT: past the mount's own page cache, to the daemon
+    fd = os.open(m.image(image_id), os.O_RDONLY | os.O_DIRECT)
+    try:
+        assert os.preadv(fd, [buf], 0) == len(data)
+    finally:
+        os.close(fd)
+    assert bytes(buf) == data
+    assert m.stats()["cache"]["corrupt_dropped"] == 2
+
+
 def test_full_cache_disk_evicts_to_make_room_and_leaves_nothing_corrupt(glance, mounts, images, tmp_path):
     """The cache on a file system of its own (tmpfs, 8 MiB) with a cache size far beyond it: it
     fills to the brim, eviction makes room, the hot image stays cached; another file filling the

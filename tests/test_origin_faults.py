@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from conftest import wait_for
 from harness.fault_proxy import FaultProxy
 
 CHUNK = 64 * 1024
@@ -98,6 +99,8 @@ def test_a_hung_glance_gives_eio_within_the_timeout_then_recovers(own_glance, mo
         assert read_at(m.image(image_id), 0, CHUNK) == data[:CHUNK]
     finally:
         own_glance.resume()
+    # Glance counts as down until the probe finds it back (within its interval).
+    wait_for(lambda: not m.stats()["fetch"]["origin_breaker"]["open"], 15, "the probe to find Glance back")
     assert read_at(m.image(image_id), 8 * CHUNK, CHUNK) == data[8 * CHUNK:9 * CHUNK]
     log = m.log_tail()
     assert f"image {image_id} chunk 8" in log
@@ -127,3 +130,39 @@ def test_many_readers_of_a_dead_glance_all_get_eio_promptly(own_glance, mounts):
         th.join(30)
     assert errors == [errno.EIO] * 10
     assert time.monotonic() - t < 2 + 6
+
+
+def test_a_known_glance_outage_fails_later_reads_at_once_and_ends_when_glance_answers(own_glance, mounts):
+    """The first read of an outage waits its timeout; the reads after it fail within a second
+    (not the timeout each); the cache serves on; Glance back, reads go to it again."""
+    data = os.urandom(32 * CHUNK)
+    image_id = own_glance.upload("o", data)["id"]
+    m = mounts(own_glance.url, "--readahead", "0", "--fetch-timeout", "3", "--connect-timeout", "1")
+    m.mount()
+    assert read_at(m.image(image_id), 0, CHUNK) == data[:CHUNK]
+    own_glance.stop()
+    try:
+        t = time.monotonic()
+        with pytest.raises(OSError) as exc:
+            read_at(m.image(image_id), 8 * CHUNK, 4096)
+        assert exc.value.errno == errno.EIO and 2.5 < time.monotonic() - t < 3 + 3
+        for chunk in (12, 16, 20):  # Glance is known down now
+            t = time.monotonic()
+            with pytest.raises(OSError) as exc:
+                read_at(m.image(image_id), chunk * CHUNK, 4096)
+            assert exc.value.errno == errno.EIO and time.monotonic() - t < 1.0
+        assert read_at(m.image(image_id), 0, CHUNK) == data[:CHUNK]  # the cache serves on
+    finally:
+        own_glance.start()
+    assert wait_for(lambda: _read_or_none(m.image(image_id), 12 * CHUNK, CHUNK) == data[12 * CHUNK:13 * CHUNK],
+                    15, "reads from Glance again")
+    breaker = m.stats()["fetch"]["origin_breaker"]
+    assert breaker["opened"] == 1 and breaker["failed_fast"] >= 3 and not breaker["open"]
+    assert "Glance unreachable" in m.log_tail() and "Glance answers again" in m.log_tail()
+
+
+def _read_or_none(path, off, n):
+    try:
+        return read_at(path, off, n)
+    except OSError:
+        return None
