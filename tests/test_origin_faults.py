@@ -76,9 +76,10 @@ def test_a_glance_that_keeps_answering_wrong_gives_eio_and_caches_nothing(proxy,
     assert exc.value.errno == errno.EIO
     assert time.monotonic() - t < 2 + 5
     assert m.stats()["cache"]["chunks_staged"] == 0
-    # Glance heals: the same read now returns the right bytes, without a remount.
+    # Glance heals: the same read returns the right bytes again, without a remount, once the
+    # probe has found Glance answering (the read that gave up marked it down).
     proxy.mode = "pass"
-    assert read_at(m.image(image_id), 0, 8 * CHUNK) == data
+    assert wait_for(lambda: _read_or_none(m.image(image_id), 0, 8 * CHUNK) == data, 15, "Glance healed")
 
 
 def test_a_hung_glance_gives_eio_within_the_timeout_then_recovers(own_glance, mounts):

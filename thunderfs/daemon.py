@@ -149,6 +149,8 @@ async def run(config: MountConfig, keystone: KeystoneSettings | None = None,
     mount is served.  ``keystone``: the credentials to get Glance tokens with (None: a Glance
     without Keystone)."""
     inherited = dict(inherited or {})
+    keeper = os.environ.get("THUNDERFS_KEEPER_PID")  # set by the keeper; None under systemd
+    keeper_pid = int(keeper) if keeper and keeper.isdigit() else None
     # Once mounted, any stat under the mount point would wait on this very process.
     mountpoint = control.canonical(config.mountpoint)
     if "fuse" not in inherited:
@@ -268,6 +270,7 @@ async def run(config: MountConfig, keystone: KeystoneSettings | None = None,
         def stats(_req: dict) -> dict:
             return {
                 "pid": os.getpid(),
+                "keeper": keeper_pid,
                 "uptime": time.time() - started,
                 "mountpoint": str(mountpoint),
                 "glance": {"url": glance_url, "reachable": catalog.origin_ok, **origin.statistics(),
@@ -335,7 +338,7 @@ async def run(config: MountConfig, keystone: KeystoneSettings | None = None,
 
         record = {"pid": os.getpid(), "mountpoint": str(mountpoint), "cache_dir": str(config.cache_dir),
                   "glance": glance_url, "socket": str(control.socket_path(mountpoint)),
-                  "keeper": int(os.environ["THUNDERFS_KEEPER_PID"]) if "THUNDERFS_KEEPER_PID" in os.environ else None}
+                  "keeper": keeper_pid}
 
         async with trio.open_nursery() as nursery:
             async def serve_fuse() -> None:

@@ -67,7 +67,7 @@ class ImageData:
         self.state = bytearray(self.nchunks)
         self.xxh = array("Q", bytes(8 * self.nchunks))
         self.pins: dict[int, tuple[int, int]] = {}
-        self.touched: set[int] = set()
+        self.touched: dict[int, int] = {}  # chunk -> when it was last read (ms), until the next flush
         # Bytes served to readers, and fetched by source (status and metrics per image).
         self.counters = dict.fromkeys(("bytes_read", "bytes_from_peers", "bytes_from_origin"), 0)
 
@@ -256,7 +256,7 @@ class ChunkStore:
             parts.append(whole[max(offset, base) - base:min(end, (run_last + 1) * cs) - base])
             self._stats["bytes_read_disk"] += len(parts[-1])
             c = run_last + 1
-        img.touched.update(range(first, last + 1))
+        img.touched.update(dict.fromkeys(range(first, last + 1), _now_ms()))
         return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
 
     def _checked(self, img: ImageData, first: int, last: int) -> bytes:
@@ -308,6 +308,15 @@ class ChunkStore:
                 self._stats["bytes_not_cached"] += n
                 self._warn_full("cache is full of chunks in use; serving %d bytes uncached" % n)
                 return False
+        if self._used + self._punching + n > self._room:
+            # The disk is what is short: room made by evictions whose holes are not punched yet
+            # (they are, once the next commit has made the index deletes durable: rule 4) is not
+            # on it yet.  Evict ahead, so that the writes that follow find room, and serve these
+            # bytes uncached rather than write into a full disk.
+            self._evict(n + min(limit // 2, 16 * 2**20), limit)
+            self._stats["bytes_not_cached"] += n
+            self._wake.set()
+            return False
         offset = first * self.chunk_size
         try:
             written = os.pwrite(img.fd, data, offset)
@@ -422,7 +431,8 @@ class ChunkStore:
         touches = []
         if touch:
             for img in self._images.values():
-                touches.extend((img.content, c, now) for c in img.touched if img.state[c] == INDEXED)
+                # When each was read, not when the flush ran: the LRU order is the order of the reads.
+                touches.extend((img.content, c, t) for c, t in img.touched.items() if img.state[c] == INDEXED)
                 img.touched.clear()
         pending = [(img, c) for img, c in pending if img.state[c] == PENDING]
         if not (pending or deletes or touches):

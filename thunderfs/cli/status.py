@@ -38,8 +38,13 @@ def cmd_status(args, _argv) -> int:
 
 def _print_status(stats: dict) -> None:
     g, c, f = stats["glance"], stats["cache"], stats["fetch"]
-    print(f"{stats['mountpoint']}: {stats['images']} images, daemon pid {stats['pid']}")
-    print(f"  Glance {g['url']} ({'reachable' if g['reachable'] else 'UNREACHABLE'}): "
+    held = f"keeper pid {stats['keeper']}" if stats.get("keeper") else "its service manager"
+    how = "took the mount over" if stats["fs"].get("takeover") else "mounted it"
+    print(f"{stats['mountpoint']}: {stats['images']} images; serving process pid {stats['pid']} ({how}; "
+          f"the mount is held by {held})")
+    down = f.get("origin_breaker", {}).get("open")
+    print(f"  Glance {g['url']} ({'reachable' if g['reachable'] and not down else 'UNREACHABLE'}"
+          f"{': reads that need it fail at once' if down else ''}): "
           f"{format_size(g['bytes'])} in {g['range_requests']} range requests, {g['errors']} errors")
     print(f"  cache {format_size(c['used'])} of {format_size(c['capacity'])}; served "
           f"{format_size(c['bytes_read_disk'])} from disk, {format_size(c['bytes_read_memory'])} uncached; "
