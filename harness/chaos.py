@@ -4,8 +4,8 @@ Everything is real: a Glance (gunicorn), a tracker, one thunderfs daemon per nod
 network namespace of its own on a bridge with a shaped link.  Two fault injectors stand in for
 what this kernel or a real part cannot do on demand, and are named as such: a delaying TCP proxy
 in front of Glance and the tracker (``harness.delay_proxy``; there is no netem) and nftables rules
-that drop packets.  The lying peer is a real daemon whose cache files are altered on disk behind
-its back, after it has checked them: it serves wrong bytes with a straight face.
+that drop packets.  The lying peer is a real daemon whose cache is made wrong and consistent (data
+file and index altered alike, ``harness.liar``): it serves wrong bytes with a straight face.
 
 Faults (``FAULTS``): a peer killed with SIGKILL (keeper and serving process: the node's whole
 daemon) and started again on its cache; a node's serving process killed with SIGKILL (its keeper
@@ -39,11 +39,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from harness.delay_proxy import DelayProxy
+from harness.liar import alter
 from harness.local_glance import LocalGlance, free_port
 from harness.mounts import Mount, thunderfs
 from harness.netns import Lan
 from harness.tracker import LocalTracker
-from thunderfs.cache.holes import data_extents
 
 log = logging.getLogger(__name__)
 
@@ -365,19 +365,14 @@ class ChaosRun:
             self.outages[-1][1] = time.monotonic()
 
     def _fault_liar(self, node: _Node) -> None:
-        """Flip bytes in up to 8 cached chunks of every image in the liar's cache files."""
+        """Make the liar's cache wrong and consistent (``harness.liar``): up to 8 cached chunks of
+        every image altered, data and index alike, while it is unmounted; then mounted again."""
         liar = self.nodes[-1].mount
-        chunk = 64 * 1024
-        altered = 0
-        for image_id in self.images:
-            with open(liar.data_file(image_id), "r+b") as f:
-                chunks = sorted({c for a, b in data_extents(f.fileno()) for c in range(a // chunk, (b - 1) // chunk + 1)})
-                for c in self.rng.sample(chunks, min(8, len(chunks))):
-                    f.seek(c * chunk + 100)
-                    old = f.read(4)
-                    f.seek(c * chunk + 100)
-                    f.write(bytes(x ^ 0xFF for x in old))
-                    altered += 1
+        keys = [os.getxattr(liar.image(i), "user.thunderfs.content_key").decode() for i in self.images]
+        if liar.umount().returncode != 0:
+            liar.kill9()
+        altered = sum(len(alter(liar.cache_dir, key, self.rng)) for key in keys)
+        self._restart(self.nodes[-1])
         with self._lock:
             self.report.altered_chunks += altered
 

@@ -128,14 +128,16 @@ def test_systemd_nova_drop_ins_verify(tmp_path):
 
 
 def test_ready_is_notified_once_mounted_and_stopping_on_sigterm(glance, images, mounts, tmp_path):
-    """Type=notify as systemd does it: a datagram socket in NOTIFY_SOCKET."""
+    """Type=notify as systemd does it: a datagram socket in NOTIFY_SOCKET.  With no descriptor
+    store ($FDSTORE unset: FileDescriptorStoreMax=0) nobody could take the mount over, so SIGTERM
+    unmounts (with a store it hands over: tests/test_takeover.py)."""
     image_id = images.add(70_000, seed=62)
     m = mounts(glance.url)
     path = tmp_path / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(path))
     sock.settimeout(30)
-    env = {**os.environ, "NOTIFY_SOCKET": str(path)}
+    env = {k: v for k, v in os.environ.items() if k != "FDSTORE"} | {"NOTIFY_SOCKET": str(path)}
     proc = subprocess.Popen([sys.executable, "-m", "thunderfs", "mount", str(m.path), "--glance", glance.url,
                              "--cache-dir", str(m.cache_dir), "--foreground"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)

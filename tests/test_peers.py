@@ -8,6 +8,7 @@ after it had checked its chunks: it serves wrong bytes with a straight face.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import time
 import urllib.error
@@ -16,6 +17,7 @@ import urllib.request
 import pytest
 
 from conftest import SECRET, wait_for
+from harness.liar import alter
 
 CHUNK = 64 * 1024
 
@@ -72,9 +74,12 @@ def test_a_lying_peer_is_caught_reported_and_the_bytes_stay_right(cluster, image
     data = images.data[image_id]
     liar = node("liar", "z1/r1/l")
     warm(liar, tracker, image_id, data)
-    with open(liar.data_file(image_id), "r+b") as f:  # rot behind its back
-        f.seek(5 * CHUNK + 10)
-        f.write(b"\xde\xad\xbe\xef")
+    # Its cache made wrong and consistent (data and index agree): its own checks pass, it lies.
+    key = os.getxattr(liar.image(image_id), "user.thunderfs.content_key").decode()
+    assert liar.umount().returncode == 0
+    alter(liar.cache_dir, key, random.Random(5), chunks=[5])
+    liar.mount()
+    wait_for(lambda: liar.stats()["announcer"]["in_sync"], what="the tracker to know what the liar holds")
     victim = node("victim", "z1/r1/v")
     assert victim.image(image_id).read_bytes() == data
     s = victim.stats()

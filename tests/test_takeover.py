@@ -111,8 +111,8 @@ def _notifications(sock: socket.socket, until: str, timeout: float = 60) -> tupl
 
 
 def test_systemd_fd_store_keeps_the_mount_across_restarts(glance, images, tmp_path):
-    """This test is systemd: it gives the daemon a NOTIFY_SOCKET, keeps the descriptors it stores,
-    and starts it again with them, after a SIGTERM (``systemctl restart``) and after a SIGKILL
+    """This test is systemd: it gives the daemon a NOTIFY_SOCKET and a store ($FDSTORE), keeps the
+    descriptors it stores, and starts it again with them, after a SIGTERM (``systemctl restart``) and after a SIGKILL
     (``Restart=on-failure``)."""
     image_id = images.add(4 * 2**20, seed=83)
     data = images.data[image_id]
@@ -121,7 +121,7 @@ def test_systemd_fd_store_keeps_the_mount_across_restarts(glance, images, tmp_pa
     notify_path = str(tmp_path / "notify.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(notify_path)
-    env = {**os.environ, "NOTIFY_SOCKET": notify_path}
+    env = {**os.environ, "NOTIFY_SOCKET": notify_path, "FDSTORE": "4"}  # FileDescriptorStoreMax=4
     argv = [sys.executable, "-m", "thunderfs", "mount", str(mp), "--foreground", "--glance", glance.url,
             "--cache-dir", str(cache)]
     log = open(tmp_path / "daemon.log", "ab")

@@ -117,7 +117,8 @@ class Keeper:
 
     def _spawn(self, notify_address: str) -> int:
         fds = list(self._stored.values())
-        env = {**os.environ, "NOTIFY_SOCKET": notify_address, "THUNDERFS_KEEPER_PID": str(os.getpid())}
+        env = {**os.environ, "NOTIFY_SOCKET": notify_address, "FDSTORE": "4",
+               "THUNDERFS_KEEPER_PID": str(os.getpid())}
         if fds:
             env.update(LISTEN_FDS=str(len(fds)), LISTEN_FDNAMES=":".join(self._stored))
         pid = os.fork()

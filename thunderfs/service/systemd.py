@@ -41,7 +41,15 @@ def notify(state: str, fds: list[int] | None = None) -> bool:
 
 def store_fds(named: dict[str, int]) -> bool:
     """Put descriptors in the service manager's store (``FileDescriptorStoreMax=``): it keeps them
-    while this process restarts, and hands them to the next one (``listen_fds``)."""
+    while this process restarts, and hands them to the next one (``listen_fds``).  False if there
+    is no store: the manager says there is one with ``$FDSTORE`` (its size; systemd 254+ sets it,
+    the unit sets it for older ones, the keeper sets it)."""
+    try:
+        size = int(os.environ.get("FDSTORE", "0"))
+    except ValueError:
+        size = 0
+    if size < len(named):
+        return False
     return all([notify(f"FDSTORE=1\nFDNAME={name}", [fd]) for name, fd in named.items()])
 
 
