@@ -18,7 +18,8 @@ node's link; 100 ms of latency each way to Glance and the tracker; the liar's ch
 Every byte read through every mount is compared with the image's bytes, whose sha512 was checked
 against Glance's ``os_hash_value`` at upload.  A read is a *hang* if it takes longer than the
 daemon's fetch timeout plus 5 s (one FUSE request per read: reads are at most 1 MiB, O_DIRECT).
-An error is excused only if the read overlapped a Glance outage.  A node's reader pauses while its
+An error is excused only if the read overlapped a Glance outage (which, for a node, ends when its
+probe finds Glance back, at most one probe interval later).  A node's reader pauses while its
 own daemon is killed or stopped (a dead mount's ENOTCONN is not news); everybody else reads on.
 """
 
@@ -40,6 +41,7 @@ from pathlib import Path
 
 from harness.delay_proxy import DelayProxy
 from harness.liar import alter
+from thunderfs.fetch.breaker import Breaker
 from harness.local_glance import LocalGlance, free_port
 from harness.mounts import Mount, thunderfs
 from harness.netns import Lan
@@ -52,6 +54,7 @@ SECRET = b"chaos-run-secret-0123456789abcdef"
 FAULTS = ("latency", "loss", "peer_stop", "peer_kill", "server_kill", "server_restart", "liar", "tracker_kill",
           "glance_stop")
 HANG_MARGIN = 5.0
+PROBE_MAX = Breaker("").max_interval + 0.5
 
 
 @dataclass
@@ -265,7 +268,9 @@ class ChaosRun:
 
     def _record_error(self, node: _Node, t0: float, t1: float, exc: OSError) -> None:
         with self._lock:
-            during_outage = any(a <= t1 and t0 <= b for a, b in self.outages)
+            # An outage lasts, for a reader, until the node's probe has found Glance back
+            # (thunderfs.fetch.breaker: at most its longest probe interval after Glance returns).
+            during_outage = any(a <= t1 and t0 <= b + PROBE_MAX for a, b in self.outages)
             kind = errno.errorcode.get(exc.errno, str(exc.errno))
             if during_outage:
                 self.report.errors_glance_down += 1

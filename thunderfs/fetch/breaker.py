@@ -4,9 +4,9 @@ Closed, calls go through.  A call that gives up on temporary failures after its 
 (connections refused, timeouts, for ``--fetch-timeout`` seconds) opens the breaker: from then on
 calls fail at once (``check`` raises ``SourceFailed``), and calls in their retry loops stop at
 their next attempt.  One probe in the background asks the source again, every ``interval``
-seconds doubling up to ``max_interval``, until it answers; then the breaker closes and reads go
-to the source again at once.  So the first read of an outage waits the configured timeout, and
-the reads after it fail within a second instead of each waiting that long.
+seconds doubling up to ``max_interval`` (0.25 s to 2 s), until it answers; then the breaker
+closes and reads go to the source again at once.  So the first read of an outage waits the
+configured timeout, and the reads after it fail within a second instead of each waiting that long.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ Probe = Callable[[], Awaitable[object]]
 
 
 class Breaker:
-    def __init__(self, what: str, *, interval: float = 0.5, max_interval: float = 5.0):
+    def __init__(self, what: str, *, interval: float = 0.25, max_interval: float = 2.0):
         self.what = what
         self._interval = interval
-        self._max_interval = max_interval
+        self.max_interval = max_interval
         self._why = ""
         self._since: float | None = None
         self._probe: Probe | None = None
@@ -82,7 +82,7 @@ class Breaker:
                     await self._probe()
                 except Exception as exc:  # whatever the probe raises: still down
                     log.debug("%s probe: %s", self.what, exc)
-                    interval = min(self._max_interval, interval * 2)
+                    interval = min(self.max_interval, interval * 2)
                 else:
                     self.close()
 
