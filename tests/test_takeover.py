@@ -7,6 +7,7 @@ must see no error and no wrong byte.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import socket
@@ -82,7 +83,7 @@ def _spawn_with_fds(argv: list[str], fds: list[int], names: list[str], env: dict
         try:
             os.dup2(log.fileno(), 1)
             os.dup2(log.fileno(), 2)
-            high = [os.dup(fd) for fd in fds]
+            high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in fds]
             for i, fd in enumerate(high):
                 os.dup2(fd, 3 + i)
             child_env = dict(env)

@@ -14,6 +14,7 @@ then it unmounts (``on_stop``), waits for the serving process, and exits.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import select
@@ -124,7 +125,8 @@ class Keeper:
         pid = os.fork()
         if pid == 0:  # the child: descriptors to 3, 4, ..., then exec
             try:
-                high = [os.dup(fd) for fd in fds]
+                # Out of the way first: a copy must not land on 3, 4, ... before it is moved there.
+                high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in fds]
                 for i, fd in enumerate(high):
                     os.dup2(fd, LISTEN_FDS_START + i)
                     os.close(fd)
@@ -180,6 +182,8 @@ class Keeper:
 
     def _message(self, sock: socket.socket) -> None:
         msg, fds, _flags, _addr = socket.recv_fds(sock, 4096, 16)
+        for fd in fds:
+            os.set_inheritable(fd, False)  # a child gets them at 3, 4, ... only
         fields = dict(line.split("=", 1) for line in msg.decode(errors="replace").splitlines() if "=" in line)
         if fields.get("FDSTORE") == "1" and fds:
             name = fields.get("FDNAME", f"fd{len(self._stored)}")
