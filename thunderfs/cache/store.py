@@ -322,9 +322,10 @@ class ChunkStore:
         if self._used + self._punching + n > self._room:
             # The disk is what is short: room made by evictions whose holes are not punched yet
             # (they are, once the next commit has made the index deletes durable: rule 4) is not
-            # on it yet.  Evict ahead, so that the writes that follow find room, and serve these
-            # bytes uncached rather than write into a full disk.
-            self._evict(n + min(limit // 2, 16 * 2**20), limit)
+            # on it yet.  Serve these bytes uncached rather than write into a full disk, and make
+            # the room they need now (against the disk as it is now: the index and other files
+            # grow too), so that the writes after the next commit find it.
+            self._evict(n + self._punching, self._disk_room(recheck=True))
             self._stats["bytes_not_cached"] += n
             self._wake.set()
             return False
