@@ -287,6 +287,7 @@ async def run(config: MountConfig, keystone: KeystoneSettings | None = None,
             }
 
         ops = session = None
+        owner = _image_owner(config)  # before the mount, as every start-up error
         if metrics is not None:  # before the mount: a port in use is a start-up error, not a crash loop
             metrics.start(*config.metrics_address)
             stack.callback(metrics.stop)
@@ -311,7 +312,7 @@ async def run(config: MountConfig, keystone: KeystoneSettings | None = None,
                 stack.callback(_unmount_quietly, mountpoint)
 
         # The kernel checks the image files' owner and mode: only root and the image group read them.
-        ops = Operations(catalog, readers, block_size=config.chunk_size, image_owner=_image_owner(config),
+        ops = Operations(catalog, readers, block_size=config.chunk_size, image_owner=owner,
                          image_mode=config.image_mode, state=state)
         session = Session(fuse_fd, ops, state)
         ending = {"how": UNMOUNTED}
