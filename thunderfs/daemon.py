@@ -39,6 +39,7 @@ from thunderfs.glance.auth import GlanceAuthError, KeystoneAuth, KeystoneDown
 from thunderfs.fetch.glance import GlanceSource
 from thunderfs.fuse import mounting
 from thunderfs.fuse.operations import Operations
+from thunderfs.fuse.kernel import KERNEL_MINOR, MAX_WRITE, InitParams
 from thunderfs.fuse.session import Session
 from thunderfs.fuse.state import SessionState
 from thunderfs_common.glance import GlanceClient
@@ -296,6 +297,10 @@ async def run(config: MountConfig, keystone: KeystoneSettings | None = None,
         if "fuse" in inherited:
             fuse_fd = inherited["fuse"]
             state = SessionState.load(inherited["session"]) if "session" in inherited else SessionState.create()
+            if state.init is None:
+                # The kernel will not send INIT again: go by what this daemon always asks for.
+                log.warning("the mount's session state is missing; assuming this daemon's own FUSE settings")
+                state.init = InitParams(minor=KERNEL_MINOR, flags=0, max_write=MAX_WRITE, max_pages=256)
             kept = True
             log.info("taking over the mount at %s", mountpoint)
         else:

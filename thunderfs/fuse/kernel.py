@@ -16,6 +16,7 @@ KERNEL_MINOR = 40  # the newest protocol this module speaks
 
 ROOT_ID = 1
 MIN_READ_BUFFER = 8192
+MAX_WRITE = 128 * 1024  # what INIT asks for (a read-only mount gets no writes anyway)
 
 
 class Op(enum.IntEnum):
@@ -268,7 +269,7 @@ class InitParams:
 WANTED = ASYNC_READ | ASYNC_DIO | PARALLEL_DIROPS | MAX_PAGES
 
 
-def negotiate(body, *, max_pages: int, max_background: int, max_write: int = 128 * 1024
+def negotiate(body, *, max_pages: int, max_background: int, max_write: int = MAX_WRITE
               ) -> tuple[InitParams, bytes]:
     """The answer to the kernel's INIT: the flags both sides know, the sizes this daemon wants."""
     if len(body) >= INIT_IN.size:

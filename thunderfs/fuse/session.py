@@ -79,7 +79,7 @@ class Session:
 
     async def _receive(self, nursery: trio.Nursery) -> None:
         init = self._state.init
-        size = max(k.MIN_READ_BUFFER, (init.max_write if init else 128 * 1024) + 64 * 1024)
+        size = max(k.MIN_READ_BUFFER, (init.max_write if init else k.MAX_WRITE) + 64 * 1024)
         buf = bytearray(size)
         fd = self._fd
         while True:
