@@ -234,8 +234,7 @@ def reply(unique: int, error: int = 0, *payload) -> list:
 
 
 def notify(code: Notify, payload: bytes = b"") -> list:
-    return [OUT_HEADER.pack(OUT_HEADER.size + len(payload), int(code), 0), payload] if payload else \
-        [OUT_HEADER.pack(OUT_HEADER.size, int(code), 0)]
+    return [OUT_HEADER.pack(OUT_HEADER.size + len(payload), int(code), 0), payload]
 
 
 def inval_entry(parent: int, name: bytes) -> list:

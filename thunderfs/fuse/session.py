@@ -250,14 +250,11 @@ class Session:
             raise FuseError(E.ERANGE)
         return [value]
 
-    async def _destroy(self, h, body):
-        return []
-
     _handlers = {
         Op.LOOKUP: _lookup, Op.GETATTR: _getattr, Op.SETATTR: _setattr, Op.OPEN: _open, Op.READ: _read,
         Op.RELEASE: _release, Op.FLUSH: _empty, Op.OPENDIR: _opendir, Op.READDIR: _readdir,
         Op.RELEASEDIR: _empty, Op.STATFS: _statfs, Op.GETXATTR: _getxattr, Op.LISTXATTR: _listxattr,
-        Op.DESTROY: _destroy, Op.FSYNC: _empty, Op.FSYNCDIR: _empty,
+        Op.DESTROY: _empty, Op.FSYNC: _empty, Op.FSYNCDIR: _empty,
     }
 
     # --- notifications -----------------------------------------------------------------------

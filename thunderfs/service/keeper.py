@@ -48,7 +48,6 @@ class Keeper:
         self._status = ""
         self._stopping = False
         self.pid: int | None = None
-        self.restarts = 0
 
     def run(self) -> int:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
@@ -97,7 +96,6 @@ class Keeper:
                 delay = BACKOFF[min(failures, len(BACKOFF) - 1)]
                 log.warning("the serving process %d %s after %.1fs; starting a new one%s", self.pid,
                             _describe(code), lived, f" in {delay:g}s" if delay else "")
-                self.restarts += 1
                 if delay and self._sleep(delay, wake_r):
                     self._on_stop_now()
                     return 0
