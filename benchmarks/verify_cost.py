@@ -32,6 +32,23 @@ CHUNK = 64 * 1024
 SIZE = 64 * 2**20
 
 
+async def measure(store: ChunkStore, img, cases) -> list[tuple[str, float, float]]:
+    rows = []
+    for label, offsets, size in cases:
+        for offset in offsets[:100]:  # the page cache and the code warm
+            await store.read(img, offset, size)
+        t = time.perf_counter()
+        for offset in offsets:
+            os.pread(img.fd, size, offset)
+        plain = (time.perf_counter() - t) / len(offsets)
+        t = time.perf_counter()
+        for offset in offsets:
+            await store.read(img, offset, size)
+        every = (time.perf_counter() - t) / len(offsets)
+        rows.append((label, plain, every))
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reads", type=int, default=20000)
@@ -47,19 +64,7 @@ def main() -> int:
         cases = (("4 KiB random", [rng.randrange(SIZE // 4096) * 4096 for _ in range(args.reads)], 4096),
                  ("1 MiB sequential", [(i % 63) * 2**20 for i in range(args.reads // 10)], 2**20),
                  ("1 MiB unaligned", [(i % 62) * 2**20 + 4096 for i in range(args.reads // 10)], 2**20))
-        rows = []
-        for label, offsets, size in cases:
-            for offset in offsets[:100]:  # the page cache and the code warm
-                store.read(img, offset, size)
-            t = time.perf_counter()
-            for offset in offsets:
-                os.pread(img.fd, size, offset)
-            plain = (time.perf_counter() - t) / len(offsets)
-            t = time.perf_counter()
-            for offset in offsets:
-                store.read(img, offset, size)
-            every = (time.perf_counter() - t) / len(offsets)
-            rows.append((label, plain, every))
+        rows = trio.run(measure, store, img, cases)
         store.close()
         index.close()
     print(f"  {'read':18s} {'pread only':>12s} {'ChunkStore.read':>16s} {'added':>10s}")

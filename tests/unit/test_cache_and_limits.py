@@ -70,14 +70,14 @@ async def test_staged_chunks_become_durable_and_survive_a_restart(tmp_path, inde
     data = os.urandom(2 * CS)
     assert store.stage(img, 1, data)
     assert img.state[1] == img.state[2] == PENDING
-    assert store.read(img, CS, 2 * CS) == data
+    assert await store.read(img, CS, 2 * CS) == data
     await store.commit()
     assert img.state[1] == INDEXED
     store.close()
     again = store_of(tmp_path, index)
     img2 = again.image(CONTENT, 3 * CS + 100)
     assert img2.state[1] == INDEXED and img2.state[0] == ABSENT
-    assert again.read(img2, CS + 10, 100) == data[10:110]
+    assert await again.read(img2, CS + 10, 100) == data[10:110]
     again.close()
 
 
@@ -93,7 +93,7 @@ async def test_a_corrupt_chunk_is_dropped_not_served(tmp_path, index):
     store = store_of(tmp_path, index)
     img = store.image(CONTENT, 4 * CS)
     with pytest.raises(ChunkCorrupt) as exc:
-        store.read(img, 0, 4 * CS)
+        await store.read(img, 0, 4 * CS)
     assert exc.value.chunk == 2
     assert img.state[2] == ABSENT
     await store.commit()
@@ -110,16 +110,83 @@ async def test_bytes_that_rot_after_their_first_read_are_never_served(tmp_path, 
     data = os.urandom(4 * CS)
     store.stage(img, 0, data)
     await store.commit()
-    assert store.read(img, 100, 3 * CS) == data[100:100 + 3 * CS]
-    assert store.read(img, CS + 5, 10) == data[CS + 5:CS + 15]  # a small read checks its whole chunk
+    assert await store.read(img, 100, 3 * CS) == data[100:100 + 3 * CS]
+    assert await store.read(img, CS + 5, 10) == data[CS + 5:CS + 15]  # a small read checks its whole chunk
     with open(img.path, "r+b") as f:
         f.seek(CS + CS // 2)
         f.write(b"\xff\x00")
     with pytest.raises(ChunkCorrupt) as exc:
-        store.read(img, CS + 5, 10)  # these 10 bytes are intact; their chunk is not
+        await store.read(img, CS + 5, 10)  # these 10 bytes are intact; their chunk is not
     assert exc.value.chunk == 1 and img.state[1] == ABSENT
-    assert store.read(img, 0, 100) == data[:100]  # the others still serve
+    assert await store.read(img, 0, 100) == data[:100]  # the others still serve
     assert store.statistics()["corrupt_dropped"] == 1
+    store.close()
+
+
+def _evict_pages(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+async def test_reads_the_page_cache_lacks_go_to_threads_checked_the_same(tmp_path, index):
+    """Bytes in the page cache are read in the event loop; bytes that must come from the disk are
+    read and hashed in a worker thread, many at once, and rot found there is dropped the same."""
+    store = store_of(tmp_path, index)
+    img = store.image(CONTENT, 4 * CS)
+    data = os.urandom(4 * CS)
+    store.stage(img, 0, data)
+    await store.commit()
+    assert await store.read(img, 0, 4 * CS) == data
+    assert store.statistics()["reads_inline"] == 1 and store.statistics()["reads_threaded"] == 0
+    _evict_pages(img.path)
+    got = {}
+
+    async def read(i: int) -> None:
+        got[i] = await store.read(img, i * CS + 1, CS - 2)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(4):
+            nursery.start_soon(read, i)
+    assert all(got[i] == data[i * CS + 1:(i + 1) * CS - 1] for i in range(4))
+    assert store.statistics()["reads_threaded"] >= 1
+    with open(img.path, "r+b") as f:
+        f.seek(3 * CS + 9)
+        f.write(b"\xff\x00\xfe")
+    _evict_pages(img.path)
+    threaded = store.statistics()["reads_threaded"]
+    with pytest.raises(ChunkCorrupt) as exc:
+        await store.read(img, 2 * CS, 2 * CS)
+    assert store.statistics()["reads_threaded"] == threaded + 1
+    assert exc.value.chunk == 3 and img.state[3] == ABSENT and img.state[2] == INDEXED
+    store.close()
+
+
+async def test_a_chunk_cached_again_while_a_thread_found_it_bad_is_kept(tmp_path, index, monkeypatch):
+    """A worker's read of a chunk that was dropped and cached anew meanwhile (another reader met
+    the same rot) fails that read (the reader retries) without dropping the good new copy."""
+    import thunderfs.cache.store as store_mod
+    store = store_of(tmp_path, index)
+    img = store.image(CONTENT, 2 * CS)
+    store.stage(img, 0, os.urandom(2 * CS))
+    await store.commit()
+    fresh = os.urandom(CS)
+
+    def meanwhile(fd, offset, n, a, b, expect, cs, nowait=False):
+        if nowait:
+            return None  # as if the page cache had none of it
+        trio.from_thread.run_sync(lambda: (store._release(img, 0), store.stage(img, 0, fresh)))
+        return b"", 0
+
+    monkeypatch.setattr(store_mod, "read_checked", meanwhile)
+    with pytest.raises(ChunkCorrupt):
+        await store.read(img, 0, CS)
+    assert img.state[0] == PENDING and store.statistics()["corrupt_dropped"] == 0
+    monkeypatch.undo()
+    assert await store.read(img, 0, CS) == fresh
     store.close()
 
 
@@ -238,8 +305,8 @@ async def test_a_hole_is_never_served_a_chunk_not_cached_nor_given_raises(tmp_pa
     img = store.image(CONTENT, 4 * CS)
     data = os.urandom(2 * CS)
     assert store.stage(img, 0, data)
-    assert store.read(img, 0, 2 * CS) == data
+    assert await store.read(img, 0, 2 * CS) == data
     with pytest.raises(ChunkNotCached):
-        store.read(img, 0, 3 * CS)  # chunk 2 is a hole
+        await store.read(img, 0, 3 * CS)  # chunk 2 is a hole
     extra = {2: b"x" * CS}
-    assert store.read(img, CS, 2 * CS, extra) == data[CS:] + extra[2]
+    assert await store.read(img, CS, 2 * CS, extra) == data[CS:] + extra[2]

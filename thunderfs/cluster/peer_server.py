@@ -18,7 +18,7 @@ import h11
 import trio
 
 from thunderfs.cache.store import ChunkStore
-from thunderfs.errors import ChunkCorrupt
+from thunderfs.errors import ChunkCorrupt, ChunkNotCached
 from thunderfs.ratelimit import TokenBucket
 from thunderfs_common.signing import NonceCacheFull, Verifier
 
@@ -60,7 +60,7 @@ class PeerServer:
                     request = await self._next_request(conn, stream)
                     if request is None:
                         return
-                    status, body, slot = self._answer(request)
+                    status, body, slot = await self._answer(request)
                     try:
                         await self._send(conn, stream, status, body, head=request.method == b"HEAD")
                     finally:
@@ -104,7 +104,7 @@ class PeerServer:
             await stream.send_all(conn.send(h11.Data(data=body)))
         await stream.send_all(conn.send(h11.EndOfMessage()))
 
-    def _answer(self, request: h11.Request) -> tuple[int, bytes, bool]:
+    async def _answer(self, request: h11.Request) -> tuple[int, bytes, bool]:
         """Status, body, and whether an upload slot was taken (the caller frees it once sent)."""
         self._stats["requests"] += 1
         target = request.target.decode("ascii", "replace")
@@ -141,14 +141,22 @@ class PeerServer:
             return 404, b"not held\n", False
         cs = self._store.chunk_size
         start, end = first * cs, min(img.size, (last + 1) * cs)
+        # The slot is held from here: the read may wait for the disk in a worker thread.
+        self._busy += 1
+        token = self._store.pin(img, first, last)
         try:
-            data = self._store.read(img, start, end - start)
-        except ChunkCorrupt:
+            data = await self._store.read(img, start, end - start)
+        except (ChunkCorrupt, ChunkNotCached):
+            self._busy -= 1
             self._stats["not_held"] += 1
             return 404, b"not held\n", False
+        except BaseException:
+            self._busy -= 1
+            raise
+        finally:
+            self._store.unpin(img, token)
         self._stats["served_chunks"] += count
         self._stats["served_bytes"] += len(data)
-        self._busy += 1
         return 200, data, True
 
     def statistics(self) -> dict:

@@ -67,7 +67,7 @@ class Reader:
                 else:
                     extra = None
                 try:
-                    data = store.read(img, offset, size, extra)
+                    data = await store.read(img, offset, size, extra)
                 except (ChunkCorrupt, ChunkNotCached):
                     continue
                 for watcher in self._watchers:
