@@ -57,27 +57,22 @@ class GlanceSource:
         return missing
 
     async def _fetch(self, want: Want, sink: Sink) -> list[int]:
-        cs, step = self._cs, max(1, PLACE_STEP // self._cs)
+        cs, step = self._cs, max(1, PLACE_STEP // self._cs)  # pieces of whole chunks
         meta, img = want.meta, want.img
         async with want.urgency.ticket(self._slots):
             for rfirst, rcount in runs(want.chunks, self._max_chunks):
                 a, b = rfirst * cs, min(img.size, (rfirst + rcount) * cs)
                 await self._bucket.wait_for(b - a, want.priority)
                 placed = rfirst  # the first chunk not handed over yet
-                at = a  # where the attempt under way started
 
-                def on_data(buf: bytearray, got: int) -> None:
+                def on_piece(offset: int, data: memoryview) -> None:
                     nonlocal placed
-                    ready = (at + got) // cs if at + got < b else rfirst + rcount
-                    if ready - placed >= step or ready == rfirst + rcount:
-                        sink.put(placed, memoryview(buf)[placed * cs - at:min(b, ready * cs) - at])
-                        placed = ready
+                    sink.put(offset // cs, data)
+                    placed = -(-(offset + len(data)) // cs)
 
                 async def attempt() -> None:
-                    nonlocal at
-                    at = placed * cs
-                    if at < b:
-                        await self._origin.read_range(meta.id, at, b, on_data)
+                    if placed * cs < b:
+                        await self._origin.read_range(meta.id, placed * cs, b, on_piece, step * cs)
 
                 await with_retries(attempt, timeout=deadline_for(self._timeout, b - a),
                                    what=f"Glance read of {meta.id} chunks {rfirst}..{rfirst + rcount - 1}",
