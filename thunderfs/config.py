@@ -84,6 +84,8 @@ class MountConfig:
                             parse=size, check=not_negative)
     kernel_readahead: int = option(2**20, "the kernel's readahead on the mount: the size of its read requests",
                                    parse=size, check=not_negative)
+    passthrough: bool = option(False, "let the kernel read complete images from the cache file itself (FUSE "
+                               "passthrough, Linux 6.9+, root): checked whole at open, not on every read")
     origin_rate: int = option(0, "bandwidth cap on Glance, bytes/s (e.g. 100M; 0: none)", parse=size)
     # peers
     tracker: str | None = option(None, "tracker URL, e.g. http://tracker:7070; replicas separated by commas "

@@ -41,6 +41,7 @@ from thunderfs.fuse import mounting
 from thunderfs.fuse.operations import Operations
 from thunderfs.fuse.kernel import KERNEL_MINOR, MAX_WRITE, InitParams
 from thunderfs.fuse.session import Session
+from thunderfs.fuse.passthrough import BackingFiles
 from thunderfs.fuse.state import SessionState
 from thunderfs_common.glance import GlanceClient
 from thunderfs.cluster.peer_server import PeerServer
@@ -317,9 +318,10 @@ async def run(config: MountConfig, keystone: KeystoneSettings | None = None,
                 stack.callback(_unmount_quietly, mountpoint)
 
         # The kernel checks the image files' owner and mode: only root and the image group read them.
+        backing = BackingFiles(fuse_fd, state) if config.passthrough else None
         ops = Operations(catalog, readers, block_size=config.chunk_size, image_owner=owner,
-                         image_mode=config.image_mode, state=state)
-        session = Session(fuse_fd, ops, state)
+                         image_mode=config.image_mode, state=state, backing=backing)
+        session = Session(fuse_fd, ops, state, passthrough=config.passthrough)
         ending = {"how": UNMOUNTED}
 
         def stop(why: str) -> None:
@@ -353,6 +355,7 @@ async def run(config: MountConfig, keystone: KeystoneSettings | None = None,
 
             await nursery.start(_watch_signals, stop)
             await nursery.start(store.run)
+            await ops.start()
             await nursery.start(fetcher.run)
             await nursery.start(glance.run)
             if peers is not None:

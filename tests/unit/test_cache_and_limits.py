@@ -310,3 +310,44 @@ async def test_a_hole_is_never_served_a_chunk_not_cached_nor_given_raises(tmp_pa
         await store.read(img, 0, 3 * CS)  # chunk 2 is a hole
     extra = {2: b"x" * CS}
     assert await store.read(img, CS, 2 * CS, extra) == data[CS:] + extra[2]
+
+
+async def test_a_sealed_image_is_checked_whole_then_kept_whole(tmp_path, index):
+    """FUSE passthrough: the kernel reads a sealed image's data file itself, so the seal checks
+    every chunk first, and afterwards nothing punches a hole in it: not eviction (pinned), not a
+    corrupt chunk dropped (its index entry goes, its bytes stay until fetched again in place)."""
+    from thunderfs.fetch.reader import Readers
+    from fakes import meta_of
+    data = os.urandom(4 * CS)
+    meta = meta_of(data)
+    store = store_of(tmp_path, index, capacity=4 * CS)
+    readers = Readers(store, None)
+    img = store.image(meta.content_key, meta.size)
+    store.stage(img, 0, data[:3 * CS])
+    assert await readers.seal(meta) is None  # not complete
+    store.stage(img, 3, data[3 * CS:])
+    await store.commit()
+    with open(img.path, "r+b") as f:
+        f.seek(CS + 3)
+        f.write(b"\x00\xff")
+    assert await readers.seal(meta) is None and img.state[1] == ABSENT  # checked: chunk 1 dropped
+    await store.commit()
+    store.stage(img, 1, data[CS:2 * CS])  # fetched again
+    await store.commit()
+    assert await readers.seal(meta) == str(img.path) and img.sealed == 1
+    # Rot after the seal, found by a read through the daemon (a peer's): dropped, not punched.
+    with open(img.path, "r+b") as f:
+        f.seek(2 * CS + 9)
+        f.write(b"\x00\xff")
+    with pytest.raises(ChunkCorrupt):
+        await store.read(img, 2 * CS, CS)
+    await store.commit()
+    with open(img.path, "rb") as f:
+        f.seek(2 * CS)
+        assert f.read(CS).count(0) < CS // 2  # no hole
+    other = store.image(CONTENT, 2 * CS)  # the cache is full: nothing of the sealed image makes room
+    assert not store.stage(other, 0, os.urandom(2 * CS))
+    assert img.cached_count() == 3 and store.statistics()["evictions"] == 0
+    readers.unseal(meta)
+    assert img.sealed == 0 and not img.pins
+    store.close()

@@ -17,6 +17,8 @@ from thunderfs_common.glance import ImageGone
 from thunderfs.fuse.kernel import FuseError
 from thunderfs.fuse.operations import ENOATTR, IMAGES, XATTR_PREFIX, Operations, SetTimes
 from thunderfs.fuse.inodes import IMAGES_DIR, ROOT, derive
+from thunderfs.fuse.kernel import InitParams
+from thunderfs.fuse.passthrough import BackingFiles
 from thunderfs.fuse.state import SessionState
 A = meta_of(b"a" * 1000, "aaaaaaaa-0000-0000-0000-000000000001", "alpha")
 B = meta_of(b"b" * 5000, "bbbbbbbb-0000-0000-0000-000000000002", "beta")
@@ -52,10 +54,37 @@ class FakeReaders:
     def __init__(self):
         self.error = None
         self.opened = []
+        self.complete: set[str] = set()  # images whose every chunk is cached and checks out
+        self.seals: list[tuple[str, bool]] = []
+        self.unseals: list[str] = []
 
     def open(self, meta):
         self.opened.append(meta.id)
         return FakeReader(meta, self.error)
+
+    async def seal(self, meta, check=True):
+        self.seals.append((meta.id, check))
+        return f"/cache/{meta.id}.data" if meta.id in self.complete or not check else None
+
+    def unseal(self, meta):
+        self.unseals.append(meta.id)
+
+
+class FakeBacking(BackingFiles):
+    """The kernel's side of backing files: ids handed out, closes seen, or a refusal."""
+
+    def __init__(self, state, refuse=None):
+        super().__init__(-1, state)
+        self.refuse, self.registered, self.closed = refuse, [], []
+
+    def _register(self, path):
+        if self.refuse:
+            raise OSError(self.refuse, os.strerror(self.refuse))
+        self.registered.append(path)
+        return len(self.registered) + 40
+
+    def _unregister(self, backing_id):
+        self.closed.append(backing_id)
 
 
 @pytest.fixture
@@ -117,10 +146,10 @@ async def test_opening_for_writing_is_erofs_and_a_directory_eisdir(ops):
 
 async def test_a_read_goes_to_the_files_reader(ops):
     ino = (await lookup(ops, B.id)).ino
-    fh = ops.open(ino, os.O_RDONLY)
+    fh, _ = await ops.open(ino, os.O_RDONLY)
     assert await ops.read(ino, fh, 4990, 100) == b"x" * 10
     assert ops.statistics()["open_handles"] == 1
-    ops.release(fh)
+    ops.release(ino, fh)
     assert ops.statistics()["open_handles"] == 0
 
 
@@ -133,7 +162,7 @@ async def test_a_handle_a_previous_process_opened_is_served(ops):
     assert ops.statistics()["handles_reopened"] == 1
     await ops.read(ino, 987654321, 10, 10)
     assert ops.statistics()["handles_reopened"] == 1  # once per handle
-    ops.release(987654321)
+    ops.release(ino, 987654321)
     assert ops.statistics()["open_handles"] == 0
     assert await fuse_errno(lambda: ops.read(4242, 1, 0, 10)) == errno.EIO  # no image of ours
 
@@ -144,7 +173,7 @@ async def test_an_image_glance_dropped_while_open_is_left_to_the_next_process():
         catalog = FakeCatalog(A, B)
         ops = Operations(catalog, FakeReaders(), state=state)
         ino = (await lookup(ops, A.id)).ino
-        fh = ops.open(ino, os.O_RDONLY)
+        fh, _ = await ops.open(ino, os.O_RDONLY)
         del catalog.images[A.id]
         catalog.listeners[0]([], [A])
         assert ino in SessionState.load(state.fd).held
@@ -152,7 +181,7 @@ async def test_an_image_glance_dropped_while_open_is_left_to_the_next_process():
         nxt = Operations(FakeCatalog(B), FakeReaders(), state=SessionState.load(state.fd))
         assert await nxt.read(ino, fh, 0, 5) == b"x" * 5
         # Here, closed and forgotten: dropped from the state.
-        ops.release(fh)
+        ops.release(ino, fh)
         ops.forget([(ino, 1)])
         assert ino not in SessionState.load(state.fd).held
     finally:
@@ -163,7 +192,7 @@ async def test_an_image_glance_dropped_while_open_is_left_to_the_next_process():
 async def test_every_failure_below_is_one_eio_and_one_log_line(ops, caplog, error):
     ino = (await lookup(ops, A.id)).ino
     ops._readers.error = error
-    fh = ops.open(ino, os.O_RDONLY)
+    fh, _ = await ops.open(ino, os.O_RDONLY)
     caplog.clear()
     assert await fuse_errno(lambda: ops.read(ino, fh, 0, 10)) == errno.EIO
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
@@ -220,3 +249,78 @@ async def test_readdir_lists_images_by_id_after_asking_for_a_fresh_listing(ops):
 
 async def test_statfs_counts_the_images(ops):
     assert ops.statfs() == (-(-6000 // 4096), 4)
+
+
+@pytest.fixture
+def pt_state():
+    state = SessionState.create()
+    state.init = InitParams(minor=40, flags=0, max_write=2**17, max_pages=256, passthrough=True)
+    yield state
+    os.close(state.fd)
+
+
+async def test_a_complete_image_is_opened_in_passthrough_and_its_backing_file_let_go_at_the_last_close(pt_state):
+    readers, backing = FakeReaders(), FakeBacking(pt_state)
+    readers.complete.add(B.id)
+    ops = Operations(FakeCatalog(A, B), readers, state=pt_state, backing=backing)
+    ino = (await lookup(ops, B.id)).ino
+    fh1, id1 = await ops.open(ino, os.O_RDONLY)
+    fh2, id2 = await ops.open(ino, os.O_RDONLY)
+    assert id1 == id2 == 41 and fh1 % 2 == fh2 % 2 == 1
+    assert readers.seals == [(B.id, True)] and backing.registered == ["/cache/" + B.id + ".data"]
+    assert SessionState.load(pt_state.fd).backing[ino] == {"id": 41, "pt": 2, "cached": 0}
+    ops.release(ino, fh1)
+    assert backing.closed == [] and readers.unseals == []
+    ops.release(ino, fh2)
+    assert backing.closed == [41] and readers.unseals == [B.id]
+    assert SessionState.load(pt_state.fd).backing == {}
+    # Not complete: served through the daemon, as without passthrough.
+    ino_a = (await lookup(ops, A.id)).ino
+    fh, backing_id = await ops.open(ino_a, os.O_RDONLY)
+    assert backing_id == 0 and fh % 2 == 0 and await ops.read(ino_a, fh, 0, 3) == b"xxx"
+
+
+async def test_an_inode_open_through_the_daemon_stays_so_until_its_last_close(pt_state):
+    """The kernel refuses (EIO to the opener) a passthrough open beside a cached one and the
+    other way round: the first open decides until every open is closed."""
+    readers, backing = FakeReaders(), FakeBacking(pt_state)
+    ops = Operations(FakeCatalog(B), readers, state=pt_state, backing=backing)
+    ino = (await lookup(ops, B.id)).ino
+    fh1, id1 = await ops.open(ino, os.O_RDONLY)
+    readers.complete.add(B.id)  # the image became complete meanwhile
+    fh2, id2 = await ops.open(ino, os.O_RDONLY)
+    assert id1 == id2 == 0 and backing.registered == []
+    ops.release(ino, fh1)
+    ops.release(ino, fh2)
+    fh3, id3 = await ops.open(ino, os.O_RDONLY)
+    assert id3 == 41 and fh3 % 2 == 1
+
+
+async def test_the_next_process_keeps_the_backing_files_whole_and_closes_them(pt_state):
+    readers, backing = FakeReaders(), FakeBacking(pt_state)
+    readers.complete.add(B.id)
+    ops = Operations(FakeCatalog(B), readers, state=pt_state, backing=backing)
+    ino = (await lookup(ops, B.id)).ino
+    fh, backing_id = await ops.open(ino, os.O_RDONLY)
+    # The process dies; the next one finds the open in the state.
+    state = SessionState.load(pt_state.fd)
+    readers2, backing2 = FakeReaders(), FakeBacking(state)
+    nxt = Operations(FakeCatalog(B), readers2, state=state, backing=backing2)
+    await nxt.start()
+    assert readers2.seals == [(B.id, False)]  # pinned whole again, no new check needed
+    fh2, id2 = await nxt.open(ino, os.O_RDONLY)  # the kernel's backing file, not a second one
+    assert id2 == backing_id and backing2.registered == []
+    nxt.release(ino, fh)  # a handle of the previous process
+    nxt.release(ino, fh2)
+    assert backing2.closed == [backing_id] and readers2.unseals == [B.id]
+
+
+async def test_a_kernel_that_refuses_backing_files_leaves_every_open_to_the_daemon(pt_state, caplog):
+    readers, backing = FakeReaders(), FakeBacking(pt_state, refuse=errno.EPERM)
+    readers.complete.add(B.id)
+    ops = Operations(FakeCatalog(B), readers, state=pt_state, backing=backing)
+    ino = (await lookup(ops, B.id)).ino
+    fh, backing_id = await ops.open(ino, os.O_RDONLY)
+    assert backing_id == 0 and fh % 2 == 0 and readers.unseals == [B.id]
+    assert not backing.usable() and "refused a backing file" in caplog.text
+    assert await ops.read(ino, fh, 0, 2) == b"xx"

@@ -73,13 +73,29 @@ async def test_init_agrees_on_what_both_sides_know_and_is_saved_first(state):
         session = await serve(nursery, kern, state)
         assert not session.takeover
         out = await kern.init()
-        major, minor, _ra, flags, max_bg, _cong, max_write, _gran, max_pages, _align, flags2 = k.INIT_OUT.unpack(out)
+        major, minor, _ra, flags, max_bg, _cong, max_write, _gran, max_pages, _align, flags2, depth = \
+            k.INIT_OUT.unpack(out)
         assert (major, minor) == (7, k.KERNEL_MINOR)  # the lower of the two
         assert flags == k.ASYNC_READ | k.MAX_PAGES  # (1 << 3) was offered, not wanted
-        assert (max_pages, max_bg, flags2) == (256, 64, 0)
+        assert (max_pages, max_bg, flags2, depth) == (256, 64, 0, 0)
         await session.wait_initialized()
         assert SessionState.load(state.fd).init.minor == k.KERNEL_MINOR
         nursery.cancel_scope.cancel()
+
+
+def test_passthrough_is_agreed_only_when_asked_for_and_offered():
+    """It lives in flags2, which the kernel reads only with INIT_EXT in the answer, and needs a
+    stack depth (the backing files' file system is not a stacked one: 1)."""
+    offer = struct.pack("<IIIII44x", 7, 44, 131072, k.ASYNC_READ | k.INIT_EXT, (k.PASSTHROUGH | k.HAS_RESEND) >> 32)
+    params, out = k.negotiate(offer, max_pages=256, max_background=64, passthrough=True)
+    fields = k.INIT_OUT.unpack(out)
+    assert params.passthrough and fields[3] & k.INIT_EXT and fields[10] == k.PASSTHROUGH >> 32 and fields[11] == 1
+    assert k.InitParams.from_record(params.to_record()) == params
+    params, out = k.negotiate(offer, max_pages=256, max_background=64)  # not asked
+    assert not params.passthrough and k.INIT_OUT.unpack(out)[10:] == (0, 0)
+    old_kernel = struct.pack("<IIIII44x", 7, 38, 131072, k.ASYNC_READ | k.INIT_EXT, 0)
+    params, out = k.negotiate(old_kernel, max_pages=256, max_background=64, passthrough=True)
+    assert not params.passthrough and k.INIT_OUT.unpack(out)[10:] == (0, 0)
 
 
 async def test_requests_are_answered_and_what_cannot_be_done_is_an_errno(state):

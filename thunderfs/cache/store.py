@@ -22,6 +22,11 @@ Invariants (read before adding an ``await`` to this module):
    takes whole chunks from the file (one ``pread`` per run), hashes each, and serves its slice; a
    mismatch drops the chunk (as in 4) and raises ``ChunkCorrupt`` so that the caller fetches it
    again.  Only bytes handed in from memory (``extra``: just fetched and verified) skip it.
+6. A *sealed* image (``ImageData.sealed``: the kernel reads its data file itself, FUSE
+   passthrough) was complete and checked whole when sealed, and is pinned whole: nothing of it is
+   evicted, and nothing of it is ever punched, not even a chunk dropped as corrupt (its index
+   entry goes; its bytes stay until a fetch writes the chunk again in place).  A hole there would
+   be served as zeros: nothing checks what the kernel reads from it.
 """
 
 from __future__ import annotations
@@ -123,6 +128,7 @@ class ImageData:
         self.xxh = array("Q", bytes(8 * self.nchunks))
         self.pins: dict[int, tuple[int, int]] = {}
         self.touched: dict[int, int] = {}  # chunk -> when it was last read (ms), until the next flush
+        self.sealed = 0  # holders that need the data file whole (rule 6)
         # Bytes served to readers, and fetched by source (status and metrics per image).
         self.counters = dict.fromkeys(("bytes_read", "bytes_from_peers", "bytes_from_origin"), 0)
 
@@ -317,7 +323,21 @@ class ChunkStore:
         img.touched.update(dict.fromkeys(range(first, last + 1), _now_ms()))
         return parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts)
 
-    async def _checked(self, img: ImageData, first: int, last: int, a: int, b: int) -> bytes:
+    async def verify(self, img: ImageData, run: int = 4 * 2**20) -> bool:
+        """Check every chunk of a complete image against its xxh3 now (in worker threads); False
+        if a chunk is missing or fails (and is dropped, rule 5).  The caller pins it."""
+        per = max(1, run // self.chunk_size)
+        for first in range(0, img.nchunks, per):
+            last = min(img.nchunks - 1, first + per - 1)
+            if img.missing(first, last):
+                return False
+            try:
+                await self._checked(img, first, last, 0, 0, nowait=False)
+            except ChunkCorrupt:
+                return False
+        return True
+
+    async def _checked(self, img: ImageData, first: int, last: int, a: int, b: int, nowait: bool = True) -> bytes:
         """Bytes ``[a, b)`` of chunks ``first..last`` (offsets from the first chunk's start), read
         whole from the data file, each chunk checked against its xxh3 (``read_checked``).  In the
         event loop when the page cache holds the whole run (``preadv2(RWF_NOWAIT)``: a copy and
@@ -328,7 +348,7 @@ class ChunkStore:
         offset = first * cs
         n = min(img.size, (last + 1) * cs) - offset
         expect = img.xxh[first:last + 1]
-        got = read_checked(img.fd, offset, n, a, b, expect, cs, nowait=True)
+        got = read_checked(img.fd, offset, n, a, b, expect, cs, nowait=True) if nowait else None
         self._stats["reads_inline"] += got is not None
         if got is None:
             self._stats["reads_threaded"] += 1
@@ -398,7 +418,8 @@ class ChunkStore:
             if written != n:
                 raise OSError(errno.ENOSPC, "short write")
         except OSError as exc:
-            self._scrub(img, offset, n)
+            if not img.sealed:  # rule 6: a sealed file keeps what it had (the chunk is not indexed)
+                self._scrub(img, offset, n)
             self._stats["bytes_not_cached"] += n
             if exc.errno in _DISK_FULL:
                 # Make room for what comes next: shrink to what the disk holds (the holes are
@@ -444,7 +465,7 @@ class ChunkStore:
             self._deletes.append((img.content, c))
             self._punches.append((img, c))
             self._punching += img.chunk_len(c)
-        else:
+        elif not img.sealed:  # rule 6
             self._scrub(img, c * self.chunk_size, img.chunk_len(c))
         if was:
             self._used -= img.chunk_len(c)
@@ -532,7 +553,7 @@ class ChunkStore:
         # The deletes are durable: now the evicted bytes may go (no await since the check).
         for img, c in punches:
             self._punching -= img.chunk_len(c)
-            if img.state[c] == ABSENT and self._images.get(img.content) is img:
+            if img.state[c] == ABSENT and self._images.get(img.content) is img and not img.sealed:
                 self._scrub(img, c * self.chunk_size, img.chunk_len(c))
         self._stats["chunks_committed"] += len(pending)
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 
+import trio
+
 from thunderfs.cache.store import ChunkStore, ImageData
 from thunderfs.errors import ChunkCorrupt, ChunkNotCached, FetchFailed
 from thunderfs.fetch.fetcher import Fetcher
@@ -115,6 +117,53 @@ class Readers:
         self._fetcher = fetcher
         self._readahead = readahead
         self._on_open = list(on_open or ())
+        self._seals: dict[bytes, list] = {}  # content -> [ImageData, pin token, seals]
+        self._checked: dict[bytes, float] = {}  # content -> when it was last checked whole
+
+    # A seal checks the whole image unless it did so this recently (a VM's start opens its base
+    # image several times within seconds; a check of 2 GiB costs ~1 s).
+    RECHECK_AFTER = 60.0
+
+    async def seal(self, meta: ImageMeta, *, check: bool = True) -> str | None:
+        """The cache file of ``meta``, for the kernel to read itself (FUSE passthrough), when
+        every chunk is cached and passes its checksum now (``check``, unless it did within
+        ``RECHECK_AFTER``; a previous process that sealed it checked it); from then on pinned
+        whole and never punched (the store's rule 6) until as many ``unseal`` calls.  None when
+        it is not complete or a chunk fails."""
+        store = self._store
+        img = store.image(meta.content_key, meta.size)
+        if check:
+            if img.missing(0, img.nchunks - 1):
+                return None
+            last = self._checked.get(img.content)
+            if last is not None and trio.current_time() - last < self.RECHECK_AFTER:
+                check = False
+        if check:
+            token = store.pin(img, 0, img.nchunks - 1)
+            try:
+                ok = await store.verify(img)
+            finally:
+                store.unpin(img, token)
+            if not ok:
+                return None
+            self._checked[img.content] = trio.current_time()
+        seal = self._seals.get(img.content)
+        if seal is None:
+            seal = self._seals[img.content] = [img, store.pin(img, 0, img.nchunks - 1), 0]
+        seal[2] += 1
+        img.sealed += 1
+        return str(img.path)
+
+    def unseal(self, meta: ImageMeta) -> None:
+        seal = self._seals.get(meta.content_key)
+        if seal is None:
+            return
+        img, token, _ = seal
+        seal[2] -= 1
+        img.sealed -= 1
+        if not seal[2]:
+            del self._seals[meta.content_key]
+            self._store.unpin(img, token)
 
     def open(self, meta: ImageMeta) -> Reader:
         """Raises ``OSError`` if the image's cache file cannot be opened."""

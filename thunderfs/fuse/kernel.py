@@ -92,6 +92,7 @@ ASYNC_DIO = 1 << 15
 PARALLEL_DIROPS = 1 << 18
 MAX_PAGES = 1 << 22
 INIT_EXT = 1 << 30
+PASSTHROUGH = 1 << 37  # 7.40: reads of a file opened so go to a backing file, not to us
 HAS_RESEND = 1 << 39  # the kernel can resend (FUSE_NOTIFY_RESEND)
 
 # The high bit of ``unique`` marks a request the kernel sends again after FUSE_NOTIFY_RESEND.
@@ -101,6 +102,13 @@ UNIQUE_RESEND = 1 << 63
 FOPEN_DIRECT_IO = 1 << 0
 FOPEN_KEEP_CACHE = 1 << 1
 FOPEN_NOFLUSH = 1 << 5
+FOPEN_PASSTHROUGH = 1 << 7
+
+# ioctls on /dev/fuse (7.40): register an open file as a backing file (struct fuse_backing_map:
+# fd, flags, padding; returns its id), and drop an id (a u32).
+BACKING_MAP = struct.Struct("<iIQ")
+DEV_IOC_BACKING_OPEN = (1 << 30) | (BACKING_MAP.size << 16) | (229 << 8) | 1
+DEV_IOC_BACKING_CLOSE = (1 << 30) | (4 << 16) | (229 << 8) | 2
 
 # fuse_setattr_in.valid
 FATTR_MODE = 1 << 0
@@ -129,7 +137,7 @@ GETXATTR_IN = struct.Struct("<II")
 GETXATTR_OUT = struct.Struct("<II")
 INIT_IN = struct.Struct("<IIIII")            # major, minor, max_readahead, flags, flags2 (then unused)
 INIT_IN_OLD = struct.Struct("<IIII")
-INIT_OUT = struct.Struct("<IIIIHHIIHHI28x")  # 64 bytes (max_stack_depth and unused: 0)
+INIT_OUT = struct.Struct("<IIIIHHIIHHII24x")  # 64 bytes (the last I: max_stack_depth)
 KSTATFS = struct.Struct("<QQQQQIIII24x")     # fuse_kstatfs, 80 bytes
 DIRENT = struct.Struct("<QQII")              # fuse_dirent, before its name
 INVAL_ENTRY_OUT = struct.Struct("<QII")
@@ -213,8 +221,8 @@ def attr_out(attr: Attr, timeout: float) -> bytes:
     return ATTR_OUT.pack(av, avn, 0) + attr.pack()
 
 
-def open_out(fh: int, flags: int) -> bytes:
-    return OPEN_OUT.pack(fh, flags, 0)
+def open_out(fh: int, flags: int, backing_id: int = 0) -> bytes:
+    return OPEN_OUT.pack(fh, flags, backing_id)
 
 
 def dirent(ino: int, offset: int, name: bytes, mode: int) -> bytes:
@@ -256,21 +264,26 @@ class InitParams:
     flags: int
     max_write: int
     max_pages: int
+    passthrough: bool = False  # agreed: opens may name a backing file
 
     def to_record(self) -> dict:
-        return {"minor": self.minor, "flags": self.flags, "max_write": self.max_write, "max_pages": self.max_pages}
+        return {"minor": self.minor, "flags": self.flags, "max_write": self.max_write, "max_pages": self.max_pages,
+                "passthrough": self.passthrough}
 
     @classmethod
     def from_record(cls, r: dict) -> "InitParams":
-        return cls(int(r["minor"]), int(r["flags"]), int(r["max_write"]), int(r["max_pages"]))
+        return cls(int(r["minor"]), int(r["flags"]), int(r["max_write"]), int(r["max_pages"]),
+                   bool(r.get("passthrough", False)))
 
 
 WANTED = ASYNC_READ | ASYNC_DIO | PARALLEL_DIROPS | MAX_PAGES
 
 
-def negotiate(body, *, max_pages: int, max_background: int, max_write: int = MAX_WRITE
-              ) -> tuple[InitParams, bytes]:
-    """The answer to the kernel's INIT: the flags both sides know, the sizes this daemon wants."""
+def negotiate(body, *, max_pages: int, max_background: int, max_write: int = MAX_WRITE,
+              passthrough: bool = False) -> tuple[InitParams, bytes]:
+    """The answer to the kernel's INIT: the flags both sides know, the sizes this daemon wants.
+    ``passthrough``: ask for FUSE passthrough (a backing file one level deep: the cache's own
+    file system must not be a stacked one)."""
     if len(body) >= INIT_IN.size:
         major, minor, max_readahead, flags, flags2 = INIT_IN.unpack_from(body)
     elif len(body) >= INIT_IN_OLD.size:
@@ -281,10 +294,13 @@ def negotiate(body, *, max_pages: int, max_background: int, max_write: int = MAX
     if major != KERNEL_MAJOR:
         raise ProtocolError(f"the kernel speaks FUSE {major}.{minor}, this daemon 7.x")
     offered = flags | (flags2 << 32 if flags & INIT_EXT else 0)
-    agreed = offered & WANTED
+    agreed = offered & (WANTED | (PASSTHROUGH if passthrough else 0))
+    if agreed >> 32:
+        agreed |= INIT_EXT  # the kernel reads flags2 only with it
     minor = min(minor, KERNEL_MINOR)
     params = InitParams(minor=minor, flags=offered, max_write=max_write,
-                        max_pages=max_pages if agreed & MAX_PAGES else 32)
+                        max_pages=max_pages if agreed & MAX_PAGES else 32, passthrough=bool(agreed & PASSTHROUGH))
     out = INIT_OUT.pack(KERNEL_MAJOR, minor, max_readahead, agreed & 0xFFFFFFFF, max_background,
-                        max_background * 3 // 4, max_write, 1, params.max_pages, 0, agreed >> 32)
+                        max_background * 3 // 4, max_write, 1, params.max_pages, 0, agreed >> 32,
+                        1 if params.passthrough else 0)
     return params, out

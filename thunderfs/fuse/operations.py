@@ -7,7 +7,12 @@ exceptions; ``_fuse_error`` turns them into ``FuseError`` and logs once.  The se
 
 File handles are numbers from a random base, so that a handle a previous process on the same
 connection opened is never mistaken for one of ours: a read on such a handle opens a reader for
-its inode then and there.
+its inode then and there.  An odd handle is a passthrough open (``passthrough.py``), an even one
+a cached open, so that a release tells which kind closed whoever opened it.
+
+With ``backing`` (``--passthrough``), the first open of a complete image whose every chunk
+passes its checksum at that moment is answered with a backing file: the kernel reads the cache's
+data file itself until the last such open closes (``Readers.seal``).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import trio
+
 from thunderfs.glance.catalog import Catalog
 from thunderfs.errors import FetchFailed, ThunderfsError
 from thunderfs.fuse.kernel import Attr, Entry, FuseError
@@ -29,6 +36,7 @@ from thunderfs.fuse.state import SessionState
 from thunderfs_common.glance import GlanceError, ImageGone
 from thunderfs_common.image import ImageMeta
 from thunderfs.fuse.inodes import IMAGES_DIR, ROOT, InodeTable
+from thunderfs.fuse.passthrough import BackingFiles
 from thunderfs.fetch.reader import Reader, Readers
 
 log = logging.getLogger(__name__)
@@ -61,7 +69,8 @@ def _fuse_error(exc: ThunderfsError | GlanceError, what: str) -> FuseError:
 class Operations:
     def __init__(self, catalog: Catalog, readers: Readers, *, entry_timeout: float = 5.0,
                  attr_timeout: float = 300.0, block_size: int = 2**20, image_owner: tuple[int, int] | None = None,
-                 image_mode: int = 0o440, state: SessionState | None = None):
+                 image_mode: int = 0o440, state: SessionState | None = None,
+                 backing: BackingFiles | None = None):
         """``image_owner`` (uid, gid) and ``image_mode``: who may read the image files (the kernel
         checks, with ``default_permissions``); default: this process's user and group, 0440.
         ``state``: what the previous process on this connection left (and where to leave ours)."""
@@ -69,8 +78,10 @@ class Operations:
         self._readers = readers
         self._inodes = InodeTable(state)
         self._inodes.listing(catalog.images, [])
-        self._handles: dict[int, tuple[int, Reader]] = {}
-        self._fh = itertools.count(secrets.randbits(40) << 20)
+        self._handles: dict[int, tuple[int, Reader | None]] = {}  # fh -> inode, reader (made at first read)
+        self._fh = itertools.count(secrets.randbits(40) << 20, 2)  # even; +1: a passthrough open
+        self._backing = backing
+        self._deciding: dict[int, trio.Lock] = {}  # inode -> the lock its opens decide their kind under
         self._entry_timeout = entry_timeout
         self._attr_timeout = attr_timeout
         self._block_size = block_size
@@ -84,6 +95,18 @@ class Operations:
         # Wired by the session: make the kernel forget a name.
         self.invalidate_entry: Callable[[int, bytes], None] = lambda parent, name: None
         catalog.add_listener(self._listing_changed)
+        self._resealed: list[int] = backing.sealed_inodes() if backing is not None else []
+
+    async def start(self) -> None:
+        """Keep whole the data files a previous process gave the kernel as backing files."""
+        for inode in self._resealed:
+            meta = self._inodes.image(inode)
+            if meta is None:
+                log.error("inode %d is open in passthrough but no image this process knows: its "
+                          "cache file is not protected from eviction", inode)
+                continue
+            await self._readers.seal(meta, check=False)
+        self._resealed = []
 
     # --- attributes ------------------------------------------------------------------------
 
@@ -152,16 +175,47 @@ class Operations:
 
     # --- files -----------------------------------------------------------------------------
 
-    def open(self, inode: int, flags: int) -> int:
+    async def open(self, inode: int, flags: int) -> tuple[int, int]:
+        """(file handle, backing id or 0)."""
         meta = self._inodes.image(inode)
         if meta is None:
             raise FuseError(errno.EISDIR if inode in (ROOT, IMAGES_DIR) else errno.ENOENT)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             raise FuseError(errno.EROFS)
+        backing = self._backing
+        if backing is not None and backing.usable():
+            # One decision at a time per inode: two first opens must not come out one of each kind.
+            lock = self._deciding.setdefault(inode, trio.Lock())
+            async with lock:
+                if backing.mode(inode) != "cached":
+                    backing_id = await self._open_passthrough(inode, meta, first=backing.mode(inode) is None)
+                    if backing_id:
+                        fh = next(self._fh) + 1
+                        self._handles[fh] = (inode, None)
+                        self._inodes.opened(inode)
+                        return fh, backing_id
+                fh, _ = self._open_cached(inode, meta)
+                backing.open_cached(inode)
+                return fh, 0
+        return self._open_cached(inode, meta)
+
+    def _open_cached(self, inode: int, meta: ImageMeta) -> tuple[int, int]:
         fh = next(self._fh)
         self._handles[fh] = (inode, self._open_reader(meta))
         self._inodes.opened(inode)
-        return fh
+        return fh, 0
+
+    async def _open_passthrough(self, inode: int, meta: ImageMeta, first: bool) -> int:
+        assert self._backing is not None
+        if not first:  # the kernel has this inode's backing file: every open must use it
+            return self._backing.open_passthrough(inode, None)
+        path = await self._readers.seal(meta)
+        if path is None:
+            return 0
+        backing_id = self._backing.open_passthrough(inode, path)
+        if not backing_id:
+            self._readers.unseal(meta)
+        return backing_id
 
     def _open_reader(self, meta: ImageMeta) -> Reader:
         try:
@@ -174,17 +228,18 @@ class Operations:
 
     def _handle(self, inode: int, fh: int) -> Reader:
         handle = self._handles.get(fh)
-        if handle is not None:
+        if handle is not None and handle[1] is not None:
             return handle[1]
-        # Opened by a previous process on this connection.
+        # Opened by a previous process on this connection (or a passthrough open: no reader yet).
         meta = self._inodes.image(inode)
         if meta is None:
             log.error("read of handle %d: inode %d is no image this process knows", fh, inode)
             raise FuseError(errno.EIO)
         reader = self._open_reader(meta)
         self._handles[fh] = (inode, reader)
-        self._inodes.opened(inode)
-        self._reopened += 1
+        if handle is None:
+            self._inodes.opened(inode)
+            self._reopened += 1
         return reader
 
     async def read(self, inode: int, fh: int, off: int, size: int) -> bytes:
@@ -199,10 +254,18 @@ class Operations:
             log.error("read %s at %d+%d: cache I/O failed: %s", reader.meta.id, off, size, exc)
             raise FuseError(errno.EIO) from None
 
-    def release(self, fh: int) -> None:
+    def release(self, inode: int, fh: int) -> None:
         handle = self._handles.pop(fh, None)
         if handle is not None:
             self._inodes.closed(handle[0])
+        if self._backing is not None:
+            if self._backing.release(inode, passthrough=bool(fh & 1)):
+                meta = self._inodes.image(inode)
+                if meta is not None:
+                    self._readers.unseal(meta)
+            lock = self._deciding.get(inode)  # dropped with the inode's last open
+            if self._backing.mode(inode) is None and lock is not None and not lock.locked():
+                del self._deciding[inode]
 
     # --- extended attributes: what the image is, for verify and status ---------------------
 
@@ -258,4 +321,5 @@ class Operations:
     def statistics(self) -> dict:
         return {"open_handles": len(self._handles), "inodes": len(self._inodes),
                 "read_requests": self._reads, "read_request_bytes": self._read_bytes,
-                "handles_reopened": self._reopened}
+                "handles_reopened": self._reopened,
+                **(self._backing.statistics() if self._backing is not None else {})}

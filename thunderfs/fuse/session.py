@@ -30,12 +30,13 @@ log = logging.getLogger(__name__)
 
 class Session:
     def __init__(self, fd: int, ops: Operations, state: SessionState, *, max_pages: int = 256,
-                 max_background: int = 64):
+                 max_background: int = 64, passthrough: bool = False):
         self._fd = fd
         self._ops = ops
         self._state = state
         self._max_pages = max_pages
         self._max_background = max_background
+        self._passthrough = passthrough  # asked for at INIT (a later process goes by what was agreed)
         self._cancel = trio.CancelScope()
         self._inval_send, self._inval_recv = trio.open_memory_channel[tuple[int, bytes]](1000)
         self.unmounted = False
@@ -112,7 +113,8 @@ class Session:
 
     def _init(self, h: Header, body) -> None:
         try:
-            params, out = k.negotiate(body, max_pages=self._max_pages, max_background=self._max_background)
+            params, out = k.negotiate(body, max_pages=self._max_pages, max_background=self._max_background,
+                                      passthrough=self._passthrough)
         except k.ProtocolError as exc:
             log.error("cannot start the FUSE session: %s", exc)
             self._write(k.reply(h.unique, E.EPROTO))
@@ -125,6 +127,8 @@ class Session:
         self._initialized.set()
         log.debug("FUSE %d.%d, flags %#x, max_pages %d", k.KERNEL_MAJOR, params.minor, params.flags,
                   params.max_pages)
+        if self._passthrough and not params.passthrough:
+            log.warning("the kernel does not offer FUSE passthrough (Linux 6.9+): every read goes through the daemon")
 
     def _write(self, pieces: list) -> None:
         try:
@@ -197,10 +201,12 @@ class Session:
 
     async def _open(self, h, body):
         flags, _ = k.OPEN_IN.unpack_from(body)
-        fh = self._ops.open(h.nodeid, flags)
-        # Images never change under an inode: the kernel keeps its page cache across opens.  A
-        # read-only file has nothing to flush: no FLUSH on every close (a close while no process
-        # serves the connection would wait for the next one).
+        fh, backing_id = await self._ops.open(h.nodeid, flags)
+        # A read-only file has nothing to flush: no FLUSH on every close (a close while no
+        # process serves the connection would wait for the next one).
+        if backing_id:  # the kernel reads the backing file (no page cache of ours: its rule)
+            return [k.open_out(fh, k.FOPEN_PASSTHROUGH | k.FOPEN_NOFLUSH, backing_id)]
+        # Images never change under an inode: the kernel keeps its page cache across opens.
         return [k.open_out(fh, k.FOPEN_KEEP_CACHE | k.FOPEN_NOFLUSH)]
 
     async def _read(self, h, body):
@@ -209,7 +215,7 @@ class Session:
 
     async def _release(self, h, body):
         fh, *_ = k.RELEASE_IN.unpack_from(body)
-        self._ops.release(fh)
+        self._ops.release(h.nodeid, fh)
         return []
 
     async def _opendir(self, h, body):

@@ -2,10 +2,12 @@
 
 The memfd lives as long as the connection's descriptor (both sit in the keeper's or systemd's
 descriptor store), so a process killed with SIGKILL leaves it behind intact.  It holds what
-INIT settled and the images the kernel still holds inodes of although Glance no longer lists
-them (everything else the next process derives again).
+INIT settled, the images the kernel still holds inodes of although Glance no longer lists
+them, and the backing files of passthrough opens with how many opens of each kind each inode
+has (``passthrough.py``); everything else the next process derives again.
 
-Written rarely (at INIT; when such an image appears or is forgotten), into two slots in turn,
+Written rarely (at INIT; when such an image appears or is forgotten; at an open or release of
+an image while passthrough is on), into two slots in turn,
 each with a sequence number and a CRC: a write cut short by SIGKILL leaves the other slot whole.
 """
 
@@ -27,6 +29,7 @@ class SessionState:
         self.fd = fd
         self.init: InitParams | None = None
         self.held: dict[int, dict] = {}  # inode -> image record
+        self.backing: dict[int, dict] = {}  # inode -> {"id": backing id or 0, "pt": opens, "cached": opens}
         self._seq = 0
 
     @classmethod
@@ -57,11 +60,13 @@ class SessionState:
             state._seq = best[0]
             state.init = InitParams.from_record(record["init"]) if record.get("init") else None
             state.held = {int(k): v for k, v in record.get("held", {}).items()}
+            state.backing = {int(k): v for k, v in record.get("backing", {}).items()}
         return state
 
     def save(self) -> None:
         body = json.dumps({"init": self.init.to_record() if self.init else None,
-                           "held": {str(k): v for k, v in self.held.items()}}).encode()
+                           "held": {str(k): v for k, v in self.held.items()},
+                           "backing": {str(k): v for k, v in self.backing.items()}}).encode()
         if len(body) > SLOT - _HEAD.size:
             raise ValueError("session state too large")
         self._seq += 1

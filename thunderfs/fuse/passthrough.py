@@ -1,0 +1,110 @@
+"""FUSE passthrough: image files the kernel reads from the cache's data file itself.
+
+An open of a complete, just checked image may be answered with ``FOPEN_PASSTHROUGH`` and a
+*backing id*: the kernel then reads that file's bytes from the data file registered under the id
+(``FUSE_DEV_IOC_BACKING_OPEN``), with no request to the daemon at all.  The kernel's rules, which
+this module keeps: every open of an inode with a passthrough open must be passthrough, under the
+same backing file; no passthrough open of an inode with cached (page cache) opens (both fail the
+opener with EIO).  So the first open of an inode decides until every open of it is closed.
+
+Per inode: the backing id and how many opens of each kind, kept in the ``SessionState`` (the
+backing ids belong to the connection, so they outlive this process: the next one must go on
+using and finally closing them).  Keeping the data file whole while the kernel reads it is the
+caller's part (``Readers.seal``: pinned, never punched).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+
+from thunderfs.fuse import kernel as k
+from thunderfs.fuse.state import SessionState
+
+log = logging.getLogger(__name__)
+
+
+class BackingFiles:
+    def __init__(self, fd: int, state: SessionState):
+        self._fd = fd
+        self._state = state
+        self._broken: str | None = None  # why the kernel refused a backing file: passthrough off
+        self._stats = dict.fromkeys(("passthrough_opens", "cached_opens", "backing_opened", "backing_closed"), 0)
+
+    def usable(self) -> bool:
+        init = self._state.init
+        return self._broken is None and init is not None and init.passthrough
+
+    def mode(self, inode: int) -> str | None:
+        """What the open files of ``inode`` are: "passthrough", "cached", or None (none open)."""
+        rec = self._state.backing.get(inode)
+        if rec is None:
+            return None
+        return "passthrough" if rec["pt"] else "cached" if rec["cached"] else None
+
+    def open_passthrough(self, inode: int, path: str | None) -> int:
+        """One more passthrough open of ``inode``: its backing id, registered now from ``path``
+        if it has none.  0 if the kernel refuses (then passthrough stays off, logged once)."""
+        rec = self._state.backing.setdefault(inode, {"id": 0, "pt": 0, "cached": 0})
+        if not rec["id"]:
+            assert path is not None and rec["cached"] == 0
+            try:
+                rec["id"] = self._register(path)
+            except OSError as exc:
+                self._broken = f"{exc.strerror or exc}"
+                log.warning("the kernel refused a backing file (%s): serving every image through the daemon",
+                            self._broken)
+                if not rec["pt"] and not rec["cached"]:
+                    del self._state.backing[inode]
+                return 0
+            self._stats["backing_opened"] += 1
+        rec["pt"] += 1
+        self._stats["passthrough_opens"] += 1
+        self._state.save()
+        return rec["id"]
+
+    def open_cached(self, inode: int) -> None:
+        rec = self._state.backing.setdefault(inode, {"id": 0, "pt": 0, "cached": 0})
+        rec["cached"] += 1
+        self._stats["cached_opens"] += 1
+        self._state.save()
+
+    def release(self, inode: int, passthrough: bool) -> bool:
+        """An open of ``inode`` closed; True when it was the last passthrough one (the backing
+        file is let go, and the caller may let the data file change again)."""
+        rec = self._state.backing.get(inode)
+        if rec is None:
+            return False
+        key = "pt" if passthrough else "cached"
+        rec[key] = max(0, rec[key] - 1)
+        last = passthrough and rec["pt"] == 0 and rec["id"] != 0
+        if last:
+            try:
+                self._unregister(rec["id"])
+            except OSError as exc:
+                log.warning("closing backing file %d: %s", rec["id"], exc)
+            rec["id"] = 0
+            self._stats["backing_closed"] += 1
+        if not rec["pt"] and not rec["cached"]:
+            del self._state.backing[inode]
+        self._state.save()
+        return last
+
+    def sealed_inodes(self) -> list[int]:
+        """Inodes with passthrough opens (a previous process's too): their data files stay whole."""
+        return [ino for ino, rec in self._state.backing.items() if rec["pt"]]
+
+    def _register(self, path: str) -> int:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return fcntl.ioctl(self._fd, k.DEV_IOC_BACKING_OPEN, bytearray(k.BACKING_MAP.pack(fd, 0, 0)), True)
+        finally:
+            os.close(fd)
+
+    def _unregister(self, backing_id: int) -> None:
+        fcntl.ioctl(self._fd, k.DEV_IOC_BACKING_CLOSE, bytearray(backing_id.to_bytes(4, "little")), True)
+
+    def statistics(self) -> dict:
+        return {**self._stats, "passthrough_inodes": len(self.sealed_inodes()),
+                "passthrough": "off: " + self._broken if self._broken else "on" if self.usable() else "not agreed"}
