@@ -1,0 +1,212 @@
+"""Issue 19's targets, each beside its baseline in the same run, with the daemon's CPU per GiB.
+
+  cold   the whole image read cold through a fresh mount, 1 MiB reads  vs  curl from the same
+         Glance to /dev/null, and to a local file then ``sync`` (what Nova's download does)
+  warm   fio jobs (benchmarks/fio/) through a warm mount  vs  the same jobs on the image as a
+         local file; the page cache of both (the daemon's cache file included) dropped first.
+         ``--passthrough`` adds a second warm mount with ``--passthrough`` (complete images
+         served by the kernel from the cache file).
+
+CPU per GiB is the serving process's user+system time over the step, per GiB it served.  Each
+step runs ``--runs`` times, interleaved with its baseline; every ratio is the median of the
+per-run ratios, given with its range.
+
+Usage: .venv/bin/python benchmarks/dataplane_bench.py [--size-mib 512] [--runs 3] [--only cold,warm]
+                          [--passthrough] [--json benchmarks/results/dataplane.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from harness.local_glance import LocalGlance  # noqa: E402
+from harness.mounts import Mount, thunderfs  # noqa: E402
+from harness.pagecache import drop_page_cache  # noqa: E402
+
+MiB, GiB = 2**20, 2**30
+JOBS = REPO / "benchmarks" / "fio"
+WARM_JOBS = {  # job -> (what the ratio is of, target ratio or None)
+    "rand4k-libaio-direct": ("iops", 0.2),
+    "seq1m-libaio-direct": ("bw", 0.6),
+    "rand4k-psync-direct": ("iops", 0.6),
+    "seq1m-psync-direct": ("bw", 1.0),
+}
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def fio(job: str, target: Path, runtime: int, *backing: Path) -> dict:
+    drop_page_cache(target)
+    for b in backing:
+        drop_page_cache(b)
+    env = {**os.environ, "TARGET": str(target), "RUNTIME": str(runtime)}
+    out = subprocess.run(["fio", "--output-format=json", str(JOBS / f"{job}.fio")], env=env,
+                         capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"fio {job} on {target}: {out.stderr.strip()[-500:]}")
+    read = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]["read"]
+    return {"bw": read["bw_bytes"] / MiB, "iops": read["iops"], "bytes": read["io_bytes"]}
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+
+
+def fmt(s: dict, digits: int = 2) -> str:
+    return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
+
+
+def curl(url: str, out: str) -> float:
+    t = time.perf_counter()
+    subprocess.run(["curl", "-sf", "-o", out, url], check=True)
+    if out != "/dev/null":
+        subprocess.run(["sync", out], check=True)
+    return time.perf_counter() - t
+
+
+def seq_read(path: Path, bs: int = MiB) -> tuple[float, int]:
+    buf = bytearray(bs)
+    total = 0
+    t = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            total += n
+    return time.perf_counter() - t, total
+
+
+def cold_step(work: Path, glance: LocalGlance, image_id: str, size: int, runs: int, extra: list[str]) -> dict:
+    url = f"{glance.url}/v2/images/{image_id}/file"
+    rows: dict[str, list[float]] = {k: [] for k in ("null_mibs", "file_mibs", "tfs_mibs", "ratio_null",
+                                                    "ratio_file", "cpu_s_per_gib")}
+    for i in range(runs):
+        null = curl(url, "/dev/null")
+        copy = work / "copy.raw"
+        to_file = curl(url, str(copy))
+        copy.unlink()
+        m = Mount(work / f"mnt-cold{i}", glance.url, work / f"cache-cold{i}", "--cache-size",
+                  f"{2 * size // MiB}M", *extra)
+        try:
+            m.mount()
+            img = m.image(image_id)
+            img.stat()  # the listing, not the read
+            cpu0 = cpu_seconds(m.pid)
+            secs, n = seq_read(img)
+            cpu = cpu_seconds(m.pid) - cpu0
+            assert n == size, (n, size)
+        finally:
+            m.cleanup()
+            shutil.rmtree(work / f"cache-cold{i}", ignore_errors=True)
+        rows["null_mibs"].append(size / null / MiB)
+        rows["file_mibs"].append(size / to_file / MiB)
+        rows["tfs_mibs"].append(size / secs / MiB)
+        rows["ratio_null"].append(null / secs)
+        rows["ratio_file"].append(to_file / secs)
+        rows["cpu_s_per_gib"].append(cpu / (size / GiB))
+        print(f"  run {i + 1}: curl>/dev/null {size / null / MiB:.0f} MiB/s, curl>file+sync "
+              f"{size / to_file / MiB:.0f} MiB/s, thunderfs {size / secs / MiB:.0f} MiB/s "
+              f"({cpu / (size / GiB):.2f} CPU s/GiB)", flush=True)
+    out = {k: spread(v) for k, v in rows.items()}
+    print(f"cold: thunderfs / curl>/dev/null {fmt(out['ratio_null'])} (target >= 0.5), "
+          f"/ curl>file+sync {fmt(out['ratio_file'])} (target >= 1.5); CPU {fmt(out['cpu_s_per_gib'])} s/GiB")
+    return out
+
+
+def warm_step(work: Path, glance: LocalGlance, image_id: str, native: Path, size: int, runs: int,
+              runtime: int, variants: dict[str, list[str]]) -> dict:
+    mounts = {}
+    for name, extra in variants.items():
+        m = Mount(work / f"mnt-{name}", glance.url, work / f"cache-{name}", "--cache-size",
+                  f"{2 * size // MiB}M", *extra)
+        m.mount()
+        mounts[name] = m
+        res = thunderfs("warm", str(m.path), image_id, "--quiet", timeout=900)
+        if res.returncode:
+            raise RuntimeError(f"warm failed: {res.stderr}")
+    out: dict = {}
+    try:
+        for job, (key, target) in WARM_JOBS.items():
+            ratios: dict[str, list[float]] = {name: [] for name in mounts}
+            cpus: dict[str, list[float]] = {name: [] for name in mounts}
+            natives = []
+            for i in range(runs):
+                nat = fio(job, native, runtime)
+                natives.append(nat[key])
+                line = [f"native {nat[key]:.0f}"]
+                for name, m in mounts.items():
+                    cpu0 = cpu_seconds(m.pid)
+                    r = fio(job, m.image(image_id), runtime, m.data_file(image_id))
+                    cpus[name].append((cpu_seconds(m.pid) - cpu0) / max(r["bytes"] / GiB, 1e-9))
+                    ratios[name].append(r[key] / nat[key])
+                    line.append(f"{name} {r[key]:.0f} ({r[key] / nat[key]:.2f} x, {cpus[name][-1]:.2f} CPU s/GiB)")
+                print(f"  {job} run {i + 1} ({'MiB/s' if key == 'bw' else 'IOPS'}): " + ", ".join(line), flush=True)
+            out[job] = {"unit": "MiB/s" if key == "bw" else "IOPS", "target": target,
+                        "native": spread(natives),
+                        **{name: {"ratio": spread(ratios[name]), "cpu_s_per_gib": spread(cpus[name])}
+                           for name in mounts}}
+            print(f"{job}: " + "; ".join(f"{name} {fmt(out[job][name]['ratio'])} x native" for name in mounts)
+                  + f" (target >= {target})", flush=True)
+    finally:
+        for m in mounts.values():
+            m.cleanup()
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-mib", type=int, default=512)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runtime", type=int, default=5, help="seconds of each time-based fio job")
+    ap.add_argument("--only", default="cold,warm")
+    ap.add_argument("--passthrough", action="store_true", help="also a warm mount with --passthrough")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    only = set(args.only.split(","))
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    results: dict = {"date": datetime.date.today().isoformat(), "commit": commit, "size_mib": args.size_mib,
+                     "runs": args.runs}
+    with tempfile.TemporaryDirectory(prefix="thunderfs-dataplane-", dir="/var/tmp") as tmp:
+        work = Path(tmp)
+        glance = LocalGlance(work / "glance")
+        try:
+            glance.start()
+            native = work / "native.raw"
+            with open(native, "wb") as f:
+                for _ in range(args.size_mib):
+                    f.write(os.urandom(MiB))
+            image_id = glance.upload("dataplane", native)["id"]
+            size = native.stat().st_size
+            print(f"image {args.size_mib} MiB of random bytes; real Glance on loopback; commit {commit}")
+            if "cold" in only:
+                results["cold"] = cold_step(work, glance, image_id, size, args.runs, [])
+            if "warm" in only:
+                variants = {"thunderfs": []}
+                if args.passthrough:
+                    variants["passthrough"] = ["--passthrough"]
+                results["warm"] = warm_step(work, glance, image_id, native, size, args.runs, args.runtime, variants)
+        finally:
+            glance.stop()
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
