@@ -351,3 +351,24 @@ async def test_a_sealed_image_is_checked_whole_then_kept_whole(tmp_path, index):
     readers.unseal(meta)
     assert img.sealed == 0 and not img.pins
     store.close()
+
+
+async def test_a_file_system_without_rwf_nowait_is_read_in_threads(tmp_path, index, monkeypatch):
+    """tmpfs answers RWF_NOWAIT with EOPNOTSUPP (found by the full-disk test, whose cache is on
+    tmpfs): every read then goes to a thread instead of failing."""
+    import errno as errno_mod
+    store = store_of(tmp_path, index)
+    img = store.image(CONTENT, 2 * CS)
+    data = os.urandom(2 * CS)
+    store.stage(img, 0, data)
+    real = os.preadv
+
+    def no_nowait(fd, buffers, offset, flags=0):
+        if flags & os.RWF_NOWAIT:
+            raise OSError(errno_mod.EOPNOTSUPP, "Operation not supported")
+        return real(fd, buffers, offset, flags)
+
+    monkeypatch.setattr(os, "preadv", no_nowait)
+    assert await store.read(img, 10, CS) == data[10:CS + 10]
+    assert store.statistics()["reads_threaded"] == 1
+    store.close()

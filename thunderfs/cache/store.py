@@ -88,8 +88,11 @@ def read_checked(fd: int, offset: int, n: int, a: int, b: int, expect, cs: int,
     want = -(-n // _PAGE) * _PAGE  # O_DIRECT reads whole pages; the file's end cuts the last one short
     try:
         got = os.preadv(fd, [memoryview(buf)[:want]], offset, os.RWF_NOWAIT if nowait else 0)
-    except BlockingIOError:
-        return None
+    except OSError as exc:
+        # EAGAIN: not all in the page cache; EOPNOTSUPP: no RWF_NOWAIT here (tmpfs): a thread reads it.
+        if nowait and exc.errno in (errno.EAGAIN, errno.EOPNOTSUPP):
+            return None
+        raise
     if got < n:
         return None if nowait else (b"", 0)  # shorter than the index says: as good as rot
     view = memoryview(buf)[:n]
