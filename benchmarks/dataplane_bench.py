@@ -6,12 +6,17 @@
          local file; the page cache of both (the daemon's cache file included) dropped first.
          ``--passthrough`` adds a second warm mount with ``--passthrough`` (complete images
          served by the kernel from the cache file).
+  boot   the recorded Debian boot's reads (../shared/data/debian-boot-trace.txt, 668 reads of a
+         2 GiB disk) replayed with O_DIRECT, as fast as they complete, through a cold mount with
+         no profile and no peer  vs  httpdirfs (C, FUSE, 8 MiB segments, disk cache; Debian's)
+         over nginx serving Glance's own copy of the same bytes; and what Glance sent per byte
+         read (target <= 1.5).
 
 CPU per GiB is the serving process's user+system time over the step, per GiB it served.  Each
 step runs ``--runs`` times, interleaved with its baseline; every ratio is the median of the
 per-run ratios, given with its range.
 
-Usage: .venv/bin/python benchmarks/dataplane_bench.py [--size-mib 512] [--runs 3] [--only cold,warm]
+Usage: .venv/bin/python benchmarks/dataplane_bench.py [--size-mib 512] [--runs 3] [--only cold,warm,boot]
                           [--passthrough] [--json benchmarks/results/dataplane.json]
 """
 
@@ -32,7 +37,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from harness.local_glance import LocalGlance  # noqa: E402
+from harness import boot_trace  # noqa: E402
+from harness.local_glance import LocalGlance, free_port  # noqa: E402
 from harness.mounts import Mount, thunderfs  # noqa: E402
 from harness.pagecache import drop_page_cache  # noqa: E402
 
@@ -168,12 +174,97 @@ def warm_step(work: Path, glance: LocalGlance, image_id: str, native: Path, size
     return out
 
 
+NGINX_CONF = """daemon off;
+user root;  # Glance's copy lies in a directory only root reads
+worker_processes 1;
+error_log {dir}/error.log;
+pid {dir}/nginx.pid;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    sendfile on;
+    server {{ listen 127.0.0.1:{port}; root {root}; autoindex on; }}
+}}
+"""
+
+
+def boot_step(work: Path, glance: LocalGlance, runs: int) -> dict:
+    """The boot trace cold: thunderfs (no profile, no peer) vs httpdirfs over nginx."""
+    for tool in ("nginx", "httpdirfs"):
+        if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
+            raise SystemExit(f"{tool} is not installed: scripts/setup.sh --bench installs it")
+    reads = boot_trace.load()
+    wanted = sum(r.size for r in reads)
+    disk = work / "boot.raw"
+    with open(disk, "wb") as f:
+        for _ in range(2048):
+            f.write(os.urandom(MiB))
+    boot_id = glance.upload("boot", disk)["id"]
+    disk.unlink()
+    root = work / "www"
+    root.mkdir()
+    (root / "disk.raw").symlink_to(glance.dir / "images" / boot_id)
+    port = free_port()
+    (work / "nginx.conf").write_text(NGINX_CONF.format(dir=work, port=port, root=root))
+    nginx = subprocess.Popen([shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(work / "nginx.conf"),
+                              "-p", str(work)], start_new_session=True)
+    rows: dict[str, list[float]] = {k: [] for k in ("tfs_s", "httpdirfs_s", "ratio", "glance_per_read",
+                                                    "cpu_s_per_gib_read")}
+    try:
+        for i in range(runs):
+            hmnt, hcache = work / f"h{i}", work / f"hcache{i}"
+            hmnt.mkdir()
+            hcache.mkdir()
+            h = subprocess.Popen(["httpdirfs", "-f", "--no-range-check", "--cache", "--cache-location", str(hcache), "--dl-seg-size", "8",
+                                  f"http://127.0.0.1:{port}/", str(hmnt)], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, start_new_session=True)
+            try:
+                deadline = time.monotonic() + 30
+                while not (hmnt / "disk.raw").exists():
+                    if time.monotonic() > deadline or h.poll() is not None:
+                        raise RuntimeError("httpdirfs did not mount")
+                    time.sleep(0.1)
+                h_secs = boot_trace.replay(hmnt / "disk.raw", reads)
+            finally:
+                subprocess.run(["fusermount3", "-u", str(hmnt)], capture_output=True)
+                h.wait(30)
+                shutil.rmtree(hcache, ignore_errors=True)
+            m = Mount(work / f"mnt-boot{i}", glance.url, work / f"cache-boot{i}")
+            try:
+                m.mount()
+                img = m.image(boot_id)
+                img.stat()
+                before = m.stats()["glance"]["bytes"]
+                cpu0 = cpu_seconds(m.pid)
+                t_secs = boot_trace.replay(img, reads)
+                cpu = cpu_seconds(m.pid) - cpu0
+                sent = m.stats()["glance"]["bytes"] - before
+            finally:
+                m.cleanup()
+                shutil.rmtree(work / f"cache-boot{i}", ignore_errors=True)
+            rows["tfs_s"].append(t_secs)
+            rows["httpdirfs_s"].append(h_secs)
+            rows["ratio"].append(t_secs / h_secs)
+            rows["glance_per_read"].append(sent / wanted)
+            rows["cpu_s_per_gib_read"].append(cpu / (wanted / GiB))
+            print(f"  run {i + 1}: httpdirfs {h_secs:.2f} s, thunderfs {t_secs:.2f} s ({t_secs / h_secs:.2f} x), "
+                  f"Glance sent {sent / MiB:.1f} MiB for {wanted / MiB:.1f} MiB read ({sent / wanted:.2f})",
+                  flush=True)
+    finally:
+        nginx.terminate()
+        nginx.wait(30)
+    out = {k: spread(v) for k, v in rows.items()}
+    print(f"boot trace cold, no profile: thunderfs / httpdirfs {fmt(out['ratio'])} (target <= 1.0); "
+          f"Glance bytes per byte read {fmt(out['glance_per_read'])} (target <= 1.5)")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-mib", type=int, default=512)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--runtime", type=int, default=5, help="seconds of each time-based fio job")
-    ap.add_argument("--only", default="cold,warm")
+    ap.add_argument("--only", default="cold,warm,boot")
     ap.add_argument("--passthrough", action="store_true", help="also a warm mount with --passthrough")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -201,6 +292,8 @@ def main() -> int:
                 if args.passthrough:
                     variants["passthrough"] = ["--passthrough"]
                 results["warm"] = warm_step(work, glance, image_id, native, size, args.runs, args.runtime, variants)
+            if "boot" in only:
+                results["boot"] = boot_step(work, glance, args.runs)
         finally:
             glance.stop()
     if args.json:
