@@ -80,7 +80,8 @@ class MountConfig:
     fetch_timeout: float = option(20.0, "seconds a read may wait for an uncached chunk before EIO", check=positive)
     connect_timeout: float = option(3.0, "seconds to connect to Glance", check=positive)
     listing_ttl: float = option(10.0, "seconds between image listings", check=positive)
-    readahead: int = option(64 * 2**20, "largest window fetched ahead of a sequential reader, 0 for none",
+    readahead: int = option(64 * 2**20, "largest window fetched ahead of a sequential reader; 0: nothing is "
+                                        "fetched beyond what is read",
                             parse=size, check=not_negative)
     kernel_readahead: int = option(2**20, "the kernel's readahead on the mount: the size of its read requests",
                                    parse=size, check=not_negative)

@@ -254,7 +254,8 @@ async def run(config: MountConfig, keystone: KeystoneSettings | None = None,
                               fetch_timeout=config.fetch_timeout, concurrency=config.origin_concurrency,
                               rate=config.origin_rate)
         fetcher = Fetcher(store, [peers, glance] if peers else [glance], fetch_timeout=config.fetch_timeout,
-                          max_request=config.max_request, observe=metrics.observe if metrics else None)
+                          max_request=config.max_request, observe=metrics.observe if metrics else None,
+                          bdp=glance.cost.bdp)
         profiles = Profiles(fetcher, tracker, chunk_size=config.chunk_size,
                             record_window=config.record_window, record_idle=config.record_idle,
                             prefetch_flights=config.prefetch_flights, prefetch_idle=config.prefetch_idle,

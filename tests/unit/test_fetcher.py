@@ -256,3 +256,22 @@ async def test_every_delivered_run_is_observed_by_source(store):
 def test_a_fetcher_needs_a_source(store):
     with pytest.raises(ValueError):
         fetcher_of(store)
+
+
+async def test_a_miss_that_ends_a_read_brings_the_next_chunks_in_the_same_request_within_budget(store):
+    """Scattered small reads (a boot's, with no profile): each miss at a read's end asks for the
+    missing chunks after it in the same request, as far as 0.4 of the bytes read so far allows,
+    up to the origin's bandwidth-delay product; the origin never sends 1.5 x what was read."""
+    src = MemorySource("origin", DATA)
+    fetcher = fetcher_of(store, src, bdp=lambda: 2 * CS)
+    async with running(fetcher):
+        r = reader_of(store, fetcher, readahead=2**20)
+        assert await r.read(0, CS) == DATA[:CS]  # credit 0.4 chunk: nothing more
+        assert await r.read(10 * CS, 2 * CS) == DATA[10 * CS:12 * CS]  # credit 1.2: one more
+        assert await r.read(12 * CS, 100) == DATA[12 * CS:12 * CS + 100]  # served by it, no request
+        assert await r.read(30 * CS, 8 * CS) == DATA[30 * CS:38 * CS]  # credit 3.4, capped at the BDP: 2
+        assert await r.read(20 * CS, CS) == DATA[20 * CS:21 * CS]  # credit spent: nothing more
+        assert await r.read(19 * CS, 2 * CS) == DATA[19 * CS:21 * CS]  # a miss not at the read's end
+    assert src.asks == [[0], [10, 11, 12], list(range(30, 40)), [20], [19]]
+    read = CS + 2 * CS + 100 + 8 * CS + CS + 2 * CS
+    assert fetcher.statistics()["bytes_from_origin"] <= 1.5 * read

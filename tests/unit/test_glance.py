@@ -247,3 +247,15 @@ async def test_a_glance_outage_fails_reads_with_one_line_and_no_traceback(store,
         with pytest.raises(FetchFailed, match="gave up after 5s"):
             await Readers(store, fetcher).open(META).read(0, CS)
     assert not [r for r in caplog.records if r.exc_info], "an outage is no bug: no traceback"
+
+
+def test_the_request_cost_is_a_fixed_time_and_a_rate_and_their_product_the_bdp():
+    from thunderfs.fetch.glance import RequestCost
+    cost = RequestCost(default_bdp=12345)
+    assert cost.bdp() == 12345  # nothing measured yet
+    for _ in range(50):
+        cost.observe(64 * 1024, 0.007)  # small requests: the fixed cost
+        cost.observe(16 * 2**20, 0.007 + 16 / 1000)  # large ones: 1000 MiB/s beyond it
+    assert cost.fixed == pytest.approx(0.007, rel=0.01)
+    assert cost.rate == pytest.approx(1000 * 2**20, rel=0.01)
+    assert cost.bdp() == pytest.approx(0.007 * 1000 * 2**20, rel=0.02)

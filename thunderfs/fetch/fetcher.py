@@ -68,7 +68,8 @@ class _Sink:
 
 class Fetcher:
     def __init__(self, store: ChunkStore, sources: Sequence[Source], *, fetch_timeout: float = 20.0,
-                 max_request: int = 16 * 2**20, observe: Callable[[str, float], None] | None = None):
+                 max_request: int = 16 * 2**20, observe: Callable[[str, float], None] | None = None,
+                 bdp: Callable[[], int] | None = None):
         if not sources:
             raise ValueError("a fetcher needs at least one source")
         self._store = store
@@ -83,6 +84,7 @@ class Fetcher:
         self._nursery: trio.Nursery | None = None
         # Called with (source, seconds) for every run of chunks a source delivered (metrics).
         self._observe = observe
+        self._bdp = bdp  # the origin's bandwidth-delay product (bytes), if it measures one
         self._stats = dict.fromkeys(("chunks_fetched", "bytes_fetched", "flights", "demand_waits",
                                      "readahead_chunks", "failures"), 0)
         for s in self._sources:
@@ -112,6 +114,10 @@ class Fetcher:
             keys = [(img.content, c) for c in range(first, first + count)]
             flights.append(self._flights.launch(self._nursery, keys, self._fly, state=run))
         return flights
+
+    def bdp(self) -> int:
+        """How many bytes more a request may carry for about the price of one more request."""
+        return self._bdp() if self._bdp is not None else self.max_chunks * self._cs
 
     def in_flight(self, img: ImageData, chunk: int) -> bool:
         return (img.content, chunk) in self._flights

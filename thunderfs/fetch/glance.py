@@ -29,6 +29,33 @@ from thunderfs_common.glance import GlanceClient, GlanceError, GlanceUnavailable
 PLACE_STEP = 2**20
 
 
+class RequestCost:
+    """What a Glance request costs: a fixed time per request and a rate per byte, estimated from
+    the requests made (moving averages), and their product, the bandwidth-delay product: a
+    request may carry that many bytes more for about the price of one more request."""
+
+    SMALL = 256 * 1024  # requests up to this size time the fixed cost
+    LARGE = 2**20  # requests from this size time the rate
+    WEIGHT = 0.2
+
+    def __init__(self, default_bdp: int = 2**20):
+        self.fixed: float | None = None  # seconds
+        self.rate: float | None = None  # bytes/s
+        self._default = default_bdp
+
+    def observe(self, nbytes: int, seconds: float) -> None:
+        if nbytes <= self.SMALL:
+            self.fixed = seconds if self.fixed is None else self.fixed + self.WEIGHT * (seconds - self.fixed)
+        elif nbytes >= self.LARGE and self.fixed is not None and seconds > self.fixed:
+            rate = nbytes / (seconds - self.fixed)
+            self.rate = rate if self.rate is None else self.rate + self.WEIGHT * (rate - self.rate)
+
+    def bdp(self) -> int:
+        if self.fixed is None or self.rate is None:
+            return self._default
+        return int(self.fixed * self.rate)
+
+
 class GlanceSource:
     name = "origin"
 
@@ -41,6 +68,7 @@ class GlanceSource:
         self._slots = PrioritySlots(concurrency)
         self._bucket = TokenBucket(rate)
         self.breaker = Breaker("Glance")
+        self.cost = RequestCost()
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         await self.breaker.run(task_status=task_status)
@@ -71,8 +99,11 @@ class GlanceSource:
                     placed = -(-(offset + len(data)) // cs)
 
                 async def attempt() -> None:
-                    if placed * cs < b:
-                        await self._origin.read_range(meta.id, placed * cs, b, on_piece, step * cs)
+                    at = placed * cs
+                    if at < b:
+                        started = trio.current_time()
+                        await self._origin.read_range(meta.id, at, b, on_piece, step * cs)
+                        self.cost.observe(b - at, trio.current_time() - started)
 
                 await with_retries(attempt, timeout=deadline_for(self._timeout, b - a),
                                    what=f"Glance read of {meta.id} chunks {rfirst}..{rfirst + rcount - 1}",
@@ -91,4 +122,8 @@ class GlanceSource:
         return GlanceUnavailable("Glance is unreachable (another read gave up on it)") if self.breaker.is_open else None
 
     def statistics(self) -> dict:
-        return {"origin_slots": self._slots.statistics(), "origin_breaker": self.breaker.statistics()}
+        cost = self.cost
+        return {"origin_slots": self._slots.statistics(), "origin_breaker": self.breaker.statistics(),
+                "origin_request_ms": round(cost.fixed * 1000, 2) if cost.fixed is not None else None,
+                "origin_mib_s": round(cost.rate / 2**20) if cost.rate is not None else None,
+                "origin_bdp": cost.bdp()}
