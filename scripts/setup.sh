@@ -12,9 +12,10 @@ cd "$(dirname "$0")/.."
 # tests boot the small VM that Nova's instance disk holds (tests/test_nova.py).
 APT_PACKAGES=(fuse3 libfuse3-dev pkg-config curl fio iproute2 e2fsprogs systemd nftables redis-server
               qemu-system-x86 qemu-utils linux-image-amd64 busybox-static)
-# --bench: also what the Debian boot benchmarks need (debootstrap).
+# --bench: also what the benchmarks need beyond that: debootstrap (the Debian boot image),
+# httpdirfs and nginx (the C FUSE HTTP client baseline of benchmarks/dataplane_bench.py).
 if [ "${1:-}" = "--bench" ]; then
-    APT_PACKAGES+=(debootstrap)
+    APT_PACKAGES+=(debootstrap httpdirfs nginx-light)
 fi
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
