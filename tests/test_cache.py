@@ -52,8 +52,10 @@ def test_remount_serves_cached_chunks_with_glance_stopped(own_glance, mounts, tm
     assert f"image {image_id} chunk 48" in log  # one line naming the image and the chunk
     assert m.stats()["glance"]["bytes"] == 0
 
-    # Glance back: reads work again without a remount.
+    # Glance back: reads work again without a remount, once the breaker's probe (at most 2 s
+    # apart) has found it back; until then a read fails at once.
     own_glance.start()
+    wait_for(lambda: not m.stats()["fetch"]["origin_breaker"]["open"], what="the probe to find Glance back")
     with open(m.image(image_id), "rb") as f:
         assert f.read() == data
 

@@ -9,6 +9,7 @@ import trio
 
 from fakes import CS
 from thunderfs.cache.index import Put
+import thunderfs.cache.store as store_mod
 from thunderfs.cache.store import ABSENT, INDEXED, PENDING, ChunkStore
 from thunderfs.errors import ChunkCorrupt
 from thunderfs.fetch.source import runs
@@ -371,4 +372,25 @@ async def test_a_file_system_without_rwf_nowait_is_read_in_threads(tmp_path, ind
     monkeypatch.setattr(os, "preadv", no_nowait)
     assert await store.read(img, 10, CS) == data[10:CS + 10]
     assert store.statistics()["reads_threaded"] == 1
+    store.close()
+
+
+async def test_chunks_a_sequential_reader_will_need_are_read_into_the_page_cache(tmp_path, index):
+    store = store_of(tmp_path, index)
+    img = store.image(CONTENT, 4 * CS)
+    data = os.urandom(4 * CS)
+    store.stage(img, 0, data)
+    await store.commit()
+    _evict_pages(img.path)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        store.will_need_nowait(img, 1, 3)
+        with trio.fail_after(10):
+            while True:  # until the kernel has them: then a read needs no thread
+                if store_mod.read_checked(img.fd, CS, 3 * CS, 0, 0, img.xxh[1:4], CS, nowait=True) is not None:
+                    break
+                await trio.sleep(0.01)
+        assert await store.read(img, CS, 3 * CS) == data[CS:]
+        assert store.statistics()["reads_threaded"] == 0
+        nursery.cancel_scope.cancel()
     store.close()

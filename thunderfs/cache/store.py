@@ -196,6 +196,7 @@ class ChunkStore:
         self._pin_ids = itertools.count()
         self._last_full_warning = 0.0
         self._io = trio.CapacityLimiter(io_threads)  # reads that wait for the disk, at once
+        self._will_need, self._will_need_recv = trio.open_memory_channel[tuple[ImageData, int, int]](64)
         self._stats = dict.fromkeys(
             ("bytes_read_disk", "bytes_checked", "reads_inline", "reads_threaded", "bytes_read_memory", "chunks_staged", "chunks_committed", "evictions",
              "corrupt_dropped", "disk_full_events", "bytes_not_cached", "commit_failures"), 0)
@@ -508,8 +509,31 @@ class ChunkStore:
 
     # --- the committer ---------------------------------------------------------------------
 
+    def will_need_nowait(self, img: ImageData, first: int, last: int) -> None:
+        """A sequential reader will want chunks ``first..last`` soon: have the kernel read them
+        into the page cache now (``POSIX_FADV_WILLNEED``, in a worker), so that its reads find
+        them there and are served in the event loop.  Dropped when too many are queued."""
+        try:
+            self._will_need.send_nowait((img, first, last))
+        except trio.WouldBlock:
+            pass
+
+    async def _read_ahead(self) -> None:
+        async for img, first, last in self._will_need_recv:
+            offset = first * self.chunk_size
+            length = min(img.size, (last + 1) * self.chunk_size) - offset
+            if self._images.get(img.content) is img:
+                await trio.to_thread.run_sync(os.posix_fadvise, img.fd, offset, length, os.POSIX_FADV_WILLNEED,
+                                              limiter=self._io)
+
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Commit staged chunks and queued deletes every ``commit_interval``; flush last-use times."""
+        """Commit staged chunks and queued deletes every ``commit_interval``; flush last-use times;
+        read ahead in the data files for sequential readers (``will_need_nowait``)."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._read_ahead)
+            await self._commit_loop(task_status)
+
+    async def _commit_loop(self, task_status) -> None:
         task_status.started()
         last_touch = time.monotonic()
         while True:

@@ -128,6 +128,8 @@ class Reader:
         missing = img.missing(ra_first, target)
         if missing:
             fetcher.start(self.meta, img, missing, READAHEAD)
+        if len(missing) < target - ra_first + 1:  # cached ones ahead: into the page cache with them
+            self._store.will_need_nowait(img, ra_first, target)
 
 
 class Readers:
