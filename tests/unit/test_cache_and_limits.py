@@ -158,11 +158,22 @@ async def test_reads_the_page_cache_lacks_go_to_threads_checked_the_same(tmp_pat
         f.seek(3 * CS + 9)
         f.write(b"\xff\x00\xfe")
     _evict_pages(img.path)
+    store._disk_wait = None  # (the disk's pace unknown again: the next read goes to a thread)
     threaded = store.statistics()["reads_threaded"]
     with pytest.raises(ChunkCorrupt) as exc:
         await store.read(img, 2 * CS, 2 * CS)
     assert store.statistics()["reads_threaded"] == threaded + 1
     assert exc.value.chunk == 3 and img.state[3] == ABSENT and img.state[2] == INDEXED
+    # A disk that answers fast is read from the event loop, checked the same.
+    store._disk_wait = 1e-6
+    with open(img.path, "r+b") as f:
+        f.seek(CS + 9)
+        f.write(b"\xff\x00\xfe")
+    _evict_pages(img.path)
+    with pytest.raises(ChunkCorrupt) as exc:
+        await store.read(img, 0, 2 * CS)
+    assert exc.value.chunk == 1 and store.statistics()["reads_disk_inline"] == 1
+    assert await store.read(img, 10, 100) == data[10:110]
     store.close()
 
 
@@ -393,4 +404,38 @@ async def test_chunks_a_sequential_reader_will_need_are_read_into_the_page_cache
         assert await store.read(img, CS, 3 * CS) == data[CS:]
         assert store.statistics()["reads_threaded"] == 0
         nursery.cancel_scope.cancel()
+    store.close()
+
+
+async def test_reads_waiting_for_a_slow_disk_overlap_in_threads(tmp_path, index, monkeypatch):
+    """Once the disk is slow (its recent reads took more than INLINE_DISK_WAIT), reads that miss
+    the page cache wait for it in worker threads, side by side: four of them meet at a barrier
+    that would never open if they were read one after the other in the event loop."""
+    import threading
+    store = store_of(tmp_path, index)
+    img = store.image(CONTENT, 4 * CS)
+    data = os.urandom(4 * CS)
+    store.stage(img, 0, data)
+    await store.commit()
+    barrier = threading.Barrier(4, timeout=10)
+    real = store_mod.read_checked
+
+    def slow_disk(fd, offset, n, a, b, expect, cs, nowait=False):
+        if nowait:
+            return None  # nothing in the page cache
+        barrier.wait()
+        return real(fd, offset, n, a, b, expect, cs)
+
+    monkeypatch.setattr(store_mod, "read_checked", slow_disk)
+    store._disk_wait = 0.05  # 50 ms a read lately
+    got = {}
+
+    async def read(i: int) -> None:
+        got[i] = await store.read(img, i * CS, CS)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(4):
+            nursery.start_soon(read, i)
+    assert b"".join(got[i] for i in range(4)) == data
+    assert store.statistics()["reads_threaded"] == 4 and store.statistics()["reads_disk_inline"] == 0
     store.close()
