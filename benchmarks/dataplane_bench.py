@@ -41,6 +41,7 @@ from harness import boot_trace  # noqa: E402
 from harness.local_glance import LocalGlance, free_port  # noqa: E402
 from harness.mounts import Mount, thunderfs  # noqa: E402
 from harness.pagecache import drop_page_cache  # noqa: E402
+from read_bench import make_image, seq_read  # noqa: E402  (this directory)
 
 MiB, GiB = 2**20, 2**30
 JOBS = REPO / "benchmarks" / "fio"
@@ -85,16 +86,6 @@ def curl(url: str, out: str) -> float:
     if out != "/dev/null":
         subprocess.run(["sync", out], check=True)
     return time.perf_counter() - t
-
-
-def seq_read(path: Path, bs: int = MiB) -> tuple[float, int]:
-    buf = bytearray(bs)
-    total = 0
-    t = time.perf_counter()
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            total += n
-    return time.perf_counter() - t, total
 
 
 def cold_step(work: Path, glance: LocalGlance, image_id: str, size: int, runs: int, extra: list[str]) -> dict:
@@ -203,9 +194,7 @@ def boot_step(work: Path, glance: LocalGlance, runs: int) -> dict:
     reads = boot_trace.load()
     wanted = sum(r.size for r in reads)
     disk = work / "boot.raw"
-    with open(disk, "wb") as f:
-        for _ in range(2048):
-            f.write(os.urandom(MiB))
+    make_image(disk, 2 * GiB)
     boot_id = glance.upload("boot", disk)["id"]
     disk.unlink()
     root = work / "www"
@@ -290,9 +279,7 @@ def main() -> int:
         try:
             glance.start()
             native = work / "native.raw"
-            with open(native, "wb") as f:
-                for _ in range(args.size_mib):
-                    f.write(os.urandom(MiB))
+            make_image(native, args.size_mib * MiB)
             image_id = glance.upload("dataplane", native)["id"]
             size = native.stat().st_size
             print(f"image {args.size_mib} MiB of random bytes; real Glance on loopback; commit {commit}")

@@ -362,9 +362,11 @@ class ChunkStore:
         """Bytes ``[a, b)`` of chunks ``first..last`` (offsets from the first chunk's start), read
         whole from the data file, each chunk checked against its xxh3 (``read_checked``).  In the
         event loop when the page cache holds the whole run (``preadv2(RWF_NOWAIT)``: a copy and
-        a hash cost ~70 us a MiB, a hop to a thread ~100 us); else in a worker thread, from the
-        disk with O_DIRECT, so that reads waiting for the disk overlap (up to ``io_threads``)
-        instead of stalling the loop one after the other."""
+        a hash cost ~70 us a MiB, a hop to a thread ~100 us).  Else from the disk with O_DIRECT:
+        in the loop too while the disk is fast (a small run, recent reads under
+        ``INLINE_DISK_WAIT``), in a worker thread when it is slow, so that reads waiting for it
+        overlap (up to ``io_threads``) instead of stalling the loop one after the other.
+        ``nowait`` False (``verify``): always in a thread."""
         cs = self.chunk_size
         offset = first * cs
         n = min(img.size, (last + 1) * cs) - offset
