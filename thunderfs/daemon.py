@@ -319,7 +319,9 @@ async def run(config: MountConfig, keystone: KeystoneSettings | None = None,
                 stack.callback(_unmount_quietly, mountpoint)
 
         # The kernel checks the image files' owner and mode: only root and the image group read them.
-        backing = BackingFiles(fuse_fd, state) if config.passthrough else None
+        # Passthrough agreed by an earlier process but off now: its passthrough files stay so.
+        agreed = state.init is not None and state.init.passthrough
+        backing = BackingFiles(fuse_fd, state, seal_new=config.passthrough) if config.passthrough or agreed else None
         ops = Operations(catalog, readers, block_size=config.chunk_size, image_owner=owner,
                          image_mode=config.image_mode, state=state, backing=backing)
         session = Session(fuse_fd, ops, state, passthrough=config.passthrough)

@@ -73,8 +73,8 @@ class FakeReaders:
 class FakeBacking(BackingFiles):
     """The kernel's side of backing files: ids handed out, closes seen, or a refusal."""
 
-    def __init__(self, state, refuse=None):
-        super().__init__(-1, state)
+    def __init__(self, state, refuse=None, seal_new=True):
+        super().__init__(-1, state, seal_new=seal_new)
         self.refuse, self.registered, self.closed = refuse, [], []
 
     def _register(self, path):
@@ -324,3 +324,21 @@ async def test_a_kernel_that_refuses_backing_files_leaves_every_open_to_the_daem
     assert backing_id == 0 and fh % 2 == 0 and readers.unseals == [B.id]
     assert not backing.usable() and "refused a backing file" in caplog.text
     assert await ops.read(ino, fh, 0, 2) == b"xx"
+
+
+async def test_a_process_without_passthrough_keeps_the_files_an_earlier_one_opened_so(pt_state):
+    """Passthrough turned off and the daemon restarted while a VM reads in passthrough: that
+    inode's opens go on in passthrough (the kernel would fail any other), no new inode does."""
+    readers, backing = FakeReaders(), FakeBacking(pt_state)
+    readers.complete.update({A.id, B.id})
+    ops = Operations(FakeCatalog(A, B), readers, state=pt_state, backing=backing)
+    ino_b = (await lookup(ops, B.id)).ino
+    fh, backing_id = await ops.open(ino_b, os.O_RDONLY)
+    state = SessionState.load(pt_state.fd)
+    nxt = Operations(FakeCatalog(A, B), FakeReaders(), state=state, backing=FakeBacking(state, seal_new=False))
+    await nxt.start()
+    fh2, id2 = await nxt.open(ino_b, os.O_RDONLY)
+    assert id2 == backing_id and fh2 % 2 == 1
+    ino_a = (await lookup(nxt, A.id)).ino
+    fh3, id3 = await nxt.open(ino_a, os.O_RDONLY)
+    assert id3 == 0 and fh3 % 2 == 0

@@ -187,8 +187,9 @@ class Operations:
             # One decision at a time per inode: two first opens must not come out one of each kind.
             lock = self._deciding.setdefault(inode, trio.Lock())
             async with lock:
-                if backing.mode(inode) != "cached":
-                    backing_id = await self._open_passthrough(inode, meta, first=backing.mode(inode) is None)
+                mode = backing.mode(inode)
+                if mode == "passthrough" or (mode is None and backing.seal_new):
+                    backing_id = await self._open_passthrough(inode, meta, first=mode is None)
                     if backing_id:
                         fh = next(self._fh) + 1
                         self._handles[fh] = (inode, None)

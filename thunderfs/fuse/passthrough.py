@@ -26,9 +26,13 @@ log = logging.getLogger(__name__)
 
 
 class BackingFiles:
-    def __init__(self, fd: int, state: SessionState):
+    def __init__(self, fd: int, state: SessionState, *, seal_new: bool = True):
+        """``seal_new`` False: passthrough was agreed at INIT (by a process run with it) but is off
+        now: inodes the kernel reads in passthrough go on so until their last close (anything
+        else fails their opens), no other is opened so."""
         self._fd = fd
         self._state = state
+        self.seal_new = seal_new
         self._broken: str | None = None  # why the kernel refused a backing file: passthrough off
         self._stats = dict.fromkeys(("passthrough_opens", "cached_opens", "backing_opened", "backing_closed"), 0)
 
