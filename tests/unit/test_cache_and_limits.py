@@ -439,3 +439,20 @@ async def test_reads_waiting_for_a_slow_disk_overlap_in_threads(tmp_path, index,
     assert b"".join(got[i] for i in range(4)) == data
     assert store.statistics()["reads_threaded"] == 4 and store.statistics()["reads_disk_inline"] == 0
     store.close()
+
+
+async def test_a_large_read_that_ends_the_image_off_a_page_bound_goes_through_o_direct(tmp_path, index):
+    """A peer may ask for more than a thread keeps a buffer for (4 MiB), up to the image's end,
+    which need not fall on a page: the buffer is made for whole pages (O_DIRECT reads them)."""
+    cs = 64 * 1024
+    store = ChunkStore(tmp_path, index, cs, 2**30)
+    size = 80 * cs + 1234
+    img = store.image(CONTENT, size)
+    data = os.urandom(size)
+    store.stage(img, 0, data)
+    await store.commit()
+    _evict_pages(img.path)
+    store._disk_wait = 1.0  # slow: a worker reads it
+    assert await store.read(img, 0, size) == data
+    assert store.statistics()["reads_threaded"] == 1
+    store.close()
