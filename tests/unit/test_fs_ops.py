@@ -322,8 +322,23 @@ async def test_a_kernel_that_refuses_backing_files_leaves_every_open_to_the_daem
     ino = (await lookup(ops, B.id)).ino
     fh, backing_id = await ops.open(ino, os.O_RDONLY)
     assert backing_id == 0 and fh % 2 == 0 and readers.unseals == [B.id]
-    assert not backing.usable() and "refused a backing file" in caplog.text
+    assert not backing.sealing() and "refused a backing file" in caplog.text
     assert await ops.read(ino, fh, 0, 2) == b"xx"
+
+
+async def test_an_inode_in_passthrough_stays_so_after_the_kernel_refuses_another(pt_state):
+    """A later refusal (another file) stops new passthrough opens only: the kernel would fail a
+    cached open of an inode it reads in passthrough."""
+    readers, backing = FakeReaders(), FakeBacking(pt_state)
+    readers.complete.update({A.id, B.id})
+    ops = Operations(FakeCatalog(A, B), readers, state=pt_state, backing=backing)
+    ino_b = (await lookup(ops, B.id)).ino
+    _, id_b = await ops.open(ino_b, os.O_RDONLY)
+    backing.refuse = errno.EMFILE
+    ino_a = (await lookup(ops, A.id)).ino
+    assert (await ops.open(ino_a, os.O_RDONLY))[1] == 0
+    assert (await ops.open(ino_b, os.O_RDONLY))[1] == id_b
+    assert ops.statistics()["passthrough"].startswith("off: ")
 
 
 async def test_a_process_without_passthrough_keeps_the_files_an_earlier_one_opened_so(pt_state):

@@ -188,7 +188,7 @@ class Operations:
             lock = self._deciding.setdefault(inode, trio.Lock())
             async with lock:
                 mode = backing.mode(inode)
-                if mode == "passthrough" or (mode is None and backing.seal_new):
+                if mode == "passthrough" or (mode is None and backing.sealing()):
                     backing_id = await self._open_passthrough(inode, meta, first=mode is None)
                     if backing_id:
                         fh = next(self._fh) + 1

@@ -37,8 +37,13 @@ class BackingFiles:
         self._stats = dict.fromkeys(("passthrough_opens", "cached_opens", "backing_opened", "backing_closed"), 0)
 
     def usable(self) -> bool:
+        """Passthrough was agreed at INIT: inodes may be (or already are) read in passthrough."""
         init = self._state.init
-        return self._broken is None and init is not None and init.passthrough
+        return init is not None and init.passthrough
+
+    def sealing(self) -> bool:
+        """New inodes may be opened in passthrough (on, and the kernel never refused a file)."""
+        return self.seal_new and self._broken is None and self.usable()
 
     def mode(self, inode: int) -> str | None:
         """What the open files of ``inode`` are: "passthrough", "cached", or None (none open)."""
@@ -111,4 +116,5 @@ class BackingFiles:
 
     def statistics(self) -> dict:
         return {**self._stats, "passthrough_inodes": len(self.sealed_inodes()),
-                "passthrough": "off: " + self._broken if self._broken else "on" if self.usable() else "not agreed"}
+                "passthrough": "off: " + self._broken if self._broken else "on" if self.sealing()
+                else "not agreed" if not self.usable() else "off"}
