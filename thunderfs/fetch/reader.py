@@ -141,7 +141,7 @@ class Readers:
         self._fetcher = fetcher
         self._readahead = readahead
         self._on_open = list(on_open or ())
-        self._seals: dict[bytes, list] = {}  # content -> [ImageData, pin token, seals]
+        self._seals: dict[bytes, tuple[ImageData, int]] = {}  # content -> its image, its pin (img.sealed counts)
         self._checked: dict[bytes, float] = {}  # content -> when it was last checked whole
 
     # A seal checks the whole image unless it did so this recently (a VM's start opens its base
@@ -171,10 +171,8 @@ class Readers:
             if not ok:
                 return None
             self._checked[img.content] = trio.current_time()
-        seal = self._seals.get(img.content)
-        if seal is None:
-            seal = self._seals[img.content] = [img, store.pin(img, 0, img.nchunks - 1), 0]
-        seal[2] += 1
+        if img.content not in self._seals:
+            self._seals[img.content] = (img, store.pin(img, 0, img.nchunks - 1))
         img.sealed += 1
         return str(img.path)
 
@@ -182,10 +180,9 @@ class Readers:
         seal = self._seals.get(meta.content_key)
         if seal is None:
             return
-        img, token, _ = seal
-        seal[2] -= 1
+        img, token = seal
         img.sealed -= 1
-        if not seal[2]:
+        if not img.sealed:
             del self._seals[meta.content_key]
             self._store.unpin(img, token)
 
