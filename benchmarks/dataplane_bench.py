@@ -1,7 +1,11 @@
 """Issue 19's targets, each beside its baseline in the same run, with the daemon's CPU per GiB.
 
   cold   the whole image read cold through a fresh mount, 1 MiB reads  vs  curl from the same
-         Glance to /dev/null, and to a local file then ``sync`` (what Nova's download does)
+         Glance to /dev/null, and to a local file then ``sync`` (what Nova's download does).
+         Beside them, what bounds the daemon: its own Glance client (httpx on trio) receiving
+         the image and dropping it, in one request and in requests of the size the daemon made
+         in the same run, one after another; and the same requests written into a ChunkStore
+         as the daemon writes them (no FUSE, no reader).
   warm   fio jobs (benchmarks/fio/) through a warm mount  vs  the same jobs on the image as a
          local file; the page cache of both (the daemon's cache file included) dropped first.
          ``--passthrough`` adds a second warm mount with ``--passthrough`` (complete images
@@ -88,10 +92,52 @@ def curl(url: str, out: str) -> float:
     return time.perf_counter() - t
 
 
+def client_floor(glance: LocalGlance, image_id: str, size: int, request: int, work: Path) -> dict:
+    """Seconds the daemon's Glance client takes to receive the image (nothing done with the
+    bytes): in one request (``whole``), in requests of ``request`` bytes (``sized``); and in
+    those requests with every piece staged into a ChunkStore and committed (``cached``)."""
+    import trio
+
+    from thunderfs.cache.index import ChunkIndex
+    from thunderfs.cache.store import ChunkStore
+    from thunderfs.config import MountConfig
+    from thunderfs_common.glance import GlanceClient
+
+    cs = MountConfig.__dataclass_fields__["chunk_size"].default  # the daemon's default chunk
+
+    async def run(request: int, store) -> float:
+        async with GlanceClient(glance.url) as client:
+            img = store.image(b"floor", size) if store else None
+
+            def on_piece(offset: int, view) -> None:
+                if store is not None and not store.stage(img, offset // cs, view):
+                    raise RuntimeError("the floor's cache refused a piece")
+
+            t = time.perf_counter()
+            for a in range(0, size, request):
+                await client.read_range(image_id, a, min(size, a + request), on_piece)
+            if store is not None:
+                await store.commit()
+            return time.perf_counter() - t
+
+    out = {"whole": trio.run(run, size, None), "sized": trio.run(run, request, None)}
+    root = work / "floor-cache"
+    store = ChunkStore(root, ChunkIndex(root / "index"), cs, 2 * size)
+    try:
+        out["cached"] = trio.run(run, request, store)
+    finally:
+        store.close()
+        shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
 def cold_step(work: Path, glance: LocalGlance, image_id: str, size: int, runs: int, extra: list[str]) -> dict:
     url = f"{glance.url}/v2/images/{image_id}/file"
     rows: dict[str, list[float]] = {k: [] for k in ("null_mibs", "file_mibs", "tfs_mibs", "ratio_null",
-                                                    "ratio_file", "cpu_s_per_gib")}
+                                                    "ratio_file", "cpu_s_per_gib", "request_mib",
+                                                    "client_whole_mibs", "client_sized_mibs",
+                                                    "client_cached_mibs", "client_whole_ratio_null",
+                                                    "client_sized_ratio_null", "client_cached_ratio_null")}
     for i in range(runs):
         null = curl(url, "/dev/null")
         copy = work / "copy.raw"
@@ -107,6 +153,7 @@ def cold_step(work: Path, glance: LocalGlance, image_id: str, size: int, runs: i
             secs, n = seq_read(img)
             cpu = cpu_seconds(m.pid) - cpu0
             assert n == size, (n, size)
+            requests = m.stats()["glance"]["range_requests"]
         finally:
             m.cleanup()
             shutil.rmtree(work / f"cache-cold{i}", ignore_errors=True)
@@ -116,12 +163,24 @@ def cold_step(work: Path, glance: LocalGlance, image_id: str, size: int, runs: i
         rows["ratio_null"].append(null / secs)
         rows["ratio_file"].append(to_file / secs)
         rows["cpu_s_per_gib"].append(cpu / (size / GiB))
+        request = -(-size // max(1, requests) // MiB) * MiB  # the daemon's mean request, whole MiB
+        floor = client_floor(glance, image_id, size, request, work)
+        rows["request_mib"].append(request / MiB)
+        for k, v in floor.items():
+            rows[f"client_{k}_mibs"].append(size / v / MiB)
+            rows[f"client_{k}_ratio_null"].append(null / v)
         print(f"  run {i + 1}: curl>/dev/null {size / null / MiB:.0f} MiB/s, curl>file+sync "
               f"{size / to_file / MiB:.0f} MiB/s, thunderfs {size / secs / MiB:.0f} MiB/s "
-              f"({cpu / (size / GiB):.2f} CPU s/GiB)", flush=True)
+              f"({cpu / (size / GiB):.2f} CPU s/GiB, {requests} Glance requests); its Glance client "
+              f"alone: {size / floor['whole'] / MiB:.0f} MiB/s in one request, "
+              f"{size / floor['sized'] / MiB:.0f} in {request // MiB} MiB requests, "
+              f"{size / floor['cached'] / MiB:.0f} writing them to a cache", flush=True)
     out = {k: spread(v) for k, v in rows.items()}
     print(f"cold: thunderfs / curl>/dev/null {fmt(out['ratio_null'])} (target >= 0.5), "
           f"/ curl>file+sync {fmt(out['ratio_file'])} (target >= 1.5); CPU {fmt(out['cpu_s_per_gib'])} s/GiB")
+    print(f"cold: the daemon's Glance client alone / curl>/dev/null: {fmt(out['client_whole_ratio_null'])} "
+          f"in one request, {fmt(out['client_sized_ratio_null'])} in the daemon's requests, "
+          f"{fmt(out['client_cached_ratio_null'])} writing them to a cache")
     return out
 
 
