@@ -73,6 +73,9 @@ async def main(mountpoint: str):
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1].startswith("-"):
+        print(__doc__)
+        raise SystemExit(0 if sys.argv[1:2] in (["-h"], ["--help"]) else 2)
     src, mnt = sys.argv[1], os.path.abspath(sys.argv[2])
     pyfuse3.init(Passthrough(src), mnt, set(pyfuse3.default_options) | {"fsname=passthrough", "allow_other"})
     _set_kernel_readahead(Path(mnt), 1024)

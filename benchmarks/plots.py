@@ -15,8 +15,13 @@ import json
 import sys
 from pathlib import Path
 
-import matplotlib
-
+try:
+    import matplotlib
+except ImportError:
+    if sys.argv[1:2] in (["-h"], ["--help"]):
+        print(__doc__)
+        raise SystemExit(0)
+    raise SystemExit("plots.py needs matplotlib: bash scripts/setup.sh --bench")
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 

@@ -26,20 +26,25 @@ Fed with figures measured on this machine (a boot storm's results JSON from boot
 ``check`` compares it with the measured runs and prints the error; ``curve`` gives points for
 N = 1..10,000 (benchmarks/plots.py draws them).
 
-Usage: .venv/bin/python benchmarks/storm_model.py RESULTS.json [RESULTS.json ...]
+Two inputs are not in a storm's results: the tracker's and a host's peer request rates. Their
+defaults are ASSUMPTIONS carried from earlier runs of benchmarks/tracker_bench.py (1,600
+requests/s: announces and full states, 1,000 nodes) and benchmarks/peer_serve_bench.py (1,671
+64 KiB requests/s, client and server on 2 cores); pass what those print on your machine.
+
+Usage: .venv/bin/python benchmarks/storm_model.py RESULTS.json [...] [--tracker-rps R] [--peer-rps CP]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 MiB = 2**20
-TRACKER_REQUESTS_PER_S = 1600.0  # benchmarks/tracker_bench.py: announces + full states, 1,000 nodes
-PEER_REQUESTS_PER_S = 1671.0     # benchmarks/peer_serve_bench.py: 64 KiB requests, client + server, 2 cores
+TRACKER_REQUESTS_PER_S = 1600.0  # an assumption (see the docstring): --tracker-rps
+PEER_REQUESTS_PER_S = 1671.0     # an assumption (see the docstring): --peer-rps
 
 
 def rate(text: str) -> float:
@@ -101,9 +106,11 @@ def curve(way: str, p: Params, ns=(1, 2, 4, 8, 16, 32, 64, 100, 200, 500, 1000, 
     return [(n, *predict(way, n, p)) for n in ns]
 
 
-def check(results: dict) -> list[tuple[str, int, float, float, float, float]]:
+def check(results: dict, tracker_rps: float = TRACKER_REQUESTS_PER_S,
+          peer_rps: float = PEER_REQUESTS_PER_S) -> list[tuple[str, int, float, float, float, float]]:
     """(way, N, measured time, predicted time, measured egress, predicted egress) per way."""
     p = Params.from_results(results)
+    p.R, p.Cp = tracker_rps, peer_rps
     p.shared_host = True  # every node of a run here shares this machine's two cores
     rows = []
     for way, r in results["ways"].items():
@@ -116,19 +123,22 @@ def check(results: dict) -> list[tuple[str, int, float, float, float, float]]:
     return rows
 
 
-def main(paths: list[str]) -> int:
-    if not paths:
-        print(__doc__)
-        return 2
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("results", nargs="+", help="bootstorm.py results JSON")
+    ap.add_argument("--tracker-rps", type=float, default=TRACKER_REQUESTS_PER_S)
+    ap.add_argument("--peer-rps", type=float, default=PEER_REQUESTS_PER_S)
+    args = ap.parse_args()
+    print(f"assumed: tracker {args.tracker_rps:.0f} requests/s, a host's peer transfers {args.peer_rps:.0f}/s")
     worst = 0.0
-    for path in paths:
+    for path in args.results:
         results = json.loads(Path(path).read_text())
         p = Params.from_results(results)
         print(f"{path}: {results['mode']}, links {results['node_rate']}, Glance {results['glance_rate']}; "
               f"W {p.W / MiB:.1f} MiB, T0 {p.T0:.1f}s, D {p.D:.1f}s, Dp {p.Dp:.1f}s")
         print(f"  {'way':12s} {'N':>4s} {'time meas.':>10s} {'model':>7s} {'error':>6s} "
               f"{'egress meas.':>13s} {'model':>9s} {'error':>6s}")
-        for way, n, t, tp, e, ep in check(results):
+        for way, n, t, tp, e, ep in check(results, args.tracker_rps, args.peer_rps):
             te, ee = (tp - t) / t, (ep - e) / e if e else 0.0
             worst = max(worst, abs(te), abs(ee))
             print(f"  {way:12s} {n:4d} {t:9.1f}s {tp:6.1f}s {te:+6.0%} {e / MiB:10.0f} MiB {ep / MiB:5.0f} MiB {ee:+6.0%}")
@@ -137,4 +147,4 @@ def main(paths: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))
+    raise SystemExit(main())
