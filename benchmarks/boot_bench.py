@@ -7,24 +7,30 @@ initrd, its root a qcow2 overlay whose backing file is the image (Nova's way); i
 guest prints its marker on the serial console once multi-user is reached.  A real tracker, and
 one daemon per "node" with its own cache, all on loopback:
 
-  (a) node A, empty cache, no profile yet: A records the boot's reads and sends them
-  (b) node B, empty cache, the profile recorded on A: B prefetches along it while booting
-  (c) node B again, warm cache (the kernel's page cache of the image dropped first)
-  (d) the image copied to local disk first (the copy timed apart), the overlay backed by it
-  (e) node B's warm cache with Glance stopped and node A unmounted (no peer either): a boot
-      during an outage; misses fail at once once Glance is known down (issue 18's breaker)
+  (a)  node A, empty cache, no profile yet: A records the boot's reads and sends them (once)
+  (b)  node B, empty cache, the profile recorded on A, node A still up: B prefetches along the
+       profile with a warm peer on loopback (peers are tried before Glance)
+  (b') node C, empty cache, the profile, and no peer: every other node is gone and forgotten by
+       the tracker first; the run fails if C gets a byte from a peer
+  (c)  node C again, warm cache (the kernel's page cache of the image dropped first)
+  (d)  the image copied to local disk first (the copy timed apart), the overlay backed by it
+  (e)  node C's warm cache with Glance stopped and no other node: a boot during an outage;
+       misses fail at once once Glance is known down (issue 18's breaker) (once)
 
-Targets (issue 4): (b) within 1.1 x of (c); prefetched chunks the boot never read at most 20%
+Every case but (a) and (e) runs --runs times on fresh nodes; medians and ranges are printed.
+Targets (issue 4): (b') within 1.1 x of (c); prefetched chunks the boot never read at most 20%
 of the profile.  Issue 18: (e) within 1.1 x of (d).
 
-Usage: .venv/bin/python benchmarks/boot_bench.py [--work /var/tmp/thunderfs-bench] [--runs 1]
+Usage: .venv/bin/python benchmarks/boot_bench.py [--work /var/tmp/thunderfs-bench] [--runs 3] [--json F]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,10 +45,12 @@ from harness.local_glance import LocalGlance, free_port  # noqa: E402
 from harness.mounts import Mount, thunderfs  # noqa: E402
 from harness.pagecache import drop_page_cache  # noqa: E402
 from harness.tracker import LocalTracker  # noqa: E402
+from thunderfs.service import control  # noqa: E402
 
 MARKER = "THUNDERFS-BOOT-DONE"
 SECRET = b"boot-bench-secret-0123456789abcdef"
 MiB = 2**20
+NODE_TTL = 5  # the tracker's, here: seconds after which it forgets a node that stopped
 
 
 def kernel_and_initrd() -> tuple[str, str]:
@@ -102,15 +110,22 @@ def boot_disk(disk: Path, work: Path, name: str, cache: str = "writeback", timeo
     return took
 
 
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/var/tmp/thunderfs-bench", help="where the Debian disk is built and kept")
-    ap.add_argument("--runs", type=int, default=1, help="boots (b) and (c) on this many fresh nodes")
+    ap.add_argument("--runs", type=int, default=3, help="boots of (b), (b'), (c) and (d), each on fresh nodes")
+    ap.add_argument("--json", type=Path, help="write the runs here (benchmarks/results/boot.json)")
     args = ap.parse_args()
     work = Path(args.work)
     disk = Path(subprocess.run(["bash", str(REPO / "benchmarks" / "debian_image.sh"), str(work / "debian")],
                                check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
     size = disk.stat().st_size
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
     with tempfile.TemporaryDirectory(prefix="thunderfs-boot-", dir=work) as tmp:
         tmp = Path(tmp)
         glance = LocalGlance(tmp / "glance")
@@ -121,8 +136,11 @@ def main() -> int:
             t = time.perf_counter()
             image_id = glance.upload("debian-boot", disk)["id"]
             print(f"Debian disk {size / MiB:.0f} MiB uploaded to Glance in {time.perf_counter() - t:.0f}s; "
-                  f"qemu TCG, 1 vCPU, 512 MiB; loopback; 2 cores")
-            tracker = LocalTracker(tmp / "tracker", "--glance", glance.url, secret=SECRET)
+                  f"qemu TCG, 1 vCPU, 512 MiB; loopback; 2 cores; commit {commit}")
+            # A node that stops is forgotten NODE_TTL seconds after its last announce: (b') waits that
+            # long after every other node holding the image is gone, so that no peer can serve it.
+            tracker = LocalTracker(tmp / "tracker", "--glance", glance.url, "--heartbeat", "1",
+                                   "--node-ttl", str(NODE_TTL), secret=SECRET)
             tracker.start()
             secret = tmp / "secret"
             secret.write_bytes(SECRET)
@@ -136,13 +154,22 @@ def main() -> int:
                 m.mount()
                 return m
 
+            def gone(m: Mount) -> None:
+                m.cleanup()
+                mounts.remove(m)
+
             def activity(m: Mount) -> dict:
                 return next(a for a in m.stats()["profiles"].values() if a["image_id"] == image_id)
 
-            rows = []
+            def sources(m: Mount) -> dict:
+                img = next(i for i in control.call(m.path, "images")["images"] if i["id"] == image_id)
+                return {"from_peers": img["bytes_from_peers"], "from_glance": img["bytes_from_origin"]}
+
+            out: dict = {"date": datetime.date.today().isoformat(), "commit": commit, "runs": args.runs,
+                         "image_mib": size / MiB}
             a = node("a")
-            took = boot(a.image(image_id), tmp, "a")
-            rows.append(("(a) empty cache, no profile (records it)", took))
+            out["a"] = boot(a.image(image_id), tmp, "a")
+            out["a_sources"] = sources(a)
             t = time.perf_counter()
             profile = None
             while time.perf_counter() - t < 120:
@@ -154,49 +181,77 @@ def main() -> int:
             if profile is None:
                 raise RuntimeError("node a's recording never reached the tracker")
             nprof = len(profile["chunks"])
+            out["profile_chunks"] = nprof
             print(f"  profile recorded on node a: {nprof} chunks = {nprof * profile['chunk_size'] / MiB:.1f} MiB, "
                   f"first touches over {profile['chunks'][-1][1] / 1000:.0f}s")
-            cold, warm, waste = [], [], []
-            for i in range(args.runs):
+            rows: dict[str, list] = {k: [] for k in ("b_peer", "b_no_peer", "c", "d", "copy", "waste",
+                                                      "b_peer_sources", "b_no_peer_sources")}
+            for i in range(args.runs):  # (b): node a up, a warm peer on loopback
                 b = node(f"b{i}")
-                cold.append(boot(b.image(image_id), tmp, f"b{i}"))
-                s = activity(b)
-                waste.append((s["prefetched"], s["hits"], s["waste"], s["demand_waits"]))
-                drop_page_cache(b.image(image_id))
-                warm.append(boot(b.image(image_id), tmp, f"b{i}-warm"))
+                rows["b_peer"].append(boot(b.image(image_id), tmp, f"b{i}"))
+                rows["b_peer_sources"].append(sources(b))
+                gone(b)
+            gone(a)
+            for i in range(args.runs):  # (b'): no other node holds the image
+                time.sleep(NODE_TTL + 2)
+                c = node(f"c{i}")
+                rows["b_no_peer"].append(boot(c.image(image_id), tmp, f"c{i}"))
+                src = sources(c)
+                if src["from_peers"]:
+                    raise RuntimeError(f"(b') node c{i} got {src['from_peers']} bytes from a peer: not a no-peer run")
+                rows["b_no_peer_sources"].append(src)
+                s = activity(c)
+                rows["waste"].append({k: s[k] for k in ("prefetched", "hits", "waste", "demand_waits")})
+                drop_page_cache(c.image(image_id))
+                rows["c"].append(boot(c.image(image_id), tmp, f"c{i}-warm"))
                 if i < args.runs - 1:
-                    b.cleanup()
-                    mounts.remove(b)
-            rows.append(("(b) empty cache, profile from node a", sum(cold) / len(cold)))
-            rows.append(("(c) warm cache", sum(warm) / len(warm)))
+                    gone(c)
             local = tmp / "local.raw"
-            t = time.perf_counter()
-            subprocess.run(["curl", "-sSf", "-o", str(local), f"{glance.url}/v2/images/{image_id}/file"], check=True)
-            copy = time.perf_counter() - t
-            drop_page_cache(local)
-            rows.append((f"(d) local copy (the copy itself: {copy:.1f}s more)", boot(local, tmp, "local")))
-            local.unlink()
-            # (e): the last warm node, alone (node a, which holds the whole boot, unmounted), Glance down.
-            a.cleanup()
-            mounts.remove(a)
+            for i in range(args.runs):
+                t = time.perf_counter()
+                subprocess.run(["curl", "-sSf", "-o", str(local), f"{glance.url}/v2/images/{image_id}/file"],
+                               check=True)
+                rows["copy"].append(time.perf_counter() - t)
+                drop_page_cache(local)
+                rows["d"].append(boot(local, tmp, f"local{i}"))
+                local.unlink()
+            # (e): the last warm node, alone, Glance down.
             glance.stop()
-            drop_page_cache(b.image(image_id))
-            rows.append(("(e) warm cache, Glance stopped, no peer", boot(b.image(image_id), tmp, "b-outage")))
-            fetch = b.stats()["fetch"]
-            breaker = fetch["origin_breaker"]
+            drop_page_cache(c.image(image_id))
+            out["e"] = boot(c.image(image_id), tmp, "c-outage")
+            breaker = c.stats()["fetch"]["origin_breaker"]
+            out["e_breaker"] = {k: breaker[k] for k in ("opened", "failed_fast")}
+            for k in ("b_peer", "b_no_peer", "c", "d", "copy"):
+                out[k] = spread(rows[k])
+            for k in ("b_peer_sources", "b_no_peer_sources", "waste"):
+                out[k] = rows[k]
+            ratio = {"b_no_peer/c": [x / y for x, y in zip(rows["b_no_peer"], rows["c"])],
+                     "b_peer/c": [x / y for x, y in zip(rows["b_peer"], rows["c"])],
+                     "a/c": [out["a"] / y for y in rows["c"]],
+                     "e/d": [out["e"] / y for y in rows["d"]]}
+            out["ratios"] = {k: spread(v) for k, v in ratio.items()}
+            waste = sum(w["waste"] for w in rows["waste"]) / len(rows["waste"])
+            out["waste_of_profile"] = waste / max(1, nprof)
 
-            c = rows[2][1]
-            print(f"  {'boot to multi-user':48s} {'seconds':>8s} {'vs (c)':>7s}")
-            for label, secs in rows:
-                print(f"  {label:48s} {secs:8.1f} {secs / c:7.2f}")
-            if args.runs > 1:
-                print(f"  runs of (b): {', '.join(f'{x:.1f}' for x in cold)}; of (c): {', '.join(f'{x:.1f}' for x in warm)}")
-            pre, hits, wasted, waits = (sum(x[i] for x in waste) / len(waste) for i in range(4))
-            print(f"  (b)/(c) = {rows[1][1] / c:.2f} (target <= 1.1)")
-            print(f"  (e)/(d) = {rows[4][1] / rows[3][1]:.2f} (target <= 1.1); during (e) Glance was found down "
+            def fmt(x: dict) -> str:
+                return f"{x['median']:.2f} ({x['min']:.2f}-{x['max']:.2f})"
+
+            print(f"  boot to multi-user, seconds: median (range) of {args.runs} runs")
+            print(f"  (a)  empty cache, no profile (records it), once        {out['a']:6.1f}")
+            print(f"  (b)  empty cache, profile, node a up as a warm peer    {fmt(out['b_peer'])}")
+            print(f"  (b') empty cache, profile, no peer (Glance only)       {fmt(out['b_no_peer'])}")
+            print(f"  (c)  warm cache (page cache dropped)                   {fmt(out['c'])}")
+            print(f"  (d)  local copy (the copy itself: {fmt(out['copy'])} s more) {fmt(out['d'])}")
+            print(f"  (e)  warm cache, Glance stopped, no peer, once         {out['e']:6.1f}")
+            print(f"  (b')/(c) = {fmt(out['ratios']['b_no_peer/c'])} (issue 4's target <= 1.1); with a warm peer "
+                  f"(b)/(c) = {fmt(out['ratios']['b_peer/c'])}; no profile (a)/(c) = {fmt(out['ratios']['a/c'])}")
+            print(f"  (e)/(d) = {fmt(out['ratios']['e/d'])} (target <= 1.1); during (e) Glance was found down "
                   f"{breaker['opened']} time(s), {breaker['failed_fast']} fetches failed at once")
-            print(f"  prefetched {pre:.0f} chunks, {hits:.0f} then read by the boot, {wasted:.0f} never read "
-                  f"= {wasted / max(1, nprof):.0%} of the profile (target <= 20%); {waits:.0f} boot reads waited for a fetch")
+            print(f"  (b') prefetched chunks never read: {waste:.0f} = {out['waste_of_profile']:.0%} of the profile "
+                  f"(target <= 20%); Glance sent {statistics.median(s['from_glance'] for s in rows['b_no_peer_sources']) / MiB:.1f} MiB "
+                  f"per (b') boot (median), peers 0")
+            if args.json:
+                args.json.write_text(json.dumps(out, indent=1) + "\n")
         finally:
             for m in mounts:
                 m.cleanup()

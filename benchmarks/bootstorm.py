@@ -317,7 +317,10 @@ def main() -> int:
     with (contextlib.nullcontext(tempfile.mkdtemp(prefix="bootstorm-", dir=work_root)) if args.keep
           else tempfile.TemporaryDirectory(prefix="bootstorm-", dir=work_root)) as tmp:
         storm = Storm(args, Path(tmp))
-        results = {"mode": args.mode, "nodes": args.nodes, "node_rate": args.node_rate,
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip()
+        results = {"date": time.strftime("%Y-%m-%d"), "commit": commit,
+                   "mode": args.mode, "nodes": args.nodes, "node_rate": args.node_rate,
                    "glance_rate": args.glance_rate, "replicas": args.replicas,
                    "kill_replica": args.kill_replica, "ways": {}}
         try:

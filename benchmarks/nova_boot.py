@@ -15,12 +15,19 @@ on the instance it is up.
 The image is the 2 GiB raw Debian disk of benchmarks/debian_image.sh, in a real Glance on
 loopback (no bandwidth cap: a real network makes (a) slower, not (b)).  No tracker: one node.
 
-Usage: .venv/bin/python benchmarks/nova_boot.py [--work /var/tmp/thunderfs-bench]
+All four run --runs times (fresh instance directories, a fresh mount and cache each time); the
+ratios are the medians of the runs' ratios, with their range.
+
+Usage: .venv/bin/python benchmarks/nova_boot.py [--work /var/tmp/thunderfs-bench] [--runs 3] [--json F]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,9 +53,59 @@ def nova_boot(instances: Path, image_id: str, instance: str, glance_url: str | N
     return nova_probe.run(*args, *(["--glance", glance_url] if glance_url else []))
 
 
+def one_run(tmp: Path, glance: LocalGlance, image_id: str) -> list[tuple[str, float, float, int]]:
+    """The four instances once: [(label, prepare s, boot s, bytes from Glance)]."""
+    tmp.mkdir(parents=True)
+    rows = []
+
+    def instance(label: str, instances: Path, name: str, glance_url: str | None, fetched) -> None:
+        before = fetched()
+        prep = nova_boot(instances, image_id, name, glance_url)
+        if prep["downloads"] and not glance_url:
+            raise RuntimeError("Nova downloaded with thunderfs")
+        secs = boot_disk(Path(prep["disk"]), tmp, name, cache="none")
+        rows.append((label, prep["seconds"], secs, fetched() - before))
+
+    # Plain Nova: what Glance sent is the base file Nova wrote (its size).
+    plain = tmp / "plain"
+    (plain / "_base").mkdir(parents=True)
+    plain_base = plain / "_base" / cache_name(image_id)
+
+    def plain_fetched() -> int:
+        return plain_base.stat().st_size if plain_base.exists() else 0
+
+    instance("(a) plain Nova, first instance", plain, "a", glance.url, plain_fetched)
+    thunder = tmp / "thunder"
+    (thunder / "_base").mkdir(parents=True)
+    mount = Mount(tmp / "mnt", glance.url, tmp / "cache", "--cache-size", "4G",
+                  "--nova-base-dir", str(thunder / "_base"))
+    try:
+        mount.mount()
+        deadline = time.monotonic() + 30
+        while not (thunder / "_base" / cache_name(image_id)).is_symlink():
+            if time.monotonic() > deadline:
+                raise RuntimeError("the mount made no link in _base")
+            time.sleep(0.2)
+
+        def mount_fetched() -> int:
+            return mount.stats()["glance"]["bytes"]
+
+        instance("(b) thunderfs, first instance", thunder, "b", None, mount_fetched)
+        drop_page_cache(plain_base)
+        instance("(c) plain Nova, second instance", plain, "c", glance.url, plain_fetched)
+        drop_page_cache(mount.image(image_id))
+        instance("(d) thunderfs, second instance", thunder, "d", None, mount_fetched)
+    finally:
+        mount.cleanup()
+        shutil.rmtree(plain, ignore_errors=True)
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/var/tmp/thunderfs-bench", help="where the Debian disk is built and kept")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--json", type=Path, help="write the runs here (benchmarks/results/nova.json)")
     args = ap.parse_args()
     try:
         nova_probe.venv_python()
@@ -60,62 +117,38 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="thunderfs-nova-", dir=work) as tmp:
         tmp = Path(tmp)
         glance = LocalGlance(tmp / "glance")
-        mount = None
         try:
             glance.start()
             image_id = glance.upload("debian-nova", disk)["id"]
-            rows = []
+            runs = []
+            for run_no in range(args.runs):
+                runs.append(one_run(tmp / f"run{run_no}", glance, image_id))
+            a = {"ready": [r[0][1] + r[0][2] for r in runs]}
+            out = {"date": datetime.date.today().isoformat(),
+                   "commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                                            capture_output=True, text=True).stdout.strip(),
+                   "runs": args.runs, "image_bytes": disk.stat().st_size, "cases": {}}
 
-            def instance(label: str, instances: Path, name: str, glance_url: str | None, fetched) -> None:
-                before = fetched()
-                prep = nova_boot(instances, image_id, name, glance_url)
-                if prep["downloads"] and not glance_url:
-                    raise RuntimeError("Nova downloaded with thunderfs")
-                secs = boot_disk(Path(prep["disk"]), tmp, name, cache="none")
-                rows.append((label, prep["seconds"], secs, fetched() - before))
+            def spread(v: list[float]) -> dict:
+                return {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": v}
 
-            # Plain Nova: what Glance sent is the base file Nova wrote (its size).
-            plain = tmp / "plain"
-            (plain / "_base").mkdir(parents=True)
-            plain_base = plain / "_base" / cache_name(image_id)
-
-            def plain_fetched() -> int:
-                return plain_base.stat().st_size if plain_base.exists() else 0
-
-            before = time.perf_counter()
-            instance("(a) plain Nova, first instance", plain, "a", glance.url, plain_fetched)
-
-            thunder = tmp / "thunder"
-            (thunder / "_base").mkdir(parents=True)
-            mount = Mount(tmp / "mnt", glance.url, tmp / "cache", "--cache-size", "4G",
-                          "--nova-base-dir", str(thunder / "_base"))
-            mount.mount()
-            deadline = time.monotonic() + 30
-            while not (thunder / "_base" / cache_name(image_id)).is_symlink():
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the mount made no link in _base")
-                time.sleep(0.2)
-
-            def mount_fetched() -> int:
-                return mount.stats()["glance"]["bytes"]
-
-            instance("(b) thunderfs, first instance", thunder, "b", None, mount_fetched)
-            drop_page_cache(plain_base)
-            instance("(c) plain Nova, second instance", plain, "c", glance.url, plain_fetched)
-            drop_page_cache(mount.image(image_id))
-            instance("(d) thunderfs, second instance", thunder, "d", None, mount_fetched)
-
-            a_ready = rows[0][1] + rows[0][2]
             print(f"Debian disk {disk.stat().st_size / MiB:.0f} MiB (raw) in Glance on loopback; qemu TCG, "
-                  f"1 vCPU, cache=none; {time.perf_counter() - before:.0f}s in all")
-            print(f"  {'':36s} {'prepare':>8s} {'boot':>7s} {'ready':>7s} {'vs (a)':>7s} {'from Glance':>12s}")
-            for label, prep, secs, sent in rows:
-                ready = prep + secs
-                print(f"  {label:36s} {prep:7.1f}s {secs:6.1f}s {ready:6.1f}s {ready / a_ready:7.2f} "
-                      f"{sent / MiB:9.1f} MiB")
+                  f"1 vCPU, cache=none; medians (ranges) of {args.runs} runs")
+            print(f"  {'':36s} {'prepare':>8s} {'boot':>7s} {'ready':>7s} {'vs (a)':>17s} {'from Glance':>12s}")
+            for i, label in enumerate(r[0] for r in runs[0]):
+                prep = [r[i][1] for r in runs]
+                boot = [r[i][2] for r in runs]
+                ready = [p + b for p, b in zip(prep, boot)]
+                ratio = [x / y for x, y in zip(ready, a["ready"])]
+                sent = [r[i][3] for r in runs]
+                out["cases"][label] = {"prepare_s": spread(prep), "boot_s": spread(boot), "ready_s": spread(ready),
+                                       "ready_vs_a": spread(ratio), "glance_bytes": spread(sent)}
+                print(f"  {label:36s} {statistics.median(prep):7.1f}s {statistics.median(boot):6.1f}s "
+                      f"{statistics.median(ready):6.1f}s {statistics.median(ratio):5.2f} ({min(ratio):.2f}-{max(ratio):.2f}) "
+                      f"{statistics.median(sent) / MiB:9.1f} MiB")
+            if args.json:
+                args.json.write_text(json.dumps(out, indent=1) + "\n")
         finally:
-            if mount is not None:
-                mount.cleanup()
             glance.stop()
     return 0
 

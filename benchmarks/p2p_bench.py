@@ -6,19 +6,27 @@ tracker sit in the root namespace behind a link shaped the same way.  Runs, in o
 
   1. the one-time manifest build (the tracker streams the image from Glance once), on its own line;
   2. one node alone reading the whole image (the baseline time);
-  3. N fresh nodes reading it at the same moment.
+  3. N fresh nodes reading it at the same moment (nothing cached anywhere: the lone node is gone
+     and forgotten by the tracker first).
+Steps 2 and 3 run --runs times, on fresh nodes.
 
-Prints Glance's egress for the reads against the image size (target <= 1.2) and the slowest
-node's time against the lone node's (target <= 1.5).  All of it shares this machine's 2 cores:
-say so with the figures.
+Prints Glance's egress for the reads against the image size (target <= 1.2), also with the
+manifest's read counted once per run (what Glance sent in all for a first storm), and the slowest
+node's time against the lone node's (target <= 1.5): medians and ranges over the runs.  All of it
+shares this machine's 2 cores: say so with the figures.
 
-Usage: .venv/bin/python benchmarks/p2p_bench.py [--nodes 8] [--size-mib 256] [--rate 100mbit]
+Usage: .venv/bin/python benchmarks/p2p_bench.py [--nodes 8] [--size-mib 256] [--rate 100mbit] [--runs 3]
+                                                [--json benchmarks/results/p2p.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -52,6 +60,8 @@ def main() -> int:
     ap.add_argument("--size-mib", type=int, default=256)
     ap.add_argument("--rate", default="100mbit", help="every node's link and Glance's link")
     ap.add_argument("--workdir", help="keep logs and caches here instead of a temporary directory")
+    ap.add_argument("--runs", type=int, default=3, help="lone node + crowd, this many times")
+    ap.add_argument("--json", type=Path, help="write the runs here")
     args = ap.parse_args()
     size = args.size_mib * MiB
     with tempfile.TemporaryDirectory(prefix="thunderfs-p2p-") as tmp:
@@ -92,57 +102,93 @@ def main() -> int:
 
             print(f"image {args.size_mib} MiB; links {args.rate}; {args.nodes} nodes; all on 2 shared cores")
             # 1. The manifest, built once (the first node to open the image asks for it).
-            lone = node(0)
+            first = node(0)
             t = time.perf_counter()
-            with open(lone.image(image_id), "rb") as f:
+            with open(first.image(image_id), "rb") as f:
                 f.read(1)
             manifest = tracker.dir / "manifests" / f"{image_id}-65536.json"
             while not manifest.exists():
                 time.sleep(0.2)
-            print(f"  manifest: {proxy.whole_bytes / MiB:.0f} MiB streamed from Glance once, "
-                  f"{time.perf_counter() - t:.1f}s (one-time, per image)")
-            # 2. One node alone.
-            before = proxy.range_bytes
-            t = time.perf_counter()
-            assert read_all(lone.image(image_id)) == size
-            alone = time.perf_counter() - t
-            print(f"  one node alone: {alone:.1f}s, Glance sent {(proxy.range_bytes - before) / MiB:.0f} MiB")
-            lone.cleanup()
-            mounts.remove(lone)
-            # That node's copy is gone: the storm starts from nothing cached anywhere.
-            time.sleep(7)  # the tracker expires it (node ttl 5 s)
-            # 3. N fresh nodes at once.
-            crowd = [node(i) for i in range(1, args.nodes + 1)]
-            before = proxy.range_bytes
-            times: dict[int, float] = {}
-            barrier = threading.Barrier(len(crowd))
+            manifest_bytes, manifest_s = proxy.whole_bytes, time.perf_counter() - t
+            print(f"  manifest: {manifest_bytes / MiB:.0f} MiB streamed from Glance once, "
+                  f"{manifest_s:.1f}s (one-time, per image)")
+            first.cleanup()
+            mounts.remove(first)
+            runs: list[dict] = []
+            ids = iter(range(1, 1000))
+            for run_no in range(args.runs):
+                time.sleep(7)  # every node of before is forgotten by the tracker (node ttl 5 s)
+                # 2. One node alone.
+                lone = node(next(ids))
+                before = proxy.range_bytes
+                t = time.perf_counter()
+                assert read_all(lone.image(image_id)) == size
+                alone = time.perf_counter() - t
+                print(f"  run {run_no + 1}: one node alone: {alone:.1f}s, Glance sent "
+                      f"{(proxy.range_bytes - before) / MiB:.0f} MiB")
+                lone.cleanup()
+                mounts.remove(lone)
+                # That node's copy is gone: the storm starts from nothing cached anywhere.
+                time.sleep(7)
+                # 3. N fresh nodes at once.
+                crowd = [node(next(ids)) for _ in range(args.nodes)]
+                before = proxy.range_bytes
+                times: dict[int, float] = {}
+                barrier = threading.Barrier(len(crowd))
 
-            def run(i: int, m: Mount) -> None:
-                barrier.wait()
-                s = time.perf_counter()
-                assert read_all(m.image(image_id)) == size
-                times[i] = time.perf_counter() - s
+                def run(i: int, m: Mount) -> None:
+                    barrier.wait()
+                    s = time.perf_counter()
+                    assert read_all(m.image(image_id)) == size
+                    times[i] = time.perf_counter() - s
 
-            threads = [threading.Thread(target=run, args=(i, m), daemon=True) for i, m in enumerate(crowd)]
-            for th in threads:
-                th.start()
-            for th in threads:
-                th.join()
-            egress = proxy.range_bytes - before
-            slowest = max(times.values())
-            stats = [m.stats() for m in crowd]
-            peers = sum(st["fetch"]["bytes_from_peers"] for st in stats)
-            for i, st in enumerate(stats):
-                fe, pe = st["fetch"], st.get("peers", {})
-                print(f"    node{i + 1}: {times[i]:5.1f}s  from Glance {fe['bytes_from_origin'] / MiB:4.0f} MiB, "
-                      f"from peers {fe['bytes_from_peers'] / MiB:4.0f} MiB; peer failures {pe.get('failures')}, slow {pe.get('slow')}, "
-                      f"busy {pe.get('busy')}, claim waits {pe.get('claim_waits')}; claims {pe.get('claims')} "
-                      f"(failed {pe.get('claim_failures')}), chunks granted {pe.get('granted_chunks')}, "
-                      f"waited for but late {pe.get('claimed_chunks_late')}")
-            print(f"  {len(crowd)} nodes at once: fastest {min(times.values()):.1f}s, slowest {slowest:.1f}s "
-                  f"-> {slowest / alone:.2f} x one node alone (target <= 1.5)")
-            print(f"  Glance egress for the reads: {egress / MiB:.0f} MiB = {egress / size:.2f} x the image "
-                  f"(target <= 1.2); from peers: {peers / MiB:.0f} MiB")
+                threads = [threading.Thread(target=run, args=(i, m), daemon=True) for i, m in enumerate(crowd)]
+                for th in threads:
+                    th.start()
+                for th in threads:
+                    th.join()
+                egress = proxy.range_bytes - before
+                slowest = max(times.values())
+                stats = [m.stats() for m in crowd]
+                peers = sum(st["fetch"]["bytes_from_peers"] for st in stats)
+                for i, st in enumerate(stats):
+                    fe, pe = st["fetch"], st.get("peers", {})
+                    print(f"    node {i + 1}: {times[i]:5.1f}s  from Glance {fe['bytes_from_origin'] / MiB:4.0f} MiB, "
+                          f"from peers {fe['bytes_from_peers'] / MiB:4.0f} MiB; peer failures {pe.get('failures')}, "
+                          f"slow {pe.get('slow')}, busy {pe.get('busy')}, claim waits {pe.get('claim_waits')}; "
+                          f"claims {pe.get('claims')} (failed {pe.get('claim_failures')}), chunks granted "
+                          f"{pe.get('granted_chunks')}, waited for but late {pe.get('claimed_chunks_late')}")
+                print(f"  run {run_no + 1}: {len(crowd)} nodes at once: fastest {min(times.values()):.1f}s, slowest "
+                      f"{slowest:.1f}s -> {slowest / alone:.2f} x one node alone (target <= 1.5); Glance egress "
+                      f"{egress / MiB:.0f} MiB = {egress / size:.2f} x the image, {(egress + manifest_bytes) / size:.2f} x "
+                      f"with the manifest's read (target <= 1.2); from peers {peers / MiB:.0f} MiB", flush=True)
+                runs.append({"alone_s": alone, "slowest_s": slowest, "fastest_s": min(times.values()),
+                             "slowest_ratio": slowest / alone, "egress_bytes": egress, "egress_ratio": egress / size,
+                             "egress_with_manifest_ratio": (egress + manifest_bytes) / size, "peer_bytes": peers})
+                for m in crowd:
+                    m.cleanup()
+                    mounts.remove(m)
+
+            def spread(key: str) -> dict:
+                v = [r[key] for r in runs]
+                return {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": v}
+
+            out = {"date": datetime.date.today().isoformat(),
+                   "commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                                            capture_output=True, text=True).stdout.strip(),
+                   "nodes": args.nodes, "size_mib": args.size_mib, "rate": args.rate, "runs": args.runs,
+                   "manifest_bytes": manifest_bytes, "manifest_s": manifest_s,
+                   **{k: spread(k) for k in ("alone_s", "slowest_s", "slowest_ratio", "egress_ratio",
+                                             "egress_with_manifest_ratio")}}
+
+            def fmt(x: dict) -> str:
+                return f"{x['median']:.2f} ({x['min']:.2f}-{x['max']:.2f})"
+
+            print(f"over {args.runs} runs: slowest / one node alone {fmt(out['slowest_ratio'])} (target <= 1.5); "
+                  f"Glance egress / image {fmt(out['egress_ratio'])}, with the manifest's read "
+                  f"{fmt(out['egress_with_manifest_ratio'])} (target <= 1.2)")
+            if args.json:
+                args.json.write_text(json.dumps(out, indent=1) + "\n")
         finally:
             for m in mounts:
                 m.cleanup()
