@@ -7,7 +7,8 @@ listed as not run, with its command.  ``--write`` puts the table at the top of
 ``benchmarks/README.md`` and the short one in the README's status, between their markers;
 ``--check`` (tests/unit/test_report.py) fails if either differs from what the results say.
 
-Usage: .venv/bin/python benchmarks/report.py [--write | --check] [--results DIR]
+Usage: .venv/bin/python benchmarks/report.py [--write | --check | --commands] [--results DIR]
+       .venv/bin/python benchmarks/report.py --commands | bash -ex     (every headline run again)
 """
 
 from __future__ import annotations
@@ -264,9 +265,15 @@ def main() -> int:
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--write", action="store_true", help="rewrite the generated tables")
     mode.add_argument("--check", action="store_true", help="exit 1 if the generated tables are stale")
+    mode.add_argument("--commands", action="store_true",
+                      help="print the commands that make every kept result, one per line (| bash -ex runs them all)")
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args()
     rows = headlines(args.results)
+    if args.commands:
+        for c in dict.fromkeys(r.command for r in rows):
+            print("\n".join(c.split(" ; ")))
+        return 0
     stale = []
     for path, render in TARGETS.items():
         text = path.read_text()

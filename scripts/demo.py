@@ -14,6 +14,7 @@ tears everything down (mounts, daemons, namespaces, Glance).
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import tempfile
@@ -57,13 +58,34 @@ def boot_reads(size: int) -> list[tuple[int, int]]:
     return out or [(i * 7919 * 4096 % (size - 65536), 16384) for i in range(200)]
 
 
-def line(label: str, stats: dict, since: dict | None = None) -> None:
+STEPS: list[tuple[str, float, str]] = []  # (step, seconds, where its bytes came from): the summary
+
+
+def line(label: str, stats: dict, since: dict | None = None) -> str:
     g, c = stats["glance"], stats["cache"]
     g0 = since["glance"] if since else {"bytes": 0, "range_requests": 0}
     c0 = since["cache"] if since else {"bytes_read_disk": 0}
-    print(f"  {label:<34} from Glance {format_size(g['bytes'] - g0['bytes']):>10} "
-          f"in {g['range_requests'] - g0['range_requests']:>4} requests | from local cache "
-          f"{format_size(c['bytes_read_disk'] - c0['bytes_read_disk']):>10}")
+    where = (f"from Glance {format_size(g['bytes'] - g0['bytes'])} in {g['range_requests'] - g0['range_requests']} "
+             f"requests, from the local cache {format_size(c['bytes_read_disk'] - c0['bytes_read_disk'])}")
+    print(f"  {label:<34} {where}")
+    return where
+
+
+def step(name: str, started: float, where: str = "") -> None:
+    STEPS.append((name, time.monotonic() - started, where))
+
+
+def summary() -> None:
+    setup = os.environ.get("THUNDERFS_SETUP_SECONDS")
+    print("\nSummary")
+    if setup:
+        print(f"  {'scripts/setup.sh (installs what is missing)':<44} {float(setup):6.1f} s")
+    for name, secs, where in STEPS:
+        print(f"  {name:<44} {secs:6.1f} s  {where}")
+    print("Everything above is torn down.  Next: mount your Glance (README, \"Using it\"), then\n"
+          "`thunderfs status` shows what the daemon did (per image: bytes from Glance, from peers, from\n"
+          "the cache); docs/operating.md runs it for real (config, systemd, Keystone, Nova);\n"
+          "bash scripts/test.sh runs the tests.")
 
 
 def main() -> int:
@@ -78,16 +100,18 @@ def main() -> int:
         mount = Mount(work / "mnt", "", work / "cache", "--cache-size", "1G")
         try:
             print(f"starting a real Glance on loopback ({work / 'glance'})")
+            t = time.monotonic()
             glance.start()
             mount.glance_url = glance.url
             img = work / "image.raw"
             make_image(img, args.size * 2**20)
-            t = time.monotonic()
             meta = glance.upload("thunderfs-demo", img)
             image_id = meta["id"]
-            print(f"uploaded a {format_size(meta['size'])} image {image_id} in {time.monotonic() - t:.1f}s")
-
+            print(f"uploaded a {format_size(meta['size'])} image {image_id}")
+            step(f"start Glance, upload a {format_size(meta['size'])} image", t)
+            t = time.monotonic()
             mount.mount()
+            step("mount thunderfs", t)
             path = mount.image(image_id)
             print(f"mounted {mount.path}; the image is {path}")
             s0 = mount.stats()
@@ -100,27 +124,32 @@ def main() -> int:
             read = sum(n for _, n in reads)
             print(f"1. {len(reads)} boot-like reads ({format_size(read)}) in {time.monotonic() - t:.2f}s:")
             s1 = mount.stats()
-            line("", s1, s0)
+            step(f"1. {len(reads)} boot-like reads ({format_size(read)})", t, line("", s1, s0))
 
+            t = time.monotonic()
             res = thunderfs("verify", str(mount.path), image_id)
             print(f"2. whole image through the mount: {res.stdout.strip() or res.stderr.strip()}")
             s2 = mount.stats()
-            line("", s2, s1)
+            step("2. whole image, checked against Glance", t, line("", s2, s1))
             if res.returncode:
                 return 1
 
+            t = time.monotonic()
             mount.umount()
             glance.stop()
             print("3. Glance stopped; mounting again from the cache alone")
             mount.mount()
             res = thunderfs("verify", str(mount.path), image_id)
             print(f"   {res.stdout.strip() or res.stderr.strip()}")
-            line("", mount.stats())
+            step("3. Glance down: remount, read from the cache", t, line("", mount.stats()))
             if res.returncode:
                 return 1
             mount.cleanup()
             glance.start()
-            return two_nodes(work, glance, image_id)
+            rc = two_nodes(work, glance, image_id)
+            if rc == 0:
+                summary()
+            return rc
         finally:
             mount.cleanup()
             glance.stop()
@@ -141,6 +170,7 @@ def two_nodes(work: Path, glance: LocalGlance, image_id: str) -> int:
         tracker.start()
         print(f"4. a tracker at {tracker.url}; two nodes, each in a network namespace of its own")
         for i, name in enumerate(("node-a", "node-b")):
+            t = time.monotonic()
             n = lan.add_node()
             m = Mount(work / f"mnt-{name}", proxy.url, work / f"cache-{name}", "--cache-size", "1G",
                       "--tracker", tracker.url, "--peer-listen", f"{n.addr}:{free_port()}", "--node-id", name,
@@ -153,8 +183,10 @@ def two_nodes(work: Path, glance: LocalGlance, image_id: str) -> int:
             if res.returncode:
                 return 1
             f = m.stats()["fetch"]
-            print(f"   {name}: from Glance {format_size(f['bytes_from_origin'] - before['fetch']['bytes_from_origin'])}"
-                  f", from peers {format_size(f['bytes_from_peers'] - before['fetch']['bytes_from_peers'])}")
+            where = (f"from Glance {format_size(f['bytes_from_origin'] - before['fetch']['bytes_from_origin'])}, "
+                     f"from peers {format_size(f['bytes_from_peers'] - before['fetch']['bytes_from_peers'])}")
+            print(f"   {name}: {where}")
+            step(f"4. {name} (own namespace) mounts, reads it all", t, where)
         print()
         print(thunderfs("status", str(nodes[1].path)).stdout)
         f = nodes[1].stats()["fetch"]

@@ -3,9 +3,12 @@
 # system packages, the project venv (.venv), and venvs of their own with a real Glance (.venv-glance),
 # Keystone (.venv-keystone) and Nova (.venv-nova) for the tests.
 # Idempotent: what is already there is kept.  `scripts/setup.sh --bench` adds what the VM boot
-# benchmarks need.
+# benchmarks need.  Python packages are pinned to the versions the figures were measured with
+# (constraints/*.txt; `pip freeze` of each venv).  Checked on a fresh Debian bookworm root:
+# scripts/check_fresh_setup.sh.  Any failing step fails the setup, with its name.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+trap 'echo "setup: FAILED at line $LINENO: $BASH_COMMAND" >&2' ERR
 
 # systemd: systemd-analyze, which checks the units in the tests; nftables: packet loss in the chaos run;
 # redis-server: the tracker replicas' shared store in the tests; qemu, a kernel and busybox: the
@@ -17,6 +20,11 @@ APT_PACKAGES=(fuse3 libfuse3-dev pkg-config curl fio iproute2 e2fsprogs systemd 
 if [ "${1:-}" = "--bench" ]; then
     APT_PACKAGES+=(debootstrap httpdirfs nginx-light)
 fi
+# Debian's Python (unless PYTHON names another), with its venv module (ensurepip), which Debian
+# ships apart, and what builds the packages that come without a wheel (C extensions among the
+# OpenStack services' dependencies).  A fresh Debian container has none of them.
+PY=${PYTHON:-python3}
+[ -n "${PYTHON:-}" ] || APT_PACKAGES+=(python3 python3-venv python3-dev build-essential)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -28,29 +36,37 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-PY=${PYTHON:-python3}
+# pip, quiet, without the warnings some package mirrors print for every package; its failure
+# fails the setup (pipefail: the pipeline's status is pip's).
+pip_install() {
+    local venv=$1; shift
+    "$venv/bin/pip" install -q "$@" 2>&1 | { grep -v "is ignored" || true; }
+}
+
 if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv"
     "$PY" -m venv .venv
 fi
-.venv/bin/pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
 EXTRAS=test
 [ "${1:-}" = "--bench" ] && EXTRAS=test,bench
-.venv/bin/pip install -q -e ".[$EXTRAS]" 2>&1 | grep -v "is ignored" || true
-.venv/bin/python -c "import pyfuse3, trio, lmdb, xxhash, httpx" 
+pip_install .venv -c constraints/project.txt -e ".[$EXTRAS]"
+.venv/bin/python -c "import trio, lmdb, xxhash, httpx, aiohttp, cryptography"
 
 # A venv of its own for an OpenStack project the tests run for real: DIR "PACKAGES" "MODULES".
+# DIR CONSTRAINTS "PACKAGES" "MODULES"
 service_venv() {
-    if ! "$1/bin/python" -W ignore -c "import $3" 2>/dev/null; then
-        echo "setup: installing $2 into $1 (about a minute)"
+    if ! "$1/bin/python" -W ignore -c "import $4" 2>/dev/null; then
+        echo "setup: installing $3 into $1 (a few minutes)"
         "$PY" -m venv "$1"
-        "$1/bin/pip" install -q $2 2>&1 | grep -v "is ignored" || true
+        # shellcheck disable=SC2086
+        pip_install "$1" -c "constraints/$2.txt" $3
     fi
-    "$1/bin/python" -W ignore -c "import $3"
+    "$1/bin/python" -W ignore -c "import $4"
 }
-service_venv "${THUNDERFS_GLANCE_VENV:-.venv-glance}" "glance gunicorn" "glance, gunicorn"
+service_venv "${THUNDERFS_GLANCE_VENV:-.venv-glance}" glance "glance gunicorn" "glance, gunicorn"
 # Keystone: for the tests of Glance behind Keystone (tests/test_keystone.py).
-service_venv "${THUNDERFS_KEYSTONE_VENV:-.venv-keystone}" "keystone gunicorn" "keystone, gunicorn"
-# Nova: the tests run its own image cache code against the mount (tests/test_nova.py).
-service_venv "${THUNDERFS_NOVA_VENV:-.venv-nova}" nova "nova.virt.libvirt.imagebackend"
+service_venv "${THUNDERFS_KEYSTONE_VENV:-.venv-keystone}" keystone "keystone gunicorn" "keystone, gunicorn"
+# Nova: the tests run its own image cache code against the mount (tests/test_nova.py); pinned,
+# since harness/nova_probe.py calls Nova's private methods.
+service_venv "${THUNDERFS_NOVA_VENV:-.venv-nova}" nova nova "nova.virt.libvirt.imagebackend"
 echo "setup: ready"
