@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Checks that scripts/setup.sh works on a fresh Debian bookworm root, as CI's fresh machine
 # would run it: debootstrap a minimal bookworm (no Python, no compiler, no pip config, nothing of
-# this machine's), copy this checkout's HEAD into it, run `bash scripts/setup.sh` there as root
+# this machine's but the CAs its network needs), copy this checkout's HEAD into it, run `bash scripts/setup.sh` there as root
 # with only the package registries (the Debian mirror, PyPI) to reach, then the fast test layer
 # with what it installed.  Prints how long each step took; exits non-zero if any step fails.
 #
@@ -34,13 +34,22 @@ step() {  # NAME COMMAND...: run it, print its time
 }
 
 rm -rf --one-file-system "$ROOT"
+quiet() { "$@" >/dev/null; }
 step "debootstrap bookworm (minbase) into $ROOT" \
-    debootstrap --variant=minbase --include=ca-certificates bookworm "$ROOT" "$MIRROR" >/dev/null
+    quiet debootstrap --variant=minbase --include=ca-certificates bookworm "$ROOT" "$MIRROR"
 for m in proc sys dev dev/pts; do
     mount --bind "/$m" "$ROOT/$m"
     mounted+=("$ROOT/$m")
 done
 cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
+# The network's trust, and nothing else of this machine: the local CAs (where a TLS-inspecting
+# egress proxy stands between the machine and PyPI, its CA) go into the root's bundle, and pip is
+# told to use that bundle (its own, certifi's, knows only the public CAs).
+if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
+    mkdir -p "$ROOT/usr/local/share/ca-certificates"
+    cp /usr/local/share/ca-certificates/*.crt "$ROOT/usr/local/share/ca-certificates/"
+    chroot "$ROOT" update-ca-certificates >/dev/null
+fi
 printf '#!/bin/sh\nexit 101\n' > "$ROOT/usr/sbin/policy-rc.d"
 chmod +x "$ROOT/usr/sbin/policy-rc.d"
 mkdir -p "$ROOT/work"
@@ -48,7 +57,7 @@ git archive --format=tar --prefix=thunderfs/ HEAD | tar -x -C "$ROOT/work"
 echo "checkout: $(git rev-parse --short HEAD) (HEAD; uncommitted changes are not in it)"
 
 in_root() { chroot "$ROOT" /usr/bin/env -i HOME=/root PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-    LANG=C.UTF-8 bash -c "cd /work/thunderfs && $1"; }
+    LANG=C.UTF-8 PIP_CERT=/etc/ssl/certs/ca-certificates.crt bash -c "cd /work/thunderfs && $1"; }
 step "scripts/setup.sh in the fresh root" in_root "bash scripts/setup.sh"
 step "the fast test layer with what it installed" in_root "bash scripts/test.sh -m 'not slow' -q"
 in_root "for v in .venv .venv-glance .venv-keystone .venv-nova; do printf '%s: ' \$v; \$v/bin/python --version; done"
