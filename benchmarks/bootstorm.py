@@ -282,7 +282,7 @@ def node_sources(stats: list[dict]) -> dict:
     out = {"from_glance": 0, "from_peers": 0, "from_cache": 0}
     for s in stats:
         out["from_glance"] += s["fetch"]["bytes_from_origin"]
-        out["from_peers"] += s["fetch"]["bytes_from_peers"]
+        out["from_peers"] += s["fetch"].get("bytes_from_peers", 0)  # no tracker: no peer source
         out["from_cache"] += s["cache"]["bytes_read_disk"]
     return out
 
