@@ -9,7 +9,6 @@ as an ``httpx.Auth`` of the caller's event loop.
 from __future__ import annotations
 
 import contextlib
-import mmap
 import re
 
 import httpx
@@ -55,8 +54,6 @@ class GlanceClient:
             transport=transport,  # tests: an httpx.MockTransport
         )
         self._stats = {"requests": 0, "range_requests": 0, "bytes": 0, "errors": 0}
-        self._pieces: list[mmap.mmap] = []  # read_range's piece buffers, reused across requests
-        self._max_pieces = concurrency
 
     async def __aenter__(self) -> "GlanceClient":
         return self
@@ -113,16 +110,14 @@ class GlanceClient:
         ``piece`` bytes as they arrive (and for the rest at the end), from one buffer of ``piece``
         bytes reused for the whole response, so that a long response's beginning is used before
         its end and no buffer as large as the response is ever allocated (fresh memory costs a
-        page fault per page).  The buffer is page aligned (the cache writes it with O_DIRECT) and
-        kept for the next request.  ``view`` is valid only during the call."""
+        page fault per page).  ``view`` is valid only during the call."""
         want = end - start
         path = f"/v2/images/{image_id}/file"
         self._stats["requests"] += 1
         self._stats["range_requests"] += 1
-        buf = bytearray(want) if on_piece is None else self._piece(piece)
+        buf = bytearray(want if on_piece is None else min(piece, want))
         got = fill = 0
-        size = len(buf) if on_piece is None else min(piece, want)
-        with self._transport(f"{image_id} [{start}, {end})"), self._keep(buf, on_piece is not None):
+        with self._transport(f"{image_id} [{start}, {end})"):
             async with self._client.stream("GET", path, headers={"Range": f"bytes={start}-{end - 1}"}) as resp:
                 _raise_for_status(resp, path)
                 _check_range(resp, start, end)
@@ -136,11 +131,11 @@ class GlanceClient:
                         continue
                     view, i = memoryview(data), 0
                     while i < n:
-                        k = min(n - i, size - fill)
+                        k = min(n - i, len(buf) - fill)
                         buf[fill:fill + k] = view[i:i + k]
                         fill += k
                         i += k
-                        if fill == size or got + i == want:
+                        if fill == len(buf) or got + i == want:
                             with memoryview(buf)[:fill] as out:
                                 on_piece(start + got + i - fill, out)
                             fill = 0
@@ -150,21 +145,6 @@ class GlanceClient:
             raise GlanceProtocolError(f"Glance sent {got} of {want} bytes of {image_id} at {start}")
         self._stats["bytes"] += got
         return buf if on_piece is None else None
-
-    def _piece(self, size: int) -> mmap.mmap:
-        while self._pieces:
-            buf = self._pieces.pop()
-            if len(buf) == size:
-                return buf
-        return mmap.mmap(-1, size)
-
-    @contextlib.contextmanager
-    def _keep(self, buf, reuse: bool):
-        try:
-            yield
-        finally:
-            if reuse and len(self._pieces) < self._max_pieces:
-                self._pieces.append(buf)
 
     async def stream(self, image_id: str, piece: int = 2**20):
         """The image's whole data, in pieces of up to ``piece`` bytes as they arrive."""

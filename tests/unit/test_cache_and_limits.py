@@ -141,8 +141,6 @@ async def test_reads_the_page_cache_lacks_go_to_threads_checked_the_same(tmp_pat
     data = os.urandom(4 * CS)
     store.stage(img, 0, data)
     await store.commit()
-    with open(img.path, "rb") as f:  # (written directly: into the page cache by hand)
-        assert f.read() == data
     assert await store.read(img, 0, 4 * CS) == data
     assert store.statistics()["reads_inline"] == 1 and store.statistics()["reads_threaded"] == 0
     _evict_pages(img.path)
@@ -457,80 +455,4 @@ async def test_a_large_read_that_ends_the_image_off_a_page_bound_goes_through_o_
     store._disk_wait = 1.0  # slow: a worker reads it
     assert await store.read(img, 0, size) == data
     assert store.statistics()["reads_threaded"] == 1
-    store.close()
-
-
-
-def _cached_pages(path, size: int) -> bool:
-    """Whether the page cache holds ``size`` bytes of a file from its start (RWF_NOWAIT)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.preadv(fd, [bytearray(size)], 0, os.RWF_NOWAIT) == size
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)
-
-
-async def test_whole_pages_are_written_directly_the_short_end_through_the_page_cache(tmp_path, index):
-    """A fetched run (a Glance piece, page aligned, or a peer's read-only bytes) goes to the disk
-    without filling the page cache; the image's last, short page through it; all read back right,
-    and durable through a commit like any write."""
-    import mmap
-    cs = 64 * 1024
-    store = ChunkStore(tmp_path, index, cs, 2**30)
-    store._write_cost["buffered"] = 1.0  # (measured slow: direct from the first write on)
-    size = 4 * cs + 1000
-    img = store.image(CONTENT, size)
-    data = os.urandom(size)
-    piece = mmap.mmap(-1, 2 * cs)
-    piece[:] = data[:2 * cs]
-    assert store.stage(img, 0, memoryview(piece))  # as the Glance client hands it over
-    assert store.stage(img, 2, data[2 * cs:])  # a peer's bytes: read-only, not aligned
-    assert store.statistics()["bytes_written_direct"] == 4 * cs
-    assert not _cached_pages(img.path, 4 * cs)
-    await store.commit()
-    assert await store.read(img, 0, size) == data
-    assert store.statistics()["write_ms_per_mib"]["direct"] > 0
-    store.close()
-
-
-async def test_a_file_system_refusing_direct_writes_is_written_through_the_page_cache(tmp_path, index,
-                                                                                      monkeypatch):
-    cs = 64 * 1024
-    store = ChunkStore(tmp_path, index, cs, 2**30)
-    store._write_cost["buffered"] = 1.0
-    img = store.image(CONTENT, 4 * cs)
-    pwrite = os.pwrite
-
-    def refusing(fd, data, offset):
-        if fd == img.direct_fd:
-            raise OSError(22, "Invalid argument")
-        return pwrite(fd, data, offset)
-
-    monkeypatch.setattr(store_mod.os, "pwrite", refusing)
-    data = os.urandom(4 * cs)
-    assert store.stage(img, 0, data[:2 * cs]) and store.stage(img, 2, data[2 * cs:])
-    assert store.statistics()["bytes_written_direct"] == 0 and store._write_cost["direct"] is None
-    await store.commit()
-    assert await store.read(img, 0, 4 * cs) == data
-    store.close()
-
-
-async def test_writes_take_the_way_that_cost_less_lately_and_try_the_other_now_and_then(tmp_path, index):
-    """A disk slower to take a direct write than the page cache is to copy one (a busy or a
-    spinning disk) gets buffered writes, but for one write in WRITE_PROBE that measures it again."""
-    cs = 64 * 1024
-    store = ChunkStore(tmp_path, index, cs, 2**30)
-    img = store.image(CONTENT, 200 * cs)
-    store.stage(img, 0, os.urandom(cs))  # the first write measures the page cache
-    assert store.statistics()["bytes_written_direct"] == 0
-    store._write_cost.update(direct=1.0, buffered=1e-9)  # direct measured slow
-    for c in range(1, 1 + store.WRITE_PROBE):
-        store.stage(img, c, os.urandom(cs))
-    assert store.statistics()["bytes_written_direct"] == cs  # the one probe
-    store._write_cost.update(direct=1e-9, buffered=1.0)  # the disk got fast again
-    for c in range(100, 100 + store.WRITE_PROBE):
-        store.stage(img, c, os.urandom(cs))
-    assert store.statistics()["bytes_written_direct"] == store.WRITE_PROBE * cs  # all but one probe
     store.close()

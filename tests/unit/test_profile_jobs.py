@@ -4,9 +4,7 @@ profile of another content is ignored; warm fetches the rest too."""
 
 from __future__ import annotations
 
-import pytest
 import trio
-from trio.testing import MockClock
 
 from fakes import CS, MemorySource, fetcher_of, meta_of, pattern, running
 from thunderfs.fetch.reader import Readers
@@ -40,15 +38,7 @@ def build(store, tracker, **kw):
     return src, fetcher, profiles, Readers(store, fetcher, on_open=[profiles.opened])
 
 
-@pytest.fixture
-def patient_clock():
-    """Virtual time that jumps only once every task has waited 50 ms of real time: a read of
-    the disk in a worker thread (what the cache does for bytes written directly) is not a wait
-    to jump over."""
-    return MockClock(autojump_threshold=0.05)
-
-
-async def test_the_first_open_records_what_readers_touch_and_sends_it(store, patient_clock):
+async def test_the_first_open_records_what_readers_touch_and_sends_it(store, autojump_clock):
     tracker = ProfileTracker()
     src, fetcher, profiles, readers = build(store, tracker, record_idle=5, prefetch_flights=0)
     async with running(fetcher, profiles):

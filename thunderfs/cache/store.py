@@ -8,8 +8,8 @@ Invariants (read before adding an ``await`` to this module):
 
 1. A chunk is served from disk only while its in-memory state is not ``ABSENT``.
 2. ``INDEXED``: the index holds it and its data was made durable (fdatasync) before the index
-   transaction.  ``PENDING``: written from verified bytes (through the page cache or directly,
-   ``_write``), readable, not yet durable; the committer makes it ``INDEXED``.  A crash loses pending chunks, never corrupts:
+   transaction.  ``PENDING``: written from verified bytes, readable through the page cache, not yet
+   durable; the committer makes it ``INDEXED``.  A crash loses pending chunks, never corrupts:
    their leaked bytes are punched out at the next start (``reclaim``).
 3. The committer task is the only writer of the index, one transaction at a time, in a thread.
 4. Eviction runs synchronously in the trio thread: it takes only ``INDEXED`` chunks that no read
@@ -31,7 +31,6 @@ Invariants (read before adding an ``await`` to this module):
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import itertools
 import logging
@@ -74,13 +73,6 @@ def _buffer(n: int) -> mmap.mmap:
     if buf is None or len(buf) < n:
         buf = _local.buf = mmap.mmap(-1, max(n, 2**20))
     return buf
-
-
-def _aligned(view: memoryview) -> bool:
-    """Whether a buffer starts on a page (O_DIRECT wants it); a read-only one is not asked."""
-    if view.readonly or not len(view):
-        return False
-    return ctypes.addressof(ctypes.c_char.from_buffer(view)) % _PAGE == 0
 
 
 def read_checked(fd: int, offset: int, n: int, a: int, b: int, expect, cs: int,
@@ -132,7 +124,7 @@ class ImageData:
         self.direct_fd = self.fd
         if chunk_size % mmap.PAGESIZE == 0:
             try:
-                self.direct_fd = os.open(path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
+                self.direct_fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
             except OSError:
                 pass
         self.state = bytearray(self.nchunks)
@@ -206,14 +198,10 @@ class ChunkStore:
         self._io = trio.CapacityLimiter(io_threads)  # reads that wait for the disk, at once
         self._will_need, self._will_need_recv = trio.open_memory_channel[tuple[ImageData, int, int]](64)
         self._disk_wait: float | None = None  # seconds a small read from the disk took lately
-        # Seconds per MiB that writes took lately, each way (``_write``); direct None: refused.
-        self._write_cost: dict[str, float | None] = {"direct": 0.0, "buffered": None}
-        self._writes = 0
         self._stats = dict.fromkeys(
             ("bytes_read_disk", "bytes_checked", "reads_inline", "reads_disk_inline", "reads_threaded",
              "bytes_read_memory", "chunks_staged", "chunks_committed", "evictions",
-             "corrupt_dropped", "disk_full_events", "bytes_not_cached", "commit_failures",
-             "bytes_written_direct"), 0)
+             "corrupt_dropped", "disk_full_events", "bytes_not_cached", "commit_failures"), 0)
 
     # --- images ----------------------------------------------------------------------------
 
@@ -458,7 +446,9 @@ class ChunkStore:
             return False
         offset = first * self.chunk_size
         try:
-            self._write(img, data, offset)
+            written = os.pwrite(img.fd, data, offset)
+            if written != n:
+                raise OSError(errno.ENOSPC, "short write")
         except OSError as exc:
             if not img.sealed:  # rule 6: a sealed file keeps what it had (the chunk is not indexed)
                 self._scrub(img, offset, n)
@@ -485,57 +475,6 @@ class ChunkStore:
         self._stats["chunks_staged"] += -(-n // cs)
         self._wake.set()
         return True
-
-    WRITE_PROBE = 64  # one write in this many goes the other way, to keep both costs current
-
-    def _write(self, img: ImageData, data, offset: int) -> None:
-        """Write verified bytes in place.  A cold byte copied into fresh page-cache pages costs
-        this VM a page fault per page: more than receiving it.  So whole pages go to the disk
-        directly (O_DIRECT), from a page-aligned buffer (the Glance client's; other bytes are
-        copied into the thread's own, warm memory), while that has lately cost less time per MiB
-        than writing through the page cache (both block the event loop; a slow disk makes the
-        buffered write, which does not wait for it, the cheaper); the image's short last page
-        always through the page cache."""
-        n = len(data)
-        view = memoryview(data)
-        head = n - n % _PAGE if img.direct_fd != img.fd and self._direct_wanted() else 0
-        t = time.perf_counter()
-        if head:
-            src = view[:head]
-            if not _aligned(src):
-                buf = _buffer(head)
-                buf[:head] = src
-                src = memoryview(buf)[:head]
-            try:
-                done = os.pwrite(img.direct_fd, src, offset)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                log.info("the cache's file system refuses direct writes (%s): writing through the page cache", exc)
-                self._write_cost["direct"] = None
-                head = done = 0
-            finally:
-                src.release()
-            if done != head:
-                raise OSError(errno.ENOSPC, "short write")
-            self._stats["bytes_written_direct"] += done
-        if head < n and os.pwrite(img.fd, view[head:], offset + head) != n - head:
-            raise OSError(errno.ENOSPC, "short write")
-        if n >= _PAGE:
-            self._note_write_cost("direct" if head else "buffered", n, time.perf_counter() - t)
-
-    def _direct_wanted(self) -> bool:
-        direct, buffered = self._write_cost["direct"], self._write_cost["buffered"]
-        if direct is None or buffered is None:  # refused by the file system; not measured yet
-            return direct is not None and buffered is not None
-        choice = direct <= buffered
-        self._writes += 1
-        return choice if self._writes % self.WRITE_PROBE else not choice
-
-    def _note_write_cost(self, way: str, nbytes: int, seconds: float) -> None:
-        per_mib = seconds * 2**20 / nbytes
-        last = self._write_cost[way]
-        self._write_cost[way] = per_mib if not last else last + 0.1 * (per_mib - last)
 
     def _scrub(self, img: ImageData, offset: int, length: int) -> None:
         try:
@@ -694,6 +633,4 @@ class ChunkStore:
             "used": self._used,
             "pending_chunks": len(self._pending),
             "open_contents": len(self._images),
-            # What a MiB written lately cost the event loop, each way (_write; None: not yet/refused).
-            "write_ms_per_mib": {k: None if v is None else round(v * 1e3, 3) for k, v in self._write_cost.items()},
         }
