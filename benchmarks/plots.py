@@ -5,7 +5,8 @@
   egress-vs-nodes.png       Glance egress against N: measured points, the model to 10,000 nodes
   time-vs-nodes.png         storm completion against N: measured points, the model to 10,000 nodes
 
-Usage: .venv/bin/python benchmarks/plots.py RESULTS.json [...] [--out benchmarks/plots]
+Usage: .venv/bin/python benchmarks/plots.py [RESULTS.json ...] [--out benchmarks/plots]
+       (no RESULTS: the kept ones, benchmarks/results/bootstorm-*.json, as benchmarks/report.py)
 """
 
 from __future__ import annotations
@@ -110,12 +111,16 @@ def versus_nodes(results: list[dict], out: Path) -> list[Path]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("results", nargs="+")
+    ap.add_argument("results", nargs="*", help="bootstorm.py results (default: the kept ones, "
+                    "benchmarks/results/bootstorm-*.json, which benchmarks/report.py reads too)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "plots"))
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = [json.loads(Path(p).read_text()) for p in args.results]
+    paths = args.results or sorted(str(p) for p in (Path(__file__).resolve().parent / "results").glob("bootstorm-*.json"))
+    if not paths:
+        raise SystemExit("no results: run benchmarks/bootstorm.py (see benchmarks/report.py --commands)")
+    results = [json.loads(Path(p).read_text()) for p in paths]
     made = []
     for r in results:
         made.append(boot_times(r, out))

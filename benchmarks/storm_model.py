@@ -128,6 +128,8 @@ def main() -> int:
     ap.add_argument("results", nargs="+", help="bootstorm.py results JSON")
     ap.add_argument("--tracker-rps", type=float, default=TRACKER_REQUESTS_PER_S)
     ap.add_argument("--peer-rps", type=float, default=PEER_REQUESTS_PER_S)
+    ap.add_argument("--project", type=int, metavar="N",
+                    help="also project each way to N nodes on a cluster (each node its own CPU), from each file")
     args = ap.parse_args()
     print(f"assumed: tracker {args.tracker_rps:.0f} requests/s, a host's peer transfers {args.peer_rps:.0f}/s")
     worst = 0.0
@@ -142,6 +144,14 @@ def main() -> int:
             te, ee = (tp - t) / t, (ep - e) / e if e else 0.0
             worst = max(worst, abs(te), abs(ee))
             print(f"  {way:12s} {n:4d} {t:9.1f}s {tp:6.1f}s {te:+6.0%} {e / MiB:10.0f} MiB {ep / MiB:5.0f} MiB {ee:+6.0%}")
+        if args.project:
+            q = Params.from_results(results)
+            q.R, q.Cp = args.tracker_rps, args.peer_rps
+            for way in ("nova", "glance-only", "thunderfs"):
+                t, e = predict(way, args.project, q)
+                print(f"  projected, {args.project} nodes, {way:12s}: slowest boot {t / 3600:7.2f} h, Glance sends "
+                      f"{e / 2**30:10.2f} GiB (links {results['node_rate']}, Glance {q.Bg * 8 / 1e9:.2f} Gbit/s and "
+                      f"{q.C:.0f} requests/s as calibrated, {q.q:.0f} tracker requests per node per boot)")
     print(f"largest error: {worst:.0%} (target: within 25%)")
     return 0
 
