@@ -82,8 +82,8 @@ def summary() -> None:
         print(f"  {'scripts/setup.sh (installs what is missing)':<44} {float(setup):6.1f} s")
     for name, secs, where in STEPS:
         print(f"  {name:<44} {secs:6.1f} s  {where}")
-    print("Everything above is torn down.  Next: mount your Glance (README, \"Using it\"), then\n"
-          "`thunderfs status` shows what the daemon did (per image: bytes from Glance, from peers, from\n"
+    print("All of it is torn down as the demo exits.  Next: mount your Glance (README, \"Using it\"),\n"
+          "then `thunderfs status` shows what the daemon did (per image: bytes from Glance, from peers, from\n"
           "the cache); docs/operating.md runs it for real (config, systemd, Keystone, Nova);\n"
           "bash scripts/test.sh runs the tests.")
 
@@ -186,7 +186,7 @@ def two_nodes(work: Path, glance: LocalGlance, image_id: str) -> int:
             where = (f"from Glance {format_size(f['bytes_from_origin'] - before['fetch']['bytes_from_origin'])}, "
                      f"from peers {format_size(f['bytes_from_peers'] - before['fetch']['bytes_from_peers'])}")
             print(f"   {name}: {where}")
-            step(f"4. {name} (own namespace) mounts, reads it all", t, where)
+            step(f"4. {name}, its own namespace, reads it all", t, where)
         print()
         print(thunderfs("status", str(nodes[1].path)).stdout)
         f = nodes[1].stats()["fetch"]
