@@ -27,7 +27,6 @@ Usage: .venv/bin/python benchmarks/boot_bench.py [--work /var/tmp/thunderfs-benc
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -41,6 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from harness import tiny_vm  # noqa: E402
+from benchmarks.record import provenance, spread  # noqa: E402
 from harness.local_glance import LocalGlance, free_port  # noqa: E402
 from harness.mounts import Mount, thunderfs  # noqa: E402
 from harness.pagecache import drop_page_cache  # noqa: E402
@@ -110,10 +110,6 @@ def boot_disk(disk: Path, work: Path, name: str, cache: str = "writeback", timeo
     return took
 
 
-def spread(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/var/tmp/thunderfs-bench", help="where the Debian disk is built and kept")
@@ -124,8 +120,7 @@ def main() -> int:
     disk = Path(subprocess.run(["bash", str(REPO / "benchmarks" / "debian_image.sh"), str(work / "debian")],
                                check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
     size = disk.stat().st_size
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    made = provenance()
     with tempfile.TemporaryDirectory(prefix="thunderfs-boot-", dir=work) as tmp:
         tmp = Path(tmp)
         glance = LocalGlance(tmp / "glance")
@@ -136,7 +131,7 @@ def main() -> int:
             t = time.perf_counter()
             image_id = glance.upload("debian-boot", disk)["id"]
             print(f"Debian disk {size / MiB:.0f} MiB uploaded to Glance in {time.perf_counter() - t:.0f}s; "
-                  f"qemu TCG, 1 vCPU, 512 MiB; loopback; 2 cores; commit {commit}")
+                  f"qemu TCG, 1 vCPU, 512 MiB; loopback; 2 cores; commit {made['commit']}")
             # A node that stops is forgotten NODE_TTL seconds after its last announce: (b') waits that
             # long after every other node holding the image is gone, so that no peer can serve it.
             tracker = LocalTracker(tmp / "tracker", "--glance", glance.url, "--heartbeat", "1",
@@ -165,7 +160,7 @@ def main() -> int:
                 img = next(i for i in control.call(m.path, "images")["images"] if i["id"] == image_id)
                 return {"from_peers": img["bytes_from_peers"], "from_glance": img["bytes_from_origin"]}
 
-            out: dict = {"date": datetime.date.today().isoformat(), "commit": commit, "runs": args.runs,
+            out: dict = {**made, "runs": args.runs,
                          "image_mib": size / MiB}
             a = node("a")
             out["a"] = boot(a.image(image_id), tmp, "a")

@@ -47,6 +47,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from harness import boot_trace  # noqa: E402
+from benchmarks.record import provenance  # noqa: E402
 from harness.fault_proxy import FaultProxy  # noqa: E402
 from harness.local_glance import LocalGlance, free_port  # noqa: E402
 from harness.mounts import Mount, thunderfs  # noqa: E402
@@ -317,9 +318,7 @@ def main() -> int:
     with (contextlib.nullcontext(tempfile.mkdtemp(prefix="bootstorm-", dir=work_root)) if args.keep
           else tempfile.TemporaryDirectory(prefix="bootstorm-", dir=work_root)) as tmp:
         storm = Storm(args, Path(tmp))
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True).stdout.strip()
-        results = {"date": time.strftime("%Y-%m-%d"), "commit": commit,
+        results = {**provenance(),
                    "mode": args.mode, "nodes": args.nodes, "node_rate": args.node_rate,
                    "glance_rate": args.glance_rate, "replicas": args.replicas,
                    "kill_replica": args.kill_replica, "ways": {}}

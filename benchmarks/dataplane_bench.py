@@ -27,11 +27,9 @@ Usage: .venv/bin/python benchmarks/dataplane_bench.py [--size-mib 512] [--runs 3
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,6 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from harness import boot_trace  # noqa: E402
+from benchmarks.record import provenance, spread  # noqa: E402
 from harness.local_glance import LocalGlance, free_port  # noqa: E402
 from harness.mounts import Mount, thunderfs  # noqa: E402
 from harness.pagecache import drop_page_cache  # noqa: E402
@@ -74,10 +73,6 @@ def fio(job: str, target: Path, runtime: int, *backing: Path) -> dict:
         raise RuntimeError(f"fio {job} on {target}: {out.stderr.strip()[-500:]}")
     read = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]["read"]
     return {"bw": read["bw_bytes"] / MiB, "iops": read["iops"], "bytes": read["io_bytes"]}
-
-
-def spread(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
 
 
 def fmt(s: dict, digits: int = 2) -> str:
@@ -328,9 +323,7 @@ def main() -> int:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     only = set(args.only.split(","))
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    results: dict = {"date": datetime.date.today().isoformat(), "commit": commit, "size_mib": args.size_mib,
+    results: dict = {**provenance(), "size_mib": args.size_mib,
                      "runs": args.runs}
     with tempfile.TemporaryDirectory(prefix="thunderfs-dataplane-", dir="/var/tmp") as tmp:
         work = Path(tmp)
@@ -341,7 +334,7 @@ def main() -> int:
             make_image(native, args.size_mib * MiB)
             image_id = glance.upload("dataplane", native)["id"]
             size = native.stat().st_size
-            print(f"image {args.size_mib} MiB of random bytes; real Glance on loopback; commit {commit}")
+            print(f"image {args.size_mib} MiB of random bytes; real Glance on loopback; commit {results['commit']}")
             if "cold" in only:
                 results["cold"] = cold_step(work, glance, image_id, size, args.runs, [])
             if "warm" in only:

@@ -24,7 +24,6 @@ Usage: .venv/bin/python benchmarks/nova_boot.py [--work /var/tmp/thunderfs-bench
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import shutil
 import statistics
@@ -39,6 +38,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.boot_bench import boot_disk  # noqa: E402
 from harness import nova_probe  # noqa: E402
+from benchmarks.record import provenance, spread  # noqa: E402
 from harness.local_glance import LocalGlance  # noqa: E402
 from harness.mounts import Mount  # noqa: E402
 from harness.pagecache import drop_page_cache  # noqa: E402
@@ -124,13 +124,7 @@ def main() -> int:
             for run_no in range(args.runs):
                 runs.append(one_run(tmp / f"run{run_no}", glance, image_id))
             a = {"ready": [r[0][1] + r[0][2] for r in runs]}
-            out = {"date": datetime.date.today().isoformat(),
-                   "commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                                            capture_output=True, text=True).stdout.strip(),
-                   "runs": args.runs, "image_bytes": disk.stat().st_size, "cases": {}}
-
-            def spread(v: list[float]) -> dict:
-                return {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": v}
+            out = {**provenance(), "runs": args.runs, "image_bytes": disk.stat().st_size, "cases": {}}
 
             print(f"Debian disk {disk.stat().st_size / MiB:.0f} MiB (raw) in Glance on loopback; qemu TCG, "
                   f"1 vCPU, cache=none; medians (ranges) of {args.runs} runs")

@@ -22,11 +22,8 @@ Usage: .venv/bin/python benchmarks/p2p_bench.py [--nodes 8] [--size-mib 256] [--
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,6 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from harness.fault_proxy import FaultProxy  # noqa: E402
+from benchmarks.record import provenance, spread  # noqa: E402
 from harness.local_glance import LocalGlance, free_port  # noqa: E402
 from harness.mounts import Mount  # noqa: E402
 from harness.netns import Lan  # noqa: E402
@@ -169,16 +167,9 @@ def main() -> int:
                     m.cleanup()
                     mounts.remove(m)
 
-            def spread(key: str) -> dict:
-                v = [r[key] for r in runs]
-                return {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": v}
-
-            out = {"date": datetime.date.today().isoformat(),
-                   "commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                                            capture_output=True, text=True).stdout.strip(),
-                   "nodes": args.nodes, "size_mib": args.size_mib, "rate": args.rate, "runs": args.runs,
+            out = {**provenance(), "nodes": args.nodes, "size_mib": args.size_mib, "rate": args.rate, "runs": args.runs,
                    "manifest_bytes": manifest_bytes, "manifest_s": manifest_s,
-                   **{k: spread(k) for k in ("alone_s", "slowest_s", "slowest_ratio", "egress_ratio",
+                   **{k: spread([r[k] for r in runs]) for k in ("alone_s", "slowest_s", "slowest_ratio", "egress_ratio",
                                              "egress_with_manifest_ratio")}}
 
             def fmt(x: dict) -> str:

@@ -25,7 +25,6 @@ import json
 import random
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from harness.direct_reader import DirectReader  # noqa: E402
+from benchmarks.record import provenance  # noqa: E402
 from harness.local_glance import LocalGlance  # noqa: E402
 from harness.mounts import Mount, thunderfs  # noqa: E402
 from thunderfs.cache.holes import data_extents  # noqa: E402
@@ -128,9 +128,7 @@ def main() -> int:
     p.add_argument("--json", help="write the results here too")
     args = p.parse_args()
     out = run(args)
-    out["date"] = time.strftime("%Y-%m-%d")
-    out["commit"] = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                                   capture_output=True, text=True).stdout.strip()
+    out.update(provenance())
     for case in ("baseline", "faults"):
         r = out[case]
         print(f"{case:9s} reads {r['reads']:6d}  errors {r['errors']}  wrong {r['wrong']}  "
