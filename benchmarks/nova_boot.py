@@ -107,6 +107,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--json", type=Path, help="write the runs here (benchmarks/results/nova.json)")
     args = ap.parse_args()
+    made = provenance()  # the code as the run starts
     try:
         nova_probe.venv_python()
     except nova_probe.NovaProbeError as exc:
@@ -124,7 +125,7 @@ def main() -> int:
             for run_no in range(args.runs):
                 runs.append(one_run(tmp / f"run{run_no}", glance, image_id))
             a = {"ready": [r[0][1] + r[0][2] for r in runs]}
-            out = {**provenance(), "runs": args.runs, "image_bytes": disk.stat().st_size, "cases": {}}
+            out = {**made, "runs": args.runs, "image_bytes": disk.stat().st_size, "cases": {}}
 
             print(f"Debian disk {disk.stat().st_size / MiB:.0f} MiB (raw) in Glance on loopback; qemu TCG, "
                   f"1 vCPU, cache=none; medians (ranges) of {args.runs} runs")

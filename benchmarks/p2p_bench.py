@@ -61,6 +61,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3, help="lone node + crowd, this many times")
     ap.add_argument("--json", type=Path, help="write the runs here")
     args = ap.parse_args()
+    made = provenance()  # the code as the run starts
     size = args.size_mib * MiB
     with tempfile.TemporaryDirectory(prefix="thunderfs-p2p-") as tmp:
         work = Path(args.workdir or tmp)
@@ -167,7 +168,7 @@ def main() -> int:
                     m.cleanup()
                     mounts.remove(m)
 
-            out = {**provenance(), "nodes": args.nodes, "size_mib": args.size_mib, "rate": args.rate, "runs": args.runs,
+            out = {**made, "nodes": args.nodes, "size_mib": args.size_mib, "rate": args.rate, "runs": args.runs,
                    "manifest_bytes": manifest_bytes, "manifest_s": manifest_s,
                    **{k: spread([r[k] for r in runs]) for k in ("alone_s", "slowest_s", "slowest_ratio", "egress_ratio",
                                              "egress_with_manifest_ratio")}}

@@ -11,10 +11,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def provenance() -> dict:
-    """The date of the run and the commit it ran (``git rev-parse --short HEAD``)."""
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+# What a run executes: a change here that is not committed makes the commit a lie.
+CODE = ("thunderfs", "thunderfs_common", "thunderfs_tracker", "harness", "benchmarks/*.py", "pyproject.toml")
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True).stdout.strip()
+
+
+def provenance(repo: Path = REPO) -> dict:
+    """The date of the run and the commit it ran (``git rev-parse --short HEAD``), marked
+    ``+dirty`` when the code it runs has changes not committed.  Call it when the run starts."""
+    commit = git(repo, "rev-parse", "--short", "HEAD")
+    if git(repo, "status", "--porcelain", "--", *CODE):
+        commit += "+dirty"
     return {"date": time.strftime("%Y-%m-%d"), "commit": commit}
 
 

@@ -127,8 +127,9 @@ def main() -> int:
     p.add_argument("--spacing", type=int, default=200, help="reads between two faults")
     p.add_argument("--json", help="write the results here too")
     args = p.parse_args()
+    made = provenance()  # the code as the run starts
     out = run(args)
-    out.update(provenance())
+    out.update(made)
     for case in ("baseline", "faults"):
         r = out[case]
         print(f"{case:9s} reads {r['reads']:6d}  errors {r['errors']}  wrong {r['wrong']}  "
