@@ -69,6 +69,13 @@ def source(r: dict) -> str:
     return f"{r.get('date', '?')}, {r.get('commit', '?')}"
 
 
+def source_of_runs(runs: list[dict]) -> str:
+    """Runs kept in files of their own: every date and commit they name, in order, each once."""
+    def each(key: str) -> str:
+        return " / ".join(dict.fromkeys(r.get(key, "?") for r in runs))
+    return f"{each('date')}, {each('commit')}"
+
+
 # --- the headlines, by issue --------------------------------------------------------------------
 
 DATAPLANE = ".venv/bin/python benchmarks/dataplane_bench.py --runs 3 --passthrough --json benchmarks/results/dataplane.json"
@@ -204,7 +211,7 @@ def storm(results: Path, mode: str, target_time: float, target_egress: float) ->
     with_setup = s([(r["ways"]["thunderfs"]["glance_egress"] + r["setup"]["manifest_glance_bytes"]
                      + r["setup"]["recording_glance_bytes"]) / r["boot_bytes"] for r in runs])
     only_runs = [r["ways"]["glance-only"]["glance_egress"] / r["boot_bytes"] for r in runs if "glance-only" in r["ways"]]
-    src = f"{runs[-1].get('date', '?')}, {runs[-1].get('commit', '?')}"
+    src = source_of_runs(runs)
     return [
         Row(5, whats[0], spread(slow_s, 1, " s"), f"{versus}: {spread(base_s, 1, ' s')}", spread(slow),
             *at_most(slow, target_time), str(len(runs)), src, command),
