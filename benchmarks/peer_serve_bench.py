@@ -11,13 +11,14 @@ request signed and checked), one without.  In one run:
            PeerSource does it), 4 requests at a time, at 64 KiB (one chunk) and 1 MiB requests,
            signed to the daemon with the secret and unsigned to the other, in alternating rounds
 
-Usage: .venv/bin/python benchmarks/peer_serve_bench.py [--size-mib 256]
+Usage: .venv/bin/python benchmarks/peer_serve_bench.py [--size-mib 256] [--rounds 3] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -31,6 +32,7 @@ import trio
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.record import provenance, spread  # noqa: E402
 from harness.local_glance import LocalGlance, free_port  # noqa: E402
 from harness.mounts import Mount  # noqa: E402
 from harness.tracker import LocalTracker  # noqa: E402
@@ -78,7 +80,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-mib", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of the client runs")
+    ap.add_argument("--json", type=Path, help="write the figures here too")
     args = ap.parse_args()
+    out: dict = {**provenance(), "size_mib": args.size_mib, "rounds": args.rounds}
     size = args.size_mib * MiB
     with tempfile.TemporaryDirectory(prefix="thunderfs-serve-") as tmp:
         work = Path(tmp)
@@ -118,6 +122,7 @@ def main() -> int:
                   f"2 cores")
             glance_rate = curl_rate([f"{glance.url}/v2/images/{image_id}/file"], size)
             print(f"  glance  curl whole image from Glance            {glance_rate:8.0f} MiB/s   1.00 x")
+            out["glance_curl_mibs"] = glance_rate
             per = 16 * MiB // CHUNK
             cfg = []
             for first in range(0, nchunks, per):
@@ -127,6 +132,7 @@ def main() -> int:
             (work / "curl.cfg").write_text("next\n".join(cfg))
             rate = curl_rate(["-K", str(work / "curl.cfg")], size)
             print(f"  curl    peer server, 16 MiB requests            {rate:8.0f} MiB/s  {rate / glance_rate:5.2f} x")
+            out["peer_curl_mibs"] = rate
             for per_request in (1, 16):
                 rates: dict[str, list[tuple[float, float]]] = {"signed": [], "open": []}
                 for _ in range(args.rounds):  # alternating, so that the machine's drift falls on both
@@ -137,12 +143,16 @@ def main() -> int:
                 med = {k: sorted(v)[len(v) // 2] for k, v in rates.items()}
                 for kind in ("signed", "open"):
                     mibs, rps = med[kind]
-                    spread = ", ".join(f"{m:.0f}" for m, _ in rates[kind])
+                    each = ", ".join(f"{m:.0f}" for m, _ in rates[kind])
                     print(f"  client  {kind:6s} peer server, {label:27s} {mibs:8.0f} MiB/s  {mibs / glance_rate:5.2f} x"
-                          f"   {rps:6.0f} requests/s   (median of {args.rounds}: {spread})")
+                          f"   {rps:6.0f} requests/s   (median of {args.rounds}: {each})")
                 ratio = med["signed"][0] / med["open"][0]
                 print(f"          signed / open at {per_request * CHUNK // 1024} KiB: {ratio:.2f} x "
                       f"(target >= 0.8 x: {'met' if ratio >= 0.8 else 'MISSED'})")
+                out[f"client_{per_request * CHUNK // 1024}k"] = {
+                    **{f"{kind}_mibs": spread([m for m, _ in rates[kind]]) for kind in rates},
+                    **{f"{kind}_requests_per_s": spread([r for _, r in rates[kind]]) for kind in rates},
+                    "signed_over_open": ratio}
             for kind, m in zip(("signed", "open"), mounts):
                 served = m.stats()["peer_server"]
                 print(f"  peer server ({kind}): {served['requests']} requests, "
@@ -153,6 +163,8 @@ def main() -> int:
             for t in trackers:
                 t.stop()
             glance.stop()
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1) + "\n")
     return 0
 
 

@@ -13,6 +13,7 @@
   memory   (opt-in) the daemon's peak RSS with 20 GiB cached from 10 open 2 GiB images
 
 Usage: .venv/bin/python benchmarks/read_bench.py [--size-mib 1024] [--only cold,seq,rand,boot,memory]
+       [--json FILE]   (every line printed, and the memory section's figures as numbers)
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.record import provenance  # noqa: E402
 from harness import boot_trace  # noqa: E402
 from harness.local_glance import LocalGlance  # noqa: E402
 from harness.mounts import Mount  # noqa: E402
@@ -81,9 +83,12 @@ def main() -> int:
     ap.add_argument("--only", default="cold,seq,rand,boot")
     ap.add_argument("--fio-seconds", type=int, default=8)
     ap.add_argument("--workdir")
+    ap.add_argument("--json", type=Path, help="write the figures here too")
     args = ap.parse_args()
+    made = provenance()  # the code as the run starts
     only = set(args.only.split(","))
     results: list[tuple[str, str, str]] = []
+    figures: dict = {}
 
     def report(name: str, value: str, note: str = "") -> None:
         results.append((name, value, note))
@@ -216,7 +221,10 @@ def main() -> int:
                 cache = mm.stats()["cache"]
                 print("20 GiB cache, 10 open images")
                 report("cached", f"{cache['used'] / 2**30:.1f} GiB", f"read cold in {secs:.0f}s")
-                report("daemon peak RSS", f"{peak_rss(mm.pid) / MiB:.0f} MiB", "target <= 200 MB")
+                rss = peak_rss(mm.pid)
+                report("daemon peak RSS", f"{rss / MiB:.0f} MiB", "target <= 200 MB")
+                figures["memory"] = {"images": len(ids), "cached_bytes": cache["used"], "read_s": secs,
+                                     "peak_rss_bytes": rss}
                 for h in handles:
                     h.close()
         finally:
@@ -226,6 +234,9 @@ def main() -> int:
             for mm in mounts:
                 mm.cleanup()
             glance.stop()
+    if args.json:
+        args.json.write_text(json.dumps({**made, "size_mib": args.size_mib, "only": sorted(only), **figures,
+                                         "lines": results}, indent=1) + "\n")
     return 0
 
 

@@ -7,7 +7,8 @@ chunks); then heartbeats and deltas keep coming to both while lookups of 16-chun
 timed from one client, in alternating rounds (so that the machine's drift falls on both).  All on
 this 2-core machine with the trackers (they share its cores).
 
-Usage: .venv/bin/python benchmarks/tracker_bench.py [--nodes 1000] [--lookups 2000] [--rounds 8]
+Usage: .venv/bin/python benchmarks/tracker_bench.py [--nodes 1000] [--lookups 2000] [--rounds 8] [--runs 3]
+       [--json FILE]
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.record import provenance, spread  # noqa: E402
 from harness.tracker import LocalTracker  # noqa: E402
 from thunderfs_common.signing import H_NONCE, reply_is_signed, sign  # noqa: E402
 from thunderfs_tracker.protocol import ChunkUpdate, NodeInfo  # noqa: E402
@@ -59,11 +61,28 @@ def populate(h: httpx.Client, secret: bytes | None, nodes: int) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nodes", type=int, default=1000)
     ap.add_argument("--lookups", type=int, default=2000, help="per tracker")
     ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--runs", type=int, default=1, help="whole runs, fresh trackers each")
+    ap.add_argument("--json", type=Path, help="write the runs and their median and range here")
     args = ap.parse_args()
+    made = provenance()  # the code as the run starts
+    runs = [one_run(args) for _ in range(args.runs)]
+    out = {**made, "nodes": args.nodes, "lookups": args.lookups, "runs": runs,
+           **{k: spread([r[k] for r in runs]) for k in runs[0]}}
+    if args.runs > 1:
+        print(f"{args.runs} runs: authenticated / open speed, p50 {out['ratio_p50']['median']:.2f} x "
+              f"({out['ratio_p50']['min']:.2f}-{out['ratio_p50']['max']:.2f}), p99 {out['ratio_p99']['median']:.2f} x "
+              f"({out['ratio_p99']['min']:.2f}-{out['ratio_p99']['max']:.2f})")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1) + "\n")
+    return 0
+
+
+def one_run(args) -> dict:
+    """One run: fresh trackers, the nodes announced, the lookups timed; the figures of the run."""
     kinds = {"authenticated": SECRET, "open": None}
     with tempfile.TemporaryDirectory() as tmp:
         trackers = {}
@@ -121,7 +140,8 @@ def main() -> int:
     ratio50, ratio99 = q["open"][0] / q["authenticated"][0], q["open"][1] / q["authenticated"][1]
     print(f"authenticated speed vs open (open latency / authenticated latency): p50 {ratio50:.2f} x, "
           f"p99 {ratio99:.2f} x (target >= 0.8 x: {'met' if min(ratio50, ratio99) >= 0.8 else 'MISSED'})")
-    return 0
+    return {"auth_p50_ms": q["authenticated"][0], "auth_p99_ms": q["authenticated"][1], "open_p50_ms": q["open"][0],
+            "open_p99_ms": q["open"][1], "ratio_p50": ratio50, "ratio_p99": ratio99}
 
 
 if __name__ == "__main__":

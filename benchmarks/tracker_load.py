@@ -18,6 +18,7 @@ generator, Redis and the replicas share this machine's 2 cores: the generator's 
 parsing cost CPU the trackers would have to themselves in a cloud.
 
 Usage: .venv/bin/python benchmarks/tracker_load.py [--nodes 10000] [--replicas 1,2] [--seconds 30]
+       [--heartbeat 10] [--json FILE]
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import aiohttp
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.record import provenance  # noqa: E402
 from harness import boot_trace  # noqa: E402
 from harness.local_redis import LocalRedis  # noqa: E402
 from harness.tracker import LocalTracker  # noqa: E402
@@ -214,6 +216,7 @@ def main() -> int:
                     help="seconds between a node's announces (the daemon's default 10); as many deltas")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    made = provenance()  # the code as the run starts
     results = []
     with tempfile.TemporaryDirectory(prefix="thunderfs-load-") as tmp:
         for replicas in (int(r) for r in args.replicas.split(",")):
@@ -232,7 +235,9 @@ def main() -> int:
                   f"per node-image held ({res['chunks_held_per_node_image']} chunks each; target < 1024)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1))
+        args.json.write_text(json.dumps({**made, "nodes": args.nodes, "heartbeat": args.heartbeat,
+                                         "seconds": args.seconds, "lookups_per_s": args.lookups,
+                                         "by_replicas": results}, indent=1) + "\n")
     return 0
 
 
