@@ -18,7 +18,7 @@ generator, Redis and the replicas share this machine's 2 cores: the generator's 
 parsing cost CPU the trackers would have to themselves in a cloud.
 
 Usage: .venv/bin/python benchmarks/tracker_load.py [--nodes 10000] [--replicas 1,2] [--seconds 30]
-       [--heartbeat 10] [--json FILE]
+       [--heartbeat 10] [--runs 1] [--json FILE]
 """
 
 from __future__ import annotations
@@ -214,16 +214,17 @@ def main() -> int:
     ap.add_argument("--lookups", type=float, default=200, help="lookups per second in the steady state")
     ap.add_argument("--heartbeat", type=float, default=10,
                     help="seconds between a node's announces (the daemon's default 10); as many deltas")
+    ap.add_argument("--runs", type=int, default=1, help="times the whole thing runs, fresh Redis and trackers each")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     made = provenance()  # the code as the run starts
     results = []
     with tempfile.TemporaryDirectory(prefix="thunderfs-load-") as tmp:
-        for replicas in (int(r) for r in args.replicas.split(",")):
-            res = asyncio.run(run_one(Path(tmp), replicas, args))
+        for run, replicas in ((r, int(n)) for r in range(args.runs) for n in args.replicas.split(",")):
+            res = {"run": run, **asyncio.run(run_one(Path(tmp) / f"run{run}", replicas, args))}
             results.append(res)
             a, p50, p99 = res["achieved_per_s"], res["p50_ms"], res["p99_ms"]
-            print(f"{replicas} replica(s), {res['nodes']} nodes: join {res['join_seconds']:.0f}s "
+            print(f"run {run + 1}: {replicas} replica(s), {res['nodes']} nodes: join {res['join_seconds']:.0f}s "
                   f"({res['join_requests_per_s']:.0f} req/s)")
             for k in ("announce", "delta", "lookup"):
                 print(f"  {k:8s} {a[k]:6.0f}/s  p50 {p50.get(k, float('nan')):6.1f} ms  "
