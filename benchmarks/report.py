@@ -153,7 +153,7 @@ def boot(results: Path) -> list[Row]:
     if r is None:
         return [Row(4, whats[0], command=BOOT), Row(18, whats[1], command=BOOT)]
     q = r["ratios"]
-    # (e) ran once per bench run until this commit: a number and one breaker, not a spread and a list.
+    # (e) ran once per bench run before ce3a203: a number and one breaker, not a spread and a list.
     e = r["e"] if isinstance(r["e"], dict) else {"median": r["e"], "min": r["e"], "max": r["e"]}
     breakers = r["e_breaker"] if isinstance(r["e_breaker"], list) else [r["e_breaker"]]
     return [
@@ -258,12 +258,12 @@ def tracker_load(results: Path) -> list[Row]:
     for heartbeat in (10, 30):
         command = tracker_load_command(heartbeat)
         what = f"10,000 nodes, tracker replicas on one Redis, heartbeat {heartbeat} s: lookup p99 (client included)"
-        memory = "same: Redis memory per node-image held (a boot's chunks of a 2 GiB image)"
+        redis_what = "same: Redis memory per node-image held (a boot's chunks of a 2 GiB image)"
         r = load(f"tracker-load-heartbeat{heartbeat}.json", results)
         if r is None:
             rows.append(Row(8, what, target="< 20 ms", command=command))
             if heartbeat == 10:
-                rows.append(Row(8, memory, target="< 1024 B", command=command))
+                rows.append(Row(8, redis_what, target="< 1024 B", command=command))
             continue
         by: dict[int, list[dict]] = {}
         for x in r["by_replicas"]:
@@ -280,8 +280,8 @@ def tracker_load(results: Path) -> list[Row]:
                         "< 20 ms", verdict(p99(most)["median"] < 20), str(len(by[most])), source(r), command))
         if heartbeat == 10:
             per = max(x["redis_bytes_per_node_image"] for x in r["by_replicas"])
-            rows.append(Row(8, memory, f"{per:.0f} B (the most of any run)", "", "", "< 1024 B", verdict(per < 1024),
-                            str(len(r["by_replicas"])), source(r), command))
+            rows.append(Row(8, redis_what, f"{per:.0f} B (the most of any run)", "", "", "< 1024 B",
+                            verdict(per < 1024), str(len(by[most])), source(r), command))
     return rows
 
 
