@@ -10,11 +10,17 @@ Nova runs its privileged calls (the base file's utime) through a privsep daemon 
 run in this process, which the tests run as root: the same call with the same rights.
 
 ``run()`` is how the tests and benchmarks call it (from thunderfs's venv).
+
+``manager`` calls private methods of Nova's ``ImageCacheManager`` (``_reset_state``,
+``_scan_base_images``, ``_age_and_verify_cached_images``), and ``boot`` Nova's internal modules:
+they are checked against the Nova that ``constraints/nova.txt`` pins (34.0.0).  Another Nova whose
+code differs fails with a message naming both versions, not a traceback from inside Nova.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
 import os
@@ -24,6 +30,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# The Nova whose internals the probe calls: the one the setup pins.
+WRITTEN_FOR = next(line.split("==", 1)[1].strip() for line in (REPO / "constraints" / "nova.txt").read_text().splitlines()
+                   if line.startswith("nova=="))
 
 
 class NovaProbeError(RuntimeError):
@@ -154,7 +163,15 @@ def main() -> int:
     collect = _Collect()
     logging.getLogger().addHandler(collect)
     _configure(getattr(args, "instances_path", None))
-    result = {"name": name, "boot": boot, "manager": manager}[args.cmd](args)
+    try:
+        result = {"name": name, "boot": boot, "manager": manager}[args.cmd](args)
+    except (AttributeError, TypeError, ImportError, NotImplementedError) as exc:  # Nova's internals are not what they were
+        if importlib.metadata.version("nova") == WRITTEN_FOR:
+            raise  # the Nova it was written for: a bug of the probe's, with its traceback
+        print(f"nova_probe {args.cmd}: Nova {importlib.metadata.version('nova')}'s code is not what this probe "
+              f"was written against (Nova {WRITTEN_FOR}, constraints/nova.txt): {type(exc).__name__}: {exc}",
+              file=sys.stderr)
+        return 2
     result["warnings"] = collect.records
     json.dump(result, sys.stdout)
     return 0
