@@ -11,8 +11,9 @@ import pytest
 import trio
 
 from fakes import CS, meta_of, pattern
+from thunderfs.fetch import peers
 from thunderfs.fetch.peers import PeerSource
-from thunderfs.fetch.slots import DEMAND
+from thunderfs.fetch.slots import DEMAND, PREFETCH, READAHEAD
 from thunderfs.fetch.source import Urgency, Want
 from thunderfs_tracker.client import TrackerUnavailable
 from thunderfs_tracker.protocol import Manifest, PeerRecord
@@ -245,3 +246,72 @@ async def test_one_manifest_request_and_one_lookup_at_a_time(store):
         await trio.testing.wait_all_tasks_blocked()
         tracker.gate.set()
     assert (tracker.calls["manifest"], tracker.calls["lookup"]) == (1, 1)
+
+
+async def _tracker_known_down(src, tracker, store):
+    """The tracker stops answering and a demand fetch finds out (its lookup fails)."""
+    assert await src.directory.manifest(META) is not None
+    tracker.down = True
+    sink = Sink()
+    assert await src.fetch(want(store, [31]), sink) == [] and sink.passed == [31]
+    assert src.directory.tracker_breaker.is_open
+
+
+async def test_a_background_fetch_waits_for_a_tracker_known_down_and_claims_once_it_is_back(store, autojump_clock):
+    tracker = FakeTracker(manifest_of())
+    src = source_of(tracker, Peers())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(src.run)
+        await _tracker_known_down(src, tracker, store)
+        sink, done = Sink(), trio.Event()
+
+        async def prefetch():
+            await src.fetch(want(store, range(4), PREFETCH), sink)
+            done.set()
+
+        nursery.start_soon(prefetch)
+        await trio.sleep(3)
+        # Waiting: nothing sent on to Glance, no claim asked of a tracker known down.
+        assert not done.is_set() and sink.passed == [] and tracker.calls["claim"] == 0
+        assert src.statistics()["claims_deferred"] == 1
+        tracker.down = False  # back: the probe notices within its interval, the claim goes out
+        await done.wait()
+        assert tracker.calls["claim"] == 1 and sink.passed == [0, 1, 2, 3]
+        assert trio.current_time() < peers.TRACKER_PATIENCE
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_reader_joining_a_waiting_background_fetch_sends_it_to_glance_at_once(store, autojump_clock):
+    tracker = FakeTracker(manifest_of())
+    src = source_of(tracker, Peers())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(src.run)
+        await _tracker_known_down(src, tracker, store)
+        sink, done = Sink(), trio.Event()
+        w = want(store, range(4), READAHEAD)
+
+        async def readahead():
+            await src.fetch(w, sink)
+            done.set()
+
+        nursery.start_soon(readahead)
+        await trio.sleep(1)
+        assert sink.passed == []
+        joined = trio.current_time()
+        w.urgency.promote(DEMAND)  # a reader needs one of its chunks now
+        await done.wait()
+        assert sink.passed == [0, 1, 2, 3] and trio.current_time() - joined <= src.claims.poll
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_background_fetch_waits_for_the_tracker_no_longer_than_its_patience(store, autojump_clock):
+    tracker = FakeTracker(manifest_of())
+    src = source_of(tracker, Peers())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(src.run)
+        await _tracker_known_down(src, tracker, store)
+        started, sink = trio.current_time(), Sink()
+        assert await src.fetch(want(store, range(4), PREFETCH), sink) == []
+        assert sink.passed == [0, 1, 2, 3]
+        assert peers.TRACKER_PATIENCE <= trio.current_time() - started <= peers.TRACKER_PATIENCE + src.claims.poll
+        nursery.cancel_scope.cancel()

@@ -35,6 +35,11 @@ CLAIM_WAIT_MAX = 60.0
 # How often readahead and prefetch ask a slow tracker for a claim before fetching from Glance
 # unclaimed (a reader waiting asks once: it had better have its bytes).
 CLAIM_TRIES_BACKGROUND = 3
+# How long readahead and prefetch wait for a tracker known down (a lookup or claim of this node's
+# failed) before fetching from Glance unclaimed.  In a boot storm the tracker is slow for the
+# first seconds, and every unclaimed background fetch sends Glance what the crowd is fetching too;
+# a reader that joins the flight (it becomes a demand fetch) ends the wait.
+TRACKER_PATIENCE = 10.0
 
 
 class PeerSource:
@@ -56,7 +61,7 @@ class PeerSource:
                                        lookup_ttl=lookup_ttl, min_rate=min_rate, tracker_key=tracker_key)
         self.claims = ClaimTaker(tracker, self.directory, self.client, self._ask, chunk_size=chunk_size,
                                  timeout=timeout, max_request_chunks=max_request_chunks, poll=claim_poll)
-        self._stats = dict.fromkeys(("no_manifest", "granted_chunks", "claimed_chunks_late"), 0)
+        self._stats = dict.fromkeys(("no_manifest", "granted_chunks", "claimed_chunks_late", "claims_deferred"), 0)
 
     # --- what the daemon wires -------------------------------------------------------------
 
@@ -95,8 +100,7 @@ class PeerSource:
         missing = [c for c in want.chunks if c not in got and not img.cached(c)]
         if not missing:
             return []
-        tries = 1 if want.priority == DEMAND else CLAIM_TRIES_BACKGROUND
-        granted, others = await self.claims.claim(meta, img, missing, tries=tries)
+        granted, others = await self._claim(want, missing)
         self._stats["granted_chunks"] += len(granted)
         sink.pass_on(granted)
         late: list[int] = []
@@ -112,6 +116,27 @@ class PeerSource:
             for peer, chunks, held in others:
                 nursery.start_soon(from_claimer, peer, chunks, held)
         return sorted(late)
+
+    async def _claim(self, want: Want, missing: list[int]) -> tuple[list[int], list[tuple[PeerRecord, list[int], bool]]]:
+        """The claim of ``missing``: a demand fetch asks once, whatever the tracker's state; a
+        background one, while the tracker is known down, waits for it (``TRACKER_PATIENCE``, or
+        until a reader joins the flight) and asks again for what is still missing then."""
+        meta, img = want.meta, want.img
+        give_up = trio.current_time() + TRACKER_PATIENCE
+        deferred = False
+        while want.priority != DEMAND and trio.current_time() < give_up:
+            if not self.directory.tracker_breaker.is_open:
+                answer = await self.claims.claim(meta, img, missing, tries=CLAIM_TRIES_BACKGROUND)
+                if not self.directory.tracker_breaker.is_open:
+                    return answer  # the tracker answered
+            if not deferred:
+                deferred = True
+                self._stats["claims_deferred"] += 1
+            await trio.sleep(self.claims.poll)
+            missing = [c for c in missing if not img.cached(c)]
+            if not missing:
+                return [], []
+        return await self.claims.claim(meta, img, missing, tries=1)
 
     async def _from_holders(self, meta: ImageMeta, img: ImageData, chunks: list[int]) -> list[tuple[int, bytes]]:
         """Verified runs ``(first chunk, bytes)`` of ``chunks`` from peers that hold them: as many
