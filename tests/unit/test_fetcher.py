@@ -11,6 +11,7 @@ import trio
 from fakes import CS, MemorySource, fetcher_of, meta_of, pattern, running
 from thunderfs.cache.store import ChunkStore
 from thunderfs.errors import FetchFailed, SourceFailed
+from thunderfs.fetch.breaker import Breaker
 from thunderfs.fetch.reader import Reader, Readers
 from thunderfs.fetch.slots import DEMAND, PREFETCH, READAHEAD, PrioritySlots
 
@@ -275,3 +276,20 @@ async def test_a_miss_that_ends_a_read_brings_the_next_chunks_in_the_same_reques
     assert src.asks == [[0], [10, 11, 12], list(range(30, 40)), [20], [19]]
     read = CS + 2 * CS + 100 + 8 * CS + CS + 2 * CS
     assert fetcher.statistics()["bytes_from_origin"] <= 1.5 * read
+
+
+async def test_a_flapping_breaker_warns_once_a_quiet_period_and_counts_the_rest(caplog, autojump_clock):
+    async def probe():
+        return None
+
+    b = Breaker("the tracker")
+    with caplog.at_level("WARNING", logger="thunderfs.fetch.breaker"):
+        for _ in range(5):  # the probe passes, the calls fail: open, close, open ...
+            b.open("its answer failed authentication", probe)
+            b.close()
+            await trio.sleep(1)
+        assert [r.getMessage().count("failed authentication") for r in caplog.records] == [1, 0]  # open, close
+        await trio.sleep(Breaker.QUIET)
+        b.open("its answer failed authentication", probe)
+        assert "4 more time(s) since the last warning" in caplog.records[-1].getMessage()
+    assert b.statistics()["opened"] == 6

@@ -7,6 +7,10 @@ their next attempt.  One probe in the background asks the source again, every ``
 seconds doubling up to ``max_interval`` (0.25 s to 2 s), until it answers; then the breaker
 closes and reads go to the source again at once.  So the first read of an outage waits the
 configured timeout, and the reads after it fail within a second instead of each waiting that long.
+
+A source that answers the probe but fails the calls (a tracker whose lookups fail authentication
+while its health answer passes) opens and closes the breaker over and over: the warnings are then
+logged once a ``QUIET`` period, with how many opens were not logged meanwhile.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ Probe = Callable[[], Awaitable[object]]
 
 
 class Breaker:
+    QUIET = 60.0  # seconds between two logged openings
+
     def __init__(self, what: str, *, interval: float = 0.25, max_interval: float = 2.0):
         self.what = what
         self._interval = interval
@@ -33,6 +39,9 @@ class Breaker:
         self._probe: Probe | None = None
         self._opened = trio.Event()
         self._stats = dict.fromkeys(("opened", "failed_fast", "probes"), 0)
+        self._logged_at = -1e9  # when an opening was last logged
+        self._unlogged = 0  # openings since, not logged
+        self._logging = False  # whether this opening was logged (its closing is, then)
 
     @property
     def is_open(self) -> bool:
@@ -57,15 +66,22 @@ class Breaker:
             self._since = trio.current_time()
             self._why = why
             self._stats["opened"] += 1
-            log.warning("%s unreachable (%s): reads that need it fail at once until it answers again",
-                        self.what, why)
+            self._logging = self._since - self._logged_at >= self.QUIET
+            if self._logging:
+                again = f"; {self._unlogged} more time(s) since the last warning" if self._unlogged else ""
+                log.warning("%s unreachable (%s%s): reads that need it fail at once until it answers again",
+                            self.what, why, again)
+                self._logged_at, self._unlogged = self._since, 0
+            else:
+                self._unlogged += 1
+                log.debug("%s unreachable again (%s)", self.what, why)
             self._opened.set()
 
     def close(self) -> None:
         """The source answered."""
         if self._since is not None:
-            log.warning("%s answers again after %.1fs; reads go to it again", self.what,
-                        trio.current_time() - self._since)
+            log.log(logging.WARNING if self._logging else logging.DEBUG, "%s answers again after %.1fs; reads go "
+                    "to it again", self.what, trio.current_time() - self._since)
             self._since = None
             self._opened = trio.Event()
 
