@@ -3,6 +3,7 @@ bytes from holders, lying, busy, slow and dead peers, claims, and one tracker re
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 
@@ -248,28 +249,39 @@ async def test_one_manifest_request_and_one_lookup_at_a_time(store):
     assert (tracker.calls["manifest"], tracker.calls["lookup"]) == (1, 1)
 
 
-async def _tracker_known_down(src, tracker, store):
-    """The tracker stops answering and a demand fetch finds out (its lookup fails)."""
-    assert await src.directory.manifest(META) is not None
-    tracker.down = True
-    sink = Sink()
-    assert await src.fetch(want(store, [31]), sink) == [] and sink.passed == [31]
-    assert src.directory.tracker_breaker.is_open
-
-
-async def test_a_background_fetch_waits_for_a_tracker_known_down_and_claims_once_it_is_back(store, autojump_clock):
+@contextlib.asynccontextmanager
+async def tracker_known_down(store):
+    """(tracker, source, nursery): the tracker stopped answering and a demand fetch found out (its
+    lookup failed); the source's probe runs in the nursery."""
     tracker = FakeTracker(manifest_of())
     src = source_of(tracker, Peers())
     async with trio.open_nursery() as nursery:
         await nursery.start(src.run)
-        await _tracker_known_down(src, tracker, store)
-        sink, done = Sink(), trio.Event()
+        assert await src.directory.manifest(META) is not None
+        tracker.down = True
+        sink = Sink()
+        assert await src.fetch(want(store, [31]), sink) == [] and sink.passed == [31]
+        assert src.directory.tracker_breaker.is_open
+        yield tracker, src, nursery
+        nursery.cancel_scope.cancel()
 
-        async def prefetch():
-            await src.fetch(want(store, range(4), PREFETCH), sink)
-            done.set()
 
-        nursery.start_soon(prefetch)
+def in_background(nursery, src, w: Want, sink: Sink) -> trio.Event:
+    """Start ``src.fetch(w, sink)``; the event is set when it returns."""
+    done = trio.Event()
+
+    async def fetch():
+        await src.fetch(w, sink)
+        done.set()
+
+    nursery.start_soon(fetch)
+    return done
+
+
+async def test_a_background_fetch_waits_for_a_tracker_known_down_and_claims_once_it_is_back(store, autojump_clock):
+    async with tracker_known_down(store) as (tracker, src, nursery):
+        sink = Sink()
+        done = in_background(nursery, src, want(store, range(4), PREFETCH), sink)
         await trio.sleep(3)
         # Waiting: nothing sent on to Glance, no claim asked of a tracker known down.
         assert not done.is_set() and sink.passed == [] and tracker.calls["claim"] == 0
@@ -278,40 +290,23 @@ async def test_a_background_fetch_waits_for_a_tracker_known_down_and_claims_once
         await done.wait()
         assert tracker.calls["claim"] == 1 and sink.passed == [0, 1, 2, 3]
         assert trio.current_time() < peers.TRACKER_PATIENCE
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_reader_joining_a_waiting_background_fetch_sends_it_to_glance_at_once(store, autojump_clock):
-    tracker = FakeTracker(manifest_of())
-    src = source_of(tracker, Peers())
-    async with trio.open_nursery() as nursery:
-        await nursery.start(src.run)
-        await _tracker_known_down(src, tracker, store)
-        sink, done = Sink(), trio.Event()
-        w = want(store, range(4), READAHEAD)
-
-        async def readahead():
-            await src.fetch(w, sink)
-            done.set()
-
-        nursery.start_soon(readahead)
+    async with tracker_known_down(store) as (tracker, src, nursery):
+        sink, w = Sink(), want(store, range(4), READAHEAD)
+        done = in_background(nursery, src, w, sink)
         await trio.sleep(1)
         assert sink.passed == []
         joined = trio.current_time()
         w.urgency.promote(DEMAND)  # a reader needs one of its chunks now
         await done.wait()
         assert sink.passed == [0, 1, 2, 3] and trio.current_time() - joined <= src.claims.poll
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_background_fetch_waits_for_the_tracker_no_longer_than_its_patience(store, autojump_clock):
-    tracker = FakeTracker(manifest_of())
-    src = source_of(tracker, Peers())
-    async with trio.open_nursery() as nursery:
-        await nursery.start(src.run)
-        await _tracker_known_down(src, tracker, store)
+    async with tracker_known_down(store) as (tracker, src, nursery):
         started, sink = trio.current_time(), Sink()
         assert await src.fetch(want(store, range(4), PREFETCH), sink) == []
         assert sink.passed == [0, 1, 2, 3]
         assert peers.TRACKER_PATIENCE <= trio.current_time() - started <= peers.TRACKER_PATIENCE + src.claims.poll
-        nursery.cancel_scope.cancel()
