@@ -41,7 +41,6 @@ class Breaker:
         self._stats = dict.fromkeys(("opened", "failed_fast", "probes"), 0)
         self._logged_at = -1e9  # when an opening was last logged
         self._unlogged = 0  # openings since, not logged
-        self._logging = False  # whether this opening was logged (its closing is, then)
 
     @property
     def is_open(self) -> bool:
@@ -66,8 +65,7 @@ class Breaker:
             self._since = trio.current_time()
             self._why = why
             self._stats["opened"] += 1
-            self._logging = self._since - self._logged_at >= self.QUIET
-            if self._logging:
+            if self._since - self._logged_at >= self.QUIET:
                 again = f"; {self._unlogged} more time(s) since the last warning" if self._unlogged else ""
                 log.warning("%s unreachable (%s%s): reads that need it fail at once until it answers again",
                             self.what, why, again)
@@ -80,7 +78,8 @@ class Breaker:
     def close(self) -> None:
         """The source answered."""
         if self._since is not None:
-            log.log(logging.WARNING if self._logging else logging.DEBUG, "%s answers again after %.1fs; reads go "
+            logged = self._logged_at == self._since  # this opening was warned of: so is its end
+            log.log(logging.WARNING if logged else logging.DEBUG, "%s answers again after %.1fs; reads go "
                     "to it again", self.what, trio.current_time() - self._since)
             self._since = None
             self._opened = trio.Event()
