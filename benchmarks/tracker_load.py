@@ -8,8 +8,11 @@ aiohttp, every request signed as a daemon signs it) plays the nodes:
      ~530 of 32,768 chunks of a 2 GiB image), of one of ``--images`` images (a fifth of the nodes
      hold two);
   2. steady state for ``--seconds``: heartbeats (each node every ``--heartbeat`` s, the daemon's
-     default 10), deltas (as many: a node's changes, batched) and lookups of 16-chunk
-     windows, open loop at fixed rates, spread over the replicas as nodes spread themselves.
+     default 10) as the daemon sends them: a full announce every ``FULL_EVERY``-th (the
+     announcer's), light ones between (``--full-announces``: every one in full, as the daemon did
+     before light heartbeats), deltas (as many as heartbeats: a node's changes, batched) and
+     lookups of 16-chunk windows, open loop at fixed rates, spread over the replicas as nodes
+     spread themselves.
 
 Prints requests per second achieved by kind, p50/p99 latency by kind (client included), and Redis
 memory per node and per node-image held (used_memory_dataset after the join minus before,
@@ -18,7 +21,7 @@ generator, Redis and the replicas share this machine's 2 cores: the generator's 
 parsing cost CPU the trackers would have to themselves in a cloud.
 
 Usage: .venv/bin/python benchmarks/tracker_load.py [--nodes 10000] [--replicas 1,2] [--seconds 30]
-       [--heartbeat 10] [--runs 1] [--json FILE]
+       [--heartbeat 10] [--full-announces] [--runs 1] [--json FILE]
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from benchmarks.record import provenance  # noqa: E402
 from harness import boot_trace  # noqa: E402
 from harness.local_redis import LocalRedis  # noqa: E402
 from harness.tracker import LocalTracker  # noqa: E402
+from thunderfs.cluster.announcer import FULL_EVERY  # noqa: E402
 from thunderfs_tracker.protocol import ChunkUpdate, NodeInfo  # noqa: E402
 from thunderfs_common.signing import sign  # noqa: E402
 
@@ -63,7 +67,7 @@ class Load:
         self.nodes = nodes
         self.images = [f"{i:032x}" for i in range(1, images + 1)]
         self.held = boot_chunks()
-        self.lat: dict[str, list[float]] = {"announce": [], "full": [], "delta": [], "lookup": []}
+        self.lat: dict[str, list[float]] = {"announce": [], "alive": [], "full": [], "delta": [], "lookup": []}
         self.errors: dict[str, int] = {}
         self.why: dict[str, str] = {}  # the first answer of each failing status
         self.session: aiohttp.ClientSession | None = None
@@ -98,7 +102,7 @@ class Load:
 
     def node_info(self, i: int) -> dict:
         return NodeInfo(f"n{i}", f"http://10.{i // 60000}.{i // 250 % 240}.{i % 250 + 1}:7000",
-                        (f"z{i % 4}", f"r{i % 200}", f"n{i}")).to_json()
+                        (f"z{i % 4}", f"r{i % 200}", f"n{i}"), instance=f"{i:016x}").to_json()
 
     async def join(self, concurrency: int = 64) -> float:
         bits = sum(1 << c for c in self.held)
@@ -114,8 +118,10 @@ class Load:
         await asyncio.gather(*(one(i) for i in range(self.nodes)))
         return time.perf_counter() - t
 
-    async def steady(self, seconds: float, lookups_per_s: float, heartbeat: float) -> dict[str, float]:
-        rates = {"announce": self.nodes / heartbeat, "delta": self.nodes / heartbeat, "lookup": lookups_per_s}
+    async def steady(self, seconds: float, lookups_per_s: float, heartbeat: float, full_every: int) -> dict[str, float]:
+        beats = self.nodes / heartbeat
+        rates = {"announce": beats / full_every, "alive": beats - beats / full_every, "delta": beats,
+                 "lookup": lookups_per_s}
         rng = random.Random(1)
         tasks: set[asyncio.Task] = set()
         sent = dict.fromkeys(rates, 0)
@@ -126,6 +132,8 @@ class Load:
             i = rng.randrange(self.nodes)
             if kind == "announce":
                 return self.call(kind, i, "POST", f"/v1/nodes/n{i}/announce", self.node_info(i))
+            if kind == "alive":
+                return self.call(kind, i, "POST", f"/v1/nodes/n{i}/alive", {"instance": f"{i:016x}"})
             img = rng.choice(self.images_of(i))
             if kind == "delta":
                 c = rng.choice(held)
@@ -186,7 +194,8 @@ async def run_one(work: Path, replicas: int, args) -> dict:
             after = await redis_memory(redis)
             for k in load.lat:
                 load.lat[k].clear()
-            achieved = await load.steady(args.seconds, args.lookups, args.heartbeat)
+            achieved = await load.steady(args.seconds, args.lookups, args.heartbeat,
+                                         1 if args.full_announces else FULL_EVERY)
         pairs = sum(len(load.images_of(i)) for i in range(args.nodes))
         return {
             "replicas": replicas, "nodes": args.nodes, "join_seconds": join,
@@ -214,6 +223,8 @@ def main() -> int:
     ap.add_argument("--lookups", type=float, default=200, help="lookups per second in the steady state")
     ap.add_argument("--heartbeat", type=float, default=10,
                     help="seconds between a node's announces (the daemon's default 10); as many deltas")
+    ap.add_argument("--full-announces", action="store_true",
+                    help="every heartbeat a full announce (the daemon before light heartbeats)")
     ap.add_argument("--runs", type=int, default=1, help="times the whole thing runs, fresh Redis and trackers each")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -226,7 +237,9 @@ def main() -> int:
             a, p50, p99 = res["achieved_per_s"], res["p50_ms"], res["p99_ms"]
             print(f"run {run + 1}: {replicas} replica(s), {res['nodes']} nodes: join {res['join_seconds']:.0f}s "
                   f"({res['join_requests_per_s']:.0f} req/s)")
-            for k in ("announce", "delta", "lookup"):
+            for k in ("announce", "alive", "delta", "lookup"):
+                if not a.get(k):
+                    continue
                 print(f"  {k:8s} {a[k]:6.0f}/s  p50 {p50.get(k, float('nan')):6.1f} ms  "
                       f"p99 {p99.get(k, float('nan')):7.1f} ms")
             print(f"  lookup p99 {p99.get('lookup', float('nan')):.1f} ms (target < 20); errors {res['errors'] or 0}")
@@ -237,6 +250,7 @@ def main() -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({**made, "nodes": args.nodes, "heartbeat": args.heartbeat,
+                                         "heartbeats": "full" if args.full_announces else f"light, full every {FULL_EVERY}",
                                          "seconds": args.seconds, "lookups_per_s": args.lookups,
                                          "by_replicas": results}, indent=1) + "\n")
     return 0

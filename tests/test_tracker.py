@@ -69,6 +69,44 @@ def client(tracker, name: str, secret: bytes | None = SECRET) -> TrackerClient:
 # --- policy and store, alone -----------------------------------------------------------------
 
 
+def test_batches_queued_at_once_share_round_trips_and_fail_alone(tmp_path):
+    """What a replica's requests send to Redis within one turn goes in one pipeline; each batch
+    gets its own replies, a command that fails fails its batch only, and a Redis that is gone
+    fails every batch with StoreUnavailable."""
+    from thunderfs_tracker.peer_store import StoreUnavailable
+
+    async def main(redis):
+        conn = RedisConnection(redis.url)
+        try:
+            await conn.one("set", "tf:test:list", "not a list")
+            before = dict(conn.stats)
+
+            async def one(i: int):
+                b = conn.batch()
+                b.set(f"tf:test:{i}", i)
+                b.get(f"tf:test:{i}")
+                if i == 7:
+                    b.lpush("tf:test:list", "x")  # WRONGTYPE: this batch fails, no other
+                return await conn.run(b)
+
+            results = await asyncio.gather(*(one(i) for i in range(50)), return_exceptions=True)
+            assert conn.stats["redis_batches"] - before["redis_batches"] == 50
+            assert conn.stats["redis_round_trips"] - before["redis_round_trips"] == 1
+            for i, r in enumerate(results):
+                if i == 7:
+                    assert isinstance(r, StoreUnavailable) and "WRONGTYPE" in str(r)
+                else:
+                    assert r == [True, str(i).encode()]
+            redis.stop()
+            results = await asyncio.gather(*(conn.one("get", "tf:test:1") for _ in range(3)), return_exceptions=True)
+            assert all(isinstance(r, StoreUnavailable) and "unavailable" in str(r) for r in results)
+        finally:
+            await conn.close()
+
+    with LocalRedis(tmp_path / "redis") as redis:
+        asyncio.run(main(redis))
+
+
 
 
 
@@ -126,6 +164,35 @@ async def test_silent_nodes_expire(tracker):
         while "expired" not in tracker.log():  # the sweep runs every node_ttl / 3
             assert trio.current_time() < deadline + 5, "a's expiry was not logged"
             await trio.sleep(0.2)
+
+
+async def test_light_heartbeats_keep_a_node_as_announced_and_a_gone_or_taken_one_must_announce(tracker):
+    """node_ttl 3 s: a node that only sends light heartbeats stays a holder, with its record as
+    announced; an expired node, or a daemon whose id another daemon holds, is told to announce."""
+    me = NodeInfo("a", "http://10.0.0.1:7000", ("z", "r1"), instance="aaaaaaaa11111111")
+    async with client(tracker, "a") as a, client(tracker, "b") as b:
+        with pytest.raises(TrackerRefused) as exc:
+            await a.alive(me.instance)  # never announced
+        assert exc.value.status == 409
+        await a.announce(me)
+        await a.send_chunks(True, [ChunkUpdate(IMG, 10, add=1, full=True)])
+        await b.announce(node("b", "z"))
+        outlived = trio.current_time() + 4.5  # longer than node_ttl
+        while trio.current_time() < outlived:
+            assert (await a.alive(me.instance)).heartbeat == 1.0
+            await b.announce(node("b", "z"))
+            await trio.sleep(0.5)
+        (held,) = await b.lookup(IMG, 0, 0)
+        assert (held.node_id, held.peer_url, held.location) == ("a", me.peer_url, me.location)
+        with pytest.raises(TrackerRefused) as exc:
+            await a.alive("bbbbbbbb22222222")  # another daemon under a's id
+        assert exc.value.status == 409
+        while await b.lookup(IMG, 0, 0):  # a goes silent: it expires, and must announce again
+            await b.announce(node("b", "z"))
+            await trio.sleep(0.5)
+        with pytest.raises(TrackerRefused) as exc:
+            await a.alive(me.instance)
+        assert exc.value.status == 409
 
 
 async def test_unknown_image_and_unannounced_node(tracker):

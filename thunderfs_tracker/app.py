@@ -1,6 +1,7 @@
 """The tracker's HTTP service: ``create_app(config)`` and its route table.
 
     POST /v1/nodes/{node}/announce   a node says who and where it is (and is alive): heartbeat
+    POST /v1/nodes/{node}/alive      a light heartbeat: alive, and as last announced
     POST /v1/nodes/{node}/chunks     the chunks it holds: full state, or batched deltas
     GET  /v1/images/{content}/peers?first=&last=&limit=   holders of chunks, nearest first
     GET  /v1/manifests/{image}?chunk_size=N   sha256 per chunk, bound to Glance's hash (202 while built)
@@ -49,6 +50,7 @@ from thunderfs_tracker.protocol import (
     check_content,
     check_node_id,
     bits_to_ranges,
+    parse_alive,
 )
 from thunderfs_common.signing import H_NONCE, H_REPLY, NonceCacheFull, Verifier, sign_reply
 
@@ -138,8 +140,17 @@ async def _json(request: web.Request):
 
 async def announce(request: web.Request) -> web.Response:
     node = NodeInfo.parse(request.match_info["node"], await _json(request))
-    await request.app[STORE].put_node(node, time.monotonic())
-    epoch = await request.app[STORE].epoch()
+    epoch = await request.app[STORE].put_node(node, time.monotonic())
+    return web.json_response(AnnounceReply(epoch, request.app[CONFIG].heartbeat).to_json())
+
+
+async def alive(request: web.Request) -> web.Response:
+    """A light heartbeat: the node's record stays as last announced (409: announce in full)."""
+    node_id = check_node_id(request.match_info["node"])
+    instance = parse_alive(await _json(request))
+    epoch = await request.app[STORE].refresh_node(node_id, instance, time.monotonic())
+    if epoch is None:
+        raise _error(web.HTTPConflict, f"node {node_id} has not announced itself (or expired): announce first")
     return web.json_response(AnnounceReply(epoch, request.app[CONFIG].heartbeat).to_json())
 
 
@@ -148,12 +159,12 @@ async def chunks(request: web.Request) -> web.Response:
     state = ChunkState.parse(await _json(request))
     full, updates = state.full, state.updates
     try:
-        await request.app[STORE].update_chunks(node_id, full, updates)
+        epoch = await request.app[STORE].update_chunks(node_id, full, updates)
     except KeyError:
         raise _error(web.HTTPConflict, f"node {node_id} has not announced itself (or expired): announce first") from None
     except ValueError as exc:
         raise ProtocolError(str(exc)) from None
-    return web.json_response({"epoch": await request.app[STORE].epoch()})
+    return web.json_response({"epoch": epoch})
 
 
 def _chunks(bits: int) -> list[int]:
@@ -181,15 +192,13 @@ async def peers(request: web.Request) -> web.Response:
     last = _query_int(request, "last", first, min(MAX_CHUNKS - 1, first + MAX_LOOKUP_CHUNKS - 1))
     limit = _query_int(request, "limit", 1, 200, default=cfg.max_peers)
     asking = request.get(SIGNER) or request.query.get("node")
-    nchunks = await store.nchunks(content)
+    nchunks, me, holders = await store.lookup(content, first, last, asking)
     if nchunks is None:
         raise _error(web.HTTPNotFound, f"no node holds image {content}")
     if last >= nchunks:
         raise ProtocolError(f"image {content} has chunks 0..{nchunks - 1}")
-    me = await store.node(asking) if asking else None
     suspects, now = request.app[SUSPECTS], time.monotonic()
-    found = [(n, b) for n, b in await store.holders(content, first, last)
-             if n.node_id != asking and suspects.get(n.node_id, 0) < now]
+    found = [(n, b) for n, b in holders if n.node_id != asking and suspects.get(n.node_id, 0) < now]
     ranked = selection.rank(me, found)[:limit]
     reply = LookupReply(first, last, [PeerRecord(n.node_id, n.peer_url, n.location, n.load, b) for n, b in ranked])
     stats = request.app[STATS]
@@ -289,6 +298,7 @@ async def readyz(request: web.Request) -> web.Response:
 def routes() -> list[web.RouteDef]:
     return [
         web.post(API + "/nodes/{node}/announce", announce),
+        web.post(API + "/nodes/{node}/alive", alive),
         web.post(API + "/nodes/{node}/chunks", chunks),
         web.get(API + "/images/{content}/peers", peers),
         web.get(API + "/manifests/{image}", manifest),

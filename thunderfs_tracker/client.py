@@ -146,6 +146,11 @@ class TrackerClient:
         r = await self._call("POST", f"{API}/nodes/{self.node_id}/announce", node.to_json())
         return AnnounceReply.parse(r)
 
+    async def alive(self, instance: str) -> AnnounceReply:
+        """A light heartbeat (``TrackerRefused`` 409: announce in full; 404: a tracker without it)."""
+        r = await self._call("POST", f"{API}/nodes/{self.node_id}/alive", {"instance": instance})
+        return AnnounceReply.parse(r)
+
     async def send_chunks(self, full: bool, updates: list[ChunkUpdate]) -> str:
         r = await self._call("POST", f"{API}/nodes/{self.node_id}/chunks", ChunkState(full, updates).to_json())
         return parse_epoch(r)

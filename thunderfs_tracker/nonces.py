@@ -26,6 +26,5 @@ class RedisNonces:
 
     async def remember(self, nonce: str) -> bool:
         """True if new; False if seen by any replica; ``StoreUnavailable`` with Redis down."""
-        fresh = await self._conn.call(self._conn.redis.set(f"tf:nonce:{nonce}", 1, nx=True,
-                                                           ex=int(2 * MAX_SKEW) + 1))
+        fresh = await self._conn.one("set", f"tf:nonce:{nonce}", 1, nx=True, ex=int(2 * MAX_SKEW) + 1)
         return bool(fresh)

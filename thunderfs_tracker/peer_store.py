@@ -37,15 +37,27 @@ class PeerStore(Protocol):
     async def epoch(self) -> str:
         """Changes when the store loses its state (a restart): nodes then send their full state."""
 
-    async def put_node(self, node: NodeInfo, now: float) -> None: ...
+    async def put_node(self, node: NodeInfo, now: float) -> str:
+        """Records the node as alive; returns the epoch."""
+
+    async def refresh_node(self, node_id: str, instance: str, now: float) -> str | None:
+        """A light heartbeat: the node's record, as last announced, is kept alive; returns the
+        epoch, or None if there is no record of it (expired) or the record is another daemon's
+        (``instance`` differs): the node must announce in full."""
 
     async def node(self, node_id: str) -> NodeInfo | None: ...
 
     async def nchunks(self, content: str) -> int | None: ...
 
-    async def update_chunks(self, node_id: str, full: bool, updates: list[ChunkUpdate]) -> None: ...
+    async def update_chunks(self, node_id: str, full: bool, updates: list[ChunkUpdate]) -> str:
+        """Applies a node's full state or deltas; returns the epoch."""
 
     async def holders(self, content: str, first: int, last: int) -> list[tuple[NodeInfo, int]]: ...
+
+    async def lookup(self, content: str, first: int, last: int,
+                     asking: str | None) -> tuple[int | None, NodeInfo | None, list[tuple[NodeInfo, int]]]:
+        """(the content's number of chunks or None, the asking node's record, the holders of
+        chunks ``first..last`` with their bits from ``first``): what a lookup needs, at once."""
 
     async def expire(self, older_than: float) -> list[str]: ...
 
@@ -78,15 +90,23 @@ class MemoryPeerStore:
     async def node(self, node_id: str) -> NodeInfo | None:
         return self._nodes.get(node_id)
 
-    async def put_node(self, node: NodeInfo, now: float) -> None:
+    async def put_node(self, node: NodeInfo, now: float) -> str:
         check_same_node(self._nodes.get(node.node_id), node)
         if node.node_id not in self._nodes and len(self._nodes) >= self._max_nodes:
             raise StoreFull(f"the tracker tracks {self._max_nodes} nodes already")
         self._nodes[node.node_id] = node
         self._seen[node.node_id] = now
         self._held.setdefault(node.node_id, set())
+        return self._epoch
 
-    async def update_chunks(self, node_id: str, full: bool, updates: list[ChunkUpdate]) -> None:
+    async def refresh_node(self, node_id: str, instance: str, now: float) -> str | None:
+        node = self._nodes.get(node_id)
+        if node is None or node.instance != instance:
+            return None
+        self._seen[node_id] = now
+        return self._epoch
+
+    async def update_chunks(self, node_id: str, full: bool, updates: list[ChunkUpdate]) -> str:
         if node_id not in self._nodes:
             raise KeyError(node_id)
         held = self._held[node_id]
@@ -112,6 +132,7 @@ class MemoryPeerStore:
                 held.add(u.content)
             else:
                 self._drop(node_id, u.content)
+        return self._epoch
 
     def _drop(self, node_id: str, content: str) -> None:
         per_node = self._chunks.get(content)
@@ -133,6 +154,14 @@ class MemoryPeerStore:
             if have:
                 out.append((self._nodes[node_id], have))
         return out
+
+    async def lookup(self, content: str, first: int, last: int,
+                     asking: str | None) -> tuple[int | None, NodeInfo | None, list[tuple[NodeInfo, int]]]:
+        nchunks = self._nchunks.get(content)
+        me = self._nodes.get(asking) if asking else None
+        if nchunks is None or last >= nchunks:
+            return nchunks, me, []
+        return nchunks, me, await self.holders(content, first, last)
 
     async def claim(self, content: str, node_id: str, nchunks: int, want: int, now: float,
               ttl: float) -> tuple[int, list[tuple[NodeInfo, int, bool]]]:

@@ -255,6 +255,17 @@ class LookupReply:
         return cls(first, last, [PeerRecord.parse(p, nbits) for p in obj["peers"][:MAX_IMAGES_PER_MESSAGE]])
 
 
+def parse_alive(obj) -> str:
+    """The body of a light heartbeat (``POST /nodes/{node}/alive``): the announcing daemon's
+    instance, so that a daemon whose id another one has taken meanwhile is told to announce."""
+    if not isinstance(obj, dict):
+        raise ProtocolError("alive body must be a JSON object")
+    instance = obj.get("instance", "")
+    if not isinstance(instance, str) or not _INSTANCE.match(instance):
+        raise ProtocolError("instance must be 8 to 64 hex digits")
+    return instance
+
+
 @dataclass(frozen=True)
 class AnnounceReply:
     """The tracker's answer to an announce: its epoch (a new one: it lost peer state, send the

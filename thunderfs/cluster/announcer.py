@@ -1,6 +1,8 @@
 """Telling the tracker who we are and what we hold.
 
-Announces (the heartbeat) at the tracker's pace; sends the full chunk state at start and whenever
+Announces (the heartbeat) at the tracker's pace: in full at start, when its load changed and every
+``FULL_EVERY`` heartbeats (its measured RTTs), else a light heartbeat that only keeps its record
+alive (what 10,000 nodes cost a tracker is mostly heartbeats).  Sends the full chunk state at start and whenever
 the tracker's epoch changes (it restarted and lost peer state) or a send failed; otherwise sends
 the chunks that became servable or went away, batched every ``delta_interval`` seconds, so that a
 chunk this node just fetched is relayed to others within about a second.  The tracker being down
@@ -18,9 +20,12 @@ import trio
 from thunderfs.cache.store import ChunkStore
 from thunderfs.reachability import Reachability
 from thunderfs_tracker.client import TrackerClient, TrackerError, TrackerRefused
-from thunderfs_tracker.protocol import ChunkUpdate, NodeInfo, chunks_to_bits
+from thunderfs_tracker.protocol import AnnounceReply, ChunkUpdate, NodeInfo, chunks_to_bits
 
 log = logging.getLogger(__name__)
+
+# Heartbeats between two full announces while the node's load stays the same.
+FULL_EVERY = 6
 
 class Announcer:
     def __init__(self, tracker: TrackerClient, store: ChunkStore, node: NodeInfo, *,
@@ -36,7 +41,10 @@ class Announcer:
         self._reach = Reachability(f"tracker {','.join(tracker.urls)}")
         self._sending = 0  # changes drained and not yet acknowledged by the tracker
         self._refused = False  # the tracker refuses this node id (another node has it)
-        self._stats = dict.fromkeys(("announces", "full_states", "deltas", "failures"), 0)
+        self._last: NodeInfo | None = None  # as last announced in full
+        self._light_beats = 0  # light heartbeats since then
+        self._light = True  # False: the tracker has no light heartbeat (an older one)
+        self._stats = dict.fromkeys(("announces", "light_heartbeats", "full_states", "deltas", "failures"), 0)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -44,9 +52,7 @@ class Announcer:
         while True:
             try:
                 if self._epoch is None or trio.current_time() >= next_announce:
-                    node = dataclasses.replace(self._node, load=self._load(), rtt_ms=self._rtt())
-                    reply = await self._tracker.announce(node)
-                    self._stats["announces"] += 1
+                    reply = await self._heartbeat()
                     next_announce = trio.current_time() + reply.heartbeat
                     if reply.epoch != self._epoch:
                         await self._send_full()
@@ -73,6 +79,25 @@ class Announcer:
                 next_announce = trio.current_time() + 2.0
                 self._reach.down(str(exc), "reading from Glance and the peers already known")
             await trio.sleep(self._interval)
+
+    async def _heartbeat(self) -> AnnounceReply:
+        """A light heartbeat if the tracker knows this node as it is now, else an announce."""
+        node = dataclasses.replace(self._node, load=self._load(), rtt_ms=self._rtt())
+        last = self._last
+        if (self._light and self._epoch is not None and last is not None and last.load == node.load
+                and self._light_beats < FULL_EVERY - 1):
+            try:
+                reply = await self._tracker.alive(node.instance)
+            except TrackerRefused as exc:  # expired, or taken meanwhile (409): in full, now
+                self._light = exc.status != 404  # 404: a tracker without light heartbeats
+            else:
+                self._light_beats += 1
+                self._stats["light_heartbeats"] += 1
+                return reply
+        reply = await self._tracker.announce(node)
+        self._last, self._light_beats = node, 0
+        self._stats["announces"] += 1
+        return reply
 
     async def _send_full(self) -> None:
         self._store.drain_changes()  # the full state includes them
