@@ -259,7 +259,8 @@ async def run(config: MountConfig, keystone: KeystoneSettings | None = None,
         profiles = Profiles(fetcher, tracker, chunk_size=config.chunk_size,
                             record_window=config.record_window, record_idle=config.record_idle,
                             prefetch_flights=config.prefetch_flights, prefetch_idle=config.prefetch_idle,
-                            wait_ready=peers.wait_manifest if peers else None)
+                            wait_ready=peers.wait_manifest if peers else None,
+                            plan=peers.plan if peers else None)
         # On every open: the peer source asks for the manifest, the profiles record and prefetch.
         on_open = [profiles.opened]
         if peers is not None:

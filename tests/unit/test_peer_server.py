@@ -48,3 +48,43 @@ async def test_members_get_chunks_and_odd_headers_a_401_that_says_why(store, cap
         nursery.cancel_scope.cancel()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert server.statistics()["refused"] == 4
+
+
+async def test_a_waiting_request_is_answered_when_its_chunks_arrive_and_404_when_they_do_not(store):
+    """The holder tells its waiters: ``?wait=`` holds the request (without an upload slot) until
+    the chunks are staged, or answers 404 once the wait is over; past MAX_WAITERS, 503."""
+    from thunderfs.cluster import peer_server
+
+    img = store.image(META.content_key, META.size)
+    server = PeerServer(store, secret=SECRET, max_uploads=1)
+    _, port = await server.listen("127.0.0.1", 0)
+    base = f"/v1/chunks/{META.content_key.hex()}"
+    answers: dict[str, tuple[int, bytes]] = {}
+
+    async def asked(name: str, path: str) -> None:
+        answers[name] = await ask(port, path, sign(SECRET, "n1", "GET", path))
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        nursery.start_soon(asked, "arrives", f"{base}/2/2?wait=5000")
+        nursery.start_soon(asked, "never", f"{base}/6/1?wait=300")
+        while server.statistics()["waiting"] < 2:
+            await trio.sleep(0.01)
+        assert "arrives" not in answers  # waits: nothing of it is here
+        store.stage(img, 2, DATA[2 * CS:3 * CS])
+        await trio.sleep(0.05)
+        assert "arrives" not in answers  # half of it is not enough
+        store.stage(img, 3, DATA[3 * CS:4 * CS])
+        while len(answers) < 2:
+            await trio.sleep(0.01)
+        assert answers["arrives"] == (200, DATA[2 * CS:4 * CS])
+        assert answers["never"][0] == 404
+        peer_server.MAX_WAITERS, saved = 0, peer_server.MAX_WAITERS
+        try:
+            await asked("crowd", f"{base}/7/1?wait=1000")
+        finally:
+            peer_server.MAX_WAITERS = saved
+        assert answers["crowd"][0] == 503
+        nursery.cancel_scope.cancel()
+    s = server.statistics()
+    assert (s["waits"], s["waits_served"], s["waiting"], s["uploads_in_progress"]) == (2, 1, 0, 0)

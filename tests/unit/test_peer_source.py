@@ -116,7 +116,7 @@ class Sink:
 
 def source_of(tracker, peers, **kw) -> PeerSource:
     return PeerSource(tracker, node_id="me", secret=None, chunk_size=CS, timeout=kw.pop("timeout", 1.0),
-                      claim_poll=0.01, transport=httpx.MockTransport(peers), **kw)
+                      claim_poll=kw.pop("claim_poll", 0.01), transport=httpx.MockTransport(peers), **kw)
 
 
 def want(store, chunks, priority=DEMAND) -> Want:
@@ -310,3 +310,68 @@ async def test_a_background_fetch_waits_for_the_tracker_no_longer_than_its_patie
         assert await src.fetch(want(store, range(4), PREFETCH), sink) == []
         assert sink.passed == [0, 1, 2, 3]
         assert peers.TRACKER_PATIENCE <= trio.current_time() - started <= peers.TRACKER_PATIENCE + src.claims.poll
+
+
+class ArrivingAtClaimer(Peers):
+    """The claimer gets its chunks at ``arrived``: a request with ``wait`` is answered then, one
+    without is told 404 until then."""
+
+    def __init__(self):
+        super().__init__()
+        self.arrived = trio.Event()
+        self.waits = 0
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        if not self.arrived.is_set():
+            if "wait" not in request.url.params:
+                return httpx.Response(404)
+            self.waits += 1
+            with trio.move_on_after(int(request.url.params["wait"]) / 1000):
+                await self.arrived.wait()
+            if not self.arrived.is_set():
+                return httpx.Response(404)
+        return await super().__call__(request)
+
+
+async def test_a_waiter_is_told_by_the_claimer_when_its_chunks_arrive_not_by_asking_the_tracker(store, autojump_clock):
+    claimer = peer("claimer", [])
+    tracker = FakeTracker(manifest_of(), holders=[], granted=set(), claimed=[(claimer, [0, 1, 2, 3], False)])
+    peers = ArrivingAtClaimer()
+    src, sink = source_of(tracker, peers, claim_poll=0.25), Sink()
+
+    async def arrive_later():
+        await trio.sleep(3)
+        peers.arrived.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(arrive_later)
+        started = trio.current_time()
+        assert await src.fetch(want(store, range(4)), sink) == []
+        took = trio.current_time() - started
+    assert right(sink, range(4)) and 3 <= took < 3.1  # at once when they arrived
+    # Polling every 0.25 s for 3 s would have asked the tracker about 12 times.
+    assert tracker.calls["lookup"] <= 2 and peers.waits >= 1
+    assert src.statistics()["claim_pushes"] >= 1
+
+
+async def test_a_prefetch_batch_is_claimed_once_and_its_flights_follow_the_plan(store, autojump_clock):
+    claimer = peer("claimer", range(4, 8))
+    tracker = FakeTracker(manifest_of(), holders=[], granted={0, 1, 2, 3}, claimed=[(claimer, [4, 5, 6, 7], False)])
+    src = source_of(tracker, Peers())
+    img = store.image(META.content_key, META.size)
+    await src.directory.manifest(META)
+    await src.plan(META, img, list(range(8)))
+    assert tracker.calls["claim"] == 1
+    mine, theirs = Sink(), Sink()
+    assert await src.fetch(want(store, range(4), PREFETCH), mine) == []
+    assert mine.passed == [0, 1, 2, 3]  # granted by the plan: to Glance, no claim of their own
+    tracker.holders = [claimer]
+    assert await src.fetch(want(store, range(4, 8), PREFETCH), theirs) == []
+    assert right(theirs, range(4, 8))
+    assert tracker.calls["claim"] == 1 and src.statistics()["planned_chunks"] == 8
+    # A plan is used up by its flights, and does not outlive PLAN_TTL: later flights claim anew.
+    await src.plan(META, img, [8, 9])
+    await trio.sleep(peers.PLAN_TTL + 1)
+    tracker.holders = []
+    await src.fetch(want(store, [8, 9], PREFETCH), Sink())
+    assert tracker.calls["claim"] == 3

@@ -134,6 +134,18 @@ class ImageData:
         self.sealed = 0  # holders that need the data file whole (rule 6)
         # Bytes served to readers, and fetched by source (status and metrics per image).
         self.counters = dict.fromkeys(("bytes_read", "bytes_from_peers", "bytes_from_origin"), 0)
+        self._arrival: trio.Event | None = None  # set when chunks become servable, if anyone waits
+
+    async def wait_arrival(self) -> None:
+        """Until some chunks of this image become servable (``ChunkStore.stage``)."""
+        if self._arrival is None:
+            self._arrival = trio.Event()
+        await self._arrival.wait()
+
+    def _arrived(self) -> None:
+        if self._arrival is not None:
+            self._arrival.set()
+            self._arrival = None
 
     def chunk_range(self, offset: int, size: int) -> tuple[int, int]:
         return offset // self.chunk_size, (offset + size - 1) // self.chunk_size
@@ -474,6 +486,7 @@ class ChunkStore:
         self._used += n
         self._stats["chunks_staged"] += -(-n // cs)
         self._wake.set()
+        img._arrived()
         return True
 
     def _scrub(self, img: ImageData, offset: int, length: int) -> None:

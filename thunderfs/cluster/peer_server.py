@@ -1,6 +1,10 @@
 """Serving cached chunks to other members of the cluster over HTTP (h11 on trio).
 
-    GET /v1/chunks/<content-key>/<first>/<count>   -> the bytes of those chunks, all cached, or 404
+    GET /v1/chunks/<content-key>/<first>/<count>[?wait=<ms>]
+                       -> the bytes of those chunks, all cached, or 404; with ``wait``, chunks
+                          that are not all here yet (this node is fetching them) are waited
+                          for up to that long (at most MAX_WAIT), without an upload slot: a
+                          node waiting on a claim learns at once that they arrived
     GET /healthz
 
 Only members' signed requests are answered (401 otherwise).  Uploads are capped in number (503
@@ -24,9 +28,11 @@ from thunderfs_common.signing import NonceCacheFull, Verifier
 
 log = logging.getLogger(__name__)
 
-_CHUNKS = re.compile(r"^/v1/chunks/([0-9a-f]{32})/(\d{1,9})/(\d{1,6})$")
+_CHUNKS = re.compile(r"^/v1/chunks/([0-9a-f]{32})/(\d{1,9})/(\d{1,6})(?:\?wait=(\d{1,6}))?$")
 MAX_REQUEST_CHUNKS = 1024
 IDLE_TIMEOUT = 30.0
+MAX_WAIT = 10.0  # seconds a request may wait for chunks to arrive
+MAX_WAITERS = 256  # requests waiting at once; more are told 503 (busy)
 
 
 class PeerServer:
@@ -36,8 +42,9 @@ class PeerServer:
         self._slots = max_uploads
         self._busy = 0
         self._bucket = TokenBucket(rate)
+        self._waiting = 0
         self._stats = dict.fromkeys(("requests", "served_chunks", "served_bytes", "not_held", "busy",
-                                     "refused", "bad_requests"), 0)
+                                     "refused", "bad_requests", "waits", "waits_served"), 0)
 
     @property
     def uploads(self) -> int:
@@ -128,17 +135,35 @@ class PeerServer:
             self._stats["bad_requests"] += 1
             return 400, b"GET /v1/chunks/<content-key>/<first>/<count>\n", False
         content, first, count = bytes.fromhex(m.group(1)), int(m.group(2)), int(m.group(3))
+        wait = min(MAX_WAIT, int(m.group(4)) / 1000) if m.group(4) else 0.0
         if not 1 <= count <= MAX_REQUEST_CHUNKS:
             self._stats["bad_requests"] += 1
             return 400, f"count must be from 1 to {MAX_REQUEST_CHUNKS}\n".encode(), False
+        img = self._store.find(content)
+        last = first + count - 1
+        if img is None or last >= img.nchunks:
+            self._stats["not_held"] += 1
+            return 404, b"not held\n", False
+        if wait and img.missing(first, last):
+            if self._waiting >= MAX_WAITERS:
+                self._stats["busy"] += 1
+                return 503, b"too many waiting\n", False
+            self._stats["waits"] += 1
+            self._waiting += 1
+            try:
+                with trio.move_on_after(wait):
+                    while img.missing(first, last):
+                        await img.wait_arrival()
+            finally:
+                self._waiting -= 1
         if self._busy >= self._slots:
             self._stats["busy"] += 1
             return 503, b"upload slots full\n", False
-        img = self._store.find(content)
-        last = first + count - 1
-        if img is None or last >= img.nchunks or img.missing(first, last):
+        if img.missing(first, last):
             self._stats["not_held"] += 1
             return 404, b"not held\n", False
+        if wait:
+            self._stats["waits_served"] += 1
         cs = self._store.chunk_size
         start, end = first * cs, min(img.size, (last + 1) * cs)
         # The slot is held from here: the read may wait for the disk in a worker thread.
@@ -160,4 +185,5 @@ class PeerServer:
         return 200, data, True
 
     def statistics(self) -> dict:
-        return {**self._stats, "uploads_in_progress": self._busy, "upload_slots": self._slots}
+        return {**self._stats, "uploads_in_progress": self._busy, "upload_slots": self._slots,
+                "waiting": self._waiting}

@@ -6,7 +6,9 @@ makes Glance send each chunk about once.
 Waiters for the same new chunks take different pieces from the claimer, then trade them among
 themselves; a claimer that fails hands its chunks back to the caller at once, one that is slow is
 waited for (bounded), and a reader waiting on a slow claimer that already holds its chunks waits
-only ``SLOW_HOLDER_PATIENCE`` peer timeouts.
+only ``SLOW_HOLDER_PATIENCE`` peer timeouts.  While nobody holds them yet, a waiter asks the
+claimer itself to answer when they arrive (``wait``: the holder tells its waiters) instead of
+asking the tracker again and again.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from thunderfs_tracker.protocol import Manifest, PeerRecord
 
 log = logging.getLogger(__name__)
 
-Ask = Callable[[PeerRecord, ImageData, Manifest, int, int], Awaitable[Reply]]
+Ask = Callable[..., Awaitable[Reply]]  # (peer, img, manifest, first, count, *, wait=seconds)
 
 
 class ClaimTaker:
@@ -42,6 +44,9 @@ class ClaimTaker:
     # How long a reader waits for chunks a slow peer already holds (times the peer timeout) while
     # other holders appear, before Glance: a hung sole holder costs a reader this, no more.
     SLOW_HOLDER_PATIENCE = 2
+    # How long one request waits at the claimer for chunks it is fetching (its server answers as
+    # they arrive); then the waiter looks at the holders again.
+    PUSH_WAIT = 5.0
 
     def __init__(self, tracker: TrackerClient, directory: PeerDirectory, client: PeerClient, ask: Ask, *,
                  chunk_size: int, timeout: float = 2.0, max_request_chunks: int = 256, poll: float = 0.25):
@@ -54,7 +59,8 @@ class ClaimTaker:
         self.poll = poll
         self._piece = max(1, min(max_request_chunks, self.PIECE // chunk_size))
         self._asking: dict[str, int] = {}  # pieces outstanding per peer
-        self._stats = dict.fromkeys(("claims", "claim_failures", "claim_retries", "claim_waits", "claims_skipped"), 0)
+        self._stats = dict.fromkeys(("claims", "claim_failures", "claim_retries", "claim_waits", "claim_pushes",
+                                     "claims_skipped"), 0)
 
     async def claim(self, meta: ImageMeta, img: ImageData, chunks: list[int],
                     *, tries: int = 1) -> tuple[list[int], list[tuple[PeerRecord, list[int], bool]]]:
@@ -110,21 +116,28 @@ class ClaimTaker:
         resting: dict[str, float] = {}  # peers that were busy or slow: not asked again until then
         claimer_failed = False
 
+        give_up = trio.current_time() + wait
+
         async def worker() -> None:
             nonlocal claimer_failed
             while pending and not claimer_failed:
                 holders = await self._directory.holders(img, min(pending), max(pending), max_age=self.poll)
                 choice = self._pick(holders, pending - taking, claimer, resting)
-                if choice is None:
-                    self._stats["claim_waits"] += 1
-                    await trio.sleep(self.poll)
-                    continue
+                push = 0.0
+                if choice is None:  # nobody has them yet: the claimer answers when it has
+                    choice = self._pick([(claimer, -1)], pending - taking, claimer, resting)
+                    push = min(self.PUSH_WAIT, give_up - trio.current_time())
+                    if choice is None or push <= 0:
+                        self._stats["claim_waits"] += 1
+                        await trio.sleep(self.poll)
+                        continue
+                    self._stats["claim_pushes"] += 1
                 peer, rfirst, rcount = choice
                 piece = range(rfirst, rfirst + rcount)
                 taking.update(piece)
                 self._asking[peer.node_id] = self._asking.get(peer.node_id, 0) + 1
                 try:
-                    reply = await self._ask(peer, img, manifest, rfirst, rcount)
+                    reply = await self._ask(peer, img, manifest, rfirst, rcount, wait=push)
                 finally:
                     taking.difference_update(piece)
                     if (left := self._asking.pop(peer.node_id) - 1) > 0:
@@ -146,7 +159,7 @@ class ClaimTaker:
     def _pick(self, holders: list[tuple[PeerRecord, int]], wanted: set[int], claimer: PeerRecord,
               resting: dict[str, float]) -> tuple[PeerRecord, int, int] | None:
         """The best-ranked peer that can be asked for some of ``wanted`` (the claimer last), and a
-        random piece of what it holds."""
+        random piece of what it holds (bits -1: of any of them)."""
         now = trio.current_time()
         ranked = sorted(holders, key=lambda held: held[0].node_id == claimer.node_id)
         for peer, bits in ranked:

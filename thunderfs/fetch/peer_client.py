@@ -59,7 +59,8 @@ class PeerClient:
         self._slow: dict[str, float] = {}   # slow (busy serving others, perhaps): until when
         self._rtt: dict[str, float] = {}
         self._served: dict[bytes, dict[str, int]] = {}  # content -> peer -> bytes it sent us
-        self._stats = dict.fromkeys(("chunks", "bytes", "requests", "failures", "slow", "busy", "bad_chunks"), 0)
+        self._stats = dict.fromkeys(("chunks", "bytes", "requests", "waits", "failures", "slow", "busy",
+                                     "bad_chunks"), 0)
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -71,15 +72,23 @@ class PeerClient:
     def slow(self, node_id: str) -> bool:
         return self._slow.get(node_id, 0) > trio.current_time()
 
-    async def get(self, peer: PeerRecord, img: ImageData, manifest: Manifest, first: int, count: int) -> Reply:
+    async def get(self, peer: PeerRecord, img: ImageData, manifest: Manifest, first: int, count: int,
+                  *, wait: float = 0.0) -> Reply:
+        """``wait``: the peer is fetching these chunks; it answers as soon as they are there, or
+        NOT_HELD after ``wait`` seconds."""
         path = f"/v1/chunks/{img.content.hex()}/{first}/{count}"
+        if wait > 0:
+            path += f"?wait={int(wait * 1000)}"
+            self._stats["waits"] += 1
         self._stats["requests"] += 1
         started = trio.current_time()
         expected = min(img.size, (first + count) * self._cs) - first * self._cs
+        extra = {"timeout": httpx.Timeout(self.timeout + wait, connect=min(self.timeout, 1.0))} if wait > 0 else {}
         try:
-            with trio.fail_after(self.timeout + expected / self._min_rate):
-                async with self._http.stream("GET", peer.peer_url.rstrip("/") + path) as resp:
-                    self._note_rtt(peer.node_id, trio.current_time() - started)
+            with trio.fail_after(self.timeout + wait + expected / self._min_rate):
+                async with self._http.stream("GET", peer.peer_url.rstrip("/") + path, **extra) as resp:
+                    if not wait:  # a wait's first byte comes when the chunks do
+                        self._note_rtt(peer.node_id, trio.current_time() - started)
                     status = resp.status_code
                     body = await resp.aread() if status == 200 else b""
         except (httpx.TimeoutException, trio.TooSlowError) as exc:

@@ -35,6 +35,9 @@ CLAIM_WAIT_MAX = 60.0
 # How often readahead and prefetch ask a slow tracker for a claim before fetching from Glance
 # unclaimed (a reader waiting asks once: it had better have its bytes).
 CLAIM_TRIES_BACKGROUND = 3
+# How long a plan (``PeerSource.plan``) stands, at most: the tracker keeps a claim for its own
+# ``claim_seconds`` (30 by default) from the claim on.
+PLAN_TTL = 15.0
 # How long readahead and prefetch wait for a tracker known down (a lookup or claim of this node's
 # failed) before fetching from Glance unclaimed.  In a boot storm the tracker is slow for the
 # first seconds, and every unclaimed background fetch sends Glance what the crowd is fetching too;
@@ -61,7 +64,11 @@ class PeerSource:
                                        lookup_ttl=lookup_ttl, min_rate=min_rate, tracker_key=tracker_key)
         self.claims = ClaimTaker(tracker, self.directory, self.client, self._ask, chunk_size=chunk_size,
                                  timeout=timeout, max_request_chunks=max_request_chunks, poll=claim_poll)
-        self._stats = dict.fromkeys(("no_manifest", "granted_chunks", "claimed_chunks_late", "claims_deferred"), 0)
+        # content -> chunk -> (who fetches it: None for this node, and whether it holds it already),
+        # and until when that stands: the outcome of a prefetch batch's one claim.
+        self._plans: dict[bytes, dict[int, tuple[PeerRecord | None, bool, float]]] = {}
+        self._stats = dict.fromkeys(("no_manifest", "granted_chunks", "claimed_chunks_late", "claims_deferred",
+                                     "planned_chunks", "plans"), 0)
 
     # --- what the daemon wires -------------------------------------------------------------
 
@@ -85,12 +92,60 @@ class PeerSource:
     def sources_of(self, content: bytes) -> dict[str, int]:
         return self.client.sources_of(content)
 
+    async def plan(self, meta: ImageMeta, img: ImageData, chunks: list[int]) -> None:
+        """One claim for a batch of chunks about to be fetched (a prefetch batch, scattered over
+        many flights): its flights then know whom to take each chunk from, or that it is theirs
+        to fetch from Glance, without a claim each.  Without a manifest, or with the tracker known
+        down, nothing is planned (each flight claims as before)."""
+        now = trio.current_time()
+        plan = self._plans.setdefault(img.content, {})
+        for c in [c for c, (_, _, until) in plan.items() if until <= now]:
+            del plan[c]
+        chunks = [c for c in chunks if c not in plan and not img.cached(c)]
+        if not chunks or self.directory.manifest_nowait(meta) is None or self.directory.tracker_breaker.is_open:
+            return
+        granted, others = await self.claims.claim(meta, img, chunks, tries=CLAIM_TRIES_BACKGROUND)
+        if self.directory.tracker_breaker.is_open:
+            return  # the claim failed: nothing was granted, whatever it returned
+        until = trio.current_time() + PLAN_TTL
+        for c in granted:
+            plan[c] = (None, False, until)
+        for peer, cs, held in others:
+            for c in cs:
+                plan[c] = (peer, held, until)
+        self._stats["plans"] += 1
+        self._stats["planned_chunks"] += len(chunks)
+        self._stats["granted_chunks"] += len(granted)
+
+    def _planned(self, img: ImageData, chunks: list[int]) -> tuple[list[int], dict[str, tuple[PeerRecord, list[int], bool]], list[int]]:
+        """(planned for this node, planned for other nodes by node id, not planned) of ``chunks``;
+        the plan's entries for them are used up."""
+        plan = self._plans.get(img.content)
+        if not plan:
+            return [], {}, chunks
+        now = trio.current_time()
+        mine: list[int] = []
+        theirs: dict[str, tuple[PeerRecord, list[int], bool]] = {}
+        rest: list[int] = []
+        for c in chunks:
+            peer, held, until = plan.pop(c, (None, False, 0.0))
+            if until <= now:
+                rest.append(c)
+            elif peer is None:
+                mine.append(c)
+            else:
+                theirs.setdefault(peer.node_id, (peer, [], held))[1].append(c)
+        if not plan:
+            del self._plans[img.content]
+        return mine, theirs, rest
+
     # --- the source ------------------------------------------------------------------------
 
     async def fetch(self, want: Want, sink: Sink) -> list[int]:
-        """First what peers hold (verified); then, for the rest, a claim at the tracker: the chunks
-        this node is granted go on to Glance at once (``sink.pass_on``), while those other nodes
-        are fetching are taken from them as they appear.  Returns what did not come in time."""
+        """First what peers hold (verified); then, for the rest, what the batch's plan says, or a
+        claim at the tracker: the chunks this node is granted go on to Glance at once
+        (``sink.pass_on``), while those other nodes are fetching are taken from them as they
+        appear.  Returns what did not come in time."""
         meta, img, cs = want.meta, want.img, self._cs
         got: set[int] = set()
         with trio.move_on_after(self.timeout * 3 + want.nbytes() / MIN_RATE):
@@ -100,9 +155,14 @@ class PeerSource:
         missing = [c for c in want.chunks if c not in got and not img.cached(c)]
         if not missing:
             return []
-        granted, others = await self._claim(want, missing)
-        self._stats["granted_chunks"] += len(granted)
-        sink.pass_on(granted)
+        mine, theirs, unplanned = self._planned(img, missing)
+        others = list(theirs.values())
+        granted: list[int] = []
+        if unplanned:
+            granted, more = await self._claim(want, unplanned)
+            self._stats["granted_chunks"] += len(granted)
+            others += more
+        sink.pass_on(sorted(mine + granted))
         late: list[int] = []
 
         async def from_claimer(peer: PeerRecord, chunks: list[int], held: bool) -> None:
@@ -161,9 +221,11 @@ class PeerSource:
                 break
         return got
 
-    async def _ask(self, peer: PeerRecord, img: ImageData, manifest: Manifest, first: int, count: int) -> Reply:
-        """One peer asked for a run; a peer that lied is reported to the tracker."""
-        reply = await self.client.get(peer, img, manifest, first, count)
+    async def _ask(self, peer: PeerRecord, img: ImageData, manifest: Manifest, first: int, count: int,
+                   *, wait: float = 0.0) -> Reply:
+        """One peer asked for a run (``wait``: until it has it, at most that long); a peer that
+        lied is reported to the tracker."""
+        reply = await self.client.get(peer, img, manifest, first, count, wait=wait)
         if reply.answer is Answer.LIED:
             try:
                 with trio.move_on_after(self.timeout):

@@ -30,11 +30,14 @@ log = logging.getLogger(__name__)
 class Prefetcher:
     """``wait_ready(meta)``: until the sources are ready for the image (the peer source has its
     manifest), so that a prefetch does not take from Glance what peers hold; False on timeout.
-    ``activity(meta, img)``: the image's record, kept by the profiles."""
+    ``plan(meta, img, chunks)``: told each batch before it is fetched (the peer source claims it
+    in one request, not one per flight).  ``activity(meta, img)``: the image's record, kept by
+    the profiles."""
 
     def __init__(self, fetcher: Fetcher, tracker: TrackerClient | None, activity: Callable[[ImageMeta, ImageData], Activity],
                  *, chunk_size: int, prefetch_flights: int = 3, prefetch_idle: float = 30.0, batch_chunks: int = 64,
-                 wait_ready: Callable[[ImageMeta], Awaitable[bool]] | None = None):
+                 wait_ready: Callable[[ImageMeta], Awaitable[bool]] | None = None,
+                 plan: Callable[[ImageMeta, ImageData, list[int]], Awaitable[None]] | None = None):
         self._fetcher = fetcher
         self._tracker = tracker
         self._activity = activity
@@ -43,6 +46,7 @@ class Prefetcher:
         self.prefetch_idle = prefetch_idle
         self._batch = batch_chunks
         self._wait_ready = wait_ready
+        self._plan = plan
         self.nursery: trio.Nursery | None = None  # the profiles' own, once they run
 
     async def profile(self, meta: ImageMeta, img: ImageData) -> Profile | None:
@@ -138,6 +142,8 @@ class Prefetcher:
                         for c in missing:
                             act.marks[c] = PREFETCHED
                         act.stats["prefetched"] += len(missing)
+                    if self._plan is not None:
+                        await self._plan(meta, img, missing)
                     await fetcher.fetch(meta, img, missing, PREFETCH)
                     if mark:  # what could not be fetched was not prefetched
                         for c in missing:

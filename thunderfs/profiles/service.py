@@ -23,14 +23,15 @@ class Profiles:
     def __init__(self, fetcher: Fetcher, tracker: TrackerClient | None, *, chunk_size: int,
                  record_window: float = 60.0, record_idle: float = 20.0, prefetch_flights: int = 3,
                  prefetch_idle: float = 30.0, batch_chunks: int = 64,
-                 wait_ready: Callable[[ImageMeta], Awaitable[bool]] | None = None):
+                 wait_ready: Callable[[ImageMeta], Awaitable[bool]] | None = None,
+                 plan: Callable[[ImageMeta, ImageData, list[int]], Awaitable[None]] | None = None):
         self._tracker = tracker
         self.record_window = record_window
         self._activity: dict[bytes, Activity] = {}
         self.recorder = Recorder(tracker, chunk_size=chunk_size, record_idle=record_idle) if tracker else None
         self.prefetcher = Prefetcher(fetcher, tracker, self.activity, chunk_size=chunk_size,
                                      prefetch_flights=prefetch_flights, prefetch_idle=prefetch_idle,
-                                     batch_chunks=batch_chunks, wait_ready=wait_ready)
+                                     batch_chunks=batch_chunks, wait_ready=wait_ready, plan=plan)
         self._running = False
 
     @property
