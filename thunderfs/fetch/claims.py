@@ -47,6 +47,9 @@ class ClaimTaker:
     # How long one request waits at the claimer for chunks it is fetching (its server answers as
     # they arrive); then the waiter looks at the holders again.
     PUSH_WAIT = 5.0
+    # How many polls apart a waiter asks the tracker for holders while a request waits at the
+    # claimer (the claimer's answer, not the tracker, says when its chunks are there).
+    PUSHING_LOOKUP_SLOWER = 4
 
     def __init__(self, tracker: TrackerClient, directory: PeerDirectory, client: PeerClient, ask: Ask, *,
                  chunk_size: int, timeout: float = 2.0, max_request_chunks: int = 256, poll: float = 0.25):
@@ -117,11 +120,16 @@ class ClaimTaker:
         claimer_failed = False
 
         give_up = trio.current_time() + wait
+        changed = [trio.Event()]  # set whenever an ask of this take ends
 
         async def worker() -> None:
             nonlocal claimer_failed
             while pending and not claimer_failed:
-                holders = await self._directory.holders(img, min(pending), max(pending), max_age=self.poll)
+                # While the claimer is asked to answer when it has them, the tracker is asked
+                # less often: it only finds nodes that took them from the claimer meanwhile.
+                pushing = self._asking.get(claimer.node_id, 0) > 0
+                age = self.poll * self.PUSHING_LOOKUP_SLOWER if pushing else self.poll
+                holders = await self._directory.holders(img, min(pending), max(pending), max_age=age)
                 choice = self._pick(holders, pending - taking, claimer, resting)
                 push = 0.0
                 if choice is None:  # nobody has them yet: the claimer answers when it has
@@ -129,7 +137,8 @@ class ClaimTaker:
                     push = min(self.PUSH_WAIT, give_up - trio.current_time())
                     if choice is None or push <= 0:
                         self._stats["claim_waits"] += 1
-                        await trio.sleep(self.poll)
+                        with trio.move_on_after(age):  # until an ask ends, or a poll
+                            await changed[0].wait()
                         continue
                     self._stats["claim_pushes"] += 1
                 peer, rfirst, rcount = choice
@@ -142,6 +151,8 @@ class ClaimTaker:
                     taking.difference_update(piece)
                     if (left := self._asking.pop(peer.node_id) - 1) > 0:
                         self._asking[peer.node_id] = left
+                    changed[0].set()
+                    changed[0] = trio.Event()
                 if reply.answer is Answer.OK:
                     put(rfirst, reply.data)
                     pending.difference_update(piece)
