@@ -376,10 +376,17 @@ def main() -> int:
                     requests_before = storm.tracker_stats().get("requests", {})
                     if args.kill_replica:
                         threading.Timer(args.kill_replica, storm.kill_replica).start()
+                    cpu_before = sum(cpu_seconds(m.pid) for m in ms)
                     r = storm.storm("thunderfs", [m.image(storm.image_id) for m in ms],
                                     stats=lambda: node_sources(all_stats(ms)), progress=lambda: bar.advance(task))
+                    cpu = sum(cpu_seconds(m.pid) for m in ms) - cpu_before
                     final = [m.stats() for m in ms]  # every node answers once the storm is over
                     r["sources"] = node_sources(final)
+                    # What 32 daemons on two cores cost: their CPU seconds per GiB they received
+                    # (from Glance and peers) and served to peers (as much as peers received).
+                    moved = r["sources"]["from_glance"] + 2 * r["sources"]["from_peers"]
+                    r["cpu"] = {"daemon_seconds_per_node": cpu / len(ms),
+                                "daemon_seconds_per_gib_moved": cpu / (moved / 2**30) if moved else None}
                     r["prefetch"] = prefetch_counters(final, storm.image_id)
                     r["counters"] = counters(final)
                     tracker_stats = storm.tracker_stats()
@@ -479,11 +486,26 @@ def report(results: dict) -> None:
                   f"peers {src['from_peers'] / MiB:.0f} MiB, cache {src['from_cache'] / MiB:.0f} MiB")
         if r.get("counters"):
             print(f"  {'':12s} counters: " + ", ".join(f"{k} {v}" for k, v in sorted(r["counters"].items()) if v))
+        if r.get("cpu"):
+            c = r["cpu"]
+            print(f"  {'':12s} daemon CPU: {c['daemon_seconds_per_node']:.1f} s per node, "
+                  f"{c['daemon_seconds_per_gib_moved'] or 0:.1f} s per GiB received and served")
         if way == "thunderfs" and "tracker_requests_per_node" in results:
             by = results.get("tracker_requests_by_route_per_node", {})
             print(f"  {'':12s} tracker requests per node per boot: {results['tracker_requests_per_node']:.1f} "
                   f"(heartbeat {results.get('heartbeat', 2):g} s; target <= 30)"
                   + (": " + ", ".join(f"{route_name(k)} {v:.1f}" for k, v in sorted(by.items())) if by else ""))
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User and system CPU seconds of a process so far (its threads included)."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def route_name(canonical: str) -> str:

@@ -137,7 +137,8 @@ class ClaimTaker:
                     push = min(self.PUSH_WAIT, give_up - trio.current_time())
                     if choice is None or push <= 0:
                         self._stats["claim_waits"] += 1
-                        with trio.move_on_after(age):  # until an ask ends, or a poll
+                        # Until an ask ends (one at the claimer does within PUSH_WAIT), or a poll.
+                        with trio.move_on_after(self.PUSH_WAIT if pushing else age):
                             await changed[0].wait()
                         continue
                     self._stats["claim_pushes"] += 1
