@@ -98,9 +98,12 @@ class PeerSource:
         to fetch from Glance, without a claim each.  Without a manifest, or with the tracker known
         down, nothing is planned (each flight claims as before)."""
         now = trio.current_time()
+        for content, old in list(self._plans.items()):  # what no flight used is dropped in time
+            for c in [c for c, (_, _, until) in old.items() if until <= now]:
+                del old[c]
+            if not old:
+                del self._plans[content]
         plan = self._plans.setdefault(img.content, {})
-        for c in [c for c, (_, _, until) in plan.items() if until <= now]:
-            del plan[c]
         chunks = [c for c in chunks if c not in plan and not img.cached(c)]
         if not chunks or self.directory.manifest_nowait(meta) is None or self.directory.tracker_breaker.is_open:
             return
@@ -147,19 +150,19 @@ class PeerSource:
         (``sink.pass_on``), while those other nodes are fetching are taken from them as they
         appear.  Returns what did not come in time."""
         meta, img, cs = want.meta, want.img, self._cs
+        # What the batch's plan covers needs no lookup and no claim: who holds or fetches each.
+        mine, theirs, unplanned = self._planned(img, [c for c in want.chunks if not img.cached(c)])
         got: set[int] = set()
-        with trio.move_on_after(self.timeout * 3 + want.nbytes() / MIN_RATE):
-            for rfirst, piece in await self._from_holders(meta, img, want.chunks):
-                sink.put(rfirst, piece)
-                got.update(range(rfirst, rfirst + -(-len(piece) // cs)))
-        missing = [c for c in want.chunks if c not in got and not img.cached(c)]
-        if not missing:
-            return []
-        mine, theirs, unplanned = self._planned(img, missing)
+        if unplanned:
+            with trio.move_on_after(self.timeout * 3 + want.nbytes() / MIN_RATE):
+                for rfirst, piece in await self._from_holders(meta, img, unplanned):
+                    sink.put(rfirst, piece)
+                    got.update(range(rfirst, rfirst + -(-len(piece) // cs)))
+        missing = [c for c in unplanned if c not in got and not img.cached(c)]
         others = list(theirs.values())
         granted: list[int] = []
-        if unplanned:
-            granted, more = await self._claim(want, unplanned)
+        if missing:
+            granted, more = await self._claim(want, missing)
             self._stats["granted_chunks"] += len(granted)
             others += more
         sink.pass_on(sorted(mine + granted))
