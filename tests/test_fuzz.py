@@ -93,7 +93,7 @@ def _rss_kib(pid: int) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
-TRACKER_ROUTES = [("POST", "/v1/nodes/{}/announce"), ("POST", "/v1/nodes/{}/chunks"),
+TRACKER_ROUTES = [("POST", "/v1/nodes/{}/announce"), ("POST", "/v1/nodes/{}/alive"), ("POST", "/v1/nodes/{}/chunks"),
                   ("GET", "/v1/images/{}/peers?first={}&last={}"), ("GET", "/v1/manifests/{}?chunk_size={}"),
                   ("POST", "/v1/reports"), ("POST", "/v1/images/{}/claims"), ("GET", "/v1/profiles/{}?chunk_size={}"),
                   ("POST", "/v1/profiles/{}?chunk_size={}"), ("GET", "/v1/stats"), ("GET", "/{}"), ("DELETE", "/v1/{}")]

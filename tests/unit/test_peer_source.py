@@ -376,3 +376,22 @@ async def test_a_prefetch_batch_is_claimed_once_and_its_flights_follow_the_plan(
     tracker.holders = []
     await src.fetch(want(store, [8, 9], PREFETCH), Sink())
     assert tracker.calls["claim"] == 3
+
+
+async def test_a_plan_made_while_the_last_one_is_used_up_is_kept(store):
+    """The flights of one batch may use up (and drop) the image's plan while the tracker answers
+    the next batch's claim: that answer must not go into the dropped plan."""
+    tracker = FakeTracker(manifest_of(), holders=[], granted=None)
+    src = source_of(tracker, Peers())
+    img = store.image(META.content_key, META.size)
+    await src.directory.manifest(META)
+    await src.plan(META, img, [0, 1])
+    tracker.gate = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(src.plan, META, img, [2, 3])
+        while tracker.calls["claim"] < 2:
+            await trio.sleep(0.001)
+        assert src._planned(img, [0, 1])[0] == [0, 1]  # the first batch's flights use it all up
+        tracker.gate.set()
+    mine, theirs, rest = src._planned(img, [2, 3])
+    assert (mine, theirs, rest) == ([2, 3], {}, [])

@@ -111,6 +111,9 @@ class PeerSource:
         if self.directory.tracker_breaker.is_open:
             return  # the claim failed: nothing was granted, whatever it returned
         until = trio.current_time() + PLAN_TTL
+        # Again: the flights of the batches before may have used up (and dropped) the image's plan
+        # while the tracker answered; entries written into that one would be lost.
+        plan = self._plans.setdefault(img.content, {})
         for c in granted:
             plan[c] = (None, False, until)
         for peer, cs, held in others:
