@@ -369,7 +369,7 @@ async def test_a_prefetch_batch_is_claimed_once_and_its_flights_follow_the_plan(
     assert await src.fetch(want(store, range(4, 8), PREFETCH), theirs) == []
     assert right(theirs, range(4, 8))
     assert tracker.calls["claim"] == 1 and src.statistics()["planned_chunks"] == 8
-    assert tracker.calls["lookup"] == 0  # the plan said who: nothing to look up
+    assert tracker.calls["lookup"] <= 1  # the plan said who; one look for relays while waiting
     # A plan is used up by its flights, and does not outlive PLAN_TTL: later flights claim anew.
     await src.plan(META, img, [8, 9])
     await trio.sleep(peers.PLAN_TTL + 1)

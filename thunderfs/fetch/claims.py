@@ -125,26 +125,23 @@ class ClaimTaker:
         async def worker() -> None:
             nonlocal claimer_failed
             while pending and not claimer_failed:
-                # The claimer first, asked to answer as soon as it has them; the tracker only
-                # when the claimer cannot be asked now (this node asks it enough already, or it
-                # was busy): for nodes that took them from the claimer meanwhile.
-                choice = self._pick([(claimer, -1)], pending - taking, claimer, resting)
-                push = min(self.PUSH_WAIT, give_up - trio.current_time())
-                if choice is not None and push > 0:
-                    self._stats["claim_pushes"] += 1
-                else:
-                    push = 0.0
-                    pushing = self._asking.get(claimer.node_id, 0) > 0
-                    age = self.poll * self.PUSHING_LOOKUP_SLOWER if pushing else self.poll
-                    holders = await self._directory.holders(img, min(pending), max(pending), max_age=age)
-                    choice = self._pick([h for h in holders if h[0].node_id != claimer.node_id],
-                                        pending - taking, claimer, resting)
-                    if choice is None:
+                # While the claimer is asked to answer when it has them, the tracker is asked
+                # less often: it only finds nodes that took them from the claimer meanwhile.
+                pushing = self._asking.get(claimer.node_id, 0) > 0
+                age = self.poll * self.PUSHING_LOOKUP_SLOWER if pushing else self.poll
+                holders = await self._directory.holders(img, min(pending), max(pending), max_age=age)
+                choice = self._pick(holders, pending - taking, claimer, resting)
+                push = 0.0
+                if choice is None:  # nobody has them yet: the claimer answers when it has
+                    choice = self._pick([(claimer, -1)], pending - taking, claimer, resting)
+                    push = min(self.PUSH_WAIT, give_up - trio.current_time())
+                    if choice is None or push <= 0:
                         self._stats["claim_waits"] += 1
                         # Until an ask ends (one at the claimer does within PUSH_WAIT), or a poll.
                         with trio.move_on_after(self.PUSH_WAIT if pushing else age):
                             await changed[0].wait()
                         continue
+                    self._stats["claim_pushes"] += 1
                 peer, rfirst, rcount = choice
                 piece = range(rfirst, rfirst + rcount)
                 taking.update(piece)
