@@ -230,8 +230,8 @@ def storm(results: Path, mode: str, target_time: float, target_egress: float) ->
         q = record.spread([r["tracker_requests_per_node"] for r in counted])
         cpu = record.spread([r["ways"]["thunderfs"]["cpu"]["daemon_seconds_per_gib_moved"] for r in counted])
         beats = "/".join(dict.fromkeys(f"{r['heartbeat']:g} s" for r in counted))
-        rows.append(Row(27, f"same: tracker requests per node per boot (heartbeat {beats})", spread(q),
-                        f"daemon CPU {spread(cpu)} s per GiB received and served", "",
+        rows.append(Row(27, f"same: tracker requests per node per boot (heartbeat {beats})", spread(q, 1),
+                        f"daemon CPU {spread(cpu, 1)} s per GiB received and served (32 daemons, 2 cores)", "",
                         *at_most(q, 30), str(len(counted)), source_of_runs(counted), command))
     return rows
 
