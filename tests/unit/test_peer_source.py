@@ -395,3 +395,19 @@ async def test_a_plan_made_while_the_last_one_is_used_up_is_kept(store):
         tracker.gate.set()
     mine, theirs, rest = src._planned(img, [2, 3])
     assert (mine, theirs, rest) == ([2, 3], {}, [])
+
+
+async def test_chunks_planned_from_a_node_that_failed_since_are_claimed_again_not_waited_for(store, autojump_clock):
+    claimer = peer("claimer", [])
+    tracker = FakeTracker(manifest_of(), holders=[], granted=set(), claimed=[(claimer, [0, 1, 2, 3], False)])
+    src = source_of(tracker, Peers(claimer="dead"))
+    img = store.image(META.content_key, META.size)
+    await src.directory.manifest(META)
+    await src.plan(META, img, [0, 1, 2, 3])
+    await src.fetch(want(store, [0, 1], PREFETCH), Sink())  # the claimer fails: avoided
+    assert "claimer" in src.statistics()["avoided_peers"]
+    tracker.claimed, tracker.granted = [], None
+    started = trio.current_time()
+    sink = Sink()
+    assert await src.fetch(want(store, [2, 3], PREFETCH), sink) == []
+    assert sink.passed == [2, 3] and trio.current_time() - started < 1  # claimed anew, granted

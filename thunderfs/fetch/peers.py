@@ -125,7 +125,8 @@ class PeerSource:
 
     def _planned(self, img: ImageData, chunks: list[int]) -> tuple[list[int], dict[str, tuple[PeerRecord, list[int], bool]], list[int]]:
         """(planned for this node, planned for other nodes by node id, not planned) of ``chunks``;
-        the plan's entries for them are used up."""
+        the plan's entries for them are used up.  A node avoided since the plan (it failed or
+        lied) is not waited for: its chunks count as not planned."""
         plan = self._plans.get(img.content)
         if not plan:
             return [], {}, chunks
@@ -135,7 +136,7 @@ class PeerSource:
         rest: list[int] = []
         for c in chunks:
             peer, held, until = plan.pop(c, (None, False, 0.0))
-            if until <= now:
+            if until <= now or (peer is not None and self.client.avoided(peer.node_id)):
                 rest.append(c)
             elif peer is None:
                 mine.append(c)
@@ -148,10 +149,10 @@ class PeerSource:
     # --- the source ------------------------------------------------------------------------
 
     async def fetch(self, want: Want, sink: Sink) -> list[int]:
-        """First what peers hold (verified); then, for the rest, what the batch's plan says, or a
-        claim at the tracker: the chunks this node is granted go on to Glance at once
-        (``sink.pass_on``), while those other nodes are fetching are taken from them as they
-        appear.  Returns what did not come in time."""
+        """What the batch's plan covers as it says; the rest first from what peers hold (verified),
+        then claimed at the tracker.  The chunks this node is granted go on to Glance at once
+        (``sink.pass_on``), while those other nodes hold or are fetching are taken from them as
+        they appear.  Returns what did not come in time."""
         meta, img, cs = want.meta, want.img, self._cs
         # What the batch's plan covers needs no lookup and no claim: who holds or fetches each.
         mine, theirs, unplanned = self._planned(img, [c for c in want.chunks if not img.cached(c)])
