@@ -87,14 +87,18 @@ def test_batches_queued_at_once_share_round_trips_and_fail_alone(tmp_path):
                 b.get(f"tf:test:{i}")
                 if i == 7:
                     b.lpush("tf:test:list", "x")  # WRONGTYPE: this batch fails, no other
+                if i == 9:
+                    b.set("tf:test:x", 1, ex=1, px=1)  # refused by redis-py as written: likewise
                 return await conn.run(b)
 
             results = await asyncio.gather(*(one(i) for i in range(50)), return_exceptions=True)
-            assert conn.stats["redis_batches"] - before["redis_batches"] == 50
+            assert conn.stats["redis_batches"] - before["redis_batches"] == 49
             assert conn.stats["redis_round_trips"] - before["redis_round_trips"] == 1
             for i, r in enumerate(results):
                 if i == 7:
                     assert isinstance(r, StoreUnavailable) and "WRONGTYPE" in str(r)
+                elif i == 9:
+                    assert "mutually exclusive" in str(r)
                 else:
                     assert r == [True, str(i).encode()]
             redis.stop()

@@ -93,9 +93,22 @@ class RedisConnection:
 
     async def _send(self, taken: list[tuple[Batch, asyncio.Future]]) -> None:
         p = self.redis.pipeline(transaction=False)
-        for batch, _ in taken:
-            for name, args, kwargs in batch.commands:
-                getattr(p, name)(*args, **kwargs)
+        good = []
+        for batch, future in taken:  # a command redis-py refuses as written fails its batch alone
+            try:
+                for name, args, kwargs in batch.commands:
+                    getattr(p, name)(*args, **kwargs)
+            except Exception as exc:
+                future.set_exception(exc)
+                p = self.redis.pipeline(transaction=False)  # without that batch's commands
+                for b, _ in good:
+                    for name, args, kwargs in b.commands:
+                        getattr(p, name)(*args, **kwargs)
+                continue
+            good.append((batch, future))
+        taken = good
+        if not taken:
+            return
         self.stats["redis_round_trips"] += 1
         self.stats["redis_batches"] += len(taken)
         self.stats["redis_commands"] += sum(len(b.commands) for b, _ in taken)
