@@ -390,7 +390,7 @@ def main() -> int:
                     r["prefetch"] = prefetch_counters(final, storm.image_id)
                     r["counters"] = counters(final)
                     tracker_stats = storm.tracker_stats()
-                    # Every request of the storm's nodes, by route (from mounting to the end of the
+                    # Every request of the storm's nodes that passed membership, by route (from mounting to the end of the
                     # storm; a replica killed mid-storm takes its counts along), and lookups and
                     # claims alone (the figure kept runs before issue 27 give).
                     by_route = {k: (v - requests_before.get(k, 0)) / args.nodes

@@ -77,11 +77,6 @@ def _error(status: type[web.HTTPException], message: str) -> web.HTTPException:
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler):
-    if request.path.startswith(API):  # members' requests by route (what a node costs the tracker)
-        route = request.match_info.route.resource
-        name = route.canonical if route is not None else "unmatched"
-        counts = request.app[STATS]["requests"]
-        counts[name] = counts.get(name, 0) + 1
     try:
         return await handler(request)
     except ProtocolError as exc:
@@ -288,6 +283,7 @@ async def add_recording(request: web.Request) -> web.Response:
 
 async def stats(request: web.Request) -> web.Response:
     return web.json_response({**await request.app[STORE].statistics(), **request.app[STATS],
+                              "requests": request.app[metrics.REQUESTS],
                               "epoch": await request.app[STORE].epoch(),
                               "manifests": request.app[MANIFESTS].stats})
 
@@ -344,7 +340,7 @@ def create_app(config: TrackerConfig) -> web.Application:
     app = web.Application(middlewares=[auth_middleware, errors_middleware], client_max_size=MAX_BODY)
     app[CONFIG] = config
     app[STATS] = {"lookups": 0, "lookup_seconds": 0.0, "refused": 0, "reports": 0, "claims": 0,
-                  "recordings": 0, "requests": {}}
+                  "recordings": 0}
     app[SUSPECTS] = {}
     stores = open_stores(config)
     app[STORE] = stores.peers

@@ -18,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
 LATENCY = web.AppKey("metrics_latency", Histogram)
 COLLECTOR = web.AppKey("metrics_collector", object)
+REQUESTS = web.AppKey("metrics_requests", dict)  # route -> requests that passed membership
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
@@ -29,6 +30,7 @@ def install(app: web.Application, stats: Callable[[], Awaitable[dict]]) -> None:
     app[LATENCY] = Histogram("thunderfs_tracker_request_seconds", "Seconds to answer a request, by route",
                              ["route", "method"], buckets=BUCKETS, registry=registry)
     app[COLLECTOR] = _StatsCollector(stats)
+    app[REQUESTS] = {}
     registry.register(app[COLLECTOR])
     app.middlewares.append(_timing)
     app.router.add_get("/metrics", _metrics)
@@ -37,11 +39,13 @@ def install(app: web.Application, stats: Callable[[], Awaitable[dict]]) -> None:
 @web.middleware
 async def _timing(request: web.Request, handler):
     started = time.perf_counter()
+    route = request.match_info.route.resource
+    name = route.canonical if route is not None else "unmatched"
+    counts = request.app[REQUESTS]  # by route, for /v1/stats: what the nodes cost the tracker
+    counts[name] = counts.get(name, 0) + 1
     try:
         return await handler(request)
     finally:
-        route = request.match_info.route.resource
-        name = route.canonical if route is not None else "unmatched"
         request.app[LATENCY].labels(route=name, method=request.method).observe(time.perf_counter() - started)
 
 

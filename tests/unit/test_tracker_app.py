@@ -496,3 +496,19 @@ def test_a_request_passed_off_as_another_nodes_fails_its_signature(tmp_path):
         status, r = await raw("POST", path, {**headers, H_NODE: "b"})
         assert status == 401 and "bad signature" in r["error"]
     with_raw_client(tmp_path, body)
+
+
+def test_stats_count_each_routes_requests_and_a_light_heartbeat_keeps_an_announced_node(tmp_path):
+    async def body(call):
+        first = {**node_json("a"), "instance": "aaaaaaaa11111111"}
+        assert (await call("a", "POST", "/v1/nodes/b/alive", {"instance": ""}))[0] == 403  # not for another
+        assert (await call("a", "POST", "/v1/nodes/a/alive", {"instance": "aaaaaaaa11111111"}))[0] == 409
+        assert (await call("a", "POST", "/v1/nodes/a/announce", first))[0] == 200
+        status, r = await call("a", "POST", "/v1/nodes/a/alive", {"instance": "aaaaaaaa11111111"})
+        assert status == 200 and r["heartbeat"] > 0
+        assert (await call("a", "POST", "/v1/nodes/a/alive", {"instance": "bbbbbbbb22222222"}))[0] == 409
+        assert (await call("a", "POST", "/v1/nodes/a/alive", {"instance": "xyz"}))[0] == 400
+        status, r = await call("a", "GET", "/v1/stats")
+        assert r["requests"]["/v1/nodes/{node}/alive"] == 4  # the one refused before its handler: not
+        assert r["requests"]["/v1/nodes/{node}/announce"] == 1
+    with_client(tmp_path, body)
