@@ -397,8 +397,7 @@ def main() -> int:
                                 for k, v in tracker_stats.get("requests", {}).items()
                                 if not k.endswith("/stats") and v > requests_before.get(k, 0)}
                     results["tracker_requests_by_route_per_node"] = by_route
-                    results["tracker_requests_per_node"] = sum(by_route.values()) if by_route else (
-                        tracker_stats["lookups"] + tracker_stats["claims"]) / args.nodes
+                    results["tracker_requests_per_node"] = sum(by_route.values())
                     results["tracker_lookups_claims_per_node"] = (
                         tracker_stats["lookups"] + tracker_stats["claims"]) / args.nodes
                     results["ways"]["thunderfs"] = r

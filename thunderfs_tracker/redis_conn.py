@@ -44,9 +44,6 @@ class Batch:
             return self
         return record
 
-    def __len__(self) -> int:
-        return len(self.commands)
-
 
 class RedisConnection:
     def __init__(self, url: str, *, max_connections: int = 32):
@@ -91,21 +88,24 @@ class RedisConnection:
             self._schedule()
         await self._send(taken)
 
+    @staticmethod
+    def _queue(p, batch: Batch) -> None:
+        for name, args, kwargs in batch.commands:
+            getattr(p, name)(*args, **kwargs)
+
     async def _send(self, taken: list[tuple[Batch, asyncio.Future]]) -> None:
         p = self.redis.pipeline(transaction=False)
         good = []
         for batch, future in taken:  # a command redis-py refuses as written fails its batch alone
             try:
-                for name, args, kwargs in batch.commands:
-                    getattr(p, name)(*args, **kwargs)
+                self._queue(p, batch)
             except Exception as exc:
                 future.set_exception(exc)
-                p = self.redis.pipeline(transaction=False)  # without that batch's commands
+                p = self.redis.pipeline(transaction=False)  # again, without that batch (rare)
                 for b, _ in good:
-                    for name, args, kwargs in b.commands:
-                        getattr(p, name)(*args, **kwargs)
-                continue
-            good.append((batch, future))
+                    self._queue(p, b)
+            else:
+                good.append((batch, future))
         taken = good
         if not taken:
             return

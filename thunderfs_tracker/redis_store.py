@@ -68,7 +68,6 @@ def _node_parse(node_id: str, raw: bytes) -> NodeInfo:
 class RedisPeerStore:
     def __init__(self, conn: RedisConnection, *, node_ttl: float = 30.0, sample: int = 64):
         self.conn = conn
-        self._r = conn.redis
         self.call = conn.call
         self._ttl_ms = max(1000, int(node_ttl * 1000))
         self._sample = sample
