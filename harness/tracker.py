@@ -13,7 +13,13 @@ from harness.procs import stop_group
 
 
 class LocalTracker:
-    def __init__(self, state_dir: Path, *args: str, secret: bytes | None = None, host: str = "127.0.0.1"):
+    def __init__(self, state_dir: Path, *args: str, secret: bytes | None = None, host: str = "127.0.0.1",
+                 check_quiet: float | None = 0):
+        """``check_quiet``: the tracker's --check-quiet; 0 (the harness's default, not the
+        tracker's) checks a new image as soon as a node asks, so that a test or a bench waiting
+        for a built manifest does not wait for a quiet half minute; None: the tracker's default."""
+        if check_quiet is not None and "--check-quiet" not in args:
+            args = (*args, "--check-quiet", str(check_quiet))
         self.dir = Path(state_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.host, self.port = host, free_port(host)

@@ -119,13 +119,14 @@ def wait_for(pred, timeout=20, what="condition"):
 
 @pytest.fixture
 def make_cluster(tmp_path, glance, mounts):
-    """``make_cluster(netns=False, node_rate="200mbit", root_rate=None)`` -> (proxy, tracker, node):
+    """``make_cluster(netns=False, node_rate="200mbit", root_rate=None, tracker_args=())`` -> (proxy, tracker, node):
     Glance's counting proxy and a real tracker, and ``node(name, location, *args)`` starting a
     daemon, on loopback or each in its own network namespace on a bridge (links shaped with tbf;
     ``root_rate`` shapes the link of Glance and the tracker).  Everything stops at the end."""
     made_lans, stops = [], []
 
-    def make(netns: bool = False, node_rate: str = "200mbit", root_rate: str | None = None):
+    def make(netns: bool = False, node_rate: str = "200mbit", root_rate: str | None = None,
+             tracker_args: tuple[str, ...] = ()):
         lan = Lan().up() if netns else None
         if lan:
             made_lans.append((lan, []))
@@ -134,8 +135,9 @@ def make_cluster(tmp_path, glance, mounts):
         host = lan.root_addr if lan else "127.0.0.1"
         proxy = FaultProxy(glance.url, host=host).start()
         stops.append(proxy.stop)
-        tracker = LocalTracker(tmp_path / "tracker", "--glance", glance.url, "--heartbeat", "1", "--node-ttl", "5",
-                               secret=SECRET, host=host)
+        # The tracker reads Glance through the proxy too: what it seeds is counted at Glance.
+        tracker = LocalTracker(tmp_path / "tracker", "--glance", proxy.url, "--heartbeat", "1", "--node-ttl", "5",
+                               *tracker_args, secret=SECRET, host=host)
         tracker.start()
         stops.append(tracker.stop)
         secret = tmp_path / "secret"

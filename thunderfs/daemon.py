@@ -34,6 +34,7 @@ from thunderfs.cache.store import ChunkStore
 from thunderfs.config import MountConfig
 from thunderfs.errors import CacheLayoutError, ConfigError
 from thunderfs_common.glance import GlanceError
+from thunderfs_common.image import ImageMeta
 from thunderfs.fetch.fetcher import Fetcher
 from thunderfs.glance.auth import GlanceAuthError, KeystoneAuth, KeystoneDown
 from thunderfs.fetch.glance import GlanceSource
@@ -46,6 +47,7 @@ from thunderfs.fuse.state import SessionState
 from thunderfs_common.glance import GlanceClient
 from thunderfs.cluster.peer_server import PeerServer
 from thunderfs.fetch.peers import PeerSource
+from thunderfs.fetch.seed import SeedSource
 from thunderfs.profiles.control import ProfileControl
 from thunderfs.profiles.service import Profiles
 from thunderfs.fetch.reader import Readers
@@ -220,7 +222,16 @@ async def run(config: MountConfig, keystone: KeystoneSettings | None = None,
             if not saved and not index.used_bytes():
                 raise ConfigError(f"Glance at {glance_url} is unreachable ({exc}) and the cache "
                                   f"at {config.cache_dir} is empty: nothing to serve") from None
-        peers = peer_server = announcer = tracker = None
+        peers = seed = peer_server = announcer = tracker = None
+        ops = session = None
+
+        def _revoked(meta: ImageMeta) -> None:
+            """The tracker revoked the image's lazy manifest: what this node took under it goes,
+            from the cache and from the kernel's page cache."""
+            store.drop_image(meta.content_key)
+            if ops is not None:
+                ops.image_bytes_dropped(meta)
+
         if config.tracker:
             try:
                 secret = load_secret(config.secret_file) if config.secret_file else None
@@ -239,8 +250,10 @@ async def run(config: MountConfig, keystone: KeystoneSettings | None = None,
                 TrackerClient(config.tracker_urls, config.node_id, secret=secret, timeout=config.peer_timeout))
             peers = PeerSource(tracker, node_id=config.node_id, secret=secret, chunk_size=config.chunk_size,
                                timeout=config.peer_timeout, fetch_timeout=config.fetch_timeout,
-                               max_request_chunks=config.max_request // config.chunk_size, tracker_key=tracker_key)
+                               max_request_chunks=config.max_request // config.chunk_size, tracker_key=tracker_key,
+                               on_revoked=lambda meta, why: _revoked(meta))
             stack.push_async_callback(peers.aclose)
+            seed = SeedSource(tracker, peers.directory, chunk_size=config.chunk_size, timeout=config.peer_timeout)
             peer_server = PeerServer(store, secret=secret, max_uploads=config.max_uploads, rate=config.upload_rate)
             try:
                 bound = await peer_server.listen(*config.peer_address)
@@ -253,7 +266,7 @@ async def run(config: MountConfig, keystone: KeystoneSettings | None = None,
         glance = GlanceSource(origin, chunk_size=config.chunk_size, max_chunks=config.max_request // config.chunk_size,
                               fetch_timeout=config.fetch_timeout, concurrency=config.origin_concurrency,
                               rate=config.origin_rate)
-        fetcher = Fetcher(store, [peers, glance] if peers else [glance], fetch_timeout=config.fetch_timeout,
+        fetcher = Fetcher(store, [peers, seed, glance] if peers else [glance], fetch_timeout=config.fetch_timeout,
                           max_request=config.max_request, observe=metrics.observe if metrics else None,
                           bdp=glance.cost.bdp)
         profiles = Profiles(fetcher, tracker, chunk_size=config.chunk_size,
@@ -285,12 +298,11 @@ async def run(config: MountConfig, keystone: KeystoneSettings | None = None,
                 "profiles": profiles.statistics(),
                 "images": len(catalog.images),
                 "per_image": image_status.images(),
-                **({"peers": peers.statistics(), "peer_server": peer_server.statistics(),
+                **({"peers": {**peers.statistics(), **seed.statistics()}, "peer_server": peer_server.statistics(),
                     "announcer": announcer.statistics()} if peers else {}),
                 **({"nova": nova.statistics()} if nova else {}),
             }
 
-        ops = session = None
         owner = _image_owner(config)  # before the mount, as every start-up error
         if metrics is not None:  # before the mount: a port in use is a start-up error, not a crash loop
             metrics.start(*config.metrics_address)

@@ -4,7 +4,10 @@
     POST /v1/nodes/{node}/alive      a light heartbeat: alive, and as last announced
     POST /v1/nodes/{node}/chunks     the chunks it holds: full state, or batched deltas
     GET  /v1/images/{content}/peers?first=&last=&limit=   holders of chunks, nearest first
-    GET  /v1/manifests/{image}?chunk_size=N   sha256 per chunk, bound to Glance's hash (202 while built)
+    GET  /v1/manifests/{image}?chunk_size=N   sha256 per chunk, bound to Glance's hash (202 while built,
+                                     "lazy" while the seed's pieces stand in; 410: revoked)
+    GET  /v1/images/{image}/seed?chunk_size=&first=&count=&data=   a lazy image's chunks: a JSON piece
+                                     (their digests, proven) on one line, then their bytes
     POST /v1/images/{content}/claims   "I am about to fetch these from Glance": granted, or who has
     POST /v1/reports                 a member says a peer served a chunk that failed verification
     GET  /v1/profiles/{content}?chunk_size=N   an image's boot access profile (404: none yet)
@@ -29,6 +32,7 @@ from thunderfs_common.manifest_proof import ManifestProof
 from thunderfs_tracker import metrics, selection
 from thunderfs_tracker.config import TrackerConfig
 from thunderfs_tracker.manifests import ManifestStore, ManifestUnavailable
+from thunderfs_tracker.seed import Seed, SeedUnavailable
 from thunderfs_tracker.peer_store import NodeIdTaken, PeerStore, StoreFull, StoreUnavailable
 from thunderfs_tracker.profiles import ProfileStore
 from thunderfs_tracker.stores import open_stores
@@ -42,7 +46,9 @@ from thunderfs_tracker.protocol import (
     LookupReply,
     Recording,
     Report,
+    Revocation,
     MAX_CHUNKS,
+    MAX_PIECE_CHUNKS,
     NodeInfo,
     PeerRecord,
     ProtocolError,
@@ -257,7 +263,31 @@ async def manifest(request: web.Request) -> web.Response:
         raise _error(web.HTTPNotFound, str(exc)) from None
     if isinstance(m, str):
         return web.json_response({"status": m}, status=202)
+    if isinstance(m, Revocation):
+        return web.json_response({"error": m.why, "revoked": m.to_json()}, status=410)
     return web.json_response(m.to_json())
+
+
+async def seed(request: web.Request) -> web.Response:
+    """Chunks of an image whose manifest is not built yet, read from Glance once for all."""
+    manifests = request.app[MANIFESTS]
+    image = request.match_info["image"]
+    chunk_size = check_chunk_size(_query_int(request, "chunk_size", 1, 1 << 30))
+    first = _query_int(request, "first", 0, MAX_CHUNKS)
+    count = _query_int(request, "count", 1, MAX_PIECE_CHUNKS)
+    data = bool(_query_int(request, "data", 0, 1, default=1))
+    if manifests.seed is None:
+        raise _error(web.HTTPNotFound, "this tracker seeds no image (no --glance, or --seed-cache 0)")
+    if (r := manifests.revoked(image, chunk_size)) is not None:
+        raise _error(web.HTTPGone, f"image {image} is revoked: {r.why}")
+    try:
+        piece, body = await manifests.seed.read(image, chunk_size, first, count, data=data)
+    except SeedUnavailable as exc:
+        raise _error(web.HTTPServiceUnavailable if exc.transient else web.HTTPNotFound, str(exc)) from None
+    except ValueError as exc:
+        raise _error(web.HTTPBadRequest, str(exc)) from None
+    head = json.dumps(piece.to_json(), separators=(",", ":")).encode() + b"\n"
+    return web.Response(body=head + body if body is not None else head, content_type="application/octet-stream")
 
 
 async def get_profile(request: web.Request) -> web.Response:
@@ -285,7 +315,9 @@ async def stats(request: web.Request) -> web.Response:
     return web.json_response({**await request.app[STORE].statistics(), **request.app[STATS],
                               "requests": request.app[metrics.REQUESTS],
                               "epoch": await request.app[STORE].epoch(),
-                              "manifests": request.app[MANIFESTS].stats})
+                              "manifests": request.app[MANIFESTS].stats,
+                              **({"seed": request.app[MANIFESTS].seed.statistics()}
+                                 if request.app[MANIFESTS].seed is not None else {})})
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -303,6 +335,7 @@ def routes() -> list[web.RouteDef]:
         web.post(API + "/nodes/{node}/chunks", chunks),
         web.get(API + "/images/{content}/peers", peers),
         web.get(API + "/manifests/{image}", manifest),
+        web.get(API + "/images/{image}/seed", seed),
         web.post(API + "/reports", report),
         web.post(API + "/images/{content}/claims", claims),
         web.get(API + "/profiles/{content}", get_profile),
@@ -349,8 +382,13 @@ def create_app(config: TrackerConfig) -> web.Application:
     # 60 s of silence from Glance (not the whole stream) ends a manifest build.
     glance = GlanceClient(config.glance_url, request_timeout=60, connect_timeout=10,
                           auth=config.glance_auth) if config.glance_url else None
-    app[MANIFESTS] = ManifestStore(config.state_dir, glance, shared=stores.shared,
-                                   proof=config.manifest_proof or ManifestProof(secret=config.secret))
+    proof = config.manifest_proof or ManifestProof(secret=config.secret)
+    # The seed reads runs a node waits for: 10 s of silence from Glance fails the run (the node
+    # then reads Glance itself), not the 60 s a whole-image stream may pause.
+    seed = Seed(GlanceClient(config.glance_url, request_timeout=10, connect_timeout=5, auth=config.glance_auth),
+                proof, cache_bytes=config.seed_cache) if config.glance_url and config.seed_cache else None
+    app[MANIFESTS] = ManifestStore(config.state_dir, glance, shared=stores.shared, proof=proof, seed=seed,
+                                   check_quiet=config.check_quiet, check_rate=config.check_rate)
     if config.secret:
         app[VERIFIER] = Verifier(config.secret)
     app.add_routes(routes())

@@ -30,9 +30,12 @@ from thunderfs_tracker.protocol import (
     Manifest,
     NodeInfo,
     PeerRecord,
+    Piece,
     Profile,
+    ProtocolError,
     Recording,
     Report,
+    Revocation,
     chunks_to_bits,
     parse_epoch,
 )
@@ -49,9 +52,10 @@ class TrackerUnavailable(TrackerError):
 
 
 class TrackerRefused(TrackerError):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, body: dict | None = None):
         super().__init__(f"tracker refused ({status}): {message}")
         self.status = status
+        self.body = body or {}  # the answer's JSON, as far as it was JSON
 
 
 def split_urls(urls: str | list[str]) -> list[str]:
@@ -96,12 +100,13 @@ class TrackerClient:
     async def __aexit__(self, *exc) -> None:
         await self._client.aclose()
 
-    async def _call(self, method: str, path: str, body: dict | None = None) -> dict:
+    async def _call(self, method: str, path: str, body: dict | None = None, *, raw: bool = False,
+                    timeout: float | None = None):
         data = json.dumps(body).encode() if body is not None else b""
         failures: list[TrackerUnavailable] = []
         for i, url in enumerate(self._order()):
             try:
-                result = await self._call_one(url, method, path, data, body is not None)
+                result = await self._call_one(url, method, path, data, body is not None, raw, timeout)
             except TrackerUnavailable as exc:
                 failures.append(exc)
                 if self._resting.get(url, 0) <= time.monotonic() and len(self.urls) > 1:
@@ -114,10 +119,13 @@ class TrackerClient:
         # Chained to the last failure's cause: callers tell a slow tracker (a timeout) from a dead one.
         raise TrackerUnavailable("; ".join(map(str, failures))) from failures[-1].__cause__
 
-    async def _call_one(self, url: str, method: str, path: str, data: bytes, is_json: bool) -> dict:
+    async def _call_one(self, url: str, method: str, path: str, data: bytes, is_json: bool, raw: bool = False,
+                        timeout: float | None = None):
+        """The answer's JSON (``raw``: its bytes), once its signature checks."""
         headers = {"Content-Type": "application/json"} if is_json else {}
         try:
-            resp = await self._client.request(method, url + path, content=data, headers=headers)
+            extra = {"timeout": timeout} if timeout is not None else {}
+            resp = await self._client.request(method, url + path, content=data, headers=headers, **extra)
         except httpx.HTTPError as exc:
             raise TrackerUnavailable(f"tracker {url} unreachable: {exc}") from exc
         if self._secret is not None and not reply_is_signed(self._secret, resp.request.headers.get(H_NONCE, ""),
@@ -133,10 +141,13 @@ class TrackerClient:
             raise TrackerUnavailable(f"tracker {url} answered {resp.status_code}: {resp.text[:200]}")
         if resp.status_code >= 400:
             try:
-                message = resp.json().get("error", resp.text)
-            except ValueError:
-                message = resp.text
-            raise TrackerRefused(resp.status_code, message[:500])
+                answer = resp.json()
+                message = str(answer.get("error", resp.text))
+            except (ValueError, AttributeError):
+                answer, message = {}, resp.text
+            raise TrackerRefused(resp.status_code, message[:500], answer if isinstance(answer, dict) else {})
+        if raw:
+            return resp.content
         try:
             return resp.json()
         except ValueError:
@@ -167,10 +178,38 @@ class TrackerClient:
 
     async def manifest(self, image_id: str, chunk_size: int) -> Manifest | None:
         """The image's manifest, or None while the tracker is still building it."""
-        r = await self._call("GET", f"{API}/manifests/{image_id}?chunk_size={chunk_size}")
-        if r.get("status") == "building":
-            return None
+        m = await self.manifest_state(image_id, chunk_size)
+        if isinstance(m, Revocation):
+            raise TrackerRefused(410, m.why)
+        return m if isinstance(m, Manifest) else None
+
+    async def manifest_state(self, image_id: str, chunk_size: int) -> Manifest | Revocation | str:
+        """The image's manifest; or its revocation; or "lazy" (the seed's pieces stand in for
+        it meanwhile) or "building"."""
+        try:
+            r = await self._call("GET", f"{API}/manifests/{image_id}?chunk_size={chunk_size}")
+        except TrackerRefused as exc:
+            if exc.status == 410 and "revoked" in exc.body:
+                return Revocation.parse(exc.body["revoked"])
+            raise
+        if r.get("status") in ("building", "lazy"):
+            return r["status"]
         return Manifest.parse(r)
+
+    async def seed(self, image_id: str, chunk_size: int, first: int, count: int,
+                   *, data: bool = True, timeout: float | None = None) -> tuple[Piece, bytes]:
+        """A lazy image's chunks ``first..first+count-1`` from the tracker, which reads them from
+        Glance once for all askers: their piece (digests, proven) and (``data``) their bytes,
+        neither checked here."""
+        body = await self._call("GET", f"{API}/images/{image_id}/seed?chunk_size={chunk_size}&first={first}"
+                                       f"&count={count}&data={int(data)}", raw=True, timeout=timeout)
+        head, sep, rest = body.partition(b"\n")
+        try:
+            if not sep:
+                raise ValueError("no piece line")
+            return Piece.parse(json.loads(head)), rest
+        except (ValueError, ProtocolError) as exc:
+            raise TrackerUnavailable(f"the tracker's seed answer is malformed: {exc}") from None
 
     async def claim(self, content: str, nchunks: int,
                     chunks: list[int]) -> tuple[list[int], list[tuple[PeerRecord, list[int], bool]]]:

@@ -9,7 +9,7 @@ from pathlib import Path
 from thunderfs_common.hostport import parse_host_port
 from thunderfs_common.keystone import AsyncTokens
 from thunderfs_common.manifest_proof import ManifestProof
-from thunderfs_common.options import http_url, option, positive
+from thunderfs_common.options import http_url, not_negative, option, positive, size
 
 
 def _listen(value) -> tuple[str, int]:
@@ -34,6 +34,14 @@ class TrackerConfig:
     manifest_key: Path | None = option(None, "an Ed25519 private key (PEM) that signs every manifest: nodes given its "
                                        "public key (--tracker-public-key) take no manifest it did not sign (default: "
                                        "manifests proven with a MAC under the secret)")
+    seed_cache: int = option(256 * 2**20, "memory for chunks of images not yet checked, served to the nodes that "
+                             "fetch them first (the tracker seeds a new image, reading each chunk from Glance "
+                             "once); 0: no seed, a manifest is built from the whole image before peers trade it",
+                             parse=size, check=not_negative)
+    check_quiet: float = option(30.0, "seconds without a seed read of a new image before its whole-image check "
+                                "starts (a storm's reads are not slowed by it)", check=not_negative)
+    check_rate: int = option(64 * 2**20, "bytes/s at most for a new image's whole-image check", parse=size,
+                             check=positive)
     store: str = option("memory", "where peer state and boot profiles live: memory (one tracker) or "
                         "redis://HOST:PORT/DB (shared by tracker replicas)", parse=_store)
     node_ttl: float = option(30.0, "seconds after which a silent node expires", check=positive)

@@ -5,9 +5,19 @@ every chunk with sha256 and the whole image with Glance's own algorithm, and pub
 manifest only if that whole-image hash equals Glance's ``os_hash_value``.  A node accepts a
 peer's chunk only if it matches.  Manifests are kept in the state dir and survive restarts.
 
+With a seed (``seed``), an image nobody has asked for yet is *lazy* first: the first ask answers
+"lazy" at once, and nodes trade chunks under the seed's pieces (``seed.py``) while the build, the
+whole-image check, waits until nobody has asked the seed for the image for ``check_quiet``
+seconds (a boot storm's reads are not slowed by it; at the latest after ``CHECK_LATEST``), then
+streams it at ``check_rate`` bytes/s at most.  It also compares every chunk with what the pieces
+said.  A mismatch of either kind *revokes* the image: every ask is then answered with a
+``Revocation`` under the tracker's proof, and nodes drop every chunk they took under its pieces.
+A later build that passes (tried again after the usual backoff) lifts it.
+
 With replicas (``shared``: the Redis of the peer store), a built manifest is also put in Redis
 (``tf:m:<image>:<chunk size>``), so that every replica answers the same, and one replica builds
-it while the others say "building" (a lock key, ``tf:mb:...``, that expires if its builder dies).
+it while the others say "building" (a lock key, ``tf:mb:...``, that expires if its builder dies);
+a revocation is shared the same way (``tf:mr:...``).
 """
 
 from __future__ import annotations
@@ -26,8 +36,9 @@ from pathlib import Path
 
 from thunderfs_common.glance import GlanceClient
 from thunderfs_common.manifest_proof import ManifestProof
-from thunderfs_tracker.protocol import Manifest, ProtocolError
+from thunderfs_tracker.protocol import Manifest, ProtocolError, Revocation
 from thunderfs_tracker.redis_conn import RedisConnection
+from thunderfs_tracker.seed import Seed, SeedUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -38,17 +49,26 @@ class ManifestUnavailable(Exception):
     """No manifest can be built (no Glance configured, image unknown, or its bytes do not match)."""
 
 
+class Mismatch(ManifestUnavailable):
+    """Glance's bytes are not the image its hash names: the image is revoked."""
+
+
 # A failed build is tried again on the first ask after this many seconds, doubling per failure.
 RETRY_FIRST = 10.0
 RETRY_MAX = 900.0
+# A lazy image's whole-image check starts at the latest this long after its first ask, quiet or not.
+CHECK_LATEST = 600.0
+CHECK_POLL = 1.0  # how often a waiting check looks whether the image is quiet
 
 
 class ManifestStore:
     def __init__(self, state_dir: Path, glance: GlanceClient | None, *, keep_in_memory: int = 64,
                  shared: RedisConnection | None = None, proof: ManifestProof | None = None,
+                 seed: Seed | None = None, check_quiet: float = 30.0, check_rate: float = 64 * 2**20,
                  clock: Callable[[], float] = time.monotonic):
         """``glance``: the client to read images with (closed with the store), or None (no
-        manifests: nodes then read from Glance only)."""
+        manifests: nodes then read from Glance only).  ``seed``: images are lazy until checked
+        (``check_quiet`` seconds after the seed's last read, at ``check_rate`` bytes/s)."""
         self._dir = state_dir / "manifests"
         self._dir.mkdir(parents=True, exist_ok=True)
         self._glance = glance
@@ -60,14 +80,22 @@ class ManifestStore:
         self._clock = clock
         self._shared = shared  # the replicas' Redis (manifests built once for all), or None
         self._proof = proof or ManifestProof()  # signs what it builds, checks what it loads
-        self.stats = {"built": 0, "failed": 0, "bytes_read": 0, "proof_failures": 0}
+        self.seed = seed
+        if seed is not None:
+            seed.on_mismatch = self.revoke
+        self._check_quiet = check_quiet
+        self._check_rate = check_rate
+        self._revoked: dict[tuple[str, int], Revocation] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self.stats = {"built": 0, "failed": 0, "bytes_read": 0, "proof_failures": 0, "revoked": 0}
 
     def _path(self, image_id: str, chunk_size: int) -> Path:
         return self._dir / f"{image_id}-{chunk_size}.json"
 
-    async def get(self, image_id: str, chunk_size: int) -> Manifest | str:
-        """The manifest, or a word on where it stands: 'building', or why it failed.  Asking
-        starts the build (the first ask for an image pays for the one stream from Glance)."""
+    async def get(self, image_id: str, chunk_size: int) -> Manifest | Revocation | str:
+        """The manifest, its revocation, or a word on where it stands: 'lazy' (nodes may use the
+        seed's pieces meanwhile) or 'building'.  Asking starts the build (the first ask for an
+        image pays for the one stream from Glance, or with a seed, schedules the check)."""
         if not _IMAGE_ID.match(image_id):
             raise ManifestUnavailable("not an image id")
         key = (image_id, chunk_size)
@@ -82,28 +110,90 @@ class ManifestStore:
                 self._remember(key, m)
                 return m
             path.unlink(missing_ok=True)
+        revoked = self.revoked(image_id, chunk_size)
         if key in self._failed:
             why, retry_at, _ = self._failed[key]
             left = retry_at - self._clock()
             if left > 0:
+                if revoked is not None:
+                    return revoked
                 raise ManifestUnavailable(f"{why} (tried again in {left:.0f}s)")
         if self._glance is None:
             raise ManifestUnavailable("the tracker has no --glance to build manifests from")
+        lazy = self.seed is not None and revoked is None
+        pending = revoked or ("lazy" if lazy else "building")
         if key in self._building:
-            return "building"
+            return pending
         if self._shared is not None:
             raw = await self._shared.call(self._shared.redis.get(f"tf:m:{image_id}:{chunk_size}"))
             m = self._trusted(raw, "Redis") if raw is not None else None
             if m is not None:
                 self._save(key, m)
                 return m
+            raw = await self._shared.call(self._shared.redis.get(f"tf:mr:{image_id}:{chunk_size}"))
+            if raw is not None and (r := self._trusted_revocation(raw)) is not None:
+                self._revoked[key] = r
+                return r
             # None there (or one whose proof fails): one replica builds it, under a lock.
             mine = await self._shared.call(self._shared.redis.set(f"tf:mb:{image_id}:{chunk_size}", "1",
-                                                                 nx=True, ex=600))
+                                                                 nx=True, ex=int(CHECK_LATEST) + 600))
             if not mine:
-                return "building"  # another replica is building it
-        self._building[key] = asyncio.create_task(self._build(image_id, chunk_size))
-        return "building"
+                return pending  # another replica is building it
+        if lazy:
+            try:
+                await self.seed.meta(image_id)
+            except SeedUnavailable as exc:
+                if self._shared is not None:
+                    await self._shared.call(self._shared.redis.delete(f"tf:mb:{image_id}:{chunk_size}"))
+                raise ManifestUnavailable(str(exc)) from None
+        self._building[key] = asyncio.create_task(self._build(image_id, chunk_size, lazy))
+        return pending
+
+    def revoked(self, image_id: str, chunk_size: int) -> Revocation | None:
+        """The image's revocation, if its check failed (kept in the state dir)."""
+        key = (image_id, chunk_size)
+        if key not in self._revoked:
+            path = self._path(image_id, chunk_size).with_suffix(".revoked")
+            if path.exists() and (r := self._trusted_revocation(path.read_bytes())) is not None:
+                self._revoked[key] = r
+        return self._revoked.get(key)
+
+    def revoke(self, image_id: str, chunk_size: int, why: str) -> Revocation:
+        """Withdraw the image's lazy manifest: every node that asks is told, with the proof."""
+        key = (image_id, chunk_size)
+        listed = self.seed.listed(image_id) if self.seed is not None else None
+        if self.seed is not None:
+            self.seed.forget(image_id, chunk_size)
+        r = Revocation(image_id, chunk_size, (listed.os_hash_value or "") if listed else "", why)
+        r = dataclasses.replace(r, proof=self._proof.make(r.signed_bytes()))
+        self._revoked[key] = r
+        raw = json.dumps(r.to_json())
+        path = self._path(image_id, chunk_size).with_suffix(".revoked")
+        path.with_suffix(".tmp").write_text(raw)
+        path.with_suffix(".tmp").replace(path)
+        self.stats["revoked"] += 1
+        log.error("image %s revoked: %s; nodes drop every chunk they took under its pieces", image_id, why)
+        if self._shared is not None:
+            task = asyncio.get_running_loop().create_task(self._share_revocation(key, raw))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return r
+
+    async def _share_revocation(self, key: tuple[str, int], raw: str) -> None:
+        try:
+            await self._shared.redis.set(f"tf:mr:{key[0]}:{key[1]}", raw)
+        except Exception as exc:  # the other replicas learn it when their own check fails
+            log.warning("could not share the revocation of %s in Redis: %s", key[0], exc)
+
+    def _trusted_revocation(self, raw: bytes | str) -> Revocation | None:
+        try:
+            r = Revocation.parse(json.loads(raw))
+        except (ValueError, ProtocolError):
+            return None
+        if not self._proof.holds(r.signed_bytes(), r.proof):
+            self.stats["proof_failures"] += 1
+            return None
+        return r
 
     def _trusted(self, raw: bytes, where: str) -> Manifest | None:
         """A stored manifest if it parses and its proof holds (whoever could write the file or
@@ -131,10 +221,21 @@ class ManifestStore:
         while len(self._memory) > self._keep:
             self._memory.popitem(last=False)
 
-    async def _build(self, image_id: str, chunk_size: int) -> None:
+    async def _build(self, image_id: str, chunk_size: int, lazy: bool = False) -> None:
         key = (image_id, chunk_size)
         try:
-            m = await self._stream(image_id, chunk_size)
+            if lazy:  # nodes read through the seed meanwhile: the check waits for a quiet moment
+                asked = self._clock()
+                latest = asked + CHECK_LATEST
+                while (min(self.seed.quiet_for(image_id, chunk_size), self._clock() - asked) < self._check_quiet
+                       and self._clock() < latest):
+                    await asyncio.sleep(min(CHECK_POLL, self._check_quiet))
+            m = await self._stream(image_id, chunk_size, self._check_rate if lazy else 0)
+            if self.seed is not None:
+                for c, said in sorted(self.seed.known(image_id, chunk_size).items()):
+                    if c >= m.nchunks or m.digest(c) != said:
+                        raise Mismatch(f"chunk {c} of {image_id} read again differs from the piece the seed "
+                                       f"served: Glance changed the image under its id")
             m = dataclasses.replace(m, proof=self._proof.make(m.signed_bytes()))
         except Exception as exc:  # recorded and told to every asker, not raised into the loop
             why = f"building the manifest of {image_id} failed: {exc}"
@@ -143,12 +244,20 @@ class ManifestStore:
             log.warning("%s; trying again on an ask after %.0fs", why, wait)
             self._failed[key] = (why, self._clock() + wait, failures)
             self.stats["failed"] += 1
+            if isinstance(exc, Mismatch) and self.seed is not None and (lazy or self.seed.known(*key)):
+                self.revoke(image_id, chunk_size, str(exc))
         else:
             self._failed.pop(key, None)
             self._save(key, m)
+            if self._revoked.pop(key, None) is not None:
+                self._path(image_id, chunk_size).with_suffix(".revoked").unlink(missing_ok=True)
+                log.warning("image %s: its manifest now checks against Glance; its revocation is lifted", image_id)
+            if self.seed is not None:
+                self.seed.forget(image_id, chunk_size)
             if self._shared is not None:
                 try:
                     await self._shared.redis.set(f"tf:m:{image_id}:{chunk_size}", json.dumps(m.to_json()))
+                    await self._shared.redis.delete(f"tf:mr:{image_id}:{chunk_size}")
                 except Exception as exc:  # the others build it themselves
                     log.warning("could not share the manifest of %s in Redis: %s", image_id, exc)
             self.stats["built"] += 1
@@ -162,7 +271,7 @@ class ManifestStore:
                 except Exception:
                     pass  # it expires
 
-    async def _stream(self, image_id: str, chunk_size: int) -> Manifest:
+    async def _stream(self, image_id: str, chunk_size: int, rate: float = 0) -> Manifest:
         meta = await self._glance.image(image_id)
         if meta.status != "active" or not meta.os_hash_value:
             raise ManifestUnavailable(f"image is {meta.status} with no os_hash_value")
@@ -171,9 +280,12 @@ class ManifestStore:
         digests = bytearray()
         pending = bytearray()
         total = 0
+        started = self._clock()
         async for piece in self._glance.stream(image_id):
             whole.update(piece)
             total += len(piece)
+            if rate > 0 and (ahead := total / rate - (self._clock() - started)) > 0:
+                await asyncio.sleep(ahead)  # the background check at a capped rate
             pending += piece
             while len(pending) >= chunk_size:
                 digests += hashlib.sha256(pending[:chunk_size]).digest()
@@ -182,13 +294,15 @@ class ManifestStore:
             digests += hashlib.sha256(pending).digest()
         self.stats["bytes_read"] += total
         if total != size:
-            raise ManifestUnavailable(f"Glance sent {total} bytes of a {size}-byte image")
+            raise Mismatch(f"Glance sent {total} bytes of a {size}-byte image")
         if whole.hexdigest() != expected:
-            raise ManifestUnavailable(f"the image's {algo} does not match Glance's os_hash_value: not published")
+            raise Mismatch(f"the image's {algo} does not match Glance's os_hash_value: not published")
         return Manifest(image_id, size, chunk_size, algo, expected, bytes(digests))
 
     async def close(self) -> None:
-        for task in self._building.values():
+        for task in [*self._building.values(), *self._tasks]:
             task.cancel()
         if self._glance is not None:
             await self._glance.aclose()
+        if self.seed is not None:
+            await self.seed.aclose()

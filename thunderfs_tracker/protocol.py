@@ -404,6 +404,90 @@ class Manifest:
         return m
 
 
+MAX_PIECE_CHUNKS = 256  # chunks of one seed read or one piece of a lazy manifest
+
+
+@dataclass(frozen=True)
+class Piece:
+    """The sha256 of chunks ``first..`` of one image, which the tracker read from Glance before it
+    has checked the whole image against ``os_hash_value``: a part of a lazy manifest, proven like
+    a manifest (``kind`` "piece" in what the proof covers: neither passes for the other)."""
+
+    image_id: str
+    size: int
+    chunk_size: int
+    os_hash_algo: str
+    os_hash_value: str
+    first: int
+    digests: bytes
+    proof: bytes = b""
+
+    @property
+    def count(self) -> int:
+        return len(self.digests) // DIGEST
+
+    def signed_bytes(self) -> bytes:
+        body = {k: v for k, v in self.to_json().items() if k != "proof"}
+        return json.dumps({**body, "kind": "piece"}, sort_keys=True, separators=(",", ":")).encode()
+
+    def digest(self, chunk: int) -> bytes:
+        i = chunk - self.first
+        return self.digests[i * DIGEST:(i + 1) * DIGEST]
+
+    def to_json(self) -> dict:
+        return {"image_id": self.image_id, "size": self.size, "chunk_size": self.chunk_size,
+                "os_hash_algo": self.os_hash_algo, "os_hash_value": self.os_hash_value, "first": self.first,
+                "sha256": base64.b64encode(self.digests).decode(),
+                **({"proof": base64.b64encode(self.proof).decode()} if self.proof else {})}
+
+    @classmethod
+    def parse(cls, obj) -> "Piece":
+        if not isinstance(obj, dict):
+            raise ProtocolError("a piece must be a JSON object")
+        try:
+            p = cls(str(obj["image_id"]), int(obj["size"]), check_chunk_size(int(obj["chunk_size"])),
+                    str(obj["os_hash_algo"]), str(obj["os_hash_value"]), int(obj["first"]),
+                    base64.b64decode(obj["sha256"], validate=True),
+                    base64.b64decode(obj.get("proof", ""), validate=True))
+        except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+            raise ProtocolError(f"malformed piece: {exc}") from None
+        nchunks = max(1, -(-p.size // p.chunk_size))
+        if (len(p.digests) % DIGEST or not 0 < p.count <= MAX_PIECE_CHUNKS or p.first < 0
+                or p.first + p.count > nchunks):
+            raise ProtocolError(f"a piece of {len(p.digests)} digest bytes from chunk {p.first} does not fit "
+                                f"{nchunks} chunks")
+        return p
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """The tracker's word that an image's lazy manifest is withdrawn: its whole-image check failed
+    (Glance's bytes do not hash to ``os_hash_value``, or differ from what the pieces said), so
+    every chunk a node took under it is dropped.  Proven like a manifest (``kind`` "revoked")."""
+
+    image_id: str
+    chunk_size: int
+    os_hash_value: str
+    why: str
+    proof: bytes = b""
+
+    def signed_bytes(self) -> bytes:
+        body = {k: v for k, v in self.to_json().items() if k != "proof"}
+        return json.dumps({**body, "kind": "revoked"}, sort_keys=True, separators=(",", ":")).encode()
+
+    def to_json(self) -> dict:
+        return {"image_id": self.image_id, "chunk_size": self.chunk_size, "os_hash_value": self.os_hash_value,
+                "why": self.why, **({"proof": base64.b64encode(self.proof).decode()} if self.proof else {})}
+
+    @classmethod
+    def parse(cls, obj) -> "Revocation":
+        try:
+            return cls(str(obj["image_id"]), check_chunk_size(int(obj["chunk_size"])), str(obj["os_hash_value"]),
+                       str(obj["why"])[:500], base64.b64decode(obj.get("proof", ""), validate=True))
+        except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+            raise ProtocolError(f"malformed revocation: {exc}") from None
+
+
 MAX_PROFILE_MS = 3_600_000   # first touches recorded up to an hour after the open
 MAX_PROFILE_CHUNKS = 200_000  # 12 GiB of 64 KiB chunks read while booting: more is not a boot
 

@@ -13,11 +13,12 @@ import trio
 
 from fakes import CS, meta_of, pattern
 from thunderfs.fetch import peers
+from thunderfs.fetch.peer_directory import LAZY_RECHECK
 from thunderfs.fetch.peers import PeerSource
 from thunderfs.fetch.slots import DEMAND, PREFETCH, READAHEAD
 from thunderfs.fetch.source import Urgency, Want
 from thunderfs_tracker.client import TrackerUnavailable
-from thunderfs_tracker.protocol import Manifest, PeerRecord
+from thunderfs_tracker.protocol import Manifest, PeerRecord, Piece, Revocation
 
 DATA = pattern(32 * CS)
 META = meta_of(DATA)
@@ -26,6 +27,11 @@ META = meta_of(DATA)
 def manifest_of(data=DATA, meta=META) -> Manifest:
     digests = b"".join(hashlib.sha256(data[i:i + CS]).digest() for i in range(0, len(data), CS))
     return Manifest(meta.id, len(data), CS, "sha512", meta.os_hash_value, digests)
+
+
+def piece_of(first: int, count: int, data=DATA) -> Piece:
+    digests = b"".join(hashlib.sha256(data[c * CS:(c + 1) * CS]).digest() for c in range(first, first + count))
+    return Piece(META.id, len(DATA), CS, "sha512", META.os_hash_value, first, digests)
 
 
 def peer(name: str, chunks) -> PeerRecord:
@@ -38,7 +44,8 @@ class FakeTracker:
         self.holders = list(holders)
         self.granted = granted  # None: everything asked
         self.claimed = list(claimed)
-        self.calls = {"manifest": 0, "lookup": 0, "claim": 0, "stats": 0}
+        self.calls = {"manifest": 0, "lookup": 0, "claim": 0, "stats": 0, "seed": 0}
+        self.read_glance: set[int] = set()  # lazy: the chunks the tracker read (its pieces cover)
         self.hung = False  # answers nothing (a stopped tracker)
         self.reports = []
         self.down = False
@@ -61,6 +68,16 @@ class FakeTracker:
     async def manifest(self, image_id, chunk_size):
         await self._call("manifest")
         return self._manifest
+
+    async def manifest_state(self, image_id, chunk_size):
+        m = await self.manifest(image_id, chunk_size)
+        return "building" if m is None else m
+
+    async def seed(self, image_id, chunk_size, first, count, *, data=True, timeout=None):
+        """A seeding tracker: the bytes of DATA and their piece (what ``piece_of`` makes)."""
+        await self._call("seed")
+        self.read_glance.update(range(first, first + count))
+        return piece_of(first, count), (DATA[first * CS:(first + count) * CS] if data else b"")
 
     async def lookup(self, content, first, last):
         await self._call("lookup")
@@ -411,3 +428,97 @@ async def test_chunks_planned_from_a_node_that_failed_since_are_claimed_again_no
     sink = Sink()
     assert await src.fetch(want(store, [2, 3], PREFETCH), sink) == []
     assert sink.passed == [2, 3] and trio.current_time() - started < 1  # claimed anew, granted
+
+
+# --- a lazy manifest: the tracker seeds the image ------------------------------------------------
+
+
+def seed_source(src):
+    from thunderfs.fetch.seed import SeedSource
+    return SeedSource(src._tracker, src.directory, chunk_size=CS, timeout=1.0)
+
+
+async def test_while_the_tracker_seeds_an_image_peers_bytes_are_checked_against_its_pieces(store):
+    tracker = FakeTracker("lazy", [peer("a", range(8))])
+    src, sink = source_of(tracker, Peers()), Sink()
+    assert await src.fetch(want(store, range(8)), sink) == []
+    assert right(sink, range(8)) and src.statistics()["chunks"] == 8
+    assert tracker.calls["seed"] == 1 and src.statistics()["pieces"] == 1  # the digests alone, asked once
+    assert src.directory.statistics()["lazy_manifests"] == 1
+
+
+async def test_a_lying_peer_is_caught_by_the_trackers_pieces_too(store):
+    tracker = FakeTracker("lazy", [peer("liar", range(4)), peer("good", range(4))])
+    src, sink = source_of(tracker, Peers(liar="lie")), Sink()
+    assert await src.fetch(want(store, range(4)), sink) == []
+    assert right(sink, range(4)) and tracker.reports == [("liar", 0)]
+
+
+async def test_peer_bytes_no_piece_can_check_are_not_used(store):
+    tracker = FakeTracker("lazy", [peer("a", range(4))])
+
+    async def no_piece(*args, **kw):
+        raise TrackerUnavailable("no piece")
+
+    tracker.seed = no_piece
+    src, sink = source_of(tracker, Peers()), Sink()
+    assert await src.fetch(want(store, range(4)), sink) == []
+    assert sink.got == {} and sink.passed == [0, 1, 2, 3] and src.statistics()["unchecked_dropped"] == 1
+
+
+async def test_granted_chunks_of_a_seeded_image_come_from_the_tracker_checked(store):
+    tracker = FakeTracker("lazy", holders=[])
+    src = source_of(tracker, Peers())
+    seed, sink = seed_source(src), Sink()
+    assert await src.directory.manifest(META) is not None
+    assert await seed.fetch(want(store, range(3, 7)), sink) == []
+    assert right(sink, range(3, 7)) and tracker.read_glance == {3, 4, 5, 6}
+    assert src.directory.manifest_nowait(META).unknown(3, 4) == []  # they check peers' bytes later
+
+
+async def test_a_seed_answer_that_does_not_match_its_piece_goes_to_glance(store):
+    tracker = FakeTracker("lazy", holders=[])
+    real = tracker.seed
+
+    async def corrupt(*args, **kw):
+        piece, data = await real(*args, **kw)
+        return piece, bytes(len(data))
+
+    tracker.seed = corrupt
+    src = source_of(tracker, Peers())
+    seed, sink = seed_source(src), Sink()
+    await src.directory.manifest(META)
+    assert await seed.fetch(want(store, range(2)), sink) == [0, 1] and sink.got == {}
+
+
+async def test_a_piece_of_another_image_or_unproven_is_refused(store):
+    tracker = FakeTracker("lazy", holders=[])
+    src = source_of(tracker, Peers())
+    await src.directory.manifest(META)
+    other = Piece("another", len(DATA), CS, "sha512", META.os_hash_value, 0, bytes(32))
+    assert not src.directory.add_piece(META, other)
+    assert src.directory.manifest_nowait(META).unknown(0, 1) == [0]
+
+
+async def test_without_a_lazy_manifest_the_seed_passes_everything_to_glance(store):
+    tracker = FakeTracker(manifest_of(), holders=[])
+    src = source_of(tracker, Peers())
+    await src.directory.manifest(META)
+    assert await seed_source(src).fetch(want(store, range(4)), Sink()) == [0, 1, 2, 3]
+    assert tracker.calls["seed"] == 0
+
+
+async def test_a_revocation_drops_the_lazy_manifest_and_is_told_once(store, autojump_clock):
+    revoked = []
+    tracker = FakeTracker("lazy", holders=[])
+    src = PeerSource(tracker, node_id="me", secret=None, chunk_size=CS, timeout=1.0,
+                     on_revoked=lambda meta, why: revoked.append((meta.id, why)),
+                     transport=httpx.MockTransport(Peers()))
+    assert await src.directory.manifest(META) is not None
+    tracker._manifest = Revocation(META.id, CS, META.os_hash_value, "the whole image does not match")
+    for _ in range(3):
+        await trio.sleep(LAZY_RECHECK + 1)
+        assert await src.directory.manifest(META) is None
+    assert revoked == [(META.id, "the whole image does not match")]
+    # A revocation of another image's bytes is not this one's.
+    assert src.directory.statistics()["revocations"] == 1

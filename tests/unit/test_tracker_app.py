@@ -20,7 +20,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from thunderfs_tracker.app import create_app
 from thunderfs_tracker.config import TrackerConfig
 from thunderfs_tracker.profiles import FileProfileStore, merge
-from thunderfs_tracker.protocol import ChunkUpdate, Manifest, NodeInfo, ProtocolError, bits_to_ranges, ranges_to_bits
+from thunderfs_tracker.protocol import (ChunkUpdate, Manifest, NodeInfo, Piece, ProtocolError, Revocation,
+                                       bits_to_ranges, ranges_to_bits)
 from thunderfs_tracker.selection import rank
 from thunderfs_common.signing import H_NODE, H_NONCE, H_SIG, H_TIME, reply_is_signed, sign
 
@@ -469,7 +470,7 @@ def test_a_node_with_the_trackers_key_refuses_a_manifest_the_key_did_not_sign(ca
     class Tracker:
         manifest_now = bare
 
-        async def manifest(self, image_id, chunk_size):
+        async def manifest_state(self, image_id, chunk_size):
             return self.manifest_now
 
     async def main():
@@ -483,6 +484,24 @@ def test_a_node_with_the_trackers_key_refuses_a_manifest_the_key_did_not_sign(ca
         tracker.manifest_now = dataclasses.replace(bare, proof=tracker_key.sign(bare.signed_bytes()))
         d = PeerDirectory(tracker, chunk_size=CHUNK, tracker_key=tracker_key.public_key())
         assert await d.manifest(meta) == tracker.manifest_now
+        # While the tracker seeds the image: only pieces and revocations the key signed count.
+        revoked = []
+        tracker.manifest_now = "lazy"
+        d = PeerDirectory(tracker, chunk_size=CHUNK, tracker_key=tracker_key.public_key(),
+                          on_revoked=lambda m, why: revoked.append(why))
+        lazy = await d.manifest(meta)
+        piece = Piece(meta.id, len(data), CHUNK, "sha512", meta.os_hash_value, 0, digests)
+        assert not d.add_piece(meta, dataclasses.replace(piece, proof=member_key.sign(piece.signed_bytes())))
+        assert lazy.unknown(0, 2) == [0, 1]
+        # A manifest's proof does not pass for a piece's, nor the other way round.
+        assert not d.add_piece(meta, dataclasses.replace(piece, proof=tracker_key.sign(bare.signed_bytes())))
+        assert d.add_piece(meta, dataclasses.replace(piece, proof=tracker_key.sign(piece.signed_bytes())))
+        assert lazy.unknown(0, 2) == [] and lazy.digest(1) == digests[32:]
+        r = Revocation(meta.id, CHUNK, meta.os_hash_value, "forged")
+        d._revoke(meta, dataclasses.replace(r, proof=member_key.sign(r.signed_bytes())))
+        assert revoked == [] and d.manifest_nowait(meta) is lazy
+        d._revoke(meta, dataclasses.replace(r, proof=tracker_key.sign(r.signed_bytes())))
+        assert revoked == ["forged"] and d.manifest_nowait(meta) is None
     trio.run(main)
     assert "not signed by the tracker's key" in caplog.text
 
@@ -512,3 +531,74 @@ def test_stats_count_each_routes_requests_and_a_light_heartbeat_keeps_an_announc
         assert r["requests"]["/v1/nodes/{node}/alive"] == 4  # the one refused before its handler: not
         assert r["requests"]["/v1/nodes/{node}/announce"] == 1
     with_client(tmp_path, body)
+
+
+def test_a_new_image_is_seeded_from_one_read_of_glance_then_checked_whole_or_revoked(tmp_path, monkeypatch):
+    """The seed reads each chunk from Glance once however many ask at once, vouches for it with a
+    proven piece, and serves later askers from memory; the whole-image check waits for quiet, then
+    publishes the manifest, or revokes the image when Glance's bytes changed under its id."""
+    from fakes import FakeGlance, pattern
+    from thunderfs_common.glance import GlanceClient
+    from thunderfs_common.manifest_proof import ManifestProof
+    from thunderfs_tracker import manifests
+    from thunderfs_tracker.manifests import ManifestStore
+    from thunderfs_tracker.seed import Seed, SeedUnavailable
+
+    monkeypatch.setattr(manifests, "CHECK_POLL", 0.01)
+
+    data = pattern(6 * CHUNK + 10)
+    image_id = "6b0c1f44-0000-4d1e-9a57-1e3f0c5a9b23"
+    record = {"id": image_id, "status": "active", "size": len(data), "os_hash_algo": "sha512",
+              "os_hash_value": hashlib.sha512(data).hexdigest()}
+    proof = ManifestProof(secret=b"s" * 32)
+
+    def digest(c, d=data):
+        return hashlib.sha256(d[c * CHUNK:(c + 1) * CHUNK]).digest()
+
+    async def scenario(change_glance: bool):
+        glance = FakeGlance(data, records=[record])
+        now = [0.0]
+        seed = Seed(GlanceClient("http://glance", transport=httpx.MockTransport(glance)), proof,
+                    clock=lambda: now[0])
+        store = ManifestStore(tmp_path / str(change_glance), GlanceClient(
+            "http://glance", transport=httpx.MockTransport(glance)), proof=proof, seed=seed, check_quiet=5,
+            clock=lambda: now[0])
+        try:
+            assert await store.get(image_id, CHUNK) == "lazy"
+            # Three nodes ask for overlapping runs at once: Glance is read once per chunk.
+            got = await asyncio.gather(seed.read(image_id, CHUNK, 0, 4, data=True),
+                                       seed.read(image_id, CHUNK, 2, 4, data=True),
+                                       seed.read(image_id, CHUNK, 2, 2, data=False))
+            assert sorted(glance.ranges) == [(0, 4 * CHUNK), (4 * CHUNK, 6 * CHUNK)]
+            (p0, b0), (p2, b2), (p3, none) = got
+            assert b0 == data[:4 * CHUNK] and b2 == data[2 * CHUNK:6 * CHUNK] and none is None
+            assert p2.first == 2 and [p2.digest(c) for c in range(2, 6)] == [digest(c) for c in range(2, 6)]
+            assert proof.holds(p3.signed_bytes(), p3.proof) and not proof.holds(p3.signed_bytes(), b"x" * 32)
+            assert (await seed.read(image_id, CHUNK, 0, 2, data=True))[1] == data[:2 * CHUNK]
+            assert len(glance.ranges) == 2 and seed.stats["cache_hits"] >= 2  # from memory
+            with pytest.raises(ValueError):
+                await seed.read(image_id, CHUNK, 5, 3, data=True)  # past the image's end
+            with pytest.raises(SeedUnavailable):
+                await seed.read("6b0c1f44-0000-4d1e-9a57-000000000000", CHUNK, 0, 1, data=True)
+            if change_glance:  # the same id now serves other bytes
+                glance.data = bytes(len(data))
+            await asyncio.sleep(0.05)
+            assert await store.get(image_id, CHUNK) == "lazy"  # not quiet yet: no check
+            assert store.stats["bytes_read"] == 0
+            now[0] += 6
+            for _ in range(300):
+                m = await store.get(image_id, CHUNK)
+                if m != "lazy":
+                    return m, store
+                await asyncio.sleep(0.01)
+            raise AssertionError("the check never ended")
+        finally:
+            await store.close()
+
+    m, store = asyncio.run(scenario(False))
+    assert isinstance(m, Manifest) and m.digest(5) == digest(5) and store.stats["bytes_read"] == len(data)
+    r, store = asyncio.run(scenario(True))
+    assert isinstance(r, Revocation) and r.image_id == image_id and proof.holds(r.signed_bytes(), r.proof)
+    assert "does not match Glance's os_hash_value" in r.why and store.stats["revoked"] == 1
+    # The revocation is kept across a restart (the state dir), its proof checked.
+    assert ManifestStore(tmp_path / "True", None, proof=proof).revoked(image_id, CHUNK) == r

@@ -133,7 +133,7 @@ class ImageData:
         self.touched: dict[int, int] = {}  # chunk -> when it was last read (ms), until the next flush
         self.sealed = 0  # holders that need the data file whole (rule 6)
         # Bytes served to readers, and fetched by source (status and metrics per image).
-        self.counters = dict.fromkeys(("bytes_read", "bytes_from_peers", "bytes_from_origin"), 0)
+        self.counters = dict.fromkeys(("bytes_read", "bytes_from_peers", "bytes_from_seed", "bytes_from_origin"), 0)
         self._arrival: trio.Event | None = None  # set when chunks become servable, if anyone waits
 
     async def wait_arrival(self) -> None:

@@ -68,7 +68,9 @@ def _print_status(stats: dict) -> None:
             continue
         print(f"  {im['id']} {im['name']!r}: {format_size(im['size'])}, {100 * im['cached_fraction']:.1f}% cached; "
               f"read {format_size(im['bytes_read'])}; fetched {format_size(im['bytes_from_peers'])} from peers, "
-              f"{format_size(im['bytes_from_origin'])} from Glance")
+              + (f"{format_size(im['bytes_from_seed'])} through the tracker (seeding it), "
+                 if im.get("bytes_from_seed") else "")
+              + f"{format_size(im['bytes_from_origin'])} from Glance")
         if im["peers"]:
             print("    peers: " + ", ".join(f"{n} {format_size(b)}" for n, b in list(im["peers"].items())[:5])
                   + (f" and {len(im['peers']) - 5} more" if len(im["peers"]) > 5 else ""))

@@ -205,7 +205,7 @@ class Fetcher:
             raise FetchFailed(run.meta.id, min(unserved), f"no source has chunks {min(unserved)}..{max(unserved)}")
 
     def _count(self, img: ImageData, source: str, chunks: int, nbytes: int, started: float) -> None:
-        """Chunks that arrived from ``source`` ("peers", "origin"), asked for since ``started``."""
+        """Chunks that arrived from ``source`` ("peers", "seed", "origin"), asked for since ``started``."""
         self._stats[f"chunks_from_{source}"] += chunks
         self._stats[f"bytes_from_{source}"] += nbytes
         img.counters[f"bytes_from_{source}"] += nbytes

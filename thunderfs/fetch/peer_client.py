@@ -18,6 +18,7 @@ import httpx
 import trio
 
 from thunderfs.cache.store import ImageData
+from thunderfs.fetch.lazy_manifest import LazyManifest
 from thunderfs_common.signing import SignedRequests
 from thunderfs_tracker.protocol import Manifest, PeerRecord
 
@@ -31,12 +32,13 @@ class Answer(enum.Enum):
     SLOW = "slow"
     FAILED = "failed"
     LIED = "lied"
+    UNCHECKED = "unchecked"  # the bytes came, but a lazy manifest has no digest for some yet
 
 
 @dataclass(frozen=True)
 class Reply:
     answer: Answer
-    data: bytes | None = None  # OK: the run's bytes, every chunk checked
+    data: bytes | None = None  # OK: the run's bytes, every chunk checked (UNCHECKED: not yet)
     bad_chunk: int = -1  # LIED: the first chunk that failed
     why: str = ""  # LIED: how
 
@@ -72,10 +74,11 @@ class PeerClient:
     def slow(self, node_id: str) -> bool:
         return self._slow.get(node_id, 0) > trio.current_time()
 
-    async def get(self, peer: PeerRecord, img: ImageData, manifest: Manifest, first: int, count: int,
-                  *, wait: float = 0.0) -> Reply:
+    async def get(self, peer: PeerRecord, img: ImageData, manifest: Manifest | LazyManifest, first: int,
+                  count: int, *, wait: float = 0.0) -> Reply:
         """``wait``: the peer is fetching these chunks; it answers as soon as they are there, or
-        NOT_HELD after ``wait`` seconds."""
+        NOT_HELD after ``wait`` seconds.  UNCHECKED: the bytes, which a lazy manifest cannot check
+        yet (``check`` them once it can)."""
         path = f"/v1/chunks/{img.content.hex()}/{first}/{count}"
         if wait > 0:
             path += f"?wait={int(wait * 1000)}"
@@ -113,7 +116,15 @@ class PeerClient:
             return Reply(Answer.BUSY if status == 503 else Answer.FAILED)
         if len(body) != expected:
             return self._lied(peer, img, first, f"sent {len(body)} bytes for {expected}")
+        if isinstance(manifest, LazyManifest) and manifest.unknown(first, count):
+            return Reply(Answer.UNCHECKED, body)
+        return self.check(peer, img, manifest, first, body)
+
+    def check(self, peer: PeerRecord, img: ImageData, manifest: Manifest | LazyManifest, first: int,
+              body: bytes) -> Reply:
+        """A peer's run of chunks against the manifest: OK, or LIED (the peer is avoided)."""
         view, cs = memoryview(body), self._cs
+        count = -(-len(body) // cs)
         for i in range(count):
             if hashlib.sha256(view[i * cs:(i + 1) * cs]).digest() != manifest.digest(first + i):
                 return self._lied(peer, img, first + i, "chunk does not match the manifest")

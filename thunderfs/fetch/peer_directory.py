@@ -2,6 +2,9 @@
 
 A manifest is asked once at a time per image (a second asker waits for the first), at most once
 a second while the tracker is still building it, and kept once it came and fits Glance's listing.
+While the tracker seeds the image instead ("lazy"), the manifest is a ``LazyManifest`` made of the
+pieces the node took (``add_piece``, ``digests``), asked again every ``LAZY_RECHECK`` seconds for
+the built one; a revocation (its proof checked) drops it and tells ``on_revoked``, once.
 Lookups are asked per window of ``lookup_window`` chunks, one at a time per window, and cached for
 ``lookup_ttl`` seconds, so the tracker hears from a node a few times per window, not once per read;
 with the tracker down, the peers known from the last lookup are used.  Once a lookup or a claim
@@ -18,19 +21,24 @@ import trio
 from thunderfs.cache.store import ImageData
 from thunderfs.fetch.breaker import Breaker
 from thunderfs.fetch.flights import FlightAbandoned, SingleFlight
+from thunderfs.fetch.lazy_manifest import LazyManifest
 from thunderfs_common.image import ImageMeta
 from thunderfs_common.manifest_proof import Ed25519PublicKey, signed_by
 from thunderfs_tracker.client import TrackerClient, TrackerError
-from thunderfs_tracker.protocol import Manifest, PeerRecord
+from thunderfs_tracker.protocol import Manifest, PeerRecord, Piece, Revocation
 
 log = logging.getLogger(__name__)
+
+# How often a node using a lazy manifest asks whether the built one is there (or a revocation).
+LAZY_RECHECK = 10.0
 
 
 class PeerDirectory:
     def __init__(self, tracker: TrackerClient, *, chunk_size: int, timeout: float = 2.0,
                  lookup_window: int = 1024, lookup_ttl: float = 2.0, min_rate: float = 2**20,
-                 tracker_key: Ed25519PublicKey | None = None):
-        """``tracker_key``: the tracker's public key; a manifest it did not sign is refused."""
+                 tracker_key: Ed25519PublicKey | None = None, on_revoked=None):
+        """``tracker_key``: the tracker's public key; a manifest it did not sign is refused.
+        ``on_revoked(meta, why)``: the tracker revoked an image's lazy manifest."""
         self._tracker = tracker
         self._tracker_key = tracker_key
         self._cs = chunk_size
@@ -38,19 +46,25 @@ class PeerDirectory:
         self._window = lookup_window
         self._ttl = lookup_ttl
         self._min_rate = min_rate
-        self._manifests: dict[bytes, Manifest] = {}
+        self._manifests: dict[bytes, Manifest | LazyManifest] = {}
+        self._revoked: set[bytes] = set()
+        self.on_revoked = on_revoked
         self._manifest_asked: dict[bytes, float] = {}
         self._lookups: dict[tuple[str, int], tuple[float, list[PeerRecord]]] = {}  # -> (when, peers)
         self.tracker_breaker = Breaker("the tracker")
         self._asking = SingleFlight()  # manifest requests and lookups under way
         self._nursery: trio.Nursery | None = None
-        self._stats = dict.fromkeys(("lookups", "lookup_failures", "lookups_skipped", "manifests_refused"), 0)
+        self._stats = dict.fromkeys(("lookups", "lookup_failures", "lookups_skipped", "manifests_refused",
+                                     "pieces", "pieces_refused", "piece_asks", "revocations"), 0)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
-            await trio.sleep_forever()
+            while True:  # an idle node learns of a revocation too, and drops what it took
+                await trio.sleep(LAZY_RECHECK)
+                for m in [m for m in self._manifests.values() if isinstance(m, LazyManifest)]:
+                    await self.manifest(m.meta)
 
     def prepare(self, meta: ImageMeta) -> None:
         """An image was opened: ask for its manifest now, so that it is there (or being built)
@@ -60,18 +74,20 @@ class PeerDirectory:
 
     # --- manifests -------------------------------------------------------------------------
 
-    def manifest_nowait(self, meta: ImageMeta) -> Manifest | None:
-        """The image's manifest if it is here already."""
+    def manifest_nowait(self, meta: ImageMeta) -> Manifest | LazyManifest | None:
+        """The image's manifest if it is here already (a lazy one while the tracker seeds it)."""
         return self._manifests.get(meta.content_key)
 
-    async def manifest(self, meta: ImageMeta) -> Manifest | None:
-        """The image's manifest if the tracker has it."""
-        if (m := self.manifest_nowait(meta)) is not None:
+    async def manifest(self, meta: ImageMeta) -> Manifest | LazyManifest | None:
+        """The image's manifest if the tracker has it (a lazy one while it seeds the image)."""
+        m = self.manifest_nowait(meta)
+        if m is not None and (not isinstance(m, LazyManifest)
+                              or trio.current_time() - self._manifest_asked.get(meta.content_key, -1e9) < LAZY_RECHECK):
             return m
         try:
             return await self._asking.run(("manifest", meta.content_key), lambda: self._ask_manifest(meta))
         except FlightAbandoned:
-            return None
+            return self.manifest_nowait(meta)
 
     async def wait_manifest(self, meta: ImageMeta, timeout: float = 10.0) -> bool:
         """Until the image's manifest is here (True), or for at most ``timeout`` seconds: what
@@ -83,21 +99,31 @@ class PeerDirectory:
             return True
         return False
 
-    async def _ask_manifest(self, meta: ImageMeta) -> Manifest | None:
+    async def _ask_manifest(self, meta: ImageMeta) -> Manifest | LazyManifest | None:
         key = meta.content_key
+        current = self.manifest_nowait(meta)
         if trio.current_time() - self._manifest_asked.get(key, -1e9) < 1.0:
-            return None
+            return current
         self._manifest_asked[key] = trio.current_time()
         m = None
         try:
             # A manifest is 44 bytes of JSON per chunk (1.4 MiB for 2 GiB): give it time by size.
             with trio.move_on_after(self.timeout + meta.size // self._cs * 44 / self._min_rate):
-                m = await self._tracker.manifest(meta.id, self._cs)
+                m = await self._tracker.manifest_state(meta.id, self._cs)
         except TrackerError as exc:
             log.debug("no manifest for %s: %s", meta.id, exc)
+            return current
+        if m == "lazy":
+            if current is None:
+                self._manifests[key] = current = LazyManifest(meta, self._cs)
+                log.info("image %s: the tracker seeds it until its manifest is checked; peers trade it meanwhile",
+                         meta.id)
+            return current
+        if isinstance(m, Revocation):
+            self._revoke(meta, m)
             return None
-        if m is None:
-            return None
+        if not isinstance(m, Manifest):
+            return current  # still building, or no answer in time
         if (m.os_hash_value, m.size, m.chunk_size) != (meta.os_hash_value, meta.size, self._cs):
             log.warning("the tracker's manifest of %s does not match Glance's listing; not using peers for it", meta.id)
             return None
@@ -108,6 +134,73 @@ class PeerDirectory:
             return None
         self._manifests[key] = m
         return m
+
+    def _revoke(self, meta: ImageMeta, r: Revocation) -> None:
+        key = meta.content_key
+        if r.image_id != meta.id or r.chunk_size != self._cs or r.os_hash_value not in ("", meta.os_hash_value):
+            return  # not this image's
+        if self._tracker_key is not None and not signed_by(self._tracker_key, r.signed_bytes(), r.proof):
+            self._stats["manifests_refused"] += 1
+            log.warning("a revocation of %s is not signed by the tracker's key: ignored", meta.id)
+            return
+        if isinstance(self._manifests.get(key), Manifest):
+            return  # a built manifest stands: the tracker checked the whole image
+        self._manifests.pop(key, None)
+        if key in self._revoked:
+            return
+        self._revoked.add(key)
+        self._stats["revocations"] += 1
+        log.error("the tracker revoked image %s (%s): dropping its cached chunks; reading it from Glance only",
+                  meta.id, r.why)
+        if self.on_revoked is not None:
+            self.on_revoked(meta, r.why)
+
+    # --- a lazy manifest's pieces ------------------------------------------------------------
+
+    def add_piece(self, meta: ImageMeta, piece: Piece) -> bool:
+        """A piece from the tracker, if it is this image's and carries the tracker's proof: its
+        digests join the lazy manifest.  False: refused (or no lazy manifest to join)."""
+        lazy = self.manifest_nowait(meta)
+        if not isinstance(lazy, LazyManifest):
+            return False
+        if ((piece.image_id, piece.os_hash_value, piece.size, piece.chunk_size)
+                != (meta.id, meta.os_hash_value, meta.size, self._cs)
+                or (self._tracker_key is not None and not signed_by(self._tracker_key, piece.signed_bytes(), piece.proof))):
+            self._stats["pieces_refused"] += 1
+            log.warning("a piece of %s from the tracker does not match Glance's listing or the tracker's key: refused",
+                        meta.id)
+            return False
+        lazy.add(piece)
+        self._stats["pieces"] += 1
+        return True
+
+    async def digests(self, lazy: LazyManifest, first: int, count: int) -> bool:
+        """Until the lazy manifest has digests for chunks ``first..first+count-1`` (asked of the
+        tracker, one ask at a time per run); False if it could not get them."""
+        unknown = lazy.unknown(first, count)
+        if not unknown:
+            return True
+        if self.tracker_breaker.is_open:
+            return False
+        a, n = unknown[0], unknown[-1] - unknown[0] + 1
+
+        async def ask() -> None:
+            self._stats["piece_asks"] += 1
+            try:
+                with trio.fail_after(self.timeout * 2):
+                    piece, _ = await self._tracker.seed(lazy.image_id, self._cs, a, n, data=False,
+                                                        timeout=self.timeout * 2)
+            except (TrackerError, trio.TooSlowError) as exc:
+                log.debug("no piece of %s from the tracker: %r", lazy.image_id, exc)
+                return
+            if piece.first == a and piece.count == n:
+                self.add_piece(lazy.meta, piece)
+
+        try:
+            await self._asking.run(("piece", lazy.image_id, a, n), ask)
+        except FlightAbandoned:
+            pass
+        return not lazy.unknown(first, count)
 
     # --- lookups ---------------------------------------------------------------------------
 
@@ -168,4 +261,6 @@ class PeerDirectory:
         self.tracker_breaker.open(why, lambda: self._tracker.stats())
 
     def statistics(self) -> dict:
-        return {**self._stats, "manifests": len(self._manifests), "tracker_breaker": self.tracker_breaker.statistics()}
+        lazy = sum(isinstance(m, LazyManifest) for m in self._manifests.values())
+        return {**self._stats, "manifests": len(self._manifests) - lazy, "lazy_manifests": lazy,
+                "tracker_breaker": self.tracker_breaker.statistics()}

@@ -19,6 +19,7 @@ import trio
 
 from thunderfs.cache.store import ImageData
 from thunderfs.fetch.claims import ClaimTaker
+from thunderfs.fetch.lazy_manifest import LazyManifest
 from thunderfs.fetch.peer_client import Answer, PeerClient, Reply
 from thunderfs.fetch.peer_directory import PeerDirectory
 from thunderfs.fetch.slots import DEMAND
@@ -52,8 +53,11 @@ class PeerSource:
                  timeout: float = 2.0, fetch_timeout: float = 20.0, lookup_window: int = 1024,
                  lookup_ttl: float = 2.0, max_request_chunks: int = 256, claim_poll: float = 0.25,
                  min_rate: float = 2**20, tracker_key: Ed25519PublicKey | None = None,
-                 transport: httpx.AsyncBaseTransport | None = None):
+                 on_revoked=None, transport: httpx.AsyncBaseTransport | None = None):
+        """``on_revoked(meta, why)``: the tracker revoked an image's lazy manifest (the daemon
+        drops the image's cached chunks)."""
         self._tracker = tracker
+        self._on_revoked = on_revoked
         self._cs = chunk_size
         self.timeout = timeout
         self._fetch_timeout = fetch_timeout
@@ -61,14 +65,15 @@ class PeerSource:
         self.client = PeerClient(node_id=node_id, secret=secret, chunk_size=chunk_size, timeout=timeout,
                                  min_rate=min_rate, transport=transport)
         self.directory = PeerDirectory(tracker, chunk_size=chunk_size, timeout=timeout, lookup_window=lookup_window,
-                                       lookup_ttl=lookup_ttl, min_rate=min_rate, tracker_key=tracker_key)
+                                       lookup_ttl=lookup_ttl, min_rate=min_rate, tracker_key=tracker_key,
+                                       on_revoked=self._revoked)
         self.claims = ClaimTaker(tracker, self.directory, self.client, self._ask, chunk_size=chunk_size,
                                  timeout=timeout, max_request_chunks=max_request_chunks, poll=claim_poll)
         # content -> chunk -> (who fetches it: None for this node, and whether it holds it already),
         # and until when that stands: the outcome of a prefetch batch's one claim.
         self._plans: dict[bytes, dict[int, tuple[PeerRecord | None, bool, float]]] = {}
         self._stats = dict.fromkeys(("no_manifest", "granted_chunks", "claimed_chunks_late", "claims_deferred",
-                                     "planned_chunks", "plans"), 0)
+                                     "planned_chunks", "plans", "unchecked_dropped"), 0)
 
     # --- what the daemon wires -------------------------------------------------------------
 
@@ -85,6 +90,11 @@ class PeerSource:
 
     async def wait_manifest(self, meta: ImageMeta, timeout: float = 10.0) -> bool:
         return await self.directory.wait_manifest(meta, timeout)
+
+    def _revoked(self, meta: ImageMeta, why: str) -> None:
+        self._plans.pop(meta.content_key, None)
+        if self._on_revoked is not None:
+            self._on_revoked(meta, why)
 
     def rtt_ms(self) -> dict[str, float]:
         return self.client.rtt_ms()
@@ -228,11 +238,18 @@ class PeerSource:
                 break
         return got
 
-    async def _ask(self, peer: PeerRecord, img: ImageData, manifest: Manifest, first: int, count: int,
-                   *, wait: float = 0.0) -> Reply:
+    async def _ask(self, peer: PeerRecord, img: ImageData, manifest: Manifest | LazyManifest, first: int,
+                   count: int, *, wait: float = 0.0) -> Reply:
         """One peer asked for a run (``wait``: until it has it, at most that long); a peer that
-        lied is reported to the tracker."""
+        lied is reported to the tracker.  Bytes a lazy manifest has no digests for yet are
+        checked once the tracker's piece for them came (not used, if it did not)."""
         reply = await self.client.get(peer, img, manifest, first, count, wait=wait)
+        if reply.answer is Answer.UNCHECKED:
+            if isinstance(manifest, LazyManifest) and await self.directory.digests(manifest, first, count):
+                reply = self.client.check(peer, img, manifest, first, reply.data)
+            else:
+                self._stats["unchecked_dropped"] += 1
+                return Reply(Answer.NOT_HELD)
         if reply.answer is Answer.LIED:
             try:
                 with trio.move_on_after(self.timeout):

@@ -141,6 +141,7 @@ INIT_OUT = struct.Struct("<IIIIHHIIHHII24x")  # 64 bytes (the last I: max_stack_
 KSTATFS = struct.Struct("<QQQQQIIII24x")     # fuse_kstatfs, 80 bytes
 DIRENT = struct.Struct("<QQII")              # fuse_dirent, before its name
 INVAL_ENTRY_OUT = struct.Struct("<QII")
+INVAL_INODE_OUT = struct.Struct("<Qqq")  # fuse_notify_inval_inode_out: ino, off, len
 
 S_IFMT = 0o170000
 
@@ -247,6 +248,11 @@ def notify(code: Notify, payload: bytes = b"") -> list:
 
 def inval_entry(parent: int, name: bytes) -> list:
     return notify(Notify.INVAL_ENTRY, INVAL_ENTRY_OUT.pack(parent, len(name), 0) + name + b"\0")
+
+
+def inval_inode(ino: int, offset: int = 0, length: int = 0) -> list:
+    """Drop the inode's cached pages (``length`` 0: to the end) and attributes."""
+    return notify(Notify.INVAL_INODE, INVAL_INODE_OUT.pack(ino, offset, length))
 
 
 def name_of(body) -> bytes:

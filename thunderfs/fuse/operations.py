@@ -35,7 +35,7 @@ from thunderfs.fuse.kernel import Attr, Entry, FuseError
 from thunderfs.fuse.state import SessionState
 from thunderfs_common.glance import GlanceError, ImageGone
 from thunderfs_common.image import ImageMeta
-from thunderfs.fuse.inodes import IMAGES_DIR, ROOT, InodeTable
+from thunderfs.fuse.inodes import IMAGES_DIR, ROOT, InodeTable, derive
 from thunderfs.fuse.passthrough import BackingFiles
 from thunderfs.fetch.reader import Reader, Readers
 
@@ -92,8 +92,9 @@ class Operations:
         # Times set with utime, by image id: kept in memory only (Nova's image cache manager
         # touches its base files to mark them in use; the images themselves never change).
         self._times: dict[str, tuple[int, int, int]] = {}  # id -> (atime, mtime, ctime) ns
-        # Wired by the session: make the kernel forget a name.
+        # Wired by the session: make the kernel forget a name, an inode's cached pages.
         self.invalidate_entry: Callable[[int, bytes], None] = lambda parent, name: None
+        self.invalidate_inode: Callable[[int], None] = lambda ino: None
         catalog.add_listener(self._listing_changed)
         self._resealed: list[int] = backing.sealed_inodes() if backing is not None else []
 
@@ -318,6 +319,11 @@ class Operations:
         for meta in removed:
             self._times.pop(meta.id, None)
             self.invalidate_entry(IMAGES_DIR, os.fsencode(meta.id))
+
+    def image_bytes_dropped(self, meta: ImageMeta) -> None:
+        """The image's cached chunks were dropped (its lazy manifest was revoked): the kernel
+        drops its cached pages of it too, so that the next read comes here."""
+        self.invalidate_inode(derive(meta))
 
     def statistics(self) -> dict:
         return {"open_handles": len(self._handles), "inodes": len(self._inodes),

@@ -38,7 +38,7 @@ class Session:
         self._max_background = max_background
         self._passthrough = passthrough  # asked for at INIT (a later process goes by what was agreed)
         self._cancel = trio.CancelScope()
-        self._inval_send, self._inval_recv = trio.open_memory_channel[tuple[int, bytes]](1000)
+        self._inval_send, self._inval_recv = trio.open_memory_channel[tuple[list, str]](1000)
         self.unmounted = False
         self.resent = False
         self._requests = 0
@@ -49,6 +49,7 @@ class Session:
         if self.takeover:
             self._initialized.set()
         ops.invalidate_entry = self.invalidate_entry_nowait
+        ops.invalidate_inode = self.invalidate_inode_nowait
 
     async def wait_initialized(self) -> None:
         await self._initialized.wait()
@@ -268,19 +269,26 @@ class Session:
     def invalidate_entry_nowait(self, parent: int, name: bytes) -> None:
         """Make the kernel forget a name.  Sent from a thread: the kernel may need a lock that a
         request this very session is serving holds."""
+        self._invalidate(k.inval_entry(parent, name), repr(name))
+
+    def invalidate_inode_nowait(self, ino: int) -> None:
+        """Make the kernel drop an inode's cached pages (its bytes changed)."""
+        self._invalidate(k.inval_inode(ino), f"inode {ino}")
+
+    def _invalidate(self, message: list, what: str) -> None:
         try:
-            self._inval_send.send_nowait((parent, name))
+            self._inval_send.send_nowait((message, what))
         except trio.WouldBlock:
-            log.warning("too many pending invalidations; the kernel forgets %r when its entry times out", name)
+            log.warning("too many pending invalidations; the kernel forgets %s when its cache times out", what)
 
     async def _send_invalidations(self) -> None:
-        async for parent, name in self._inval_recv:
+        async for message, what in self._inval_recv:
             def send() -> None:
                 try:
-                    os.writev(self._fd, k.inval_entry(parent, name))
+                    os.writev(self._fd, message)
                 except OSError as exc:
                     if exc.errno not in (E.ENOENT, E.ENODEV):
-                        log.debug("invalidate %r: %s", name, exc)
+                        log.debug("invalidate %s: %s", what, exc)
             await trio.to_thread.run_sync(send)
 
     def statistics(self) -> dict:

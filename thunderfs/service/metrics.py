@@ -19,7 +19,7 @@ from thunderfs.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-SOURCES = {"peers": "peer", "origin": "glance"}
+SOURCES = {"peers": "peer", "seed": "tracker_seed", "origin": "glance"}
 # Seconds to fetch a run of chunks: a LAN peer answers in milliseconds, Glance in tens of them,
 # a crowd or a retry in seconds.
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 60)

@@ -44,7 +44,7 @@ class ImageStatus:
                 "chunks": nchunks,
                 "cached_fraction": round(cached / nchunks, 4),
                 **(img.counters if img is not None else
-                   {"bytes_read": 0, "bytes_from_peers": 0, "bytes_from_origin": 0}),
+                   {"bytes_read": 0, "bytes_from_peers": 0, "bytes_from_seed": 0, "bytes_from_origin": 0}),
                 "peers": self._peers.sources_of(content) if self._peers is not None else {},
                 "profile": None if act is None else {
                     k: act[k] for k in ("profile_version", "recording", "job", "job_done", "job_total",
