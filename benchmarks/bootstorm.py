@@ -7,6 +7,9 @@ nodes) and the tracker sit behind a link shaped too.  The image is the Debian di
 
   thunderfs    peers and prefetch: a profile recorded once beforehand by a node that then leaves
                (its Glance bytes reported apart, like the manifest), then N fresh nodes
+  thunderfs-new  N fresh nodes boot an image nobody has read (uploaded for the run: no manifest,
+               no profile): the tracker seeds it; Glance egress counts the tracker's reads, and
+               its whole-image check, after the storm, is reported apart
   glance-only  thunderfs without a tracker: every node fetches its own chunks from Glance
   nova         each node downloads the whole image from Glance, then boots from its local copy
 
@@ -23,7 +26,7 @@ timeline of bytes by source) to --out as JSON for ``benchmarks/plots.py`` and th
 Cleans up (namespaces, tc, mounts, qemu) also when interrupted.
 
 Usage: .venv/bin/python benchmarks/bootstorm.py [--nodes 32] [--mode replay-paced]
-       [--ways thunderfs,glance-only,nova] [--nova-nodes 4] [--node-rate 1gbit] [--glance-rate 1gbit]
+       [--ways thunderfs,thunderfs-new,glance-only,nova] [--nova-nodes 4] [--node-rate 1gbit] [--glance-rate 1gbit]
        [--out /var/tmp/thunderfs-bench/results/bootstorm-replay-paced-32.json]
 """
 
@@ -103,9 +106,10 @@ class Storm:
             self.redis = LocalRedis(self.work / "redis").start()
             store = ["--store", self.redis.url]
         for r in range(self.args.replicas):
+            # The tracker's own --check-quiet: a new image is checked once its storm is over.
             t = LocalTracker(self.work / f"tracker{r}", "--glance", self.proxy.url,
                              "--heartbeat", str(self.args.heartbeat), "--node-ttl", str(self.node_ttl),
-                             *store, secret=SECRET, host=self.lan.root_addr)
+                             *store, secret=SECRET, host=self.lan.root_addr, check_quiet=None)
             t.start()
             self.trackers.append(t)
         # In a cloud Glance and the tracker have machines of their own; here they share two cores
@@ -135,6 +139,28 @@ class Storm:
             self.proxy.stop()
         self.lan.down()
         self.glance.stop()
+
+    def upload_new(self, disk: Path) -> str:
+        """The same disk with its last 4 KiB made random (no boot reads them): bytes nobody has
+        seen, so no manifest, no profile and no cached chunk anywhere is theirs."""
+        new = self.work / "new-image.raw"
+        subprocess.run(["cp", "--sparse=always", str(disk), str(new)], check=True)
+        with open(new, "r+b") as f:
+            f.seek(self.size - 4096)
+            f.write(os.urandom(4096))
+        image_id = self.glance.upload("bootstorm-new", new)["id"]
+        new.unlink()
+        return image_id
+
+    def wait_manifest(self, image_id: str, timeout: float = 600) -> float:
+        """Until the first tracker has the image's manifest on disk; the seconds it took."""
+        path = self.trackers[0].dir / "manifests" / f"{image_id}-{64 * 1024}.json"
+        started = time.monotonic()
+        while not path.exists():
+            if time.monotonic() - started > timeout:
+                raise RuntimeError(f"the manifest of {image_id} was not built in {timeout:.0f}s")
+            time.sleep(0.5)
+        return time.monotonic() - started
 
     def kill_replica(self) -> None:
         """SIGKILL the first tracker replica (its nodes move to the next)."""
@@ -282,10 +308,11 @@ def counters(stats: list[dict]) -> dict:
 
 
 def node_sources(stats: list[dict]) -> dict:
-    out = {"from_glance": 0, "from_peers": 0, "from_cache": 0}
+    out = {"from_glance": 0, "from_peers": 0, "from_seed": 0, "from_cache": 0}
     for s in stats:
         out["from_glance"] += s["fetch"]["bytes_from_origin"]
         out["from_peers"] += s["fetch"].get("bytes_from_peers", 0)  # no tracker: no peer source
+        out["from_seed"] += s["fetch"].get("bytes_from_seed", 0)
         out["from_cache"] += s["cache"]["bytes_read_disk"]
     return out
 
@@ -294,7 +321,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nodes", type=int, default=32)
     ap.add_argument("--mode", choices=("replay-paced", "replay-fast", "vm"), default="replay-paced")
-    ap.add_argument("--ways", default="thunderfs,glance-only,nova")
+    ap.add_argument("--ways", default="thunderfs,thunderfs-new,glance-only,nova")
     ap.add_argument("--nova-nodes", type=int, default=4,
                     help="nodes for Nova's way (each stores a 2 GiB copy; the model takes it further)")
     ap.add_argument("--node-rate", default="1gbit")
@@ -363,6 +390,8 @@ def main() -> int:
                         time.sleep(1)
                     results["profile_chunks"] = len(json.loads(shown.stdout)["chunks"])
                     storm.unmount(rec)
+                    # A known image: its manifest built (once the recording boot was over).
+                    storm.wait_manifest(storm.image_id)
                     results["setup"] = {"recording_glance_bytes": storm.proxy.range_bytes - g0,
                                         "manifest_glance_bytes": storm.proxy.whole_bytes - w0}
                     # One node alone with the profile (for the model: what prefetch leaves of a cold start).
@@ -408,6 +437,37 @@ def main() -> int:
                         drop_page_cache(m.image(storm.image_id))
                     r = storm.storm("warm", [m.image(storm.image_id) for m in ms], progress=lambda: bar.advance(task))
                     results["warm_storm"] = r
+                    for m in ms:
+                        storm.unmount(m)
+
+                if "thunderfs-new" in ways:
+                    task = bar.add_task("thunderfs: a new image", total=args.nodes)
+                    new_id = storm.upload_new(disk)
+                    ms = [storm.mount(i, f"new{i}", True) for i in range(args.nodes)]
+                    requests_before = storm.tracker_stats().get("requests", {})
+                    cpu_before = sum(cpu_seconds(m.pid) for m in ms)
+                    r = storm.storm("thunderfs-new", [m.image(new_id) for m in ms],
+                                    stats=lambda: node_sources(all_stats(ms)), progress=lambda: bar.advance(task))
+                    cpu = sum(cpu_seconds(m.pid) for m in ms) - cpu_before
+                    final = [m.stats() for m in ms]
+                    r["sources"] = node_sources(final)
+                    moved = r["sources"]["from_glance"] + r["sources"]["from_seed"] + 2 * r["sources"]["from_peers"]
+                    r["cpu"] = {"daemon_seconds_per_node": cpu / len(ms),
+                                "daemon_seconds_per_gib_moved": cpu / (moved / 2**30) if moved else None}
+                    r["counters"] = counters(final)
+                    tracker_stats = storm.tracker_stats()
+                    r["seed"] = tracker_stats.get("seed", {})
+                    r["tracker_requests_per_node"] = sum(
+                        (v - requests_before.get(k, 0)) / args.nodes for k, v in tracker_stats.get("requests", {}).items()
+                        if not k.endswith("/stats") and v > requests_before.get(k, 0))
+                    # Egress at Glance during the storm, the tracker's reads included (and the
+                    # whole-image check's, had it started before the storm's end).
+                    r["glance_egress_all"] = r["glance_egress"] + r["glance_whole"]
+                    # The check, once the image is quiet: its bytes reported apart, like a manifest's.
+                    w0 = storm.proxy.whole_bytes
+                    r["check_seconds_after_storm"] = storm.wait_manifest(new_id)
+                    r["check_glance_bytes"] = storm.proxy.whole_bytes - w0 + r["glance_whole"]
+                    results["ways"]["thunderfs-new"] = r
                     for m in ms:
                         storm.unmount(m)
 
@@ -482,7 +542,16 @@ def report(results: dict) -> None:
         if "sources" in r:
             src = r["sources"]
             print(f"  {'':12s} bytes by source: Glance {src['from_glance'] / MiB:.0f} MiB, "
-                  f"peers {src['from_peers'] / MiB:.0f} MiB, cache {src['from_cache'] / MiB:.0f} MiB")
+                  f"peers {src['from_peers'] / MiB:.0f} MiB, "
+                  + (f"the tracker's seed {src['from_seed'] / MiB:.0f} MiB, " if src.get("from_seed") else "")
+                  + f"cache {src['from_cache'] / MiB:.0f} MiB")
+        if "check_glance_bytes" in r:
+            print(f"  {'':12s} Glance egress with the tracker's reads: {r['glance_egress_all'] / MiB:.0f} MiB = "
+                  f"{r['glance_egress_all'] / boot:.2f} x one boot's reads (target <= 1.5); slowest "
+                  f"{max(times) / alone['cold']:.2f} x one node alone cold (target <= 1.3); then the "
+                  f"whole-image check: {r['check_glance_bytes'] / MiB:.0f} MiB, built "
+                  f"{r['check_seconds_after_storm']:.0f} s after the storm; tracker requests per node "
+                  f"{r['tracker_requests_per_node']:.1f}")
         if r.get("counters"):
             print(f"  {'':12s} counters: " + ", ".join(f"{k} {v}" for k, v in sorted(r["counters"].items()) if v))
         if r.get("cpu"):

@@ -136,7 +136,9 @@ class Prefetcher:
                 await fetcher.wait_demand_idle()
                 part = order[pos:pos + batch]
                 pos += len(part)
-                missing = sorted(c for c in part if not img.cached(c) and not fetcher.in_flight(img, c))
+                # A prefetch leaves chunks in flight to their flights (a reader's, most likely:
+                # not its hits); warm joins them, so that it ends with every chunk there.
+                missing = sorted(c for c in part if not img.cached(c) and not (mark and fetcher.in_flight(img, c)))
                 if missing:
                     if mark:  # a read from now on is a hit
                         for c in missing:
