@@ -558,13 +558,19 @@ def test_a_new_image_is_seeded_from_one_read_of_glance_then_checked_whole_or_rev
     async def scenario(change_glance: bool):
         glance = FakeGlance(data, records=[record])
         now = [0.0]
-        seed = Seed(GlanceClient("http://glance", transport=httpx.MockTransport(glance)), proof,
+
+        async def slow(request):  # Glance takes its time: the asks of a crowd interleave
+            await asyncio.sleep(0.01)
+            return glance(request)
+
+        seed = Seed(GlanceClient("http://glance", transport=httpx.MockTransport(slow)), proof,
                     clock=lambda: now[0])
         store = ManifestStore(tmp_path / str(change_glance), GlanceClient(
             "http://glance", transport=httpx.MockTransport(glance)), proof=proof, seed=seed, check_quiet=5,
             clock=lambda: now[0])
         try:
-            assert await store.get(image_id, CHUNK) == "lazy"
+            # A crowd asks at once: one check will read the image, not one per ask.
+            assert await asyncio.gather(*(store.get(image_id, CHUNK) for _ in range(5))) == ["lazy"] * 5
             # Three nodes ask for overlapping runs at once: Glance is read once per chunk.
             got = await asyncio.gather(seed.read(image_id, CHUNK, 0, 4, data=True),
                                        seed.read(image_id, CHUNK, 2, 4, data=True),
