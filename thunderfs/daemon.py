@@ -255,6 +255,7 @@ async def run(config: MountConfig, keystone: KeystoneSettings | None = None,
             stack.push_async_callback(peers.aclose)
             seed = SeedSource(tracker, peers.directory, chunk_size=config.chunk_size, timeout=config.peer_timeout)
             peer_server = PeerServer(store, secret=secret, max_uploads=config.max_uploads, rate=config.upload_rate)
+            peer_server.pieces = peers.directory.pieces_header
             try:
                 bound = await peer_server.listen(*config.peer_address)
             except OSError as exc:

@@ -459,6 +459,33 @@ class Piece:
         return p
 
 
+# The peer answer's header that carries the tracker's pieces of the chunks it sends (a node
+# forwards the pieces it checked them against), at most this long: the asker asks the tracker
+# for what does not fit.
+PIECES_HEADER = "X-Thunderfs-Pieces"
+MAX_PIECES_HEADER = 12 * 1024
+
+
+def encode_pieces(pieces: list[Piece]) -> str | None:
+    """The header's value for ``pieces``; None if there are none or they do not fit."""
+    if not pieces:
+        return None
+    value = json.dumps([p.to_json() for p in pieces], separators=(",", ":"))
+    return value if len(value) <= MAX_PIECES_HEADER else None
+
+
+def parse_pieces(value: str) -> list[Piece]:
+    if len(value) > MAX_PIECES_HEADER:
+        raise ProtocolError("the pieces header is too long")
+    try:
+        items = json.loads(value)
+    except ValueError as exc:
+        raise ProtocolError(f"the pieces header is not JSON: {exc}") from None
+    if not isinstance(items, list) or len(items) > 64:
+        raise ProtocolError("the pieces header must be a list of at most 64 pieces")
+    return [Piece.parse(item) for item in items]
+
+
 @dataclass(frozen=True)
 class Revocation:
     """The tracker's word that an image's lazy manifest is withdrawn: its whole-image check failed

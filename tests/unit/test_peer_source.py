@@ -4,6 +4,7 @@ bytes from holders, lying, busy, slow and dead peers, claims, and one tracker re
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import re
 
@@ -17,8 +18,10 @@ from thunderfs.fetch.peer_directory import LAZY_RECHECK
 from thunderfs.fetch.peers import PeerSource
 from thunderfs.fetch.slots import DEMAND, PREFETCH, READAHEAD
 from thunderfs.fetch.source import Urgency, Want
+from thunderfs_common.manifest_proof import ManifestProof
 from thunderfs_tracker.client import TrackerUnavailable
-from thunderfs_tracker.protocol import Manifest, PeerRecord, Piece, Revocation
+from thunderfs_tracker.protocol import (PIECES_HEADER, Manifest, PeerRecord, Piece, Revocation, encode_pieces,
+                                       parse_pieces)
 
 DATA = pattern(32 * CS)
 META = meta_of(DATA)
@@ -29,9 +32,14 @@ def manifest_of(data=DATA, meta=META) -> Manifest:
     return Manifest(meta.id, len(data), CS, "sha512", meta.os_hash_value, digests)
 
 
+SECRET = b"peer-source-test-secret-0123456789"
+
+
 def piece_of(first: int, count: int, data=DATA) -> Piece:
+    """The tracker's piece of DATA's chunks, proven with a MAC under SECRET (no key given)."""
     digests = b"".join(hashlib.sha256(data[c * CS:(c + 1) * CS]).digest() for c in range(first, first + count))
-    return Piece(META.id, len(DATA), CS, "sha512", META.os_hash_value, first, digests)
+    piece = Piece(META.id, len(DATA), CS, "sha512", META.os_hash_value, first, digests)
+    return dataclasses.replace(piece, proof=ManifestProof(secret=SECRET).make(piece.signed_bytes()))
 
 
 def peer(name: str, chunks) -> PeerRecord:
@@ -115,6 +123,11 @@ class Peers:
             return httpx.Response(503)
         if how == "lie":
             body = bytes(len(body))
+        if how in ("pieces", "forged-pieces"):  # the tracker's pieces sent along, as a node forwards them
+            piece = piece_of(first, count)
+            if how == "forged-pieces":  # other digests (those of what the forger sends), the proof kept
+                piece = dataclasses.replace(piece, digests=bytes(len(piece.digests)))
+            return httpx.Response(200, content=body, headers={PIECES_HEADER: encode_pieces([piece])})
         return httpx.Response(200, content=body)
 
 
@@ -132,7 +145,7 @@ class Sink:
 
 
 def source_of(tracker, peers, **kw) -> PeerSource:
-    return PeerSource(tracker, node_id="me", secret=None, chunk_size=CS, timeout=kw.pop("timeout", 1.0),
+    return PeerSource(tracker, node_id="me", secret=kw.pop("secret", None), chunk_size=CS, timeout=kw.pop("timeout", 1.0),
                       claim_poll=kw.pop("claim_poll", 0.01), transport=httpx.MockTransport(peers), **kw)
 
 
@@ -522,3 +535,25 @@ async def test_a_revocation_drops_the_lazy_manifest_and_is_told_once(store, auto
     assert revoked == [(META.id, "the whole image does not match")]
     # A revocation of another image's bytes is not this one's.
     assert src.directory.statistics()["revocations"] == 1
+
+
+async def test_pieces_a_peer_sends_along_check_its_chunks_without_asking_the_tracker(store):
+    tracker = FakeTracker("lazy", [peer("a", range(8))])
+    src, sink = source_of(tracker, Peers(a="pieces"), secret=SECRET), Sink()
+    assert await src.fetch(want(store, range(8)), sink) == []
+    assert right(sink, range(8)) and tracker.calls["seed"] == 0
+    # What this node took, it forwards: the pieces that cover chunks 2..5.
+    header = src.directory.pieces_header(META.content_key, 2, 4)
+    assert [(p.first, p.count) for p in parse_pieces(header)] == [(0, 8)]
+
+
+@pytest.mark.parametrize("secret", [SECRET, None])
+async def test_pieces_a_peer_forged_are_refused_and_the_trackers_own_decide(store, secret):
+    """A piece without the tracker's proof (a peer, or a machine in the middle of a peer's answer,
+    made it up to match its bytes) is refused, under the secret's MAC; with no secret at all,
+    no piece a peer sends is taken.  The bytes are checked against the tracker's own piece."""
+    tracker = FakeTracker("lazy", [peer("a", range(4))])
+    src, sink = source_of(tracker, Peers(a="forged-pieces"), secret=secret), Sink()
+    assert await src.fetch(want(store, range(4)), sink) == []
+    assert right(sink, range(4)) and tracker.calls["seed"] == 1
+    assert src.statistics()["pieces_refused"] == 1 and src.statistics()["bad_chunks"] == 0

@@ -5,6 +5,9 @@
                           that are not all here yet (this node is fetching them) are waited
                           for up to that long (at most MAX_WAIT), without an upload slot: a
                           node waiting on a claim learns at once that they arrived
+                          (``X-Thunderfs-Pieces``: while the image has no manifest, the
+                          tracker's proven pieces that cover them, which the asker checks them
+                          against instead of asking the tracker)
     GET /healthz
 
 Only members' signed requests are answered (401 otherwise).  Uploads are capped in number (503
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 
 import h11
 import trio
@@ -25,6 +29,7 @@ from thunderfs.cache.store import ChunkStore
 from thunderfs.errors import ChunkCorrupt, ChunkNotCached
 from thunderfs.ratelimit import TokenBucket
 from thunderfs_common.signing import NonceCacheFull, Verifier
+from thunderfs_tracker.protocol import PIECES_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +50,9 @@ class PeerServer:
         self._waiting = 0
         self._stats = dict.fromkeys(("requests", "served_chunks", "served_bytes", "not_held", "busy",
                                      "refused", "bad_requests", "waits", "waits_served"), 0)
+        # Wired by the daemon: (content, first, count) -> the header that carries the tracker's
+        # pieces of those chunks, while the image has only those (None: none to send).
+        self.pieces: Callable[[bytes, int, int], str | None] = lambda content, first, count: None
 
     @property
     def uploads(self) -> int:
@@ -67,9 +75,9 @@ class PeerServer:
                     request = await self._next_request(conn, stream)
                     if request is None:
                         return
-                    status, body, slot = await self._answer(request)
+                    status, body, slot, extra = await self._answer(request)
                     try:
-                        await self._send(conn, stream, status, body, head=request.method == b"HEAD")
+                        await self._send(conn, stream, status, body, head=request.method == b"HEAD", extra=extra)
                     finally:
                         if slot:
                             self._busy -= 1  # taken in _answer, held until the bytes are sent
@@ -103,16 +111,27 @@ class PeerServer:
             elif isinstance(event, h11.ConnectionClosed):
                 return None
 
-    async def _send(self, conn: h11.Connection, stream, status: int, body: bytes, head: bool = False) -> None:
-        headers = [("Content-Length", str(len(body))), ("Content-Type", "application/octet-stream")]
+    async def _send(self, conn: h11.Connection, stream, status: int, body: bytes, head: bool = False,
+                    extra: list[tuple[str, str]] = ()) -> None:
+        headers = [("Content-Length", str(len(body))), ("Content-Type", "application/octet-stream"), *extra]
         await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)))
         if body and not head:  # an answer to HEAD has the length of the body it would have, not the body
             await self._bucket.wait_for(len(body))
             await stream.send_all(conn.send(h11.Data(data=body)))
         await stream.send_all(conn.send(h11.EndOfMessage()))
 
-    async def _answer(self, request: h11.Request) -> tuple[int, bytes, bool]:
-        """Status, body, and whether an upload slot was taken (the caller frees it once sent)."""
+    async def _answer(self, request: h11.Request) -> tuple[int, bytes, bool, list[tuple[str, str]]]:
+        """Status, body, whether an upload slot was taken (the caller frees it once sent), and
+        headers beyond the usual."""
+        status, body, slot = await self._chunks(request)
+        extra: list[tuple[str, str]] = []
+        if status == 200 and (m := _CHUNKS.match(request.target.decode("ascii", "replace"))):
+            pieces = self.pieces(bytes.fromhex(m.group(1)), int(m.group(2)), int(m.group(3)))
+            if pieces:
+                extra.append((PIECES_HEADER, pieces))
+        return status, body, slot, extra
+
+    async def _chunks(self, request: h11.Request) -> tuple[int, bytes, bool]:
         self._stats["requests"] += 1
         target = request.target.decode("ascii", "replace")
         if request.method != b"GET":

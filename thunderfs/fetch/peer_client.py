@@ -20,7 +20,7 @@ import trio
 from thunderfs.cache.store import ImageData
 from thunderfs.fetch.lazy_manifest import LazyManifest
 from thunderfs_common.signing import SignedRequests
-from thunderfs_tracker.protocol import Manifest, PeerRecord
+from thunderfs_tracker.protocol import PIECES_HEADER, Manifest, PeerRecord, ProtocolError, parse_pieces
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ class Reply:
     data: bytes | None = None  # OK: the run's bytes, every chunk checked (UNCHECKED: not yet)
     bad_chunk: int = -1  # LIED: the first chunk that failed
     why: str = ""  # LIED: how
+    pieces: tuple = ()  # UNCHECKED: the tracker's pieces the peer sent along (not checked yet)
 
 
 class PeerClient:
@@ -94,6 +95,7 @@ class PeerClient:
                         self._note_rtt(peer.node_id, trio.current_time() - started)
                     status = resp.status_code
                     body = await resp.aread() if status == 200 else b""
+                    pieces_header = resp.headers.get(PIECES_HEADER)
         except (httpx.TimeoutException, trio.TooSlowError) as exc:
             # Slow, not dead: skip it for a moment (it may just be busy serving others).
             self._stats["slow"] += 1
@@ -117,7 +119,11 @@ class PeerClient:
         if len(body) != expected:
             return self._lied(peer, img, first, f"sent {len(body)} bytes for {expected}")
         if isinstance(manifest, LazyManifest) and manifest.unknown(first, count):
-            return Reply(Answer.UNCHECKED, body)
+            try:
+                pieces = tuple(parse_pieces(pieces_header)) if pieces_header else ()
+            except ProtocolError:
+                pieces = ()  # checked against the tracker's own, then
+            return Reply(Answer.UNCHECKED, body, pieces=pieces)
         return self.check(peer, img, manifest, first, body)
 
     def check(self, peer: PeerRecord, img: ImageData, manifest: Manifest | LazyManifest, first: int,

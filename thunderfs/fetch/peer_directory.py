@@ -23,9 +23,9 @@ from thunderfs.fetch.breaker import Breaker
 from thunderfs.fetch.flights import FlightAbandoned, SingleFlight
 from thunderfs.fetch.lazy_manifest import LazyManifest
 from thunderfs_common.image import ImageMeta
-from thunderfs_common.manifest_proof import Ed25519PublicKey, signed_by
+from thunderfs_common.manifest_proof import Ed25519PublicKey, ManifestProof, signed_by
 from thunderfs_tracker.client import TrackerClient, TrackerError
-from thunderfs_tracker.protocol import Manifest, PeerRecord, Piece, Revocation
+from thunderfs_tracker.protocol import Manifest, PeerRecord, Piece, Revocation, encode_pieces
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +36,13 @@ LAZY_RECHECK = 10.0
 class PeerDirectory:
     def __init__(self, tracker: TrackerClient, *, chunk_size: int, timeout: float = 2.0,
                  lookup_window: int = 1024, lookup_ttl: float = 2.0, min_rate: float = 2**20,
-                 tracker_key: Ed25519PublicKey | None = None, on_revoked=None):
+                 tracker_key: Ed25519PublicKey | None = None, secret: bytes | None = None, on_revoked=None):
         """``tracker_key``: the tracker's public key; a manifest it did not sign is refused.
+        ``secret``: the cluster's, which proves pieces without a key (a MAC, as the tracker's).
         ``on_revoked(meta, why)``: the tracker revoked an image's lazy manifest."""
         self._tracker = tracker
         self._tracker_key = tracker_key
+        self._mac = ManifestProof(secret=secret) if secret else None
         self._cs = chunk_size
         self.timeout = timeout
         self._window = lookup_window
@@ -157,22 +159,37 @@ class PeerDirectory:
 
     # --- a lazy manifest's pieces ------------------------------------------------------------
 
-    def add_piece(self, meta: ImageMeta, piece: Piece) -> bool:
-        """A piece from the tracker, if it is this image's and carries the tracker's proof: its
-        digests join the lazy manifest.  False: refused (or no lazy manifest to join)."""
+    def _proven(self, piece: Piece, from_peer: bool) -> bool:
+        """The tracker's proof of a piece: its key's signature, else a MAC under the secret.
+        Without either, only a piece in the tracker's own (authenticated) answer is taken."""
+        if self._tracker_key is not None:
+            return signed_by(self._tracker_key, piece.signed_bytes(), piece.proof)
+        if self._mac is not None:
+            return self._mac.holds(piece.signed_bytes(), piece.proof)
+        return not from_peer
+
+    def add_piece(self, meta: ImageMeta, piece: Piece, *, from_peer: bool = False) -> bool:
+        """A piece (from the tracker, or ``from_peer`` sent along with chunks), if it is this
+        image's and carries the tracker's proof: its digests join the lazy manifest.  False:
+        refused (or no lazy manifest to join)."""
         lazy = self.manifest_nowait(meta)
         if not isinstance(lazy, LazyManifest):
             return False
         if ((piece.image_id, piece.os_hash_value, piece.size, piece.chunk_size)
-                != (meta.id, meta.os_hash_value, meta.size, self._cs)
-                or (self._tracker_key is not None and not signed_by(self._tracker_key, piece.signed_bytes(), piece.proof))):
+                != (meta.id, meta.os_hash_value, meta.size, self._cs) or not self._proven(piece, from_peer)):
             self._stats["pieces_refused"] += 1
-            log.warning("a piece of %s from the tracker does not match Glance's listing or the tracker's key: refused",
-                        meta.id)
+            log.warning("a piece of %s (%s) does not match Glance's listing or lacks the tracker's proof: refused",
+                        meta.id, "sent by a peer" if from_peer else "from the tracker")
             return False
         lazy.add(piece)
         self._stats["pieces"] += 1
         return True
+
+    def pieces_header(self, content: bytes, first: int, count: int) -> str | None:
+        """What the peer server sends along with chunks of an image that has only pieces: the
+        pieces that cover them (None: a built manifest, or no pieces, or too many to send)."""
+        m = self._manifests.get(content)
+        return encode_pieces(m.pieces_for(first, count)) if isinstance(m, LazyManifest) else None
 
     async def digests(self, lazy: LazyManifest, first: int, count: int) -> bool:
         """Until the lazy manifest has digests for chunks ``first..first+count-1`` (asked of the

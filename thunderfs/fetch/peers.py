@@ -66,7 +66,7 @@ class PeerSource:
                                  min_rate=min_rate, transport=transport)
         self.directory = PeerDirectory(tracker, chunk_size=chunk_size, timeout=timeout, lookup_window=lookup_window,
                                        lookup_ttl=lookup_ttl, min_rate=min_rate, tracker_key=tracker_key,
-                                       on_revoked=self._revoked)
+                                       secret=secret, on_revoked=self._revoked)
         self.claims = ClaimTaker(tracker, self.directory, self.client, self._ask, chunk_size=chunk_size,
                                  timeout=timeout, max_request_chunks=max_request_chunks, poll=claim_poll)
         # content -> chunk -> (who fetches it: None for this node, and whether it holds it already),
@@ -245,6 +245,8 @@ class PeerSource:
         checked once the tracker's piece for them came (not used, if it did not)."""
         reply = await self.client.get(peer, img, manifest, first, count, wait=wait)
         if reply.answer is Answer.UNCHECKED:
+            for piece in reply.pieces:  # what the peer checked them against: proven, or refused
+                self.directory.add_piece(manifest.meta, piece, from_peer=True)
             if isinstance(manifest, LazyManifest) and await self.directory.digests(manifest, first, count):
                 reply = self.client.check(peer, img, manifest, first, reply.data)
             else:
