@@ -557,15 +557,3 @@ async def test_pieces_a_peer_forged_are_refused_and_the_trackers_own_decide(stor
     assert await src.fetch(want(store, range(4)), sink) == []
     assert right(sink, range(4)) and tracker.calls["seed"] == 1
     assert src.statistics()["pieces_refused"] == 1 and src.statistics()["bad_chunks"] == 0
-
-
-async def test_a_flight_of_a_seeded_image_claims_at_once_and_takes_from_the_holder_the_claim_names(store):
-    a = peer("a", range(8))
-    tracker = FakeTracker("lazy", holders=[a], granted=set(), claimed=[(a, list(range(8)), True)])
-    src, sink = source_of(tracker, Peers(a="pieces"), secret=SECRET), Sink()
-    await src.directory.manifest(META)
-    lookups = tracker.calls["lookup"]
-    assert await src.fetch(want(store, range(8)), sink) == []
-    assert right(sink, range(8)) and tracker.calls["claim"] == 1
-    # No lookup before the claim (the take may look for relays of what it waits on).
-    assert tracker.calls["lookup"] - lookups <= 1

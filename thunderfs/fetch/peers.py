@@ -159,18 +159,15 @@ class PeerSource:
     # --- the source ------------------------------------------------------------------------
 
     async def fetch(self, want: Want, sink: Sink) -> list[int]:
-        """What the batch's plan covers as it says; the rest first from what peers hold (verified;
-        of an image with pieces only, the claim names them), then claimed at the tracker.  The chunks this node is granted go on to Glance at once
+        """What the batch's plan covers as it says; the rest first from what peers hold (verified),
+        then claimed at the tracker.  The chunks this node is granted go on to Glance at once
         (``sink.pass_on``), while those other nodes hold or are fetching are taken from them as
         they appear.  Returns what did not come in time."""
         meta, img, cs = want.meta, want.img, self._cs
         # What the batch's plan covers needs no lookup and no claim: who holds or fetches each.
         mine, theirs, unplanned = self._planned(img, [c for c in want.chunks if not img.cached(c)])
         got: set[int] = set()
-        # An image the tracker seeds is new: few chunks are held anywhere yet, and the claim names
-        # their holders too, so a flight claims at once (a lookup first cost every first read of
-        # a new-image storm one more round trip to a busy tracker).
-        if unplanned and not isinstance(self.directory.manifest_nowait(meta), LazyManifest):
+        if unplanned:
             with trio.move_on_after(self.timeout * 3 + want.nbytes() / MIN_RATE):
                 for rfirst, piece in await self._from_holders(meta, img, unplanned):
                     sink.put(rfirst, piece)
