@@ -88,3 +88,30 @@ async def test_a_waiting_request_is_answered_when_its_chunks_arrive_and_404_when
         nursery.cancel_scope.cancel()
     s = server.statistics()
     assert (s["waits"], s["waits_served"], s["waiting"], s["uploads_in_progress"]) == (2, 1, 0, 0)
+
+
+async def test_waiters_queue_for_an_upload_slot_when_their_chunks_arrive_rather_than_get_a_503(store):
+    """A crowd waits at the node fetching its chunks: when they arrive, every waiter is served
+    in turn through the one slot (a 503 would send each back a poll later)."""
+    img = store.image(META.content_key, META.size)
+    server = PeerServer(store, secret=SECRET, max_uploads=1, rate=2**20)  # 1 MiB/s: a slot stays busy
+    _, port = await server.listen("127.0.0.1", 0)
+    path = f"/v1/chunks/{META.content_key.hex()}/0/2?wait=5000"
+    answers: list[tuple[int, bytes]] = []
+
+    async def asked() -> None:
+        answers.append(await ask(port, path, sign(SECRET, "n1", "GET", path)))
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        for _ in range(3):
+            nursery.start_soon(asked)
+        while server.statistics()["waiting"] < 3:
+            await trio.sleep(0.01)
+        store.stage(img, 0, DATA[:2 * CS])
+        while len(answers) < 3:
+            await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert answers == [(200, DATA[:2 * CS])] * 3
+    s = server.statistics()
+    assert s["busy"] == 0 and s["slot_waits"] >= 2 and s["uploads_in_progress"] == 0

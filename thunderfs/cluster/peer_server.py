@@ -11,7 +11,8 @@
     GET /healthz
 
 Only members' signed requests are answered (401 otherwise).  Uploads are capped in number (503
-when every slot is busy: the asker moves on to another source) and in bandwidth (token bucket).
+when every slot is busy: the asker moves on to another source; a request that waits for its
+chunks queues for a slot instead, within its wait) and in bandwidth (token bucket).
 A chunk is served only after its checksum was checked in this process (rule 5 of chunk_store):
 a corrupt cached chunk is dropped, never relayed.
 """
@@ -49,7 +50,8 @@ class PeerServer:
         self._bucket = TokenBucket(rate)
         self._waiting = 0
         self._stats = dict.fromkeys(("requests", "served_chunks", "served_bytes", "not_held", "busy",
-                                     "refused", "bad_requests", "waits", "waits_served"), 0)
+                                     "refused", "bad_requests", "waits", "waits_served", "slot_waits"), 0)
+        self._slot_freed = trio.lowlevel.ParkingLot()
         # Wired by the daemon: (content, first, count) -> the header that carries the tracker's
         # pieces of those chunks, while the image has only those (None: none to send).
         self.pieces: Callable[[bytes, int, int], str | None] = lambda content, first, count: None
@@ -80,7 +82,7 @@ class PeerServer:
                         await self._send(conn, stream, status, body, head=request.method == b"HEAD", extra=extra)
                     finally:
                         if slot:
-                            self._busy -= 1  # taken in _answer, held until the bytes are sent
+                            self._free_slot()  # taken in _answer, held until the bytes are sent
                     if conn.our_state is h11.MUST_CLOSE:
                         return
                     conn.start_next_cycle()
@@ -163,16 +165,23 @@ class PeerServer:
         if img is None or last >= img.nchunks:
             self._stats["not_held"] += 1
             return 404, b"not held\n", False
-        if wait and img.missing(first, last):
+        give_up = trio.current_time() + wait
+        if wait and (img.missing(first, last) or self._busy >= self._slots):
             if self._waiting >= MAX_WAITERS:
                 self._stats["busy"] += 1
                 return 503, b"too many waiting\n", False
             self._stats["waits"] += 1
             self._waiting += 1
             try:
-                with trio.move_on_after(wait):
+                with trio.move_on_at(give_up):
                     while img.missing(first, last):
                         await img.wait_arrival()
+                    # The crowd that waited for these chunks wants them at once: a waiter queues
+                    # for an upload slot (the slots turn over in milliseconds) rather than be
+                    # told 503 and come back a poll later.
+                    while self._busy >= self._slots:
+                        self._stats["slot_waits"] += 1
+                        await self._slot_freed.park()
             finally:
                 self._waiting -= 1
         if self._busy >= self._slots:
@@ -191,17 +200,21 @@ class PeerServer:
         try:
             data = await self._store.read(img, start, end - start)
         except (ChunkCorrupt, ChunkNotCached):
-            self._busy -= 1
+            self._free_slot()
             self._stats["not_held"] += 1
             return 404, b"not held\n", False
         except BaseException:
-            self._busy -= 1
+            self._free_slot()
             raise
         finally:
             self._store.unpin(img, token)
         self._stats["served_chunks"] += count
         self._stats["served_bytes"] += len(data)
         return 200, data, True
+
+    def _free_slot(self) -> None:
+        self._busy -= 1
+        self._slot_freed.unpark()
 
     def statistics(self) -> dict:
         return {**self._stats, "uploads_in_progress": self._busy, "upload_slots": self._slots,
