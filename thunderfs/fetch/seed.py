@@ -31,9 +31,13 @@ TRACKER_READ = 5.0
 
 class SeedSource:
     name = "seed"
+    # Runs of a flight asked at once: the tracker answers a run once it has all of it from Glance,
+    # so a 16 MiB readahead flight goes as 1 MiB runs, four at a time, and a reader waiting on its
+    # first chunks does not wait for the tracker to read the rest.
+    CONCURRENT = 4
 
     def __init__(self, tracker: TrackerClient, directory: PeerDirectory, *, chunk_size: int, timeout: float = 2.0,
-                 max_chunks: int = 64):
+                 max_chunks: int = 16):
         self._tracker = tracker
         self._directory = directory
         self._cs = chunk_size
@@ -49,14 +53,19 @@ class SeedSource:
             return want.chunks
         left: list[int] = []
         todo = runs([c for c in want.chunks if not img.cached(c)], self._max)
-        for i, (first, count) in enumerate(todo):
-            if self._directory.tracker_breaker.is_open:
-                left += [c for f, n in todo[i:] for c in range(f, f + n)]
-                break
-            nbytes = min(img.size, (first + count) * self._cs) - first * self._cs
-            if not await self._one(want, lazy, first, count, nbytes, sink):
-                left += range(first, first + count)
-        return left
+        queue = iter(todo)  # taken in order: the flight's first chunks (a reader's, often) first
+
+        async def worker() -> None:
+            for first, count in queue:
+                nbytes = min(img.size, (first + count) * self._cs) - first * self._cs
+                if self._directory.tracker_breaker.is_open or not await self._one(want, lazy, first, count,
+                                                                                   nbytes, sink):
+                    left.extend(range(first, first + count))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(min(self.CONCURRENT, len(todo))):
+                nursery.start_soon(worker)
+        return sorted(left)
 
     async def _one(self, want: Want, lazy: LazyManifest, first: int, count: int, nbytes: int, sink: Sink) -> bool:
         meta = want.meta
