@@ -557,3 +557,20 @@ async def test_pieces_a_peer_forged_are_refused_and_the_trackers_own_decide(stor
     assert await src.fetch(want(store, range(4)), sink) == []
     assert right(sink, range(4)) and tracker.calls["seed"] == 1
     assert src.statistics()["pieces_refused"] == 1 and src.statistics()["bad_chunks"] == 0
+
+
+async def test_a_manifest_answer_that_does_not_parse_is_no_answer(store, autojump_clock):
+    """A tracker answer that passed authentication but does not parse (a tracker's bug) leaves the
+    node as it was: no exception out of the directory, whose loop asks again later."""
+    from thunderfs_tracker.protocol import ProtocolError
+
+    tracker = FakeTracker("lazy", holders=[])
+    src = source_of(tracker, Peers())
+    lazy = await src.directory.manifest(META)
+
+    async def broken(image_id, chunk_size):
+        raise ProtocolError("malformed manifest")
+
+    tracker.manifest_state = broken
+    await trio.sleep(LAZY_RECHECK + 1)
+    assert await src.directory.manifest(META) is lazy

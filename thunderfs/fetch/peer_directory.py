@@ -25,7 +25,7 @@ from thunderfs.fetch.lazy_manifest import LazyManifest
 from thunderfs_common.image import ImageMeta
 from thunderfs_common.manifest_proof import Ed25519PublicKey, ManifestProof, signed_by
 from thunderfs_tracker.client import TrackerClient, TrackerError
-from thunderfs_tracker.protocol import Manifest, PeerRecord, Piece, Revocation, encode_pieces
+from thunderfs_tracker.protocol import Manifest, PeerRecord, Piece, ProtocolError, Revocation, encode_pieces
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class PeerDirectory:
             # A manifest is 44 bytes of JSON per chunk (1.4 MiB for 2 GiB): give it time by size.
             with trio.move_on_after(self.timeout + meta.size // self._cs * 44 / self._min_rate):
                 m = await self._tracker.manifest_state(meta.id, self._cs)
-        except TrackerError as exc:
+        except (TrackerError, ProtocolError) as exc:  # an answer that does not parse is no answer
             log.debug("no manifest for %s: %s", meta.id, exc)
             return current
         if m == "lazy":
