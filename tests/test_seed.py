@@ -15,16 +15,22 @@ from conftest import wait_for
 CHUNK = 64 * 1024
 
 
-def test_a_new_image_is_traded_from_the_first_read_and_glance_sends_each_chunk_once(make_cluster, images):
-    # The whole-image check waits for a quiet 10 minutes: the test is over long before.
-    proxy, tracker, node = make_cluster(tracker_args=("--check-quiet", "600"))
-    image_id = images.add(40 * CHUNK + 123, seed=140)
+def a_then_b(make_cluster, images, check_quiet: str, size: int, seed: int):
+    """A new image, read whole by a, then by b (once the tracker knows what a holds)."""
+    proxy, tracker, node = make_cluster(tracker_args=("--check-quiet", check_quiet))
+    image_id = images.add(size, seed=seed)
     data = images.data[image_id]
     a = node("a", "z1/r1/a")
     b = node("b", "z1/r1/b")
     assert a.image(image_id).read_bytes() == data
     wait_for(lambda: a.stats()["announcer"]["in_sync"], what="the tracker to know what a holds")
     assert b.image(image_id).read_bytes() == data
+    return proxy, tracker, image_id, data, a, b
+
+
+def test_a_new_image_is_traded_from_the_first_read_and_glance_sends_each_chunk_once(make_cluster, images):
+    # The whole-image check waits for a quiet 10 minutes: the test is over long before.
+    proxy, tracker, image_id, data, a, b = a_then_b(make_cluster, images, "600", 40 * CHUNK + 123, 140)
     sa, sb = a.stats(), b.stats()
     # a took every chunk through the tracker, which read each from Glance once; b took them from a.
     assert sa["fetch"]["chunks_from_seed"] == 41 and sa["fetch"]["bytes_from_origin"] == 0
@@ -37,14 +43,7 @@ def test_a_new_image_is_traded_from_the_first_read_and_glance_sends_each_chunk_o
 
 def test_an_image_whose_bytes_change_under_its_id_is_revoked_and_every_node_drops_what_it_took(
         make_cluster, images, glance):
-    proxy, tracker, node = make_cluster(tracker_args=("--check-quiet", "2"))
-    image_id = images.add(24 * CHUNK, seed=141)
-    data = images.data[image_id]
-    a = node("a", "z1/r1/a")
-    b = node("b", "z1/r1/b")
-    assert a.image(image_id).read_bytes() == data
-    wait_for(lambda: a.stats()["announcer"]["in_sync"], what="the tracker to know what a holds")
-    assert b.image(image_id).read_bytes() == data
+    proxy, tracker, image_id, data, a, b = a_then_b(make_cluster, images, "2", 24 * CHUNK, 141)
     assert b.stats()["fetch"]["chunks_from_peers"] == 24
     # Glance's stored file changes under the same id (chunk 7), before the tracker's check.
     stored = glance.dir / "images" / image_id
