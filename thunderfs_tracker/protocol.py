@@ -357,6 +357,14 @@ def check_chunk_size(value: int) -> int:
     return value
 
 
+def _signed(fields: dict, **kind: str) -> bytes:
+    """What a proof covers: every field of a message but its proof, in one canonical form; a
+    piece's and a revocation's carry their ``kind``, so that no proof passes for another
+    message's (a manifest's has none: the form its stored proofs were made over)."""
+    body = {k: v for k, v in fields.items() if k != "proof"}
+    return json.dumps({**body, **kind}, sort_keys=True, separators=(",", ":")).encode()
+
+
 @dataclass(frozen=True)
 class Manifest:
     """The sha256 of every chunk of one image, computed from Glance's bytes by the tracker and
@@ -376,8 +384,7 @@ class Manifest:
 
     def signed_bytes(self) -> bytes:
         """What a manifest's proof covers: every field but the proof, in one canonical form."""
-        body = {k: v for k, v in self.to_json().items() if k != "proof"}
-        return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+        return _signed(self.to_json())
 
     def digest(self, chunk: int) -> bytes:
         return self.digests[chunk * DIGEST:(chunk + 1) * DIGEST]
@@ -427,8 +434,7 @@ class Piece:
         return len(self.digests) // DIGEST
 
     def signed_bytes(self) -> bytes:
-        body = {k: v for k, v in self.to_json().items() if k != "proof"}
-        return json.dumps({**body, "kind": "piece"}, sort_keys=True, separators=(",", ":")).encode()
+        return _signed(self.to_json(), kind="piece")
 
     def digest(self, chunk: int) -> bytes:
         i = chunk - self.first
@@ -499,8 +505,7 @@ class Revocation:
     proof: bytes = b""
 
     def signed_bytes(self) -> bytes:
-        body = {k: v for k, v in self.to_json().items() if k != "proof"}
-        return json.dumps({**body, "kind": "revoked"}, sort_keys=True, separators=(",", ":")).encode()
+        return _signed(self.to_json(), kind="revoked")
 
     def to_json(self) -> dict:
         return {"image_id": self.image_id, "chunk_size": self.chunk_size, "os_hash_value": self.os_hash_value,

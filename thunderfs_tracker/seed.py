@@ -26,6 +26,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
+from thunderfs_common.chunk_runs import runs
 from thunderfs_common.glance import GlanceClient, GlanceError, ImageGone
 from thunderfs_common.image import ImageMeta
 from thunderfs_common.manifest_proof import ManifestProof
@@ -47,16 +48,6 @@ class SeedUnavailable(Exception):
 def _hash_chunks(data: bytes | bytearray, chunk_size: int) -> list[bytes]:
     view = memoryview(data)
     return [hashlib.sha256(view[i:i + chunk_size]).digest() for i in range(0, max(len(data), 1), chunk_size)]
-
-
-def _runs(chunks: list[int]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for c in chunks:
-        if out and out[-1][0] + out[-1][1] == c:
-            out[-1] = (out[-1][0], out[-1][1] + 1)
-        else:
-            out.append((c, 1))
-    return out
 
 
 class _Image:
@@ -158,7 +149,7 @@ class Seed:
         for c, f in futures.items():
             self._reading[(image_id, chunk_size, c)] = f
         try:
-            for rfirst, rcount in _runs(mine):
+            for rfirst, rcount in runs(mine, MAX_PIECE_CHUNKS):
                 got.update(await self._read_glance(img, chunk_size, rfirst, rcount, futures))
         except BaseException as exc:
             failed = SeedUnavailable(str(exc)) if not isinstance(exc, SeedUnavailable) else exc

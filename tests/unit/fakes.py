@@ -13,7 +13,8 @@ import trio
 
 from thunderfs.fetch.fetcher import Fetcher
 from thunderfs.fetch.slots import PrioritySlots
-from thunderfs.fetch.source import Sink, Want, runs
+from thunderfs.fetch.source import Sink, Want
+from thunderfs_common.chunk_runs import runs
 from thunderfs_common.image import ImageMeta
 
 CS = 4096

@@ -12,7 +12,7 @@ from thunderfs.cache.index import Put
 import thunderfs.cache.store as store_mod
 from thunderfs.cache.store import ABSENT, INDEXED, PENDING, ChunkStore
 from thunderfs.errors import ChunkCorrupt
-from thunderfs.fetch.source import runs
+from thunderfs_common.chunk_runs import runs
 from thunderfs_common.image import ImageMeta
 from thunderfs.fetch.slots import DEMAND, PREFETCH, READAHEAD, PrioritySlots
 from thunderfs_common.units import parse_size

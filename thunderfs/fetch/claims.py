@@ -23,7 +23,7 @@ import trio
 from thunderfs.cache.store import ImageData
 from thunderfs.fetch.peer_client import Answer, PeerClient, Reply
 from thunderfs.fetch.peer_directory import PeerDirectory
-from thunderfs.fetch.source import runs
+from thunderfs_common.chunk_runs import runs
 from thunderfs_common.image import ImageMeta
 from thunderfs_tracker.client import TrackerClient, TrackerError
 from thunderfs_tracker.protocol import Manifest, PeerRecord

@@ -21,7 +21,8 @@ from thunderfs.errors import FetchFailed, ThunderfsError
 from thunderfs.fetch.flights import Flight, SingleFlight
 from thunderfs_common.image import ImageMeta
 from thunderfs.fetch.slots import DEMAND
-from thunderfs.fetch.source import Source, Urgency, Want, deadline_for, runs
+from thunderfs.fetch.source import Source, Urgency, Want, deadline_for
+from thunderfs_common.chunk_runs import runs
 
 log = logging.getLogger(__name__)
 

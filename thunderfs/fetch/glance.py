@@ -20,7 +20,8 @@ from thunderfs.errors import SourceFailed
 from thunderfs.fetch.breaker import Breaker
 from thunderfs.fetch.retry import with_retries
 from thunderfs.fetch.slots import PrioritySlots
-from thunderfs.fetch.source import Sink, Want, deadline_for, runs
+from thunderfs.fetch.source import Sink, Want, deadline_for
+from thunderfs_common.chunk_runs import runs
 from thunderfs.ratelimit import TokenBucket
 from thunderfs_common.glance import GlanceClient, GlanceError, GlanceUnavailable, is_temp_failure
 

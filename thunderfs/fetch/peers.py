@@ -23,7 +23,8 @@ from thunderfs.fetch.lazy_manifest import LazyManifest
 from thunderfs.fetch.peer_client import Answer, PeerClient, Reply
 from thunderfs.fetch.peer_directory import PeerDirectory
 from thunderfs.fetch.slots import DEMAND
-from thunderfs.fetch.source import MIN_RATE, Sink, Want, deadline_for, runs
+from thunderfs.fetch.source import MIN_RATE, Sink, Want, deadline_for
+from thunderfs_common.chunk_runs import runs
 from thunderfs_common.image import ImageMeta
 from thunderfs_common.manifest_proof import Ed25519PublicKey
 from thunderfs_tracker.client import TrackerClient, TrackerError

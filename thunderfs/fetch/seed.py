@@ -19,7 +19,8 @@ import trio
 
 from thunderfs.fetch.lazy_manifest import LazyManifest
 from thunderfs.fetch.peer_directory import PeerDirectory
-from thunderfs.fetch.source import Sink, Want, deadline_for, runs
+from thunderfs.fetch.source import Sink, Want, deadline_for
+from thunderfs_common.chunk_runs import runs
 from thunderfs_tracker.client import TrackerClient, TrackerError, TrackerRefused
 from thunderfs_tracker.protocol import MAX_PIECE_CHUNKS
 

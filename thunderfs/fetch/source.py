@@ -15,7 +15,6 @@ raises fails the flight's readers with EIO; anything else is a bug, logged whole
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -24,17 +23,6 @@ from thunderfs.fetch.slots import PrioritySlots, Ticket
 if TYPE_CHECKING:
     from thunderfs.cache.store import ImageData
     from thunderfs_common.image import ImageMeta
-
-
-def runs(chunks: Iterable[int], max_len: int) -> list[tuple[int, int]]:
-    """Sorted chunk numbers -> (first, count) runs of adjacent chunks, none longer than max_len."""
-    out: list[tuple[int, int]] = []
-    for c in chunks:
-        if out and out[-1][0] + out[-1][1] == c and out[-1][1] < max_len:
-            out[-1] = (out[-1][0], out[-1][1] + 1)
-        else:
-            out.append((c, 1))
-    return out
 
 
 # A transfer may take its base timeout plus its size at this rate: a 16 MiB readahead request that
