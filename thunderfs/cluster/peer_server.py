@@ -125,15 +125,11 @@ class PeerServer:
     async def _answer(self, request: h11.Request) -> tuple[int, bytes, bool, list[tuple[str, str]]]:
         """Status, body, whether an upload slot was taken (the caller frees it once sent), and
         headers beyond the usual."""
-        status, body, slot = await self._chunks(request)
         extra: list[tuple[str, str]] = []
-        if status == 200 and (m := _CHUNKS.match(request.target.decode("ascii", "replace"))):
-            pieces = self.pieces(bytes.fromhex(m.group(1)), int(m.group(2)), int(m.group(3)))
-            if pieces:
-                extra.append((PIECES_HEADER, pieces))
-        return status, body, slot, extra
+        return (*await self._chunks(request, extra), extra)
 
-    async def _chunks(self, request: h11.Request) -> tuple[int, bytes, bool]:
+    async def _chunks(self, request: h11.Request, extra: list[tuple[str, str]]) -> tuple[int, bytes, bool]:
+        """What ``_answer`` answers, but the headers of a 200, which go into ``extra``."""
         self._stats["requests"] += 1
         target = request.target.decode("ascii", "replace")
         if request.method != b"GET":
@@ -210,6 +206,8 @@ class PeerServer:
             self._store.unpin(img, token)
         self._stats["served_chunks"] += count
         self._stats["served_bytes"] += len(data)
+        if pieces := self.pieces(content, first, count):
+            extra.append((PIECES_HEADER, pieces))
         return 200, data, True
 
     def _free_slot(self) -> None:
