@@ -402,7 +402,8 @@ def main() -> int:
                     bar.advance(task)
                     task = bar.add_task("thunderfs: peers + prefetch", total=args.nodes)
                     ms = [storm.mount(i, f"tf{i}", True) for i in range(args.nodes)]
-                    requests_before = storm.tracker_stats().get("requests", {})
+                    before = storm.tracker_stats()
+                    requests_before, events_before = before.get("requests", {}), before.get("watch_events", 0)
                     if args.kill_replica:
                         threading.Timer(args.kill_replica, storm.kill_replica).start()
                     cpu_before = sum(cpu_seconds(m.pid) for m in ms)
@@ -429,6 +430,9 @@ def main() -> int:
                     results["tracker_requests_per_node"] = sum(by_route.values())
                     results["tracker_lookups_claims_per_node"] = (
                         tracker_stats["lookups"] + tracker_stats["claims"]) / args.nodes
+                    # What the watches pushed instead of lookups: events on their streams.
+                    results["tracker_watch_events_per_node"] = (
+                        tracker_stats.get("watch_events", 0) - events_before) / args.nodes
                     results["ways"]["thunderfs"] = r
                     # The same nodes again, caches warm, all at once: what sharing this machine's
                     # CPU costs the boots by itself (for VMs, the fair baseline of a storm here).
@@ -444,7 +448,8 @@ def main() -> int:
                     task = bar.add_task("thunderfs: a new image", total=args.nodes)
                     new_id = storm.upload_new(disk)
                     ms = [storm.mount(i, f"new{i}", True) for i in range(args.nodes)]
-                    requests_before = storm.tracker_stats().get("requests", {})
+                    before = storm.tracker_stats()
+                    requests_before, events_before = before.get("requests", {}), before.get("watch_events", 0)
                     cpu_before = sum(cpu_seconds(m.pid) for m in ms)
                     r = storm.storm("thunderfs-new", [m.image(new_id) for m in ms],
                                     stats=lambda: node_sources(all_stats(ms)), progress=lambda: bar.advance(task))
@@ -460,6 +465,8 @@ def main() -> int:
                     r["tracker_requests_per_node"] = sum(
                         (v - requests_before.get(k, 0)) / args.nodes for k, v in tracker_stats.get("requests", {}).items()
                         if not k.endswith("/stats") and v > requests_before.get(k, 0))
+                    r["tracker_watch_events_per_node"] = (
+                        tracker_stats.get("watch_events", 0) - events_before) / args.nodes
                     # Egress at Glance during the storm, the tracker's reads included (and the
                     # whole-image check's, had it started before the storm's end).
                     r["glance_egress_all"] = r["glance_egress"] + r["glance_whole"]
@@ -562,7 +569,9 @@ def report(results: dict) -> None:
             by = results.get("tracker_requests_by_route_per_node", {})
             print(f"  {'':12s} tracker requests per node per boot: {results['tracker_requests_per_node']:.1f} "
                   f"(heartbeat {results.get('heartbeat', 2):g} s; target <= 30)"
-                  + (": " + ", ".join(f"{route_name(k)} {v:.1f}" for k, v in sorted(by.items())) if by else ""))
+                  + (": " + ", ".join(f"{route_name(k)} {v:.1f}" for k, v in sorted(by.items())) if by else "")
+                  + (f"; and {results['tracker_watch_events_per_node']:.0f} events on the watches"
+                     if "tracker_watch_events_per_node" in results else ""))
 
 
 def cpu_seconds(pid: int | None) -> float:

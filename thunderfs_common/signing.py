@@ -153,3 +153,14 @@ def reply_is_signed(secret: bytes, nonce: str, status: int, body: bytes, headers
     sig = headers.get(H_REPLY)
     return (isinstance(sig, str) and _MAC.fullmatch(sig) is not None
             and hmac.compare_digest(sig, sign_reply(secret, nonce, status, body)))
+
+
+def sign_event(secret: bytes, nonce: str, seq: int, body: bytes) -> str:
+    """The signature of the ``seq``-th event (from 0) of a stream answering the request with
+    ``nonce``: an event cannot be altered, dropped, reordered or moved to another stream."""
+    msg = "\n".join(("event", nonce, str(seq), hashlib.sha256(body).hexdigest()))
+    return hmac.new(secret, msg.encode(), hashlib.sha256).hexdigest()
+
+
+def event_is_signed(secret: bytes, nonce: str, seq: int, body: bytes, sig: str) -> bool:
+    return _MAC.fullmatch(sig) is not None and hmac.compare_digest(sig, sign_event(secret, nonce, seq, body))

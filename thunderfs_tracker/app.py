@@ -4,6 +4,7 @@
     POST /v1/nodes/{node}/alive      a light heartbeat: alive, and as last announced
     POST /v1/nodes/{node}/chunks     the chunks it holds: full state, or batched deltas
     GET  /v1/images/{content}/peers?first=&last=&limit=   holders of chunks, nearest first
+    GET  /v1/images/{content}/watch  who holds what, as it changes: server-sent events (``watch``)
     GET  /v1/manifests/{image}?chunk_size=N   sha256 per chunk, bound to Glance's hash (202 while built,
                                      "lazy" while the seed's pieces stand in; 410: revoked)
     GET  /v1/images/{image}/seed?chunk_size=&first=&count=&data=   a lazy image's chunks: a JSON piece
@@ -33,6 +34,7 @@ from thunderfs_tracker import metrics, selection
 from thunderfs_tracker.config import TrackerConfig
 from thunderfs_tracker.manifests import ManifestStore, ManifestUnavailable
 from thunderfs_tracker.seed import Seed, SeedUnavailable
+from thunderfs_tracker.watch import Watches
 from thunderfs_tracker.peer_store import NodeIdTaken, PeerStore, StoreFull, StoreUnavailable
 from thunderfs_tracker.profiles import ProfileStore
 from thunderfs_tracker.stores import open_stores
@@ -74,6 +76,7 @@ MANIFESTS = web.AppKey("manifests", ManifestStore)
 SUSPECTS = web.AppKey("suspects", dict)
 PROFILES = web.AppKey("profiles", ProfileStore)
 NONCES = web.AppKey("nonces", object)  # MemoryNonces or RedisNonces
+WATCHES = web.AppKey("watches", Watches)
 SIGNER = web.RequestKey("signer", str)  # the member that signed the request
 
 
@@ -107,6 +110,8 @@ async def auth_middleware(request: web.Request, handler):
         response = await _members_only(request, handler, verifier)
     except web.HTTPException as exc:
         response = exc
+    if response.prepared:  # a stream (a watch): its events are signed one by one
+        return response
     if isinstance(nonce, str) and len(nonce) == 24 and nonce.isascii():
         response.headers[H_REPLY] = sign_reply(request.app[CONFIG].secret, nonce, response.status,
                                                response.body or b"")
@@ -213,6 +218,18 @@ async def peers(request: web.Request) -> web.Response:
     return web.json_response(reply.to_json())
 
 
+async def watch(request: web.Request) -> web.StreamResponse:
+    """Who holds which chunks of an image, as it changes: one event now, then what changed."""
+    content = check_content(request.match_info["content"])
+    store, cfg = request.app[STORE], request.app[CONFIG]
+    if await store.nchunks(content) is None:
+        raise _error(web.HTTPNotFound, f"no node holds image {content}")
+    asking = request.get(SIGNER) or request.query.get("node")
+    me = await store.node(asking) if asking else None
+    return await request.app[WATCHES].serve(request, content, me, request.app[SUSPECTS], cfg.secret,
+                                            request.headers.get(H_NONCE))
+
+
 async def claims(request: web.Request) -> web.Response:
     """So that many nodes starting on one image at once do not all fetch the same chunks from
     Glance: the first to claim a chunk fetches it; the others are told to take it from that node."""
@@ -313,7 +330,7 @@ async def add_recording(request: web.Request) -> web.Response:
 
 async def stats(request: web.Request) -> web.Response:
     return web.json_response({**await request.app[STORE].statistics(), **request.app[STATS],
-                              "requests": request.app[metrics.REQUESTS],
+                              "requests": request.app[metrics.REQUESTS], **request.app[WATCHES].statistics(),
                               "epoch": await request.app[STORE].epoch(),
                               "manifests": request.app[MANIFESTS].stats,
                               **({"seed": request.app[MANIFESTS].seed.statistics()}
@@ -334,6 +351,7 @@ def routes() -> list[web.RouteDef]:
         web.post(API + "/nodes/{node}/alive", alive),
         web.post(API + "/nodes/{node}/chunks", chunks),
         web.get(API + "/images/{content}/peers", peers),
+        web.get(API + "/images/{content}/watch", watch),
         web.get(API + "/manifests/{image}", manifest),
         web.get(API + "/images/{image}/seed", seed),
         web.post(API + "/reports", report),
@@ -389,11 +407,13 @@ def create_app(config: TrackerConfig) -> web.Application:
                 proof, cache_bytes=config.seed_cache) if config.glance_url and config.seed_cache else None
     app[MANIFESTS] = ManifestStore(config.state_dir, glance, shared=stores.shared, proof=proof, seed=seed,
                                    check_quiet=config.check_quiet, check_rate=config.check_rate)
+    app[WATCHES] = Watches(stores.peers, interval=config.watch_interval, seconds=config.watch_seconds,
+                           peers=config.watch_peers)
     if config.secret:
         app[VERIFIER] = Verifier(config.secret)
     app.add_routes(routes())
     async def all_stats() -> dict:
-        return {**await app[STORE].statistics(), **app[STATS]}
+        return {**await app[STORE].statistics(), **app[STATS], **app[WATCHES].statistics()}
 
     metrics.install(app, all_stats)
     app.cleanup_ctx.append(_expiry)

@@ -18,7 +18,7 @@ import zlib
 
 import httpx
 
-from thunderfs_common.signing import H_NONCE, SignedRequests, reply_is_signed
+from thunderfs_common.signing import H_NONCE, SignedRequests, event_is_signed, reply_is_signed
 from thunderfs_tracker.protocol import (
     API,
     AnnounceReply,
@@ -36,6 +36,7 @@ from thunderfs_tracker.protocol import (
     Recording,
     Report,
     Revocation,
+    WatchEvent,
     chunks_to_bits,
     parse_epoch,
 )
@@ -175,6 +176,45 @@ class TrackerClient:
                 return []
             raise
         return LookupReply.parse(r, first, last).peers
+
+    async def watch(self, content: str, nchunks: int, on_event, *, silence: float = 15.0) -> None:
+        """Who holds what of an image, as it changes: ``on_event(seq, WatchEvent)`` for each
+        event, the first (seq 0) naming every holder, until the tracker ends the watch (returns)
+        or it fails (``TrackerUnavailable``: unreachable, ``silence`` seconds without an event,
+        an event that is malformed or fails authentication; ``TrackerRefused``: 404, a tracker
+        without watches or that knows no holder).  Tries the replicas in order, as ``_call``."""
+        path = f"{API}/images/{content}/watch?node={self.node_id}"
+        url = self._order()[0]
+        seq = 0
+        try:
+            timeout = httpx.Timeout(self._client.timeout.connect or 2.0, read=silence)
+            async with self._client.stream("GET", url + path, timeout=timeout) as resp:
+                if resp.status_code >= 400:
+                    body = await resp.aread()
+                    if resp.status_code in (502, 503, 504):
+                        raise TrackerUnavailable(f"tracker {url} answered {resp.status_code}")
+                    raise TrackerRefused(resp.status_code, body[:200].decode(errors="replace"))
+                nonce = resp.request.headers.get(H_NONCE, "")
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue  # the blank line between events
+                    on_event(seq, self._event(url, line[6:], nonce, seq, nchunks))
+                    seq += 1
+        except httpx.HTTPError as exc:
+            if seq == 0:  # it did not answer at all: the next watch goes to another replica
+                self._resting[url] = time.monotonic() + self.REPLICA_REST
+            raise TrackerUnavailable(f"the watch at tracker {url} failed: {exc!r}") from exc
+
+    def _event(self, url: str, text: str, nonce: str, seq: int, nchunks: int) -> WatchEvent:
+        if self._secret is not None:
+            sig, _, text = text.partition(" ")
+            if not event_is_signed(self._secret, nonce, seq, text.encode(), sig):
+                self.refused_answers += 1
+                raise TrackerUnavailable(f"tracker {url}: a watch event failed authentication")
+        try:
+            return WatchEvent.parse(json.loads(text), nchunks)
+        except (ValueError, ProtocolError) as exc:
+            raise TrackerUnavailable(f"tracker {url}: a malformed watch event: {exc}") from None
 
     async def manifest(self, image_id: str, chunk_size: int) -> Manifest | None:
         """The image's manifest, or None while the tracker is still building it."""

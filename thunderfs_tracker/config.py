@@ -56,6 +56,9 @@ class TrackerConfig:
     max_peers: int = 20
     suspect_seconds: float = 600.0
     claim_seconds: float = 30.0
+    watch_interval: float = 0.5  # at most one event per watch per this many seconds
+    watch_seconds: float = 60.0  # a watch ends then (its node asks again if it still wants to know)
+    watch_peers: int = 64  # holders a watch names at most
 
     def __post_init__(self) -> None:
         if self.node_ttl <= self.heartbeat:

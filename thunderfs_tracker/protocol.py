@@ -255,6 +255,48 @@ class LookupReply:
         return cls(first, last, [PeerRecord.parse(p, nbits) for p in obj["peers"][:MAX_IMAGES_PER_MESSAGE]])
 
 
+# A watch event writes a peer's chunks as [first, last] ranges when they are few, else as a bitmap.
+WATCH_MAX_RANGES = 32
+
+
+def _bits_json(bits: int, nbits: int):
+    ranges = bits_to_ranges(bits)
+    return ranges if len(ranges) <= WATCH_MAX_RANGES else encode_bits(bits, nbits)
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    """What changed among an image's holders since a watch's last event
+    (``GET /images/{content}/watch``): each peer named with all the chunks it holds (``whole``:
+    the first event names every peer so) or with those it gained since.  Chunks count from 0."""
+
+    nchunks: int
+    peers: list[tuple[PeerRecord, bool]]  # (record, whether its chunks are all it holds)
+
+    def to_json(self) -> dict:
+        out = []
+        for p, whole in self.peers:
+            rec = {"node_id": p.node_id, "peer_url": p.peer_url, "location": "/".join(p.location), "load": p.load}
+            rec["chunks" if whole else "added"] = _bits_json(p.chunks, self.nchunks)
+            out.append(rec)
+        return {"nchunks": self.nchunks, "peers": out}
+
+    @classmethod
+    def parse(cls, obj, nchunks: int) -> "WatchEvent":
+        if not isinstance(obj, dict) or not isinstance(obj.get("peers"), list) or obj.get("nchunks") != nchunks:
+            raise ProtocolError(f"a watch event must have peers, of an image of {nchunks} chunks")
+        peers = []
+        for p in obj["peers"][:MAX_IMAGES_PER_MESSAGE]:
+            if not isinstance(p, dict):
+                raise ProtocolError("a watch event's peer must be an object")
+            whole = "chunks" in p
+            raw = p.get("chunks" if whole else "added")
+            bits = ranges_to_bits(raw, nchunks) if isinstance(raw, list) else decode_bits(raw, nchunks)
+            node = NodeInfo.parse(p.get("node_id"), p)
+            peers.append((PeerRecord(node.node_id, node.peer_url, node.location, node.load, bits), whole))
+        return cls(nchunks, peers)
+
+
 def parse_alive(obj) -> str:
     """The body of a light heartbeat (``POST /nodes/{node}/alive``): the announcing daemon's
     instance, so that a daemon whose id another one has taken meanwhile is told to announce."""

@@ -19,8 +19,8 @@ from thunderfs.fetch.peers import PeerSource
 from thunderfs.fetch.slots import DEMAND, PREFETCH, READAHEAD
 from thunderfs.fetch.source import Urgency, Want
 from thunderfs_common.manifest_proof import ManifestProof
-from thunderfs_tracker.client import TrackerUnavailable
-from thunderfs_tracker.protocol import (PIECES_HEADER, Manifest, PeerRecord, Piece, Revocation, encode_pieces,
+from thunderfs_tracker.client import TrackerRefused, TrackerUnavailable
+from thunderfs_tracker.protocol import (PIECES_HEADER, Manifest, PeerRecord, Piece, Revocation, WatchEvent, encode_pieces,
                                        parse_pieces)
 
 DATA = pattern(32 * CS)
@@ -52,7 +52,8 @@ class FakeTracker:
         self.holders = list(holders)
         self.granted = granted  # None: everything asked
         self.claimed = list(claimed)
-        self.calls = {"manifest": 0, "lookup": 0, "claim": 0, "stats": 0, "seed": 0}
+        self.calls = {"manifest": 0, "lookup": 0, "claim": 0, "stats": 0, "seed": 0, "watch": 0}
+        self.pushes = None  # a receive channel of WatchEvents: the tracker has watches (None: 404)
         self.read_glance: set[int] = set()  # lazy: the chunks the tracker read (its pieces cover)
         self.hung = False  # answers nothing (a stopped tracker)
         self.reports = []
@@ -90,6 +91,19 @@ class FakeTracker:
     async def lookup(self, content, first, last):
         await self._call("lookup")
         return self.holders
+
+    async def watch(self, content, nchunks, on_event, *, silence=15.0):
+        """Holders as they change: the first event names ``holders``; then what ``pushes`` says,
+        until it closes (a watch that drops)."""
+        await self._call("watch")
+        if self.pushes is None:
+            raise TrackerRefused(404, "no watches here")
+        on_event(0, WatchEvent(nchunks, [(p, True) for p in self.holders]))
+        seq = 1
+        async for event in self.pushes:
+            on_event(seq, event)
+            seq += 1
+        raise TrackerUnavailable("the watch dropped")
 
     async def claim(self, content, nchunks, chunks):
         await self._call("claim")
@@ -382,6 +396,68 @@ async def test_a_waiter_is_told_by_the_claimer_when_its_chunks_arrive_not_by_ask
     # Polling every 0.25 s for 3 s would have asked the tracker about 12 times.
     assert tracker.calls["lookup"] <= 2 and peers.waits >= 1
     assert src.statistics()["claim_pushes"] >= 1
+
+
+async def _wait_on_claim_while_relay_gets_them(store, watches: bool):
+    """A reader waits for chunks 0-3 that a busy claimer fetches; 2 s in, a relay holds them,
+    which the tracker's watch (if it has ``watches``) says at once.  (seconds it took, lookups,
+    the source)."""
+    claimer, relay = peer("claimer", []), peer("relay", range(4))
+    tracker = FakeTracker(manifest_of(), holders=[], granted=set(), claimed=[(claimer, [0, 1, 2, 3], False)])
+    sends, receives = trio.open_memory_channel(10)
+    tracker.pushes = receives if watches else None
+    src, sink = source_of(tracker, Peers(claimer="busy"), claim_poll=0.25), Sink()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(src.run)
+        assert await src.directory.manifest(META) is not None
+
+        async def relay_gets_them():
+            await trio.sleep(2)
+            tracker.holders = [relay]  # what a lookup says from now on
+            await sends.send(WatchEvent(len(DATA) // CS, [(relay, True)]))
+
+        nursery.start_soon(relay_gets_them)
+        started = trio.current_time()
+        assert await src.fetch(want(store, range(4)), sink) == []
+        took = trio.current_time() - started
+        nursery.cancel_scope.cancel()
+    assert right(sink, range(4))
+    return took, tracker.calls["lookup"], src
+
+
+async def test_a_waiter_learns_from_the_trackers_watch_that_a_relay_has_its_chunks(store, autojump_clock):
+    took, lookups, src = await _wait_on_claim_while_relay_gets_them(store, watches=True)
+    assert 2 <= took < 2.05  # at once when the watch said so
+    assert lookups <= 1 and src.statistics()["watch_events"] == 2  # the one before the watch was live
+    # Without watches, the same wait polls the tracker: what the watch saves.
+    took, lookups, src = await _wait_on_claim_while_relay_gets_them(store, watches=False)
+    assert 2 <= took < 2.3 and lookups >= 6 and src.statistics()["watch_events"] == 0
+
+
+async def test_a_watch_that_drops_falls_back_to_lookups_and_no_waiter_is_stuck(store, autojump_clock):
+    claimer, relay = peer("claimer", []), peer("relay", range(4))
+    tracker = FakeTracker(manifest_of(), holders=[], granted=set(), claimed=[(claimer, [0, 1, 2, 3], False)])
+    sends, tracker.pushes = trio.open_memory_channel(10)
+    src, sink = source_of(tracker, Peers(claimer="busy"), claim_poll=0.25), Sink()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(src.run)
+        assert await src.directory.manifest(META) is not None
+
+        async def drop_then_relay():
+            await trio.sleep(1)
+            await sends.aclose()  # the watch drops; a new one is refused (404) from now on
+            tracker.pushes = None
+            await trio.sleep(1)
+            tracker.holders = [relay]  # only a lookup can tell now
+
+        nursery.start_soon(drop_then_relay)
+        started = trio.current_time()
+        assert await src.fetch(want(store, range(4)), sink) == []
+        took = trio.current_time() - started
+        nursery.cancel_scope.cancel()
+    assert right(sink, range(4)) and 2 <= took < 2.3
+    assert tracker.calls["watch"] >= 2  # asked again after it dropped
+    assert src.statistics()["watch_failures"] == 1
 
 
 async def test_a_prefetch_batch_is_claimed_once_and_its_flights_follow_the_plan(store, autojump_clock):

@@ -214,6 +214,62 @@ def test_the_daemons_client_signs_what_the_tracker_verifies_and_parses_its_repli
     asyncio.run(main())
 
 
+def test_a_watch_names_the_holders_then_what_changed_signed_event_by_event(tmp_path):
+    """The daemon's client watches an image: the first event names every holder (not the asker),
+    the next ones what each gained, or all it holds once it lost some; a suspect is never named;
+    an event that fails authentication, or comes out of order, ends the watch."""
+    from thunderfs_tracker.client import TrackerClient, TrackerRefused, TrackerUnavailable
+
+    async def main():
+        cfg = TrackerConfig(listen=("127.0.0.1", 7070), state_dir=tmp_path, secret=SECRET, watch_interval=0.01)
+        async with TestClient(TestServer(create_app(cfg))) as http:
+            url = str(http.make_url("")).rstrip("/")
+            async with TrackerClient(url, "a", secret=SECRET) as a, TrackerClient(url, "b", secret=SECRET) as b, \
+                    TrackerClient(url, "c", secret=SECRET) as c:
+                with pytest.raises(TrackerRefused) as nobody:  # no holder yet: 404
+                    await b.watch(IMG, 64, lambda seq, ev: None)
+                assert nobody.value.status == 404
+                for node in (a, b, c):
+                    await node.announce(NodeInfo(node.node_id, f"http://{node.node_id}:7071", ("z1",)))
+                await a.send_chunks(True, [ChunkUpdate(IMG, 64, add=0b1010, full=True)])
+                await b.send_chunks(True, [ChunkUpdate(IMG, 64, add=0b1, full=True)])
+                events: asyncio.Queue = asyncio.Queue()
+                watching = asyncio.ensure_future(
+                    b.watch(IMG, 64, lambda seq, ev: events.put_nowait((seq, {p.node_id: (p.chunks, whole)
+                                                                            for p, whole in ev.peers}))))
+
+                async def next_named():
+                    while True:
+                        seq, named = await asyncio.wait_for(events.get(), 10)
+                        if named:
+                            return seq, named
+
+                assert await next_named() == (0, {"a": (0b1010, True)})  # not b itself
+                await a.send_chunks(False, [ChunkUpdate(IMG, 64, add=0b100000)])
+                await c.send_chunks(True, [ChunkUpdate(IMG, 64, add=0b11, full=True)])
+                named = {}
+                while len(named) < 2:
+                    named.update((await next_named())[1])
+                assert named == {"a": (0b100000, False), "c": (0b11, True)}
+                await a.send_chunks(False, [ChunkUpdate(IMG, 64, remove=0b10)])  # lost one: all it holds
+                assert (await next_named())[1] == {"a": (0b101000, True)}
+                await b.report("c", IMG, 0, "chunk does not match the manifest")
+                await c.send_chunks(False, [ChunkUpdate(IMG, 64, add=0b100)])
+                await a.send_chunks(False, [ChunkUpdate(IMG, 64, add=0b1000000)])
+                assert (await next_named())[1] == {"a": (0b1000000, False)}  # c, now suspect, is not
+                watching.cancel()
+                # An event that fails authentication (or is replayed as another one) is refused.
+                nonce = "ab" * 12
+                with pytest.raises(TrackerUnavailable, match="authentication"):
+                    b._event(url, "0" * 64 + ' {"nchunks": 64, "peers": []}', nonce, 0, 64)
+                body = '{"nchunks":64,"peers":[]}'
+                from thunderfs_common.signing import sign_event
+                assert b._event(url, sign_event(SECRET, nonce, 0, body.encode()) + " " + body, nonce, 0, 64).peers == []
+                with pytest.raises(TrackerUnavailable, match="authentication"):
+                    b._event(url, sign_event(SECRET, nonce, 0, body.encode()) + " " + body, nonce, 1, 64)
+    asyncio.run(main())
+
+
 def test_a_manifest_is_built_from_glance_through_the_one_glance_client_and_bound_to_its_hash(tmp_path):
     from fakes import FakeGlance, pattern
     from thunderfs_common.glance import GlanceClient

@@ -137,11 +137,13 @@ class ClaimTaker:
                     push = min(self.PUSH_WAIT, give_up - trio.current_time())
                     if choice is None or push <= 0:
                         self._stats["claim_waits"] += 1
-                        # Until an ask ends, or a poll (a second while the claimer is asked: a
-                        # longer wait left relays idle when links, not the tracker, bound a
-                        # crowd reading whole images: 2.39 x one node alone against 2.07).
-                        with trio.move_on_after(age):
-                            await changed[0].wait()
+                        # Until an ask ends or the image's watch names new holders; without a
+                        # watch, a poll (a second while the claimer is asked: a longer wait left
+                        # relays idle when links, not the tracker, bound a crowd reading whole
+                        # images: 2.39 x one node alone against 2.07).
+                        now = trio.current_time()
+                        rest = min((t - now for t in resting.values() if t > now), default=None)
+                        await self._directory.wait_holders(img, changed[0], age, rest)
                         continue
                     self._stats["claim_pushes"] += 1
                 peer, rfirst, rcount = choice

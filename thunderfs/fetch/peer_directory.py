@@ -5,7 +5,8 @@ a second while the tracker is still building it, and kept once it came and fits 
 While the tracker seeds the image instead ("lazy"), the manifest is a ``LazyManifest`` made of the
 pieces the node took (``add_piece``, ``digests``), asked again every ``LAZY_RECHECK`` seconds for
 the built one; a revocation (its proof checked) drops it and tells ``on_revoked``, once.
-Lookups are asked per window of ``lookup_window`` chunks, one at a time per window, and cached for
+Who holds what comes first from the image's watch (``holder_watch``: the tracker pushes it); while
+no watch is live, lookups are asked per window of ``lookup_window`` chunks, one at a time per window, and cached for
 ``lookup_ttl`` seconds, so the tracker hears from a node a few times per window, not once per read;
 with the tracker down, the peers known from the last lookup are used.  Once a lookup or a claim
 has timed out or failed, the tracker counts as down (``tracker_breaker``): lookups and claims are
@@ -21,6 +22,7 @@ import trio
 from thunderfs.cache.store import ImageData
 from thunderfs.fetch.breaker import Breaker
 from thunderfs.fetch.flights import FlightAbandoned, SingleFlight
+from thunderfs.fetch.holder_watch import HolderWatches
 from thunderfs.fetch.lazy_manifest import LazyManifest
 from thunderfs_common.image import ImageMeta
 from thunderfs_common.manifest_proof import Ed25519PublicKey, ManifestProof, signed_by
@@ -54,6 +56,7 @@ class PeerDirectory:
         self._manifest_asked: dict[bytes, float] = {}
         self._lookups: dict[tuple[str, int], tuple[float, list[PeerRecord]]] = {}  # -> (when, peers)
         self.tracker_breaker = Breaker("the tracker")
+        self.watches = HolderWatches(tracker, tracker_down=lambda: self.tracker_breaker.is_open)
         self._asking = SingleFlight()  # manifest requests and lookups under way
         self._nursery: trio.Nursery | None = None
         self._stats = dict.fromkeys(("lookups", "lookup_failures", "lookups_skipped", "manifests_refused",
@@ -62,6 +65,7 @@ class PeerDirectory:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            await nursery.start(self.watches.run)
             task_status.started()
             while True:  # an idle node learns of a revocation too, and drops what it took
                 await trio.sleep(LAZY_RECHECK)
@@ -226,6 +230,9 @@ class PeerDirectory:
         """Peers with any of chunks first..last, nearest first, with their chunks as absolute bits,
         from lookups at most ``max_age`` (default: the lookup TTL) seconds old."""
         content = img.content.hex()
+        pushed = self.watches.holders_nowait(content, img.nchunks, first, last)
+        if pushed is not None:
+            return pushed
         merged: dict[str, tuple[PeerRecord, int]] = {}  # in the order the tracker ranked them
         now = trio.current_time()
         max_age = self._ttl if max_age is None else max_age
@@ -239,6 +246,11 @@ class PeerDirectory:
                 rec, bits = merged.get(p.node_id, (p, 0))
                 merged[p.node_id] = (rec, bits | (p.chunks << wfirst))
         return list(merged.values())
+
+    async def wait_holders(self, img: ImageData, also: trio.Event, poll: float, at_most: float | None = None) -> None:
+        """Until the image's holders change (its watch says so) or ``also`` is set, or
+        ``at_most`` seconds; without a live watch, for ``poll`` seconds at most."""
+        await self.watches.wait_changed(img.content.hex(), also, poll, at_most)
 
     async def _lookup(self, content: str, w: int, wfirst: int, wlast: int) -> tuple[float, list[PeerRecord]]:
         """One tracker lookup of a window at a time: the flights and claim workers that want it
@@ -279,5 +291,6 @@ class PeerDirectory:
 
     def statistics(self) -> dict:
         lazy = sum(isinstance(m, LazyManifest) for m in self._manifests.values())
-        return {**self._stats, "manifests": len(self._manifests) - lazy, "lazy_manifests": lazy,
+        return {**self._stats, **self.watches.statistics(), "manifests": len(self._manifests) - lazy,
+                "lazy_manifests": lazy,
                 "tracker_breaker": self.tracker_breaker.statistics()}

@@ -1,0 +1,158 @@
+"""Holder watches: who holds which chunks of an image, as the tracker pushes it (``watch`` of the
+tracker client), so that a node waiting for chunks learns at once that a peer has them, without
+asking the tracker again and again.
+
+A watch starts when an image's holders are first wanted and ends when nobody has wanted them for
+``WATCH_IDLE`` seconds.  While it is live, ``holders_nowait`` answers from it; while it is not
+(starting, failed, the tracker down or without watches), it answers None and the directory asks
+the tracker as before: a watch that drops costs lookups, never a wakeup, for every waiter is woken
+when it drops.  A failed watch is asked again after 1 s, then up to ``RETRY_MAX`` s; one the
+tracker answered 404 (nobody holds the image yet), after ``NOT_YET`` s.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import trio
+
+from thunderfs_tracker.client import TrackerClient, TrackerError, TrackerRefused
+from thunderfs_tracker.protocol import PeerRecord, WatchEvent
+
+log = logging.getLogger(__name__)
+
+# A watch nobody consulted for this long ends.
+WATCH_IDLE = 20.0
+# The longest wait before a failed watch is asked again.
+RETRY_MAX = 10.0
+# How long after a 404 (nobody holds the image yet) a watch is asked again.
+NOT_YET = 2.0
+# Seconds without an event (the tracker writes one at least every 5 s) before a watch counts as dead.
+SILENCE = 15.0
+
+
+class _View:
+    def __init__(self, nchunks: int):
+        self.nchunks = nchunks
+        self.peers: dict[str, PeerRecord] = {}  # in the order the tracker named them: nearest first
+        self.live = False
+        self.changed = trio.Event()
+        self.used = trio.current_time()
+
+    def wake(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+
+class HolderWatches:
+    def __init__(self, tracker: TrackerClient, *, tracker_down: Callable[[], bool]):
+        """``tracker_down()``: whether the tracker is known down (no watch is asked meanwhile)."""
+        self._tracker = tracker
+        self._down = tracker_down
+        self._views: dict[str, _View] = {}
+        self._nursery: trio.Nursery | None = None
+        self._stats = dict.fromkeys(("watches", "watch_events", "watch_failures"), 0)
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def holders_nowait(self, content: str, nchunks: int, first: int, last: int) -> list[tuple[PeerRecord, int]] | None:
+        """Peers with any of chunks first..last (absolute bits) from the image's live watch,
+        which is started here if there is none; None while it is not live."""
+        view = self._views.get(content)
+        if view is None:
+            if self._nursery is None:
+                return None
+            view = self._views[content] = _View(nchunks)
+            self._nursery.start_soon(self._run, content, view)
+        view.used = trio.current_time()
+        if not view.live:
+            return None
+        mask = ((1 << (last - first + 1)) - 1) << first
+        return [(p, bits) for p in view.peers.values() if (bits := p.chunks & mask)]
+
+    async def wait_changed(self, content: str, also: trio.Event, poll: float, at_most: float | None = None) -> None:
+        """Until the image's holders change or ``also`` is set, or ``at_most`` seconds; with no
+        live watch (nothing would say they changed), for at most ``poll`` seconds (the caller
+        asks the tracker then)."""
+        view = self._views.get(content)
+        live = view is not None and view.live
+        with trio.move_on_after(min(poll, at_most or poll) if not live else at_most or SILENCE):
+            async with trio.open_nursery() as nursery:
+                async def wake_on(event: trio.Event) -> None:
+                    await event.wait()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(wake_on, also)
+                if live:
+                    nursery.start_soon(wake_on, view.changed)
+
+    async def _run(self, content: str, view: _View) -> None:
+        retry = 1.0
+        try:
+            while trio.current_time() - view.used < WATCH_IDLE:
+                if self._down():
+                    await trio.sleep(1.0)
+                    continue
+                failed = await self._watch(content, view)
+                view.live = False
+                view.wake()  # the waiters look again, at the tracker's lookups until the next is live
+                if failed is None:  # nobody holds the image yet (or no watches here): soon again
+                    await trio.sleep(NOT_YET)
+                elif failed:
+                    await trio.sleep(retry)
+                    retry = min(retry * 2, RETRY_MAX)
+                else:
+                    retry = 1.0
+        finally:
+            view.live = False
+            view.wake()
+            if self._views.get(content) is view:
+                del self._views[content]
+
+    async def _watch(self, content: str, view: _View) -> bool | None:
+        """One watch, until the tracker ends it (False), it fails (True), or nobody wants it;
+        None: the tracker knows no holder of the image (or has no watches: 404)."""
+        self._stats["watches"] += 1
+
+        def on_event(seq: int, event: WatchEvent) -> None:
+            if seq == 0:
+                view.peers.clear()
+                view.live = True
+            for rec, whole in event.peers:
+                old = view.peers.get(rec.node_id)
+                if not whole and old is not None:
+                    rec = PeerRecord(rec.node_id, rec.peer_url, rec.location, rec.load, old.chunks | rec.chunks)
+                view.peers[rec.node_id] = rec
+            self._stats["watch_events"] += 1
+            if seq == 0 or event.peers:
+                view.wake()
+
+        async with trio.open_nursery() as nursery:
+            async def idle_ends_it() -> None:
+                while trio.current_time() - view.used < WATCH_IDLE:
+                    await trio.sleep(WATCH_IDLE / 4)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(idle_ends_it)
+            try:
+                await self._tracker.watch(content, view.nchunks, on_event, silence=SILENCE)
+            except TrackerRefused as exc:
+                if exc.status == 404:
+                    return None
+                log.info("the tracker refused a watch of %s: %s", content, exc)
+                return True
+            except TrackerError as exc:
+                self._stats["watch_failures"] += 1
+                log.debug("a watch of %s failed: %s", content, exc)
+                return True
+            finally:
+                nursery.cancel_scope.cancel()
+        return False
+
+    def statistics(self) -> dict:
+        return {**self._stats, "watching": sum(v.live for v in self._views.values())}
