@@ -4,7 +4,7 @@
     POST /v1/nodes/{node}/alive      a light heartbeat: alive, and as last announced
     POST /v1/nodes/{node}/chunks     the chunks it holds: full state, or batched deltas
     GET  /v1/images/{content}/peers?first=&last=&limit=   holders of chunks, nearest first
-    GET  /v1/images/{content}/watch  who holds what, as it changes: server-sent events (``watch``)
+    GET  /v1/images/{content}/watch?nchunks=   who holds what, as it changes: server-sent events
     GET  /v1/manifests/{image}?chunk_size=N   sha256 per chunk, bound to Glance's hash (202 while built,
                                      "lazy" while the seed's pieces stand in; 410: revoked)
     GET  /v1/images/{image}/seed?chunk_size=&first=&count=&data=   a lazy image's chunks: a JSON piece
@@ -222,11 +222,15 @@ async def watch(request: web.Request) -> web.StreamResponse:
     """Who holds which chunks of an image, as it changes: one event now, then what changed."""
     content = check_content(request.match_info["content"])
     store, cfg = request.app[STORE], request.app[CONFIG]
-    if await store.nchunks(content) is None:
-        raise _error(web.HTTPNotFound, f"no node holds image {content}")
+    known = await store.nchunks(content)
+    said = _query_int(request, "nchunks", 1, MAX_CHUNKS) if "nchunks" in request.query else None
+    if known is not None and said not in (None, known):
+        raise ProtocolError(f"image {content} has {known} chunks, not {said}")
+    if known is None and said is None:
+        raise _error(web.HTTPNotFound, f"no node holds image {content} (say nchunks= to watch it anyway)")
     asking = request.get(SIGNER) or request.query.get("node")
     me = await store.node(asking) if asking else None
-    return await request.app[WATCHES].serve(request, content, me, request.app[SUSPECTS], cfg.secret,
+    return await request.app[WATCHES].serve(request, content, known or said, me, request.app[SUSPECTS], cfg.secret,
                                             request.headers.get(H_NONCE))
 
 

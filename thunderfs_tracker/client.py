@@ -182,8 +182,8 @@ class TrackerClient:
         event, the first (seq 0) naming every holder, until the tracker ends the watch (returns)
         or it fails (``TrackerUnavailable``: unreachable, ``silence`` seconds without an event,
         an event that is malformed or fails authentication; ``TrackerRefused``: 404, a tracker
-        without watches or that knows no holder).  Tries the replicas in order, as ``_call``."""
-        path = f"{API}/images/{content}/watch?node={self.node_id}"
+        without watches).  Tries the replicas in order, as ``_call``."""
+        path = f"{API}/images/{content}/watch?node={self.node_id}&nchunks={nchunks}"
         url = self._order()[0]
         seq = 0
         try:

@@ -70,16 +70,19 @@ class Watches:
             try:
                 nchunks = await self._store.nchunks(content)
                 found = await self._store.holders(content, 0, nchunks - 1) if nchunks else []
+                if nchunks and image.nchunks and nchunks != image.nchunks:
+                    found = []  # not the image its watchers know: nothing to name
             except StoreUnavailable as exc:
                 log.warning("watches of %s end: %s", content, exc)
                 image.failed = True
                 found, nchunks = [], image.nchunks
             self._stats["watch_polls"] += 1
             holders = {n.node_id: (n, bits) for n, bits in found}
-            if image.failed or nchunks != image.nchunks or holders.keys() != image.holders.keys() or any(
-                    bits != image.holders[k][1] for k, (_, bits) in holders.items()):
+            nchunks = nchunks or image.nchunks  # nobody holds it yet: as the watchers said
+            if image.version == 0 or image.failed or nchunks != image.nchunks or holders.keys() != image.holders.keys() \
+                    or any(bits != image.holders[k][1] for k, (_, bits) in holders.items()):
                 image.version += 1
-                image.nchunks, image.holders = nchunks or 0, holders
+                image.nchunks, image.holders = nchunks, holders
                 image.changed.set()
                 image.changed = asyncio.Event()
             if image.failed:
@@ -87,10 +90,11 @@ class Watches:
             await asyncio.sleep(self.interval())
 
     @contextlib.asynccontextmanager
-    async def _watching(self, content: str):
+    async def _watching(self, content: str, nchunks: int):
         image = self._images.get(content)
         if image is None or image.failed:
             image = self._images[content] = _Image()
+            image.nchunks = nchunks
         image.watchers += 1
         if image.poller is None or image.poller.done():
             image.poller = asyncio.create_task(self._poll(content, image))
@@ -101,9 +105,11 @@ class Watches:
             if image.watchers == 0 and self._images.get(content) is image:
                 del self._images[content]
 
-    async def serve(self, request: web.Request, content: str, me: NodeInfo | None, suspects: dict[str, float],
-                    secret: bytes | None, nonce: str | None) -> web.StreamResponse:
-        """The watch of ``content`` for the node ``me`` (None: an anonymous one, ranked as nobody)."""
+    async def serve(self, request: web.Request, content: str, nchunks: int, me: NodeInfo | None,
+                    suspects: dict[str, float], secret: bytes | None, nonce: str | None) -> web.StreamResponse:
+        """The watch of ``content`` (of ``nchunks`` chunks: the store's count, else the
+        watcher's, while nobody holds any) for the node ``me`` (None: an anonymous one, ranked
+        as nobody)."""
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"})
         await resp.prepare(request)
         self._stats["watches"] += 1
@@ -112,7 +118,7 @@ class Watches:
         loop = asyncio.get_running_loop()
         end = loop.time() + self._seconds
         try:
-            async with self._watching(content) as image:
+            async with self._watching(content, nchunks) as image:
                 while not image.failed and (left := end - loop.time()) > 0:
                     if image.version == seen:
                         with contextlib.suppress(TimeoutError):

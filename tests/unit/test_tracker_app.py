@@ -215,9 +215,10 @@ def test_the_daemons_client_signs_what_the_tracker_verifies_and_parses_its_repli
 
 
 def test_a_watch_names_the_holders_then_what_changed_signed_event_by_event(tmp_path):
-    """The daemon's client watches an image: the first event names every holder (not the asker),
-    the next ones what each gained, or all it holds once it lost some; a suspect is never named;
-    an event that fails authentication, or comes out of order, ends the watch."""
+    """The daemon's client watches an image, before anybody holds it: the first event names every
+    holder (none yet; never the asker), the next ones what each gained, or all it holds once it
+    lost some; a suspect is never named; an event that fails authentication, or comes out of
+    order, ends the watch; a watcher that says another chunk count is refused."""
     from thunderfs_tracker.client import TrackerClient, TrackerRefused, TrackerUnavailable
 
     async def main():
@@ -226,13 +227,8 @@ def test_a_watch_names_the_holders_then_what_changed_signed_event_by_event(tmp_p
             url = str(http.make_url("")).rstrip("/")
             async with TrackerClient(url, "a", secret=SECRET) as a, TrackerClient(url, "b", secret=SECRET) as b, \
                     TrackerClient(url, "c", secret=SECRET) as c:
-                with pytest.raises(TrackerRefused) as nobody:  # no holder yet: 404
-                    await b.watch(IMG, 64, lambda seq, ev: None)
-                assert nobody.value.status == 404
                 for node in (a, b, c):
                     await node.announce(NodeInfo(node.node_id, f"http://{node.node_id}:7071", ("z1",)))
-                await a.send_chunks(True, [ChunkUpdate(IMG, 64, add=0b1010, full=True)])
-                await b.send_chunks(True, [ChunkUpdate(IMG, 64, add=0b1, full=True)])
                 events: asyncio.Queue = asyncio.Queue()
                 watching = asyncio.ensure_future(
                     b.watch(IMG, 64, lambda seq, ev: events.put_nowait((seq, {p.node_id: (p.chunks, whole)
@@ -244,7 +240,13 @@ def test_a_watch_names_the_holders_then_what_changed_signed_event_by_event(tmp_p
                         if named:
                             return seq, named
 
-                assert await next_named() == (0, {"a": (0b1010, True)})  # not b itself
+                # Nobody holds the image yet: the watch is live, and names holders as they come.
+                assert await asyncio.wait_for(events.get(), 10) == (0, {})
+                await a.send_chunks(True, [ChunkUpdate(IMG, 64, add=0b1010, full=True)])
+                await b.send_chunks(True, [ChunkUpdate(IMG, 64, add=0b1, full=True)])
+                assert (await next_named())[1] == {"a": (0b1010, True)}  # not b itself
+                with pytest.raises(TrackerRefused, match="64 chunks, not 65"):
+                    await b.watch(IMG, 65, lambda seq, ev: None)
                 await a.send_chunks(False, [ChunkUpdate(IMG, 64, add=0b100000)])
                 await c.send_chunks(True, [ChunkUpdate(IMG, 64, add=0b11, full=True)])
                 named = {}

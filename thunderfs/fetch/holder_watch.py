@@ -6,8 +6,10 @@ A watch starts when an image's holders are first wanted and ends when nobody has
 ``WATCH_IDLE`` seconds.  While it is live, ``holders_nowait`` answers from it; while it is not
 (starting, failed, the tracker down or without watches), it answers None and the directory asks
 the tracker as before: a watch that drops costs lookups, never a wakeup, for every waiter is woken
-when it drops.  A failed watch is asked again after 1 s, then up to ``RETRY_MAX`` s; one the
-tracker answered 404 (nobody holds the image yet), after ``NOT_YET`` s.
+when it drops.  A failed watch is asked again after 1 s, then up to ``RETRY_MAX`` s; a tracker
+without watches (404) is asked again after ``RETRY_MAX`` s.
+The daemon starts an image's watch when the image is opened (``start``), so that it is live by the
+time peers are wanted.
 """
 
 from __future__ import annotations
@@ -26,8 +28,6 @@ log = logging.getLogger(__name__)
 WATCH_IDLE = 20.0
 # The longest wait before a failed watch is asked again.
 RETRY_MAX = 10.0
-# How long after a 404 (nobody holds the image yet) a watch is asked again.
-NOT_YET = 2.0
 # Seconds without an event (the tracker writes one at least every 5 s) before a watch counts as dead.
 SILENCE = 15.0
 
@@ -60,9 +60,8 @@ class HolderWatches:
             task_status.started()
             await trio.sleep_forever()
 
-    def holders_nowait(self, content: str, nchunks: int, first: int, last: int) -> list[tuple[PeerRecord, int]] | None:
-        """Peers with any of chunks first..last (absolute bits) from the image's live watch,
-        which is started here if there is none; None while it is not live."""
+    def start(self, content: str, nchunks: int) -> _View | None:
+        """The image's watch, started if there is none (None: not running yet)."""
         view = self._views.get(content)
         if view is None:
             if self._nursery is None:
@@ -70,6 +69,14 @@ class HolderWatches:
             view = self._views[content] = _View(nchunks)
             self._nursery.start_soon(self._run, content, view)
         view.used = trio.current_time()
+        return view
+
+    def holders_nowait(self, content: str, nchunks: int, first: int, last: int) -> list[tuple[PeerRecord, int]] | None:
+        """Peers with any of chunks first..last (absolute bits) from the image's live watch,
+        which is started here if there is none; None while it is not live."""
+        view = self.start(content, nchunks)
+        if view is None:
+            return None
         if not view.live:
             return None
         mask = ((1 << (last - first + 1)) - 1) << first
@@ -101,8 +108,8 @@ class HolderWatches:
                 failed = await self._watch(content, view)
                 view.live = False
                 view.wake()  # the waiters look again, at the tracker's lookups until the next is live
-                if failed is None:  # nobody holds the image yet (or no watches here): soon again
-                    await trio.sleep(NOT_YET)
+                if failed is None:  # a tracker without watches
+                    await trio.sleep(RETRY_MAX)
                 elif failed:
                     await trio.sleep(retry)
                     retry = min(retry * 2, RETRY_MAX)
@@ -116,7 +123,7 @@ class HolderWatches:
 
     async def _watch(self, content: str, view: _View) -> bool | None:
         """One watch, until the tracker ends it (False), it fails (True), or nobody wants it;
-        None: the tracker knows no holder of the image (or has no watches: 404)."""
+        None: the tracker has no watches (404)."""
         self._stats["watches"] += 1
 
         def on_event(seq: int, event: WatchEvent) -> None:

@@ -73,10 +73,11 @@ class PeerDirectory:
                     await self.manifest(m.meta)
 
     def prepare(self, meta: ImageMeta) -> None:
-        """An image was opened: ask for its manifest now, so that it is there (or being built)
-        before peers are needed."""
+        """An image was opened: ask for its manifest and watch its holders now, so that both are
+        there before peers are needed."""
         if self._nursery is not None:
             self._nursery.start_soon(self.manifest, meta)
+            self.watches.start(meta.content_key.hex(), -(-meta.size // self._cs))
 
     # --- manifests -------------------------------------------------------------------------
 
