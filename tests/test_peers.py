@@ -53,6 +53,33 @@ def test_b_reads_what_a_cached_and_glance_sends_each_chunk_once(cluster, images)
     assert a.stats()["peer_server"]["served_chunks"] == 41
 
 
+def test_a_node_learns_what_a_peer_fetched_since_from_its_watch_not_from_lookups(cluster, images):
+    """b watches the image from its first read; a then reads the rest, and b's watch names a as
+    its holder: b reads it all from a with no lookup of its own, and Glance sends nothing more."""
+    proxy, tracker, node = cluster
+    image_id = images.add(64 * CHUNK, seed=107)
+    data = images.data[image_id]
+    a = node("a", "z1/r1/a")
+    b = node("b", "z1/r1/b")
+    half = 32 * CHUNK
+    with open(a.image(image_id), "rb") as f:
+        assert f.read(half) == data[:half]
+    wait_for(lambda: (tracker.dir / "manifests" / f"{image_id}-{CHUNK}.json").exists(), what="manifest")
+    wait_for(lambda: a.stats()["announcer"]["in_sync"], what="the tracker to know what a holds")
+    with open(b.image(image_id), "rb") as f:
+        assert f.read(CHUNK) == data[:CHUNK]
+    wait_for(lambda: b.stats()["peers"]["watching"] == 1, what="b's watch of the image")
+    before = b.stats()["peers"]
+    assert a.image(image_id).read_bytes() == data
+    wait_for(lambda: a.stats()["announcer"]["in_sync"], what="the tracker to know what a holds")
+    wait_for(lambda: b.stats()["peers"]["watch_news"] > before["watch_news"], what="b's watch to name a's chunks")
+    sent = proxy.range_bytes
+    assert b.image(image_id).read_bytes() == data
+    s = b.stats()
+    assert s["peers"]["lookups"] == before["lookups"]  # the watch named the holder
+    assert s["fetch"]["bytes_from_origin"] == 0 and proxy.range_bytes == sent
+
+
 def test_the_nearer_of_two_peers_is_chosen(cluster, images):
     proxy, tracker, node = cluster
     image_id = images.add(32 * CHUNK, seed=101)

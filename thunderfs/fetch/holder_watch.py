@@ -52,7 +52,7 @@ class HolderWatches:
         self._down = tracker_down
         self._views: dict[str, _View] = {}
         self._nursery: trio.Nursery | None = None
-        self._stats = dict.fromkeys(("watches", "watch_events", "watch_failures"), 0)
+        self._stats = dict.fromkeys(("watches", "watch_events", "watch_news", "watch_failures"), 0)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -136,6 +136,8 @@ class HolderWatches:
                     rec = PeerRecord(rec.node_id, rec.peer_url, rec.location, rec.load, old.chunks | rec.chunks)
                 view.peers[rec.node_id] = rec
             self._stats["watch_events"] += 1
+            if event.peers:
+                self._stats["watch_news"] += 1
             if seq == 0 or event.peers:
                 view.wake()
 
