@@ -26,10 +26,17 @@ Fed with figures measured on this machine (a boot storm's results JSON from boot
 ``check`` compares it with the measured runs and prints the error; ``curve`` gives points for
 N = 1..10,000 (benchmarks/plots.py draws them).
 
-Two inputs are not in a storm's results: the tracker's and a host's peer request rates. Their
-defaults are ASSUMPTIONS carried from earlier runs of benchmarks/tracker_bench.py (1,600
-requests/s: announces and full states, 1,000 nodes) and benchmarks/peer_serve_bench.py (1,671
-64 KiB requests/s, client and server on 2 cores); pass what those print on your machine.
+  thunderfs on a new image ("thunderfs-new": no manifest, no profile): as thunderfs, Glance
+                 sending the working set once to the tracker (the seed), which the claims spread;
+                 then the whole-image check reads S once, after the storm (a one-time cost,
+                 reported apart, as a known image's manifest build is).
+
+Two inputs are not in a storm's results: the tracker's and a host's peer request rates. They are
+read from kept results of their own benchmarks: R, the median rate two tracker replicas on Redis
+took 10,000 nodes joining at (announces and full states, the heaviest requests:
+benchmarks/tracker_load.py, results/tracker-load-heartbeat10.json), and Cp, the median rate of
+signed 64 KiB peer requests one client and one server on this machine's two cores serve
+(benchmarks/peer_serve_bench.py, results/peer-serve.json); --tracker-rps and --peer-rps override.
 
 Usage: .venv/bin/python benchmarks/storm_model.py RESULTS.json [...] [--tracker-rps R] [--peer-rps CP]
 """
@@ -37,14 +44,31 @@ Usage: .venv/bin/python benchmarks/storm_model.py RESULTS.json [...] [--tracker-
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 MiB = 2**20
-TRACKER_REQUESTS_PER_S = 1600.0  # an assumption (see the docstring): --tracker-rps
-PEER_REQUESTS_PER_S = 1671.0     # an assumption (see the docstring): --peer-rps
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def tracker_rps(path: Path = RESULTS / "tracker-load-heartbeat10.json") -> float:
+    """Requests/s the most replicas of a tracker_load.py run took nodes joining at (median)."""
+    runs = json.loads(path.read_text())["by_replicas"]
+    most = max(r["replicas"] for r in runs)
+    rates = sorted(r["join_requests_per_s"] for r in runs if r["replicas"] == most)
+    return rates[len(rates) // 2]
+
+
+def peer_rps(path: Path = RESULTS / "peer-serve.json") -> float:
+    """Signed 64 KiB peer requests/s one client and one server served (median)."""
+    return json.loads(path.read_text())["client_64k"]["signed_requests_per_s"]["median"]
+
+
+TRACKER_REQUESTS_PER_S = tracker_rps()  # --tracker-rps overrides
+PEER_REQUESTS_PER_S = peer_rps()        # --peer-rps overrides
 
 
 def rate(text: str) -> float:
@@ -86,7 +110,8 @@ class Params:
         return cls(S=r["image_bytes"], W=W, Bn=rate(r["node_rate"]), Bg=Bg,
                    k=r.get("alone_glance_requests", 600.0), C=cal.get("glance_request_rate", 200.0),
                    T0=T0, D=max(0.0, alone["cold"] - alone["warm"]), Dp=Dp,
-                   q=r.get("tracker_requests_per_node", 200.0))
+                   q=r.get("tracker_requests_per_node")
+                   or r["ways"].get("thunderfs-new", {}).get("tracker_requests_per_node", 200.0))
 
 
 def predict(way: str, n: int, p: Params) -> tuple[float, float]:
@@ -95,7 +120,7 @@ def predict(way: str, n: int, p: Params) -> tuple[float, float]:
         return max(p.S / p.Bn, n * p.S / p.Bg) + p.T0, n * p.S
     if way == "glance-only":
         return max(p.T0 + p.D, p.W / p.Bn + p.D, n * p.W / p.Bg + p.D, n * p.k / p.C), n * p.W
-    if way == "thunderfs":
+    if way in ("thunderfs", "thunderfs-new"):
         m = n if p.shared_host else 1
         return max(p.T0 + p.Dp, max(p.W / p.Bn, p.W / p.Bg) + p.Dp, p.k / p.C, n * p.q / p.R) + m * p.k / p.Cp, p.W
     raise ValueError(way)
@@ -118,8 +143,11 @@ def check(results: dict, tracker_rps: float = TRACKER_REQUESTS_PER_S,
         if not times:
             continue
         n = len(r["times"])
-        t, e = predict(way, n, p)
-        rows.append((way, n, max(times), t, r["glance_egress"], e))
+        q = r.get("tracker_requests_per_node") if way == "thunderfs-new" else None
+        t, e = predict(way, n, p if q is None else dataclasses.replace(p, q=q))
+        # A new image's egress: the tracker's seed reads included (its whole-image check after
+        # the storm is a one-time cost, like a manifest's).
+        rows.append((way, n, max(times), t, r.get("glance_egress_all", r["glance_egress"]), e))
     return rows
 
 
@@ -131,7 +159,8 @@ def main() -> int:
     ap.add_argument("--project", type=int, metavar="N",
                     help="also project each way to N nodes on a cluster (each node its own CPU), from each file")
     args = ap.parse_args()
-    print(f"assumed: tracker {args.tracker_rps:.0f} requests/s, a host's peer transfers {args.peer_rps:.0f}/s")
+    print(f"tracker {args.tracker_rps:.0f} requests/s, a host's peer transfers {args.peer_rps:.0f}/s "
+          f"(measured: results/tracker-load-heartbeat10.json, results/peer-serve.json)")
     worst = 0.0
     for path in args.results:
         results = json.loads(Path(path).read_text())
@@ -147,11 +176,16 @@ def main() -> int:
         if args.project:
             q = Params.from_results(results)
             q.R, q.Cp = args.tracker_rps, args.peer_rps
+            n = args.project
             for way in ("nova", "glance-only", "thunderfs"):
-                t, e = predict(way, args.project, q)
-                print(f"  projected, {args.project} nodes, {way:12s}: slowest boot {t / 3600:7.2f} h, Glance sends "
-                      f"{e / 2**30:10.2f} GiB (links {results['node_rate']}, Glance {q.Bg * 8 / 1e9:.2f} Gbit/s and "
-                      f"{q.C:.0f} requests/s as calibrated, {q.q:.0f} tracker requests per node per boot)")
+                t, e = predict(way, n, q)
+                load = f"; the tracker {n * q.q / t:,.0f} requests/s of {q.R:,.0f}" if way == "thunderfs" else ""
+                once = f"; once per image: the manifest's (or a new image's check's) {q.S / 2**30:.1f} GiB" \
+                    if way == "thunderfs" else ""
+                print(f"  projected, {n} nodes, {way:12s}: slowest boot {t / 3600:7.2f} h, Glance sends "
+                      f"{e / 2**30:10.2f} GiB{once}{load} (links {results['node_rate']}, Glance "
+                      f"{q.Bg * 8 / 1e9:.2f} Gbit/s and {q.C:.0f} requests/s as calibrated, {q.q:.0f} tracker "
+                      f"requests per node per boot)")
     print(f"largest error: {worst:.0%} (target: within 25%)")
     return 0
 

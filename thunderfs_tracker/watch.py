@@ -40,9 +40,9 @@ KEEPALIVE = 5.0
 class _Image:
     """One image's holders as the last poll saw them, and who waits for the next."""
 
-    def __init__(self) -> None:
+    def __init__(self, nchunks: int) -> None:
         self.version = 0
-        self.nchunks = 0
+        self.nchunks = nchunks
         self.holders: dict[str, tuple[NodeInfo, int]] = {}
         self.changed = asyncio.Event()
         self.watchers = 0
@@ -67,22 +67,20 @@ class Watches:
 
     async def _poll(self, content: str, image: _Image) -> None:
         while image.watchers > 0:
+            # The chunk count the watchers were told stands: holders of another count (nobody
+            # holds the image yet, or they hold something else under its name) are not named.
+            n = image.nchunks
             try:
-                nchunks = await self._store.nchunks(content)
-                found = await self._store.holders(content, 0, nchunks - 1) if nchunks else []
-                if nchunks and image.nchunks and nchunks != image.nchunks:
-                    found = []  # not the image its watchers know: nothing to name
+                found = await self._store.holders(content, 0, n - 1) if await self._store.nchunks(content) == n else []
             except StoreUnavailable as exc:
                 log.warning("watches of %s end: %s", content, exc)
-                image.failed = True
-                found, nchunks = [], image.nchunks
+                image.failed, found = True, []
             self._stats["watch_polls"] += 1
-            holders = {n.node_id: (n, bits) for n, bits in found}
-            nchunks = nchunks or image.nchunks  # nobody holds it yet: as the watchers said
-            if image.version == 0 or image.failed or nchunks != image.nchunks or holders.keys() != image.holders.keys() \
+            holders = {node.node_id: (node, bits) for node, bits in found}
+            if image.version == 0 or image.failed or holders.keys() != image.holders.keys() \
                     or any(bits != image.holders[k][1] for k, (_, bits) in holders.items()):
                 image.version += 1
-                image.nchunks, image.holders = nchunks, holders
+                image.holders = holders
                 image.changed.set()
                 image.changed = asyncio.Event()
             if image.failed:
@@ -92,9 +90,8 @@ class Watches:
     @contextlib.asynccontextmanager
     async def _watching(self, content: str, nchunks: int):
         image = self._images.get(content)
-        if image is None or image.failed:
-            image = self._images[content] = _Image()
-            image.nchunks = nchunks
+        if image is None or image.failed or image.nchunks != nchunks:
+            image = self._images[content] = _Image(nchunks)
         image.watchers += 1
         if image.poller is None or image.poller.done():
             image.poller = asyncio.create_task(self._poll(content, image))
@@ -135,7 +132,7 @@ class Watches:
                     seq += 1
                     self._stats["watch_events"] += 1
                     await asyncio.sleep(self.interval())  # at most one event per interval
-        except (ConnectionError, RuntimeError) as exc:  # the node went away
+        except ConnectionError as exc:  # the node went away
             log.debug("a watch of %s ended: %r", content, exc)
         return resp
 
