@@ -251,7 +251,7 @@ async def run(config: MountConfig, keystone: KeystoneSettings | None = None,
             peers = PeerSource(tracker, node_id=config.node_id, secret=secret, chunk_size=config.chunk_size,
                                timeout=config.peer_timeout, fetch_timeout=config.fetch_timeout,
                                max_request_chunks=config.max_request // config.chunk_size, tracker_key=tracker_key,
-                               on_revoked=lambda meta, why: _revoked(meta))
+                               location=node.location, on_revoked=lambda meta, why: _revoked(meta))
             stack.push_async_callback(peers.aclose)
             seed = SeedSource(tracker, peers.directory, chunk_size=config.chunk_size, timeout=config.peer_timeout)
             peer_server = PeerServer(store, secret=secret, max_uploads=config.max_uploads, rate=config.upload_rate)

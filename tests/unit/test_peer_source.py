@@ -650,3 +650,26 @@ async def test_a_manifest_answer_that_does_not_parse_is_no_answer(store, autojum
     tracker.manifest_state = broken
     await trio.sleep(LAZY_RECHECK + 1)
     assert await src.directory.manifest(META) is lazy
+
+
+async def test_a_watchs_holders_come_nearest_first_in_a_new_order_among_equals_each_time():
+    """As the tracker's lookups: in the order the watch named them, every waiter of a crowd would
+    ask the same first holder."""
+    from thunderfs.fetch.holder_watch import HolderWatches
+
+    near = [PeerRecord(f"n{i}", f"http://n{i}:7071", ("z1", "r1"), 0, 0b1) for i in range(4)]
+    far = PeerRecord("far", "http://far:7071", ("z2",), 0, 0b1)
+    tracker = FakeTracker(holders=[far, *near])
+    _, tracker.pushes = trio.open_memory_channel(1)
+    watches = HolderWatches(tracker, tracker_down=lambda: False, location=("z1", "r1", "me"))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(watches.run)
+        assert watches.holders_nowait("c", 32, 0, 0) is None  # the watch starts: not live yet
+        await trio.testing.wait_all_tasks_blocked()
+        firsts = set()
+        for _ in range(50):
+            found = watches.holders_nowait("c", 32, 0, 0)
+            assert len(found) == 5 and found[-1][0].node_id == "far"
+            firsts.add(found[0][0].node_id)
+        assert len(firsts) > 1  # four equals: one first every time has odds of 4 in 4**50
+        nursery.cancel_scope.cancel()

@@ -15,6 +15,7 @@ time peers are wanted.
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable
 
 import trio
@@ -45,11 +46,22 @@ class _View:
         self.changed = trio.Event()
 
 
+def _shared_prefix(a: tuple[str, ...], b: tuple[str, ...]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class HolderWatches:
-    def __init__(self, tracker: TrackerClient, *, tracker_down: Callable[[], bool]):
-        """``tracker_down()``: whether the tracker is known down (no watch is asked meanwhile)."""
+    def __init__(self, tracker: TrackerClient, *, tracker_down: Callable[[], bool], location: tuple[str, ...] = ()):
+        """``tracker_down()``: whether the tracker is known down (no watch is asked meanwhile).
+        ``location``: this node's, for the order holders are given in."""
         self._tracker = tracker
         self._down = tracker_down
+        self._location = location
         self._views: dict[str, _View] = {}
         self._nursery: trio.Nursery | None = None
         self._stats = dict.fromkeys(("watches", "watch_events", "watch_news", "watch_failures"), 0)
@@ -73,14 +85,19 @@ class HolderWatches:
 
     def holders_nowait(self, content: str, nchunks: int, first: int, last: int) -> list[tuple[PeerRecord, int]] | None:
         """Peers with any of chunks first..last (absolute bits) from the image's live watch,
-        which is started here if there is none; None while it is not live."""
+        which is started here if there is none; None while it is not live.  Nearest first (the
+        longest location prefix shared with this node), in a new random order among equals at
+        every call, as the tracker's lookups: in the order the watch named them, every waiter
+        of a crowd would ask the first holder (issue 27: its uploads slowed, and chunks claimed
+        from it came late and went to Glance)."""
         view = self.start(content, nchunks)
-        if view is None:
-            return None
-        if not view.live:
+        if view is None or not view.live:
             return None
         mask = ((1 << (last - first + 1)) - 1) << first
-        return [(p, bits) for p in view.peers.values() if (bits := p.chunks & mask)]
+        found = [(p, bits) for p in view.peers.values() if (bits := p.chunks & mask)]
+        random.shuffle(found)
+        found.sort(key=lambda held: -_shared_prefix(self._location, held[0].location))  # stable: ties stay shuffled
+        return found
 
     async def wait_changed(self, content: str, also: trio.Event, poll: float, at_most: float | None = None) -> None:
         """Until the image's holders change or ``also`` is set, or ``at_most`` seconds; with no

@@ -38,7 +38,8 @@ LAZY_RECHECK = 10.0
 class PeerDirectory:
     def __init__(self, tracker: TrackerClient, *, chunk_size: int, timeout: float = 2.0,
                  lookup_window: int = 1024, lookup_ttl: float = 2.0, min_rate: float = 2**20,
-                 tracker_key: Ed25519PublicKey | None = None, secret: bytes | None = None, on_revoked=None):
+                 tracker_key: Ed25519PublicKey | None = None, secret: bytes | None = None,
+                 location: tuple[str, ...] = (), on_revoked=None):
         """``tracker_key``: the tracker's public key; a manifest it did not sign is refused.
         ``secret``: the cluster's, which proves pieces without a key (a MAC, as the tracker's).
         ``on_revoked(meta, why)``: the tracker revoked an image's lazy manifest."""
@@ -56,7 +57,7 @@ class PeerDirectory:
         self._manifest_asked: dict[bytes, float] = {}
         self._lookups: dict[tuple[str, int], tuple[float, list[PeerRecord]]] = {}  # -> (when, peers)
         self.tracker_breaker = Breaker("the tracker")
-        self.watches = HolderWatches(tracker, tracker_down=lambda: self.tracker_breaker.is_open)
+        self.watches = HolderWatches(tracker, tracker_down=lambda: self.tracker_breaker.is_open, location=location)
         self._asking = SingleFlight()  # manifest requests and lookups under way
         self._nursery: trio.Nursery | None = None
         self._stats = dict.fromkeys(("lookups", "lookup_failures", "lookups_skipped", "manifests_refused",

@@ -54,8 +54,9 @@ class PeerSource:
                  timeout: float = 2.0, fetch_timeout: float = 20.0, lookup_window: int = 1024,
                  lookup_ttl: float = 2.0, max_request_chunks: int = 256, claim_poll: float = 0.25,
                  min_rate: float = 2**20, tracker_key: Ed25519PublicKey | None = None,
-                 on_revoked=None, transport: httpx.AsyncBaseTransport | None = None):
-        """``on_revoked(meta, why)``: the tracker revoked an image's lazy manifest (the daemon
+                 location: tuple[str, ...] = (), on_revoked=None, transport: httpx.AsyncBaseTransport | None = None):
+        """``location``: this node's (zone, rack, host), which orders the holders a watch names.
+        ``on_revoked(meta, why)``: the tracker revoked an image's lazy manifest (the daemon
         drops the image's cached chunks)."""
         self._tracker = tracker
         self._on_revoked = on_revoked
@@ -67,7 +68,7 @@ class PeerSource:
                                  min_rate=min_rate, transport=transport)
         self.directory = PeerDirectory(tracker, chunk_size=chunk_size, timeout=timeout, lookup_window=lookup_window,
                                        lookup_ttl=lookup_ttl, min_rate=min_rate, tracker_key=tracker_key,
-                                       secret=secret, on_revoked=self._revoked)
+                                       secret=secret, location=location, on_revoked=self._revoked)
         self.claims = ClaimTaker(tracker, self.directory, self.client, self._ask, chunk_size=chunk_size,
                                  timeout=timeout, max_request_chunks=max_request_chunks, poll=claim_poll)
         # content -> chunk -> (who fetches it: None for this node, and whether it holds it already),
