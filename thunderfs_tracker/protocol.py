@@ -55,6 +55,16 @@ def _int(obj: dict, name: str, lo: int, hi: int) -> int:
     return value
 
 
+def shared_prefix(a, b) -> int:
+    """How many leading names two locations (zone, rack, host) share: the nearer, the more."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def parse_location(value) -> tuple[str, ...]:
     if value in (None, ""):
         return ()

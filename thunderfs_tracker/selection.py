@@ -9,18 +9,8 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
 
-from thunderfs_tracker.protocol import NodeInfo
-
-
-def shared_prefix(a: Sequence[str], b: Sequence[str]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+from thunderfs_tracker.protocol import NodeInfo, shared_prefix
 
 
 def rank(asking: NodeInfo | None, candidates: list[tuple[NodeInfo, int]],

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import trio
 
 from thunderfs_tracker.client import TrackerClient, TrackerError, TrackerRefused
-from thunderfs_tracker.protocol import PeerRecord, WatchEvent
+from thunderfs_tracker.protocol import PeerRecord, WatchEvent, shared_prefix
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +44,6 @@ class _View:
     def wake(self) -> None:
         self.changed.set()
         self.changed = trio.Event()
-
-
-def _shared_prefix(a: tuple[str, ...], b: tuple[str, ...]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class HolderWatches:
@@ -96,7 +87,7 @@ class HolderWatches:
         mask = ((1 << (last - first + 1)) - 1) << first
         found = [(p, bits) for p in view.peers.values() if (bits := p.chunks & mask)]
         random.shuffle(found)
-        found.sort(key=lambda held: -_shared_prefix(self._location, held[0].location))  # stable: ties stay shuffled
+        found.sort(key=lambda held: -shared_prefix(self._location, held[0].location))  # stable: ties stay shuffled
         return found
 
     async def wait_changed(self, content: str, also: trio.Event, poll: float, at_most: float | None = None) -> None:
