@@ -377,6 +377,22 @@ class ArrivingAtClaimer(Peers):
         return await super().__call__(request)
 
 
+async def test_a_reader_whose_claimer_hangs_takes_its_chunks_from_a_holder_slow_a_moment_ago(store, autojump_clock):
+    """On a loaded host every peer is slow now and then: a holder marked slow is asked after the
+    claimer, not skipped, before the reader gives up and goes to Glance."""
+    claimer, relay = peer("claimer", range(4)), peer("relay", range(4))
+    peers_ = Peers(claimer="hang", relay="hang")
+    tracker = FakeTracker(manifest_of(), holders=[claimer, relay], granted=set(), claimed=[(claimer, [0, 1, 2, 3], True)])
+    src, sink = source_of(tracker, peers_), Sink()
+    # The relay times out once (it is slow from now on), then answers.
+    assert (await src.client.get(relay, store.image(META.content_key, META.size), manifest_of(), 0, 4)).answer.value == "slow"
+    peers_.behaviour["relay"] = "ok"
+    assert src.client.slow("relay") and not src.client.slow("claimer")
+    assert await src.fetch(want(store, range(4)), sink) == []
+    assert right(sink, range(4)) and src.statistics()["claimed_chunks_late"] == 0
+    assert ("relay", 0, 4) in peers_.asked[1:]
+
+
 async def test_a_waiter_is_told_by_the_claimer_when_its_chunks_arrive_not_by_asking_the_tracker(store, autojump_clock):
     claimer = peer("claimer", [])
     tracker = FakeTracker(manifest_of(), holders=[], granted=set(), claimed=[(claimer, [0, 1, 2, 3], False)])
@@ -673,3 +689,4 @@ async def test_a_watchs_holders_come_nearest_first_in_a_new_order_among_equals_e
             firsts.add(found[0][0].node_id)
         assert len(firsts) > 1  # four equals: one first every time has odds of 4 in 4**50
         nursery.cancel_scope.cancel()
+

@@ -174,15 +174,24 @@ class ClaimTaker:
 
     def _pick(self, holders: list[tuple[PeerRecord, int]], wanted: set[int], claimer: PeerRecord,
               resting: dict[str, float]) -> tuple[PeerRecord, int, int] | None:
-        """The best-ranked peer that can be asked for some of ``wanted`` (the claimer last), and a
-        random piece of what it holds (bits -1: of any of them)."""
+        """The best peer that can be asked for some of ``wanted``, and a random piece of what it
+        holds (bits -1: of any of them).  Peers that took them from the claimer come first, then
+        the claimer, then those that were slow a moment ago (soonest rested first): on a loaded
+        host every peer is slow now and then, and a slow peer that answers in time spares Glance
+        a chunk the crowd already has (issue 27: most of a paced storm's excess egress was
+        readers that skipped every slow holder and went to Glance)."""
         now = trio.current_time()
-        ranked = sorted(holders, key=lambda held: held[0].node_id == claimer.node_id)
-        for peer, bits in ranked:
+
+        def rank(held: tuple[PeerRecord, int]) -> tuple[int, float]:
+            node = held[0].node_id
+            if node == claimer.node_id:
+                return 1, 0.0
+            until = self._client.slow_until(node)
+            return (2, until) if until > now else (0, 0.0)
+
+        for peer, bits in sorted(holders, key=rank):
             node = peer.node_id
             if resting.get(node, 0) > now or self._client.avoided(node) or self._asking.get(node, 0) >= self.PER_PEER:
-                continue
-            if node != claimer.node_id and self._client.slow(node):
                 continue
             pieces = runs(sorted(c for c in wanted if bits >> c & 1), self._piece)
             if pieces:
