@@ -92,3 +92,55 @@ async def test_a_node_the_tracker_forgot_announces_in_full_at_once(autojump_cloc
 async def test_a_tracker_without_light_heartbeats_gets_full_announces(autojump_clock):
     calls = await beats(FakeTracker(light=False), 5)
     assert calls == ["announce load=0", "alive", "announce load=0", "announce load=0", "announce load=0"]
+
+
+class ChangingStore(FakeStore):
+    """A store whose ``add`` makes chunks of one image servable."""
+
+    class Img:
+        nchunks = 64
+        content = b"\x01" * 32
+
+    def __init__(self):
+        self.changes: dict = {}
+
+    def add(self, *chunks: int) -> None:
+        entry = self.changes.setdefault(self.Img.content, (self.Img, set(), set()))
+        entry[1].update(chunks)
+
+    def drain_changes(self) -> dict:
+        changes, self.changes = self.changes, {}
+        return changes
+
+
+async def test_deltas_are_batched_but_a_rare_copy_goes_at_once(autojump_clock):
+    """Changes go every delta_interval; one ``rare`` says others still wait for goes within a
+    quarter of it, along with whatever is held back."""
+    sent: list[tuple[float, set[int]]] = []
+
+    class Recording(FakeTracker):
+        async def send_chunks(self, full, updates):
+            if not full:
+                sent.append((trio.current_time(), {c for u in updates for c in range(64) if u.add >> c & 1}))
+            return "e1"
+
+    store = ChangingStore()
+    node = NodeInfo("a", "http://10.0.0.1:7000", ("z",), instance="aaaaaaaa11111111")
+    announcer = Announcer(Recording(), store, node, delta_interval=2.0, rare=lambda content, chunks: 9 in chunks)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(announcer.run)
+        await trio.sleep(2.1)  # the first batch is due now
+        start = trio.current_time()
+        store.add(1)
+        await trio.sleep(0.6)
+        assert [(round(t - start, 1), cs) for t, cs in sent] == [(0.4, {1})]  # at the next tick: due
+        store.add(2)  # held back: a batch went 0.4 s after start
+        await trio.sleep(0.7)
+        assert announcer.statistics()["unannounced_changes"] == 1 and len(sent) == 1
+        store.add(9)  # rare: at the next tick (1.4 s), with 2, not when due (2.4 s)
+        await trio.sleep(0.4)
+        assert [(round(t - start, 1), cs) for t, cs in sent[1:]] == [(1.4, {2, 9})]
+        store.add(3)
+        await trio.sleep(2.0)
+        assert [(round(t - start, 1), cs) for t, cs in sent[2:]] == [(3.4, {3})]  # 2 s after the last
+        nursery.cancel_scope.cancel()
