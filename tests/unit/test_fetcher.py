@@ -278,6 +278,20 @@ async def test_a_miss_that_ends_a_read_brings_the_next_chunks_in_the_same_reques
     assert fetcher.statistics()["bytes_from_origin"] <= 1.5 * read
 
 
+async def test_a_miss_is_extended_only_over_chunks_the_profile_expects(store):
+    """With a profile prefetched, the boot reads what it lists: a miss's extension stops at the
+    first chunk it does not list (each node of a storm guessing its own costs Glance)."""
+    src = MemorySource("origin", DATA)
+    fetcher = fetcher_of(store, src, bdp=lambda: 8 * CS)
+    async with running(fetcher):
+        r = reader_of(store, fetcher, readahead=2**20)
+        r.expect(lambda chunk: chunk not in (13, 22))
+        assert await r.read(0, CS) == DATA[:CS]  # credit 0.4 chunk: nothing more
+        assert await r.read(10 * CS, 2 * CS) == DATA[10 * CS:12 * CS]  # credit 1.2: one more, 12
+        assert await r.read(20 * CS, 2 * CS) == DATA[20 * CS:22 * CS]  # credit 1.0, but 22 is not expected
+    assert src.asks == [[0], [10, 11, 12], [20, 21]]
+
+
 async def test_a_flapping_breaker_warns_once_a_quiet_period_and_counts_the_rest(caplog, autojump_clock):
     async def probe():
         return None

@@ -52,6 +52,12 @@ class Reader:
         self._ahead_until = -1
         self._credit = 0.0  # bytes the next misses may fetch beyond what they asked
         self._watchers: list[ReadWatcher] = []
+        self._expected: Callable[[int], bool] = lambda chunk: True
+
+    def expect(self, expected: Callable[[int], bool]) -> None:
+        """A miss is extended only over chunks ``expected(chunk)`` says will be read (the profiles
+        say so while they prefetch a recorded boot)."""
+        self._expected = expected
 
     def watch(self, watcher: ReadWatcher) -> None:
         self._watchers.append(watcher)
@@ -96,7 +102,8 @@ class Reader:
         n = int(self._credit // img.chunk_size)
         out = []
         c = last + 1
-        while len(out) < n and c < img.nchunks and not img.cached(c) and not fetcher.in_flight(img, c):
+        while (len(out) < n and c < img.nchunks and not img.cached(c) and not fetcher.in_flight(img, c)
+               and self._expected(c)):
             out.append(c)
             c += 1
         self._credit -= len(out) * img.chunk_size

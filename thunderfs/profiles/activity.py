@@ -45,6 +45,7 @@ class Activity:
         self.job_scope: trio.CancelScope | None = None  # the running job's: which job it is
         self.job_total = self.job_done = 0
         self.profile_version = 0
+        self.profile_chunks: frozenset[int] | None = None  # the chunks of the profile prefetched, once one is
         self.stats = dict.fromkeys(("prefetched", "hits", "demand_waits", "reads", "recordings_sent"), 0)
 
     def read(self, first: int, last: int, waited: bool) -> None:
@@ -62,6 +63,13 @@ class Activity:
                 if marks[c] == PREFETCHED:
                     marks[c] = HIT
                     stats["hits"] += 1
+
+    def expected(self, chunk: int) -> bool:
+        """Reader hook: whether a read may be extended to ``chunk``: once a profile is being
+        prefetched, only to the chunks it lists (a boot reads those; fetching others on a guess
+        only costs Glance: issue 27, each node of a storm extended its misses to chunks of its
+        own, and Glance sent 80-210 chunks beyond the profile's 613)."""
+        return self.profile_chunks is None or chunk in self.profile_chunks
 
     def statistics(self) -> dict:
         s = self.stats

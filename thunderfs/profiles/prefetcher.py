@@ -97,6 +97,7 @@ class Prefetcher:
                 order = [c for c, _ in profile.touches] if profile else []
                 if profile:
                     act.profile_version = profile.version
+                    act.profile_chunks = frozenset(order)
                 rest: list[int] = []
                 if kind == "warm":
                     listed = set(order)

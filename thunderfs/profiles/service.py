@@ -60,6 +60,7 @@ class Profiles:
         first_open = img.content not in self._activity
         act = self.activity(reader.meta, img)
         reader.watch(act.read)
+        reader.expect(act.expected)
         if not self._running or self.recorder is None:
             return
         # The first open with nothing of it cached: opened on this node for the first time.
