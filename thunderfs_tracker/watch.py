@@ -60,10 +60,11 @@ class Watches:
         self._rate = events_per_second
         self._images: dict[str, _Image] = {}
         self._stats = dict.fromkeys(("watches", "watch_events", "watch_polls"), 0)
+        self._watchers = 0  # of every image (an image replaced keeps its watchers till they end)
 
     def interval(self) -> float:
         """Seconds between two polls of an image (and two events of a watch)."""
-        return max(self._interval, sum(i.watchers for i in self._images.values()) / self._rate)
+        return max(self._interval, self._watchers / self._rate)
 
     async def _poll(self, content: str, image: _Image) -> None:
         while image.watchers > 0:
@@ -93,12 +94,14 @@ class Watches:
         if image is None or image.failed or image.nchunks != nchunks:
             image = self._images[content] = _Image(nchunks)
         image.watchers += 1
+        self._watchers += 1
         if image.poller is None or image.poller.done():
             image.poller = asyncio.create_task(self._poll(content, image))
         try:
             yield image
         finally:
             image.watchers -= 1
+            self._watchers -= 1
             if image.watchers == 0 and self._images.get(content) is image:
                 del self._images[content]
 
@@ -163,4 +166,4 @@ class Watches:
         return WatchEvent(image.nchunks, peers)
 
     def statistics(self) -> dict:
-        return {**self._stats, "watchers": sum(i.watchers for i in self._images.values())}
+        return {**self._stats, "watchers": self._watchers}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -673,3 +674,21 @@ def test_a_new_image_is_seeded_from_one_read_of_glance_then_checked_whole_or_rev
     assert "does not match Glance's os_hash_value" in r.why and store.stats["revoked"] == 1
     # The revocation is kept across a restart (the state dir), its proof checked.
     assert ManifestStore(tmp_path / "True", None, proof=proof).revoked(image_id, CHUNK) == r
+
+
+def test_a_replicas_watches_write_at_most_so_many_events_a_second_in_all():
+    """The interval between two events of a watch grows with the watchers of every image, an
+    image replaced meanwhile included, and comes back as they end."""
+    from thunderfs_tracker.peer_store import MemoryPeerStore
+    from thunderfs_tracker.watch import Watches
+
+    async def main():
+        watches = Watches(MemoryPeerStore(), interval=0.5, events_per_second=4)
+        async with contextlib.AsyncExitStack() as stack:
+            for content, nchunks in [("a", 8), ("a", 8), ("b", 4), ("b", 4)]:
+                await stack.enter_async_context(watches._watching(content, nchunks))
+            assert watches.interval() == 1.0 and watches.statistics()["watchers"] == 4
+            await stack.enter_async_context(watches._watching("a", 16))  # "a" is another image now
+            assert watches.interval() == 1.25
+        assert watches.interval() == 0.5 and watches.statistics()["watchers"] == 0
+    asyncio.run(main())
