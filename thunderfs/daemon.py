@@ -262,8 +262,7 @@ async def run(config: MountConfig, keystone: KeystoneSettings | None = None,
                 raise ConfigError(f"cannot serve peers on {config.peer_listen}: {exc.strerror}") from None
             log.info("serving peers on %s:%d as %s (%s), tracker %s", *bound, node.node_id, node.peer_url,
                      config.tracker)
-            announcer = Announcer(tracker, store, node, load=lambda: peer_server.uploads, rtt=peers.rtt_ms,
-                                  rare=peers.rare)
+            announcer = Announcer(tracker, store, node, load=lambda: peer_server.uploads, rtt=peers.rtt_ms)
         metrics = DaemonMetrics(lambda: stats({})) if config.metrics_listen else None
         glance = GlanceSource(origin, chunk_size=config.chunk_size, max_chunks=config.max_request // config.chunk_size,
                               fetch_timeout=config.fetch_timeout, concurrency=config.origin_concurrency,

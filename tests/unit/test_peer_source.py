@@ -690,18 +690,3 @@ async def test_a_watchs_holders_come_nearest_first_in_a_new_order_among_equals_e
         assert len(firsts) > 1  # four equals: one first every time has odds of 4 in 4**50
         nursery.cancel_scope.cancel()
 
-
-async def test_a_chunk_is_rare_while_fewer_than_so_many_holders_are_named():
-    from thunderfs.fetch.holder_watch import HolderWatches
-
-    tracker = FakeTracker(holders=[peer("a", [0, 1]), peer("b", [0]), peer("c", [0])])
-    _, tracker.pushes = trio.open_memory_channel(1)
-    watches = HolderWatches(tracker, tracker_down=lambda: False)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(watches.run)
-        assert not watches.rare("c", {5}, 3)  # no live watch: nobody can tell
-        watches.start("c", 32)
-        await trio.testing.wait_all_tasks_blocked()
-        assert not watches.rare("c", {0}, 3)  # three hold it
-        assert watches.rare("c", {0, 1}, 3) and watches.rare("c", {5}, 1)  # one of them has fewer
-        nursery.cancel_scope.cancel()

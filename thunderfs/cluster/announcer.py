@@ -7,8 +7,7 @@ the tracker's epoch changes (it restarted and lost peer state) or a send failed;
 the chunks that became servable or went away, batched every ``delta_interval`` seconds (2: a
 delta is most of what a booting node costs the tracker, and a node waiting for a chunk asks the
 node that fetches it meanwhile, which answers when it has it), so that a chunk this node just
-fetched is named to the watches of others within a few seconds; at the next quarter of that
-if ``rare`` says some of them are rare copies others still wait for.  The tracker being down
+fetched is named to the watches of others within a few seconds.  The tracker being down
 costs nothing but discovery: the node keeps reading from Glance and the peers it knew.
 """
 
@@ -20,7 +19,7 @@ from collections.abc import Callable
 
 import trio
 
-from thunderfs.cache.store import ChunkStore, ImageData
+from thunderfs.cache.store import ChunkStore
 from thunderfs.reachability import Reachability
 from thunderfs_tracker.client import TrackerClient, TrackerError, TrackerRefused
 from thunderfs_tracker.protocol import AnnounceReply, ChunkUpdate, NodeInfo, chunks_to_bits
@@ -33,16 +32,13 @@ FULL_EVERY = 6
 class Announcer:
     def __init__(self, tracker: TrackerClient, store: ChunkStore, node: NodeInfo, *,
                  load: Callable[[], int] = lambda: 0, rtt: Callable[[], dict[str, float]] = dict,
-                 delta_interval: float = 2.0, rare: Callable[[bytes, set[int]], bool] = lambda content, chunks: False):
+                 delta_interval: float = 2.0):
         self._tracker = tracker
         self._store = store
         self._node = node
         self._load = load
         self._rtt = rtt
         self._interval = delta_interval
-        self._rare = rare
-        self._unsent: dict[bytes, tuple[ImageData, set[int], set[int]]] = {}  # drained, held back until due
-        self._next_delta = 0.0
         self._epoch: str | None = None
         self._reach = Reachability(f"tracker {','.join(tracker.urls)}")
         self._sending = 0  # changes drained and not yet acknowledged by the tracker
@@ -56,7 +52,6 @@ class Announcer:
         task_status.started()
         next_announce = 0.0
         while True:
-            pause = self._interval / 4  # a rare copy waits no longer than this
             try:
                 if self._epoch is None or trio.current_time() >= next_announce:
                     reply = await self._heartbeat()
@@ -78,7 +73,6 @@ class Announcer:
                     # trying (it may be this node's own record from a cache that was wiped).
                     log.error("the tracker refuses this node: %s", exc)
                 self._refused = exc.status == 409
-                pause = self._interval
                 if not self._refused:
                     self._reach.down(str(exc), "reading from Glance and the peers already known")
             except TrackerError as exc:
@@ -86,8 +80,7 @@ class Announcer:
                 self._epoch = None  # what we hold is resent in full once it answers again
                 next_announce = trio.current_time() + 2.0
                 self._reach.down(str(exc), "reading from Glance and the peers already known")
-                pause = self._interval  # a tracker down is asked again at the batches' pace
-            await trio.sleep(pause)
+            await trio.sleep(self._interval)
 
     async def _heartbeat(self) -> AnnounceReply:
         """A light heartbeat if the tracker knows this node as it is now, else an announce."""
@@ -110,7 +103,6 @@ class Announcer:
 
     async def _send_full(self) -> None:
         self._store.drain_changes()  # the full state includes them
-        self._unsent.clear()
         updates = []
         for img in self._store.contents():
             bits = img.held_bits()
@@ -119,28 +111,10 @@ class Announcer:
         await self._tracker.send_chunks(True, updates)
         self._stats["full_states"] += 1
 
-    def _gather(self) -> None:
-        """The store's changes since the last call, merged into those held back."""
-        for content, (img, added, removed) in self._store.drain_changes().items():
-            entry = self._unsent.get(content)
-            if entry is None:
-                self._unsent[content] = (img, added, removed)
-                continue
-            entry[1].difference_update(removed)
-            entry[1].update(added)
-            entry[2].difference_update(added)
-            entry[2].update(removed)
-
     async def _send_deltas(self) -> None:
-        """What changed, if ``delta_interval`` has passed since the last delta or some of it is rare."""
-        self._gather()
-        if not self._unsent:
+        changes = self._store.drain_changes()
+        if not changes:
             return
-        now = trio.current_time()
-        if now < self._next_delta and not any(self._rare(content, added) for content, (_, added, _) in self._unsent.items()):
-            return
-        changes, self._unsent = self._unsent, {}
-        self._next_delta = now + self._interval
         updates = [ChunkUpdate(content.hex(), img.nchunks, add=chunks_to_bits(added), remove=chunks_to_bits(removed))
                    for content, (img, added, removed) in changes.items()]
         self._sending = sum(len(added) + len(removed) for _, added, removed in changes.values())
@@ -153,8 +127,7 @@ class Announcer:
             self._epoch = None
 
     def statistics(self) -> dict:
-        unsent = (self._store.changes_pending() + self._sending
-                  + sum(len(added) + len(removed) for _, added, removed in self._unsent.values()))
+        unsent = self._store.changes_pending() + self._sending
         return {**self._stats, "unannounced_changes": unsent,
                 "in_sync": self._epoch is not None and not unsent,  # the tracker knows what this node holds
                 "tracker_ok": self._reach.ok, "tracker": self._tracker.url, "node_id_refused": self._refused,

@@ -90,15 +90,6 @@ class HolderWatches:
         found.sort(key=lambda held: -shared_prefix(self._location, held[0].location))  # stable: ties stay shuffled
         return found
 
-    def rare(self, content: str, chunks: set[int], copies: int) -> bool:
-        """Whether any of ``chunks`` has fewer than ``copies`` holders in the image's live watch
-        (without a live watch, nobody can tell: False)."""
-        view = self._views.get(content)
-        if view is None or not view.live:
-            return False
-        held = [p.chunks for p in view.peers.values()]
-        return any(sum(bits >> c & 1 for bits in held) < copies for c in chunks)
-
     async def wait_changed(self, content: str, also: trio.Event, poll: float, at_most: float | None = None) -> None:
         """Until the image's holders change or ``also`` is set, or ``at_most`` seconds; with no
         live watch (nothing would say they changed), for at most ``poll`` seconds (the caller

@@ -45,11 +45,6 @@ PLAN_TTL = 15.0
 # first seconds, and every unclaimed background fetch sends Glance what the crowd is fetching too;
 # a reader that joins the flight (it becomes a demand fetch) ends the wait.
 TRACKER_PATIENCE = 10.0
-# A chunk fewer nodes hold than this (besides this one) is announced at once: while it is rare, a
-# crowd is waiting on few uploads for it, and a new copy is a new source (issue 27: on 100 Mbit/s
-# links, relays announced every 2 s instead of 0.5 s made the slowest node 2.24 x one alone
-# instead of 1.67 x).  Once it is common, the 2 s batches cost the tracker less.
-RARE_COPIES = 3
 
 
 class PeerSource:
@@ -105,12 +100,6 @@ class PeerSource:
 
     def rtt_ms(self) -> dict[str, float]:
         return self.client.rtt_ms()
-
-    def rare(self, content: bytes, chunks: set[int]) -> bool:
-        """Whether this node is among the first ``RARE_COPIES`` holders of any of ``chunks`` as far
-        as the image's watch knows: a copy others are still waiting for (the announcer sends it
-        at once rather than with its next batch)."""
-        return self.directory.watches.rare(content.hex(), chunks, RARE_COPIES)
 
     def sources_of(self, content: bytes) -> dict[str, int]:
         return self.client.sources_of(content)
