@@ -154,7 +154,9 @@ def test_demand_reads_overtake_a_running_prefetch(make_cluster, images):
     proxy, tracker, node = make_cluster(netns=True, root_rate="16mbit")
     image_id = images.add(256 * CHUNK, seed=302)
     data = images.data[image_id]
-    b = node("b", "z/r/b", "--record-window", "0", "--readahead", "0", "--prefetch-idle", "60")
+    # One prefetch flight: its first batch (128 chunks) is far from chunk 250.
+    b = node("b", "z/r/b", "--record-window", "0", "--readahead", "0", "--prefetch-idle", "60",
+             "--prefetch-flights", "1")
     content = content_of(b, image_id)
     post_recording(tracker, content, 256, [[c, c * 10] for c in range(256)])
     with open(b.image(image_id), "rb"):
@@ -173,15 +175,16 @@ def test_demand_reads_overtake_a_running_prefetch(make_cluster, images):
 def test_prefetch_stops_when_nobody_reads_and_without_a_tracker_reads_still_work(make_cluster, images):
     # No seed: the prefetch goes to Glance, whose --origin-rate keeps it slow enough to be stopped.
     proxy, tracker, node = make_cluster(tracker_args=("--seed-cache", "0"))
-    image_id = images.add(256 * CHUNK, seed=303)
+    # 512 chunks: four batches of 128 (with 256 it once fetched both before it looked at the idle time).
+    image_id = images.add(512 * CHUNK, seed=303)
     data = images.data[image_id]
     b = node("b", "z/r/b", "--record-window", "0", "--readahead", "0", "--prefetch-idle", "1",
              "--origin-rate", "1M", "--prefetch-flights", "1")
-    post_recording(tracker, content_of(b, image_id), 256, [[c, c] for c in range(256)])
+    post_recording(tracker, content_of(b, image_id), 512, [[c, c] for c in range(512)])
     with open(b.image(image_id), "rb"):
         wait_for(lambda: (s := activity(b, image_id)) and s["prefetched"] > 0, what="the prefetch to start")
         wait_for(lambda: activity(b, image_id)["job"] is None, timeout=20, what="the idle prefetch to stop")
-    assert activity(b, image_id)["prefetched"] < 256  # it stopped between batches, before the end
+    assert activity(b, image_id)["prefetched"] < 512  # it stopped between batches, before the end
     assert "stopped: nobody has read it" in b.log_tail()
 
     tracker.stop()
