@@ -544,6 +544,36 @@ def parse_pieces(value: str) -> list[Piece]:
     return [Piece.parse(item) for item in items]
 
 
+# The peer answer's header that names nodes that took the asked chunks from this one (relays):
+# "node:hexbits,..." with bit i for chunk first+i.  A hint, not a fact: the asker asks only nodes
+# the tracker named to it, and checks their bytes as any peer's.
+TAKERS_HEADER = "X-Thunderfs-Takers"
+MAX_TAKERS = 8
+
+
+def encode_takers(takers: list[tuple[str, int]]) -> str | None:
+    """The header's value for (node id, bits relative to the asked first chunk); None if none."""
+    return ",".join(f"{node}:{bits:x}" for node, bits in takers[:MAX_TAKERS]) or None
+
+
+def parse_takers(value: str, count: int) -> list[tuple[str, int]]:
+    """(node id, bits relative to the asked first chunk) of a takers header for ``count`` chunks."""
+    items = value.split(",")
+    if len(value) > MAX_TAKERS * 400 or len(items) > MAX_TAKERS:
+        raise ProtocolError("the takers header is too long")
+    out = []
+    for item in items:
+        node, _, bits = item.partition(":")
+        try:
+            n = int(bits, 16)
+        except ValueError:
+            raise ProtocolError(f"takers: {item[:80]!r} is not node:hexbits") from None
+        if not _NAME.match(node) or n <= 0 or n >> count:
+            raise ProtocolError(f"takers: {item[:80]!r} is not a node and some of {count} chunks")
+        out.append((node, n))
+    return out
+
+
 @dataclass(frozen=True)
 class Revocation:
     """The tracker's word that an image's lazy manifest is withdrawn: its whole-image check failed

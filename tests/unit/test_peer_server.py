@@ -17,6 +17,11 @@ META = meta_of(DATA)
 
 
 async def ask(port: int, path: str, headers: dict[str, str | bytes]) -> tuple[int, bytes]:
+    status, _, body = await ask_full(port, path, headers)
+    return status, body
+
+
+async def ask_full(port: int, path: str, headers: dict[str, str | bytes]) -> tuple[int, dict[str, str], bytes]:
     lines = [f"GET {path} HTTP/1.1".encode(), b"Host: peer", b"Connection: close"]
     lines += [k.encode() + b": " + (v if isinstance(v, bytes) else v.encode()) for k, v in headers.items()]
     async with await trio.open_tcp_stream("127.0.0.1", port) as s:
@@ -25,7 +30,8 @@ async def ask(port: int, path: str, headers: dict[str, str | bytes]) -> tuple[in
         while piece := await s.receive_some(65536):
             answer += piece
     head, _, body = answer.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body
+    fields = dict(line.decode().split(": ", 1) for line in head.split(b"\r\n")[1:])
+    return int(head.split()[1]), {k.lower(): v for k, v in fields.items()}, body
 
 
 async def test_members_get_chunks_and_odd_headers_a_401_that_says_why(store, caplog):
@@ -115,3 +121,39 @@ async def test_waiters_queue_for_an_upload_slot_when_their_chunks_arrive_rather_
     assert answers == [(200, DATA[:2 * CS])] * 3
     s = server.statistics()
     assert s["busy"] == 0 and s["slot_waits"] >= 2 and s["uploads_in_progress"] == 0
+
+
+async def test_a_waiter_is_sent_to_a_relay_that_took_its_chunks_while_every_slot_is_busy(store):
+    """The holder tells its waiters who else has them: n1 took chunks 0-1; n2, waiting for them
+    while the one slot is busy, is answered 503 with n1 named, not queued; any answer names the
+    nodes that took the asked chunks (not the asker itself)."""
+    data = pattern(512 * CS)  # 2 MiB: past the bucket's 1 MiB burst, a whole read keeps the slot ~1 s
+    meta = meta_of(data)
+    img = store.image(meta.content_key, meta.size)
+    store.stage(img, 0, data)
+    server = PeerServer(store, secret=SECRET, max_uploads=1, rate=2**20)
+    _, port = await server.listen("127.0.0.1", 0)
+    base = f"/v1/chunks/{meta.content_key.hex()}"
+    answers = {}
+
+    async def asked(node: str, path: str) -> None:
+        answers[node] = await ask_full(port, path, sign(SECRET, node, "GET", path))
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        await asked("n1", f"{base}/0/2")
+        status, headers, body = answers["n1"]
+        assert (status, body) == (200, data[:2 * CS]) and "x-thunderfs-takers" not in headers
+        nursery.start_soon(asked, "n3", f"{base}/0/512")  # holds the slot a while
+        while not server.statistics()["uploads_in_progress"]:
+            await trio.sleep(0.01)
+        await asked("n2", f"{base}/0/2?wait=5000")
+        status, headers, _ = answers["n2"]
+        assert status == 503 and headers["x-thunderfs-takers"] == "n1:3"
+        while "n3" not in answers:
+            await trio.sleep(0.01)
+        assert answers["n3"][:2] == (200, {**answers["n3"][1], "x-thunderfs-takers": "n1:3"})
+        await asked("n1", f"{base}/1/4")  # n1 is not named to itself; n3 took them all
+        assert answers["n1"][1]["x-thunderfs-takers"] == "n3:f"
+        nursery.cancel_scope.cancel()
+    assert server.statistics()["redirects"] == 1

@@ -20,7 +20,7 @@ from thunderfs.fetch.slots import DEMAND, PREFETCH, READAHEAD
 from thunderfs.fetch.source import Urgency, Want
 from thunderfs_common.manifest_proof import ManifestProof
 from thunderfs_tracker.client import TrackerRefused, TrackerUnavailable
-from thunderfs_tracker.protocol import (PIECES_HEADER, Manifest, PeerRecord, Piece, Revocation, WatchEvent, encode_pieces,
+from thunderfs_tracker.protocol import (PIECES_HEADER, TAKERS_HEADER, Manifest, PeerRecord, Piece, Revocation, WatchEvent, encode_pieces,
                                        parse_pieces)
 
 DATA = pattern(32 * CS)
@@ -135,6 +135,9 @@ class Peers:
             await trio.sleep_forever()
         if how == "busy":
             return httpx.Response(503)
+        if how.startswith("busy, took:"):  # busy, and names the nodes that took them (all of them)
+            names = how.removeprefix("busy, took:").split("+")
+            return httpx.Response(503, headers={TAKERS_HEADER: ",".join(f"{n}:{(1 << count) - 1:x}" for n in names)})
         if how == "lie":
             body = bytes(len(body))
         if how in ("pieces", "forged-pieces"):  # the tracker's pieces sent along, as a node forwards them
@@ -690,3 +693,36 @@ async def test_a_watchs_holders_come_nearest_first_in_a_new_order_among_equals_e
         assert len(firsts) > 1  # four equals: one first every time has odds of 4 in 4**50
         nursery.cancel_scope.cancel()
 
+
+
+async def test_a_busy_claimer_sends_its_waiters_to_the_relays_that_took_their_chunks(store, autojump_clock):
+    """The holder tells its waiters who took the chunks from it: a waiter asks those relays (of
+    the nodes the tracker named) at once, before the watch says they hold them; a relay it does
+    not know from the tracker is not asked."""
+    claimer, relay = peer("claimer", []), peer("relay", [20])  # the watch knows relay, not that it has 0-3
+    tracker = FakeTracker(manifest_of(), holders=[relay], granted=set(), claimed=[(claimer, [0, 1, 2, 3], False)])
+    _, tracker.pushes = trio.open_memory_channel(1)
+    peers_ = Peers(claimer="busy, took:stranger+relay")
+    src, sink = source_of(tracker, peers_, claim_poll=0.25), Sink()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(src.run)
+        assert await src.directory.manifest(META) is not None
+        await trio.testing.wait_all_tasks_blocked()
+        started = trio.current_time()
+        assert await src.fetch(want(store, range(4)), sink) == []
+        took = trio.current_time() - started
+        nursery.cancel_scope.cancel()
+    assert right(sink, range(4)) and took < 0.5
+    assert {node for node, _, _ in peers_.asked} == {"claimer", "relay"}
+    assert src.statistics()["relays_named"] >= 1 and src.statistics()["claimed_chunks_late"] == 0
+
+
+@pytest.mark.parametrize("value", ["relay", "relay:zz", "relay:0", "relay:10", "bad name:1", ",".join(["n:1"] * 9),
+                                   "n:" + "f" * 500])
+def test_a_takers_header_that_is_not_nodes_and_some_of_the_asked_chunks_is_refused(value):
+    """For 4 chunks asked: bits past the fourth, none, a name that is not a node's, too many."""
+    from thunderfs_tracker.protocol import ProtocolError, parse_takers
+
+    assert parse_takers("a:1,b.c-d:f", 4) == [("a", 1), ("b.c-d", 15)]
+    with pytest.raises(ProtocolError):
+        parse_takers(value, 4)

@@ -7,7 +7,11 @@
                           node waiting on a claim learns at once that they arrived
                           (``X-Thunderfs-Pieces``: while the image has no manifest, the
                           tracker's proven pieces that cover them, which the asker checks them
-                          against instead of asking the tracker)
+                          against instead of asking the tracker).  Every answer names, in
+                          ``X-Thunderfs-Takers``, nodes that took some of those chunks from here
+                          (relays); a request that waited for chunks a relay took whole, while
+                          every upload slot is busy, is sent there (503 with the relays) rather
+                          than queued: the crowd's copies spread from the relays, not all from here
     GET /healthz
 
 Only members' signed requests are answered (401 otherwise).  Uploads are capped in number (503
@@ -30,7 +34,7 @@ from thunderfs.cache.store import ChunkStore
 from thunderfs.errors import ChunkCorrupt, ChunkNotCached
 from thunderfs.ratelimit import TokenBucket
 from thunderfs_common.signing import NonceCacheFull, Verifier
-from thunderfs_tracker.protocol import PIECES_HEADER
+from thunderfs_tracker.protocol import MAX_TAKERS, PIECES_HEADER, TAKERS_HEADER, encode_takers
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +43,7 @@ MAX_REQUEST_CHUNKS = 1024
 IDLE_TIMEOUT = 30.0
 MAX_WAIT = 10.0  # seconds a request may wait for chunks to arrive
 MAX_WAITERS = 256  # requests waiting at once; more are told 503 (busy)
+TAKERS_KEPT = (16, 64)  # images, and nodes per image, whose takes are remembered (the latest)
 
 
 class PeerServer:
@@ -50,8 +55,10 @@ class PeerServer:
         self._bucket = TokenBucket(rate)
         self._waiting = 0
         self._stats = dict.fromkeys(("requests", "served_chunks", "served_bytes", "not_held", "busy",
-                                     "refused", "bad_requests", "waits", "waits_served", "slot_waits"), 0)
+                                     "refused", "bad_requests", "waits", "waits_served", "slot_waits",
+                                     "redirects"), 0)
         self._slot_freed = trio.lowlevel.ParkingLot()
+        self._takers: dict[bytes, dict[str, int]] = {}  # content -> node -> chunks it took from here
         # Wired by the daemon: (content, first, count) -> the header that carries the tracker's
         # pieces of those chunks, while the image has only those (None: none to send).
         self.pieces: Callable[[bytes, int, int], str | None] = lambda content, first, count: None
@@ -77,12 +84,14 @@ class PeerServer:
                     request = await self._next_request(conn, stream)
                     if request is None:
                         return
-                    status, body, slot, extra = await self._answer(request)
+                    status, body, slot, extra, took = await self._answer(request)
                     try:
                         await self._send(conn, stream, status, body, head=request.method == b"HEAD", extra=extra)
                     finally:
                         if slot:
                             self._free_slot()  # taken in _answer, held until the bytes are sent
+                    if took:  # sent: the asker has them now (a relay for whoever asks next)
+                        self._took(*took)
                     if conn.our_state is h11.MUST_CLOSE:
                         return
                     conn.start_next_cycle()
@@ -122,14 +131,17 @@ class PeerServer:
             await stream.send_all(conn.send(h11.Data(data=body)))
         await stream.send_all(conn.send(h11.EndOfMessage()))
 
-    async def _answer(self, request: h11.Request) -> tuple[int, bytes, bool, list[tuple[str, str]]]:
-        """Status, body, whether an upload slot was taken (the caller frees it once sent), and
-        headers beyond the usual."""
+    async def _answer(self, request: h11.Request) -> tuple[int, bytes, bool, list[tuple[str, str]], tuple | None]:
+        """Status, body, whether an upload slot was taken (the caller frees it once sent),
+        headers beyond the usual, and (content, asker, first, count) of chunks served to a
+        member (remembered once sent)."""
         extra: list[tuple[str, str]] = []
-        return (*await self._chunks(request, extra), extra)
+        took: list[tuple] = []
+        return (*await self._chunks(request, extra, took), extra, took[0] if took else None)
 
-    async def _chunks(self, request: h11.Request, extra: list[tuple[str, str]]) -> tuple[int, bytes, bool]:
-        """What ``_answer`` answers, but the headers of a 200, which go into ``extra``."""
+    async def _chunks(self, request: h11.Request, extra: list[tuple[str, str]], took: list[tuple]) -> tuple[int, bytes, bool]:
+        """What ``_answer`` answers, but its headers, which go into ``extra``, and what a member
+        is sent, into ``took``."""
         self._stats["requests"] += 1
         target = request.target.decode("ascii", "replace")
         if request.method != b"GET":
@@ -137,10 +149,11 @@ class PeerServer:
             return 405, b"only GET\n", False
         if target == "/healthz":
             return 200, b"ok\n", False
+        asker = ""
         if self._verifier is not None:
             headers = {k.decode("latin-1").title(): v.decode("latin-1") for k, v in request.headers}
             try:
-                self._verifier.verify("GET", target, headers, b"")
+                asker, _ = self._verifier.verify("GET", target, headers, b"")
             except NonceCacheFull as exc:
                 self._stats["busy"] += 1
                 return 503, f"too many signed requests to remember: {exc}\n".encode(), False
@@ -161,6 +174,9 @@ class PeerServer:
         if img is None or last >= img.nchunks:
             self._stats["not_held"] += 1
             return 404, b"not held\n", False
+        takers = self._takers_of(content, first, count, asker)
+        if takers:
+            extra.append((TAKERS_HEADER, encode_takers(takers)))
         give_up = trio.current_time() + wait
         if wait and (img.missing(first, last) or self._busy >= self._slots):
             if self._waiting >= MAX_WAITERS:
@@ -174,8 +190,14 @@ class PeerServer:
                         await img.wait_arrival()
                     # The crowd that waited for these chunks wants them at once: a waiter queues
                     # for an upload slot (the slots turn over in milliseconds) rather than be
-                    # told 503 and come back a poll later.
+                    # told 503 and come back a poll later; unless a relay took them all from
+                    # here meanwhile, where it is sent.
                     while self._busy >= self._slots:
+                        takers = self._takers_of(content, first, count, asker)
+                        if takers and takers[0][1] == (1 << count) - 1:
+                            self._stats["redirects"] += 1
+                            extra[:] = [(TAKERS_HEADER, encode_takers(takers))]
+                            return 503, b"upload slots full: ask the relays named\n", False
                         self._stats["slot_waits"] += 1
                         await self._slot_freed.park()
             finally:
@@ -206,9 +228,31 @@ class PeerServer:
             self._store.unpin(img, token)
         self._stats["served_chunks"] += count
         self._stats["served_bytes"] += len(data)
+        if asker:
+            took.append((content, asker, first, count))
         if pieces := self.pieces(content, first, count):
             extra.append((PIECES_HEADER, pieces))
         return 200, data, True
+
+    def _took(self, content: bytes, node: str, first: int, count: int) -> None:
+        images, nodes = TAKERS_KEPT
+        takers = self._takers.pop(content, None) or {}
+        self._takers[content] = takers  # the latest last
+        if len(self._takers) > images:
+            del self._takers[next(iter(self._takers))]
+        bits = takers.pop(node, 0) | ((1 << count) - 1) << first
+        takers[node] = bits
+        if len(takers) > nodes:
+            del takers[next(iter(takers))]
+
+    def _takers_of(self, content: bytes, first: int, count: int, asker: str) -> list[tuple[str, int]]:
+        """Nodes other than ``asker`` that took some of the chunks from here, latest first, with
+        which (bits from ``first``): those that took them all first."""
+        mask = (1 << count) - 1
+        found = [(node, have) for node, bits in reversed(self._takers.get(content, {}).items())
+                 if node != asker and (have := bits >> first & mask)]
+        found.sort(key=lambda t: t[1] != mask)  # stable: latest first among equals
+        return found[:MAX_TAKERS]
 
     def _free_slot(self) -> None:
         self._busy -= 1

@@ -50,6 +50,9 @@ class ClaimTaker:
     # How many polls apart a waiter asks the tracker for holders while a request waits at the
     # claimer (the claimer's answer, not the tracker, says when its chunks are there).
     PUSHING_LOOKUP_SLOWER = 4
+    # How long a relay that a peer named (it took the chunks from that peer a moment ago) is
+    # asked to wait for them: it may still be checking them.
+    HINT_WAIT = 1.0
 
     def __init__(self, tracker: TrackerClient, directory: PeerDirectory, client: PeerClient, ask: Ask, *,
                  chunk_size: int, timeout: float = 2.0, max_request_chunks: int = 256, poll: float = 0.25):
@@ -63,7 +66,7 @@ class ClaimTaker:
         self._piece = max(1, min(max_request_chunks, self.PIECE // chunk_size))
         self._asking: dict[str, int] = {}  # pieces outstanding per peer
         self._stats = dict.fromkeys(("claims", "claim_failures", "claim_retries", "claim_waits", "claim_pushes",
-                                     "claims_skipped"), 0)
+                                     "claims_skipped", "relays_named"), 0)
 
     async def claim(self, meta: ImageMeta, img: ImageData, chunks: list[int],
                     *, tries: int = 1) -> tuple[list[int], list[tuple[PeerRecord, list[int], bool]]]:
@@ -117,6 +120,9 @@ class ClaimTaker:
             wait = min(wait, self.SLOW_HOLDER_PATIENCE * self.timeout)
         taking: set[int] = set()
         resting: dict[str, float] = {}  # peers that were busy or slow: not asked again until then
+        # Relays the peers asked named (nodes that took some of these chunks from them), of those
+        # the tracker's watch named: node -> (record, chunks as bits).
+        hinted: dict[str, tuple[PeerRecord, int]] = {}
         claimer_failed = False
 
         give_up = trio.current_time() + wait
@@ -130,6 +136,9 @@ class ClaimTaker:
                 pushing = self._asking.get(claimer.node_id, 0) > 0
                 age = self.poll * self.PUSHING_LOOKUP_SLOWER if pushing else self.poll
                 holders = await self._directory.holders(img, min(pending), max(pending), max_age=age)
+                known = {peer.node_id for peer, _ in holders}
+                holders = [(peer, bits | hinted[peer.node_id][1] if peer.node_id in hinted else bits)
+                           for peer, bits in holders] + [h for node, h in hinted.items() if node not in known]
                 choice = self._pick(holders, pending - taking, claimer, resting)
                 push = 0.0
                 if choice is None:  # nobody has them yet: the claimer answers when it has
@@ -147,6 +156,8 @@ class ClaimTaker:
                         continue
                     self._stats["claim_pushes"] += 1
                 peer, rfirst, rcount = choice
+                if peer.node_id in hinted and peer.node_id not in known:
+                    push = self.HINT_WAIT
                 piece = range(rfirst, rfirst + rcount)
                 taking.update(piece)
                 self._asking[peer.node_id] = self._asking.get(peer.node_id, 0) + 1
@@ -158,6 +169,10 @@ class ClaimTaker:
                         self._asking[peer.node_id] = left
                     changed[0].set()
                     changed[0] = trio.Event()
+                for node, bits in reply.takers:
+                    if (rec := hinted.get(node, (None, 0))[0] or self._directory.member(img, node)) is not None:
+                        hinted[node] = (rec, hinted.get(node, (rec, 0))[1] | bits)
+                        self._stats["relays_named"] += 1
                 if reply.answer is Answer.OK:
                     put(rfirst, reply.data)
                     pending.difference_update(piece)

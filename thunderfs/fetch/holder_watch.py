@@ -90,6 +90,11 @@ class HolderWatches:
         found.sort(key=lambda held: -shared_prefix(self._location, held[0].location))  # stable: ties stay shuffled
         return found
 
+    def member(self, content: str, node_id: str) -> PeerRecord | None:
+        """The record of a node the image's watch named (None: it named no such node)."""
+        view = self._views.get(content)
+        return view.peers.get(node_id) if view is not None else None
+
     async def wait_changed(self, content: str, also: trio.Event, poll: float, at_most: float | None = None) -> None:
         """Until the image's holders change or ``also`` is set, or ``at_most`` seconds; with no
         live watch (nothing would say they changed), for at most ``poll`` seconds (the caller

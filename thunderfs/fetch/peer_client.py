@@ -20,7 +20,8 @@ import trio
 from thunderfs.cache.store import ImageData
 from thunderfs.fetch.lazy_manifest import LazyManifest
 from thunderfs_common.signing import SignedRequests
-from thunderfs_tracker.protocol import PIECES_HEADER, Manifest, PeerRecord, ProtocolError, parse_pieces
+from thunderfs_tracker.protocol import (PIECES_HEADER, TAKERS_HEADER, Manifest, PeerRecord, ProtocolError,
+                                       parse_pieces, parse_takers)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class Reply:
     bad_chunk: int = -1  # LIED: the first chunk that failed
     why: str = ""  # LIED: how
     pieces: tuple = ()  # UNCHECKED: the tracker's pieces the peer sent along (not checked yet)
+    takers: tuple = ()  # (node id, chunks as absolute bits) the peer says took some of them from it
 
 
 class PeerClient:
@@ -63,7 +65,7 @@ class PeerClient:
         self._rtt: dict[str, float] = {}
         self._served: dict[bytes, dict[str, int]] = {}  # content -> peer -> bytes it sent us
         self._stats = dict.fromkeys(("chunks", "bytes", "requests", "waits", "failures", "slow", "busy",
-                                     "bad_chunks"), 0)
+                                     "bad_chunks", "bad_hints"), 0)
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -100,6 +102,7 @@ class PeerClient:
                     status = resp.status_code
                     body = await resp.aread() if status == 200 else b""
                     pieces_header = resp.headers.get(PIECES_HEADER)
+                    takers = self._takers(resp.headers.get(TAKERS_HEADER), first, count)
         except (httpx.TimeoutException, trio.TooSlowError) as exc:
             # Slow, not dead: skip it for a moment (it may just be busy serving others).
             self._stats["slow"] += 1
@@ -117,9 +120,9 @@ class PeerClient:
             return Reply(Answer.FAILED)
         if status != 200:
             if status == 404:
-                return Reply(Answer.NOT_HELD)
+                return Reply(Answer.NOT_HELD, takers=takers)
             self._stats["busy" if status == 503 else "failures"] += 1
-            return Reply(Answer.BUSY if status == 503 else Answer.FAILED)
+            return Reply(Answer.BUSY if status == 503 else Answer.FAILED, takers=takers)
         if len(body) != expected:
             return self._lied(peer, img, first, f"sent {len(body)} bytes for {expected}")
         if isinstance(manifest, LazyManifest) and manifest.unknown(first, count):
@@ -127,8 +130,21 @@ class PeerClient:
                 pieces = tuple(parse_pieces(pieces_header)) if pieces_header else ()
             except ProtocolError:
                 pieces = ()  # checked against the tracker's own, then
-            return Reply(Answer.UNCHECKED, body, pieces=pieces)
-        return self.check(peer, img, manifest, first, body)
+            return Reply(Answer.UNCHECKED, body, pieces=pieces, takers=takers)
+        reply = self.check(peer, img, manifest, first, body)
+        return Reply(reply.answer, reply.data, reply.bad_chunk, reply.why, takers=takers) if takers else reply
+
+    def _takers(self, value: str | None, first: int, count: int) -> tuple:
+        """The relays a peer named (a hint: used only for nodes the tracker named, their bytes
+        checked as any peer's); none if it named them wrongly."""
+        if not value:
+            return ()
+        try:
+            return tuple((node, bits << first) for node, bits in parse_takers(value, count))
+        except ProtocolError as exc:
+            self._stats["bad_hints"] += 1
+            log.debug("a peer's takers header is refused: %s", exc)
+            return ()
 
     def check(self, peer: PeerRecord, img: ImageData, manifest: Manifest | LazyManifest, first: int,
               body: bytes) -> Reply:

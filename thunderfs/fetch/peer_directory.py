@@ -227,6 +227,10 @@ class PeerDirectory:
 
     # --- lookups ---------------------------------------------------------------------------
 
+    def member(self, img: ImageData, node_id: str) -> PeerRecord | None:
+        """A node the tracker named as a holder of the image (its watch), else None."""
+        return self.watches.member(img.content.hex(), node_id)
+
     async def holders(self, img: ImageData, first: int, last: int,
                       max_age: float | None = None) -> list[tuple[PeerRecord, int]]:
         """Peers with any of chunks first..last, nearest first, with their chunks as absolute bits,
