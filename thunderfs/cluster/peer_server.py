@@ -127,7 +127,8 @@ class PeerServer:
         headers = [("Content-Length", str(len(body))), ("Content-Type", "application/octet-stream"), *extra]
         await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)))
         if body and not head:  # an answer to HEAD has the length of the body it would have, not the body
-            await self._bucket.wait_for(len(body))
+            if status == 200:  # chunks take upload bandwidth; a refusal goes at once, not behind them
+                await self._bucket.wait_for(len(body))
             await stream.send_all(conn.send(h11.Data(data=body)))
         await stream.send_all(conn.send(h11.EndOfMessage()))
 

@@ -75,11 +75,7 @@ class PeerClient:
         return self._avoid.get(node_id, 0) > trio.current_time()
 
     def slow(self, node_id: str) -> bool:
-        return self.slow_until(node_id) > trio.current_time()
-
-    def slow_until(self, node_id: str) -> float:
-        """Until when it counts as slow (a time past: it does not)."""
-        return self._slow.get(node_id, 0.0)
+        return self._slow.get(node_id, 0) > trio.current_time()
 
     async def get(self, peer: PeerRecord, img: ImageData, manifest: Manifest | LazyManifest, first: int,
                   count: int, *, wait: float = 0.0) -> Reply:

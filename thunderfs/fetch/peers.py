@@ -185,7 +185,10 @@ class PeerSource:
         late: list[int] = []
 
         async def from_claimer(peer: PeerRecord, chunks: list[int], held: bool) -> None:
-            wait = min(CLAIM_WAIT_MAX, deadline_for(self._fetch_timeout, len(chunks) * cs))
+            # Half a reader's own bound: a reader that joins this flight later still has the
+            # other half for Glance (issue 27: in a storm that collapsed, takes that waited the
+            # whole bound then went to Glance failed two readers with EIO).
+            wait = min(CLAIM_WAIT_MAX, deadline_for(self._fetch_timeout, len(chunks) * cs) / 2)
             left = await self.claims.take(meta, img, peer, chunks, wait, sink.put, held=held,
                                           urgent=want.priority == DEMAND)
             late.extend(left)
