@@ -185,10 +185,10 @@ class PeerSource:
         late: list[int] = []
 
         async def from_claimer(peer: PeerRecord, chunks: list[int], held: bool) -> None:
-            # Half a reader's own bound: a reader that joins this flight later still has the
-            # other half for Glance (issue 27: in a storm that collapsed, takes that waited the
-            # whole bound then went to Glance failed two readers with EIO).
-            wait = min(CLAIM_WAIT_MAX, deadline_for(self._fetch_timeout, len(chunks) * cs) / 2)
+            # Not shorter: in a loaded storm, takes that give up at once send their chunks to
+            # Glance all together, and Glance, slower, makes more of them give up (issue 27: with
+            # half of this, such a flood began 10 s into the paced storm; Glance sent 26 x).
+            wait = min(CLAIM_WAIT_MAX, deadline_for(self._fetch_timeout, len(chunks) * cs))
             left = await self.claims.take(meta, img, peer, chunks, wait, sink.put, held=held,
                                           urgent=want.priority == DEMAND)
             late.extend(left)
