@@ -35,7 +35,7 @@ class Prefetcher:
     the profiles."""
 
     def __init__(self, fetcher: Fetcher, tracker: TrackerClient | None, activity: Callable[[ImageMeta, ImageData], Activity],
-                 *, chunk_size: int, prefetch_flights: int = 3, prefetch_idle: float = 30.0, batch_chunks: int = 128,
+                 *, chunk_size: int, prefetch_flights: int = 3, prefetch_idle: float = 30.0, batch_chunks: int = 64,
                  wait_ready: Callable[[ImageMeta], Awaitable[bool]] | None = None,
                  plan: Callable[[ImageMeta, ImageData, list[int]], Awaitable[None]] | None = None):
         self._fetcher = fetcher

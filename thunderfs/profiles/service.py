@@ -22,7 +22,7 @@ from thunderfs_tracker.protocol import Profile
 class Profiles:
     def __init__(self, fetcher: Fetcher, tracker: TrackerClient | None, *, chunk_size: int,
                  record_window: float = 60.0, record_idle: float = 20.0, prefetch_flights: int = 3,
-                 prefetch_idle: float = 30.0, batch_chunks: int = 128,
+                 prefetch_idle: float = 30.0, batch_chunks: int = 64,
                  wait_ready: Callable[[ImageMeta], Awaitable[bool]] | None = None,
                  plan: Callable[[ImageMeta, ImageData, list[int]], Awaitable[None]] | None = None):
         self._tracker = tracker
