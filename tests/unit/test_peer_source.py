@@ -133,8 +133,6 @@ class Peers:
             raise httpx.ConnectError("refused", request=request)
         if how == "hang":
             await trio.sleep_forever()
-        if how == "drip":  # answers, half a second after it is asked
-            await trio.sleep(0.5)
         if how == "busy":
             return httpx.Response(503)
         if how.startswith("busy, took:"):  # busy, and names the nodes that took them (all of them)
@@ -730,44 +728,3 @@ def test_a_takers_header_that_is_not_nodes_and_some_of_the_asked_chunks_is_refus
     assert parse_takers("a:1,b.c-d:f", 4) == [("a", 1), ("b.c-d", 15)]
     with pytest.raises(ProtocolError):
         parse_takers(value, 4)
-
-
-async def _drip(store, priority, nchunks: int, promote_at: float | None = None):
-    """A claimer that sends one chunk per ask, each half a second after it is asked (two asks at
-    once): a take of ``nchunks`` that keeps making progress, with a stall bound (the fetch
-    timeout) of 1 s.  (chunks left for Glance, seconds it took)."""
-    claimer = peer("claimer", [])
-    tracker = FakeTracker(manifest_of(), holders=[], granted=set(), claimed=[(claimer, list(range(nchunks)), False)])
-    src, sink = source_of(tracker, Peers(claimer="drip"), fetch_timeout=1.0, max_request_chunks=1), Sink()
-    w = want(store, range(nchunks), priority)
-    async with trio.open_nursery() as nursery:
-        if promote_at is not None:
-            async def reader_joins():
-                await trio.sleep(promote_at)
-                w.urgency.promote(DEMAND)
-            nursery.start_soon(reader_joins)
-        started = trio.current_time()
-        late = await src.fetch(w, sink)
-        took = trio.current_time() - started
-    assert right(sink, [c for c in range(nchunks) if c not in late])
-    return late, took
-
-
-async def test_a_background_take_goes_on_while_pieces_come_and_a_joining_reader_cuts_it_short(store, autojump_clock):
-    """A background take gives up after its wait without a piece, not after its wait in all (in a
-    loaded storm, takes that gave up together flooded Glance); one a reader joins ends soon."""
-    late, took = await _drip(store, PREFETCH, 16)
-    assert late == [] and took >= 3.9  # 16 chunks, two every 0.5 s: well past the 1 s bound
-    late, took = await _drip(store, PREFETCH, 32, promote_at=1.0)
-    # The reader joined at 1 s: the take no longer goes on with progress, and ends at its
-    # deadline then (2 s) or two peer timeouts later (3 s), whichever comes first.
-    assert late and 1.9 <= took <= 3.0
-
-
-async def test_a_background_take_that_stalls_gives_up_after_its_wait(store, autojump_clock):
-    claimer = peer("claimer", [])
-    tracker = FakeTracker(manifest_of(), holders=[], granted=set(), claimed=[(claimer, [0, 1, 2, 3], False)])
-    src, sink = source_of(tracker, Peers(claimer="hang"), fetch_timeout=1.0), Sink()
-    started = trio.current_time()
-    assert await src.fetch(want(store, range(4), PREFETCH), sink) == [0, 1, 2, 3]
-    assert trio.current_time() - started < 1.5

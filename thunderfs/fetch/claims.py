@@ -32,9 +32,6 @@ log = logging.getLogger(__name__)
 
 Ask = Callable[..., Awaitable[Reply]]  # (peer, img, manifest, first, count, *, wait=seconds)
 
-# The longest a background take goes on while pieces keep coming (a reader's never does).
-CLAIM_WAIT_MAX = 60.0
-
 
 class ClaimTaker:
     # The size of a request for chunks that are still arriving at the node that fetches them.
@@ -107,31 +104,21 @@ class ClaimTaker:
         return granted, others
 
     async def take(self, meta: ImageMeta, img: ImageData, claimer: PeerRecord, chunks: list[int], wait: float,
-                   put: Callable[[int, bytes], None], *, held: bool = False,
-                   urgent: Callable[[], bool] = lambda: True) -> list[int]:
+                   put: Callable[[int, bytes], None], *, held: bool = False, urgent: bool = True) -> list[int]:
         """Take ``chunks``, which ``claimer`` is fetching from Glance, as they appear, for at most
         ``wait`` seconds: from whichever peers hold them by then, nodes that already took them
         from the claimer before the claimer itself (so that its uplink is not the only one that
         carries them), a few pieces at once from different peers.  ``put(first, bytes)``
         receives each verified run.  Returns the chunks not delivered (the caller fetches them
         from Glance), at once if the claimer fails (a slow claimer is waited for; if it already
-        ``held`` them and a reader waits (``urgent()``), only for SLOW_HOLDER_PATIENCE timeouts).
-        A background take (``urgent()`` false) gives up only after ``wait`` seconds without a
-        piece, at most CLAIM_WAIT_MAX in all: in a loaded storm, takes that gave up at a fixed
-        time all sent their chunks to Glance at once, and Glance, slower, made more give up (issue
-        27: a collapse).  Once a reader joins (``urgent()`` turns true), the take ends within
-        SLOW_HOLDER_PATIENCE timeouts of noticing it."""
+        ``held`` them and a reader waits (``urgent``), only for SLOW_HOLDER_PATIENCE timeouts)."""
         manifest = self._directory.manifest_nowait(meta)
         pending = set(chunks)
         if manifest is None:
             return sorted(pending)
-        capped = urgent() and held and self._client.slow(claimer.node_id)
+        capped = urgent and held and self._client.slow(claimer.node_id)
         if capped:
             wait = min(wait, self.SLOW_HOLDER_PATIENCE * self.timeout)
-        started = trio.current_time()
-        scope = trio.CancelScope(deadline=started + wait)
-        patience = self.SLOW_HOLDER_PATIENCE * self.timeout
-        hurried = urgent()  # the deadline no longer moves on with progress
         taking: set[int] = set()
         resting: dict[str, float] = {}  # peers that were busy or slow: not asked again until then
         # Relays the peers asked named (nodes that took some of these chunks from them), of those
@@ -139,14 +126,12 @@ class ClaimTaker:
         hinted: dict[str, tuple[PeerRecord, int]] = {}
         claimer_failed = False
 
+        give_up = trio.current_time() + wait
         changed = [trio.Event()]  # set whenever an ask of this take ends
 
         async def worker() -> None:
-            nonlocal claimer_failed, hurried
+            nonlocal claimer_failed
             while pending and not claimer_failed:
-                if not hurried and urgent():  # a reader joined: it had better go to Glance soon
-                    hurried = True
-                    scope.deadline = min(scope.deadline, trio.current_time() + patience)
                 # While the claimer is asked to answer when it has them, the tracker is asked
                 # less often: it only finds nodes that took them from the claimer meanwhile.
                 pushing = self._asking.get(claimer.node_id, 0) > 0
@@ -159,7 +144,7 @@ class ClaimTaker:
                 push = 0.0
                 if choice is None:  # nobody has them yet: the claimer answers when it has
                     choice = self._pick([(claimer, -1)], pending - taking, claimer, resting)
-                    push = min(self.PUSH_WAIT, scope.deadline - trio.current_time())
+                    push = min(self.PUSH_WAIT, give_up - trio.current_time())
                     if choice is None or push <= 0:
                         self._stats["claim_waits"] += 1
                         # Until an ask ends or the image's watch names new holders; without a
@@ -192,14 +177,12 @@ class ClaimTaker:
                 if reply.answer is Answer.OK:
                     put(rfirst, reply.data)
                     pending.difference_update(piece)
-                    if not hurried:  # progress: a background take waits on
-                        scope.deadline = min(started + CLAIM_WAIT_MAX, max(scope.deadline, trio.current_time() + wait))
                 elif reply.answer in (Answer.FAILED, Answer.LIED) and peer.node_id == claimer.node_id:
                     claimer_failed = True
                 elif reply.answer in (Answer.BUSY, Answer.SLOW, Answer.NOT_HELD):
                     resting[peer.node_id] = trio.current_time() + self.poll
 
-        with scope:
+        with trio.move_on_after(wait):
             async with trio.open_nursery() as nursery:
                 for _ in range(min(self.WORKERS, -(-len(pending) // self._piece))):
                     nursery.start_soon(worker)

@@ -18,7 +18,7 @@ import httpx
 import trio
 
 from thunderfs.cache.store import ImageData
-from thunderfs.fetch.claims import CLAIM_WAIT_MAX, ClaimTaker
+from thunderfs.fetch.claims import ClaimTaker
 from thunderfs.fetch.lazy_manifest import LazyManifest
 from thunderfs.fetch.peer_client import Answer, PeerClient, Reply
 from thunderfs.fetch.peer_directory import PeerDirectory
@@ -32,6 +32,8 @@ from thunderfs_tracker.protocol import Manifest, PeerRecord
 
 log = logging.getLogger(__name__)
 
+# The longest a flight waits for chunks another node claimed before fetching them from Glance itself.
+CLAIM_WAIT_MAX = 60.0
 # How often readahead and prefetch ask a slow tracker for a claim before fetching from Glance
 # unclaimed (a reader waiting asks once: it had better have its bytes).
 CLAIM_TRIES_BACKGROUND = 3
@@ -188,7 +190,7 @@ class PeerSource:
             # half of this, such a flood began 10 s into the paced storm; Glance sent 26 x).
             wait = min(CLAIM_WAIT_MAX, deadline_for(self._fetch_timeout, len(chunks) * cs))
             left = await self.claims.take(meta, img, peer, chunks, wait, sink.put, held=held,
-                                          urgent=lambda: want.priority == DEMAND)
+                                          urgent=want.priority == DEMAND)
             late.extend(left)
             self._stats["claimed_chunks_late"] += len(left)
 
