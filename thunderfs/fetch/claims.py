@@ -216,10 +216,10 @@ class ClaimTaker:
         cut short by a slow claimer comes here: on a loaded host every peer is slow now and
         then, and its chunks went to Glance although the crowd held them (issue 27: the paced
         storm's duplicate Glance bytes were exactly such late chunks)."""
-        holders = await self._directory.holders(img, min(pending), max(pending))
-        holders = [h for h in holders if not self._client.avoided(h[0].node_id)]
-        holders.sort(key=lambda held: (held[0].node_id == claimer.node_id, self._client.slow(held[0].node_id)))
-        with trio.move_on_after(self.timeout):
+        with trio.move_on_after(self.timeout):  # the holders too: without a live watch, a lookup
+            holders = await self._directory.holders(img, min(pending), max(pending))
+            holders = [h for h in holders if not self._client.avoided(h[0].node_id)]
+            holders.sort(key=lambda held: (held[0].node_id == claimer.node_id, self._client.slow(held[0].node_id)))
             async with trio.open_nursery() as nursery:
                 for rfirst, rcount in runs(sorted(pending), self._piece):
                     piece = range(rfirst, rfirst + rcount)
