@@ -60,7 +60,8 @@ def test_a_node_learns_what_a_peer_fetched_since_from_its_watch_not_from_lookups
     proxy, tracker, node = make_cluster()
     image_id = images.add(64 * CHUNK, seed=107)
     data = images.data[image_id]
-    a = node("a", "z1/r1/a")
+    # No readahead at a: its first half's read must not bring the second half before b watches.
+    a = node("a", "z1/r1/a", "--readahead", "0")
     b = node("b", "z1/r1/b")
     half = 32 * CHUNK
     with open(a.image(image_id), "rb") as f:

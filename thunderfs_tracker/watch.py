@@ -76,6 +76,9 @@ class Watches:
             except StoreUnavailable as exc:
                 log.warning("watches of %s end: %s", content, exc)
                 image.failed, found = True, []
+            except Exception:  # a poller that died quietly would leave its watchers with keepalives only
+                log.exception("the poll of %s's watches failed: they end (their nodes ask again)", content)
+                image.failed, found = True, []
             self._stats["watch_polls"] += 1
             holders = {node.node_id: (node, bits) for node, bits in found}
             if image.version == 0 or image.failed or holders.keys() != image.holders.keys() \
