@@ -129,8 +129,19 @@ class TrackerClient:
             resp = await self._client.request(method, url + path, content=data, headers=headers, **extra)
         except httpx.HTTPError as exc:
             raise TrackerUnavailable(f"tracker {url} unreachable: {exc}") from exc
+        self._check(url, resp, resp.content)
+        if raw:
+            return resp.content
+        try:
+            return resp.json()
+        except ValueError:
+            raise TrackerUnavailable(f"tracker {url} answered something that is not JSON") from None
+
+    def _check(self, url: str, resp: httpx.Response, body: bytes) -> None:
+        """An answer's signature, then its status: ``TrackerUnavailable`` (unsigned, or 502-504)
+        or ``TrackerRefused`` (another error, with its JSON) unless it is a success."""
         if self._secret is not None and not reply_is_signed(self._secret, resp.request.headers.get(H_NONCE, ""),
-                                                            resp.status_code, resp.content, resp.headers):
+                                                            resp.status_code, body, resp.headers):
             # Altered on the way, an old answer replayed, or not the tracker: never acted on.
             self.refused_answers += 1
             if url not in self._refused_logged:  # once per replica; then counted only
@@ -138,21 +149,18 @@ class TrackerClient:
                 log.warning("an answer from tracker %s failed authentication: refused (it is altered, replayed "
                             "or not the tracker's; going on with Glance and the peers already known)", url)
             raise TrackerUnavailable(f"tracker {url}: its answer failed authentication")
+        if resp.status_code < 400:
+            return
+        text = body.decode(errors="replace")  # an error's body only (a seed's answer is bytes)
         if resp.status_code in (502, 503, 504):
-            raise TrackerUnavailable(f"tracker {url} answered {resp.status_code}: {resp.text[:200]}")
+            raise TrackerUnavailable(f"tracker {url} answered {resp.status_code}: {text[:200]}")
         if resp.status_code >= 400:
             try:
-                answer = resp.json()
-                message = str(answer.get("error", resp.text))
+                answer = json.loads(body)
+                message = str(answer.get("error", text))
             except (ValueError, AttributeError):
-                answer, message = {}, resp.text
+                answer, message = {}, text
             raise TrackerRefused(resp.status_code, message[:500], answer if isinstance(answer, dict) else {})
-        if raw:
-            return resp.content
-        try:
-            return resp.json()
-        except ValueError:
-            raise TrackerUnavailable(f"tracker {url} answered something that is not JSON") from None
 
     async def announce(self, node: NodeInfo) -> AnnounceReply:
         r = await self._call("POST", f"{API}/nodes/{self.node_id}/announce", node.to_json())
@@ -189,11 +197,8 @@ class TrackerClient:
         try:
             timeout = httpx.Timeout(self._client.timeout.connect or 2.0, read=silence)
             async with self._client.stream("GET", url + path, timeout=timeout) as resp:
-                if resp.status_code >= 400:
-                    body = await resp.aread()
-                    if resp.status_code in (502, 503, 504):
-                        raise TrackerUnavailable(f"tracker {url} answered {resp.status_code}")
-                    raise TrackerRefused(resp.status_code, body[:200].decode(errors="replace"))
+                if resp.status_code >= 400:  # signed as any answer (the events are signed one by one)
+                    self._check(url, resp, await resp.aread())
                 nonce = resp.request.headers.get(H_NONCE, "")
                 async for line in resp.aiter_lines():
                     if not line.startswith("data: "):

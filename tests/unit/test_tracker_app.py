@@ -440,6 +440,8 @@ def test_the_daemons_client_refuses_answers_that_fail_authentication(caplog):
     from thunderfs_tracker.client import TrackerClient, TrackerUnavailable
 
     def forger(request):  # a machine in the middle: a fine answer, but not signed with the secret
+        if request.url.path.endswith("/watch"):
+            return httpx.Response(404, json={"error": "no such route"})
         return httpx.Response(200, json={"epoch": "e", "heartbeat": 1.0})
 
     async def main():
@@ -448,6 +450,11 @@ def test_the_daemons_client_refuses_answers_that_fail_authentication(caplog):
                 with pytest.raises(TrackerUnavailable, match="failed authentication"):
                     await c.announce(NodeInfo("a", "http://a:7071"))
             assert c.refused_answers == 3
+            # A forged 404 to a watch would pass the node for a tracker without watches (lookups
+            # for 10 s): it is refused as any unsigned answer, not taken for a refusal.
+            with pytest.raises(TrackerUnavailable, match="failed authentication"):
+                await c.watch("ab" * 32, 4, lambda seq, event: None)
+            assert c.refused_answers == 4
     asyncio.run(main())
     assert len([r for r in caplog.records if "failed authentication" in r.getMessage()]) == 1  # logged once
 
