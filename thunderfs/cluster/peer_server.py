@@ -34,7 +34,7 @@ from thunderfs.cache.store import ChunkStore
 from thunderfs.errors import ChunkCorrupt, ChunkNotCached
 from thunderfs.ratelimit import TokenBucket
 from thunderfs_common.signing import NonceCacheFull, Verifier
-from thunderfs_tracker.protocol import MAX_TAKERS, PIECES_HEADER, TAKERS_HEADER, encode_takers
+from thunderfs_tracker.protocol import PIECES_HEADER, TAKERS_HEADER, encode_takers
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +253,7 @@ class PeerServer:
         found = [(node, have) for node, bits in reversed(self._takers.get(content, {}).items())
                  if node != asker and (have := bits >> first & mask)]
         found.sort(key=lambda t: t[1] != mask)  # stable: latest first among equals
-        return found[:MAX_TAKERS]
+        return found  # the header names the first MAX_TAKERS (encode_takers)
 
     def _free_slot(self) -> None:
         self._busy -= 1

@@ -171,8 +171,9 @@ class ClaimTaker:
                     changed[0].set()
                     changed[0] = trio.Event()
                 for node, bits in reply.takers:
-                    if (rec := hinted.get(node, (None, 0))[0] or self._directory.member(img, node)) is not None:
-                        hinted[node] = (rec, hinted.get(node, (rec, 0))[1] | bits)
+                    rec, had = hinted.get(node) or (self._directory.member(img, node), 0)
+                    if rec is not None:
+                        hinted[node] = (rec, had | bits)
                         self._stats["relays_named"] += 1
                 if reply.answer is Answer.OK:
                     put(rfirst, reply.data)
@@ -222,8 +223,7 @@ class ClaimTaker:
             holders.sort(key=lambda held: (held[0].node_id == claimer.node_id, self._client.slow(held[0].node_id)))
             async with trio.open_nursery() as nursery:
                 for rfirst, rcount in runs(sorted(pending), self._piece):
-                    piece = range(rfirst, rfirst + rcount)
-                    whole = sum(1 << c for c in piece)
+                    whole = ((1 << rcount) - 1) << rfirst
                     peer = next((p for p, bits in holders if bits & whole == whole), None)
                     if peer is not None:
                         nursery.start_soon(self._rescue, peer, img, manifest, rfirst, rcount, pending, put)

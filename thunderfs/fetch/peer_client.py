@@ -9,6 +9,7 @@ first byte, smoothed), which the tracker ranks peers by after location.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import logging
@@ -128,7 +129,7 @@ class PeerClient:
                 pieces = ()  # checked against the tracker's own, then
             return Reply(Answer.UNCHECKED, body, pieces=pieces, takers=takers)
         reply = self.check(peer, img, manifest, first, body)
-        return Reply(reply.answer, reply.data, reply.bad_chunk, reply.why, takers=takers) if takers else reply
+        return dataclasses.replace(reply, takers=takers) if takers else reply
 
     def _takers(self, value: str | None, first: int, count: int) -> tuple:
         """The relays a peer named (a hint: used only for nodes the tracker named, their bytes
