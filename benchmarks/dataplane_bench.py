@@ -96,12 +96,14 @@ def client_floor(glance: LocalGlance, image_id: str, size: int, request: int, wo
     from thunderfs.cache.index import ChunkIndex
     from thunderfs.cache.store import ChunkStore
     from thunderfs.config import MountConfig
+    from thunderfs.fetch.glance import GlanceSource
     from thunderfs_common.glance import GlanceClient
 
     cs = MountConfig.__dataclass_fields__["chunk_size"].default  # the daemon's default chunk
 
     async def run(request: int, store) -> float:
-        async with GlanceClient(glance.url) as client:
+        async with GlanceClient(glance.url) as origin:
+            client = GlanceSource(origin, chunk_size=cs, max_chunks=request // cs, fetch_timeout=20, concurrency=1)
             img = store.image(b"floor", size) if store else None
 
             def on_piece(offset: int, view) -> None:
@@ -113,6 +115,7 @@ def client_floor(glance: LocalGlance, image_id: str, size: int, request: int, wo
                 await client.read_range(image_id, a, min(size, a + request), on_piece)
             if store is not None:
                 await store.commit()
+            await client.aclose()
             return time.perf_counter() - t
 
     out = {"whole": trio.run(run, size, None), "sized": trio.run(run, request, None)}

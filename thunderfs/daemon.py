@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import trio
 
 from thunderfs.service import control
@@ -73,6 +74,15 @@ def _lock_cache_dir(cache_dir: Path) -> int:
         os.close(fd)
         raise CacheLayoutError(f"cache dir {cache_dir} is in use by another thunderfs daemon") from None
     return fd
+
+
+def _summed(*counters: dict) -> dict:
+    """Counters of several clients of one service, added up (the rest taken from the first that has it)."""
+    out: dict = {}
+    for c in counters:
+        for k, v in c.items():
+            out[k] = out[k] + v if isinstance(v, int) and isinstance(out.get(k), int) else out.get(k, v)
+    return out
 
 
 def _set_kernel_readahead(mountpoint: Path, kb: int) -> None:
@@ -266,7 +276,9 @@ async def run(config: MountConfig, keystone: KeystoneSettings | None = None,
         metrics = DaemonMetrics(lambda: stats({})) if config.metrics_listen else None
         glance = GlanceSource(origin, chunk_size=config.chunk_size, max_chunks=config.max_request // config.chunk_size,
                               fetch_timeout=config.fetch_timeout, concurrency=config.origin_concurrency,
-                              rate=config.origin_rate)
+                              rate=config.origin_rate, connect_timeout=config.connect_timeout, tokens=auth,
+                              ssl_context=httpx.create_ssl_context())  # trusts what httpx trusts (SSL_CERT_FILE too)
+        stack.push_async_callback(glance.aclose)
         fetcher = Fetcher(store, [peers, seed, glance] if peers else [glance], fetch_timeout=config.fetch_timeout,
                           max_request=config.max_request, observe=metrics.observe if metrics else None,
                           bdp=glance.cost.bdp)
@@ -291,7 +303,8 @@ async def run(config: MountConfig, keystone: KeystoneSettings | None = None,
                 "keeper": keeper_pid,
                 "uptime": time.time() - started,
                 "mountpoint": str(mountpoint),
-                "glance": {"url": glance_url, "reachable": catalog.origin_ok, **origin.statistics(),
+                "glance": {"url": glance_url, "reachable": catalog.origin_ok,
+                           **_summed(origin.statistics(), glance.transfer_statistics()),
                            **({"token_renewals": auth.renewals} if auth is not None else {})},
                 "cache": store.statistics(),
                 "fetch": {**fetcher.statistics(), **glance.statistics()},

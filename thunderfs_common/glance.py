@@ -83,7 +83,7 @@ class GlanceClient:
         self._stats["requests"] += 1
         with self._transport(path):
             resp = await self._client.get(path)
-            _raise_for_status(resp, path)
+            raise_for_status(resp.status_code, path)
         return resp
 
     async def list_images(self) -> list[ImageMeta]:
@@ -102,49 +102,31 @@ class GlanceClient:
     async def image(self, image_id: str) -> ImageMeta:
         return ImageMeta.from_glance((await self._get(f"/v2/images/{image_id}")).json())
 
-    async def read_range(self, image_id: str, start: int, end: int, on_piece=None,
-                         piece: int = 2**20) -> bytearray | None:
-        """Bytes ``[start, end)`` of an image's data, exactly, or an exception.  Without
-        ``on_piece``: returned whole, as a bytearray (copying every response once more cost an
-        eighth of the daemon's CPU).  With it: ``on_piece(offset, view)`` is called for each
-        ``piece`` bytes as they arrive (and for the rest at the end), from one buffer of ``piece``
-        bytes reused for the whole response, so that a long response's beginning is used before
-        its end and no buffer as large as the response is ever allocated (fresh memory costs a
-        page fault per page).  ``view`` is valid only during the call."""
+    async def read_range(self, image_id: str, start: int, end: int) -> bytearray:
+        """Bytes ``[start, end)`` of an image's data, exactly, or an exception (the tracker's seed;
+        the daemon receives its ranges with its own lean client, ``thunderfs.fetch.range_http``)."""
         want = end - start
         path = f"/v2/images/{image_id}/file"
         self._stats["requests"] += 1
         self._stats["range_requests"] += 1
-        buf = bytearray(want if on_piece is None else min(piece, want))
-        got = fill = 0
+        buf = bytearray(want)
+        got = 0
         with self._transport(f"{image_id} [{start}, {end})"):
             async with self._client.stream("GET", path, headers={"Range": f"bytes={start}-{end - 1}"}) as resp:
-                _raise_for_status(resp, path)
-                _check_range(resp, start, end)
+                raise_for_status(resp.status_code, path)
+                check_range(resp.status_code, resp.headers.get("Content-Range"), resp.headers.get("Content-Length"),
+                            start, end)
                 async for data in resp.aiter_raw():
                     n = len(data)
                     if got + n > want:
                         raise GlanceProtocolError(f"Glance sent more than the {want} bytes asked for")
-                    if on_piece is None:
-                        buf[got:got + n] = data
-                        got += n
-                        continue
-                    view, i = memoryview(data), 0
-                    while i < n:
-                        k = min(n - i, len(buf) - fill)
-                        buf[fill:fill + k] = view[i:i + k]
-                        fill += k
-                        i += k
-                        if fill == len(buf) or got + i == want:
-                            with memoryview(buf)[:fill] as out:
-                                on_piece(start + got + i - fill, out)
-                            fill = 0
+                    buf[got:got + n] = data
                     got += n
         if got != want:
             self._stats["errors"] += 1
             raise GlanceProtocolError(f"Glance sent {got} of {want} bytes of {image_id} at {start}")
         self._stats["bytes"] += got
-        return buf if on_piece is None else None
+        return buf
 
     async def stream(self, image_id: str, piece: int = 2**20):
         """The image's whole data, in pieces of up to ``piece`` bytes as they arrive."""
@@ -152,7 +134,7 @@ class GlanceClient:
         self._stats["requests"] += 1
         with self._transport(f"{image_id} data"):
             async with self._client.stream("GET", path) as resp:
-                _raise_for_status(resp, path)
+                raise_for_status(resp.status_code, path)
                 async for data in resp.aiter_bytes(piece):
                     self._stats["bytes"] += len(data)
                     yield data
@@ -161,8 +143,7 @@ class GlanceClient:
         return dict(self._stats)
 
 
-def _raise_for_status(resp: httpx.Response, path: str) -> None:
-    code = resp.status_code
+def raise_for_status(code: int, path: str) -> None:
     if code < 300:
         return
     if code in (404, 410):
@@ -174,15 +155,19 @@ def _raise_for_status(resp: httpx.Response, path: str) -> None:
     raise GlanceError(f"Glance answered {code} for {path}")
 
 
-def _check_range(resp: httpx.Response, start: int, end: int) -> None:
-    if resp.status_code == 200:
+def check_range(code: int, content_range: str | None, content_length: str | None, start: int, end: int) -> None:
+    """An answer to ``Range: bytes=start-(end-1)`` is exactly those bytes: 206 with that
+    Content-Range (and, where given, that length), or 200 with the whole image when asked for it."""
+    if code == 200:
         # A server may answer a range that covers the whole image with the whole image.
-        if start == 0 and resp.headers.get("Content-Length") == str(end):
+        if start == 0 and content_length == str(end):
             return
         raise GlanceProtocolError(f"Glance ignored the range request ({start}-{end - 1})")
-    if resp.status_code != 206:
-        raise GlanceProtocolError(f"Glance answered {resp.status_code} to a range request")
-    m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
+    if code != 206:
+        raise GlanceProtocolError(f"Glance answered {code} to a range request")
+    m = _CONTENT_RANGE.match(content_range or "")
     if not m or int(m.group(1)) != start or int(m.group(2)) != end - 1:
-        raise GlanceProtocolError(
-            f"Glance sent Content-Range {resp.headers.get('Content-Range')!r} for bytes {start}-{end - 1}")
+        raise GlanceProtocolError(f"Glance sent Content-Range {content_range!r} for bytes {start}-{end - 1}")
+    if content_length is not None and content_length != str(end - start):
+        raise GlanceProtocolError(f"Glance promised {content_length} bytes for the {end - start} of "
+                                  f"Content-Range {content_range!r}")

@@ -4,6 +4,7 @@ fetcher.  No mounts, no subprocesses, no network."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 import hashlib
 import re
 
@@ -98,8 +99,84 @@ class Body(httpx.AsyncByteStream):
             yield self.data[i:i + self.step]
 
 
-def ranged(status, data, headers=None) -> httpx.Response:
-    return httpx.Response(status, stream=Body(data), headers=headers or {})
+def ranged(status, data, headers=None, length=None) -> httpx.Response:
+    """An answer with ``data`` as its body; ``length``: the Content-Length it promises, if not
+    ``len(data)`` (a body cut short)."""
+    promised = {"Content-Length": str(len(data) if length is None else length)}
+    return httpx.Response(status, stream=Body(data), headers={**promised, **(headers or {})})
+
+
+class MockHTTP:
+    """The daemon's lean HTTP client (``range_http.HTTPClient``) answered by an httpx
+    MockTransport's handler: one ``handler(request) -> httpx.Response`` fakes both clients."""
+
+    def __init__(self, handler):
+        self.handler = handler
+        self.requests = 0
+
+    @contextlib.asynccontextmanager
+    async def get(self, url: str, headers: dict):
+        from thunderfs.fetch.range_http import HTTPFailed
+        self.requests += 1
+        request = httpx.Request("GET", url, headers=headers)
+        try:
+            resp = self.handler(request)
+            if inspect.isawaitable(resp):
+                resp = await resp
+        except httpx.TransportError as exc:
+            raise HTTPFailed(f"cannot connect: {exc}") from None
+        yield MockResponse(resp)
+
+    async def aclose(self) -> None:
+        pass
+
+    def statistics(self) -> dict:
+        return {"requests": self.requests}
+
+
+class MockResponse:
+    def __init__(self, resp: httpx.Response):
+        self.status = resp.status_code
+        self.headers = {k.lower(): v for k, v in resp.headers.items()}
+        cl = self.headers.get("content-length")
+        self.length = int(cl) if cl is not None else None
+        self._left = self.length
+        self._stream = resp.stream.__aiter__()
+        self._spare = b""
+
+    def header(self, name: str):
+        return self.headers.get(name.lower())
+
+    async def _more(self) -> bytes:
+        from thunderfs.fetch.range_http import HTTPFailed
+        if self._spare:
+            data, self._spare = self._spare, b""
+            return data
+        try:
+            return bytes(await self._stream.__anext__())
+        except StopAsyncIteration:
+            raise HTTPFailed("connection closed mid-body") from None
+
+    async def read_into(self, view) -> None:
+        from thunderfs.fetch.range_http import HTTPFailed
+        if self._left is None:
+            raise HTTPFailed("no Content-Length")
+        got = 0
+        while got < len(view):
+            data = await self._more()
+            k = min(len(data), len(view) - got)
+            view[got:got + k] = data[:k]
+            self._spare = data[k:]
+            got += k
+        self._left -= got
+
+    async def read(self, limit: int = 1 << 20) -> bytes:
+        out = b""
+        while True:
+            try:
+                out += await self._more()
+            except Exception:
+                return out
 
 
 class FakeGlance:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 
 import pytest
@@ -139,8 +140,9 @@ async def test_reads_the_page_cache_lacks_go_to_threads_checked_the_same(tmp_pat
     store = store_of(tmp_path, index)
     img = store.image(CONTENT, 4 * CS)
     data = os.urandom(4 * CS)
-    store.stage(img, 0, data)
+    store.stage(img, 0, memoryview(b"\0" + data)[1:])  # unaligned memory: through the page cache
     await store.commit()
+    assert store.statistics()["bytes_written_direct"] == 0
     assert await store.read(img, 0, 4 * CS) == data
     assert store.statistics()["reads_inline"] == 1 and store.statistics()["reads_threaded"] == 0
     _evict_pages(img.path)
@@ -455,4 +457,35 @@ async def test_a_large_read_that_ends_the_image_off_a_page_bound_goes_through_o_
     store._disk_wait = 1.0  # slow: a worker reads it
     assert await store.read(img, 0, size) == data
     assert store.statistics()["reads_threaded"] == 1
+    store.close()
+
+
+async def test_whole_pages_in_aligned_memory_go_straight_to_the_disk_and_are_read_from_it(tmp_path, index):
+    """A pooled receive buffer (page aligned) is written with O_DIRECT: nothing of it lands in
+    the page cache, and its chunks are read back from the disk at once (no page-cache-only try,
+    which would start the kernel's readahead), checked the same; unaligned memory, or a short
+    last chunk, goes through the page cache."""
+    store = store_of(tmp_path, index)
+    size = 4 * CS + 100
+    img = store.image(CONTENT, size)
+    if img.direct_fd == img.fd:
+        pytest.skip("no O_DIRECT on this file system")  # (tmpfs)
+    data = os.urandom(size)
+    buf = mmap.mmap(-1, 4 * CS)
+    buf[:] = data[:4 * CS]
+    store.stage(img, 0, memoryview(buf)[:2 * CS])
+    store.stage(img, 2, memoryview(b"\0" + data)[1 + 2 * CS:1 + 4 * CS])  # unaligned
+    store.stage(img, 4, data[4 * CS:])  # 100 bytes: not whole pages
+    await store.commit()
+    assert store.statistics()["bytes_written_direct"] == 2 * CS
+    assert list(img.direct) == [1, 1, 0, 0, 0]
+    assert await store.read(img, 0, size) == data
+    assert store.statistics()["reads_disk_inline"] + store.statistics()["reads_threaded"] >= 1
+    with open(img.path, "r+b") as f:  # rot under a direct chunk is found the same
+        f.seek(CS + 9)
+        f.write(b"\xff\x00\xfe")
+    _evict_pages(img.path)
+    with pytest.raises(ChunkCorrupt) as exc:
+        await store.read(img, 0, 2 * CS)
+    assert exc.value.chunk == 1 and img.state[1] == ABSENT
     store.close()

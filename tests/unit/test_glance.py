@@ -8,7 +8,7 @@ import httpx
 import pytest
 import trio
 
-from fakes import CS, FakeGlance, meta_of, pattern, ranged
+from fakes import CS, Body, FakeGlance, MockHTTP, meta_of, pattern, ranged
 from thunderfs.glance.catalog import Catalog
 from thunderfs.errors import SourceFailed
 from thunderfs_common.glance import GlanceError, GlanceUnavailable, ImageGone
@@ -40,7 +40,7 @@ def origin_of(glance) -> GlanceClient:
 
 
 def source_of(glance, **kw) -> GlanceSource:
-    return GlanceSource(origin_of(glance), chunk_size=CS, max_chunks=kw.pop("max_chunks", 512),
+    return GlanceSource(origin_of(glance), http=MockHTTP(glance), chunk_size=CS, max_chunks=kw.pop("max_chunks", 512),
                         fetch_timeout=kw.pop("fetch_timeout", 5), concurrency=kw.pop("concurrency", 2), **kw)
 
 
@@ -57,27 +57,24 @@ async def test_a_run_is_one_range_request_handed_over_in_pieces_as_it_arrives(st
     assert b"".join(sink.data[c] for c in range(10, 310)) == DATA[10 * CS:310 * CS]
 
 
-async def test_pieces_come_whole_and_in_order_from_one_reused_buffer_whatever_the_socket_gives():
-    """The body arrives in pieces that straddle the handed-over pieces' bounds (7 KiB and odd);
-    every piece handed over but the last is exactly ``piece`` bytes at the right offset, and all
-    of them are views of the same buffer (no allocation per piece or per response)."""
-    from fakes import Body
-    start, end, piece = 3 * CS, 3 * CS + 5 * 8192 + 1234, 8192
-
-    def glance(req):
-        return httpx.Response(206, stream=Body(DATA[start:end], step=7 * 1024 + 3),
-                              headers={"Content-Range": f"bytes {start}-{end - 1}/{len(DATA)}"})
-
+async def test_pieces_come_whole_and_in_order_from_one_pooled_buffer(store):
+    """Every piece handed over but the last is exactly ``PLACE_STEP`` bytes at the right offset,
+    and all are views of one pooled buffer (no allocation per piece or per response), which is
+    back in the pool afterwards."""
+    start, end = 3 * CS, 3 * CS + 2 * PLACE_STEP + 1234
+    src = source_of(FakeGlance(DATA), concurrency=1)
     got, buffers = [], set()
 
     def on_piece(offset, view):
         got.append((offset, bytes(view)))
         buffers.add(id(view.obj))
 
-    assert await origin_of(glance).read_range(META.id, start, end, on_piece, piece) is None
-    assert [o for o, _ in got] == [start + i * piece for i in range(6)]
-    assert [len(d) for _, d in got] == [piece] * 5 + [1234]
-    assert b"".join(d for _, d in got) == DATA[start:end] and len(buffers) == 1
+    for _ in range(2):
+        await src.read_range(META.id, start, end, on_piece)
+    assert [o for o, _ in got[:3]] == [start + i * PLACE_STEP for i in range(3)]
+    assert [len(d) for _, d in got[:3]] == [PLACE_STEP] * 2 + [1234]
+    assert b"".join(d for _, d in got[:3]) == DATA[start:end] and len(buffers) == 1 and got[3:] == got[:3]
+    assert src.statistics()["origin_buffers"] == {"buffers": 1, "in_use": 0, "buffer_bytes": PLACE_STEP, "waits": 0}
 
 
 async def test_runs_are_split_at_gaps_and_at_the_largest_request(store):
@@ -89,7 +86,8 @@ async def test_runs_are_split_at_gaps_and_at_the_largest_request(store):
 async def test_a_short_body_is_retried_for_what_is_still_missing(store):
     glance, sink = FakeGlance(DATA), ListSink()
     glance.faults.append(lambda req, a, b: ranged(
-        206, DATA[a:a + PLACE_STEP + 100], headers={"Content-Range": f"bytes {a}-{b - 1}/{len(DATA)}"}))
+        206, DATA[a:a + PLACE_STEP + 100], headers={"Content-Range": f"bytes {a}-{b - 1}/{len(DATA)}"},
+        length=b - a))
     chunks = list(range(0, 2 * PLACE_STEP // CS))
     await source_of(glance).fetch(want(store, chunks), sink)
     assert glance.ranges == [(0, 2 * PLACE_STEP), (PLACE_STEP, 2 * PLACE_STEP)]
@@ -100,7 +98,11 @@ async def test_a_short_body_is_retried_for_what_is_still_missing(store):
     lambda req, a, b: ranged(206, DATA[a:b], headers={"Content-Range": f"bytes {a + 1}-{b}/{len(DATA)}"}),
     lambda req, a, b: ranged(200, DATA),
     lambda req, a, b: httpx.Response(503),
-], ids=["wrong-content-range", "range-ignored", "503"])
+    lambda req, a, b: ranged(206, DATA[a:b], headers={"Content-Range": f"bytes {a}-{b - 1}/{len(DATA)}"},
+                             length=b - a + 1),
+    lambda req, a, b: httpx.Response(206, stream=Body(DATA[a:b]),
+                                     headers={"Content-Range": f"bytes {a}-{b - 1}/{len(DATA)}"}),
+], ids=["wrong-content-range", "range-ignored", "503", "longer-than-asked", "no-length"])
 async def test_a_wrong_answer_is_retried_and_nothing_wrong_is_handed_over(store, fault):
     glance, sink = FakeGlance(DATA), ListSink()
     glance.faults.append(fault)

@@ -8,22 +8,31 @@ bytes in the token bucket (``--origin-rate``).  It fails with ``SourceFailed`` (
 unavailable past the deadline after retries, or the image gone, at once).  Once a request has
 given up on Glance after its deadline, the breaker (``breaker.py``) fails the next ones at once
 until a probe finds Glance back.
+
+The bytes come through the lean client (``range_http``): received with ``recv_into`` straight
+into a pooled buffer of ``PLACE_STEP`` bytes, which the sink writes to the cache file (the one copy
+between the socket and the cache).  Glance's JSON API (listing, records, the probe) stays on the
+shared httpx client.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Protocol
 
 import trio
 
 from thunderfs.errors import SourceFailed
 from thunderfs.fetch.breaker import Breaker
+from thunderfs.fetch.buffers import BufferPool
+from thunderfs.fetch.range_http import HTTPClient, HTTPFailed, HTTPTimeout
 from thunderfs.fetch.retry import with_retries
 from thunderfs.fetch.slots import PrioritySlots
 from thunderfs.fetch.source import Sink, Want, deadline_for
 from thunderfs_common.chunk_runs import runs
 from thunderfs.ratelimit import TokenBucket
-from thunderfs_common.glance import GlanceClient, GlanceError, GlanceUnavailable, is_temp_failure
+from thunderfs_common.glance import (GlanceClient, GlanceError, GlanceProtocolError, GlanceUnavailable,
+                                     check_range, is_temp_failure, raise_for_status)
 
 # Chunks fetched from Glance are cached (and so offered to peers) in pieces of this size as they
 # arrive, not only once a whole request (up to 16 MiB) is in.
@@ -57,12 +66,27 @@ class RequestCost:
         return int(self.fixed * self.rate)
 
 
+class Tokens(Protocol):
+    """Keystone tokens for Glance (``thunderfs.glance.auth.KeystoneAuth``)."""
+
+    async def token(self) -> str: ...
+
+    def drop(self, token: str) -> None: ...
+
+
 class GlanceSource:
     name = "origin"
 
     def __init__(self, origin: GlanceClient, *, chunk_size: int, max_chunks: int, fetch_timeout: float,
-                 concurrency: int, rate: float = 0):
+                 concurrency: int, rate: float = 0, connect_timeout: float = 3.0, tokens: Tokens | None = None,
+                 ssl_context=None, http: HTTPClient | None = None):
         self._origin = origin
+        self._url = origin.url
+        self._tokens = tokens
+        self._http = http or HTTPClient(timeout=fetch_timeout, connect_timeout=connect_timeout,
+                                        ssl_context=ssl_context, max_idle=concurrency)  # tests: fakes.MockHTTP
+        self._buffers = BufferPool(max(1, PLACE_STEP // chunk_size) * chunk_size, concurrency)
+        self._stats = dict.fromkeys(("requests", "range_requests", "bytes", "errors"), 0)
         self._cs = chunk_size
         self._max_chunks = max_chunks
         self._timeout = fetch_timeout
@@ -86,7 +110,7 @@ class GlanceSource:
         return missing
 
     async def _fetch(self, want: Want, sink: Sink) -> list[int]:
-        cs, step = self._cs, max(1, PLACE_STEP // self._cs)  # pieces of whole chunks
+        cs = self._cs
         meta, img = want.meta, want.img
         async with want.urgency.ticket(self._slots):
             for rfirst, rcount in runs(want.chunks, self._max_chunks):
@@ -103,13 +127,62 @@ class GlanceSource:
                     at = placed * cs
                     if at < b:
                         started = trio.current_time()
-                        await self._origin.read_range(meta.id, at, b, on_piece, step * cs)
+                        await self.read_range(meta.id, at, b, on_piece)
                         self.cost.observe(b - at, trio.current_time() - started)
 
                 await with_retries(attempt, timeout=deadline_for(self._timeout, b - a),
                                    what=f"Glance read of {meta.id} chunks {rfirst}..{rfirst + rcount - 1}",
                                    give_up=self._known_down, sleep=self.breaker.sleep_unless_open)
         return []
+
+    async def read_range(self, image_id: str, start: int, end: int, on_piece) -> None:
+        """Bytes ``[start, end)`` of an image, exactly, handed to ``on_piece(offset, view)`` in
+        pieces of ``PLACE_STEP`` bytes as they arrive (``view`` is valid during the call only), or
+        a ``GlanceError``.  A token Glance refuses (401) is renewed once."""
+        path = f"/v2/images/{image_id}/file"
+        what = f"{image_id} [{start}, {end})"
+        self._stats["requests"] += 1
+        self._stats["range_requests"] += 1
+        headers = {"Range": f"bytes={start}-{end - 1}"}
+        try:
+            for attempt in (0, 1):
+                token = None
+                if self._tokens is not None:
+                    token = headers["X-Auth-Token"] = await self._tokens.token()
+                async with self._http.get(self._url + path, headers) as resp:
+                    if resp.status == 401 and token is not None and attempt == 0:
+                        self._tokens.drop(token)
+                        continue
+                    raise_for_status(resp.status, path)
+                    check_range(resp.status, resp.header("Content-Range"), resp.header("Content-Length"), start, end)
+                    if resp.length is None:
+                        raise GlanceProtocolError(f"Glance sent {what} without a Content-Length")
+                    await self._receive(resp, start, end, on_piece)
+                    return
+        except HTTPTimeout as exc:
+            self._stats["errors"] += 1
+            raise GlanceUnavailable(f"Glance timed out on {what}: {exc}") from None
+        except HTTPFailed as exc:
+            self._stats["errors"] += 1
+            raise GlanceUnavailable(f"Glance at {self._url} failed on {what}: {exc}") from None
+        except GlanceError:
+            self._stats["errors"] += 1
+            raise
+
+    async def _receive(self, resp, start: int, end: int, on_piece) -> None:
+        async with self._buffers.take() as buf:
+            at = start
+            while at < end:
+                n = min(len(buf), end - at)
+                piece = buf[:n]
+                await resp.read_into(piece)
+                self._stats["bytes"] += n
+                on_piece(at, piece)
+                piece.release()
+                at += n
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
 
     async def _probe(self, image_id: str) -> None:
         """Raises while Glance does not answer; any answer (the image gone included) is an answer."""
@@ -122,9 +195,14 @@ class GlanceSource:
     def _known_down(self) -> GlanceUnavailable | None:
         return GlanceUnavailable("Glance is unreachable (another read gave up on it)") if self.breaker.is_open else None
 
+    def transfer_statistics(self) -> dict:
+        """Glance's ranges, as the JSON client counts its own requests (``GlanceClient.statistics``)."""
+        return dict(self._stats)
+
     def statistics(self) -> dict:
         cost = self.cost
         return {"origin_slots": self._slots.statistics(), "origin_breaker": self.breaker.statistics(),
+                "origin_buffers": self._buffers.statistics(), "origin_connections": self._http.statistics(),
                 "origin_request_ms": round(cost.fixed * 1000, 2) if cost.fixed is not None else None,
                 "origin_mib_s": round(cost.rate / 2**20) if cost.rate is not None else None,
                 "origin_bdp": cost.bdp()}

@@ -75,7 +75,8 @@ class KeystoneAuth(httpx.Auth):
         except KeystoneTokenError as exc:
             raise GlanceAuthError(str(exc)) from None
 
-    def _drop(self, token: str) -> None:
+    def drop(self, token: str) -> None:
+        """Glance refused ``token``: the next ``token()`` asks Keystone for a new one."""
         if self._token == token:
             self._renew_at = 0.0  # the next token() asks Keystone for a new one
 
@@ -85,6 +86,6 @@ class KeystoneAuth(httpx.Auth):
         response = yield request
         if response.status_code == 401:
             log.info("Glance refused the token (401): getting a new one")
-            self._drop(token)
+            self.drop(token)
             request.headers["X-Auth-Token"] = await self.token()
             yield request
