@@ -307,3 +307,54 @@ async def test_a_flapping_breaker_warns_once_a_quiet_period_and_counts_the_rest(
         b.open("its answer failed authentication", probe)
         assert "4 more time(s) since the last warning" in caplog.records[-1].getMessage()
     assert b.statistics()["opened"] == 6
+
+
+class HalfThenGate:
+    """Delivers a flight's first ``half`` chunks after ``first_gate``, the rest after ``gate``
+    (or fails then)."""
+
+    name = "origin"
+
+    def __init__(self, half: int, first_gate: trio.Event, gate: trio.Event, error=None):
+        self.half, self.first_gate, self.gate, self.error = half, first_gate, gate, error
+
+    async def fetch(self, want, sink):
+        first = want.chunks[0]
+        await self.first_gate.wait()
+        sink.put(first, DATA[first * CS:(first + self.half) * CS])
+        await self.gate.wait()
+        if self.error is not None:
+            raise self.error
+        rest = want.chunks[self.half:]
+        sink.put(rest[0], DATA[rest[0] * CS:(rest[-1] + 1) * CS])
+        return []
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["then-ends", "then-fails"])
+async def test_a_reader_goes_on_once_its_chunks_arrived_not_when_the_whole_flight_ends(store, fails):
+    """A long request's pieces are cached as they arrive; a reader waiting for the first ones is
+    served then, while a reader of them all waits (and fails only if the rest never come)."""
+    first_gate, gate = trio.Event(), trio.Event()
+    fetcher = fetcher_of(store, HalfThenGate(4, first_gate, gate, SourceFailed("gone") if fails else None))
+    done = {}
+    async with running(fetcher):
+        r = reader_of(store, fetcher)
+
+        async def read(name, chunk, n=1):
+            try:
+                done[name] = await r.read(chunk * CS, n * CS) == DATA[chunk * CS:(chunk + n) * CS]
+            except FetchFailed:
+                done[name] = "failed"
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read, "all", 0, 16)  # one flight of chunks 0..15 (max_request)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(read, "early", 1)
+            nursery.start_soon(read, "early2", 2, 2)
+            await trio.testing.wait_all_tasks_blocked()
+            assert done == {}
+            first_gate.set()
+            await trio.testing.wait_all_tasks_blocked()
+            assert done == {"early": True, "early2": True} and fetcher.in_flight(r.img, 10)
+            gate.set()
+    assert done["all"] == ("failed" if fails else True)

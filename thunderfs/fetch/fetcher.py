@@ -31,13 +31,14 @@ class _Run:
     """What one flight holds: its chunks, its priority, and the verified bytes the cache could not
     take (kept for its readers; what the cache took, they read from there)."""
 
-    __slots__ = ("meta", "img", "first", "count", "urgency", "kept", "filled", "nbytes")
+    __slots__ = ("meta", "img", "first", "count", "urgency", "kept", "filled", "nbytes", "flight")
 
     def __init__(self, meta: ImageMeta, img: ImageData, first: int, count: int, urgency: Urgency):
         self.meta, self.img, self.first, self.count, self.urgency = meta, img, first, count, urgency
         self.kept: dict[int, bytes] = {}  # chunk -> its verified bytes, where the cache had no room
         self.filled: set[int] = set()  # chunks delivered (cached, or kept)
         self.nbytes = 0
+        self.flight: Flight | None = None
 
 
 def _first_leaf(exc: BaseException) -> BaseException:
@@ -65,6 +66,8 @@ class _Sink:
             for i in range(n):
                 run.kept[first + i] = bytes(view[i * cs:(i + 1) * cs])
         self._fetcher._count(run.img, self._source, n, len(data), self._started)
+        if run.flight is not None:
+            run.flight.progress()  # readers whose chunks these were go on now
 
 
 class Fetcher:
@@ -113,7 +116,8 @@ class Fetcher:
         for first, count in runs(to_start, self.max_chunks):
             run = _Run(meta, img, first, count, Urgency(priority))
             keys = [(img.content, c) for c in range(first, first + count)]
-            flights.append(self._flights.launch(self._nursery, keys, self._fly, state=run))
+            run.flight = self._flights.launch(self._nursery, keys, self._fly, state=run)
+            flights.append(run.flight)
         return flights
 
     def bdp(self) -> int:
@@ -144,10 +148,15 @@ class Fetcher:
         if not self._demand_waiting:
             self._demand_idle = trio.Event()
         self._demand_waiting += 1
+        need = set(chunks)
+        mine = [need.intersection(range(f.state.first, f.state.first + f.state.count)) for f in flights]
         try:
             with trio.move_on_after(limit) as scope:
-                for f in flights:
-                    await f.wait_done()
+                # Until each flight has delivered this reader's chunks (the pieces of a long
+                # request are cached as they arrive), not until it has ended.
+                for f, want in zip(flights, mine):
+                    while not f.done and not f.state.filled.issuperset(want):
+                        await f.wait_progress()
         finally:
             self._demand_waiting -= 1
             if not self._demand_waiting:
@@ -155,9 +164,9 @@ class Fetcher:
         if scope.cancelled_caught:
             raise FetchFailed(meta.id, chunks[0], f"no source delivered it within {limit:g}s")
         extra: dict[int, bytes] = {}
-        for f in flights:
+        for f, want in zip(flights, mine):
             run: _Run = f.state
-            if f.error is not None:
+            if f.error is not None and not run.filled.issuperset(want):
                 raise FetchFailed(meta.id, run.first, f.error)
             # Pieces the cache could not take are served from memory; the rest from the cache.
             extra.update(run.kept)

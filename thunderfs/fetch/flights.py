@@ -17,14 +17,29 @@ import trio
 class Flight:
     """One piece of work under way; ``await wait()`` for its result or its exception."""
 
-    __slots__ = ("keys", "result", "error", "_done", "state")
+    __slots__ = ("keys", "result", "error", "_done", "_progress", "state")
 
     def __init__(self, keys: tuple[Hashable, ...], state: Any = None):
         self.keys = keys
         self.result: Any = None
         self.error: BaseException | None = None
         self._done = trio.Event()
+        self._progress = trio.Event()
         self.state = state  # what the owner keeps with the flight (the fetcher: its urgency)
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def progress(self) -> None:
+        """Part of the work is done: wake whoever waits in ``wait_progress``."""
+        event, self._progress = self._progress, trio.Event()
+        event.set()
+
+    async def wait_progress(self) -> None:
+        """Until the next ``progress()`` or the flight's end (at once if it has ended)."""
+        if not self._done.is_set():
+            await self._progress.wait()
 
     async def wait_done(self) -> None:
         """Until it has finished, whatever its outcome."""
@@ -90,6 +105,7 @@ class SingleFlight:
             if self._flights.get(key) is flight:
                 del self._flights[key]
         flight._done.set()
+        flight.progress()
 
     def statistics(self) -> dict:
         return {"keys": len(self._flights), "flights": len({id(f) for f in self._flights.values()})}
