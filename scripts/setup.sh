@@ -12,13 +12,14 @@ trap 'echo "setup: FAILED at line $LINENO: $BASH_COMMAND" >&2' ERR
 
 # systemd: systemd-analyze, which checks the units in the tests; nftables: packet loss in the chaos run;
 # redis-server: the tracker replicas' shared store in the tests; qemu, a kernel and busybox: the
-# tests boot the small VM that Nova's instance disk holds (tests/test_nova.py).
-APT_PACKAGES=(fuse3 libfuse3-dev pkg-config curl fio iproute2 e2fsprogs systemd nftables redis-server
+# tests boot the small VM that Nova's instance disk holds (tests/test_nova.py); nginx: Glance
+# behind TLS (tests/test_tls_glance.py) and the benchmarks' plain HTTP baseline.
+APT_PACKAGES=(fuse3 libfuse3-dev pkg-config curl fio iproute2 e2fsprogs systemd nftables redis-server nginx-light
               qemu-system-x86 qemu-utils linux-image-amd64 busybox-static)
 # --bench: also what the benchmarks need beyond that: debootstrap (the Debian boot image),
-# httpdirfs and nginx (the C FUSE HTTP client baseline of benchmarks/dataplane_bench.py).
+# httpdirfs (the C FUSE HTTP client baseline of benchmarks/dataplane_bench.py).
 if [ "${1:-}" = "--bench" ]; then
-    APT_PACKAGES+=(debootstrap httpdirfs nginx-light)
+    APT_PACKAGES+=(debootstrap httpdirfs)
 fi
 # Debian's Python (unless PYTHON names another), with its venv module (ensurepip), which Debian
 # ships apart, and what builds the packages that come without a wheel (C extensions among the

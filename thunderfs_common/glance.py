@@ -74,7 +74,7 @@ class GlanceClient:
             raise GlanceUnavailable(f"Glance timed out on {what}") from exc
         except httpx.HTTPError as exc:
             self._stats["errors"] += 1
-            raise GlanceUnavailable(f"Glance at {self.url} failed on {what}: {exc}") from exc
+            raise GlanceUnavailable(f"Glance at {self.url} failed on {what}: {_reason(exc)}") from exc
         except GlanceError:
             self._stats["errors"] += 1
             raise
@@ -141,6 +141,16 @@ class GlanceClient:
 
     def statistics(self) -> dict:
         return dict(self._stats)
+
+
+def _reason(exc: BaseException | None) -> str:
+    """The first message along an exception's causes (httpx's ConnectError over a refused TLS
+    certificate says nothing itself; its cause says why)."""
+    while exc is not None:
+        if str(exc):
+            return str(exc)
+        exc = exc.__cause__ or exc.__context__
+    return "no reason given"
 
 
 def raise_for_status(code: int, path: str) -> None:

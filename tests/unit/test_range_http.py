@@ -164,3 +164,30 @@ async def test_the_buffer_pool_is_bounded_and_refuses_a_buffer_handed_back_twice
         buf = c.obj
     with pytest.raises(RuntimeError, match="handed back twice"):
         pool._give_back(buf)
+
+
+async def test_tls_bodies_arrive_the_same_and_an_unknown_certificate_is_refused(nursery, tmp_path):
+    import ssl
+
+    from harness.tls_proxy import make_certificates
+    ca = make_certificates(tmp_path)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(tmp_path / "server.pem", tmp_path / "server.key")
+    server = Server(ok(), ok(), ok())
+
+    async def handle(stream):
+        tls = trio.SSLStream(stream, server_ctx, server_side=True)
+        try:
+            await tls.do_handshake()
+        except trio.BrokenResourceError:
+            return  # the client refused the certificate
+        await server.handle(tls)
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+    url = f"https://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+    trusted = HTTPClient(timeout=2, ssl_context=ssl.create_default_context(cafile=str(ca)))
+    assert await receive(trusted, url) == (206, BODY)
+    assert await receive(trusted, url) == (206, BODY)
+    assert trusted.statistics()["reused"] == 1
+    with pytest.raises(HTTPFailed, match="CERTIFICATE_VERIFY_FAILED"):
+        await receive(HTTPClient(timeout=2, ssl_context=ssl.create_default_context()), url)
