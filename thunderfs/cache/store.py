@@ -394,7 +394,7 @@ class ChunkStore:
         got = read_checked(img.fd, offset, n, a, b, expect, cs, nowait=True) if nowait and not cold else None
         self._stats["reads_inline"] += got is not None
         fast = self._disk_wait is not None and self._disk_wait < self.INLINE_DISK_WAIT
-        if got is None and nowait and n <= self.INLINE_DISK_READ and (fast or cold):
+        if got is None and nowait and n <= self.INLINE_DISK_READ and fast:
             # The disk answers faster than a hop to a thread costs: read it here (measured on this
             # 2-core VM, a thread per 4 KiB read cost about a fifth of the IOPS at depth 32).
             t = time.perf_counter()
@@ -498,10 +498,10 @@ class ChunkStore:
 
     def _write(self, img: ImageData, data, offset: int) -> int:
         """Straight to the disk (O_DIRECT) when the bytes are whole pages in page-aligned memory
-        (a pooled receive buffer); through the page cache otherwise (the kernel refuses unaligned
-        memory with EINVAL, which costs one system call)."""
+        (a pooled receive buffer); through the page cache otherwise: ``bytes`` (a peer's reply),
+        or unaligned memory (the kernel refuses it with EINVAL, which costs one system call)."""
         first, n = offset // self.chunk_size, -(-len(data) // self.chunk_size)
-        if img.direct_fd != img.fd and len(data) % _PAGE == 0:
+        if img.direct_fd != img.fd and len(data) % _PAGE == 0 and not memoryview(data).readonly:
             try:
                 written = os.pwrite(img.direct_fd, data, offset)
             except OSError as exc:
