@@ -27,6 +27,7 @@ Usage: .venv/bin/python benchmarks/dataplane_bench.py [--size-mib 512] [--runs 3
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -243,6 +244,117 @@ http {{
 """
 
 
+def peer_step(work: Path, glance: LocalGlance, image_id: str, size: int, runs: int) -> dict:
+    """A node reads the whole image through its mount from a peer that has it cached (both in a
+    cluster with a secret, every request signed): the reader's CPU per GiB received from the peer
+    (sha256 of every chunk included), the holder's per GiB served, and the rate."""
+    from harness.tracker import LocalTracker
+    secret = work / "peer-secret"
+    secret.write_bytes(b"dataplane-bench-secret-0123456789")
+    secret.chmod(0o600)
+    tracker = LocalTracker(work / "peer-tracker", "--glance", glance.url, secret=secret.read_bytes())
+    rows: dict[str, list[float]] = {k: [] for k in ("mibs", "cpu_s_per_gib_received", "cpu_s_per_gib_served",
+                                                    "peer_share")}
+    mounts: list[Mount] = []
+
+    def node(name: str) -> Mount:
+        m = Mount(work / f"mnt-{name}", glance.url, work / f"cache-{name}", "--tracker", tracker.url, "--node-id", name,
+                  "--peer-listen", f"127.0.0.1:{free_port()}", "--secret-file", str(secret),
+                  "--cache-size", f"{2 * size // MiB}M")
+        m.mount()
+        mounts.append(m)
+        return m
+
+    try:
+        tracker.start()
+        holder = node("holder")
+        seq_read(holder.image(image_id))  # cold, from Glance: now it holds every chunk
+        deadline = time.monotonic() + 60
+        while not holder.stats()["announcer"]["in_sync"]:  # the tracker knows it holds them
+            if time.monotonic() > deadline:
+                raise RuntimeError("the holder never told the tracker what it holds")
+            time.sleep(0.2)
+        for i in range(runs):
+            reader = node(f"reader{i}")
+            img = reader.image(image_id)
+            img.stat()
+            served0 = holder.stats()["peer_server"]["served_bytes"]
+            cpu_r, cpu_h = cpu_seconds(reader.pid), cpu_seconds(holder.pid)
+            secs, n = seq_read(img)
+            cpu_r, cpu_h = cpu_seconds(reader.pid) - cpu_r, cpu_seconds(holder.pid) - cpu_h
+            assert n == size, (n, size)
+            fetch = reader.stats()["fetch"]
+            if os.environ.get("DEBUG_PEER"):
+                print(json.dumps(reader.stats()["peers"])[:3000], json.dumps(holder.stats()["announcer"]), fetch)
+            served = holder.stats()["peer_server"]["served_bytes"] - served0
+            rows["mibs"].append(size / secs / MiB)
+            rows["cpu_s_per_gib_received"].append(cpu_r / (size / GiB))
+            rows["cpu_s_per_gib_served"].append(cpu_h / max(served / GiB, 1e-9))
+            rows["peer_share"].append(fetch.get("bytes_from_peers", 0) / size)
+            print(f"  run {i + 1}: from a peer {size / secs / MiB:.0f} MiB/s, {100 * rows['peer_share'][-1]:.0f} % "
+                  f"of the bytes from the peer; reader {rows['cpu_s_per_gib_received'][-1]:.2f} CPU s per GiB "
+                  f"received, holder {rows['cpu_s_per_gib_served'][-1]:.2f} per GiB served", flush=True)
+            reader.cleanup()
+            mounts.remove(reader)
+            shutil.rmtree(work / f"cache-reader{i}", ignore_errors=True)
+    finally:
+        for m in mounts:
+            m.cleanup()
+        tracker.stop()
+    out = {k: spread(v) for k, v in rows.items()}
+    print(f"peer: reader {fmt(out['cpu_s_per_gib_received'])} CPU s per GiB received (target <= 0.8), holder "
+          f"{fmt(out['cpu_s_per_gib_served'])} per GiB served (target <= 0.4); {fmt(out['mibs'], 0)} MiB/s")
+    return out
+
+
+def stage_costs(size: int = 256 * MiB) -> dict:
+    """CPU per GiB of each stage of the data path on its own, in this process, on buffers that are
+    reused as the daemon's are: what the whole is made of (the rest is FUSE, Python and the loop)."""
+    import mmap
+    import resource
+
+    import xxhash
+
+    def cpu(fn) -> float:
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        fn()
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        return (r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime) / (size / GiB)
+
+    cs, piece = 64 * 1024, MiB
+    buf = mmap.mmap(-1, piece)
+    buf.write(os.urandom(piece))
+    view = memoryview(buf)
+    path = Path(tempfile.mkdtemp(prefix="thunderfs-stages-", dir="/var/tmp")) / "data"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    dfd = os.open(path, os.O_RDWR | os.O_DIRECT)
+    os.ftruncate(fd, size)
+    try:
+        out = {
+            "xxh3 (cache check, twice a chunk)": 2 * cpu(lambda: [xxhash.xxh3_64_intdigest(view[i:i + cs])
+                                                                    for _ in range(size // piece)
+                                                                    for i in range(0, piece, cs)]),
+            "sha256 (a peer's chunks)": cpu(lambda: [hashlib.sha256(view[i:i + cs]).digest()
+                                                     for _ in range(size // piece) for i in range(0, piece, cs)]),
+            "cache write, O_DIRECT": cpu(lambda: [os.pwrite(dfd, view, o) for o in range(0, size, piece)]),
+            "read back, O_DIRECT": cpu(lambda: [os.preadv(dfd, [view], o) for o in range(0, size, piece)]),
+        }
+        os.close(dfd)
+        dfd = -1
+        os.ftruncate(fd, 0)
+        os.ftruncate(fd, size)
+        out["cache write, page cache (for comparison)"] = cpu(
+            lambda: [os.pwrite(fd, view, o) for o in range(0, size, piece)] and os.fdatasync(fd))
+    finally:
+        if dfd >= 0:
+            os.close(dfd)
+        os.close(fd)
+        shutil.rmtree(path.parent, ignore_errors=True)
+    for k, v in out.items():
+        print(f"  stage: {k:42s} {v:.2f} CPU s/GiB")
+    return out
+
+
 def boot_step(work: Path, glance: LocalGlance, runs: int) -> dict:
     """The boot trace cold: thunderfs (no profile, no peer) vs httpdirfs over nginx."""
     for tool in ("nginx", "httpdirfs"):
@@ -321,7 +433,7 @@ def main() -> int:
     ap.add_argument("--size-mib", type=int, default=512)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--runtime", type=int, default=5, help="seconds of each time-based fio job")
-    ap.add_argument("--only", default="cold,warm,boot")
+    ap.add_argument("--only", default="cold,peer,warm,boot")
     ap.add_argument("--passthrough", action="store_true", help="also a warm mount with --passthrough")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -340,6 +452,9 @@ def main() -> int:
             print(f"image {args.size_mib} MiB of random bytes; real Glance on loopback; commit {results['commit']}")
             if "cold" in only:
                 results["cold"] = cold_step(work, glance, image_id, size, args.runs, [])
+                results["stages"] = stage_costs()
+            if "peer" in only:
+                results["peer"] = peer_step(work, glance, image_id, size, args.runs)
             if "warm" in only:
                 variants = {"thunderfs": []}
                 if args.passthrough:

@@ -115,7 +115,7 @@ class MockHTTP:
         self.requests = 0
 
     @contextlib.asynccontextmanager
-    async def get(self, url: str, headers: dict):
+    async def get(self, url: str, headers: dict, timeout: float | None = None):
         from thunderfs.fetch.range_http import HTTPFailed
         self.requests += 1
         request = httpx.Request("GET", url, headers=headers)

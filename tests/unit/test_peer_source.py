@@ -12,7 +12,7 @@ import httpx
 import pytest
 import trio
 
-from fakes import CS, meta_of, pattern
+from fakes import CS, MockHTTP, meta_of, pattern
 from thunderfs.fetch import peers
 from thunderfs.fetch.peer_directory import LAZY_RECHECK
 from thunderfs.fetch.peers import PeerSource
@@ -163,7 +163,7 @@ class Sink:
 
 def source_of(tracker, peers, **kw) -> PeerSource:
     return PeerSource(tracker, node_id="me", secret=kw.pop("secret", None), chunk_size=CS, timeout=kw.pop("timeout", 1.0),
-                      claim_poll=kw.pop("claim_poll", 0.01), transport=httpx.MockTransport(peers), **kw)
+                      claim_poll=kw.pop("claim_poll", 0.01), http=MockHTTP(peers), **kw)
 
 
 def want(store, chunks, priority=DEMAND) -> Want:
@@ -623,7 +623,7 @@ async def test_a_revocation_drops_the_lazy_manifest_and_is_told_once(store, auto
     tracker = FakeTracker("lazy", holders=[])
     src = PeerSource(tracker, node_id="me", secret=None, chunk_size=CS, timeout=1.0,
                      on_revoked=lambda meta, why: revoked.append((meta.id, why)),
-                     transport=httpx.MockTransport(Peers()))
+                     http=MockHTTP(Peers()))
     assert await src.directory.manifest(META) is not None
     tracker._manifest = Revocation(META.id, CS, META.os_hash_value, "the whole image does not match")
     for _ in range(3):

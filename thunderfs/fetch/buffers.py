@@ -9,6 +9,7 @@ pool is bounded: a transfer waits for a free buffer, so that memory for received
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import mmap
 from collections.abc import AsyncIterator
 
@@ -56,3 +57,11 @@ class BufferPool:
     def statistics(self) -> dict:
         return {"buffers": self._made, "in_use": len(self._out), "buffer_bytes": self._made * self.size,
                 "waits": self._waits}
+
+
+def aligned(n: int) -> memoryview:
+    """``n`` writable bytes starting on a page, from the heap (memory the process reuses, unlike a
+    fresh mmap): what the cache can write with O_DIRECT (a peer's reply)."""
+    raw = bytearray(n + mmap.PAGESIZE)
+    skip = -ctypes.addressof(ctypes.c_char.from_buffer(raw)) % mmap.PAGESIZE
+    return memoryview(raw)[skip:skip + n]

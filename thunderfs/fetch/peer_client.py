@@ -15,12 +15,13 @@ import hashlib
 import logging
 from dataclasses import dataclass
 
-import httpx
 import trio
 
 from thunderfs.cache.store import ImageData
+from thunderfs.fetch.buffers import aligned
 from thunderfs.fetch.lazy_manifest import LazyManifest
-from thunderfs_common.signing import SignedRequests
+from thunderfs.fetch.range_http import HTTPClient, HTTPFailed, HTTPTimeout
+from thunderfs_common.signing import sign
 from thunderfs_tracker.protocol import (PIECES_HEADER, TAKERS_HEADER, Manifest, PeerRecord, ProtocolError,
                                        parse_pieces, parse_takers)
 
@@ -40,7 +41,7 @@ class Answer(enum.Enum):
 @dataclass(frozen=True)
 class Reply:
     answer: Answer
-    data: bytes | None = None  # OK: the run's bytes, every chunk checked (UNCHECKED: not yet)
+    data: bytes | memoryview | None = None  # OK: the run's bytes, every chunk checked (UNCHECKED: not yet)
     bad_chunk: int = -1  # LIED: the first chunk that failed
     why: str = ""  # LIED: how
     pieces: tuple = ()  # UNCHECKED: the tracker's pieces the peer sent along (not checked yet)
@@ -50,17 +51,17 @@ class Reply:
 class PeerClient:
     def __init__(self, *, node_id: str, secret: bytes | None, chunk_size: int, timeout: float = 2.0,
                  min_rate: float = 2**20, avoid_failed: float = 30.0, avoid_slow: float = 5.0,
-                 avoid_lying: float = 3600.0, transport: httpx.AsyncBaseTransport | None = None):
+                 avoid_lying: float = 3600.0, http: HTTPClient | None = None):
         self._cs = chunk_size
         self.timeout = timeout
         self._min_rate = min_rate
         self._avoid_failed, self._avoid_slow, self._avoid_lying = avoid_failed, avoid_slow, avoid_lying
+        self._node_id, self._secret = node_id, secret
         # Per socket operation: connect, and silence between reads.  The whole transfer is bounded
-        # separately, by its size (get).
-        self._http = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=min(timeout, 1.0)),
-                                       limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
-                                       auth=SignedRequests(secret, node_id) if secret else None,
-                                       transport=transport)  # tests: an httpx.MockTransport
+        # separately, by its size (get).  The bytes are received straight into the reply's buffer
+        # (range_http), not in httpx's pieces.
+        self._http = http or HTTPClient(timeout=timeout, connect_timeout=min(timeout, 1.0),
+                                        max_idle=4)  # tests: fakes.MockHTTP
         self._avoid: dict[str, float] = {}  # failed or lied: until when
         self._slow: dict[str, float] = {}   # slow (busy serving others, perhaps): until when
         self._rtt: dict[str, float] = {}
@@ -90,17 +91,24 @@ class PeerClient:
         self._stats["requests"] += 1
         started = trio.current_time()
         expected = min(img.size, (first + count) * self._cs) - first * self._cs
-        extra = {"timeout": httpx.Timeout(self.timeout + wait, connect=min(self.timeout, 1.0))} if wait > 0 else {}
+        headers = sign(self._secret, self._node_id, "GET", path) if self._secret else {}
         try:
             with trio.fail_after(self.timeout + wait + expected / self._min_rate):
-                async with self._http.stream("GET", peer.peer_url.rstrip("/") + path, **extra) as resp:
+                async with self._http.get(peer.peer_url.rstrip("/") + path, headers,
+                                          timeout=self.timeout + wait) as resp:
                     if not wait:  # a wait's first byte comes when the chunks do
                         self._note_rtt(peer.node_id, trio.current_time() - started)
-                    status = resp.status_code
-                    body = await resp.aread() if status == 200 else b""
-                    pieces_header = resp.headers.get(PIECES_HEADER)
-                    takers = self._takers(resp.headers.get(TAKERS_HEADER), first, count)
-        except (httpx.TimeoutException, trio.TooSlowError) as exc:
+                    status = resp.status
+                    pieces_header = resp.header(PIECES_HEADER)
+                    takers = self._takers(resp.header(TAKERS_HEADER), first, count)
+                    if status == 200 and resp.length != expected:
+                        return self._lied(peer, img, first, f"promised {resp.length} bytes for {expected}")
+                    if status == 200:
+                        body = aligned(expected)  # one buffer per answer, filled by the socket,
+                        await resp.read_into(body)  # that the cache writes with O_DIRECT
+                    else:
+                        await resp.read(64 * 1024)  # a refusal's few words (the connection kept)
+        except (HTTPTimeout, trio.TooSlowError) as exc:
             # Slow, not dead: skip it for a moment (it may just be busy serving others).
             self._stats["slow"] += 1
             if not self.slow(peer.node_id):  # one line when it turns slow, not per request
@@ -108,11 +116,10 @@ class PeerClient:
                          self._avoid_slow)
             self._slow[peer.node_id] = trio.current_time() + self._avoid_slow
             return Reply(Answer.SLOW)
-        except httpx.HTTPError as exc:
+        except HTTPFailed as exc:
             self._stats["failures"] += 1
             if not self.avoided(peer.node_id):
-                log.info("peer %s failed (%s); avoiding it for %.0fs", peer.node_id, type(exc).__name__,
-                         self._avoid_failed)
+                log.info("peer %s failed (%s); avoiding it for %.0fs", peer.node_id, exc, self._avoid_failed)
             self._avoid[peer.node_id] = trio.current_time() + self._avoid_failed
             return Reply(Answer.FAILED)
         if status != 200:
@@ -120,8 +127,6 @@ class PeerClient:
                 return Reply(Answer.NOT_HELD, takers=takers)
             self._stats["busy" if status == 503 else "failures"] += 1
             return Reply(Answer.BUSY if status == 503 else Answer.FAILED, takers=takers)
-        if len(body) != expected:
-            return self._lied(peer, img, first, f"sent {len(body)} bytes for {expected}")
         if isinstance(manifest, LazyManifest) and manifest.unknown(first, count):
             try:
                 pieces = tuple(parse_pieces(pieces_header)) if pieces_header else ()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 
-import httpx
 import trio
 
 from thunderfs.cache.store import ImageData
@@ -22,6 +21,7 @@ from thunderfs.fetch.claims import ClaimTaker
 from thunderfs.fetch.lazy_manifest import LazyManifest
 from thunderfs.fetch.peer_client import Answer, PeerClient, Reply
 from thunderfs.fetch.peer_directory import PeerDirectory
+from thunderfs.fetch.range_http import HTTPClient
 from thunderfs.fetch.slots import DEMAND
 from thunderfs.fetch.source import MIN_RATE, Sink, Want, deadline_for
 from thunderfs_common.chunk_runs import runs
@@ -54,7 +54,7 @@ class PeerSource:
                  timeout: float = 2.0, fetch_timeout: float = 20.0, lookup_window: int = 1024,
                  lookup_ttl: float = 2.0, max_request_chunks: int = 256, claim_poll: float = 0.25,
                  min_rate: float = 2**20, tracker_key: Ed25519PublicKey | None = None,
-                 location: tuple[str, ...] = (), on_revoked=None, transport: httpx.AsyncBaseTransport | None = None):
+                 location: tuple[str, ...] = (), on_revoked=None, http: HTTPClient | None = None):
         """``location``: this node's (zone, rack, host), which orders the holders a watch names.
         ``on_revoked(meta, why)``: the tracker revoked an image's lazy manifest (the daemon
         drops the image's cached chunks)."""
@@ -65,7 +65,7 @@ class PeerSource:
         self._fetch_timeout = fetch_timeout
         self._max = max_request_chunks
         self.client = PeerClient(node_id=node_id, secret=secret, chunk_size=chunk_size, timeout=timeout,
-                                 min_rate=min_rate, transport=transport)
+                                 min_rate=min_rate, http=http)  # tests: fakes.MockHTTP
         self.directory = PeerDirectory(tracker, chunk_size=chunk_size, timeout=timeout, lookup_window=lookup_window,
                                        lookup_ttl=lookup_ttl, min_rate=min_rate, tracker_key=tracker_key,
                                        secret=secret, location=location, on_revoked=self._revoked)

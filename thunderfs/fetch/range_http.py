@@ -174,9 +174,10 @@ class HTTPClient:
         self._stats = dict.fromkeys(("requests", "connections", "reused", "retried", "failures"), 0)
 
     @contextlib.asynccontextmanager
-    async def get(self, url: str, headers: dict[str, str]) -> AsyncIterator[Response]:
+    async def get(self, url: str, headers: dict[str, str], *, timeout: float | None = None) -> AsyncIterator[Response]:
         """``async with client.get(url, headers) as resp``: the answer's head; read its body
-        inside.  A connection goes back to the pool only if the body was read to its end."""
+        inside.  A connection goes back to the pool only if the body was read to its end.
+        ``timeout``: this request's, if not the client's (an answer the server holds back)."""
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise HTTPFailed(f"not an http(s) URL: {url!r}")
@@ -189,7 +190,7 @@ class HTTPClient:
         for attempt in (0, 1):
             conn, reused = await self._connection(key)
             try:
-                resp = await self._exchange(conn, host, target, headers)
+                resp = await self._exchange(conn, host, target, headers, self.timeout if timeout is None else timeout)
                 break
             except HTTPFailed as exc:
                 await conn.aclose()
@@ -240,16 +241,17 @@ class HTTPClient:
         self._stats["connections"] += 1
         return _Conn(stream, key), False
 
-    async def _exchange(self, conn: _Conn, host: str, target: str, headers: dict[str, str]) -> Response:
+    async def _exchange(self, conn: _Conn, host: str, target: str, headers: dict[str, str],
+                        timeout: float) -> Response:
         h = h11.Connection(h11.CLIENT)
         request = h11.Request(method="GET", target=target,
                               headers=[("Host", host), ("User-Agent", "thunderfs"), *headers.items()])
         data = h.send(request) + h.send(h11.EndOfMessage())
         try:
-            with trio.fail_after(self.timeout):
+            with trio.fail_after(timeout):
                 await conn.stream.send_all(data)
         except trio.TooSlowError:
-            raise HTTPTimeout(f"could not send a request within {self.timeout:g}s") from None
+            raise HTTPTimeout(f"could not send a request within {timeout:g}s") from None
         except (OSError, trio.BrokenResourceError) as exc:
             raise _before_answer(HTTPFailed(f"connection failed sending: {_why(exc)}")) from None
         buf, head = bytearray(16 * 1024), bytearray()
@@ -264,16 +266,16 @@ class HTTPClient:
                     raise HTTPFailed(f"not an HTTP answer: {exc}") from None
                 if isinstance(event, h11.Response):
                     conn.spare = bytes(head[end + 4:])
-                    return Response(conn, event, h, self.timeout)
+                    return Response(conn, event, h, timeout)
                 if not isinstance(event, h11.InformationalResponse):
                     raise HTTPFailed(f"unexpected {type(event).__name__} before the answer's head")
                 del head[:end + 4]
                 continue
             try:
-                with trio.fail_after(self.timeout):
+                with trio.fail_after(timeout):
                     k = await conn.recv_into(memoryview(buf))
             except trio.TooSlowError:
-                raise HTTPTimeout(f"no answer within {self.timeout:g}s") from None
+                raise HTTPTimeout(f"no answer within {timeout:g}s") from None
             except (OSError, trio.BrokenResourceError) as exc:
                 err = HTTPFailed(f"connection failed before the answer: {_why(exc)}")
                 raise (_before_answer(err) if not head else err) from None
