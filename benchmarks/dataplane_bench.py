@@ -130,6 +130,59 @@ def client_floor(glance: LocalGlance, image_id: str, size: int, request: int, wo
     return out
 
 
+def glance_cpu(glance: LocalGlance) -> float:
+    """CPU seconds of Glance's processes (gunicorn and its workers) so far."""
+    pid = glance.proc.pid
+    kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return sum(cpu_seconds(int(p)) for p in [pid, *kids])
+
+
+def request_sweep(glance: LocalGlance, image_id: str, size: int) -> dict:
+    """The daemon's Glance client alone (the lean receive path, no cache) reading the image in
+    requests of each size, one or four at a time: the rate, and Glance's own CPU per GiB (its
+    fixed cost per request is what larger requests save), so that the best size is measured."""
+    import trio
+
+    from thunderfs.config import MountConfig
+    from thunderfs.fetch.glance import GlanceSource
+    from thunderfs_common.glance import GlanceClient
+
+    cs = MountConfig.__dataclass_fields__["chunk_size"].default
+    out = {}
+
+    async def nothing(offset: int, view) -> None:
+        pass
+
+    async def run(request: int, concurrency: int) -> None:
+        async with GlanceClient(glance.url) as origin:
+            src = GlanceSource(origin, chunk_size=cs, max_chunks=request // cs, fetch_timeout=30,
+                               concurrency=concurrency)
+            todo = list(range(0, size, request))
+
+            async def worker() -> None:
+                while todo:
+                    a = todo.pop(0)
+                    await src.read_range(image_id, a, min(size, a + request), nothing)
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(concurrency):
+                    nursery.start_soon(worker)
+            await src.aclose()
+
+    for request in (4 * MiB, 16 * MiB, 64 * MiB):
+        for concurrency in (1, 4):
+            g0, t = glance_cpu(glance), time.perf_counter()
+            trio.run(run, request, concurrency)
+            secs, gcpu = time.perf_counter() - t, glance_cpu(glance) - g0
+            key = f"{request // MiB}MiB_x{concurrency}"
+            out[key] = {"mibs": size / secs / MiB, "glance_cpu_s_per_gib": gcpu / (size / GiB)}
+            print(f"  requests of {request // MiB:2d} MiB, {concurrency} at a time: {size / secs / MiB:5.0f} MiB/s, "
+                  f"Glance {gcpu / (size / GiB):.2f} CPU s/GiB", flush=True)
+    best = max(out, key=lambda k: out[k]["mibs"])
+    print(f"cold: the best request size here: {best.replace('_x', ', ')} at a time")
+    return out
+
+
 def cold_step(work: Path, glance: LocalGlance, image_id: str, size: int, runs: int, extra: list[str]) -> dict:
     url = f"{glance.url}/v2/images/{image_id}/file"
     rows: dict[str, list[float]] = {k: [] for k in ("null_mibs", "file_mibs", "tfs_mibs", "ratio_null",
@@ -453,6 +506,7 @@ def main() -> int:
             if "cold" in only:
                 results["cold"] = cold_step(work, glance, image_id, size, args.runs, [])
                 results["stages"] = stage_costs()
+                results["request_sizes"] = request_sweep(glance, image_id, size)
             if "peer" in only:
                 results["peer"] = peer_step(work, glance, image_id, size, args.runs)
             if "warm" in only:

@@ -103,6 +103,23 @@ def dataplane(results: Path) -> list[Row]:
         spread(c["ratio_null"]), *at_least(c["ratio_null"], 0.5))
     row(whats[1], f"{c['tfs_mibs']['median']:.0f} MiB/s", f"{c['file_mibs']['median']:.0f} MiB/s",
         spread(c["ratio_file"]), *at_least(c["ratio_file"], 1.5))
+    rows[0].issue = 28  # issue 19's target, taken over by issue 28
+    # Issue 28: CPU per GiB as a headline, with the cost of each stage alone beside it.
+    stages = r.get("stages")
+    alone = ("; alone: " + ", ".join(f"{k.split(' (')[0]} {v:.2f}" for k, v in stages.items())) if stages else ""
+    rows.append(Row(28, "CPU s per GiB, cold from Glance, daemon (whole-image read through the mount)",
+                    spread(c["cpu_s_per_gib"]), f"curl > /dev/null at {c['null_mibs']['median']:.0f} MiB/s{alone}",
+                    "", *at_most(c["cpu_s_per_gib"], 0.8), runs, src, DATAPLANE))
+    p = r.get("peer")
+    if p is None:
+        rows += [Row(28, w, target=t, command=DATAPLANE) for w, t in (
+            ("CPU s per GiB received from a peer, daemon", "<= 0.8"), ("CPU s per GiB served to a peer, daemon", "<= 0.4"))]
+    else:
+        rows.append(Row(28, "CPU s per GiB received from a peer, daemon (every chunk's sha256 checked)",
+                        spread(p["cpu_s_per_gib_received"]), f"{spread(p['mibs'], 0)} MiB/s from the peer",
+                        "", *at_most(p["cpu_s_per_gib_received"], 0.8), runs, src, DATAPLANE))
+        rows.append(Row(28, "CPU s per GiB served to a peer, daemon", spread(p["cpu_s_per_gib_served"]), "", "",
+                        *at_most(p["cpu_s_per_gib_served"], 0.4), runs, src, DATAPLANE))
     w = r["warm"]
     # Depth 1: "no worse than before" -- the code before issue 19 under the same script, if kept.
     before = load("dataplane-before-issue19.json", results)

@@ -129,7 +129,9 @@ class PeerServer:
         if body and not head:  # an answer to HEAD has the length of the body it would have, not the body
             if status == 200:  # chunks take upload bandwidth; a refusal goes at once, not behind them
                 await self._bucket.wait_for(len(body))
-            await stream.send_all(conn.send(h11.Data(data=body)))
+            # Passed through, not joined into one more copy of the body (h11's send() would).
+            for part in conn.send_with_data_passthrough(h11.Data(data=body)):
+                await stream.send_all(part)
         await stream.send_all(conn.send(h11.EndOfMessage()))
 
     async def _answer(self, request: h11.Request) -> tuple[int, bytes, bool, list[tuple[str, str]], tuple | None]:
