@@ -150,7 +150,7 @@ def request_sweep(glance: LocalGlance, image_id: str, size: int) -> dict:
     cs = MountConfig.__dataclass_fields__["chunk_size"].default
     out = {}
 
-    async def nothing(offset: int, view) -> None:
+    def nothing(offset: int, view) -> None:
         pass
 
     async def run(request: int, concurrency: int) -> None:

@@ -481,6 +481,7 @@ async def test_whole_pages_in_aligned_memory_go_straight_to_the_disk_and_are_rea
     assert list(img.direct) == [1, 1, 0, 0, 0]
     assert await store.read(img, 0, size) == data
     assert store.statistics()["reads_disk_inline"] + store.statistics()["reads_threaded"] >= 1
+    assert list(img.direct) == [0] * 5  # read back once: as any chunk from now on
     with open(img.path, "r+b") as f:  # rot under a direct chunk is found the same
         f.seek(CS + 9)
         f.write(b"\xff\x00\xfe")

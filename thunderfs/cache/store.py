@@ -130,9 +130,11 @@ class ImageData:
             except OSError:
                 pass
         self.state = bytearray(self.nchunks)
-        # 1: written straight to the disk by this process, so not in the page cache: a read goes
-        # to the disk at once (a page-cache-only try, RWF_NOWAIT, would start the kernel's
-        # readahead into fresh pages, the cost the direct write saved).
+        # 1: written straight to the disk by this process and not read since, so not in the page
+        # cache: its first read goes to the disk at once (a page-cache-only try, RWF_NOWAIT, would
+        # start the kernel's readahead into fresh pages, the cost the direct write saved); later
+        # reads try the page cache first as any (a warm random reader gains from that readahead:
+        # without it, 4 KiB reads at depth 32 fell from 0.30 to 0.04 x a local file).
         self.direct = bytearray(self.nchunks)
         self.xxh = array("Q", bytes(8 * self.nchunks))
         self.pins: dict[int, tuple[int, int]] = {}
@@ -406,6 +408,8 @@ class ChunkStore:
             got = await trio.to_thread.run_sync(self._timed_read, img.direct_fd, offset, n, a, b, expect, cs,
                                                 limiter=self._io)
         data, bad = got
+        if cold:  # read back once from the disk: from now on, as any chunk (the page cache first)
+            img.direct[first:last + 1] = bytes(last - first + 1)
         self._stats["bytes_checked"] += n
         if bad is not None:
             c = first + bad
