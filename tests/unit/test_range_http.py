@@ -6,6 +6,8 @@ never reused.  And the buffer pool's bounds."""
 from __future__ import annotations
 
 import functools
+import socket
+import struct
 
 import pytest
 import trio
@@ -41,6 +43,10 @@ class Server:
                 for part in self.answers.pop(0):
                     if part is None:
                         await stream.aclose()
+                        return
+                    if part == "RST":  # a reset, not a close: the client's receive fails
+                        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        stream.socket.close()
                         return
                     if isinstance(part, float):
                         await trio.sleep(part)
@@ -89,6 +95,13 @@ async def test_a_body_cut_short_fails_and_its_connection_is_not_reused(nursery):
         await receive(client, url)
     assert await receive(client, url) == (206, BODY)
     assert server.connections == 2 and client.statistics()["failures"] == 1
+
+
+async def test_a_connection_reset_mid_body_is_a_clear_failure(nursery):
+    server = Server(ok(BODY[:50_000], length=len(BODY), step=50_000) + [0.05, "RST"])
+    url = await server.start(nursery)
+    with pytest.raises(HTTPFailed, match="connection failed: Connection reset"):
+        await receive(HTTPClient(timeout=2), url)
 
 
 async def test_more_bytes_than_promised_never_reach_the_next_answer(nursery):

@@ -52,14 +52,18 @@ class _Conn:
         self.spare = b""  # bytes received past the answer's head: the body's first
 
     async def recv_into(self, view: memoryview) -> int:
+        """Bytes received into ``view`` (0: the server closed); HTTPFailed if the connection broke."""
         if self.spare:
             n = min(len(self.spare), len(view))
             view[:n] = self.spare[:n]
             self.spare = self.spare[n:]
             return n
-        if self._sock is not None:
-            return await self._sock.recv_into(view)
-        data = await self.stream.receive_some(len(view))
+        try:
+            if self._sock is not None:
+                return await self._sock.recv_into(view)
+            data = await self.stream.receive_some(len(view))
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise HTTPFailed(f"connection failed: {_why(exc)}") from None
         view[:len(data)] = data
         return len(data)
 
@@ -276,8 +280,7 @@ class HTTPClient:
                     k = await conn.recv_into(memoryview(buf))
             except trio.TooSlowError:
                 raise HTTPTimeout(f"no answer within {timeout:g}s") from None
-            except (OSError, trio.BrokenResourceError) as exc:
-                err = HTTPFailed(f"connection failed before the answer: {_why(exc)}")
+            except HTTPFailed as err:
                 raise (_before_answer(err) if not head else err) from None
             if k == 0:
                 raise (_before_answer(HTTPFailed("connection closed before the answer")) if not head
