@@ -44,6 +44,7 @@ from harness import boot_trace  # noqa: E402
 from benchmarks.record import provenance, spread  # noqa: E402
 from harness.local_glance import LocalGlance, free_port  # noqa: E402
 from harness.mounts import Mount, thunderfs  # noqa: E402
+from harness.nginx import write_conf  # noqa: E402
 from harness.pagecache import drop_page_cache  # noqa: E402
 from read_bench import make_image, seq_read  # noqa: E402  (this directory)
 
@@ -283,20 +284,6 @@ def warm_step(work: Path, glance: LocalGlance, image_id: str, native: Path, size
     return out
 
 
-NGINX_CONF = """daemon off;
-user root;  # Glance's copy lies in a directory only root reads
-worker_processes 1;
-error_log {dir}/error.log;
-pid {dir}/nginx.pid;
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
-    sendfile on;
-    server {{ listen 127.0.0.1:{port}; root {root}; autoindex on; }}
-}}
-"""
-
-
 def peer_step(work: Path, glance: LocalGlance, image_id: str, size: int, runs: int) -> dict:
     """A node reads the whole image through its mount from a peer that has it cached (both in a
     cluster with a secret, every request signed): the reader's CPU per GiB received from the peer
@@ -423,7 +410,7 @@ def boot_step(work: Path, glance: LocalGlance, runs: int) -> dict:
     root.mkdir()
     (root / "disk.raw").symlink_to(glance.dir / "images" / boot_id)
     port = free_port()
-    (work / "nginx.conf").write_text(NGINX_CONF.format(dir=work, port=port, root=root))
+    write_conf(work, f"    server {{ listen 127.0.0.1:{port}; root {root}; autoindex on; }}")
     nginx = subprocess.Popen([shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(work / "nginx.conf"),
                               "-p", str(work)], start_new_session=True)
     rows: dict[str, list[float]] = {k: [] for k in ("tfs_s", "httpdirfs_s", "ratio", "glance_per_read",

@@ -182,8 +182,8 @@ async def test_the_buffer_pool_is_bounded_and_refuses_a_buffer_handed_back_twice
 async def test_tls_bodies_arrive_the_same_and_an_unknown_certificate_is_refused(nursery, tmp_path):
     import ssl
 
-    from harness.tls_proxy import make_certificates
-    ca = make_certificates(tmp_path)
+    from harness.tls import make_ca_and_server
+    ca, _, _ = make_ca_and_server(tmp_path)
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_ctx.load_cert_chain(tmp_path / "server.pem", tmp_path / "server.key")
     server = Server(ok(), ok(), ok())
