@@ -321,12 +321,13 @@ class HalfThenGate:
     async def fetch(self, want, sink):
         first = want.chunks[0]
         await self.first_gate.wait()
-        sink.put(first, DATA[first * CS:(first + self.half) * CS])
+        sink.put(first, DATA[first * CS:(first + min(self.half, len(want.chunks))) * CS])
         await self.gate.wait()
         if self.error is not None:
             raise self.error
         rest = want.chunks[self.half:]
-        sink.put(rest[0], DATA[rest[0] * CS:(rest[-1] + 1) * CS])
+        if rest:
+            sink.put(rest[0], DATA[rest[0] * CS:(rest[-1] + 1) * CS])
         return []
 
 
@@ -358,3 +359,32 @@ async def test_a_reader_goes_on_once_its_chunks_arrived_not_when_the_whole_fligh
             assert done == {"early": True, "early2": True} and fetcher.in_flight(r.img, 10)
             gate.set()
     assert done["all"] == ("failed" if fails else True)
+
+
+async def test_a_chunk_dropped_after_it_arrived_is_fetched_again_not_failed(store):
+    """A chunk that arrived in a long flight and was dropped (found rotten, evicted) while the
+    flight goes on: its reader waits for the flight's end and fetches it anew, instead of finding
+    it "arrived" three times over and failing with EIO."""
+    first_gate, gate = trio.Event(), trio.Event()
+    src = HalfThenGate(4, first_gate, gate)
+    fetcher = fetcher_of(store, src)
+    done = {}
+    async with running(fetcher):
+        r = reader_of(store, fetcher)
+
+        async def read(name, chunk, n=1):
+            done[name] = await r.read(chunk * CS, n * CS) == DATA[chunk * CS:(chunk + n) * CS]
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read, "all", 0, 16)
+            await trio.testing.wait_all_tasks_blocked()
+            first_gate.set()
+            await trio.testing.wait_all_tasks_blocked()
+            store._release(r.img, 1)  # dropped right after it arrived; the flight goes on
+            nursery.start_soon(read, "again", 1)
+            await trio.testing.wait_all_tasks_blocked()
+            assert "again" not in done  # waiting for the flight, not failing
+            src.first_gate = trio.Event()
+            src.first_gate.set()
+            gate.set()
+    assert done == {"all": True, "again": True}

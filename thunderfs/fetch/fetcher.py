@@ -40,6 +40,13 @@ class _Run:
         self.nbytes = 0
         self.flight: Flight | None = None
 
+    def holds(self, chunks) -> bool:
+        """Every one of ``chunks`` arrived and is still there: cached, or kept.  One cached and
+        then dropped (found rotten, evicted) while the flight goes on is not: its reader waits
+        for the flight's end and asks again, when a new flight can fetch it."""
+        img, kept = self.img, self.kept
+        return all(c in kept or (c in self.filled and img.cached(c)) for c in chunks)
+
 
 def _first_leaf(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup):
@@ -155,7 +162,7 @@ class Fetcher:
                 # Until each flight has delivered this reader's chunks (the pieces of a long
                 # request are cached as they arrive), not until it has ended.
                 for f, want in zip(flights, mine):
-                    while not f.done and not f.state.filled.issuperset(want):
+                    while not f.done and not f.state.holds(want):
                         await f.wait_progress()
         finally:
             self._demand_waiting -= 1
@@ -166,7 +173,7 @@ class Fetcher:
         extra: dict[int, bytes] = {}
         for f, want in zip(flights, mine):
             run: _Run = f.state
-            if f.error is not None and not run.filled.issuperset(want):
+            if f.error is not None and not run.holds(want):
                 raise FetchFailed(meta.id, run.first, f.error)
             # Pieces the cache could not take are served from memory; the rest from the cache.
             extra.update(run.kept)
