@@ -89,42 +89,63 @@ def curl(url: str, out: str) -> float:
     return time.perf_counter() - t
 
 
-def client_floor(glance: LocalGlance, image_id: str, size: int, request: int, work: Path) -> dict:
-    """Seconds the daemon's Glance client takes to receive the image (nothing done with the
-    bytes): in one request (``whole``), in requests of ``request`` bytes (``sized``); and in
-    those requests with every piece staged into a ChunkStore and committed (``cached``)."""
+def client_read(glance: LocalGlance, image_id: str, size: int, request: int, concurrency: int = 1,
+                store=None) -> float:
+    """Seconds the daemon's Glance client (``GlanceSource.read_range``, the lean receive path)
+    takes to read the image in requests of ``request`` bytes, ``concurrency`` at a time; with
+    ``store``, every piece staged into it as the daemon does, and committed."""
     import trio
 
-    from thunderfs.cache.index import ChunkIndex
-    from thunderfs.cache.store import ChunkStore
     from thunderfs.config import MountConfig
     from thunderfs.fetch.glance import GlanceSource
     from thunderfs_common.glance import GlanceClient
 
     cs = MountConfig.__dataclass_fields__["chunk_size"].default  # the daemon's default chunk
 
-    async def run(request: int, store) -> float:
+    async def run() -> float:
         async with GlanceClient(glance.url) as origin:
-            client = GlanceSource(origin, chunk_size=cs, max_chunks=request // cs, fetch_timeout=20, concurrency=1)
+            src = GlanceSource(origin, chunk_size=cs, max_chunks=request // cs, fetch_timeout=30,
+                               concurrency=concurrency)
             img = store.image(b"floor", size) if store else None
 
             def on_piece(offset: int, view) -> None:
                 if store is not None and not store.stage(img, offset // cs, view):
                     raise RuntimeError("the floor's cache refused a piece")
 
+            todo = list(range(0, size, request))
+
+            async def worker() -> None:
+                while todo:
+                    a = todo.pop(0)
+                    await src.read_range(image_id, a, min(size, a + request), on_piece)
+
             t = time.perf_counter()
-            for a in range(0, size, request):
-                await client.read_range(image_id, a, min(size, a + request), on_piece)
+            async with trio.open_nursery() as nursery:
+                for _ in range(concurrency):
+                    nursery.start_soon(worker)
             if store is not None:
                 await store.commit()
-            await client.aclose()
-            return time.perf_counter() - t
+            elapsed = time.perf_counter() - t
+            await src.aclose()
+            return elapsed
 
-    out = {"whole": trio.run(run, size, None), "sized": trio.run(run, request, None)}
+    return trio.run(run)
+
+
+def client_floor(glance: LocalGlance, image_id: str, size: int, request: int, work: Path) -> dict:
+    """Seconds the daemon's Glance client takes to receive the image (nothing done with the
+    bytes): in one request (``whole``), in requests of ``request`` bytes (``sized``); and in
+    those requests with every piece staged into a ChunkStore and committed (``cached``)."""
+    from thunderfs.cache.index import ChunkIndex
+    from thunderfs.cache.store import ChunkStore
+    from thunderfs.config import MountConfig
+
+    cs = MountConfig.__dataclass_fields__["chunk_size"].default
+    out = {"whole": client_read(glance, image_id, size, size), "sized": client_read(glance, image_id, size, request)}
     root = work / "floor-cache"
     store = ChunkStore(root, ChunkIndex(root / "index"), cs, 2 * size)
     try:
-        out["cached"] = trio.run(run, request, store)
+        out["cached"] = client_read(glance, image_id, size, request, store=store)
     finally:
         store.close()
         shutil.rmtree(root, ignore_errors=True)
@@ -139,42 +160,15 @@ def glance_cpu(glance: LocalGlance) -> float:
 
 
 def request_sweep(glance: LocalGlance, image_id: str, size: int) -> dict:
-    """The daemon's Glance client alone (the lean receive path, no cache) reading the image in
-    requests of each size, one or four at a time: the rate, and Glance's own CPU per GiB (its
-    fixed cost per request is what larger requests save), so that the best size is measured."""
-    import trio
-
-    from thunderfs.config import MountConfig
-    from thunderfs.fetch.glance import GlanceSource
-    from thunderfs_common.glance import GlanceClient
-
-    cs = MountConfig.__dataclass_fields__["chunk_size"].default
+    """The daemon's Glance client alone (no cache) reading the image in requests of each size,
+    one or four at a time: the rate, and Glance's own CPU per GiB (its fixed cost per request is
+    what larger requests save), so that the best size is measured."""
     out = {}
-
-    def nothing(offset: int, view) -> None:
-        pass
-
-    async def run(request: int, concurrency: int) -> None:
-        async with GlanceClient(glance.url) as origin:
-            src = GlanceSource(origin, chunk_size=cs, max_chunks=request // cs, fetch_timeout=30,
-                               concurrency=concurrency)
-            todo = list(range(0, size, request))
-
-            async def worker() -> None:
-                while todo:
-                    a = todo.pop(0)
-                    await src.read_range(image_id, a, min(size, a + request), nothing)
-
-            async with trio.open_nursery() as nursery:
-                for _ in range(concurrency):
-                    nursery.start_soon(worker)
-            await src.aclose()
-
     for request in (4 * MiB, 16 * MiB, 64 * MiB):
         for concurrency in (1, 4):
-            g0, t = glance_cpu(glance), time.perf_counter()
-            trio.run(run, request, concurrency)
-            secs, gcpu = time.perf_counter() - t, glance_cpu(glance) - g0
+            g0 = glance_cpu(glance)
+            secs = client_read(glance, image_id, size, request, concurrency)
+            gcpu = glance_cpu(glance) - g0
             key = f"{request // MiB}MiB_x{concurrency}"
             out[key] = {"mibs": size / secs / MiB, "glance_cpu_s_per_gib": gcpu / (size / GiB)}
             print(f"  requests of {request // MiB:2d} MiB, {concurrency} at a time: {size / secs / MiB:5.0f} MiB/s, "

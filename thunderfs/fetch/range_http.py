@@ -45,9 +45,8 @@ class HTTPTimeout(HTTPFailed):
 class _Conn:
     """One connection: plain (``recv_into`` on the socket) or TLS (decrypted pieces copied)."""
 
-    def __init__(self, stream: trio.abc.Stream, key: tuple):
+    def __init__(self, stream: trio.abc.Stream):
         self.stream = stream
-        self.key = key
         self._sock = stream.socket if isinstance(stream, trio.SocketStream) else None
         self.spare = b""  # bytes received past the answer's head: the body's first
 
@@ -243,7 +242,7 @@ class HTTPClient:
             self._stats["failures"] += 1
             raise HTTPFailed(f"cannot connect to {host}:{port}: {_why(exc)}") from None
         self._stats["connections"] += 1
-        return _Conn(stream, key), False
+        return _Conn(stream), False
 
     async def _exchange(self, conn: _Conn, host: str, target: str, headers: dict[str, str],
                         timeout: float) -> Response:
