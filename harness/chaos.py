@@ -278,9 +278,11 @@ class ChaosRun:
             else:
                 self.report.errors_glance_up += 1
                 self.report.errors_by_kind[kind] += 1
-                self._event("error", node.name, f"{kind} after {t1 - t0:.1f}s")
+                self._event("error", node.name, f"{kind} after {t1 - t0:.1f}s, read from {t0 - self.started:.1f}s")
             if t1 - t0 > self.s.fetch_timeout + HANG_MARGIN:
                 self.report.hangs += 1
+                self._event("hang", node.name, f"{kind} after {t1 - t0:.1f}s, read from {t0 - self.started:.1f}s"
+                            + (" (Glance down)" if during_outage else ""))
 
     def _event(self, kind: str, target: str, detail: str = "") -> None:
         self.report.events.append((round(time.monotonic() - self.started, 1), kind, target, detail))

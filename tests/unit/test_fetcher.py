@@ -388,3 +388,28 @@ async def test_a_chunk_dropped_after_it_arrived_is_fetched_again_not_failed(stor
             src.first_gate.set()
             gate.set()
     assert done == {"all": True, "again": True}
+
+
+async def test_a_misses_extension_neither_holds_up_nor_bounds_its_reader(store, monkeypatch, autojump_clock):
+    """The chunks after a miss join its request, but the reader returns once its own chunks are
+    here, and gives up after the deadline of its own bytes, not of the extension's (the chaos run
+    once saw a 1 MiB read fail only after 29 s: its limit had counted the extension)."""
+    first_gate, never = trio.Event(), trio.Event()
+    first_gate.set()
+    src = HalfThenGate(8, first_gate, never)
+    fetcher = fetcher_of(store, src, bdp=lambda: 32 * CS, fetch_timeout=5)
+    async with running(fetcher):
+        r = reader_of(store, fetcher, readahead=2**20)
+        assert await r.read(0, 8 * CS) == DATA[:8 * CS]  # chunks 8..10 joined it and never come
+        assert trio.current_time() == 0 and fetcher.in_flight(r.img, 8)
+    # One second per chunk: the deadline of a read of 1 chunk is 6 s, of 1 + 3 it would be 9 s.
+    monkeypatch.setattr("thunderfs.fetch.fetcher.deadline_for", lambda timeout, nbytes: timeout + nbytes / CS)
+    fetcher = fetcher_of(store, MemorySource("origin", DATA, gate=trio.Event()), bdp=lambda: 32 * CS,
+                         fetch_timeout=5)
+    async with running(fetcher):
+        r = reader_of(store, fetcher, readahead=2**20)
+        r._credit = 3 * CS
+        started = trio.current_time()
+        with pytest.raises(FetchFailed, match="within 7s"):
+            await r.read(20 * CS, CS)
+        assert trio.current_time() - started == pytest.approx(7)

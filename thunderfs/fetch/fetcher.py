@@ -145,9 +145,12 @@ class Fetcher:
         for f in self.start(meta, img, chunks, priority):
             await f.wait_done()
 
-    async def ensure(self, meta: ImageMeta, img: ImageData, chunks: list[int]) -> dict[int, bytes]:
-        """Wait until ``chunks`` are cached; returns the bytes of any that could not be cached."""
-        flights = self.start(meta, img, chunks, DEMAND)
+    async def ensure(self, meta: ImageMeta, img: ImageData, chunks: list[int],
+                     along: list[int] = ()) -> dict[int, bytes]:
+        """Wait until ``chunks`` are cached; returns the bytes of any that could not be cached.
+        ``along``: chunks fetched in the same requests, which the reader neither waits for nor
+        is bounded by (a miss's extension: its reader must not wait longer for them)."""
+        flights = self.start(meta, img, list(chunks) + list(along), DEMAND)
         self._stats["demand_waits"] += 1
         # The reader's own bound, whatever the flights it waits on still try (a flight's sources
         # are tried in turn, each with its own deadline; it goes on for the cache after this).
@@ -157,6 +160,7 @@ class Fetcher:
         self._demand_waiting += 1
         need = set(chunks)
         mine = [need.intersection(range(f.state.first, f.state.first + f.state.count)) for f in flights]
+        flights, mine = [f for f, w in zip(flights, mine) if w], [w for w in mine if w]
         try:
             with trio.move_on_after(limit) as scope:
                 # Until each flight has delivered this reader's chunks (the pieces of a long

@@ -78,7 +78,7 @@ class Reader:
                 self._read_ahead(offset, size, last)
                 if missing:
                     waited = True
-                    extra = await self._fetcher.ensure(self.meta, img, missing + self._extension(missing, last))
+                    extra = await self._fetcher.ensure(self.meta, img, missing, self._extension(missing, last))
                 else:
                     extra = None
                 try:
