@@ -550,6 +550,11 @@ def parse_pieces(value: str) -> list[Piece]:
 TAKERS_HEADER = "X-Thunderfs-Takers"
 MAX_TAKERS = 8
 
+# On a 404 to a request that would wait: this node is not fetching some of those chunks either (its
+# fetch failed or ended, or it never was: a claim the tracker still names is stale).  The waiter
+# fetches them elsewhere at once instead of waiting for chunks that will not come.
+NOT_FETCHING_HEADER = "X-Thunderfs-Not-Fetching"
+
 
 def encode_takers(takers: list[tuple[str, int]]) -> str | None:
     """The header's value for (node id, bits relative to the asked first chunk); None if none."""

@@ -158,3 +158,44 @@ async def test_a_waiter_is_sent_to_a_relay_that_took_its_chunks_while_every_slot
         finally:
             nursery.cancel_scope.cancel()
     assert server.statistics()["redirects"] == 1
+
+
+async def test_a_wait_for_chunks_this_node_is_not_fetching_ends_at_once_with_a_404_that_says_so(store):
+    """A claim the tracker still names after its claimer's fetch failed (a Glance outage) is stale:
+    a waiter is told at once, and one already waiting is told when the fetch ends, not after its
+    wait (CI's chaos run: a read failed 21 s after Glance was back, on such a claim)."""
+    from thunderfs_tracker.protocol import NOT_FETCHING_HEADER
+
+    img = store.image(META.content_key, META.size)
+    server = PeerServer(store, secret=SECRET, max_uploads=1)
+    fetching = {4, 5}
+    server.fetching = lambda image, chunk: image is img and chunk in fetching
+    _, port = await server.listen("127.0.0.1", 0)
+    base = f"/v1/chunks/{META.content_key.hex()}"
+    answers: dict[str, tuple[int, dict, bytes]] = {}
+
+    async def asked(name: str, path: str) -> None:
+        answers[name] = await ask_full(port, path, sign(SECRET, "n1", "GET", path))
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        started = trio.current_time()
+        await asked("stale", f"{base}/2/1?wait=5000")
+        assert trio.current_time() - started < 1
+        status, headers, _ = answers["stale"]
+        assert status == 404 and headers[NOT_FETCHING_HEADER.lower()] == "1"
+        nursery.start_soon(asked, "fails", f"{base}/4/2?wait=5000")
+        while server.statistics()["waiting"] < 1:
+            await trio.sleep(0.01)
+        store.stage(img, 4, DATA[4 * CS:5 * CS])  # one arrives; the fetch of the other then fails
+        fetching.clear()
+        img.wake_waiters()
+        while "fails" not in answers:
+            await trio.sleep(0.01)
+        assert trio.current_time() - started < 2
+        status, headers, _ = answers["fails"]
+        assert status == 404 and NOT_FETCHING_HEADER.lower() in headers
+        await asked("plain", f"{base}/2/1")  # not a waiter: a plain 404
+        assert answers["plain"][0] == 404 and NOT_FETCHING_HEADER.lower() not in answers["plain"][1]
+        nursery.cancel_scope.cancel()
+    assert server.statistics()["not_fetching"] == 2

@@ -20,7 +20,7 @@ from thunderfs.fetch.slots import DEMAND, PREFETCH, READAHEAD
 from thunderfs.fetch.source import Urgency, Want
 from thunderfs_common.manifest_proof import ManifestProof
 from thunderfs_tracker.client import TrackerRefused, TrackerUnavailable
-from thunderfs_tracker.protocol import (PIECES_HEADER, TAKERS_HEADER, Manifest, PeerRecord, Piece, Revocation, WatchEvent, encode_pieces,
+from thunderfs_tracker.protocol import (NOT_FETCHING_HEADER, PIECES_HEADER, TAKERS_HEADER, Manifest, PeerRecord, Piece, Revocation, WatchEvent, encode_pieces,
                                        parse_pieces)
 
 DATA = pattern(32 * CS)
@@ -135,6 +135,8 @@ class Peers:
             await trio.sleep_forever()
         if how == "busy":
             return httpx.Response(503)
+        if how == "not fetching":  # neither holds them nor fetches them: the claim is stale
+            return httpx.Response(404, headers={NOT_FETCHING_HEADER: "1"})
         if how.startswith("busy, took:"):  # busy, and names the nodes that took them (all of them)
             names = how.removeprefix("busy, took:").split("+")
             return httpx.Response(503, headers={TAKERS_HEADER: ",".join(f"{n}:{(1 << count) - 1:x}" for n in names)})
@@ -244,6 +246,17 @@ async def test_chunks_of_a_claimer_that_fails_are_returned_for_glance(store):
     src, sink = source_of(tracker, Peers(claimer="dead")), Sink()
     assert await src.fetch(want(store, range(4)), sink) == [0, 1, 2, 3]
     assert sink.got == {} and src.statistics()["claimed_chunks_late"] == 4
+
+
+async def test_chunks_of_a_stale_claim_go_to_glance_at_once_not_after_the_wait(store, autojump_clock):
+    """The tracker names a claimer whose fetch failed (its claim outlives it): the claimer says
+    it is not fetching them, and the chunks go back for Glance at once."""
+    claimer = peer("claimer", [])
+    tracker = FakeTracker(manifest_of(), holders=[], granted=set(), claimed=[(claimer, [0, 1, 2, 3], False)])
+    src, sink = source_of(tracker, Peers(claimer="not fetching")), Sink()
+    assert await src.fetch(want(store, range(4)), sink) == [0, 1, 2, 3]
+    assert trio.current_time() < 1 and sink.got == {}
+    assert src.statistics()["stale_claims"] >= 1
 
 
 async def test_with_the_tracker_down_everything_goes_to_glance(store):

@@ -146,12 +146,13 @@ class ImageData:
         self._arrival: trio.Event | None = None  # set when chunks become servable, if anyone waits
 
     async def wait_arrival(self) -> None:
-        """Until some chunks of this image become servable (``ChunkStore.stage``)."""
+        """Until some chunks of this image become servable (``ChunkStore.stage``), or a fetch
+        of some ended (``wake_waiters``): a waiter then looks again at what it waits for."""
         if self._arrival is None:
             self._arrival = trio.Event()
         await self._arrival.wait()
 
-    def _arrived(self) -> None:
+    def wake_waiters(self) -> None:
         if self._arrival is not None:
             self._arrival.set()
             self._arrival = None
@@ -498,7 +499,7 @@ class ChunkStore:
         self._used += n
         self._stats["chunks_staged"] += -(-n // cs)
         self._wake.set()
-        img._arrived()
+        img.wake_waiters()
         return True
 
     def _write(self, img: ImageData, data, offset: int) -> int:

@@ -11,7 +11,9 @@
                           ``X-Thunderfs-Takers``, nodes that took some of those chunks from here
                           (relays); a request that waited for chunks a relay took whole, while
                           every upload slot is busy, is sent there (503 with the relays) rather
-                          than queued: the crowd's copies spread from the relays, not all from here
+                          than queued: the crowd's copies spread from the relays, not all from here;
+                          a wait for chunks this node is not fetching (any more) ends at once, 404
+                          with ``X-Thunderfs-Not-Fetching``: the claim the waiter waits on is stale
     GET /healthz
 
 Only members' signed requests are answered (401 otherwise).  Uploads are capped in number (503
@@ -30,11 +32,11 @@ from collections.abc import Callable
 import h11
 import trio
 
-from thunderfs.cache.store import ChunkStore
+from thunderfs.cache.store import ChunkStore, ImageData
 from thunderfs.errors import ChunkCorrupt, ChunkNotCached
 from thunderfs.ratelimit import TokenBucket
 from thunderfs_common.signing import NonceCacheFull, Verifier
-from thunderfs_tracker.protocol import PIECES_HEADER, TAKERS_HEADER, encode_takers
+from thunderfs_tracker.protocol import NOT_FETCHING_HEADER, PIECES_HEADER, TAKERS_HEADER, encode_takers
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +58,14 @@ class PeerServer:
         self._waiting = 0
         self._stats = dict.fromkeys(("requests", "served_chunks", "served_bytes", "not_held", "busy",
                                      "refused", "bad_requests", "waits", "waits_served", "slot_waits",
-                                     "redirects"), 0)
+                                     "redirects", "not_fetching"), 0)
         self._slot_freed = trio.lowlevel.ParkingLot()
         self._takers: dict[bytes, dict[str, int]] = {}  # content -> node -> chunks it took from here
         # Wired by the daemon: (content, first, count) -> the header that carries the tracker's
         # pieces of those chunks, while the image has only those (None: none to send).
         self.pieces: Callable[[bytes, int, int], str | None] = lambda content, first, count: None
+        # Wired by the daemon: whether this node is fetching a chunk of an image now.
+        self.fetching: Callable[[ImageData, int], bool] = lambda img, chunk: True
 
     @property
     def uploads(self) -> int:
@@ -189,7 +193,11 @@ class PeerServer:
             self._waiting += 1
             try:
                 with trio.move_on_at(give_up):
-                    while img.missing(first, last):
+                    while missing := img.missing(first, last):
+                        if not all(self.fetching(img, c) for c in missing):
+                            self._stats["not_fetching"] += 1
+                            extra.append((NOT_FETCHING_HEADER, "1"))
+                            return 404, b"not held, and not being fetched here\n", False
                         await img.wait_arrival()
                     # The crowd that waited for these chunks wants them at once: a waiter queues
                     # for an upload slot (the slots turn over in milliseconds) rather than be

@@ -66,7 +66,7 @@ class ClaimTaker:
         self._piece = max(1, min(max_request_chunks, self.PIECE // chunk_size))
         self._asking: dict[str, int] = {}  # pieces outstanding per peer
         self._stats = dict.fromkeys(("claims", "claim_failures", "claim_retries", "claim_waits", "claim_pushes",
-                                     "claims_skipped", "relays_named", "late_rescued"), 0)
+                                     "claims_skipped", "relays_named", "late_rescued", "stale_claims"), 0)
 
     async def claim(self, meta: ImageMeta, img: ImageData, chunks: list[int],
                     *, tries: int = 1) -> tuple[list[int], list[tuple[PeerRecord, list[int], bool]]]:
@@ -178,9 +178,13 @@ class ClaimTaker:
                 if reply.answer is Answer.OK:
                     put(rfirst, reply.data)
                     pending.difference_update(piece)
-                elif reply.answer in (Answer.FAILED, Answer.LIED) and peer.node_id == claimer.node_id:
+                elif (reply.answer in (Answer.FAILED, Answer.LIED, Answer.NOT_FETCHING)
+                      and peer.node_id == claimer.node_id):
+                    # NOT_FETCHING: the claim is stale (its fetch failed, as in a Glance outage,
+                    # or ended): the chunks are not coming from there.
+                    self._stats["stale_claims"] += reply.answer is Answer.NOT_FETCHING
                     claimer_failed = True
-                elif reply.answer in (Answer.BUSY, Answer.SLOW, Answer.NOT_HELD):
+                elif reply.answer in (Answer.BUSY, Answer.SLOW, Answer.NOT_HELD, Answer.NOT_FETCHING):
                     resting[peer.node_id] = trio.current_time() + self.poll
 
         with trio.move_on_after(wait):

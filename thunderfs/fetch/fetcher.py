@@ -198,6 +198,11 @@ class Fetcher:
                 log.error("fetching chunks %d..%d of %s failed", run.first, run.first + run.count - 1,
                           run.meta.id, exc_info=exc)
             raise _first_leaf(exc) from None
+        finally:
+            # Peers waiting here for these chunks look again: they do not wait for what this
+            # node no longer fetches (they see it once the flight is gone, which is before
+            # they run again).
+            run.img.wake_waiters()
         self._stats["flights"] += 1
         self._stats["chunks_fetched"] += run.count
         self._stats["bytes_fetched"] += run.nbytes

@@ -22,8 +22,8 @@ from thunderfs.fetch.buffers import aligned
 from thunderfs.fetch.lazy_manifest import LazyManifest
 from thunderfs.fetch.range_http import HTTPClient, HTTPFailed, HTTPTimeout
 from thunderfs_common.signing import sign
-from thunderfs_tracker.protocol import (PIECES_HEADER, TAKERS_HEADER, Manifest, PeerRecord, ProtocolError,
-                                       parse_pieces, parse_takers)
+from thunderfs_tracker.protocol import (NOT_FETCHING_HEADER, PIECES_HEADER, TAKERS_HEADER, Manifest, PeerRecord,
+                                       ProtocolError, parse_pieces, parse_takers)
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 class Answer(enum.Enum):
     OK = "ok"
     NOT_HELD = "not_held"
+    NOT_FETCHING = "not_fetching"  # asked to wait: it neither holds them nor fetches them
     BUSY = "busy"
     SLOW = "slow"
     FAILED = "failed"
@@ -100,6 +101,7 @@ class PeerClient:
                         self._note_rtt(peer.node_id, trio.current_time() - started)
                     status = resp.status
                     pieces_header = resp.header(PIECES_HEADER)
+                    not_fetching = resp.header(NOT_FETCHING_HEADER) is not None
                     takers = self._takers(resp.header(TAKERS_HEADER), first, count)
                     if status == 200 and resp.length != expected:
                         return self._lied(peer, img, first, f"promised {resp.length} bytes for {expected}")
@@ -124,7 +126,7 @@ class PeerClient:
             return Reply(Answer.FAILED)
         if status != 200:
             if status == 404:
-                return Reply(Answer.NOT_HELD, takers=takers)
+                return Reply(Answer.NOT_FETCHING if not_fetching and wait else Answer.NOT_HELD, takers=takers)
             self._stats["busy" if status == 503 else "failures"] += 1
             return Reply(Answer.BUSY if status == 503 else Answer.FAILED, takers=takers)
         if isinstance(manifest, LazyManifest) and manifest.unknown(first, count):
