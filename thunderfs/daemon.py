@@ -282,8 +282,8 @@ async def run(config: MountConfig, keystone: KeystoneSettings | None = None,
         fetcher = Fetcher(store, [peers, seed, glance] if peers else [glance], fetch_timeout=config.fetch_timeout,
                           max_request=config.max_request, observe=metrics.observe if metrics else None,
                           bdp=glance.cost.bdp)
-        if peer_server is not None:  # a peer waits here only for chunks this node is fetching
-            peer_server.fetching = fetcher.in_flight
+        if peer_server is not None:  # a peer waits here only for chunks this node fetches or will
+            peer_server.fetching = lambda img, chunk: fetcher.in_flight(img, chunk) or peers.will_fetch(img, chunk)
         profiles = Profiles(fetcher, tracker, chunk_size=config.chunk_size,
                             record_window=config.record_window, record_idle=config.record_idle,
                             prefetch_flights=config.prefetch_flights, prefetch_idle=config.prefetch_idle,

@@ -502,8 +502,11 @@ async def test_a_prefetch_batch_is_claimed_once_and_its_flights_follow_the_plan(
     await src.directory.manifest(META)
     await src.plan(META, img, list(range(8)))
     assert tracker.calls["claim"] == 1
+    # Its peer server keeps others' waiters for what this node claimed, before a flight starts.
+    assert [src.will_fetch(img, c) for c in (0, 3, 4)] == [True, True, False]
     mine, theirs = Sink(), Sink()
     assert await src.fetch(want(store, range(4), PREFETCH), mine) == []
+    assert not src.will_fetch(img, 0)  # the plan's entry used up: its flight says so now
     assert mine.passed == [0, 1, 2, 3]  # granted by the plan: to Glance, no claim of their own
     tracker.holders = [claimer]
     assert await src.fetch(want(store, range(4, 8), PREFETCH), theirs) == []
@@ -513,6 +516,7 @@ async def test_a_prefetch_batch_is_claimed_once_and_its_flights_follow_the_plan(
     # A plan is used up by its flights, and does not outlive PLAN_TTL: later flights claim anew.
     await src.plan(META, img, [8, 9])
     await trio.sleep(peers.PLAN_TTL + 1)
+    assert not src.will_fetch(img, 8)
     tracker.holders = []
     await src.fetch(want(store, [8, 9], PREFETCH), Sink())
     assert tracker.calls["claim"] == 3

@@ -74,6 +74,7 @@ class PeerSource:
         # content -> chunk -> (who fetches it: None for this node, and whether it holds it already),
         # and until when that stands: the outcome of a prefetch batch's one claim.
         self._plans: dict[bytes, dict[int, tuple[PeerRecord | None, bool, float]]] = {}
+        self._claiming: dict[bytes, set[int]] = {}  # content -> chunks a plan's claim asks for now
         self._stats = dict.fromkeys(("no_manifest", "granted_chunks", "claimed_chunks_late", "claims_deferred",
                                      "planned_chunks", "plans", "unchecked_dropped"), 0)
 
@@ -119,7 +120,14 @@ class PeerSource:
         chunks = [c for c in chunks if c not in plan and not img.cached(c)]
         if not chunks or self.directory.manifest_nowait(meta) is None or self.directory.tracker_breaker.is_open:
             return
-        granted, others = await self.claims.claim(meta, img, chunks, tries=CLAIM_TRIES_BACKGROUND)
+        claiming = self._claiming.setdefault(img.content, set())
+        claiming.update(chunks)  # what the tracker may already name this node for, to others
+        try:
+            granted, others = await self.claims.claim(meta, img, chunks, tries=CLAIM_TRIES_BACKGROUND)
+        finally:
+            claiming.difference_update(chunks)
+            if not claiming:
+                self._claiming.pop(img.content, None)
         if self.directory.tracker_breaker.is_open:
             return  # the claim failed: nothing was granted, whatever it returned
         until = trio.current_time() + PLAN_TTL
@@ -134,6 +142,14 @@ class PeerSource:
         self._stats["plans"] += 1
         self._stats["planned_chunks"] += len(chunks)
         self._stats["granted_chunks"] += len(granted)
+
+    def will_fetch(self, img: ImageData, chunk: int) -> bool:
+        """Whether this node has claimed ``chunk`` for a flight that has not started yet (a
+        prefetch batch's plan), or is claiming it now: the peer server keeps waiters for it."""
+        if chunk in self._claiming.get(img.content, ()):
+            return True
+        peer, _, until = self._plans.get(img.content, {}).get(chunk, (True, False, 0.0))
+        return peer is None and until > trio.current_time()
 
     def _planned(self, img: ImageData, chunks: list[int]) -> tuple[list[int], dict[str, tuple[PeerRecord, list[int], bool]], list[int]]:
         """(planned for this node, planned for other nodes by node id, not planned) of ``chunks``;
