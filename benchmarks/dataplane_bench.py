@@ -15,18 +15,21 @@
          no profile and no peer  vs  httpdirfs (C, FUSE, 8 MiB segments, disk cache; Debian's)
          over nginx serving Glance's own copy of the same bytes; and what Glance sent per byte
          read (target <= 1.5).
+  memory 64 readers at once, each its own part of a cold image (64 FUSE requests in flight):
+         the daemon's peak resident memory, from Glance and from a peer (reader and holder).
 
 CPU per GiB is the serving process's user+system time over the step, per GiB it served.  Each
 step runs ``--runs`` times, interleaved with its baseline; every ratio is the median of the
 per-run ratios, given with its range.
 
-Usage: .venv/bin/python benchmarks/dataplane_bench.py [--size-mib 512] [--runs 3] [--only cold,warm,boot]
+Usage: .venv/bin/python benchmarks/dataplane_bench.py [--size-mib 512] [--runs 3] [--only cold,peer,warm,boot,memory]
                           [--passthrough] [--json benchmarks/results/dataplane.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -46,7 +49,7 @@ from harness.local_glance import LocalGlance, free_port  # noqa: E402
 from harness.mounts import Mount, thunderfs  # noqa: E402
 from harness.nginx import write_conf  # noqa: E402
 from harness.pagecache import drop_page_cache  # noqa: E402
-from read_bench import make_image, seq_read  # noqa: E402  (this directory)
+from read_bench import make_image, peak_rss, seq_read  # noqa: E402  (this directory)
 
 MiB, GiB = 2**20, 2**30
 JOBS = REPO / "benchmarks" / "fio"
@@ -278,17 +281,16 @@ def warm_step(work: Path, glance: LocalGlance, image_id: str, native: Path, size
     return out
 
 
-def peer_step(work: Path, glance: LocalGlance, image_id: str, size: int, runs: int) -> dict:
-    """A node reads the whole image through its mount from a peer that has it cached (both in a
-    cluster with a secret, every request signed): the reader's CPU per GiB received from the peer
-    (sha256 of every chunk included), the holder's per GiB served, and the rate."""
+@contextlib.contextmanager
+def _cluster(work: Path, glance: LocalGlance, image_id: str, size: int):
+    """A tracker and a holder that has the whole image cached (read cold from Glance) and told
+    the tracker so, in a cluster with a secret (every request signed); yields ``node(name)``,
+    which mounts another member, and the holder."""
     from harness.tracker import LocalTracker
     secret = work / "peer-secret"
     secret.write_bytes(b"dataplane-bench-secret-0123456789")
     secret.chmod(0o600)
     tracker = LocalTracker(work / "peer-tracker", "--glance", glance.url, secret=secret.read_bytes())
-    rows: dict[str, list[float]] = {k: [] for k in ("mibs", "cpu_s_per_gib_received", "cpu_s_per_gib_served",
-                                                    "peer_share")}
     mounts: list[Mount] = []
 
     def node(name: str) -> Mount:
@@ -308,6 +310,20 @@ def peer_step(work: Path, glance: LocalGlance, image_id: str, size: int, runs: i
             if time.monotonic() > deadline:
                 raise RuntimeError("the holder never told the tracker what it holds")
             time.sleep(0.2)
+        yield node, holder
+    finally:
+        for m in mounts:
+            m.cleanup()
+        tracker.stop()
+
+
+def peer_step(work: Path, glance: LocalGlance, image_id: str, size: int, runs: int) -> dict:
+    """A node reads the whole image through its mount from a peer that has it cached (both in a
+    cluster with a secret, every request signed): the reader's CPU per GiB received from the peer
+    (sha256 of every chunk included), the holder's per GiB served, and the rate."""
+    rows: dict[str, list[float]] = {k: [] for k in ("mibs", "cpu_s_per_gib_received", "cpu_s_per_gib_served",
+                                                    "peer_share")}
+    with _cluster(work, glance, image_id, size) as (node, holder):
         for i in range(runs):
             reader = node(f"reader{i}")
             img = reader.image(image_id)
@@ -329,15 +345,92 @@ def peer_step(work: Path, glance: LocalGlance, image_id: str, size: int, runs: i
                   f"of the bytes from the peer; reader {rows['cpu_s_per_gib_received'][-1]:.2f} CPU s per GiB "
                   f"received, holder {rows['cpu_s_per_gib_served'][-1]:.2f} per GiB served", flush=True)
             reader.cleanup()
-            mounts.remove(reader)
             shutil.rmtree(work / f"cache-reader{i}", ignore_errors=True)
-    finally:
-        for m in mounts:
-            m.cleanup()
-        tracker.stop()
     out = {k: spread(v) for k, v in rows.items()}
     print(f"peer: reader {fmt(out['cpu_s_per_gib_received'])} CPU s per GiB received (target <= 0.8), holder "
           f"{fmt(out['cpu_s_per_gib_served'])} per GiB served (target <= 0.4); {fmt(out['mibs'], 0)} MiB/s")
+    return out
+
+
+READERS = 64  # concurrent readers of the memory step
+
+
+def _peak_rss_reset(pid: int) -> int:
+    """The process's resident memory now; its peak (VmHWM) is reset to it."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    return peak_rss(pid)
+
+
+def _concurrent_read(path: Path, size: int, readers: int = READERS) -> float:
+    """``readers`` threads each read their own part of the image at once, 1 MiB O_DIRECT reads
+    (each one FUSE request): as many requests in flight as readers.  Seconds."""
+    import mmap
+    import threading
+
+    part = size // readers // MiB * MiB
+    errors: list[BaseException] = []
+
+    def read(k: int) -> None:
+        buf = mmap.mmap(-1, MiB)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        try:
+            for off in range(k * part, (k + 1) * part, MiB):
+                if os.preadv(fd, [buf], off) != MiB:
+                    raise RuntimeError(f"short read at {off}")
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            os.close(fd)
+            buf.close()
+
+    threads = [threading.Thread(target=read, args=(k,)) for k in range(readers)]
+    t = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    if errors:
+        raise errors[0]
+    return time.perf_counter() - t
+
+
+def memory_step(work: Path, glance: LocalGlance, image_id: str, size: int) -> dict:
+    """Peak resident memory of the daemons while 64 readers read a cold image at once (64 FUSE
+    requests in flight): from Glance (its ranges land in the receive pool, origin_concurrency
+    x 1 MiB), and from a peer (the reader, and the holder serving it).  The rise of each peak
+    over the process's resident memory just before."""
+    from thunderfs.config import MountConfig
+
+    out: dict = {"readers": READERS, "glance_pool_mib": MountConfig.__dataclass_fields__["origin_concurrency"].default}
+    m = Mount(work / "mnt-memory", glance.url, work / "cache-memory", "--cache-size", f"{2 * size // MiB}M")
+    try:
+        m.mount()
+        img = m.image(image_id)
+        img.stat()
+        before = _peak_rss_reset(m.pid)
+        secs = _concurrent_read(img, size)
+        out["glance"] = {"rss_mib": before / MiB, "peak_mib": peak_rss(m.pid) / MiB,
+                         "rise_mib": (peak_rss(m.pid) - before) / MiB, "mibs": size / secs / MiB}
+    finally:
+        m.cleanup()
+        shutil.rmtree(work / "cache-memory", ignore_errors=True)
+    with _cluster(work, glance, image_id, size) as (node, holder):
+        reader = node("reader-memory")
+        img = reader.image(image_id)
+        img.stat()
+        before_r, before_h = _peak_rss_reset(reader.pid), _peak_rss_reset(holder.pid)
+        secs = _concurrent_read(img, size)
+        fetch = reader.stats()["fetch"]
+        out["peer"] = {"reader_rss_mib": before_r / MiB, "reader_peak_mib": peak_rss(reader.pid) / MiB,
+                       "reader_rise_mib": (peak_rss(reader.pid) - before_r) / MiB,
+                       "holder_rss_mib": before_h / MiB, "holder_peak_mib": peak_rss(holder.pid) / MiB,
+                       "holder_rise_mib": (peak_rss(holder.pid) - before_h) / MiB, "mibs": size / secs / MiB,
+                       "peer_share": fetch.get("bytes_from_peers", 0) / size}
+    g, p = out["glance"], out["peer"]
+    print(f"memory, {READERS} readers at once: from Glance the daemon's peak RSS {g['peak_mib']:.0f} MiB "
+          f"(+{g['rise_mib']:.0f} over {g['rss_mib']:.0f}; receive pool {out['glance_pool_mib']} MiB); from a peer "
+          f"({100 * p['peer_share']:.0f} % of the bytes) the reader's {p['reader_peak_mib']:.0f} MiB "
+          f"(+{p['reader_rise_mib']:.0f}), the holder's {p['holder_peak_mib']:.0f} MiB (+{p['holder_rise_mib']:.0f})")
     return out
 
 
@@ -467,7 +560,7 @@ def main() -> int:
     ap.add_argument("--size-mib", type=int, default=512)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--runtime", type=int, default=5, help="seconds of each time-based fio job")
-    ap.add_argument("--only", default="cold,peer,warm,boot")
+    ap.add_argument("--only", default="cold,peer,warm,boot,memory")
     ap.add_argument("--passthrough", action="store_true", help="also a warm mount with --passthrough")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -497,6 +590,8 @@ def main() -> int:
                 results["warm"] = warm_step(work, glance, image_id, native, size, args.runs, args.runtime, variants)
             if "boot" in only:
                 results["boot"] = boot_step(work, glance, args.runs)
+            if "memory" in only:
+                results["memory"] = memory_step(work, glance, image_id, size)
         finally:
             glance.stop()
     if args.json:

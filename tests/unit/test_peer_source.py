@@ -393,6 +393,51 @@ class ArrivingAtClaimer(Peers):
         return await super().__call__(request)
 
 
+class TakingASecond(Peers):
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        await trio.sleep(1)
+        return await super().__call__(request)
+
+
+async def test_takes_held_back_by_the_per_peer_cap_go_on_as_soon_as_an_ask_ends(store, autojump_clock, monkeypatch):
+    """Many flights take from one holder, this node asking it at most PER_PEER pieces at once:
+    a take held back goes on when any ask ends, not a poll later (64 readers of one holder once
+    starved behind two asks until their reads failed)."""
+    from thunderfs.fetch.claims import ClaimTaker
+
+    monkeypatch.setattr(ClaimTaker, "PER_PEER", 1)
+    holder = peer("holder", range(8))
+    tracker = FakeTracker(manifest_of(), holders=[], granted=set(), claimed=[(holder, list(range(8)), True)])
+    src = source_of(tracker, TakingASecond(), claim_poll=30)
+    assert await src.directory.manifest(META) is not None
+    sinks, done = [Sink(), Sink()], []
+
+    async def fetch(k):
+        assert await src.fetch(want(store, range(4 * k, 4 * k + 4)), sinks[k]) == []
+        done.append(trio.current_time())
+
+    started = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        for k in (0, 1):
+            nursery.start_soon(fetch, k)
+    assert right(sinks[0], range(4)) and right(sinks[1], range(4, 8))
+    assert max(done) - started == pytest.approx(2)  # one ask after the other, not a poll (30 s) apart
+
+
+@pytest.mark.parametrize("priority", [DEMAND, PREFETCH])
+async def test_a_readers_flight_leaves_glance_half_the_fetch_timeout(store, autojump_clock, priority):
+    """A claimer that never delivers: a reader's flight gives its chunks back for Glance after
+    half the fetch timeout, so that Glance can still serve the reader before its deadline;
+    prefetch waits the whole of it."""
+    claimer = peer("claimer", [])
+    tracker = FakeTracker(manifest_of(), holders=[], granted=set(), claimed=[(claimer, [0, 1, 2, 3], False)])
+    src = source_of(tracker, Peers(claimer="busy"), fetch_timeout=20)
+    assert await src.directory.manifest(META) is not None
+    started = trio.current_time()
+    assert await src.fetch(want(store, range(4), priority), Sink()) == [0, 1, 2, 3]
+    assert trio.current_time() - started == pytest.approx(10 if priority == DEMAND else 20, abs=0.5)
+
+
 async def test_a_reader_cut_short_by_a_slow_claimer_gets_its_chunks_from_a_slow_holder_before_glance(store, autojump_clock):
     """On a loaded host every peer is slow now and then: a reader whose claimer is slow waits for
     it only SLOW_HOLDER_PATIENCE timeouts, then asks a holder slow a moment ago once, before

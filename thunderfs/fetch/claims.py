@@ -65,6 +65,7 @@ class ClaimTaker:
         self.poll = poll
         self._piece = max(1, min(max_request_chunks, self.PIECE // chunk_size))
         self._asking: dict[str, int] = {}  # pieces outstanding per peer
+        self._ask_ended = trio.Event()  # set (and replaced) whenever one of them ends
         self._stats = dict.fromkeys(("claims", "claim_failures", "claim_retries", "claim_waits", "claim_pushes",
                                      "claims_skipped", "relays_named", "late_rescued", "stale_claims"), 0)
 
@@ -127,7 +128,6 @@ class ClaimTaker:
         claimer_failed = False
 
         give_up = trio.current_time() + wait
-        changed = [trio.Event()]  # set whenever an ask of this take ends
 
         async def worker() -> None:
             nonlocal claimer_failed
@@ -140,6 +140,10 @@ class ClaimTaker:
                 known = {peer.node_id for peer, _ in holders}
                 holders = [(peer, bits | hinted[peer.node_id][1] if peer.node_id in hinted else bits)
                            for peer, bits in holders] + [h for node, h in hinted.items() if node not in known]
+                # Any ask of this node's that ends may free a peer this take may ask (PER_PEER
+                # counts them all): before, a take held back by other takes' asks slept until a
+                # poll, and 64 readers of one holder starved behind two asks (reads failed).
+                ended = self._ask_ended
                 choice = self._pick(holders, pending - taking, claimer, resting)
                 push = 0.0
                 if choice is None:  # nobody has them yet: the claimer answers when it has
@@ -153,7 +157,7 @@ class ClaimTaker:
                         # images: 2.39 x one node alone against 2.07).
                         now = trio.current_time()
                         rest = min((t - now for t in resting.values() if t > now), default=None)
-                        await self._directory.wait_holders(img, changed[0], age, rest)
+                        await self._directory.wait_holders(img, ended, age, rest)
                         continue
                     self._stats["claim_pushes"] += 1
                 peer, rfirst, rcount = choice
@@ -168,8 +172,8 @@ class ClaimTaker:
                     taking.difference_update(piece)
                     if (left := self._asking.pop(peer.node_id) - 1) > 0:
                         self._asking[peer.node_id] = left
-                    changed[0].set()
-                    changed[0] = trio.Event()
+                    self._ask_ended.set()
+                    self._ask_ended = trio.Event()
                 for node, bits in reply.takers:
                     rec, had = hinted.get(node) or (self._directory.member(img, node), 0)
                     if rec is not None:

@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 
 # The longest a flight waits for chunks another node claimed before fetching them from Glance itself.
 CLAIM_WAIT_MAX = 60.0
+# The share of the fetch timeout a reader's own flight waits for them: the rest is Glance's, so
+# that a reader gets its bytes, from Glance if need be, before its own deadline (a wait of the
+# whole timeout failed reads while Glance was up: 64 readers of one holder, issue 28).
+CLAIM_WAIT_DEMAND = 0.5
 # How often readahead and prefetch ask a slow tracker for a claim before fetching from Glance
 # unclaimed (a reader waiting asks once: it had better have its bytes).
 CLAIM_TRIES_BACKGROUND = 3
@@ -205,6 +209,8 @@ class PeerSource:
             # Glance all together, and Glance, slower, makes more of them give up (issue 27: with
             # half of this, such a flood began 10 s into the paced storm; Glance sent 26 x).
             wait = min(CLAIM_WAIT_MAX, deadline_for(self._fetch_timeout, len(chunks) * cs))
+            if want.priority == DEMAND:
+                wait = min(wait, CLAIM_WAIT_DEMAND * self._fetch_timeout)
             left = await self.claims.take(meta, img, peer, chunks, wait, sink.put, held=held,
                                           urgent=want.priority == DEMAND)
             late.extend(left)
