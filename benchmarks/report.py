@@ -385,15 +385,33 @@ MEMORY = (".venv/bin/python benchmarks/read_bench.py --only memory --size-mib 64
           "--json benchmarks/results/memory.json")
 
 
+CONCURRENT_MEMORY = (".venv/bin/python benchmarks/dataplane_bench.py --only memory --size-mib 1024 "
+                     "--json benchmarks/results/dataplane-memory.json")
+
+
 def memory(results: Path) -> list[Row]:
     what = "daemon peak RSS (VmHWM), 20 GiB cached from 10 open 2 GiB images"
     r = load("memory.json", results)
     if r is None:
-        return [Row(19, what, target="<= 200 MB", command=MEMORY)]
+        rows = [Row(19, what, target="<= 200 MB", command=MEMORY)]
+    else:
+        m = r["memory"]
+        rss = m["peak_rss_bytes"]
+        rows = [Row(19, what, f"{rss / MiB:.0f} MiB", f"{m['cached_bytes'] / 2**30:.1f} GiB cached in {m['read_s']:.0f} s",
+                    "", "<= 200 MB", verdict(rss <= 200e6), "1", source(r), MEMORY)]
+    # Issue 28: memory under 64 requests at once; no number was set, the rise is reported against
+    # what bounds it (the receive pool, and one 1 MiB answer per request in flight).
+    what = "daemon peak RSS, 64 readers at once of a cold 1 GiB image: rise over its RSS before"
+    r = load("dataplane-memory.json", results)
+    if r is None:
+        return rows + [Row(28, what, command=CONCURRENT_MEMORY)]
     m = r["memory"]
-    rss = m["peak_rss_bytes"]
-    return [Row(19, what, f"{rss / MiB:.0f} MiB", f"{m['cached_bytes'] / 2**30:.1f} GiB cached in {m['read_s']:.0f} s",
-                "", "<= 200 MB", verdict(rss <= 200e6), "1", source(r), MEMORY)]
+    g, p = m["glance"], m["peer"]
+    rows.append(Row(28, what, f"from Glance +{g['rise_mib']:.0f} MiB; from a peer: reader +{p['reader_rise_mib']:.0f}, "
+                    f"holder +{p['holder_rise_mib']:.0f} MiB",
+                    f"receive pool {m['glance_pool_mib']} MiB + {m['readers']} answers of 1 MiB in flight",
+                    "", "bounded", "reported", "1", source(r), CONCURRENT_MEMORY))
+    return rows
 
 
 def headlines(results: Path = RESULTS) -> list[Row]:
