@@ -65,7 +65,8 @@ class ClaimTaker:
         self.poll = poll
         self._piece = max(1, min(max_request_chunks, self.PIECE // chunk_size))
         self._asking: dict[str, int] = {}  # pieces outstanding per peer
-        self._ask_ended = trio.Event()  # set (and replaced) whenever one of them ends
+        # Peer -> the events of takes held back by PER_PEER there: set when an ask of it ends.
+        self._capped: dict[str, dict[trio.Event, None]] = {}  # (in the order they began to wait)
         self._stats = dict.fromkeys(("claims", "claim_failures", "claim_retries", "claim_waits", "claim_pushes",
                                      "claims_skipped", "relays_named", "late_rescued", "stale_claims"), 0)
 
@@ -128,6 +129,7 @@ class ClaimTaker:
         claimer_failed = False
 
         give_up = trio.current_time() + wait
+        changed = [trio.Event()]  # set whenever an ask of this take ends, or frees a capped peer
 
         async def worker() -> None:
             nonlocal claimer_failed
@@ -140,14 +142,11 @@ class ClaimTaker:
                 known = {peer.node_id for peer, _ in holders}
                 holders = [(peer, bits | hinted[peer.node_id][1] if peer.node_id in hinted else bits)
                            for peer, bits in holders] + [h for node, h in hinted.items() if node not in known]
-                # Any ask of this node's that ends may free a peer this take may ask (PER_PEER
-                # counts them all): before, a take held back by other takes' asks slept until a
-                # poll, and 64 readers of one holder starved behind two asks (reads failed).
-                ended = self._ask_ended
-                choice = self._pick(holders, pending - taking, claimer, resting)
+                capped: set[str] = set()  # peers skipped because this node asks them PER_PEER times
+                choice = self._pick(holders, pending - taking, claimer, resting, capped)
                 push = 0.0
                 if choice is None:  # nobody has them yet: the claimer answers when it has
-                    choice = self._pick([(claimer, -1)], pending - taking, claimer, resting)
+                    choice = self._pick([(claimer, -1)], pending - taking, claimer, resting, capped)
                     push = min(self.PUSH_WAIT, give_up - trio.current_time())
                     if choice is None or push <= 0:
                         self._stats["claim_waits"] += 1
@@ -157,7 +156,21 @@ class ClaimTaker:
                         # images: 2.39 x one node alone against 2.07).
                         now = trio.current_time()
                         rest = min((t - now for t in resting.values() if t > now), default=None)
-                        await self._directory.wait_holders(img, ended, age, rest)
+                        # A take held back by other takes' asks (PER_PEER counts them all) goes on
+                        # when one of them ends: it slept until a poll, and 64 readers of one
+                        # holder starved behind two asks until their reads failed.  Only those
+                        # takes are woken, not every take of the node.
+                        event = changed[0]
+                        for node in capped:
+                            self._capped.setdefault(node, {})[event] = None
+                        try:
+                            await self._directory.wait_holders(img, event, age, rest)
+                        finally:
+                            for node in capped:
+                                if (events := self._capped.get(node)) is not None:
+                                    events.pop(event, None)
+                                    if not events:
+                                        del self._capped[node]
                         continue
                     self._stats["claim_pushes"] += 1
                 peer, rfirst, rcount = choice
@@ -172,8 +185,9 @@ class ClaimTaker:
                     taking.difference_update(piece)
                     if (left := self._asking.pop(peer.node_id) - 1) > 0:
                         self._asking[peer.node_id] = left
-                    self._ask_ended.set()
-                    self._ask_ended = trio.Event()
+                    changed[0].set()
+                    changed[0] = trio.Event()
+                    self._wake_capped(peer.node_id)
                 for node, bits in reply.takers:
                     rec, had = hinted.get(node) or (self._directory.member(img, node), 0)
                     if rec is not None:
@@ -199,23 +213,41 @@ class ClaimTaker:
             await self._last_chance(img, manifest, pending, claimer, put)
         return sorted(pending)
 
+    def _wake_capped(self, node: str) -> None:
+        """As many takes held back at ``node`` as it has asks free now (one, as a rule): waking
+        them all made the takes of a crowd all run at every ask's end."""
+        waiting = self._capped.get(node)
+        free = self.PER_PEER - self._asking.get(node, 0)
+        while waiting and free > 0:
+            first = next(iter(waiting))
+            del waiting[first]
+            first.set()
+            free -= 1
+        if waiting is not None and not waiting:
+            del self._capped[node]
+
     def _pick(self, holders: list[tuple[PeerRecord, int]], wanted: set[int], claimer: PeerRecord,
-              resting: dict[str, float]) -> tuple[PeerRecord, int, int] | None:
+              resting: dict[str, float], capped: set[str]) -> tuple[PeerRecord, int, int] | None:
         """The best-ranked peer that can be asked for some of ``wanted`` (the claimer last), and a
         random piece of what it holds (bits -1: of any of them).  A peer slow a moment ago is
         skipped (the claimer excepted): asking it too made a loaded crowd collapse (issue 27:
-        with 128-chunk batches, peers delivered nothing for 12 s and Glance sent 14-21 x a boot)."""
+        with 128-chunk batches, peers delivered nothing for 12 s and Glance sent 14-21 x a boot).
+        Peers that have some but that this node already asks PER_PEER times go into ``capped``."""
         now = trio.current_time()
         ranked = sorted(holders, key=lambda held: held[0].node_id == claimer.node_id)
         for peer, bits in ranked:
             node = peer.node_id
-            if resting.get(node, 0) > now or self._client.avoided(node) or self._asking.get(node, 0) >= self.PER_PEER:
+            if resting.get(node, 0) > now or self._client.avoided(node):
                 continue
             if node != claimer.node_id and self._client.slow(node):
                 continue
             pieces = runs(sorted(c for c in wanted if bits >> c & 1), self._piece)
-            if pieces:
-                return (peer, *random.choice(pieces))
+            if not pieces:
+                continue
+            if self._asking.get(node, 0) >= self.PER_PEER:
+                capped.add(node)
+                continue
+            return (peer, *random.choice(pieces))
         return None
 
     async def _last_chance(self, img: ImageData, manifest, pending: set[int], claimer: PeerRecord,
