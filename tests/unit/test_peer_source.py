@@ -393,12 +393,15 @@ class ArrivingAtClaimer(Peers):
         return await super().__call__(request)
 
 
-class TakingASecond(Peers):
+class TakingHalfASecond(Peers):  # (less than the peer timeout, 1 s here: not slow)
     async def __call__(self, request: httpx.Request) -> httpx.Response:
-        await trio.sleep(1)
+        await trio.sleep(0.5)
         return await super().__call__(request)
 
 
+# A take that spins (a set event waited on again) never lets the autojump clock jump: then the
+# asks never end and this test runs into its timeout (it did, with the first wake-up of them).
+@pytest.mark.timeout(30)
 async def test_takes_held_back_by_the_per_peer_cap_go_on_as_soon_as_an_ask_ends(store, autojump_clock, monkeypatch):
     """Many flights take from one holder, this node asking it at most PER_PEER pieces at once:
     a take held back goes on when any ask ends, not a poll later (64 readers of one holder once
@@ -406,11 +409,11 @@ async def test_takes_held_back_by_the_per_peer_cap_go_on_as_soon_as_an_ask_ends(
     from thunderfs.fetch.claims import ClaimTaker
 
     monkeypatch.setattr(ClaimTaker, "PER_PEER", 1)
-    holder = peer("holder", range(8))
-    tracker = FakeTracker(manifest_of(), holders=[], granted=set(), claimed=[(holder, list(range(8)), True)])
-    src = source_of(tracker, TakingASecond(), claim_poll=30)
+    holder = peer("holder", range(12))
+    tracker = FakeTracker(manifest_of(), holders=[], granted=set(), claimed=[(holder, list(range(12)), True)])
+    src = source_of(tracker, TakingHalfASecond(), claim_poll=30, max_request_chunks=2)  # two workers a take
     assert await src.directory.manifest(META) is not None
-    sinks, done = [Sink(), Sink()], []
+    sinks, done = [Sink(), Sink(), Sink()], []
 
     async def fetch(k):
         assert await src.fetch(want(store, range(4 * k, 4 * k + 4)), sinks[k]) == []
@@ -418,10 +421,11 @@ async def test_takes_held_back_by_the_per_peer_cap_go_on_as_soon_as_an_ask_ends(
 
     started = trio.current_time()
     async with trio.open_nursery() as nursery:
-        for k in (0, 1):
+        for k in (0, 1, 2):
             nursery.start_soon(fetch, k)
-    assert right(sinks[0], range(4)) and right(sinks[1], range(4, 8))
-    assert max(done) - started == pytest.approx(2)  # one ask after the other, not a poll (30 s) apart
+    assert right(sinks[0], range(4)) and right(sinks[1], range(4, 8)) and right(sinks[2], range(8, 12))
+    # (The fake tracker names the holder for all 12 chunks to each claim: 3 takes of 6 asks.)
+    assert max(done) - started == pytest.approx(9)  # 18 asks back to back, none a poll (30 s) apart
 
 
 @pytest.mark.parametrize("priority", [DEMAND, PREFETCH])

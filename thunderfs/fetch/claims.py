@@ -66,7 +66,8 @@ class ClaimTaker:
         self._piece = max(1, min(max_request_chunks, self.PIECE // chunk_size))
         self._asking: dict[str, int] = {}  # pieces outstanding per peer
         # Peer -> the events of takes held back by PER_PEER there: set when an ask of it ends.
-        self._capped: dict[str, dict[trio.Event, None]] = {}  # (in the order they began to wait)
+        # (one entry per waiting worker, in the order they began to wait: its take's ``changed``)
+        self._capped: dict[str, dict[object, list[trio.Event]]] = {}
         self._stats = dict.fromkeys(("claims", "claim_failures", "claim_retries", "claim_waits", "claim_pushes",
                                      "claims_skipped", "relays_named", "late_rescued", "stale_claims"), 0)
 
@@ -160,16 +161,16 @@ class ClaimTaker:
                         # when one of them ends: it slept until a poll, and 64 readers of one
                         # holder starved behind two asks until their reads failed.  Only those
                         # takes are woken, not every take of the node.
-                        event = changed[0]
+                        me = object()
                         for node in capped:
-                            self._capped.setdefault(node, {})[event] = None
+                            self._capped.setdefault(node, {})[me] = changed
                         try:
-                            await self._directory.wait_holders(img, event, age, rest)
+                            await self._directory.wait_holders(img, changed[0], age, rest)
                         finally:
                             for node in capped:
-                                if (events := self._capped.get(node)) is not None:
-                                    events.pop(event, None)
-                                    if not events:
+                                if (waiting := self._capped.get(node)) is not None:
+                                    waiting.pop(me, None)
+                                    if not waiting:
                                         del self._capped[node]
                         continue
                     self._stats["claim_pushes"] += 1
@@ -185,8 +186,7 @@ class ClaimTaker:
                     taking.difference_update(piece)
                     if (left := self._asking.pop(peer.node_id) - 1) > 0:
                         self._asking[peer.node_id] = left
-                    changed[0].set()
-                    changed[0] = trio.Event()
+                    self._changed(changed)
                     self._wake_capped(peer.node_id)
                 for node, bits in reply.takers:
                     rec, had = hinted.get(node) or (self._directory.member(img, node), 0)
@@ -213,15 +213,20 @@ class ClaimTaker:
             await self._last_chance(img, manifest, pending, claimer, put)
         return sorted(pending)
 
+    @staticmethod
+    def _changed(changed: list[trio.Event]) -> None:
+        """Wake a take's workers: its event is set, and a fresh one is theirs to wait on next
+        (a set event left in place would make every later wait return at once: a busy loop)."""
+        changed[0].set()
+        changed[0] = trio.Event()
+
     def _wake_capped(self, node: str) -> None:
         """As many takes held back at ``node`` as it has asks free now (one, as a rule): waking
         them all made the takes of a crowd all run at every ask's end."""
         waiting = self._capped.get(node)
         free = self.PER_PEER - self._asking.get(node, 0)
         while waiting and free > 0:
-            first = next(iter(waiting))
-            del waiting[first]
-            first.set()
+            self._changed(waiting.pop(next(iter(waiting))))
             free -= 1
         if waiting is not None and not waiting:
             del self._capped[node]
