@@ -8,9 +8,9 @@ the chunks that became servable or went away, batched every ``delta_interval`` s
 delta is most of what a booting node costs the tracker, and a node waiting for a chunk asks the
 node that fetches it meanwhile, which answers when it has it, and names the nodes that took it
 from there), so that a chunk this node just fetched is named to the watches of others within a
-few seconds.  With 3 s instead of 2 the paced storm's tracker requests per node went from 30.4
-to 25.4, its slowest node and Glance's egress unchanged (1.00 x, 1.15 x), and the 8-node run on
-100 Mbit/s links was no slower (1.52 x over 3 runs; issue 28's session 2).  The tracker being down
+few seconds.  With 3 s instead of 2 the paced storm's tracker requests per node went from 30.7
+to 26.2 (kept runs), its slowest node and Glance's egress unchanged (1.01 x, 1.15 x), and the
+8-node run on 100 Mbit/s links no slower (2.05 x against 2.07; benchmarks/README.md, issue 28).  The tracker being down
 costs nothing but discovery: the node keeps reading from Glance and the peers it knew.
 """
 
