@@ -7,6 +7,7 @@ must see no error and no wrong byte.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import signal
@@ -187,12 +188,14 @@ def test_a_dead_mount_point_is_detached_by_umount_and_by_mount(glance, mounts, i
     image_id = images.add(300_000, seed=84)
     m = mounts(glance.url)
     m.mount()
-    # The whole node dies: keeper and serving process.  Nobody holds the connection: ENOTCONN.
+    # The whole node dies: keeper and serving process.  Nobody holds the connection: ENOTCONN;
+    # or ECONNABORTED, for a stat that the kernel took while it was aborting the connection as
+    # the last descriptor closed (CI saw it once); both are a dead mount (mounting.is_dead).
     os.killpg(m.keeper, signal.SIGKILL)
     assert m.wait_exit(10)
     with pytest.raises(OSError) as info:
         os.stat(m.path)
-    assert info.value.errno == 107  # ENOTCONN
+    assert info.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
     started = time.monotonic()
     res = thunderfs("umount", str(m.path), timeout=30)
     assert res.returncode == 0 and "detached the dead mount" in res.stdout, res.stderr
