@@ -18,12 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import mmap
-import os
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,33 +29,13 @@ sys.path.insert(0, str(REPO))
 from benchmarks.record import provenance, spread  # noqa: E402
 from harness.local_glance import LocalGlance  # noqa: E402
 from harness.mounts import Mount  # noqa: E402
-from read_bench import make_image, seq_read  # noqa: E402  (this directory)
+from read_bench import cpu_times, direct_read, make_image, seq_read  # noqa: E402  (this directory)
 
 MiB, GiB = 2**20, 2**30
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu(pid: int) -> tuple[float, float]:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) / TICK, int(fields[12]) / TICK
-
-
-def direct_read(path: Path, bs: int) -> tuple[float, int]:
-    buf = mmap.mmap(-1, bs)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    pos = 0
-    t = time.perf_counter()
-    try:
-        while n := os.preadv(fd, [buf], pos):
-            pos += n
-    finally:
-        os.close(fd)
-        buf.close()
-    return time.perf_counter() - t, pos
 
 
 WAYS = {  # name -> (cold?, how the image is read)
-    "cold, buffered 1 MiB": (True, lambda p: seq_read(p)),
+    "cold, buffered 1 MiB": (True, seq_read),
     "cold, O_DIRECT 1 MiB": (True, lambda p: direct_read(p, MiB)),
     "cold, O_DIRECT 4 MiB": (True, lambda p: direct_read(p, 4 * MiB)),
     "warm, O_DIRECT 1 MiB": (False, lambda p: direct_read(p, MiB)),
@@ -96,9 +73,9 @@ def main() -> int:
                         img.stat()
                         if not cold:
                             direct_read(img, MiB)
-                        u0, s0 = cpu(m.pid)
+                        u0, s0 = cpu_times(m.pid)
                         secs, n = read(img)
-                        u1, s1 = cpu(m.pid)
+                        u1, s1 = cpu_times(m.pid)
                         assert n == size, (n, size)
                     finally:
                         m.cleanup()

@@ -49,7 +49,7 @@ from harness.local_glance import LocalGlance, free_port  # noqa: E402
 from harness.mounts import Mount, thunderfs  # noqa: E402
 from harness.nginx import write_conf  # noqa: E402
 from harness.pagecache import drop_page_cache  # noqa: E402
-from read_bench import make_image, peak_rss, seq_read  # noqa: E402  (this directory)
+from read_bench import cpu_times, make_image, peak_rss, seq_read  # noqa: E402  (this directory)
 
 MiB, GiB = 2**20, 2**30
 JOBS = REPO / "benchmarks" / "fio"
@@ -59,12 +59,10 @@ WARM_JOBS = {  # job -> (what the ratio is of, target ratio or None)
     "rand4k-psync-direct": ("iops", 0.6),
     "seq1m-psync-direct": ("bw", 1.0),
 }
-TICK = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+    return sum(cpu_times(pid))
 
 
 def fio(job: str, target: Path, runtime: int, *backing: Path) -> dict:

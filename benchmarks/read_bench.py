@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import subprocess
 import sys
@@ -47,6 +48,29 @@ def seq_read(path: Path, bs: int = MiB) -> tuple[float, int]:
         while n := f.readinto(buf):
             total += n
     return time.perf_counter() - t, total
+
+
+def direct_read(path: Path, bs: int = MiB) -> tuple[float, int]:
+    """As ``seq_read``, with O_DIRECT reads of ``bs`` into one page-aligned buffer (no page cache
+    of the file's: each read one request to its file system)."""
+    buf = mmap.mmap(-1, bs)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    pos = 0
+    t = time.perf_counter()
+    try:
+        while n := os.preadv(fd, [buf], pos):
+            pos += n
+    finally:
+        os.close(fd)
+        buf.close()
+    return time.perf_counter() - t, pos
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """A process's user and system CPU seconds so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def fio_randread(path: Path, seconds: int) -> float:

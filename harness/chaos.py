@@ -272,17 +272,17 @@ class ChaosRun:
             # (thunderfs.fetch.breaker: at most its longest probe interval after Glance returns).
             during_outage = any(a <= t1 and t0 <= b + PROBE_MAX for a, b in self.outages)
             kind = errno.errorcode.get(exc.errno, str(exc.errno))
+            what = f"{kind} after {t1 - t0:.1f}s, read from {t0 - self.started:.1f}s"
             if during_outage:
                 self.report.errors_glance_down += 1
                 self.report.errors_by_kind[kind] += 1
             else:
                 self.report.errors_glance_up += 1
                 self.report.errors_by_kind[kind] += 1
-                self._event("error", node.name, f"{kind} after {t1 - t0:.1f}s, read from {t0 - self.started:.1f}s")
+                self._event("error", node.name, what)
             if t1 - t0 > self.s.fetch_timeout + HANG_MARGIN:
                 self.report.hangs += 1
-                self._event("hang", node.name, f"{kind} after {t1 - t0:.1f}s, read from {t0 - self.started:.1f}s"
-                            + (" (Glance down)" if during_outage else ""))
+                self._event("hang", node.name, what + (" (Glance down)" if during_outage else ""))
 
     def _event(self, kind: str, target: str, detail: str = "") -> None:
         self.report.events.append((round(time.monotonic() - self.started, 1), kind, target, detail))
