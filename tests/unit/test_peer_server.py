@@ -163,7 +163,7 @@ async def test_a_waiter_is_sent_to_a_relay_that_took_its_chunks_while_every_slot
 async def test_a_wait_for_chunks_this_node_is_not_fetching_ends_at_once_with_a_404_that_says_so(store):
     """A claim the tracker still names after its claimer's fetch failed (a Glance outage) is stale:
     a waiter is told at once, and one already waiting is told when the fetch ends, not after its
-    wait (CI's chaos run: a read failed 21 s after Glance was back, on such a claim)."""
+    wait (a full-suite chaos run: a read failed 21 s after Glance was back, on such a claim)."""
     from thunderfs_tracker.protocol import NOT_FETCHING_HEADER
 
     img = store.image(META.content_key, META.size)
