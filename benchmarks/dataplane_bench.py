@@ -109,7 +109,7 @@ def client_read(glance: LocalGlance, image_id: str, size: int, request: int, con
                                concurrency=concurrency)
             img = store.image(b"floor", size) if store else None
 
-            def on_piece(offset: int, view) -> None:
+            def on_piece(offset: int, view, buffer=None) -> None:
                 if store is not None and not store.stage(img, offset // cs, view):
                     raise RuntimeError("the floor's cache refused a piece")
 
@@ -394,12 +394,12 @@ def _concurrent_read(path: Path, size: int, readers: int = READERS) -> float:
 
 def memory_step(work: Path, glance: LocalGlance, image_id: str, size: int) -> dict:
     """Peak resident memory of the daemons while 64 readers read a cold image at once (64 FUSE
-    requests in flight): from Glance (its ranges land in the receive pool, origin_concurrency
-    x 1 MiB), and from a peer (the reader, and the holder serving it).  The rise of each peak
+    requests in flight): from Glance (its ranges land in the receive pool, ``--receive-memory``),
+    and from a peer (the reader, and the holder serving it).  The rise of each peak
     over the process's resident memory just before."""
     from thunderfs.config import MountConfig
 
-    out: dict = {"readers": READERS, "glance_pool_mib": MountConfig.__dataclass_fields__["origin_concurrency"].default}
+    out: dict = {"readers": READERS, "glance_pool_mib": MountConfig.__dataclass_fields__["receive_memory"].default / MiB}
     m = Mount(work / "mnt-memory", glance.url, work / "cache-memory", "--cache-size", f"{2 * size // MiB}M")
     try:
         m.mount()

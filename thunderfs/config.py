@@ -77,6 +77,9 @@ class MountConfig:
                              parse=size, check=_chunk_size)
     max_request: int = option(16 * 2**20, "largest Range request to Glance (each costs ~7 ms fixed)", parse=size)
     origin_concurrency: int = option(8, "parallel requests to Glance", check=at_least(1))
+    receive_memory: int = option(64 * 2**20, "memory for chunks received from Glance: the buffers they arrive "
+                                 "in, which serve them until written to the cache and read", parse=size,
+                                 check=positive)
     fetch_timeout: float = option(20.0, "seconds a read may wait for an uncached chunk before EIO", check=positive)
     connect_timeout: float = option(3.0, "seconds to connect to Glance", check=positive)
     listing_ttl: float = option(10.0, "seconds between image listings", check=positive)

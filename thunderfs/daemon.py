@@ -30,6 +30,7 @@ import trio
 from thunderfs.service import control
 from thunderfs.service import systemd
 from thunderfs.glance.catalog import Catalog
+from thunderfs.cache.fresh import ReceiveBuffers
 from thunderfs.cache.index import ChunkIndex
 from thunderfs.cache.store import ChunkStore
 from thunderfs.config import MountConfig
@@ -38,7 +39,7 @@ from thunderfs_common.glance import GlanceError
 from thunderfs_common.image import ImageMeta
 from thunderfs.fetch.fetcher import Fetcher
 from thunderfs.glance.auth import GlanceAuthError, KeystoneAuth, KeystoneDown
-from thunderfs.fetch.glance import GlanceSource
+from thunderfs.fetch.glance import PLACE_STEP, GlanceSource
 from thunderfs.fuse import mounting
 from thunderfs.fuse.operations import Operations
 from thunderfs.fuse.kernel import KERNEL_MINOR, MAX_WRITE, InitParams
@@ -182,7 +183,10 @@ async def run(config: MountConfig, keystone: KeystoneSettings | None = None,
         index = ChunkIndex(config.cache_dir / "index", map_size=map_size)
         stack.callback(index.close)
         index.check_layout(config.chunk_size)
-        store = ChunkStore(config.cache_dir, index, config.chunk_size, config.cache_size)
+        # Glance's pieces arrive in these, and are served from them until written and read.
+        piece = max(1, PLACE_STEP // config.chunk_size) * config.chunk_size
+        buffers = ReceiveBuffers(piece, max(config.origin_concurrency + 1, config.receive_memory // piece))
+        store = ChunkStore(config.cache_dir, index, config.chunk_size, config.cache_size, buffers=buffers)
         stack.callback(store.close)
         store.reclaim()
 
@@ -277,7 +281,8 @@ async def run(config: MountConfig, keystone: KeystoneSettings | None = None,
         glance = GlanceSource(origin, chunk_size=config.chunk_size, max_chunks=config.max_request // config.chunk_size,
                               fetch_timeout=config.fetch_timeout, concurrency=config.origin_concurrency,
                               rate=config.origin_rate, connect_timeout=config.connect_timeout, tokens=auth,
-                              ssl_context=httpx.create_ssl_context())  # trusts what httpx trusts (SSL_CERT_FILE too)
+                              ssl_context=httpx.create_ssl_context(),  # trusts what httpx trusts (SSL_CERT_FILE too)
+                              buffers=buffers)
         stack.push_async_callback(glance.aclose)
         fetcher = Fetcher(store, [peers, seed, glance] if peers else [glance], fetch_timeout=config.fetch_timeout,
                           max_request=config.max_request, observe=metrics.observe if metrics else None,

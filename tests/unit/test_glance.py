@@ -26,7 +26,7 @@ class ListSink:
         self.puts: list[tuple[int, int]] = []
         self.data = {}
 
-    def put(self, first, data):
+    def put(self, first, data, buffer=None):
         self.puts.append((first, len(data)))
         for i in range(-(-len(data) // CS)):
             self.data[first + i] = bytes(data[i * CS:(i + 1) * CS])
@@ -65,16 +65,18 @@ async def test_pieces_come_whole_and_in_order_from_one_pooled_buffer(store):
     src = source_of(FakeGlance(DATA), concurrency=1)
     got, buffers = [], set()
 
-    def on_piece(offset, view):
+    def on_piece(offset, view, buffer):
         got.append((offset, bytes(view)))
-        buffers.add(id(view.obj))
+        assert view.obj is buffer.mm
+        buffers.add(id(buffer))
 
     for _ in range(2):
         await src.read_range(META.id, start, end, on_piece)
     assert [o for o, _ in got[:3]] == [start + i * PLACE_STEP for i in range(3)]
     assert [len(d) for _, d in got[:3]] == [PLACE_STEP] * 2 + [1234]
     assert b"".join(d for _, d in got[:3]) == DATA[start:end] and len(buffers) == 1 and got[3:] == got[:3]
-    assert src.statistics()["origin_buffers"] == {"buffers": 1, "in_use": 0, "buffer_bytes": PLACE_STEP, "waits": 0}
+    assert src.statistics()["origin_buffers"] == {"buffers": 1, "in_use": 0, "holding": 0, "buffer_bytes": PLACE_STEP,
+                                                  "waits": 0, "taken_back": 0, "held": 0, "let_go_unread": 0}
 
 
 async def test_runs_are_split_at_gaps_and_at_the_largest_request(store):

@@ -155,7 +155,7 @@ class Sink:
         self.got: dict[int, bytes] = {}
         self.passed: list[int] = []
 
-    def put(self, first, data):
+    def put(self, first, data, buffer=None):
         for i in range(-(-len(data) // CS)):
             self.got[first + i] = bytes(data[i * CS:(i + 1) * CS])
 

@@ -13,7 +13,6 @@ import pytest
 import trio
 import trio.testing
 
-from thunderfs.fetch.buffers import BufferPool
 from thunderfs.fetch.range_http import HTTPClient, HTTPFailed, HTTPTimeout
 
 BODY = bytes(range(256)) * 400  # 102,400 bytes
@@ -162,21 +161,6 @@ async def test_nobody_listening_fails_at_once():
         port = s.getsockname()[1]
     with pytest.raises(HTTPFailed, match="cannot connect"):
         await receive(HTTPClient(timeout=2), f"http://127.0.0.1:{port}")
-
-
-async def test_the_buffer_pool_is_bounded_and_refuses_a_buffer_handed_back_twice():
-    pool = BufferPool(4096, 2)
-    async with pool.take() as a, pool.take() as b:
-        assert len(a) == len(b) == 4096
-        with trio.move_on_after(0.05) as scope:
-            async with pool.take():
-                pass
-        assert scope.cancelled_caught  # a third waits
-    assert pool.statistics() == {"buffers": 2, "in_use": 0, "buffer_bytes": 8192, "waits": 1}
-    async with pool.take() as c:
-        buf = c.obj
-    with pytest.raises(RuntimeError, match="handed back twice"):
-        pool._give_back(buf)
 
 
 async def test_tls_bodies_arrive_the_same_and_an_unknown_certificate_is_refused(nursery, tmp_path):

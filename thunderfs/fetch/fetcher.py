@@ -61,12 +61,12 @@ class _Sink:
         self._fetcher, self._run, self._source, self.pass_on = fetcher, run, source, pass_on
         self._started = trio.current_time()
 
-    def put(self, first: int, data) -> None:
+    def put(self, first: int, data, buffer=None) -> None:
         run, cs = self._run, self._run.img.chunk_size
         n = -(-len(data) // cs)
         run.filled.update(range(first, first + n))
         run.nbytes += len(data)
-        if not self._fetcher._store.stage(run.img, first, data):
+        if not self._fetcher._store.stage(run.img, first, data, buffer):
             # Copied only here: a copy of every fetched byte into a fresh buffer cost the cold
             # read a tenth of its time (page faults and zeroing), for the rare run not cached.
             view = memoryview(data)

@@ -10,9 +10,10 @@ given up on Glance after its deadline, the breaker (``breaker.py``) fails the ne
 until a probe finds Glance back.
 
 The bytes come through the lean client (``range_http``): received with ``recv_into`` straight
-into a pooled buffer of ``PLACE_STEP`` bytes, which the sink writes to the cache file (the one copy
-between the socket and the cache).  Glance's JSON API (listing, records, the probe) stays on the
-shared httpx client.
+into a pooled buffer of ``PLACE_STEP`` bytes (``cache/fresh.py``), a fresh one for each piece,
+which the cache holds on to: it serves the piece's chunks from it and writes them to the cache
+file behind (the one copy between the socket and the cache).  Glance's JSON API (listing,
+records, the probe) stays on the shared httpx client.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import trio
 
 from thunderfs.errors import SourceFailed
 from thunderfs.fetch.breaker import Breaker
-from thunderfs.fetch.buffers import BufferPool
+from thunderfs.cache.fresh import ReceiveBuffers
 from thunderfs.fetch.range_http import HTTPClient, HTTPFailed, HTTPTimeout
 from thunderfs.fetch.retry import with_retries
 from thunderfs.fetch.slots import PrioritySlots
@@ -79,13 +80,14 @@ class GlanceSource:
 
     def __init__(self, origin: GlanceClient, *, chunk_size: int, max_chunks: int, fetch_timeout: float,
                  concurrency: int, rate: float = 0, connect_timeout: float = 3.0, tokens: Tokens | None = None,
-                 ssl_context=None, http: HTTPClient | None = None):
+                 ssl_context=None, http: HTTPClient | None = None, buffers: ReceiveBuffers | None = None):
         self._origin = origin
         self._url = origin.url
         self._tokens = tokens
         self._http = http or HTTPClient(timeout=fetch_timeout, connect_timeout=connect_timeout,
                                         ssl_context=ssl_context, max_idle=concurrency)  # tests: fakes.MockHTTP
-        self._buffers = BufferPool(max(1, PLACE_STEP // chunk_size) * chunk_size, concurrency)
+        # The cache's pool (the daemon's wiring), whose buffers it holds; else one of its own.
+        self._buffers = buffers or ReceiveBuffers(max(1, PLACE_STEP // chunk_size) * chunk_size, concurrency)
         self._stats = dict.fromkeys(("requests", "range_requests", "bytes", "errors"), 0)
         self._cs = chunk_size
         self._max_chunks = max_chunks
@@ -118,9 +120,9 @@ class GlanceSource:
                 await self._bucket.wait_for(b - a, want.priority)
                 placed = rfirst  # the first chunk not handed over yet
 
-                def on_piece(offset: int, data: memoryview) -> None:
+                def on_piece(offset: int, data: memoryview, buffer) -> None:
                     nonlocal placed
-                    sink.put(offset // cs, data)
+                    sink.put(offset // cs, data, buffer)
                     placed = -(-(offset + len(data)) // cs)
 
                 async def attempt() -> None:
@@ -136,9 +138,10 @@ class GlanceSource:
         return []
 
     async def read_range(self, image_id: str, start: int, end: int, on_piece) -> None:
-        """Bytes ``[start, end)`` of an image, exactly, handed to ``on_piece(offset, view)`` in
-        pieces of ``PLACE_STEP`` bytes as they arrive (``view`` is valid during the call only), or
-        a ``GlanceError``.  A token Glance refuses (401) is renewed once."""
+        """Bytes ``[start, end)`` of an image, exactly, handed to ``on_piece(offset, view,
+        buffer)`` in pieces of ``PLACE_STEP`` bytes as they arrive (``view`` is valid during the
+        call only; ``view`` starts ``buffer``, which the cache may hold), or a ``GlanceError``.
+        A token Glance refuses (401) is renewed once."""
         path = f"/v2/images/{image_id}/file"
         what = f"{image_id} [{start}, {end})"
         self._stats["requests"] += 1
@@ -170,14 +173,14 @@ class GlanceSource:
             raise
 
     async def _receive(self, resp, start: int, end: int, on_piece) -> None:
-        async with self._buffers.take() as buf:
-            at = start
-            while at < end:
-                n = min(len(buf), end - at)
-                piece = buf[:n]
+        at = start
+        while at < end:
+            async with self._buffers.take() as (buffer, view):
+                n = min(len(view), end - at)
+                piece = view[:n]
                 await resp.read_into(piece)
                 self._stats["bytes"] += n
-                on_piece(at, piece)
+                on_piece(at, piece, buffer)
                 piece.release()
                 at += n
 

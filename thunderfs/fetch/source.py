@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 from thunderfs.fetch.slots import PrioritySlots, Ticket
 
 if TYPE_CHECKING:
+    from thunderfs.cache.fresh import Buffer
     from thunderfs.cache.store import ImageData
     from thunderfs_common.image import ImageMeta
 
@@ -74,8 +75,10 @@ class Want:
 
 
 class Sink(Protocol):
-    def put(self, first: int, data: bytes | bytearray | memoryview) -> None:
-        """Verified bytes of chunks ``first..`` (whole chunks; the image's last may be short)."""
+    def put(self, first: int, data: bytes | bytearray | memoryview, buffer: "Buffer | None" = None) -> None:
+        """Verified bytes of chunks ``first..`` (whole chunks; the image's last may be short).
+        ``buffer``: the receive buffer (``ChunkStore.buffers``) ``data`` starts, which the cache
+        may hold on to and serve from (``cache/fresh.py``); else ``data`` is copied if kept."""
 
     def pass_on(self, chunks: list[int]) -> None:
         """Chunks this source will not deliver: the next source may start on them now."""

@@ -1,0 +1,144 @@
+"""The cache's memory tier (``cache/fresh.py``): receive buffers the store holds, serves from and
+writes behind (the store's rule 7)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+
+import pytest
+import trio
+
+from fakes import CS
+from thunderfs.cache.fresh import ReceiveBuffers
+from thunderfs.cache.store import ABSENT, INDEXED, PENDING, WRITING, ChunkStore
+
+CONTENT = bytes(range(16))
+
+
+async def test_the_pool_is_bounded_and_refuses_a_buffer_handed_back_twice():
+    pool = ReceiveBuffers(4096, 2)
+    async with pool.take() as (a, va), pool.take() as (b, vb):
+        assert len(va) == len(vb) == 4096 and a is not b
+        with trio.move_on_after(0.05) as scope:
+            async with pool.take():
+                pass
+        assert scope.cancelled_caught  # a third waits
+    stats = pool.statistics()
+    assert (stats["buffers"], stats["in_use"], stats["waits"]) == (2, 0, 1)
+    with pytest.raises(RuntimeError, match="handed back twice"):
+        pool.unref(a)
+
+
+class HeldWrites:
+    """``os.pwrite`` that waits for ``release`` (in the writer's thread), or fails with ``fail``."""
+
+    def __init__(self, monkeypatch):
+        self.gate = threading.Event()
+        self.fail: int | None = None
+        real = os.pwrite
+
+        def pwrite(fd, data, offset):
+            self.gate.wait(10)
+            if self.fail is not None:
+                raise OSError(self.fail, os.strerror(self.fail))
+            return real(fd, data, offset)
+
+        monkeypatch.setattr(os, "pwrite", pwrite)
+
+
+async def staged_from_a_buffer(store, img, first, data):
+    async with store.buffers.take() as (buf, view):
+        view[:len(data)] = data
+        assert store.stage(img, first, view[:len(data)], buf)
+    return buf
+
+
+@pytest.fixture
+async def running(tmp_path, index, nursery):
+    store = ChunkStore(tmp_path, index, CS, 64 * CS, buffers=ReceiveBuffers(4 * CS, 2))
+    await nursery.start(store.run)
+    yield store
+    store.close()
+
+
+async def wait_until(predicate):
+    while not predicate():
+        await trio.sleep(0.005)
+
+
+async def test_chunks_are_served_from_their_buffer_while_written_behind_then_from_the_file(running, monkeypatch):
+    store, writes = running, HeldWrites(monkeypatch)
+    img = store.image(CONTENT, 8 * CS)
+    data = os.urandom(4 * CS)
+    buf = await staged_from_a_buffer(store, img, 2, data)
+    assert [img.state[c] for c in range(2, 6)] == [WRITING] * 4 and img.held[3] is buf
+    assert os.pread(img.fd, CS, 2 * CS) == bytes(CS)  # not on disk yet: served from memory only
+    assert await store.read(img, 2 * CS + 10, 2 * CS) == data[10:2 * CS + 10]
+    await store.commit()
+    assert img.state[2] == WRITING  # never indexed before it is written
+    writes.gate.set()
+    await wait_until(lambda: img.state[2] != WRITING)
+    assert img.state[2] == PENDING and buf.written
+    assert buf.owner is img  # two chunks not read yet: still held
+    assert await store.read(img, 4 * CS, 2 * CS) == data[2 * CS:]
+    assert buf.owner is None and not img.held and store.buffers.statistics()["in_use"] == 0  # all read: back
+    await store.commit()
+    assert img.state[5] == INDEXED
+    assert await store.read(img, 2 * CS, 4 * CS) == data  # from the file, checked (rule 5)
+    assert store.statistics()["bytes_written_behind"] == 4 * CS
+
+
+async def test_a_receive_takes_back_the_oldest_written_buffer_and_waits_for_an_unwritten_one(running, monkeypatch):
+    store, writes = running, HeldWrites(monkeypatch)
+    img = store.image(CONTENT, 16 * CS)
+    first = await staged_from_a_buffer(store, img, 0, os.urandom(4 * CS))
+    second = await staged_from_a_buffer(store, img, 4, os.urandom(4 * CS))
+    with trio.move_on_after(0.1) as scope:
+        async with store.buffers.take():
+            pass
+    assert scope.cancelled_caught  # both held, neither written: a receive waits
+    writes.gate.set()
+    await wait_until(lambda: first.written and second.written)
+    async with store.buffers.take() as (buf, _):
+        assert buf is first  # the oldest, written but never read, taken back
+    assert 0 not in img.held and img.state[0] == PENDING  # read from the file from now on
+    assert store.buffers.statistics()["let_go_unread"] == 1
+
+
+async def test_a_failed_write_serves_from_memory_until_taken_back_then_the_chunks_are_gone(running, monkeypatch):
+    store, writes = running, HeldWrites(monkeypatch)
+    store.drain_changes()
+    writes.fail = errno.EIO
+    img = store.image(CONTENT, 16 * CS)
+    data = os.urandom(4 * CS)
+    await staged_from_a_buffer(store, img, 0, data)
+    writes.gate.set()
+    await wait_until(lambda: store.statistics()["write_behind_failures"])
+    assert img.cached(0) and await store.read(img, 0, 4 * CS) == data
+    assert store.statistics()["used"] == 0  # nothing on disk
+    await store.commit()
+    assert img.state[0] == WRITING  # never indexed
+    await staged_from_a_buffer(store, img, 4, os.urandom(4 * CS))
+    async with store.buffers.take():  # the failed one is taken back
+        pass
+    assert [img.state[c] for c in range(4)] == [ABSENT] * 4 and not img.cached(0)
+    assert store.drain_changes()[CONTENT][2] >= {0, 1, 2, 3}  # the announcer hears they are gone
+
+
+async def test_a_whole_image_check_waits_for_the_writes(running, monkeypatch):
+    store, writes = running, HeldWrites(monkeypatch)
+    img = store.image(CONTENT, 4 * CS)
+    await staged_from_a_buffer(store, img, 0, os.urandom(4 * CS))
+    result = []
+
+    async def check():
+        result.append(await store.verify(img))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(check)
+        await trio.sleep(0.05)
+        assert not result  # still waiting for the write
+        writes.gate.set()
+    assert result == [True] and store.statistics()["corrupt_dropped"] == 0
