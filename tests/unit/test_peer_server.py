@@ -199,3 +199,41 @@ async def test_a_wait_for_chunks_this_node_is_not_fetching_ends_at_once_with_a_4
         assert answers["plain"][0] == 404 and NOT_FETCHING_HEADER.lower() not in answers["plain"][1]
         nursery.cancel_scope.cancel()
     assert server.statistics()["not_fetching"] == 2
+
+
+async def test_a_long_answer_is_read_and_sent_a_piece_at_a_time_and_cut_short_if_a_piece_goes(store, monkeypatch):
+    """An answer longer than ``SEND_PIECE`` comes whole, read in pieces (no buffer as long as the
+    answer); a chunk that cannot be read once the head is sent ends the connection short, so the
+    asker sees a broken answer, never a wrong byte."""
+    from thunderfs.cluster import peer_server
+    from thunderfs.errors import ChunkCorrupt
+    data = pattern(3 * peer_server.SEND_PIECE + 5 * CS)
+    meta = meta_of(data)
+    img = store.image(meta.content_key, meta.size)
+    store.stage(img, 0, data)
+    server = PeerServer(store, secret=SECRET)
+    _, port = await server.listen("127.0.0.1", 0)
+    path = f"/v1/chunks/{meta.content_key.hex()}/0/{img.nchunks}"
+    reads = []
+    real_read = store.read
+
+    async def read(img, offset, size, extra=None):
+        reads.append(size)
+        if fail and len(reads) == 3:
+            raise ChunkCorrupt(offset // CS)
+        return await real_read(img, offset, size, extra)
+
+    monkeypatch.setattr(store, "read", read)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        fail = False
+        status, body = await ask(port, path, sign(SECRET, "n1", "GET", path))
+        assert status == 200 and body == data
+        assert max(reads) == peer_server.SEND_PIECE and len(reads) == 4
+        reads.clear()
+        fail = True
+        status, headers, body = await ask_full(port, path, sign(SECRET, "n1", "GET", path))
+        assert status == 200 and int(headers["content-length"]) == len(data) and len(body) < len(data)
+        assert body == data[:len(body)]
+        nursery.cancel_scope.cancel()
+    assert server.statistics()["cut_short"] == 1 and not img.pins

@@ -46,6 +46,44 @@ IDLE_TIMEOUT = 30.0
 MAX_WAIT = 10.0  # seconds a request may wait for chunks to arrive
 MAX_WAITERS = 256  # requests waiting at once; more are told 503 (busy)
 TAKERS_KEPT = (16, 64)  # images, and nodes per image, whose takes are remembered (the latest)
+# An answer is read from the cache and sent a piece of this size at a time: memory per answer is
+# one piece whatever its length, and a read fits the reading thread's kept buffer (a 10 MiB answer
+# read whole took a fresh buffer, and its faults, every time: a quarter of the holder's CPU).
+SEND_PIECE = 2**20
+
+
+class _CutShort(Exception):
+    """A piece after the first could not be read (dropped as corrupt, or evicted): the answer
+    ends short and the connection with it; the asker takes the chunks from elsewhere."""
+
+
+class _Chunks:
+    """A 200 answer's body: chunks ``[start, end)`` of an image read from the cache a piece at a
+    time as they are sent, pinned (the store's rule 4) until ``close``."""
+
+    def __init__(self, store: ChunkStore, img: ImageData, start: int, end: int, first_piece: bytes, token: int):
+        self._store, self._img, self._token = store, img, token
+        self.start, self.end, self._first = start, end, first_piece
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    async def pieces(self):
+        first, self._first = self._first, b""
+        yield first
+        at = self.start + len(first)
+        while at < self.end:
+            n = min(SEND_PIECE, self.end - at)
+            try:
+                yield await self._store.read(self._img, at, n)
+            except (ChunkCorrupt, ChunkNotCached) as exc:
+                raise _CutShort(f"chunk at {at} went away: {exc!r}") from None
+            at += n
+
+    def close(self) -> None:
+        if self._token is not None:
+            self._store.unpin(self._img, self._token)
+            self._token = None
 
 
 class PeerServer:
@@ -58,7 +96,7 @@ class PeerServer:
         self._waiting = 0
         self._stats = dict.fromkeys(("requests", "served_chunks", "served_bytes", "not_held", "busy",
                                      "refused", "bad_requests", "waits", "waits_served", "slot_waits",
-                                     "redirects", "not_fetching"), 0)
+                                     "redirects", "not_fetching", "cut_short"), 0)
         self._slot_freed = trio.lowlevel.ParkingLot()
         self._takers: dict[bytes, dict[str, int]] = {}  # content -> node -> chunks it took from here
         # Wired by the daemon: (content, first, count) -> the header that carries the tracker's
@@ -91,7 +129,13 @@ class PeerServer:
                     status, body, slot, extra, took = await self._answer(request)
                     try:
                         await self._send(conn, stream, status, body, head=request.method == b"HEAD", extra=extra)
+                    except _CutShort as exc:
+                        self._stats["cut_short"] += 1
+                        log.info("peer answer cut short: %s", exc)
+                        return
                     finally:
+                        if isinstance(body, _Chunks):
+                            body.close()
                         if slot:
                             self._free_slot()  # taken in _answer, held until the bytes are sent
                     if took:  # sent: the asker has them now (a relay for whoever asks next)
@@ -126,19 +170,29 @@ class PeerServer:
             elif isinstance(event, h11.ConnectionClosed):
                 return None
 
-    async def _send(self, conn: h11.Connection, stream, status: int, body: bytes, head: bool = False,
+    async def _send(self, conn: h11.Connection, stream, status: int, body: "bytes | _Chunks", head: bool = False,
                     extra: list[tuple[str, str]] = ()) -> None:
         headers = [("Content-Length", str(len(body))), ("Content-Type", "application/octet-stream"), *extra]
         await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)))
-        if body and not head:  # an answer to HEAD has the length of the body it would have, not the body
-            if status == 200:  # chunks take upload bandwidth; a refusal goes at once, not behind them
+        if len(body) and not head:  # an answer to HEAD has the length of the body it would have, not the body
+            if isinstance(body, _Chunks):
+                # Chunks take upload bandwidth (the whole answer at once: one larger than the
+                # bucket's burst goes into debt); a refusal goes at once, not behind them.
                 await self._bucket.wait_for(len(body))
-            # Passed through, not joined into one more copy of the body (h11's send() would).
-            for part in conn.send_with_data_passthrough(h11.Data(data=body)):
-                await stream.send_all(part)
+                async for piece in body.pieces():
+                    await self._send_data(conn, stream, piece)
+            else:
+                await self._send_data(conn, stream, body)
         await stream.send_all(conn.send(h11.EndOfMessage()))
 
-    async def _answer(self, request: h11.Request) -> tuple[int, bytes, bool, list[tuple[str, str]], tuple | None]:
+    @staticmethod
+    async def _send_data(conn: h11.Connection, stream, data: bytes) -> None:
+        # Passed through, not joined into one more copy of the bytes (h11's send() would).
+        for part in conn.send_with_data_passthrough(h11.Data(data=data)):
+            await stream.send_all(part)
+
+    async def _answer(self, request: h11.Request) -> tuple[int, "bytes | _Chunks", bool, list[tuple[str, str]],
+                                                           tuple | None]:
         """Status, body, whether an upload slot was taken (the caller frees it once sent),
         headers beyond the usual, and (content, asker, first, count) of chunks served to a
         member (remembered once sent)."""
@@ -146,7 +200,8 @@ class PeerServer:
         took: list[tuple] = []
         return (*await self._chunks(request, extra, took), extra, took[0] if took else None)
 
-    async def _chunks(self, request: h11.Request, extra: list[tuple[str, str]], took: list[tuple]) -> tuple[int, bytes, bool]:
+    async def _chunks(self, request: h11.Request, extra: list[tuple[str, str]],
+                      took: list[tuple]) -> tuple[int, "bytes | _Chunks", bool]:
         """What ``_answer`` answers, but its headers, which go into ``extra``, and what a member
         is sent, into ``took``."""
         self._stats["requests"] += 1
@@ -223,27 +278,26 @@ class PeerServer:
             self._stats["waits_served"] += 1
         cs = self._store.chunk_size
         start, end = first * cs, min(img.size, (last + 1) * cs)
-        # The slot is held from here: the read may wait for the disk in a worker thread.
+        # The slot is held from here: the read may wait for the disk in a worker thread.  The
+        # chunks stay pinned until the answer is sent (``_Chunks.close``).
         self._busy += 1
         token = self._store.pin(img, first, last)
         try:
-            data = await self._store.read(img, start, end - start)
-        except (ChunkCorrupt, ChunkNotCached):
-            self._free_slot()
-            self._stats["not_held"] += 1
-            return 404, b"not held\n", False
-        except BaseException:
-            self._free_slot()
-            raise
-        finally:
+            data = await self._store.read(img, start, min(end, start + SEND_PIECE) - start)
+        except BaseException as exc:
             self._store.unpin(img, token)
+            self._free_slot()
+            if isinstance(exc, (ChunkCorrupt, ChunkNotCached)):
+                self._stats["not_held"] += 1
+                return 404, b"not held\n", False
+            raise
         self._stats["served_chunks"] += count
-        self._stats["served_bytes"] += len(data)
+        self._stats["served_bytes"] += end - start
         if asker:
             took.append((content, asker, first, count))
         if pieces := self.pieces(content, first, count):
             extra.append((PIECES_HEADER, pieces))
-        return 200, data, True
+        return 200, _Chunks(self._store, img, start, end, data, token), True
 
     def _took(self, content: bytes, node: str, first: int, count: int) -> None:
         images, nodes = TAKERS_KEPT
