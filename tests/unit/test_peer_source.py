@@ -794,3 +794,21 @@ def test_a_takers_header_that_is_not_nodes_and_some_of_the_asked_chunks_is_refus
     assert parse_takers("a:1,b.c-d:f", 4) == [("a", 1), ("b.c-d", 15)]
     with pytest.raises(ProtocolError):
         parse_takers(value, 4)
+
+
+@pytest.mark.parametrize("nchunks", [4, 128])  # hashed in the event loop, and in a worker thread
+async def test_a_peers_answer_is_checked_chunk_by_chunk_in_the_loop_or_a_thread(store, nchunks):
+    from thunderfs.fetch.peer_client import Answer, PeerClient
+    data = pattern(nchunks * CS)
+    meta = meta_of(data)
+    digests = b"".join(hashlib.sha256(data[i:i + CS]).digest() for i in range(0, len(data), CS))
+    manifest = Manifest(meta.id, len(data), CS, "sha512", meta.os_hash_value, digests)
+    img = store.image(meta.content_key, meta.size)
+    client = PeerClient(node_id="me", secret=None, chunk_size=CS)
+    assert (len(data) >= client.THREAD_HASH) == (nchunks == 128)
+    peer = PeerRecord("p1", "http://p1", (), 0, 0)
+    assert (await client.check(peer, img, manifest, 0, data)).answer is Answer.OK
+    bad = bytearray(data)
+    bad[(nchunks - 2) * CS + 7] ^= 1
+    reply = await client.check(peer, img, manifest, 0, bytes(bad))
+    assert reply.answer is Answer.LIED and reply.bad_chunk == nchunks - 2 and client.avoided("p1")

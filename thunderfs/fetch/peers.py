@@ -275,7 +275,7 @@ class PeerSource:
             for piece in reply.pieces:  # what the peer checked them against: proven, or refused
                 self.directory.add_piece(manifest.meta, piece, from_peer=True)
             if isinstance(manifest, LazyManifest) and await self.directory.digests(manifest, first, count):
-                reply = self.client.check(peer, img, manifest, first, reply.data)
+                reply = await self.client.check(peer, img, manifest, first, reply.data)
             else:
                 self._stats["unchecked_dropped"] += 1
                 return Reply(Answer.NOT_HELD)
