@@ -142,3 +142,26 @@ async def test_a_whole_image_check_waits_for_the_writes(running, monkeypatch):
         assert not result  # still waiting for the write
         writes.gate.set()
     assert result == [True] and store.statistics()["corrupt_dropped"] == 0
+
+
+async def test_a_peers_answer_is_held_loose_within_the_budget_and_unaligned_memory_is_written_anyway(running):
+    """Memory a source allocated for one answer (``Buffer.wrap``) is held like a pooled buffer
+    within the pool's bytes (here 2 x 4 chunks); past that, the oldest written loose one is let
+    go, and if none is written the store writes the answer at once (plain ``stage``)."""
+    from thunderfs.cache.fresh import Buffer
+    store = running
+    img = store.image(CONTENT, 32 * CS)
+    data = os.urandom(12 * CS)
+    raw = bytearray(b"\0" + data)  # writable memory off a page: O_DIRECT refuses it (EINVAL)
+    a = Buffer.wrap(memoryview(raw)[1:1 + 8 * CS])
+    assert store.stage(img, 0, memoryview(raw)[1:1 + 8 * CS], a)
+    assert img.held[7] is a and img.state[0] == WRITING
+    b = Buffer.wrap(memoryview(bytearray(data[8 * CS:])))
+    assert store.stage(img, 8, memoryview(bytearray(data[8 * CS:])), b)  # over the budget, a not written yet:
+    assert 8 not in img.held and img.state[8] == PENDING  # written at once
+    await wait_until(lambda: a.written)
+    assert not a.failed and not img.direct[0]  # refused straight (EINVAL): through the page cache
+    assert await store.read(img, 0, 12 * CS) == data  # a from memory, the rest from the file
+    assert a.owner is None and store.buffers.statistics()["loose_bytes"] == 0  # read and written: let go
+    assert await store.read(img, 0, 8 * CS) == data[:8 * CS]  # now from the file (page cache: unaligned)
+    assert store.buffers.statistics()["loose_refused"] == 1

@@ -75,8 +75,8 @@ async def test_pieces_come_whole_and_in_order_from_one_pooled_buffer(store):
     assert [o for o, _ in got[:3]] == [start + i * PLACE_STEP for i in range(3)]
     assert [len(d) for _, d in got[:3]] == [PLACE_STEP] * 2 + [1234]
     assert b"".join(d for _, d in got[:3]) == DATA[start:end] and len(buffers) == 1 and got[3:] == got[:3]
-    assert src.statistics()["origin_buffers"] == {"buffers": 1, "in_use": 0, "holding": 0, "buffer_bytes": PLACE_STEP,
-                                                  "waits": 0, "taken_back": 0, "held": 0, "let_go_unread": 0}
+    stats = src.statistics()["origin_buffers"]
+    assert (stats["buffers"], stats["in_use"], stats["holding"], stats["waits"]) == (1, 0, 0, 0)
 
 
 async def test_runs_are_split_at_gaps_and_at_the_largest_request(store):

@@ -10,7 +10,9 @@ to a thread (a cold whole-image read spent a third of the daemon's CPU on that r
 its event loop waited 0.6 ms a MiB on the write).
 
 Memory for received bytes stays at ``count * size`` whatever the number of transfers: a receive
-waits for a buffer when every one is either receiving or holds chunks still being written.
+waits for a buffer when every one is either receiving or holds chunks still being written.  A
+peer's answer arrives in memory of its own; the store holds it the same way (``Buffer.wrap``),
+within a budget of as many bytes again, and writes it itself where the budget is spent.
 A buffer goes back to the pool only when nobody refers to it any more (the source that received
 into it, the store that holds it); one handed back more often than it was taken is a bug,
 refused loudly.
@@ -28,14 +30,26 @@ import trio
 
 class Buffer:
     """One page-aligned buffer, and, while the store holds it, what it holds: chunks ``first``
-    .. ``first + count - 1`` of the image content ``owner`` (the store's ``ImageData``)."""
+    .. ``first + count - 1`` of the image content ``owner`` (the store's ``ImageData``).  A
+    *loose* one (``wrap``) is memory a source allocated for one transfer (a peer's answer): held
+    within the pool's byte budget, and simply dropped when let go."""
 
-    __slots__ = ("mm", "refs", "owner", "first", "count", "nbytes", "unread", "written", "failed", "_done")
+    __slots__ = ("mm", "refs", "pooled", "owner", "first", "count", "nbytes", "unread", "written", "failed",
+                 "_done")
 
     def __init__(self, size: int):
-        self.mm = mmap.mmap(-1, size)
+        self.mm: mmap.mmap | memoryview = mmap.mmap(-1, size)
         self.refs = 0
+        self.pooled = True
         self._clear()
+
+    @classmethod
+    def wrap(cls, memory: memoryview) -> "Buffer":
+        """Loose: ``memory`` (whose owner hands it over for good) as a buffer, referred to once."""
+        buf = cls.__new__(cls)
+        buf.mm, buf.refs, buf.pooled = memory, 1, False
+        buf._clear()
+        return buf
 
     def _clear(self) -> None:
         self.owner = None
@@ -74,7 +88,8 @@ class ReceiveBuffers:
         self._made = 0
         self._held: OrderedDict[int, Buffer] = OrderedDict()  # id -> buffer, oldest held first
         self._changed = trio.Event()  # a buffer came free, or a held one was written
-        self._stats = dict.fromkeys(("waits", "taken_back", "held", "let_go_unread"), 0)
+        self._loose = 0  # bytes held in loose buffers
+        self._stats = dict.fromkeys(("waits", "taken_back", "held", "let_go_unread", "loose_refused"), 0)
 
     def set_let_go(self, let_go: Callable[[Buffer], None]) -> None:
         self._let_go_hook = let_go
@@ -101,7 +116,7 @@ class ReceiveBuffers:
             if self._made < self.count:
                 self._made += 1
                 return Buffer(self.size)
-            victim = next((b for b in self._held.values() if b.written), None)
+            victim = next((b for b in self._held.values() if b.written and b.pooled), None)
             if victim is not None:
                 self._stats["taken_back"] += 1
                 self.release_held(victim)
@@ -111,15 +126,29 @@ class ReceiveBuffers:
                 self._stats["waits"] += 1
             await self._changed.wait()
 
-    def hold(self, buf: Buffer, owner, first: int, count: int, nbytes: int) -> None:
-        """The store keeps ``buf``'s first ``nbytes`` as chunks ``first..first+count-1``."""
+    def hold(self, buf: Buffer, owner, first: int, count: int, nbytes: int) -> bool:
+        """The store keeps ``buf``'s first ``nbytes`` as chunks ``first..first+count-1``; False
+        for a loose one that does not fit the budget (``count * size`` bytes held loose), even
+        once the oldest written are let go."""
         if buf.owner is not None or buf.refs < 1:
             raise RuntimeError("a receive buffer held twice, or after it went back")
+        if not buf.pooled:
+            budget = self.size * self.count
+            for victim in [b for b in self._held.values() if b.written and not b.pooled]:
+                if self._loose + nbytes <= budget:
+                    break
+                self._stats["taken_back"] += 1
+                self.release_held(victim)
+            if self._loose + nbytes > budget:
+                self._stats["loose_refused"] += 1
+                return False
+            self._loose += nbytes
         buf.refs += 1
         buf.owner, buf.first, buf.count, buf.nbytes = owner, first, count, nbytes
         buf.unread = set(range(first, first + count))
         self._held[id(buf)] = buf
         self._stats["held"] += 1
+        return True
 
     def mark_written(self, buf: Buffer, ok: bool) -> None:
         buf.written, buf.failed = True, not ok
@@ -143,6 +172,8 @@ class ReceiveBuffers:
             self._stats["let_go_unread"] += 1
         if self._let_go_hook is not None:
             self._let_go_hook(buf)
+        if not buf.pooled:
+            self._loose -= buf.nbytes
         buf._clear()
         self.unref(buf)
 
@@ -150,7 +181,7 @@ class ReceiveBuffers:
         if buf.refs < 1:
             raise RuntimeError("a receive buffer was handed back twice")
         buf.refs -= 1
-        if not buf.refs:
+        if not buf.refs and buf.pooled:
             self._free.append(buf)
             self._wake()
 
@@ -160,4 +191,4 @@ class ReceiveBuffers:
 
     def statistics(self) -> dict:
         return {"buffers": self._made, "in_use": self._made - len(self._free), "holding": len(self._held),
-                "buffer_bytes": self._made * self.size, **self._stats}
+                "buffer_bytes": self._made * self.size, "loose_bytes": self._loose, **self._stats}

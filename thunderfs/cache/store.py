@@ -508,14 +508,13 @@ class ChunkStore:
             self._wake.set()
             return False
         offset = first * self.chunk_size
-        if buffer is not None and self._nursery is not None and not img.sealed and self.buffers is not None:
+        if (buffer is not None and self._nursery is not None and not img.sealed and self.buffers is not None
+                and self._hold(img, first, data, buffer)):
             try:
                 self._nursery.start_soon(self._write_behind, img, buffer)
-            except RuntimeError:  # the store stops: write it now, as below
-                pass
-            else:
-                self._hold(img, first, data, buffer)
-                return True
+            except RuntimeError as exc:  # the store stops: never written (served until let go)
+                self._write_failed(img, buffer, OSError(errno.ESHUTDOWN, str(exc)))
+            return True
         try:
             written = self._write(img, data, offset)
             if written != n:
@@ -539,12 +538,13 @@ class ChunkStore:
         img.wake_waiters()
         return True
 
-    def _hold(self, img: ImageData, first: int, data, buffer: Buffer) -> None:
-        """Rule 7: serve ``data`` from ``buffer`` from now on; ``_write_behind`` (started, not yet
-        run) writes it."""
+    def _hold(self, img: ImageData, first: int, data, buffer: Buffer) -> bool:
+        """Rule 7: serve ``data`` from ``buffer`` from now on, for ``_write_behind`` to write;
+        False if the pool cannot hold it (a loose buffer past its budget)."""
         n, cs = len(data), self.chunk_size
         count = -(-n // cs)
-        self.buffers.hold(buffer, img, first, count, n)
+        if not self.buffers.hold(buffer, img, first, count, n):
+            return False
         with buffer.view(0, n) as view:
             for i in range(count):
                 c = first + i
@@ -555,16 +555,16 @@ class ChunkStore:
         self._used += n
         self._stats["chunks_staged"] += count
         img.wake_waiters()
+        return True
 
     async def _write_behind(self, img: ImageData, buffer: Buffer) -> None:
         first, n = buffer.first, buffer.nbytes
         offset = first * self.chunk_size
-        direct = img.direct_fd != img.fd and n % _PAGE == 0
         error: OSError | None = None
         try:
             with buffer.view(0, n) as view:
-                written = await trio.to_thread.run_sync(os.pwrite, img.direct_fd if direct else img.fd, view, offset,
-                                                        limiter=self._writes, abandon_on_cancel=False)
+                written, direct = await trio.to_thread.run_sync(self._pwrite, img, view, offset, limiter=self._writes,
+                                                                abandon_on_cancel=False)
             if written != n:
                 raise OSError(errno.ENOSPC, "short write")
         except OSError as exc:
@@ -578,14 +578,30 @@ class ChunkStore:
                     img.state[c] = PENDING
                     self._pending.append((img, c))
             self._wake.set()
+            self.buffers.mark_written(buffer, True)
         else:
-            # The bytes stay servable from the buffer until the pool takes it back (``_let_go``).
-            self._stats["write_behind_failures"] += 1
-            self._used -= n
-            if not img.sealed:
-                self._scrub(img, offset, n)
-            self._failed_write(error, n)
-        self.buffers.mark_written(buffer, error is None)
+            self._write_failed(img, buffer, error)
+
+    def _write_failed(self, img: ImageData, buffer: Buffer, error: OSError) -> None:
+        """The bytes stay servable from the buffer until the pool takes it back (``_let_go``)."""
+        n = buffer.nbytes
+        self._stats["write_behind_failures"] += 1
+        self._used -= n
+        if not img.sealed:
+            self._scrub(img, buffer.first * self.chunk_size, n)
+        self._failed_write(error, n)
+        self.buffers.mark_written(buffer, False)
+
+    def _pwrite(self, img: ImageData, view: memoryview, offset: int) -> tuple[int, bool]:
+        """In a worker: straight to the disk where the kernel takes it (whole pages of aligned
+        memory), else through the page cache; (bytes written, whether straight)."""
+        if img.direct_fd != img.fd and len(view) % _PAGE == 0:
+            try:
+                return os.pwrite(img.direct_fd, view, offset), True
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:  # unaligned memory: the page cache takes it
+                    raise
+        return os.pwrite(img.fd, view, offset), False
 
     def _let_go(self, buffer: Buffer) -> None:
         """The pool takes ``buffer`` back: its chunks are served from the file from now on, or,

@@ -12,10 +12,12 @@ stays inside: ``fetch`` returns what it did not deliver and the fetcher asks Gla
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import trio
 
+from thunderfs.cache.fresh import Buffer
 from thunderfs.cache.store import ImageData
 from thunderfs.fetch.claims import ClaimTaker
 from thunderfs.fetch.lazy_manifest import LazyManifest
@@ -49,6 +51,12 @@ PLAN_TTL = 15.0
 # first seconds, and every unclaimed background fetch sends Glance what the crowd is fetching too;
 # a reader that joins the flight (it becomes a demand fetch) ends the wait.
 TRACKER_PATIENCE = 10.0
+
+
+def _put(sink: Sink, first: int, data) -> None:
+    """A peer's checked answer to the cache, which may hold it (its memory is this answer's
+    alone: ``peer_client`` receives each into memory of its own) and serve from it."""
+    sink.put(first, data, Buffer.wrap(data) if isinstance(data, memoryview) and not data.readonly else None)
 
 
 class PeerSource:
@@ -192,7 +200,7 @@ class PeerSource:
         if unplanned:
             with trio.move_on_after(self.timeout * 3 + want.nbytes() / MIN_RATE):
                 for rfirst, piece in await self._from_holders(meta, img, unplanned):
-                    sink.put(rfirst, piece)
+                    _put(sink, rfirst, piece)
                     got.update(range(rfirst, rfirst + -(-len(piece) // cs)))
         missing = [c for c in unplanned if c not in got and not img.cached(c)]
         others = list(theirs.values())
@@ -211,8 +219,8 @@ class PeerSource:
             wait = min(CLAIM_WAIT_MAX, deadline_for(self._fetch_timeout, len(chunks) * cs))
             if want.priority == DEMAND:
                 wait = min(wait, CLAIM_WAIT_DEMAND * self._fetch_timeout)
-            left = await self.claims.take(meta, img, peer, chunks, wait, sink.put, held=held,
-                                          urgent=want.priority == DEMAND)
+            left = await self.claims.take(meta, img, peer, chunks, wait, functools.partial(_put, sink),
+                                          held=held, urgent=want.priority == DEMAND)
             late.extend(left)
             self._stats["claimed_chunks_late"] += len(left)
 
