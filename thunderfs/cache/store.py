@@ -719,7 +719,9 @@ class ChunkStore:
         async for img, first, last in self._will_need_recv:
             offset = first * self.chunk_size
             length = min(img.size, (last + 1) * self.chunk_size) - offset
-            if self._images.get(img.content) is img and not img.direct[first]:
+            # Not chunks written straight (their first read goes to the disk anyway), nor ones
+            # served from a receive buffer (rule 7: perhaps not on the disk yet).
+            if self._images.get(img.content) is img and not img.direct[first] and first not in img.held:
                 await trio.to_thread.run_sync(os.posix_fadvise, img.fd, offset, length, os.POSIX_FADV_WILLNEED,
                                               limiter=self._io)
 
