@@ -165,3 +165,20 @@ async def test_a_peers_answer_is_held_loose_within_the_budget_and_unaligned_memo
     assert a.owner is None and store.buffers.statistics()["loose_bytes"] == 0  # read and written: let go
     assert await store.read(img, 0, 8 * CS) == data[:8 * CS]  # now from the file (page cache: unaligned)
     assert store.buffers.statistics()["loose_refused"] == 1
+
+
+async def test_a_read_within_one_buffer_may_borrow_it_and_any_other_is_copied(running, monkeypatch):
+    store, writes = running, HeldWrites(monkeypatch)
+    img = store.image(CONTENT, 8 * CS)
+    data = os.urandom(4 * CS)
+    buf = await staged_from_a_buffer(store, img, 0, data)
+    lent = await store.read(img, CS, 2 * CS, borrow=True)
+    assert isinstance(lent, memoryview) and lent.obj is buf.mm and lent == data[CS:3 * CS]
+    lent.release()
+    copied = await store.read(img, CS, 2 * CS)  # not asked to borrow: a copy
+    assert isinstance(copied, bytes) and copied == data[CS:3 * CS]
+    writes.gate.set()
+    other = os.urandom(4 * CS)
+    store.stage(img, 4, other)  # no buffer: written at once, read from the file
+    across = await store.read(img, 3 * CS, 2 * CS, borrow=True)
+    assert isinstance(across, bytes) and across == data[3 * CS:] + other[:CS]

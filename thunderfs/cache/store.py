@@ -339,10 +339,14 @@ class ChunkStore:
     def unpin(self, img: ImageData, token: int) -> None:
         del img.pins[token]
 
-    async def read(self, img: ImageData, offset: int, size: int, extra: dict[int, bytes] | None = None) -> bytes:
+    async def read(self, img: ImageData, offset: int, size: int, extra: dict[int, bytes] | None = None, *,
+                   borrow: bool = False) -> bytes | memoryview:
         """Bytes ``[offset, offset+size)``: every chunk must be cached or given in ``extra``, else
         ``ChunkNotCached`` (a hole is never served); a cached chunk whose bytes fail their checksum
-        is dropped and ``ChunkCorrupt`` raised (rule 5).  The caller pins the chunks (rule 4)."""
+        is dropped and ``ChunkCorrupt`` raised (rule 5).  The caller pins the chunks (rule 4).
+        ``borrow``: where every byte lies in one receive buffer (rule 7), a view of it rather
+        than a copy, valid only until the caller's next checkpoint (the pool may reuse the
+        buffer after it): the FUSE reply is written before any."""
         first, last = img.chunk_range(offset, size)
         state = img.state
         for c in range(first, last + 1):
@@ -363,8 +367,12 @@ class ChunkStore:
             if buf is not None:  # rule 7: from the receive buffer, as one run
                 run_last = min(last, buf.last)
                 base = buf.first * cs
-                with buf.view(max(offset, c * cs) - base, min(end, (run_last + 1) * cs) - base) as view:
+                view = buf.view(max(offset, c * cs) - base, min(end, (run_last + 1) * cs) - base)
+                if borrow and c == first and run_last == last:
+                    parts.append(view)  # the whole read: lent, not copied
+                else:
                     parts.append(bytes(view))
+                    view.release()
                 self._stats["bytes_read_memory"] += len(parts[-1])
                 self.buffers.mark_read(buf, c, run_last)
                 c = run_last + 1
@@ -378,7 +386,7 @@ class ChunkStore:
             self._stats["bytes_read_disk"] += len(parts[-1])
             c = run_last + 1
         img.touched.update(dict.fromkeys(range(first, last + 1), _now_ms()))
-        return parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts)
+        return parts[0] if len(parts) == 1 and isinstance(parts[0], (bytes, memoryview)) else b"".join(parts)
 
     # A read that must wait for the disk runs in the event loop when it is small and the disk's
     # recent reads took less than this (a moving average); else in a worker thread.

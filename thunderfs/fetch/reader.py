@@ -62,7 +62,8 @@ class Reader:
     def watch(self, watcher: ReadWatcher) -> None:
         self._watchers.append(watcher)
 
-    async def read(self, offset: int, size: int) -> bytes:
+    async def read(self, offset: int, size: int) -> bytes | memoryview:
+        """The bytes, or a view of a receive buffer valid until the caller's next checkpoint."""
         img = self.img
         if offset >= img.size or size <= 0:
             return b""
@@ -82,7 +83,9 @@ class Reader:
                 else:
                     extra = None
                 try:
-                    data = await store.read(img, offset, size, extra)
+                    # Borrowed where it can be (no copy out of a receive buffer): no checkpoint
+                    # from here to the FUSE reply's write.
+                    data = await store.read(img, offset, size, extra, borrow=True)
                 except (ChunkCorrupt, ChunkNotCached):
                     continue
                 for watcher in self._watchers:

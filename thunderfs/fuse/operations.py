@@ -244,7 +244,7 @@ class Operations:
             self._reopened += 1
         return reader
 
-    async def read(self, inode: int, fh: int, off: int, size: int) -> bytes:
+    async def read(self, inode: int, fh: int, off: int, size: int) -> bytes | memoryview:
         reader = self._handle(inode, fh)
         self._reads += 1
         self._read_bytes += size
