@@ -81,6 +81,8 @@ async def test_chunks_are_served_from_their_buffer_while_written_behind_then_fro
     writes.gate.set()
     await wait_until(lambda: img.state[2] != WRITING)
     assert img.state[2] == PENDING and buf.written
+    # Read from memory counts as read once (the page cache is tried next time); unread, not.
+    assert list(img.direct[2:6]) == [0, 0, 0, 1]  # the read above touched chunks 2-4
     assert buf.owner is img  # two chunks not read yet: still held
     assert await store.read(img, 4 * CS, 2 * CS) == data[2 * CS:]
     assert buf.owner is None and not img.held and store.buffers.statistics()["in_use"] == 0  # all read: back

@@ -374,6 +374,9 @@ class ChunkStore:
                     parts.append(bytes(view))
                     view.release()
                 self._stats["bytes_read_memory"] += len(parts[-1])
+                # Read once, as a read back from the disk would have: later reads try the page
+                # cache first, and a sequential reader's readahead fills it (``_read_ahead``).
+                img.direct[c:run_last + 1] = bytes(run_last - c + 1)
                 self.buffers.mark_read(buf, c, run_last)
                 c = run_last + 1
                 continue
@@ -579,7 +582,9 @@ class ChunkStore:
             error = exc
         chunks = range(first, first + buffer.count)
         if error is None:
-            img.direct[first:first + buffer.count] = (b"\1" if direct else b"\0") * buffer.count
+            if direct:  # those not read from the buffer yet: their first read goes to the disk
+                for c in buffer.unread:
+                    img.direct[c] = 1
             self._stats["bytes_written_behind"] += n
             for c in chunks:
                 if img.state[c] == WRITING and img.held.get(c) is buffer:
