@@ -25,6 +25,7 @@ a corrupt cached chunk is dropped, never relayed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections.abc import Callable
@@ -179,8 +180,9 @@ class PeerServer:
                 # Chunks take upload bandwidth (the whole answer at once: one larger than the
                 # bucket's burst goes into debt); a refusal goes at once, not behind them.
                 await self._bucket.wait_for(len(body))
-                async for piece in body.pieces():
-                    await self._send_data(conn, stream, piece)
+                async with contextlib.aclosing(body.pieces()) as pieces:  # closed here, even when cut
+                    async for piece in pieces:
+                        await self._send_data(conn, stream, piece)
             else:
                 await self._send_data(conn, stream, body)
         await stream.send_all(conn.send(h11.EndOfMessage()))
