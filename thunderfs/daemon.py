@@ -39,7 +39,7 @@ from thunderfs_common.glance import GlanceError
 from thunderfs_common.image import ImageMeta
 from thunderfs.fetch.fetcher import Fetcher
 from thunderfs.glance.auth import GlanceAuthError, KeystoneAuth, KeystoneDown
-from thunderfs.fetch.glance import PLACE_STEP, GlanceSource
+from thunderfs.fetch.glance import GlanceSource, piece_bytes
 from thunderfs.fuse import mounting
 from thunderfs.fuse.operations import Operations
 from thunderfs.fuse.kernel import KERNEL_MINOR, MAX_WRITE, InitParams
@@ -184,7 +184,7 @@ async def run(config: MountConfig, keystone: KeystoneSettings | None = None,
         stack.callback(index.close)
         index.check_layout(config.chunk_size)
         # Glance's pieces arrive in these, and are served from them until written and read.
-        piece = max(1, PLACE_STEP // config.chunk_size) * config.chunk_size
+        piece = piece_bytes(config.chunk_size)
         buffers = ReceiveBuffers(piece, max(config.origin_concurrency + 1, config.receive_memory // piece))
         store = ChunkStore(config.cache_dir, index, config.chunk_size, config.cache_size, buffers=buffers)
         stack.callback(store.close)

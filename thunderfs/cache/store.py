@@ -524,7 +524,7 @@ class ChunkStore:
             try:
                 self._nursery.start_soon(self._write_behind, img, buffer)
             except RuntimeError as exc:  # the store stops: never written (served until let go)
-                self._write_failed(img, buffer, OSError(errno.ESHUTDOWN, str(exc)))
+                self._write_behind_failed(img, buffer, OSError(errno.ESHUTDOWN, str(exc)))
             return True
         try:
             written = self._write(img, data, offset)
@@ -593,9 +593,9 @@ class ChunkStore:
             self._wake.set()
             self.buffers.mark_written(buffer, True)
         else:
-            self._write_failed(img, buffer, error)
+            self._write_behind_failed(img, buffer, error)
 
-    def _write_failed(self, img: ImageData, buffer: Buffer, error: OSError) -> None:
+    def _write_behind_failed(self, img: ImageData, buffer: Buffer, error: OSError) -> None:
         """The bytes stay servable from the buffer until the pool takes it back (``_let_go``)."""
         n = buffer.nbytes
         self._stats["write_behind_failures"] += 1
@@ -605,16 +605,18 @@ class ChunkStore:
         self._failed_write(error, n)
         self.buffers.mark_written(buffer, False)
 
-    def _pwrite(self, img: ImageData, view: memoryview, offset: int) -> tuple[int, bool]:
-        """In a worker: straight to the disk where the kernel takes it (whole pages of aligned
-        memory), else through the page cache; (bytes written, whether straight)."""
-        if img.direct_fd != img.fd and len(view) % _PAGE == 0:
+    def _pwrite(self, img: ImageData, data, offset: int) -> tuple[int, bool]:
+        """Straight to the disk (O_DIRECT) when the bytes are whole pages in page-aligned memory
+        (a pooled receive buffer, a peer's answer); through the page cache otherwise: ``bytes``
+        (the tracker's seed), or unaligned memory (the kernel refuses it with EINVAL, which costs
+        one system call).  (bytes written, whether straight); in any thread."""
+        if img.direct_fd != img.fd and len(data) % _PAGE == 0 and not memoryview(data).readonly:
             try:
-                return os.pwrite(img.direct_fd, view, offset), True
+                return os.pwrite(img.direct_fd, data, offset), True
             except OSError as exc:
-                if exc.errno != errno.EINVAL:  # unaligned memory: the page cache takes it
+                if exc.errno != errno.EINVAL:
                     raise
-        return os.pwrite(img.fd, view, offset), False
+        return os.pwrite(img.fd, data, offset), False
 
     def _let_go(self, buffer: Buffer) -> None:
         """The pool takes ``buffer`` back: its chunks are served from the file from now on, or,
@@ -640,23 +642,14 @@ class ChunkStore:
             log.error("writing to the cache failed: %s; serving uncached", exc)
 
     def _write(self, img: ImageData, data, offset: int) -> int:
-        """Straight to the disk (O_DIRECT) when the bytes are whole pages in page-aligned memory
-        (a pooled receive buffer, a peer's answer); through the page cache otherwise: ``bytes``
-        (the tracker's seed), or unaligned memory (the kernel refuses it with EINVAL, which costs
-        one system call)."""
+        """``data`` written now, in the event loop (``_pwrite``), and marked as written straight
+        or not."""
         first, n = offset // self.chunk_size, -(-len(data) // self.chunk_size)
-        if img.direct_fd != img.fd and len(data) % _PAGE == 0 and not memoryview(data).readonly:
-            try:
-                written = os.pwrite(img.direct_fd, data, offset)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-            else:
-                self._stats["bytes_written_direct"] += written
-                img.direct[first:first + n] = b"\1" * n
-                return written
-        img.direct[first:first + n] = bytes(n)
-        return os.pwrite(img.fd, data, offset)
+        written, direct = self._pwrite(img, data, offset)
+        if direct:
+            self._stats["bytes_written_direct"] += written
+        img.direct[first:first + n] = (b"\1" if direct else b"\0") * n
+        return written
 
     def _scrub(self, img: ImageData, offset: int, length: int) -> None:
         try:
@@ -820,6 +813,5 @@ class ChunkStore:
             "room": min(self.capacity, self._room),  # less than capacity: the disk is short
             "used": self._used,
             "pending_chunks": len(self._pending),
-            **({"receive_buffers": self.buffers.statistics()} if self.buffers is not None else {}),
             "open_contents": len(self._images),
         }

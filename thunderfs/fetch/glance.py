@@ -40,6 +40,11 @@ from thunderfs_common.glance import (GlanceClient, GlanceError, GlanceProtocolEr
 PLACE_STEP = 2**20
 
 
+def piece_bytes(chunk_size: int) -> int:
+    """A piece: ``PLACE_STEP`` in whole chunks (one chunk at least): the size of a receive buffer."""
+    return max(1, PLACE_STEP // chunk_size) * chunk_size
+
+
 class RequestCost:
     """What a Glance request costs: a fixed time per request and a rate per byte, estimated from
     the requests made (moving averages), and their product, the bandwidth-delay product: a
@@ -87,7 +92,7 @@ class GlanceSource:
         self._http = http or HTTPClient(timeout=fetch_timeout, connect_timeout=connect_timeout,
                                         ssl_context=ssl_context, max_idle=concurrency)  # tests: fakes.MockHTTP
         # The cache's pool (the daemon's wiring), whose buffers it holds; else one of its own.
-        self._buffers = buffers or ReceiveBuffers(max(1, PLACE_STEP // chunk_size) * chunk_size, concurrency)
+        self._buffers = buffers or ReceiveBuffers(piece_bytes(chunk_size), concurrency)
         self._stats = dict.fromkeys(("requests", "range_requests", "bytes", "errors"), 0)
         self._cs = chunk_size
         self._max_chunks = max_chunks
