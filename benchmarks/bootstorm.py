@@ -227,6 +227,15 @@ class Storm:
 
         return boot(path, self.work, name, on_start=self.vms.append)
 
+    def cpu_by_process(self) -> dict[str, float]:
+        """CPU seconds so far of what shares the nodes' two cores: the tracker (its replicas),
+        Glance (its process groups: gunicorn's workers) and this process (the replaying readers
+        and the proxy that counts Glance's bytes).  The daemons' own are counted by the caller."""
+        t = os.times()
+        return {"tracker": sum(group_cpu(tr.proc.pid) for tr in self.trackers if tr.proc is not None),
+                "glance": group_cpu(self.glance.proc.pid) if self.glance.proc is not None else 0.0,
+                "bench": t.user + t.system}
+
     # --- the storm -------------------------------------------------------------------------------
 
     def storm(self, way: str, targets: list[Path], prepare=None, stats=None, progress=None) -> dict:
@@ -257,18 +266,52 @@ class Storm:
         timeline = []
         barrier.wait()
         start = time.perf_counter()
+        machine_start = last = machine_jiffies()
+        procs_start = self.cpu_by_process()
         while any(th.is_alive() for th in threads):
+            now = machine_jiffies()
             sample = {"t": round(time.perf_counter() - start, 2),
-                      "glance": self.proxy.range_bytes + self.proxy.whole_bytes - before - whole_before}
+                      "glance": self.proxy.range_bytes + self.proxy.whole_bytes - before - whole_before,
+                      "busy": busy_share(last, now)}  # of both cores, since the last sample
+            last = now
             if stats:
                 sample.update(stats())
             timeline.append(sample)
             time.sleep(1.0)
+        end = machine_jiffies()
+        procs = {k: round(v - procs_start[k], 2) for k, v in self.cpu_by_process().items()}
         return {"times": times, "errors": errors, "glance_egress": self.proxy.range_bytes - before,
+                # How busy the machine's cores were from the start to the last boot's end (every
+                # process and the kernel's network work): near 1, the machine bounds the storm.
+                "machine": {"busy": busy_share(machine_start, end), "softirq": share(machine_start, end, "softirq"),
+                            "cores": os.cpu_count(), "seconds": round(time.perf_counter() - start, 2),
+                            "busy_seconds": round(busy_share(machine_start, end) * (time.perf_counter() - start)
+                                                  * os.cpu_count(), 1),
+                            "cpu_seconds": procs},
                 # Of that, bytes Glance sent once (the rest it sent again: the same range twice
                 # or more), from the Range headers of the storm's requests.
                 "glance_distinct": distinct_bytes(self.proxy.ranges[ranges_before:], self.size),
                 "glance_whole": self.proxy.whole_bytes - whole_before, "timeline": timeline}
+
+
+# /proc/stat's cpu line, in order; idle and iowait are the cores' idle time.
+_CPU_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+
+
+def machine_jiffies() -> dict[str, int]:
+    """The machine's CPU time so far, by kind, in clock ticks (all cores)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:1 + len(_CPU_FIELDS)]
+    return dict(zip(_CPU_FIELDS, map(int, fields)))
+
+
+def share(a: dict[str, int], b: dict[str, int], *kinds: str) -> float | None:
+    """The share of all cores' time between two ``machine_jiffies`` that went to ``kinds``."""
+    total = sum(b.values()) - sum(a.values())
+    return round(sum(b[k] - a[k] for k in kinds) / total, 3) if total > 0 else None
+
+
+def busy_share(a: dict[str, int], b: dict[str, int]) -> float | None:
+    return share(a, b, *(k for k in _CPU_FIELDS if k not in ("idle", "iowait")))
 
 
 def distinct_bytes(ranges: list[str], size: int) -> int:
@@ -586,6 +629,16 @@ def report(results: dict) -> None:
             c = r["cpu"]
             print(f"  {'':12s} daemon CPU: {c['daemon_seconds_per_node']:.1f} s per node, "
                   f"{c['daemon_seconds_per_gib_moved'] or 0:.1f} s per GiB received and served")
+        if r.get("machine") and r["machine"]["busy"] is not None:
+            mc = r["machine"]
+            full = sum(1 for s in r["timeline"] if (s.get("busy") or 0) >= 0.95)
+            by = mc.get("cpu_seconds", {})
+            daemons = r["cpu"]["daemon_seconds_per_node"] * n if r.get("cpu") else None
+            print(f"  {'':12s} the machine's {mc['cores']} cores {mc['busy']:.0%} busy through the storm "
+                  f"({mc['softirq']:.0%} the kernel's network work); {full} of {len(r['timeline'])} seconds at 95 % "
+                  f"or more; CPU s: {mc.get('busy_seconds', 0):.0f} busy"
+                  + (f", daemons {daemons:.0f}" if daemons is not None else "")
+                  + "".join(f", {k} {v:.0f}" for k, v in by.items()))
         if way == "thunderfs" and "tracker_requests_per_node" in results:
             by = results.get("tracker_requests_by_route_per_node", {})
             print(f"  {'':12s} tracker requests per node per boot: {results['tracker_requests_per_node']:.1f} "
@@ -604,6 +657,20 @@ def cpu_seconds(pid: int | None) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def group_cpu(pgid: int) -> float:
+    """User and system CPU seconds so far of every live process in a process group."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid:
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def route_name(canonical: str) -> str:

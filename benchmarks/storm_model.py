@@ -12,16 +12,22 @@ Fed with figures measured on this machine (a boot storm's results JSON from boot
   k, C   Glance range requests one cold boot makes, and range requests/s Glance serves
   Cp, M  peer requests/s one host's CPU serves and receives (benchmarks/peer_serve_bench.py), and
          how many nodes share that host: all N here (two cores for every daemon), 1 in a cluster
+  c, o   CPU seconds per node per boot that the daemons, and the rest that shares their cores
+         (the tracker, Glance, the replaying readers), spent in the run (bootstorm.py's "cpu" and
+         "machine"); P the cores the M nodes of a host share (2 here)
   Bg is the lesser of Glance's link and what one node measured getting from it (calibration).
 
   Nova's way     egress N*S;  time  max(S/Bn, N*S/Bg) + T0       (download, then boot locally)
   Glance only    egress N*W;  time  max(T0 + D, W/Bn + D, N*W/Bg + D, N*k/C)
   thunderfs      egress W;
-      time  max(T0 + Dp, max(W/Bn, W/Bg) + Dp, k/C, N*q/R) + M*k/Cp
+      time  max(T0 + Dp, max(W/Bn, W/Bg) + Dp, k/C, N*q/R, M*(c + o)/P) + M*k/Cp
                  (Glance sends the working set once and nodes relay it, pipelined: each node's
                  own link and one pass through Glance's bound the time; N*q/R is the tracker
-                 saturating; M*k/Cp the peer transfers of the nodes sharing a host's CPU, which
-                 hold up the boots on that host)
+                 saturating; M*(c + o)/P the host's cores, when what its nodes and the rest
+                 spend exceeds what its cores give in the boot's own time (a run without the
+                 CPU figures leaves it out); M*k/Cp the peer transfers of the nodes sharing a
+                 host's CPU, which hold up the boots on that host, where c was not measured:
+                 c holds them)
 
 ``check`` compares it with the measured runs and prints the error; ``curve`` gives points for
 N = 1..10,000 (benchmarks/plots.py draws them).
@@ -94,6 +100,17 @@ class Params:
     R: float = TRACKER_REQUESTS_PER_S
     Cp: float = PEER_REQUESTS_PER_S
     shared_host: bool = False  # all nodes on one host (the runs here): M = N, else M = 1
+    c: float = 0.0     # daemon CPU seconds per node per boot (0: not measured)
+    o: float = 0.0     # CPU seconds per node per boot of the rest on the nodes' cores
+    P: int = 2         # cores the nodes of one host share
+
+    def with_cpu(self, way: dict, n: int) -> "Params":
+        """These parameters with the CPU a way's run measured (none if it did not)."""
+        cpu, machine = way.get("cpu") or {}, way.get("machine") or {}
+        if not cpu.get("daemon_seconds_per_node"):
+            return self
+        others = sum(machine.get("cpu_seconds", {}).values()) / n
+        return dataclasses.replace(self, c=cpu["daemon_seconds_per_node"], o=others, P=machine.get("cores", 2))
 
     @classmethod
     def from_results(cls, r: dict) -> "Params":
@@ -122,7 +139,10 @@ def predict(way: str, n: int, p: Params) -> tuple[float, float]:
         return max(p.T0 + p.D, p.W / p.Bn + p.D, n * p.W / p.Bg + p.D, n * p.k / p.C), n * p.W
     if way in ("thunderfs", "thunderfs-new"):
         m = n if p.shared_host else 1
-        return max(p.T0 + p.Dp, max(p.W / p.Bn, p.W / p.Bg) + p.Dp, p.k / p.C, n * p.q / p.R) + m * p.k / p.Cp, p.W
+        cores = m * (p.c + p.o) / p.P if p.shared_host else p.c  # a node of a cluster: its own core
+        # The peer transfers' CPU is in c where it was measured: then not added again.
+        transfers = 0.0 if p.c else m * p.k / p.Cp
+        return max(p.T0 + p.Dp, max(p.W / p.Bn, p.W / p.Bg) + p.Dp, p.k / p.C, n * p.q / p.R, cores) + transfers, p.W
     raise ValueError(way)
 
 
@@ -144,7 +164,7 @@ def check(results: dict, tracker_rps: float = TRACKER_REQUESTS_PER_S,
             continue
         n = len(r["times"])
         q = r.get("tracker_requests_per_node") if way == "thunderfs-new" else None
-        t, e = predict(way, n, p if q is None else dataclasses.replace(p, q=q))
+        t, e = predict(way, n, (p if q is None else dataclasses.replace(p, q=q)).with_cpu(r, n))
         # A new image's egress: the tracker's seed reads included (its whole-image check after
         # the storm is a one-time cost, like a manifest's).
         rows.append((way, n, max(times), t, r.get("glance_egress_all", r["glance_egress"]), e))
