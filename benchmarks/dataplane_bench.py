@@ -49,6 +49,7 @@ from harness.local_glance import LocalGlance, free_port  # noqa: E402
 from harness.mounts import Mount, thunderfs  # noqa: E402
 from harness.nginx import write_conf  # noqa: E402
 from harness.pagecache import drop_page_cache  # noqa: E402
+from thunderfs_common import chunk_digest  # noqa: E402
 from read_bench import cpu_times, make_image, peak_rss, seq_read  # noqa: E402  (this directory)
 
 MiB, GiB = 2**20, 2**30
@@ -318,7 +319,7 @@ def _cluster(work: Path, glance: LocalGlance, image_id: str, size: int):
 def peer_step(work: Path, glance: LocalGlance, image_id: str, size: int, runs: int) -> dict:
     """A node reads the whole image through its mount from a peer that has it cached (both in a
     cluster with a secret, every request signed): the reader's CPU per GiB received from the peer
-    (sha256 of every chunk included), the holder's per GiB served, and the rate."""
+    (every chunk's digest checked), the holder's per GiB served, and the rate."""
     rows: dict[str, list[float]] = {k: [] for k in ("mibs", "cpu_s_per_gib_received", "cpu_s_per_gib_served",
                                                     "peer_share")}
     with _cluster(work, glance, image_id, size) as (node, holder):
@@ -461,8 +462,12 @@ def stage_costs(size: int = 256 * MiB) -> dict:
             "xxh3 (cache check, twice a chunk)": 2 * cpu(lambda: [xxhash.xxh3_64_intdigest(view[i:i + cs])
                                                                     for _ in range(size // piece)
                                                                     for i in range(0, piece, cs)]),
-            "sha256 (a peer's chunks)": cpu(lambda: [hashlib.sha256(view[i:i + cs]).digest()
-                                                     for _ in range(size // piece) for i in range(0, piece, cs)]),
+            "BLAKE3 (a peer's chunks: the manifest's digest)": cpu(lambda: [chunk_digest.digest(view[i:i + cs])
+                                                                           for _ in range(size // piece)
+                                                                           for i in range(0, piece, cs)]),
+            "sha256 (the manifest's digest before)": cpu(lambda: [hashlib.sha256(view[i:i + cs]).digest()
+                                                                  for _ in range(size // piece)
+                                                                  for i in range(0, piece, cs)]),
             "cache write, O_DIRECT": cpu(lambda: [os.pwrite(dfd, view, o) for o in range(0, size, piece)]),
             "read back, O_DIRECT": cpu(lambda: [os.preadv(dfd, [view], o) for o in range(0, size, piece)]),
         }

@@ -7,7 +7,7 @@ request signed and checked), one without.  In one run:
   glance   curl of the whole image from the real Glance (the baseline a node would otherwise use)
   curl     curl fetching the image from the peer server in 16 MiB requests (one curl process,
            the server's throughput without a Python client in the way)
-  client   the daemon's own peer client (httpx on trio, sha256 checked against the manifest, as
+  client   the daemon's own peer client (httpx on trio, each chunk's digest checked against the manifest, as
            PeerSource does it), 4 requests at a time, at 64 KiB (one chunk) and 1 MiB requests,
            signed to the daemon with the secret and unsigned to the other, in alternating rounds
 
@@ -17,7 +17,6 @@ Usage: .venv/bin/python benchmarks/peer_serve_bench.py [--size-mib 256] [--round
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess
@@ -36,6 +35,7 @@ from benchmarks.record import provenance, spread  # noqa: E402
 from harness.local_glance import LocalGlance, free_port  # noqa: E402
 from harness.mounts import Mount  # noqa: E402
 from harness.tracker import LocalTracker  # noqa: E402
+from thunderfs_common import chunk_digest  # noqa: E402
 from thunderfs_common.signing import sign  # noqa: E402
 
 SECRET = b"peer-serve-bench-secret-0123456789"
@@ -65,7 +65,7 @@ async def client_rate(base: str, content: str, nchunks: int, per_request: int, d
                 resp.raise_for_status()
                 view = memoryview(resp.content)
                 for i in range(count):
-                    assert hashlib.sha256(view[i * CHUNK:(i + 1) * CHUNK]).digest() == digests[first + i]
+                    assert chunk_digest.digest(view[i * CHUNK:(i + 1) * CHUNK]) == digests[first + i]
                 done += len(view)
 
         t = time.perf_counter()
@@ -91,7 +91,7 @@ def main() -> int:
         try:
             glance.start()
             data = os.urandom(size)
-            digests = [hashlib.sha256(data[i:i + CHUNK]).digest() for i in range(0, size, CHUNK)]
+            digests = chunk_digest.digests(data, CHUNK)
             (work / "image.raw").write_bytes(data)
             image_id = glance.upload("serve", work / "image.raw")["id"]
             (work / "image.raw").unlink()

@@ -115,7 +115,7 @@ def dataplane(results: Path) -> list[Row]:
         rows += [Row(28, w, target=t, command=DATAPLANE) for w, t in (
             ("CPU s per GiB received from a peer, daemon", "<= 0.8"), ("CPU s per GiB served to a peer, daemon", "<= 0.4"))]
     else:
-        rows.append(Row(28, "CPU s per GiB received from a peer, daemon (every chunk's sha256 checked)",
+        rows.append(Row(28, "CPU s per GiB received from a peer, daemon (every chunk's digest checked)",
                         spread(p["cpu_s_per_gib_received"]), f"{spread(p['mibs'], 0)} MiB/s from the peer",
                         "", *at_most(p["cpu_s_per_gib_received"], 0.8), runs, src, DATAPLANE))
         rows.append(Row(28, "CPU s per GiB served to a peer, daemon", spread(p["cpu_s_per_gib_served"]), "", "",

@@ -12,7 +12,6 @@ refuses every rewritten answer and reads from Glance.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import re
 import threading
@@ -20,6 +19,7 @@ import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from thunderfs_common import chunk_digest
 from thunderfs_tracker.protocol import encode_bits
 
 
@@ -119,11 +119,11 @@ class TrackerMitm(_Served):
             obj = json.loads(body)
         except ValueError:
             return body
-        if path.startswith("/v1/manifests/") and "sha256" in obj and "manifest" in self.rewrite:
+        if path.startswith("/v1/manifests/") and chunk_digest.ALGORITHM in obj and "manifest" in self.rewrite:
             cs, size = obj["chunk_size"], obj["size"]
-            digests = b"".join(hashlib.sha256(self.evil.chunk(min(cs, size - off))).digest()
+            digests = b"".join(chunk_digest.digest(self.evil.chunk(min(cs, size - off)))
                                for off in range(0, size, cs))
-            obj["sha256"] = base64.b64encode(digests).decode()
+            obj[chunk_digest.ALGORITHM] = base64.b64encode(digests).decode()
             self.rewritten["manifest"] += 1
         elif "/peers?" in path and "peers" in obj and "lookup" in self.rewrite:
             nbits = obj["last"] - obj["first"] + 1

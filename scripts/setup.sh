@@ -51,7 +51,7 @@ fi
 EXTRAS=test
 [ "${1:-}" = "--bench" ] && EXTRAS=test,bench
 pip_install .venv -c constraints/project.txt -e ".[$EXTRAS]"
-.venv/bin/python -c "import trio, lmdb, xxhash, httpx, aiohttp, cryptography"
+.venv/bin/python -c "import trio, lmdb, xxhash, blake3, httpx, aiohttp, cryptography"
 
 # A venv of its own for an OpenStack project the tests run for real: DIR "PACKAGES" "MODULES".
 # DIR CONSTRAINTS "PACKAGES" "MODULES"

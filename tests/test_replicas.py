@@ -176,7 +176,7 @@ def test_a_manifest_altered_in_redis_is_not_served_but_built_again(replicas, nod
     assert a.image(image_id).read_bytes() == images.data[image_id]
     path = f"/v1/manifests/{image_id}?chunk_size={CHUNK}"
     real = wait_for(lambda: (r := signed_get(trackers[0].url, path))[0] == 200 and r[1], what="the manifest")
-    forged = dict(real, sha256=base64.b64encode(bytes(32) + base64.b64decode(real["sha256"])[32:]).decode())
+    forged = dict(real, blake3=base64.b64encode(bytes(32) + base64.b64decode(real["blake3"])[32:]).decode())
     key = f"tf:m:{image_id}:{CHUNK}"
     cli = ["redis-cli", "--tls", "--cacert", str(redis.tls[0]), "-h", redis.host, "-p", str(redis.port),
            "-a", REDIS_PASSWORD, "--no-auth-warning"]
@@ -187,9 +187,9 @@ def test_a_manifest_altered_in_redis_is_not_served_but_built_again(replicas, nod
     fresh.start()
     try:
         status, body = signed_get(fresh.url, path)
-        assert status in (200, 202) and body.get("sha256") != forged["sha256"]
+        assert status in (200, 202) and body.get("blake3") != forged["blake3"]
         rebuilt = wait_for(lambda: (r := signed_get(fresh.url, path))[0] == 200 and r[1], what="a rebuilt manifest")
-        assert rebuilt["sha256"] == real["sha256"]
+        assert rebuilt["blake3"] == real["blake3"]
         assert "fails its proof" in fresh.log()
     finally:
         fresh.stop()

@@ -12,6 +12,7 @@ import trio
 
 from harness.local_redis import LocalRedis
 from harness.tracker import LocalTracker
+from thunderfs_common import chunk_digest
 from thunderfs_tracker.client import TrackerClient, TrackerRefused, TrackerUnavailable
 from thunderfs_tracker.peer_store import MemoryPeerStore
 from thunderfs_tracker.redis_conn import RedisConnection
@@ -324,15 +325,14 @@ async def _wait_manifest(c, image_id, chunk_size):
 
 
 async def test_manifest_is_built_from_glance_and_bound_to_its_hash(tracker_with_glance, glance, images):
-    import hashlib
-    image_id = images.add(5 * 65536 + 100, seed=90)
+        image_id = images.add(5 * 65536 + 100, seed=90)
     data = images.data[image_id]
     async with client(tracker_with_glance, "a") as a:
         m = await _wait_manifest(a, image_id, 65536)
         assert m.nchunks == 6
         assert m.os_hash_value == glance.image(image_id)["os_hash_value"]
         for c in range(6):
-            assert m.digest(c) == hashlib.sha256(data[c * 65536:(c + 1) * 65536]).digest()
+            assert m.digest(c) == chunk_digest.digest(data[c * 65536:(c + 1) * 65536])
         stats = await a.stats()
         assert stats["manifests"]["built"] == 1
     # It survives a tracker restart without reading Glance again.

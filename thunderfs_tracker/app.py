@@ -5,7 +5,7 @@
     POST /v1/nodes/{node}/chunks     the chunks it holds: full state, or batched deltas
     GET  /v1/images/{content}/peers?first=&last=&limit=   holders of chunks, nearest first
     GET  /v1/images/{content}/watch?nchunks=   who holds what, as it changes: server-sent events
-    GET  /v1/manifests/{image}?chunk_size=N   sha256 per chunk, bound to Glance's hash (202 while built,
+    GET  /v1/manifests/{image}?chunk_size=N   a BLAKE3 digest per chunk, bound to Glance's hash (202 while built,
                                      "lazy" while the seed's pieces stand in; 410: revoked)
     GET  /v1/images/{image}/seed?chunk_size=&first=&count=&data=   a lazy image's chunks: a JSON piece
                                      (their digests, proven) on one line, then their bytes

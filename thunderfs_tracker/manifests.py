@@ -1,7 +1,7 @@
 """Manifests: built once per image and chunk size by streaming the image from Glance.
 
 The tracker is the party the cluster trusts to compute them: it reads Glance's bytes, hashes
-every chunk with sha256 and the whole image with Glance's own algorithm, and publishes the
+every chunk (``chunk_digest``: BLAKE3) and the whole image with Glance's own algorithm, and publishes the
 manifest only if that whole-image hash equals Glance's ``os_hash_value``.  A node accepts a
 peer's chunk only if it matches.  Manifests are kept in the state dir and survive restarts.
 
@@ -34,6 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+from thunderfs_common import chunk_digest
 from thunderfs_common.glance import GlanceClient
 from thunderfs_common.manifest_proof import ManifestProof
 from thunderfs_tracker.protocol import Manifest, ProtocolError, Revocation
@@ -292,7 +293,7 @@ class ManifestStore:
             done = len(pending) - len(pending) % chunk_size
             with memoryview(pending) as view:
                 for i in range(0, done, chunk_size):
-                    digests.extend(hashlib.sha256(view[i:i + chunk_size]).digest())
+                    digests.extend(chunk_digest.digest(view[i:i + chunk_size]))
             del pending[:done]
 
         async for piece in self._glance.stream(image_id):
@@ -301,7 +302,7 @@ class ManifestStore:
             if rate > 0 and (ahead := total / rate - (self._clock() - started)) > 0:
                 await asyncio.sleep(ahead)  # the background check at a capped rate
         if pending or total == 0:
-            digests += hashlib.sha256(pending).digest()
+            digests += chunk_digest.digest(pending)
         self.stats["bytes_read"] += total
         if total != size:
             raise Mismatch(f"Glance sent {total} bytes of a {size}-byte image")

@@ -19,6 +19,8 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from thunderfs_common.chunk_digest import ALGORITHM, SIZE
+
 API = "/v1"
 MAX_CHUNKS = 1 << 24          # 1 TiB of 64 KiB chunks
 MAX_RANGES = 10_000           # per image per delta
@@ -400,7 +402,7 @@ class ClaimReply:
 
 
 MIN_CHUNK_SIZE, MAX_CHUNK_SIZE = 4096, 16 * 2**20
-DIGEST = 32
+DIGEST = SIZE
 
 
 def check_chunk_size(value: int) -> int:
@@ -419,7 +421,7 @@ def _signed(fields: dict, **kind: str) -> bytes:
 
 @dataclass(frozen=True)
 class Manifest:
-    """The sha256 of every chunk of one image, computed from Glance's bytes by the tracker and
+    """The digest (BLAKE3, ``chunk_digest``) of every chunk of one image, computed from Glance's bytes by the tracker and
     published only if the whole image's hash equals Glance's own ``os_hash_value``."""
 
     image_id: str
@@ -444,7 +446,7 @@ class Manifest:
     def to_json(self) -> dict:
         return {"image_id": self.image_id, "size": self.size, "chunk_size": self.chunk_size,
                 "os_hash_algo": self.os_hash_algo, "os_hash_value": self.os_hash_value,
-                "sha256": base64.b64encode(self.digests).decode(),
+                ALGORITHM: base64.b64encode(self.digests).decode(),
                 **({"proof": base64.b64encode(self.proof).decode()} if self.proof else {})}
 
     @classmethod
@@ -454,7 +456,7 @@ class Manifest:
         try:
             m = cls(str(obj["image_id"]), int(obj["size"]), check_chunk_size(int(obj["chunk_size"])),
                     str(obj["os_hash_algo"]), str(obj["os_hash_value"]),
-                    base64.b64decode(obj["sha256"], validate=True),
+                    base64.b64decode(obj[ALGORITHM], validate=True),
                     base64.b64decode(obj.get("proof", ""), validate=True))
         except (KeyError, TypeError, ValueError, binascii.Error) as exc:
             raise ProtocolError(f"malformed manifest: {exc}") from None
@@ -468,7 +470,7 @@ MAX_PIECE_CHUNKS = 256  # chunks of one seed read or one piece of a lazy manifes
 
 @dataclass(frozen=True)
 class Piece:
-    """The sha256 of chunks ``first..`` of one image, which the tracker read from Glance before it
+    """The digests of chunks ``first..`` of one image, which the tracker read from Glance before it
     has checked the whole image against ``os_hash_value``: a part of a lazy manifest, proven like
     a manifest (``kind`` "piece" in what the proof covers: neither passes for the other)."""
 
@@ -495,7 +497,7 @@ class Piece:
     def to_json(self) -> dict:
         return {"image_id": self.image_id, "size": self.size, "chunk_size": self.chunk_size,
                 "os_hash_algo": self.os_hash_algo, "os_hash_value": self.os_hash_value, "first": self.first,
-                "sha256": base64.b64encode(self.digests).decode(),
+                ALGORITHM: base64.b64encode(self.digests).decode(),
                 **({"proof": base64.b64encode(self.proof).decode()} if self.proof else {})}
 
     @classmethod
@@ -505,7 +507,7 @@ class Piece:
         try:
             p = cls(str(obj["image_id"]), int(obj["size"]), check_chunk_size(int(obj["chunk_size"])),
                     str(obj["os_hash_algo"]), str(obj["os_hash_value"]), int(obj["first"]),
-                    base64.b64decode(obj["sha256"], validate=True),
+                    base64.b64decode(obj[ALGORITHM], validate=True),
                     base64.b64decode(obj.get("proof", ""), validate=True))
         except (KeyError, TypeError, ValueError, binascii.Error) as exc:
             raise ProtocolError(f"malformed piece: {exc}") from None

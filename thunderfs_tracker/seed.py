@@ -5,7 +5,7 @@ Until an image's manifest is built (its whole bytes read and checked against Gla
 a run of chunks (a claim) asks the tracker for them (``GET /v1/images/{id}/seed``) instead of
 Glance.  The tracker reads the run from Glance once (one read per chunk however many ask at once,
 adjacent chunks in one Range request), hashes every chunk, and answers with the bytes and a
-``Piece``: the run's sha256 digests under the tracker's proof.  Later askers of those chunks are
+``Piece``: the run's digests under the tracker's proof.  Later askers of those chunks are
 answered from memory (``cache_bytes``, least recently used dropped first); a node that took them
 from a peer asks for the piece alone (``data=0``) to check them.  So Glance sends each chunk about
 once, to the tracker, from the storm's first second, and the tracker's uplink carries the first
@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 
+from thunderfs_common import chunk_digest
 from thunderfs_common.chunk_runs import runs
 from thunderfs_common.glance import GlanceClient, GlanceError, ImageGone
 from thunderfs_common.image import ImageMeta
@@ -46,8 +46,7 @@ class SeedUnavailable(Exception):
 
 
 def _hash_chunks(data: bytes | bytearray, chunk_size: int) -> list[bytes]:
-    view = memoryview(data)
-    return [hashlib.sha256(view[i:i + chunk_size]).digest() for i in range(0, max(len(data), 1), chunk_size)]
+    return chunk_digest.digests(data, chunk_size)
 
 
 class _Image:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import re
 
 import httpx
@@ -13,6 +12,7 @@ import pytest
 import trio
 
 from fakes import CS, MockHTTP, meta_of, pattern
+from thunderfs_common import chunk_digest
 from thunderfs.fetch import peers
 from thunderfs.fetch.peer_directory import LAZY_RECHECK
 from thunderfs.fetch.peers import PeerSource
@@ -28,7 +28,7 @@ META = meta_of(DATA)
 
 
 def manifest_of(data=DATA, meta=META) -> Manifest:
-    digests = b"".join(hashlib.sha256(data[i:i + CS]).digest() for i in range(0, len(data), CS))
+    digests = b"".join(chunk_digest.digest(data[i:i + CS]) for i in range(0, len(data), CS))
     return Manifest(meta.id, len(data), CS, "sha512", meta.os_hash_value, digests)
 
 
@@ -37,7 +37,7 @@ SECRET = b"peer-source-test-secret-0123456789"
 
 def piece_of(first: int, count: int, data=DATA) -> Piece:
     """The tracker's piece of DATA's chunks, proven with a MAC under SECRET (no key given)."""
-    digests = b"".join(hashlib.sha256(data[c * CS:(c + 1) * CS]).digest() for c in range(first, first + count))
+    digests = b"".join(chunk_digest.digest(data[c * CS:(c + 1) * CS]) for c in range(first, first + count))
     piece = Piece(META.id, len(DATA), CS, "sha512", META.os_hash_value, first, digests)
     return dataclasses.replace(piece, proof=ManifestProof(secret=SECRET).make(piece.signed_bytes()))
 
@@ -801,7 +801,7 @@ async def test_a_peers_answer_is_checked_chunk_by_chunk_in_the_loop_or_a_thread(
     from thunderfs.fetch.peer_client import Answer, PeerClient
     data = pattern(nchunks * CS)
     meta = meta_of(data)
-    digests = b"".join(hashlib.sha256(data[i:i + CS]).digest() for i in range(0, len(data), CS))
+    digests = b"".join(chunk_digest.digest(data[i:i + CS]) for i in range(0, len(data), CS))
     manifest = Manifest(meta.id, len(data), CS, "sha512", meta.os_hash_value, digests)
     img = store.image(meta.content_key, meta.size)
     client = PeerClient(node_id="me", secret=None, chunk_size=CS)

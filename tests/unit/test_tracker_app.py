@@ -18,6 +18,7 @@ import pytest
 
 from aiohttp.test_utils import TestClient, TestServer
 
+from thunderfs_common import chunk_digest
 from thunderfs_tracker.app import create_app
 from thunderfs_tracker.config import TrackerConfig
 from thunderfs_tracker.profiles import FileProfileStore, merge
@@ -299,7 +300,7 @@ def test_a_manifest_is_built_from_glance_through_the_one_glance_client_and_bound
 
     m = asyncio.run(build(good))
     assert m.nchunks == 6 and m.os_hash_value == good["os_hash_value"]
-    assert all(m.digest(i) == hashlib.sha256(data[i * CHUNK:(i + 1) * CHUNK]).digest() for i in range(6))
+    assert all(m.digest(i) == chunk_digest.digest(data[i * CHUNK:(i + 1) * CHUNK]) for i in range(6))
     lied = asyncio.run(build({**good, "os_hash_value": "0" * 128}))
     assert "does not match Glance's os_hash_value" in lied
 
@@ -509,7 +510,7 @@ def test_manifests_carry_their_proof_and_a_stored_one_that_fails_it_is_built_aga
         path = tmp_path / "manifests" / f"{image_id}-{CHUNK}.json"
         doc = json.loads(path.read_text())
         forged = Manifest.parse(doc)
-        doc["sha256"] = base64.b64encode(hashlib.sha256(b"evil").digest() + forged.digests[32:]).decode()
+        doc["blake3"] = base64.b64encode(chunk_digest.digest(b"evil") + forged.digests[32:]).decode()
         path.write_text(json.dumps(doc))
         s = store()
         assert await s.get(image_id, CHUNK) == "building"  # not taken: built again from Glance
@@ -517,6 +518,16 @@ def test_manifests_carry_their_proof_and_a_stored_one_that_fails_it_is_built_aga
         again = await get(s)
         await s.close()
         assert again.digests == m.digests
+        # One stored by a tracker before the digest was BLAKE3 (its digests under "sha256"):
+        # unreadable now, so built again, never served in the old form.
+        doc = json.loads(path.read_text())
+        doc["sha256"] = doc.pop("blake3")
+        path.write_text(json.dumps(doc))
+        s = store()
+        assert await s.get(image_id, CHUNK) == "building"
+        again = await get(s)
+        await s.close()
+        assert again.digests == m.digests and "blake3" in json.loads(path.read_text())
     asyncio.run(main())
 
 
@@ -530,7 +541,7 @@ def test_a_node_with_the_trackers_key_refuses_a_manifest_the_key_did_not_sign(ca
     data = pattern(2 * CHUNK)
     meta = meta_of(data)
     tracker_key, member_key = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
-    digests = b"".join(hashlib.sha256(data[i:i + CHUNK]).digest() for i in range(0, len(data), CHUNK))
+    digests = b"".join(chunk_digest.digest(data[i:i + CHUNK]) for i in range(0, len(data), CHUNK))
     bare = Manifest(meta.id, len(data), CHUNK, "sha512", meta.os_hash_value, digests)
 
     class Tracker:
@@ -619,7 +630,7 @@ def test_a_new_image_is_seeded_from_one_read_of_glance_then_checked_whole_or_rev
     proof = ManifestProof(secret=b"s" * 32)
 
     def digest(c, d=data):
-        return hashlib.sha256(d[c * CHUNK:(c + 1) * CHUNK]).digest()
+        return chunk_digest.digest(d[c * CHUNK:(c + 1) * CHUNK])
 
     async def scenario(change_glance: bool):
         glance = FakeGlance(data, records=[record])

@@ -1,7 +1,7 @@
 """What a node knows of an image whose manifest the tracker has not built yet: a lazy manifest.
 
 The tracker seeds such an image (``thunderfs_tracker.seed``): it reads each chunk from Glance
-once and vouches for its sha256 with a ``Piece`` under its proof.  A node keeps the digests of
+once and vouches for its digest with a ``Piece`` under its proof.  A node keeps the digests of
 every piece it took (checked against the proof and Glance's listing first, ``PeerDirectory``)
 and checks a peer's chunks against them as against a manifest; a chunk no piece covered yet has
 no digest (``digest`` is None), and its bytes wait until one does (``PeerSource``).  The pieces

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
-import hashlib
 import logging
 from dataclasses import dataclass
 
@@ -22,6 +21,7 @@ from thunderfs.cache.store import ImageData
 from thunderfs.fetch.buffers import aligned
 from thunderfs.fetch.lazy_manifest import LazyManifest
 from thunderfs.fetch.range_http import HTTPClient, HTTPFailed, HTTPTimeout
+from thunderfs_common import chunk_digest
 from thunderfs_common.signing import sign
 from thunderfs_tracker.protocol import (NOT_FETCHING_HEADER, PIECES_HEADER, TAKERS_HEADER, Manifest, PeerRecord,
                                        ProtocolError, parse_pieces, parse_takers)
@@ -75,8 +75,7 @@ class ByteBudget:
 
 
 def _digests(body, cs: int) -> list[bytes]:
-    view = memoryview(body)
-    return [hashlib.sha256(view[i:i + cs]).digest() for i in range(0, len(view), cs)]
+    return chunk_digest.digests(body, cs) if len(body) else []
 
 
 class PeerClient:
@@ -194,8 +193,8 @@ class PeerClient:
     # rise 535 MiB without a bound (glibc keeps the freed answers' heap).
     ANSWER_BYTES = 32 * 2**20
 
-    # An answer at least this long is hashed in a worker thread (sha256 releases the GIL): a
-    # 10 MiB answer hashed in the event loop held up every FUSE reply for ~7 ms.  A shorter one
+    # An answer at least this long is hashed in a worker thread (BLAKE3 releases the GIL): a
+    # 10 MiB answer hashed (sha256 then) in the event loop held up every FUSE reply for ~7 ms.  A shorter one
     # costs less than the hop.
     THREAD_HASH = 256 * 1024
 

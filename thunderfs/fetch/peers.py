@@ -1,6 +1,6 @@
 """Peers as a source of chunks (``source.Source``): first what peers hold, then claims.
 
-A peer's bytes are trusted only if every chunk's sha256 matches the image's manifest, which the
+A peer's bytes are trusted only if every chunk's digest matches the image's manifest, which the
 tracker built from Glance's bytes and bound to Glance's ``os_hash_value`` (checked again against
 the listing's, ``peer_directory``).  Until a manifest exists, nothing comes from peers.  A peer
 that times out, fails or answers 503 is skipped for this fetch (and avoided a while if it failed,

@@ -12,7 +12,6 @@ tracker's (no answer, a timeout) opens the tracker breaker, so an outage costs o
 
 from __future__ import annotations
 
-import hashlib
 import logging
 
 import trio
@@ -20,6 +19,7 @@ import trio
 from thunderfs.fetch.lazy_manifest import LazyManifest
 from thunderfs.fetch.peer_directory import PeerDirectory
 from thunderfs.fetch.source import Sink, Want, deadline_for
+from thunderfs_common import chunk_digest
 from thunderfs_common.chunk_runs import runs
 from thunderfs_tracker.client import TrackerClient, TrackerError, TrackerRefused
 from thunderfs_tracker.protocol import MAX_PIECE_CHUNKS
@@ -95,7 +95,7 @@ class SeedSource:
             return False
         view, cs = memoryview(data), self._cs
         for i in range(count):
-            if hashlib.sha256(view[i * cs:(i + 1) * cs]).digest() != piece.digest(first + i):
+            if chunk_digest.digest(view[i * cs:(i + 1) * cs]) != piece.digest(first + i):
                 log.warning("the tracker's chunk %d of %s does not match its own piece: not used", first + i, meta.id)
                 self._stats["seed_refused"] += 1
                 return False
