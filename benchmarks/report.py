@@ -303,6 +303,31 @@ def new_image_storm(results: Path) -> list[Row]:
     ]
 
 
+MODEL = (".venv/bin/python benchmarks/storm_model.py benchmarks/results/bootstorm-replay-paced-32-run*.json "
+         "benchmarks/results/bootstorm-new-replay-paced-32-run*.json benchmarks/results/bootstorm-replay-fast-32-run*.json "
+         "--project 10000")
+
+
+def model(results: Path) -> list[Row]:
+    """Issue 27: the storm model (benchmarks/storm_model.py) against every kept storm run, each way."""
+    from benchmarks import storm_model
+
+    what = "the storm model against every kept storm run (time and Glance egress, each way): largest error"
+    runs = [r for pattern in ("bootstorm-replay-paced-32-run*.json", "bootstorm-new-replay-paced-32-run*.json",
+                              "bootstorm-replay-fast-32-run*.json")
+            for path in sorted(results.glob(pattern)) if (r := load(path.name, results))]
+    if not runs:
+        return [Row(27, what, target="<= 25 %", command=MODEL)]
+    errors = []
+    for r in runs:
+        for _way, _n, t, tp, e, ep in storm_model.check(r):
+            errors += [abs(tp - t) / t] + ([abs(ep - e) / e] if e else [])
+    worst = max(errors)
+    return [Row(27, what, f"{worst:.0%}", f"{len(errors)} figures of {len(runs)} runs; the daemons' and the "
+                f"rest's CPU per node measured in each run are inputs", "", "<= 25 %", verdict(worst <= 0.25),
+                str(len(runs)), source_of_runs(runs), MODEL)]
+
+
 NOVA = ".venv/bin/python benchmarks/nova_boot.py --runs 3 --json benchmarks/results/nova.json"
 
 
@@ -437,7 +462,7 @@ def memory(results: Path) -> list[Row]:
 
 def headlines(results: Path = RESULTS) -> list[Row]:
     return [*p2p(results), *boot(results), *storm(results, "replay-paced", 1.3, 1.2), *new_image_storm(results),
-            *storm(results, "replay-fast", 1.3, 1.2), *tracker_load(results), *nova(results),
+            *storm(results, "replay-fast", 1.3, 1.2), *model(results), *tracker_load(results), *nova(results),
             *authentication(results), *takeover(results), *dataplane(results), *memory(results)]
 
 
