@@ -272,21 +272,22 @@ class Storm:
             now = machine_jiffies()
             sample = {"t": round(time.perf_counter() - start, 2),
                       "glance": self.proxy.range_bytes + self.proxy.whole_bytes - before - whole_before,
-                      "busy": busy_share(last, now)}  # of both cores, since the last sample
+                      # Of both cores, since the last sample (none for the first: no time yet).
+                      "busy": busy_share(last, now) if timeline else None}
             last = now
             if stats:
                 sample.update(stats())
             timeline.append(sample)
             time.sleep(1.0)
-        end = machine_jiffies()
+        end, seconds = machine_jiffies(), time.perf_counter() - start
         procs = {k: round(v - procs_start[k], 2) for k, v in self.cpu_by_process().items()}
+        busy = busy_share(machine_start, end)
         return {"times": times, "errors": errors, "glance_egress": self.proxy.range_bytes - before,
                 # How busy the machine's cores were from the start to the last boot's end (every
                 # process and the kernel's network work): near 1, the machine bounds the storm.
-                "machine": {"busy": busy_share(machine_start, end), "softirq": share(machine_start, end, "softirq"),
-                            "cores": os.cpu_count(), "seconds": round(time.perf_counter() - start, 2),
-                            "busy_seconds": round(busy_share(machine_start, end) * (time.perf_counter() - start)
-                                                  * os.cpu_count(), 1),
+                "machine": {"busy": busy, "softirq": share(machine_start, end, "softirq"),
+                            "cores": os.cpu_count(), "seconds": round(seconds, 2),
+                            "busy_seconds": round(busy * seconds * os.cpu_count(), 1) if busy is not None else None,
                             "cpu_seconds": procs},
                 # Of that, bytes Glance sent once (the rest it sent again: the same range twice
                 # or more), from the Range headers of the storm's requests.
@@ -636,7 +637,7 @@ def report(results: dict) -> None:
             daemons = r["cpu"]["daemon_seconds_per_node"] * n if r.get("cpu") else None
             print(f"  {'':12s} the machine's {mc['cores']} cores {mc['busy']:.0%} busy through the storm "
                   f"({mc['softirq']:.0%} the kernel's network work); {full} of {len(r['timeline'])} seconds at 95 % "
-                  f"or more; CPU s: {mc.get('busy_seconds', 0):.0f} busy"
+                  f"or more; CPU s: {mc.get('busy_seconds') or 0:.0f} busy"
                   + (f", daemons {daemons:.0f}" if daemons is not None else "")
                   + "".join(f", {k} {v:.0f}" for k, v in by.items()))
         if way == "thunderfs" and "tracker_requests_per_node" in results:

@@ -2,7 +2,7 @@
 
 BLAKE3 (256 bits), not sha256: a node computes one for every chunk a peer sends, and on this
 machine sha256 cost 0.59 CPU s per GiB of the 2.36 a GiB from a peer cost the daemon, BLAKE3 a
-quarter of that (issue 28; `benchmarks/cpu_split.py` prints both).  It is as strong for this job:
+quarter of that (issue 28; the stage lines of `benchmarks/dataplane_bench.py` print both).  It is as strong for this job:
 a collision or a second preimage is what a lying peer would need, and BLAKE3 gives 128 bits of
 security against either.  The tracker computes them from Glance's bytes; Glance's own
 ``os_hash_value`` (sha512 as a rule) still binds the whole image.
