@@ -325,7 +325,7 @@ async def _wait_manifest(c, image_id, chunk_size):
 
 
 async def test_manifest_is_built_from_glance_and_bound_to_its_hash(tracker_with_glance, glance, images):
-        image_id = images.add(5 * 65536 + 100, seed=90)
+    image_id = images.add(5 * 65536 + 100, seed=90)
     data = images.data[image_id]
     async with client(tracker_with_glance, "a") as a:
         m = await _wait_manifest(a, image_id, 65536)
