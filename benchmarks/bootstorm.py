@@ -101,6 +101,7 @@ class Storm:
         self.lan.up()
         self.lan.limit_root(self.args.glance_rate)
         self.proxy = FaultProxy(self.glance.url, host=self.lan.root_addr).start()
+        self.proxy.rtt = self.args.glance_rtt / 1000  # the distance to Glance (issue 27, item 4)
         store = []
         if self.args.replicas > 1:
             self.redis = LocalRedis(self.work / "redis").start()
@@ -389,6 +390,9 @@ def main() -> int:
                     help="nodes for Nova's way (each stores a 2 GiB copy; the model takes it further)")
     ap.add_argument("--node-rate", default="1gbit")
     ap.add_argument("--glance-rate", default="1gbit")
+    ap.add_argument("--glance-rtt", type=float, default=0.0, metavar="MS",
+                    help="a round trip added to every request to Glance (the proxy in front of it delays each "
+                         "answer; the tracker's reads pay it too); 0: loopback's")
     ap.add_argument("--work", default="/var/tmp/thunderfs-bench")
     ap.add_argument("--replicas", type=int, default=1,
                     help="tracker replicas on one Redis (default 1: one tracker, peer state in memory)")
@@ -414,12 +418,13 @@ def main() -> int:
         storm = Storm(args, Path(tmp))
         results = {**provenance(),
                    "mode": args.mode, "nodes": args.nodes, "node_rate": args.node_rate,
-                   "glance_rate": args.glance_rate, "replicas": args.replicas,
+                   "glance_rate": args.glance_rate, "glance_rtt_ms": args.glance_rtt, "replicas": args.replicas,
                    "kill_replica": args.kill_replica, "heartbeat": args.heartbeat, "ways": {}}
         try:
             storm.up(disk)
             results.update(image_bytes=storm.size, boot_bytes=storm.boot_bytes)
-            print(f"boot storm: {args.mode}, {args.nodes} nodes, links {args.node_rate}, Glance {args.glance_rate}; "
+            print(f"boot storm: {args.mode}, {args.nodes} nodes, links {args.node_rate}, Glance {args.glance_rate}"
+                  f"{f' and {args.glance_rtt:g} ms round trip' if args.glance_rtt else ''}; "
                   f"image {storm.size / MiB:.0f} MiB, one boot reads {storm.boot_bytes / MiB:.1f} MiB; 2 cores")
             with Progress(TextColumn("{task.description:28s}"), BarColumn(), MofNCompleteColumn(),
                           TimeElapsedColumn()) as bar:

@@ -8,6 +8,8 @@ Modes (``proxy.mode``): ``pass``; ``short`` (promise the full length, send half,
 ``hang_seconds``).  ``fail_next`` makes only the next N range requests misbehave, ``fault_min_bytes`` only those at
 least that long.
 ``corrupt_whole``: flip one byte in every whole-image (non-range) download.
+``rtt``: every answer starts this many seconds after its request came, a link's round trip (this
+machine has no netem: a delaying proxy stands in for the distance to Glance).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class FaultProxy:
         self.hang_seconds = 3600.0
         self.fault_min_bytes = 0  # only range requests at least this long misbehave
         self.corrupt_whole = False
+        self.rtt = 0.0
         self.range_requests = 0
         self.ranges: list[str] = []  # the Range header of every range request, in order
         self.range_bytes = 0
@@ -88,6 +91,8 @@ class FaultProxy:
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
         rng = h.headers.get("Range")
         fault = self._fault(rng)
+        if self.rtt > 0:
+            time.sleep(self.rtt)
         if fault == "hang":
             time.sleep(self.hang_seconds)
             return
