@@ -763,6 +763,44 @@ async def test_a_watchs_holders_come_nearest_first_in_a_new_order_among_equals_e
 
 
 
+async def test_a_waiter_wakes_only_when_a_holder_gains_a_chunk_it_waits_for_or_the_watch_drops():
+    """A crowd's watch events each woke every waiting take of a node (issue 27: 2,159 wakeups a
+    node with 32 nodes, 413 with 8); now only those that wait for a chunk some holder gained."""
+    from thunderfs.fetch.holder_watch import HolderWatches
+
+    tracker = FakeTracker(holders=[peer("a", [1])])
+    sends, tracker.pushes = trio.open_memory_channel(4)
+    watches = HolderWatches(tracker, tracker_down=lambda: False)
+    woken = []
+
+    async def wait(name: str, chunks: int) -> None:
+        await watches.wait_changed("c", trio.Event(), 1.0, chunks=chunks)
+        woken.append(name)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(watches.run)
+        watches.start("c", 32)
+        await trio.testing.wait_all_tasks_blocked()
+        assert watches.holders_nowait("c", 32, 0, 31) is not None  # live
+        nursery.start_soon(wait, "wants 5", 1 << 5)
+        nursery.start_soon(wait, "wants any", -1)
+        await trio.testing.wait_all_tasks_blocked()
+        await sends.send(WatchEvent(32, [(peer("a", [1]), True)]))  # nothing new
+        await trio.testing.wait_all_tasks_blocked()
+        assert woken == []
+        await sends.send(WatchEvent(32, [(peer("b", [9]), False)]))  # b gained 9
+        await trio.testing.wait_all_tasks_blocked()
+        assert woken == ["wants any"]
+        await sends.send(WatchEvent(32, [(peer("a", [5]), False)]))  # a gained 5
+        await trio.testing.wait_all_tasks_blocked()
+        assert woken == ["wants any", "wants 5"]
+        nursery.start_soon(wait, "wants 7", 1 << 7)
+        await trio.testing.wait_all_tasks_blocked()
+        await sends.aclose()  # the watch drops: every waiter looks again (at lookups)
+        await trio.testing.wait_all_tasks_blocked()
+        assert woken[-1] == "wants 7"
+        nursery.cancel_scope.cancel()
+
 async def test_a_busy_claimer_sends_its_waiters_to_the_relays_that_took_their_chunks(store, autojump_clock):
     """The holder tells its waiters who took the chunks from it: a waiter asks those relays (of
     the nodes the tracker named) at once, before the watch says they hold them; a relay it does

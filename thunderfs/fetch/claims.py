@@ -165,7 +165,7 @@ class ClaimTaker:
                         for node in capped:
                             self._capped.setdefault(node, {})[me] = changed
                         try:
-                            await self._directory.wait_holders(img, changed[0], age, rest)
+                            await self._directory.wait_holders(img, changed[0], age, rest, chunks=pending)
                         finally:
                             for node in capped:
                                 if (waiting := self._capped.get(node)) is not None:

@@ -16,6 +16,7 @@ not sent until a probe finds it back, so a hung tracker costs one timeout, not o
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 import trio
 
@@ -253,10 +254,16 @@ class PeerDirectory:
                 merged[p.node_id] = (rec, bits | (p.chunks << wfirst))
         return list(merged.values())
 
-    async def wait_holders(self, img: ImageData, also: trio.Event, poll: float, at_most: float | None = None) -> None:
-        """Until the image's holders change (its watch says so) or ``also`` is set, or
-        ``at_most`` seconds; without a live watch, for ``poll`` seconds at most."""
-        await self.watches.wait_changed(img.content.hex(), also, poll, at_most)
+    async def wait_holders(self, img: ImageData, also: trio.Event, poll: float, at_most: float | None = None,
+                           *, chunks: Iterable[int] = ()) -> None:
+        """Until a holder of the image gains one of ``chunks`` (any change, if none are given;
+        its watch says so) or ``also`` is set, or ``at_most`` seconds; without a live watch, for
+        ``poll`` seconds at most."""
+        wanted = -1
+        if chunks := sorted(chunks):
+            lo = chunks[0]
+            wanted = sum(1 << (c - lo) for c in chunks) << lo
+        await self.watches.wait_changed(img.content.hex(), also, poll, at_most, chunks=wanted)
 
     async def _lookup(self, content: str, w: int, wfirst: int, wlast: int) -> tuple[float, list[PeerRecord]]:
         """One tracker lookup of a window at a time: the flights and claim workers that want it
