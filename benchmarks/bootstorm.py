@@ -654,29 +654,28 @@ def report(results: dict) -> None:
                      if "tracker_watch_events_per_node" in results else ""))
 
 
+def _stat(pid: int | str) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` after the command's name (None: no such process now)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def _cpu(fields: list[str]) -> float:
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds(pid: int | None) -> float:
     """User and system CPU seconds of a process so far (its threads included)."""
-    if pid is None:
-        return 0.0
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    fields = _stat(pid) if pid is not None else None
+    return _cpu(fields) if fields else 0.0
 
 
 def group_cpu(pgid: int) -> float:
     """User and system CPU seconds so far of every live process in a process group."""
-    total = 0.0
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid:
-                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+    return sum(_cpu(fields) for entry in Path("/proc").iterdir()
+               if entry.name.isdigit() and (fields := _stat(entry.name)) and int(fields[2]) == pgid)
 
 
 def route_name(canonical: str) -> str:

@@ -45,10 +45,6 @@ class SeedUnavailable(Exception):
         self.transient = transient
 
 
-def _hash_chunks(data: bytes | bytearray, chunk_size: int) -> list[bytes]:
-    return chunk_digest.digests(data, chunk_size)
-
-
 class _Image:
     __slots__ = ("meta", "digests", "used")
 
@@ -182,7 +178,7 @@ class Seed:
         buf = await self._glance.read_range(image_id, a, b)
         self.stats["glance_reads"] += 1
         self.stats["bytes_read"] += len(buf)
-        digests = await asyncio.to_thread(_hash_chunks, buf, chunk_size)
+        digests = await asyncio.to_thread(chunk_digest.digests, buf, chunk_size)
         out: dict[int, bytes] = {}
         for i, d in enumerate(digests):
             c = first + i

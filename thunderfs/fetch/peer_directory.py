@@ -28,7 +28,8 @@ from thunderfs.fetch.lazy_manifest import LazyManifest
 from thunderfs_common.image import ImageMeta
 from thunderfs_common.manifest_proof import Ed25519PublicKey, ManifestProof, signed_by
 from thunderfs_tracker.client import TrackerClient, TrackerError
-from thunderfs_tracker.protocol import Manifest, PeerRecord, Piece, ProtocolError, Revocation, encode_pieces
+from thunderfs_tracker.protocol import (Manifest, PeerRecord, Piece, ProtocolError, Revocation, chunks_to_bits,
+                                       encode_pieces)
 
 log = logging.getLogger(__name__)
 
@@ -259,11 +260,7 @@ class PeerDirectory:
         """Until a holder of the image gains one of ``chunks`` (any change, if none are given;
         its watch says so) or ``also`` is set, or ``at_most`` seconds; without a live watch, for
         ``poll`` seconds at most."""
-        wanted = -1
-        if chunks := sorted(chunks):
-            lo = chunks[0]
-            wanted = sum(1 << (c - lo) for c in chunks) << lo
-        await self.watches.wait_changed(img.content.hex(), also, poll, at_most, chunks=wanted)
+        await self.watches.wait_changed(img.content.hex(), also, poll, at_most, chunks=chunks_to_bits(chunks) or -1)
 
     async def _lookup(self, content: str, w: int, wfirst: int, wlast: int) -> tuple[float, list[PeerRecord]]:
         """One tracker lookup of a window at a time: the flights and claim workers that want it
