@@ -850,3 +850,70 @@ async def test_a_peers_answer_is_checked_chunk_by_chunk_in_the_loop_or_a_thread(
     bad[(nchunks - 2) * CS + 7] ^= 1
     reply = await client.check(peer, img, manifest, 0, bytes(bad))
     assert reply.answer is Answer.LIED and reply.bad_chunk == nchunks - 2 and client.avoided("p1")
+
+
+class FailingAfterHalfASecond(Peers):
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        await trio.sleep(0.5)
+        raise httpx.ConnectError("reset", request=request)
+
+
+@pytest.mark.timeout(30)
+async def test_a_take_whose_claimer_another_take_found_dead_gives_up_at_once_not_after_its_wait(
+        store, autojump_clock, monkeypatch):
+    """Two readers wait on one claimer, this node asking it once at a time (PER_PEER 1): the
+    first's ask fails, and the second, held back meanwhile, finds the claimer avoided.  With a
+    live watch nothing else would wake it: its chunks went to Glance only after its wait (half
+    the fetch timeout), and a read after a chaos run's faults failed so."""
+    from thunderfs.fetch.claims import ClaimTaker
+
+    monkeypatch.setattr(ClaimTaker, "PER_PEER", 1)
+    claimer = peer("claimer", [])
+    tracker = FakeTracker(manifest_of(), holders=[], granted=set(), claimed=[(claimer, list(range(8)), False)])
+    _, tracker.pushes = trio.open_memory_channel(1)  # a live watch that says nothing more
+    src = source_of(tracker, FailingAfterHalfASecond(), fetch_timeout=20, max_request_chunks=8)
+    lefts, done = [], []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(src.run)
+        assert await src.directory.manifest(META) is not None
+        await trio.testing.wait_all_tasks_blocked()
+        started = trio.current_time()
+
+        async def fetch(k):
+            lefts.append(await src.fetch(want(store, range(4 * k, 4 * k + 4)), Sink()))
+            done.append(trio.current_time() - started)
+
+        async with trio.open_nursery() as readers:
+            for k in (0, 1):
+                readers.start_soon(fetch, k)
+        nursery.cancel_scope.cancel()
+    assert all(left == list(range(8)) for left in lefts)  # (the fake claim names all 8 for each)
+    assert max(done) < 1.5  # not the 10 s wait
+
+
+@pytest.mark.timeout(30)
+async def test_a_take_whose_holder_is_slow_asks_it_again_when_the_mark_ends_not_after_its_wait(store, autojump_clock):
+    """The chunks' only holder was slow a moment ago (skipped for 5 s) and the claimer is gone
+    (avoided): with a live watch that says nothing more, the take asks the holder again once it
+    counts as slow no longer, not when its wait ran out."""
+    claimer, relay = peer("claimer", []), peer("relay", range(4))
+    peers_ = Peers(relay="hang", claimer="dead")
+    tracker = FakeTracker(manifest_of(), holders=[relay], granted=set(), claimed=[(claimer, [0, 1, 2, 3], False)])
+    _, tracker.pushes = trio.open_memory_channel(1)
+    src, sink = source_of(tracker, peers_, fetch_timeout=20), Sink()
+    img = store.image(META.content_key, META.size)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(src.run)
+        assert await src.directory.manifest(META) is not None
+        await trio.testing.wait_all_tasks_blocked()
+        for who in (relay, claimer):  # slow for 5 s; avoided
+            await src.client.get(who, img, manifest_of(), 0, 4)
+        assert src.client.slow("relay") and src.client.avoided("claimer")
+        peers_.behaviour["relay"] = "ok"
+        started = trio.current_time()
+        # (the claim itself names the avoided claimer as nobody: the take is asked directly)
+        left = await src.claims.take(META, img, claimer, [0, 1, 2, 3], 10.0, sink.put)
+        took = trio.current_time() - started
+        nursery.cancel_scope.cancel()
+    assert left == [] and right(sink, range(4))
+    assert 4.9 < took < 5.5  # the slow mark's end (5 s after it was set), not the wait (10 s)

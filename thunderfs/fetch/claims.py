@@ -144,19 +144,28 @@ class ClaimTaker:
                 holders = [(peer, bits | hinted[peer.node_id][1] if peer.node_id in hinted else bits)
                            for peer, bits in holders] + [h for node, h in hinted.items() if node not in known]
                 capped: set[str] = set()  # peers skipped because this node asks them PER_PEER times
-                choice = self._pick(holders, pending - taking, claimer, resting, capped)
+                later: list[float] = []  # when peers skipped for now (resting, slow, avoided) are not
+                choice = self._pick(holders, pending - taking, claimer, resting, capped, later)
                 push = 0.0
                 if choice is None:  # nobody has them yet: the claimer answers when it has
-                    choice = self._pick([(claimer, -1)], pending - taking, claimer, resting, capped)
+                    if self._client.avoided(claimer.node_id) and not later and not capped:
+                        # It failed since the claim (another take found out), and nobody else
+                        # holds any of them: waiting would only wait out ``wait``.
+                        claimer_failed = True
+                        break
+                    choice = self._pick([(claimer, -1)], pending - taking, claimer, resting, capped, later)
                     push = min(self.PUSH_WAIT, give_up - trio.current_time())
                     if choice is None or push <= 0:
                         self._stats["claim_waits"] += 1
-                        # Until an ask ends or the image's watch names new holders; without a
-                        # watch, a poll (a second while the claimer is asked: a longer wait left
-                        # relays idle when links, not the tracker, bound a crowd reading whole
-                        # images: 2.39 x one node alone against 2.07).
+                        # Until an ask ends, the image's watch names a holder of one of them, or
+                        # a peer skipped for now may be asked again; without a watch, a poll (a
+                        # second while the claimer is asked: a longer wait left relays idle when
+                        # links, not the tracker, bound a crowd reading whole images: 2.39 x one
+                        # node alone against 2.07).  Waking only for news made a take whose
+                        # holders were slow sleep until its wait ran out (the chaos run's final
+                        # read failed so once, Glance up).
                         now = trio.current_time()
-                        rest = min((t - now for t in resting.values() if t > now), default=None)
+                        rest = min((t - now for t in later if t > now), default=None)
                         # A take held back by other takes' asks (PER_PEER counts them all) goes on
                         # when one of them ends: it slept until a poll, and 64 readers of one
                         # holder starved behind two asks until their reads failed.  Only those
@@ -232,22 +241,25 @@ class ClaimTaker:
             del self._capped[node]
 
     def _pick(self, holders: list[tuple[PeerRecord, int]], wanted: set[int], claimer: PeerRecord,
-              resting: dict[str, float], capped: set[str]) -> tuple[PeerRecord, int, int] | None:
+              resting: dict[str, float], capped: set[str], later: list[float]) -> tuple[PeerRecord, int, int] | None:
         """The best-ranked peer that can be asked for some of ``wanted`` (the claimer last), and a
         random piece of what it holds (bits -1: of any of them).  A peer slow a moment ago is
         skipped (the claimer excepted): asking it too made a loaded crowd collapse (issue 27:
         with 128-chunk batches, peers delivered nothing for 12 s and Glance sent 14-21 x a boot).
-        Peers that have some but that this node already asks PER_PEER times go into ``capped``."""
+        Peers that have some but that this node already asks PER_PEER times go into ``capped``,
+        and when those skipped for now (resting, slow, avoided) may be asked again into ``later``."""
         now = trio.current_time()
         ranked = sorted(holders, key=lambda held: held[0].node_id == claimer.node_id)
         for peer, bits in ranked:
             node = peer.node_id
-            if resting.get(node, 0) > now or self._client.avoided(node):
-                continue
-            if node != claimer.node_id and self._client.slow(node):
-                continue
             pieces = runs(sorted(c for c in wanted if bits >> c & 1), self._piece)
             if not pieces:
+                continue
+            if resting.get(node, 0) > now or self._client.avoided(node):
+                later.append(max(resting.get(node, 0), self._client.askable_at(node)))
+                continue
+            if node != claimer.node_id and self._client.slow(node):
+                later.append(self._client.askable_at(node))
                 continue
             if self._asking.get(node, 0) >= self.PER_PEER:
                 capped.add(node)

@@ -111,6 +111,10 @@ class PeerClient:
     def slow(self, node_id: str) -> bool:
         return self._slow.get(node_id, 0) > trio.current_time()
 
+    def askable_at(self, node_id: str) -> float:
+        """When the node is neither avoided nor slow any more (trio time; past: it is now)."""
+        return max(self._avoid.get(node_id, 0), self._slow.get(node_id, 0))
+
     async def get(self, peer: PeerRecord, img: ImageData, manifest: Manifest | LazyManifest, first: int,
                   count: int, *, wait: float = 0.0) -> Reply:
         """``wait``: the peer is fetching these chunks; it answers as soon as they are there, or
