@@ -32,7 +32,7 @@ from thunderfs.service import systemd
 from thunderfs.glance.catalog import Catalog
 from thunderfs.cache.fresh import ReceiveBuffers
 from thunderfs.cache.index import ChunkIndex
-from thunderfs.cache.store import ChunkStore
+from thunderfs.cache.store import ChunkStore, ImageData
 from thunderfs.config import MountConfig
 from thunderfs.errors import CacheLayoutError, ConfigError
 from thunderfs_common.glance import GlanceError
@@ -50,6 +50,7 @@ from thunderfs_common.glance import GlanceClient
 from thunderfs.cluster.peer_server import PeerServer
 from thunderfs.fetch.peers import PeerSource
 from thunderfs.fetch.seed import SeedSource
+from thunderfs.fetch.slots import DEMAND
 from thunderfs.profiles.control import ProfileControl
 from thunderfs.profiles.service import Profiles
 from thunderfs.fetch.reader import Readers
@@ -289,6 +290,14 @@ async def run(config: MountConfig, keystone: KeystoneSettings | None = None,
                           bdp=glance.cost.bdp)
         if peer_server is not None:  # a peer waits here only for chunks this node fetches or will
             peer_server.fetching = lambda img, chunk: fetcher.in_flight(img, chunk) or peers.will_fetch(img, chunk)
+
+            def fetch_for_peer(img: ImageData, chunks: list[int]) -> bool:
+                meta = peers.fetch_for_peer(img, chunks)
+                if meta is not None:  # a waiting peer's: at a reader's priority
+                    fetcher.start(meta, img, chunks, DEMAND)
+                return meta is not None
+
+            peer_server.fetch_for_peer = fetch_for_peer
         profiles = Profiles(fetcher, tracker, chunk_size=config.chunk_size,
                             record_window=config.record_window, record_idle=config.record_idle,
                             prefetch_flights=config.prefetch_flights, prefetch_idle=config.prefetch_idle,

@@ -237,3 +237,51 @@ async def test_a_long_answer_is_read_and_sent_a_piece_at_a_time_and_cut_short_if
         assert body == data[:len(body)]
         nursery.cancel_scope.cancel()
     assert server.statistics()["cut_short"] == 1 and not img.pins
+
+
+async def test_a_wait_for_chunks_this_node_owns_starts_their_fetch_once_and_is_answered_when_they_arrive(store):
+    """Asked as the owner of chunks it neither holds nor fetches (a seeded image's), the node
+    fetches them (the daemon's hook) and answers when they arrive; a fetch that ends without
+    them is not started again for the same request: 404, not fetching."""
+    from thunderfs_tracker.protocol import NOT_FETCHING_HEADER
+
+    img = store.image(META.content_key, META.size)
+    server = PeerServer(store, secret=SECRET)
+    fetching: set[int] = set()
+    started: list[list[int]] = []
+
+    def fetch_for_peer(image, chunks):
+        started.append(list(chunks))
+        fetching.update(chunks)
+        return True
+
+    server.fetching = lambda image, chunk: chunk in fetching
+    server.fetch_for_peer = fetch_for_peer
+    _, port = await server.listen("127.0.0.1", 0)
+    base = f"/v1/chunks/{META.content_key.hex()}"
+    answers: dict[str, tuple[int, dict, bytes]] = {}
+
+    async def asked(name: str, path: str) -> None:
+        answers[name] = await ask_full(port, path, sign(SECRET, "n1", "GET", path))
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        nursery.start_soon(asked, "owned", f"{base}/2/2?wait=5000")
+        while not started:
+            await trio.sleep(0.01)
+        assert started == [[2, 3]]
+        store.stage(img, 2, DATA[2 * CS:4 * CS])
+        while "owned" not in answers:
+            await trio.sleep(0.01)
+        assert answers["owned"][0] == 200 and answers["owned"][2] == DATA[2 * CS:4 * CS]
+        nursery.start_soon(asked, "failed", f"{base}/6/1?wait=5000")
+        while len(started) < 2:
+            await trio.sleep(0.01)
+        fetching.clear()  # the fetch ended without the chunk
+        img.wake_waiters()
+        while "failed" not in answers:
+            await trio.sleep(0.01)
+        status, headers, _ = answers["failed"]
+        assert status == 404 and NOT_FETCHING_HEADER.lower() in headers and started == [[2, 3], [6]]
+        nursery.cancel_scope.cancel()
+    assert server.statistics()["fetches_for_peers"] == 2

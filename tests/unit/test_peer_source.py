@@ -917,3 +917,82 @@ async def test_a_take_whose_holder_is_slow_asks_it_again_when_the_mark_ends_not_
         nursery.cancel_scope.cancel()
     assert left == [] and right(sink, range(4))
     assert 4.9 < took < 5.5  # the slow mark's end (5 s after it was set), not the wait (10 s)
+
+
+async def _seeded_with_watch(store, nursery, holders, peers_):
+    """A PeerSource on a seeded image (lazy manifest) whose live watch names ``holders``."""
+    tracker = FakeTracker("lazy", holders=holders)
+    _, tracker.pushes = trio.open_memory_channel(1)
+    src = source_of(tracker, peers_)
+    await nursery.start(src.run)
+    assert await src.directory.manifest(META) is not None
+    src.directory.watches.start(META.content_key.hex(), len(DATA) // CS)
+    await trio.testing.wait_all_tasks_blocked()
+    assert src.directory.members_nowait(store.image(META.content_key, META.size)) is not None  # live
+    return tracker, src
+
+
+async def test_a_seeded_images_chunks_come_from_their_owners_without_a_claim(store, monkeypatch):
+    """Nobody holds chunks 0-7 yet: each goes to its owner among the holders the watch names
+    (each owns windows of two chunks here), which fetches it when asked; no claim is made."""
+    from thunderfs.fetch import owners
+    from thunderfs.fetch.owners import owner
+
+    monkeypatch.setattr(owners, "WINDOW", 2 * CS)
+
+    peers_ = Peers()
+    async with trio.open_nursery() as nursery:
+        tracker, src = await _seeded_with_watch(store, nursery, [peer("a", [31]), peer("b", [30])], peers_)
+        sink = Sink()
+        assert await src.fetch(want(store, range(8)), sink) == []
+        nursery.cancel_scope.cancel()
+    assert right(sink, range(8)) and sink.passed == []
+    assert tracker.calls["claim"] == 0
+    asked = {c: node for node, first, count in peers_.asked for c in range(first, first + count)}
+    assert asked == {c: owner(META.content_key, c, ["a", "b"], CS) for c in range(8)}
+    assert set(asked.values()) == {"a", "b"}  # (both own some of eight)
+    assert src.statistics()["owner_chunks"] == 8
+
+
+async def test_a_node_that_holds_some_of_a_seeded_image_fetches_what_it_owns_and_what_it_is_asked_for(store, monkeypatch):
+    from thunderfs.fetch import owners
+    from thunderfs.fetch.owners import owner
+
+    monkeypatch.setattr(owners, "WINDOW", 2 * CS)
+    img = store.image(META.content_key, META.size)
+    assert store.stage(img, 31, DATA[31 * CS:])  # this node holds some: it is an owner too
+    peers_ = Peers()
+    async with trio.open_nursery() as nursery:
+        tracker, src = await _seeded_with_watch(store, nursery, [peer("a", [30])], peers_)
+        mine = [c for c in range(16) if owner(META.content_key, c, ["a", "me"], CS) == "me"]
+        theirs = [c for c in range(16) if c not in mine]
+        assert mine and theirs
+        sink = Sink()
+        assert await src.fetch(want(store, range(16)), sink) == []
+        assert sink.passed == mine and right(sink, theirs)  # its own go on to the seed at once
+        # A peer asks this node for chunks a owns (its view differs): fetched here, not sent on.
+        assert src.fetch_for_peer(img, theirs[:1]) is not None
+        sink = Sink()
+        assert await src.fetch(want(store, theirs[:1]), sink) == []
+        assert sink.passed == theirs[:1]
+        nursery.cancel_scope.cancel()
+    assert tracker.calls["claim"] == 0
+
+
+async def test_a_seeded_images_chunks_whose_owner_is_avoided_are_claimed(store):
+    peers_ = Peers()
+    async with trio.open_nursery() as nursery:
+        tracker, src = await _seeded_with_watch(store, nursery, [peer("a", [31])], peers_)
+        src.client._avoid["a"] = trio.current_time() + 30  # it failed a moment ago
+        sink = Sink()
+        assert await src.fetch(want(store, range(4)), sink) == []
+        nursery.cancel_scope.cancel()
+    assert tracker.calls["claim"] == 1 and sink.passed == [0, 1, 2, 3] and peers_.asked == []
+
+
+async def test_a_built_manifests_chunks_have_no_owners_and_a_node_asked_for_them_says_so(store):
+    tracker = FakeTracker(manifest_of(), holders=[])
+    src = source_of(tracker, Peers())
+    assert await src.directory.manifest(META) is not None
+    assert src.fetch_for_peer(store.image(META.content_key, META.size), [0]) is None
+    assert await src.fetch(want(store, range(4)), Sink()) == [] and tracker.calls["claim"] == 1

@@ -13,7 +13,9 @@
                           every upload slot is busy, is sent there (503 with the relays) rather
                           than queued: the crowd's copies spread from the relays, not all from here;
                           a wait for chunks this node is not fetching (any more) ends at once, 404
-                          with ``X-Thunderfs-Not-Fetching``: the claim the waiter waits on is stale
+                          with ``X-Thunderfs-Not-Fetching``: the claim the waiter waits on is stale;
+                          unless this node fetches them when asked, as their owner (while the
+                          tracker seeds the image, ``fetch.owners``), once per request
     GET /healthz
 
 Only members' signed requests are answered (401 otherwise).  Uploads are capped in number (503
@@ -97,7 +99,7 @@ class PeerServer:
         self._waiting = 0
         self._stats = dict.fromkeys(("requests", "served_chunks", "served_bytes", "not_held", "busy",
                                      "refused", "bad_requests", "waits", "waits_served", "slot_waits",
-                                     "redirects", "not_fetching", "cut_short"), 0)
+                                     "redirects", "not_fetching", "cut_short", "fetches_for_peers"), 0)
         self._slot_freed = trio.lowlevel.ParkingLot()
         self._takers: dict[bytes, dict[str, int]] = {}  # content -> node -> chunks it took from here
         # Wired by the daemon: (content, first, count) -> the header that carries the tracker's
@@ -105,6 +107,9 @@ class PeerServer:
         self.pieces: Callable[[bytes, int, int], str | None] = lambda content, first, count: None
         # Wired by the daemon: whether this node is fetching a chunk of an image now.
         self.fetching: Callable[[ImageData, int], bool] = lambda img, chunk: True
+        # Wired by the daemon: start fetching chunks a waiter asked for that this node neither
+        # holds nor fetches, as their owner (``fetch.owners``); False: not fetched here.
+        self.fetch_for_peer: Callable[[ImageData, list[int]], bool] = lambda img, chunks: False
 
     @property
     def uploads(self) -> int:
@@ -249,9 +254,15 @@ class PeerServer:
             self._stats["waits"] += 1
             self._waiting += 1
             try:
+                asked_to_fetch = False
                 with trio.move_on_at(give_up):
                     while missing := img.missing(first, last):
                         if not all(self.fetching(img, c) for c in missing):
+                            # Asked as the chunks' owner (a seeded image's): fetched here, once.
+                            if not asked_to_fetch and self.fetch_for_peer(img, missing):
+                                asked_to_fetch = True
+                                self._stats["fetches_for_peers"] += 1
+                                continue
                             self._stats["not_fetching"] += 1
                             extra.append((NOT_FETCHING_HEADER, "1"))
                             return 404, b"not held, and not being fetched here\n", False

@@ -96,6 +96,14 @@ class HolderWatches:
         found.sort(key=lambda held: -shared_prefix(self._location, held[0].location))  # stable: ties stay shuffled
         return found
 
+    def members_nowait(self, content: str) -> dict[str, PeerRecord] | None:
+        """Every holder of the image its live watch named, by node id (None: no live watch)."""
+        view = self._views.get(content)
+        if view is None or not view.live:
+            return None
+        view.used = trio.current_time()
+        return view.peers
+
     def member(self, content: str, node_id: str) -> PeerRecord | None:
         """The record of a node the image's watch named (None: it named no such node)."""
         view = self._views.get(content)

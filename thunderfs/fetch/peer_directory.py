@@ -229,6 +229,15 @@ class PeerDirectory:
 
     # --- lookups ---------------------------------------------------------------------------
 
+    def members_nowait(self, img: ImageData) -> dict[str, PeerRecord] | None:
+        """Every holder of the image the tracker's watch named (None: no live watch)."""
+        return self.watches.members_nowait(img.content.hex())
+
+    def lazy_manifest(self, content: bytes) -> LazyManifest | None:
+        """The image's lazy manifest, if it has one (the tracker seeds it)."""
+        m = self._manifests.get(content)
+        return m if isinstance(m, LazyManifest) else None
+
     def member(self, img: ImageData, node_id: str) -> PeerRecord | None:
         """A node the tracker named as a holder of the image (its watch), else None."""
         return self.watches.member(img.content.hex(), node_id)

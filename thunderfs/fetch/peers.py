@@ -6,7 +6,9 @@ the listing's, ``peer_directory``).  Until a manifest exists, nothing comes from
 that times out, fails or answers 503 is skipped for this fetch (and avoided a while if it failed,
 ``peer_client``); one that sends a wrong chunk is reported to the tracker and avoided for a long
 while.  Then the rest is claimed at the tracker (``claims``): what this node is granted goes on
-to Glance at once, what other nodes are fetching is taken from them as it appears.  Every error
+to Glance at once, what other nodes are fetching is taken from them as it appears.  While the
+tracker seeds an image, a chunk's owner (``owners``) stands in for the claim: this node fetches
+what it owns, and asks the owner for the rest, which fetches it when asked.  Every error
 stays inside: ``fetch`` returns what it did not deliver and the fetcher asks Glance for it.
 """
 
@@ -20,6 +22,7 @@ import trio
 from thunderfs.cache.fresh import Buffer
 from thunderfs.cache.store import ImageData
 from thunderfs.fetch.claims import ClaimTaker
+from thunderfs.fetch import owners
 from thunderfs.fetch.lazy_manifest import LazyManifest
 from thunderfs.fetch.peer_client import Answer, PeerClient, Reply
 from thunderfs.fetch.peer_directory import PeerDirectory
@@ -87,8 +90,13 @@ class PeerSource:
         # and until when that stands: the outcome of a prefetch batch's one claim.
         self._plans: dict[bytes, dict[int, tuple[PeerRecord | None, bool, float]]] = {}
         self._claiming: dict[bytes, set[int]] = {}  # content -> chunks a plan's claim asks for now
+        self._node_id = node_id
+        # content -> chunks peers asked this node for as their owner (``fetch_for_peer``): its
+        # flights fetch them without a claim and without asking another owner.
+        self._asked: dict[bytes, set[int]] = {}
         self._stats = dict.fromkeys(("no_manifest", "granted_chunks", "claimed_chunks_late", "claims_deferred",
-                                     "planned_chunks", "plans", "unchecked_dropped"), 0)
+                                     "planned_chunks", "plans", "unchecked_dropped", "owned_chunks",
+                                     "owner_chunks", "fetched_for_peers"), 0)
 
     # --- what the daemon wires -------------------------------------------------------------
 
@@ -163,6 +171,54 @@ class PeerSource:
         peer, _, until = self._plans.get(img.content, {}).get(chunk, (True, False, 0.0))
         return peer is None and until > trio.current_time()
 
+    def fetch_for_peer(self, img: ImageData, chunks: list[int]) -> ImageMeta | None:
+        """A peer asked this node, as their owner (``owners``), for ``chunks`` it neither holds
+        nor fetches: the image's meta if they are to be fetched here (the tracker seeds the
+        image; the daemon starts the flight), else None (the peer is told so)."""
+        lazy = self.directory.lazy_manifest(img.content)
+        if lazy is None:
+            return None
+        self._asked.setdefault(img.content, set()).update(chunks)
+        self._stats["fetched_for_peers"] += len(chunks)
+        return lazy.meta
+
+    def _take_asked(self, img: ImageData, chunks: list[int]) -> set[int]:
+        """Which of ``chunks`` peers asked this node for (``fetch_for_peer``), now no longer."""
+        asked = self._asked.get(img.content)
+        if not asked:
+            return set()
+        mine = asked.intersection(chunks)
+        asked.difference_update(mine)
+        if not asked:
+            del self._asked[img.content]
+        return mine
+
+    def _owned(self, img: ImageData, chunks: list[int], asked: set[int]) -> tuple[list[int], dict[str, tuple[PeerRecord, list[int], bool]], list[int]]:
+        """While the tracker seeds the image and its watch is live: (chunks this node owns or was
+        ``asked`` for, {node: (owner, the chunks it owns, False)}, chunks to claim: every one of
+        them otherwise, and those whose owner this node avoids).  This node is among the owners
+        once it holds some of the image, as the tracker then names it to the others."""
+        if self.directory.lazy_manifest(img.content) is None:
+            return [], {}, chunks
+        members = self.directory.members_nowait(img)
+        if not members:
+            return [c for c in chunks if c in asked], {}, [c for c in chunks if c not in asked]
+        names = list(members) + ([self._node_id] if img.cached_count() else [])
+        mine: list[int] = []
+        theirs: dict[str, tuple[PeerRecord, list[int], bool]] = {}
+        rest: list[int] = []
+        for c in chunks:
+            node = self._node_id if c in asked else owners.owner(img.content, c, names, self._cs)
+            if node == self._node_id:
+                mine.append(c)
+            elif self.client.avoided(node):
+                rest.append(c)
+            else:
+                theirs.setdefault(node, (members[node], [], False))[1].append(c)
+        self._stats["owned_chunks"] += len(mine)
+        self._stats["owner_chunks"] += len(chunks) - len(mine) - len(rest)
+        return mine, theirs, rest
+
     def _planned(self, img: ImageData, chunks: list[int]) -> tuple[list[int], dict[str, tuple[PeerRecord, list[int], bool]], list[int]]:
         """(planned for this node, planned for other nodes by node id, not planned) of ``chunks``;
         the plan's entries for them are used up.  A node avoided since the plan (it failed or
@@ -190,10 +246,12 @@ class PeerSource:
 
     async def fetch(self, want: Want, sink: Sink) -> list[int]:
         """What the batch's plan covers as it says; the rest first from what peers hold (verified),
-        then claimed at the tracker.  The chunks this node is granted go on to Glance at once
+        then, while the tracker seeds the image, from their owners (``owners``), else claimed
+        at the tracker.  The chunks this node is granted go on to Glance at once
         (``sink.pass_on``), while those other nodes hold or are fetching are taken from them as
         they appear.  Returns what did not come in time."""
         meta, img, cs = want.meta, want.img, self._cs
+        asked = self._take_asked(img, want.chunks)
         # What the batch's plan covers needs no lookup and no claim: who holds or fetches each.
         mine, theirs, unplanned = self._planned(img, [c for c in want.chunks if not img.cached(c)])
         got: set[int] = set()
@@ -203,6 +261,11 @@ class PeerSource:
                     _put(sink, rfirst, piece)
                     got.update(range(rfirst, rfirst + -(-len(piece) // cs)))
         missing = [c for c in unplanned if c not in got and not img.cached(c)]
+        if missing:  # a seeded image's chunks: from their owners, without a claim
+            owned, by_owner, missing = self._owned(img, missing, asked)
+            mine += owned
+            for node, (peer, its, held) in by_owner.items():
+                theirs.setdefault(node, (peer, [], held))[1].extend(its)
         others = list(theirs.values())
         granted: list[int] = []
         if missing:
