@@ -121,15 +121,15 @@ def test_batches_queued_at_once_share_round_trips_and_fail_alone(tmp_path):
 def test_store_full_state_replaces_and_deltas_apply(store_url):
     async def body(s):
         await s.put_node(node("a", "z"), 0)
-        await s.update_chunks("a", True, [ChunkUpdate(IMG, 64, add=0b1111, full=True)])
-        await s.update_chunks("a", False, [ChunkUpdate(IMG, 64, add=1 << 10, remove=0b11)])
+        await s.update_chunks("a", True, [ChunkUpdate(IMG, 64, add=0b1111, full=True)], 0)
+        await s.update_chunks("a", False, [ChunkUpdate(IMG, 64, add=1 << 10, remove=0b11)], 0)
         ((n, bits),) = await s.holders(IMG, 0, 15)
         assert bits == (1 << 10) | 0b1100 and n.node_id == "a"
-        await s.update_chunks("a", True, [])
+        await s.update_chunks("a", True, [], 0)
         assert await s.holders(IMG, 0, 63) == []
         assert (await s.statistics())["nodes"] == 1
         with pytest.raises(KeyError):
-            await s.update_chunks("nobody", False, [])
+            await s.update_chunks("nobody", False, [], 0)
     drive(store_url, body)
 
 
@@ -169,6 +169,24 @@ async def test_silent_nodes_expire(tracker):
         while "expired" not in tracker.log():  # the sweep runs every node_ttl / 3
             assert trio.current_time() < deadline + 5, "a's expiry was not logged"
             await trio.sleep(0.2)
+
+
+async def test_chunk_states_keep_a_node_alive_as_light_heartbeats_do_and_say_so(tracker):
+    """node_ttl 3 s: a node that sends deltas and no heartbeat stays a holder; the tracker answers
+    each with its heartbeat (the node then skips the one it would have sent)."""
+    async with client(tracker, "a") as a, client(tracker, "b") as b:
+        await a.announce(node("a", "z"))
+        assert await a.send_chunks(True, [ChunkUpdate(IMG, 10, add=1, full=True)]) == (
+            (await a.alive(node("a", "z").instance)).epoch, 1.0)
+        await b.announce(node("b", "z"))
+        outlived = trio.current_time() + 4.5  # longer than node_ttl
+        c = 1
+        while trio.current_time() < outlived:
+            c += 1
+            await a.send_chunks(False, [ChunkUpdate(IMG, 10, add=1 << c % 10)])
+            await b.announce(node("b", "z"))
+            await trio.sleep(0.5)
+        assert [p.node_id for p in await b.lookup(IMG, 0, 9)] == ["a"]
 
 
 async def test_light_heartbeats_keep_a_node_as_announced_and_a_gone_or_taken_one_must_announce(tracker):
@@ -391,7 +409,7 @@ def test_claims_grant_each_chunk_to_one_node_and_name_it_to_the_others(store_url
         assert [(n.node_id, bits_to_ranges(b), held) for n, b, held in others] == [("a", [[40, 49]], False)]
         # Once a holds them they are held, and still not granted to another node (whose lookup
         # may be a moment old); claims expire.
-        await s.update_chunks("a", False, [ChunkUpdate(IMG, 100, add=ranges_to_bits([[0, 44]], 100))])
+        await s.update_chunks("a", False, [ChunkUpdate(IMG, 100, add=ranges_to_bits([[0, 44]], 100))], 0.2)
         granted, others = await s.claim(IMG, "b", 100, ranges_to_bits([[0, 9], [60, 61]], 100), now=0.2, ttl=1)
         assert bits_to_ranges(granted) == [[60, 61]]
         assert [(n.node_id, bits_to_ranges(b), held) for n, b, held in others] == [("a", [[0, 9]], True)]

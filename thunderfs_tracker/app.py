@@ -166,16 +166,18 @@ async def alive(request: web.Request) -> web.Response:
 
 
 async def chunks(request: web.Request) -> web.Response:
+    """A node's chunk state, in full or as deltas; it keeps the node alive as a light heartbeat
+    does, and is answered as one (the heartbeat in the answer says so: the node skips its next)."""
     node_id = check_node_id(request.match_info["node"])
     state = ChunkState.parse(await _json(request))
     full, updates = state.full, state.updates
     try:
-        epoch = await request.app[STORE].update_chunks(node_id, full, updates)
+        epoch = await request.app[STORE].update_chunks(node_id, full, updates, time.monotonic())
     except KeyError:
         raise _error(web.HTTPConflict, f"node {node_id} has not announced itself (or expired): announce first") from None
     except ValueError as exc:
         raise ProtocolError(str(exc)) from None
-    return web.json_response({"epoch": epoch})
+    return web.json_response(AnnounceReply(epoch, request.app[CONFIG].heartbeat).to_json())
 
 
 def _chunks(bits: int) -> list[int]:

@@ -171,9 +171,14 @@ class TrackerClient:
         r = await self._call("POST", f"{API}/nodes/{self.node_id}/alive", {"instance": instance})
         return AnnounceReply.parse(r)
 
-    async def send_chunks(self, full: bool, updates: list[ChunkUpdate]) -> str:
+    async def send_chunks(self, full: bool, updates: list[ChunkUpdate]) -> tuple[str, float | None]:
+        """(the tracker's epoch, its heartbeat if it counted the state as a light heartbeat; None
+        from a tracker that does not)."""
         r = await self._call("POST", f"{API}/nodes/{self.node_id}/chunks", ChunkState(full, updates).to_json())
-        return parse_epoch(r)
+        if isinstance(r, dict) and "heartbeat" in r:
+            reply = AnnounceReply.parse(r)
+            return reply.epoch, reply.heartbeat
+        return parse_epoch(r), None
 
     async def lookup(self, content: str, first: int, last: int, limit: int | None = None) -> list[PeerRecord]:
         q = f"first={first}&last={last}&node={self.node_id}" + (f"&limit={limit}" if limit else "")

@@ -49,8 +49,9 @@ class PeerStore(Protocol):
 
     async def nchunks(self, content: str) -> int | None: ...
 
-    async def update_chunks(self, node_id: str, full: bool, updates: list[ChunkUpdate]) -> str:
-        """Applies a node's full state or deltas; returns the epoch."""
+    async def update_chunks(self, node_id: str, full: bool, updates: list[ChunkUpdate], now: float) -> str:
+        """Applies a node's full state or deltas, and keeps its record alive as a light heartbeat
+        does (a node that sends chunks skips the heartbeat it would have sent); returns the epoch."""
 
     async def holders(self, content: str, first: int, last: int) -> list[tuple[NodeInfo, int]]: ...
 
@@ -106,9 +107,10 @@ class MemoryPeerStore:
         self._seen[node_id] = now
         return self._epoch
 
-    async def update_chunks(self, node_id: str, full: bool, updates: list[ChunkUpdate]) -> str:
+    async def update_chunks(self, node_id: str, full: bool, updates: list[ChunkUpdate], now: float) -> str:
         if node_id not in self._nodes:
             raise KeyError(node_id)
+        self._seen[node_id] = now
         held = self._held[node_id]
         if full:
             listed = {u.content for u in updates}

@@ -124,7 +124,7 @@ class RedisPeerStore:
         raw = await self.conn.one("get", f"tf:k:{content}")
         return int(raw) if raw else None
 
-    async def update_chunks(self, node_id: str, full: bool, updates: list[ChunkUpdate]) -> str:
+    async def update_chunks(self, node_id: str, full: bool, updates: list[ChunkUpdate], now: float) -> str:
         p = self.conn.batch()
         self._epoch(p)
         p.exists(f"tf:n:{node_id}")
@@ -157,6 +157,8 @@ class RedisPeerStore:
             for content in held - listed:
                 self._drop(w, node_id, content)
         w.pexpire(f"tf:h:{node_id}", self._ttl_ms)
+        w.pexpire(f"tf:n:{node_id}", self._ttl_ms)  # alive, as a light heartbeat keeps it
+        w.zadd("tf:alive", {node_id: time.time()})
         await self.call(w)
         return epoch
 

@@ -92,3 +92,48 @@ async def test_a_node_the_tracker_forgot_announces_in_full_at_once(autojump_cloc
 async def test_a_tracker_without_light_heartbeats_gets_full_announces(autojump_clock):
     calls = await beats(FakeTracker(light=False), 5)
     assert calls == ["announce load=0", "alive", "announce load=0", "announce load=0", "announce load=0"]
+
+
+class ChangingStore(FakeStore):
+    """A chunk arrives every second (a booting node): every drain has a change."""
+
+    def __init__(self):
+        self.n = 0
+
+    def drain_changes(self) -> dict:
+        from types import SimpleNamespace
+        self.n += 1
+        return {bytes(32): (SimpleNamespace(nchunks=64), {self.n % 64}, set())}
+
+
+class DeltaTracker(FakeTracker):
+    """Answers deltas as a light heartbeat (``beats``), or, as an older tracker, with the epoch."""
+
+    def __init__(self, *, beats: bool):
+        super().__init__()
+        self.beats = beats
+        self.deltas = 0
+
+    async def send_chunks(self, full: bool, updates: list) -> tuple[str, float | None]:
+        self.deltas += not full
+        return "e1", HEARTBEAT if self.beats else None
+
+
+async def _a_minute_of_deltas(tracker: DeltaTracker) -> tuple[list[str], dict]:
+    node = NodeInfo("a", "http://10.0.0.1:7000", ("z",), instance="aaaaaaaa11111111")
+    announcer = Announcer(tracker, ChangingStore(), node)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(announcer.run)
+        await trio.sleep(59)
+        nursery.cancel_scope.cancel()
+    return tracker.calls, announcer.statistics()
+
+
+async def test_deltas_stand_in_for_the_light_heartbeats_a_tracker_that_takes_them_as_such(autojump_clock):
+    calls, stats = await _a_minute_of_deltas(DeltaTracker(beats=True))
+    # A heartbeat every 10 s for 59 s: the announce at start, the light ones all deltas, and
+    # the full announce every FULL_EVERY heartbeats still sent.
+    assert calls == ["announce load=0", "announce load=0"] and stats["deltas_as_heartbeats"] == FULL_EVERY - 1
+    calls, stats = await _a_minute_of_deltas(DeltaTracker(beats=False))  # an older tracker
+    # (heartbeats at 0, 12, 24, 36, 48 s: the announcer looks every 3 s, the delta interval)
+    assert calls == ["announce load=0"] + ["alive"] * 4 and stats["deltas_as_heartbeats"] == 0
