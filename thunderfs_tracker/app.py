@@ -2,7 +2,7 @@
 
     POST /v1/nodes/{node}/announce   a node says who and where it is (and is alive): heartbeat
     POST /v1/nodes/{node}/alive      a light heartbeat: alive, and as last announced
-    POST /v1/nodes/{node}/chunks     the chunks it holds: full state, or batched deltas
+    POST /v1/nodes/{node}/chunks     the chunks it holds: full state, or batched deltas (alive, as a light heartbeat)
     GET  /v1/images/{content}/peers?first=&last=&limit=   holders of chunks, nearest first
     GET  /v1/images/{content}/watch?nchunks=   who holds what, as it changes: server-sent events
     GET  /v1/manifests/{image}?chunk_size=N   a BLAKE3 digest per chunk, bound to Glance's hash (202 while built,
