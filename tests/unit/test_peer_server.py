@@ -34,6 +34,17 @@ async def ask_full(port: int, path: str, headers: dict[str, str | bytes]) -> tup
     return int(head.split()[1]), {k.lower(): v for k, v in fields.items()}, body
 
 
+async def listening(server: PeerServer):
+    """The server listening on loopback: (the image's chunks path, the answers by name, and
+    ``asked(name, path)``, a member's signed request whose answer goes into them)."""
+    _, port = await server.listen("127.0.0.1", 0)
+    answers: dict[str, tuple[int, dict, bytes]] = {}
+
+    async def asked(name: str, path: str) -> None:
+        answers[name] = await ask_full(port, path, sign(SECRET, "n1", "GET", path))
+    return f"/v1/chunks/{META.content_key.hex()}", answers, asked
+
+
 async def test_members_get_chunks_and_odd_headers_a_401_that_says_why(store, caplog):
     img = store.image(META.content_key, META.size)
     store.stage(img, 0, DATA[:2 * CS])
@@ -170,12 +181,7 @@ async def test_a_wait_for_chunks_this_node_is_not_fetching_ends_at_once_with_a_4
     server = PeerServer(store, secret=SECRET, max_uploads=1)
     fetching = {4, 5}
     server.fetching = lambda image, chunk: image is img and chunk in fetching
-    _, port = await server.listen("127.0.0.1", 0)
-    base = f"/v1/chunks/{META.content_key.hex()}"
-    answers: dict[str, tuple[int, dict, bytes]] = {}
-
-    async def asked(name: str, path: str) -> None:
-        answers[name] = await ask_full(port, path, sign(SECRET, "n1", "GET", path))
+    base, answers, asked = await listening(server)
 
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve)
@@ -257,12 +263,7 @@ async def test_a_wait_for_chunks_this_node_owns_starts_their_fetch_once_and_is_a
 
     server.fetching = lambda image, chunk: chunk in fetching
     server.fetch_for_peer = fetch_for_peer
-    _, port = await server.listen("127.0.0.1", 0)
-    base = f"/v1/chunks/{META.content_key.hex()}"
-    answers: dict[str, tuple[int, dict, bytes]] = {}
-
-    async def asked(name: str, path: str) -> None:
-        answers[name] = await ask_full(port, path, sign(SECRET, "n1", "GET", path))
+    base, answers, asked = await listening(server)
 
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve)

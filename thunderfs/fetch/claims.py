@@ -144,11 +144,11 @@ class ClaimTaker:
                 holders = [(peer, bits | hinted[peer.node_id][1] if peer.node_id in hinted else bits)
                            for peer, bits in holders] + [h for node, h in hinted.items() if node not in known]
                 capped: set[str] = set()  # peers skipped because this node asks them PER_PEER times
-                later: list[float] = []  # when peers skipped for now (resting, slow, avoided) are not
+                later: dict[str, float] = {}  # peers skipped for now (resting, slow, avoided): until when
                 choice = self._pick(holders, pending - taking, claimer, resting, capped, later)
                 push = 0.0
                 if choice is None:  # nobody has them yet: the claimer answers when it has
-                    if self._client.avoided(claimer.node_id) and not later and not capped:
+                    if self._client.avoided(claimer.node_id) and not later.keys() - {claimer.node_id} and not capped:
                         # It failed since the claim (another take found out), and nobody else
                         # holds any of them: waiting would only wait out ``wait``.
                         claimer_failed = True
@@ -165,7 +165,7 @@ class ClaimTaker:
                         # holders were slow sleep until its wait ran out (the chaos run's final
                         # read failed so once, Glance up).
                         now = trio.current_time()
-                        rest = min((t - now for t in later if t > now), default=None)
+                        rest = min((t - now for t in later.values() if t > now), default=None)
                         # A take held back by other takes' asks (PER_PEER counts them all) goes on
                         # when one of them ends: it slept until a poll, and 64 readers of one
                         # holder starved behind two asks until their reads failed.  Only those
@@ -241,7 +241,7 @@ class ClaimTaker:
             del self._capped[node]
 
     def _pick(self, holders: list[tuple[PeerRecord, int]], wanted: set[int], claimer: PeerRecord,
-              resting: dict[str, float], capped: set[str], later: list[float]) -> tuple[PeerRecord, int, int] | None:
+              resting: dict[str, float], capped: set[str], later: dict[str, float]) -> tuple[PeerRecord, int, int] | None:
         """The best-ranked peer that can be asked for some of ``wanted`` (the claimer last), and a
         random piece of what it holds (bits -1: of any of them).  A peer slow a moment ago is
         skipped (the claimer excepted): asking it too made a loaded crowd collapse (issue 27:
@@ -256,10 +256,10 @@ class ClaimTaker:
             if not pieces:
                 continue
             if resting.get(node, 0) > now or self._client.avoided(node):
-                later.append(max(resting.get(node, 0), self._client.askable_at(node)))
+                later[node] = max(resting.get(node, 0), self._client.askable_at(node))
                 continue
             if node != claimer.node_id and self._client.slow(node):
-                later.append(self._client.askable_at(node))
+                later[node] = self._client.askable_at(node)
                 continue
             if self._asking.get(node, 0) >= self.PER_PEER:
                 capped.add(node)
