@@ -703,3 +703,36 @@ def test_a_replicas_watches_write_at_most_so_many_events_a_second_in_all():
             assert watches.interval() == 1.25
         assert watches.interval() == 0.5 and watches.statistics()["watchers"] == 0
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("secret", [SECRET, None])
+def test_a_client_that_goes_away_mid_body_is_no_traceback(tmp_path, caplog, secret):
+    """A node killed or stopped while it sends a request: the tracker logged aiohttp's traceback
+    ("Error handling request", ConnectionResetError) in a chaos run; now only a debug line.  (The
+    app runs as ``run_app`` runs it: handlers are not cancelled when their client goes away.)"""
+    from aiohttp import web
+
+    async def main():
+        app = create_app(TrackerConfig(listen=("127.0.0.1", 7070), state_dir=tmp_path, secret=secret))
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            path = "/v1/nodes/a/announce"
+            headers = sign(SECRET, "a", "POST", path, b"{}" * 50) if secret else {}
+            head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+            writer.write(f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n{head}\r\n{{\"node".encode())
+            await writer.drain()
+            await asyncio.sleep(0.1)  # the handler waits for the rest of the body
+            writer.close()  # and the client is gone
+            await asyncio.sleep(0.2)
+            # The tracker goes on answering.
+            async with httpx.AsyncClient() as client:
+                assert (await client.get(f"http://127.0.0.1:{port}/healthz")).status_code == 200
+        finally:
+            await runner.cleanup()
+    asyncio.run(main())
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], [r.getMessage() for r in caplog.records]
