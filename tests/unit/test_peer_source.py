@@ -936,7 +936,7 @@ async def test_a_seeded_images_chunks_come_from_their_owners_without_a_claim(sto
     """Nobody holds chunks 0-7 yet: each goes to its owner among the holders the watch names
     (each owns windows of two chunks here), which fetches it when asked; no claim is made."""
     from thunderfs.fetch import owners
-    from thunderfs.fetch.owners import owner
+    from thunderfs.fetch.owners import owner, window
 
     monkeypatch.setattr(owners, "WINDOW", 2 * CS)
 
@@ -949,14 +949,14 @@ async def test_a_seeded_images_chunks_come_from_their_owners_without_a_claim(sto
     assert right(sink, range(8)) and sink.passed == []
     assert tracker.calls["claim"] == 0
     asked = {c: node for node, first, count in peers_.asked for c in range(first, first + count)}
-    assert asked == {c: owner(META.content_key, c, ["a", "b"], CS) for c in range(8)}
+    assert asked == {c: owner(META.content_key, window(c, CS), ["a", "b"]) for c in range(8)}
     assert set(asked.values()) == {"a", "b"}  # (both own some of eight)
     assert src.statistics()["owner_chunks"] == 8
 
 
 async def test_a_node_that_holds_some_of_a_seeded_image_fetches_what_it_owns_and_what_it_is_asked_for(store, monkeypatch):
     from thunderfs.fetch import owners
-    from thunderfs.fetch.owners import owner
+    from thunderfs.fetch.owners import owner, window
 
     monkeypatch.setattr(owners, "WINDOW", 2 * CS)
     img = store.image(META.content_key, META.size)
@@ -964,7 +964,7 @@ async def test_a_node_that_holds_some_of_a_seeded_image_fetches_what_it_owns_and
     peers_ = Peers()
     async with trio.open_nursery() as nursery:
         tracker, src = await _seeded_with_watch(store, nursery, [peer("a", [30])], peers_)
-        mine = [c for c in range(16) if owner(META.content_key, c, ["a", "me"], CS) == "me"]
+        mine = [c for c in range(16) if owner(META.content_key, window(c, CS), ["a", "me"]) == "me"]
         theirs = [c for c in range(16) if c not in mine]
         assert mine and theirs
         sink = Sink()

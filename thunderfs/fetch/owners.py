@@ -23,9 +23,12 @@ import xxhash
 WINDOW = 2**20
 
 
-def owner(content: bytes, chunk: int, members: Iterable[str], chunk_size: int) -> str:
-    """The member (node id) that owns ``chunk`` of the image ``content`` (``members``: not empty):
-    the owner of its ``WINDOW``."""
-    window = chunk * chunk_size // WINDOW
+def window(chunk: int, chunk_size: int) -> int:
+    """The ``WINDOW`` a chunk is in: its owner is the window's."""
+    return chunk * chunk_size // WINDOW
+
+
+def owner(content: bytes, window: int, members: Iterable[str]) -> str:
+    """The member (node id) that owns ``window`` of the image ``content`` (``members``: not empty)."""
     key = content + window.to_bytes(8, "little")
     return max(members, key=lambda node: xxhash.xxh3_64_intdigest(key + node.encode()))

@@ -207,8 +207,15 @@ class PeerSource:
         mine: list[int] = []
         theirs: dict[str, tuple[PeerRecord, list[int], bool]] = {}
         rest: list[int] = []
+        by_window: dict[int, str] = {}  # a flight's chunks share a few windows: each hashed once
         for c in chunks:
-            node = self._node_id if c in asked else owners.owner(img.content, c, names, self._cs)
+            if c in asked:
+                node = self._node_id
+            else:
+                w = owners.window(c, self._cs)
+                if w not in by_window:
+                    by_window[w] = owners.owner(img.content, w, names)
+                node = by_window[w]
             if node == self._node_id:
                 mine.append(c)
             elif self.client.avoided(node):
