@@ -184,3 +184,74 @@ async def test_a_read_within_one_buffer_may_borrow_it_and_any_other_is_copied(ru
     store.stage(img, 4, other)  # no buffer: written at once, read from the file
     across = await store.read(img, 3 * CS, 2 * CS, borrow=True)
     assert isinstance(across, bytes) and across == data[3 * CS:] + other[:CS]
+
+
+async def test_a_peers_answer_memory_goes_back_once_neither_the_store_nor_its_source_refers_to_it(running):
+    """The peer client's memory (``AnswerMemory``) comes back when the store let go of the answer
+    (written and read) and the source dropped it, not before; one the store did not hold comes
+    back when the source drops it.  The next answer of its size is received into it."""
+    from thunderfs.cache.fresh import Buffer
+    from thunderfs.fetch.buffers import AnswerMemory
+    store = running
+    img = store.image(CONTENT, 32 * CS)
+    memory = AnswerMemory(64 * CS)
+    data = os.urandom(12 * CS)
+    freed = []
+
+    def give_back(view):
+        freed.append(view.obj)
+        memory.give_back(view)
+
+    a_view = memory.take(4 * CS)
+    a_view[:] = data[:4 * CS]
+    a = Buffer.wrap(a_view, give_back)
+    assert store.stage(img, 0, a_view, a) and img.held[0] is a
+    a.drop()  # the source is done: the store still holds it
+    assert not freed
+    await wait_until(lambda: a.written)
+    assert not freed  # written, not read yet: still served from memory
+    assert await store.read(img, 0, 4 * CS) == data[:4 * CS]
+    assert freed == [a_view.obj] and a.owner is None  # read and written: let go, and back
+    b_view = memory.take(4 * CS)
+    assert b_view.obj is a_view.obj  # the next answer of its size lands in it
+    with pytest.raises(RuntimeError, match="dropped twice"):
+        a.drop()
+    # Over the loose budget (2 x 4 chunks) with nothing written to let go: written at once, not
+    # held, and back when the source drops it.
+    c_view = memory.take(8 * CS)
+    c_view[:] = data[4 * CS:]
+    c = Buffer.wrap(c_view, give_back)
+    b_view[:] = data[:4 * CS]
+    b = Buffer.wrap(b_view, give_back)
+    assert store.stage(img, 4, c_view, c) and c.owner is img
+    assert store.stage(img, 12, b_view, b) and b.owner is None  # over the budget: written at once
+    b.drop()
+    assert freed[-1] is b_view.obj
+    c.drop()
+    assert freed[-1] is b_view.obj  # c is held until written and read
+    assert await store.read(img, 4 * CS, 8 * CS) == data[4 * CS:]
+    await wait_until(lambda: c.owner is None)
+    assert freed[-1] is c_view.obj and len(freed) == 3
+
+
+def test_answer_memory_is_page_aligned_bounded_and_refuses_what_it_did_not_give():
+    import mmap
+
+    from thunderfs.fetch.buffers import AnswerMemory
+    memory = AnswerMemory(keep=2 * 2**20)
+    a, b = memory.take(100_000), memory.take(2**20)
+    assert len(a) == 100_000 and len(b) == 2**20
+    for v in (a, b):  # O_DIRECT wants page-aligned memory
+        import ctypes
+        assert ctypes.addressof(ctypes.c_char.from_buffer(v)) % mmap.PAGESIZE == 0
+    memory.give_back(a)
+    memory.give_back(b)  # 128 KiB + 1 MiB kept
+    c = memory.take(2**20 + 1)  # a 2 MiB class: fresh
+    memory.give_back(c)  # over what is kept: dropped
+    assert memory.statistics() == {"answers": 3, "reused": 0, "dropped": 1, "free_bytes": 2**17 + 2**20}
+    assert memory.take(120_000).obj is a.obj  # the same class: the same memory
+    with pytest.raises(RuntimeError, match="handed back twice"):
+        memory.give_back(b)
+    with pytest.raises(RuntimeError, match="not taken here"):
+        memory.give_back(memoryview(mmap.mmap(-1, 4096)))
+    memory.give_back(memoryview(bytearray(10)))  # not mmap memory: not ours, ignored

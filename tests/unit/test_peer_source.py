@@ -212,6 +212,22 @@ async def test_a_lying_peer_is_refused_reported_avoided_and_the_next_holder_used
     assert {n for n, _, _ in peers.asked} == {"good"}
 
 
+async def test_a_peers_answer_memory_is_used_again_once_the_cache_is_done_with_it_and_a_liars_is_not(store):
+    """What a peer's answer was received into comes back once the sink is done with it (this one
+    copies and holds nothing), and the next answer of its size is received into it; a lying
+    peer's answer is dropped, never used again."""
+    from thunderfs.fetch.buffers import size_class
+    tracker = FakeTracker(manifest_of(), [peer("liar", range(8)), peer("good", range(8))])
+    src, sink = source_of(tracker, Peers(liar="lie")), Sink()
+    assert await src.fetch(want(store, range(4)), sink) == [] and right(sink, range(4))
+    assert src.statistics()["answer_memory"] == {"answers": 2, "reused": 0, "dropped": 0,
+                                                 "free_bytes": size_class(4 * CS)}
+    sink = Sink()
+    assert await src.fetch(want(store, range(4, 8)), sink) == [] and right(sink, range(4, 8))
+    assert src.statistics()["answer_memory"] == {"answers": 3, "reused": 1, "dropped": 0,
+                                                 "free_bytes": size_class(4 * CS)}
+
+
 @pytest.mark.parametrize("how", ["busy", "dead"])
 async def test_a_busy_or_dead_peer_is_skipped_for_the_next(store, how):
     tracker = FakeTracker(manifest_of(), [peer("x", range(8)), peer("y", range(8))])

@@ -34,22 +34,33 @@ class Buffer:
     *loose* one (``wrap``) is memory a source allocated for one transfer (a peer's answer): held
     within the pool's byte budget, and simply dropped when let go."""
 
-    __slots__ = ("mm", "refs", "pooled", "owner", "first", "count", "nbytes", "unread", "written", "failed",
-                 "_done")
+    __slots__ = ("mm", "refs", "pooled", "on_free", "owner", "first", "count", "nbytes", "unread", "written",
+                 "failed", "_done")
 
     def __init__(self, size: int):
         self.mm: mmap.mmap | memoryview = mmap.mmap(-1, size)
         self.refs = 0
         self.pooled = True
+        self.on_free = None
         self._clear()
 
     @classmethod
-    def wrap(cls, memory: memoryview) -> "Buffer":
-        """Loose: ``memory`` (whose owner hands it over for good) as a buffer, referred to once."""
+    def wrap(cls, memory: memoryview, on_free: Callable[[memoryview], None] | None = None) -> "Buffer":
+        """Loose: ``memory`` as a buffer, referred to once (by the source, until ``drop``);
+        ``on_free(memory)`` once nobody refers to it any more."""
         buf = cls.__new__(cls)
-        buf.mm, buf.refs, buf.pooled = memory, 1, False
+        buf.mm, buf.refs, buf.pooled, buf.on_free = memory, 1, False, on_free
         buf._clear()
         return buf
+
+    def drop(self) -> None:
+        """One reference to a loose buffer less (the source's, or the store's when it lets go)."""
+        if self.pooled or self.refs < 1:
+            raise RuntimeError("a loose receive buffer was dropped twice, or a pooled one dropped")
+        self.refs -= 1
+        if not self.refs and self.on_free is not None:
+            on_free, self.on_free = self.on_free, None
+            on_free(self.mm)
 
     def _clear(self) -> None:
         self.owner = None
@@ -178,10 +189,13 @@ class ReceiveBuffers:
         self.unref(buf)
 
     def unref(self, buf: Buffer) -> None:
+        if not buf.pooled:
+            buf.drop()
+            return
         if buf.refs < 1:
             raise RuntimeError("a receive buffer was handed back twice")
         buf.refs -= 1
-        if not buf.refs and buf.pooled:
+        if not buf.refs:
             self._free.append(buf)
             self._wake()
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import trio
 
 from thunderfs.cache.store import ImageData
-from thunderfs.fetch.buffers import aligned
+from thunderfs.fetch.buffers import AnswerMemory
 from thunderfs.fetch.lazy_manifest import LazyManifest
 from thunderfs.fetch.range_http import HTTPClient, HTTPFailed, HTTPTimeout
 from thunderfs_common import chunk_digest
@@ -98,6 +98,8 @@ class PeerClient:
         self._served: dict[bytes, dict[str, int]] = {}  # content -> peer -> bytes it sent us
         self._hashers = trio.CapacityLimiter(2)  # answers hashed in threads at once
         self._answers = ByteBudget(self.ANSWER_BYTES)
+        # What answers are received into: memory the cache was done with, used again.
+        self.memory = AnswerMemory(self.ANSWER_BYTES)
         self._stats = dict.fromkeys(("chunks", "bytes", "requests", "waits", "failures", "slow", "busy",
                                      "bad_chunks", "bad_hints"), 0)
 
@@ -148,7 +150,7 @@ class PeerClient:
                     if status == 200 and resp.length != expected:
                         return self._lied(peer, img, first, f"promised {resp.length} bytes for {expected}")
                     if status == 200:
-                        body = aligned(expected)  # one buffer per answer, filled by the socket,
+                        body = self.memory.take(expected)  # page aligned, filled by the socket,
                         await resp.read_into(body)  # that the cache writes with O_DIRECT
                     else:
                         await resp.read(64 * 1024)  # a refusal's few words (the connection kept)
@@ -245,5 +247,6 @@ class PeerClient:
     def statistics(self) -> dict:
         now = trio.current_time()
         return {**self._stats, "answer_bytes": self._answers.used, "answer_waits": self._answers.waits,
+                "answer_memory": self.memory.statistics(),
                 "avoided_peers": sorted(n for n, t in self._avoid.items() if t > now),
                 "slow_peers": sorted(n for n, t in self._slow.items() if t > now), "rtt_ms": self.rtt_ms()}

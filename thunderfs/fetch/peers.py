@@ -56,10 +56,18 @@ PLAN_TTL = 15.0
 TRACKER_PATIENCE = 10.0
 
 
-def _put(sink: Sink, first: int, data) -> None:
+def _put(sink: Sink, on_free, first: int, data) -> None:
     """A peer's checked answer to the cache, which may hold it (its memory is this answer's
-    alone: ``peer_client`` receives each into memory of its own) and serve from it."""
-    sink.put(first, data, Buffer.wrap(data) if isinstance(data, memoryview) and not data.readonly else None)
+    alone: ``peer_client`` receives each into memory of its own) and serve from it; the memory
+    goes back to ``on_free`` once the cache is done with it (at once where it was not held)."""
+    if not (isinstance(data, memoryview) and not data.readonly):
+        sink.put(first, data)
+        return
+    buffer = Buffer.wrap(data, on_free)
+    try:
+        sink.put(first, data, buffer)
+    finally:
+        buffer.drop()  # this source's reference: read nowhere after this
 
 
 class PeerSource:
@@ -265,7 +273,7 @@ class PeerSource:
         if unplanned:
             with trio.move_on_after(self.timeout * 3 + want.nbytes() / MIN_RATE):
                 for rfirst, piece in await self._from_holders(meta, img, unplanned):
-                    _put(sink, rfirst, piece)
+                    _put(sink, self.client.memory.give_back, rfirst, piece)
                     got.update(range(rfirst, rfirst + -(-len(piece) // cs)))
         missing = [c for c in unplanned if c not in got and not img.cached(c)]
         if missing:  # a seeded image's chunks: from their owners, without a claim
@@ -289,7 +297,7 @@ class PeerSource:
             wait = min(CLAIM_WAIT_MAX, deadline_for(self._fetch_timeout, len(chunks) * cs))
             if want.priority == DEMAND:
                 wait = min(wait, CLAIM_WAIT_DEMAND * self._fetch_timeout)
-            left = await self.claims.take(meta, img, peer, chunks, wait, functools.partial(_put, sink),
+            left = await self.claims.take(meta, img, peer, chunks, wait, functools.partial(_put, sink, self.client.memory.give_back),
                                           held=held, urgent=want.priority == DEMAND)
             late.extend(left)
             self._stats["claimed_chunks_late"] += len(left)
