@@ -14,8 +14,8 @@
                           than queued: the crowd's copies spread from the relays, not all from here;
                           a wait for chunks this node is not fetching (any more) ends at once, 404
                           with ``X-Thunderfs-Not-Fetching``: the claim the waiter waits on is stale;
-                          unless this node fetches them when asked, as their owner (while the
-                          tracker seeds the image, ``fetch.owners``), once per request
+                          unless this node fetches them when asked, as their owner (chunks
+                          nobody holds yet, ``fetch.owners``), once per request
     GET /healthz
 
 Only members' signed requests are answered (401 otherwise).  Uploads are capped in number (503
@@ -258,7 +258,7 @@ class PeerServer:
                 with trio.move_on_at(give_up):
                     while missing := img.missing(first, last):
                         if not all(self.fetching(img, c) for c in missing):
-                            # Asked as the chunks' owner (a seeded image's): fetched here, once.
+                            # Asked as the chunks' owner: fetched here, once.
                             if not asked_to_fetch and self.fetch_for_peer(img, missing):
                                 asked_to_fetch = True
                                 self._stats["fetches_for_peers"] += 1

@@ -1,9 +1,12 @@
-"""Chunk owners: while the tracker seeds an image (it has no manifest yet), each of its chunks has
-one owner among the nodes that hold some of it, by rendezvous hashing (highest random weight):
-every node that knows the same holders names the same owner for a chunk, and asks nobody.
+"""Chunk owners: each chunk of an image nobody holds yet has one owner among the nodes that hold
+some of the image, by rendezvous hashing (highest random weight): every node that knows the same
+holders names the same owner for a chunk, and asks nobody.
 
-A node fetches the chunks it owns from the seed without a claim, and asks each other chunk's
-owner for it, which fetches it when asked (``PeerSource.fetch_for_peer``).  A claim per read made
+A node fetches the chunks it owns (from the seed without a claim while the tracker seeds the
+image; from Glance, claimed, once it has a manifest), and asks each other chunk's owner for it,
+which fetches it when asked (``PeerSource.fetch_for_peer``).  Claimed alone, a known image's
+first copies went to whoever claimed first: one node of 8 read a whole image from Glance and the
+others took it from that one.  A claim per read made
 a crowd's first boot of a new image cost the tracker one request per node and per read (issue 27:
 334 a node as 32 nodes booted at once, the target 30).  Nodes that know different holders (a new
 holder is named a second or two later to some than to others) may fetch a chunk twice from the

@@ -6,9 +6,10 @@ the listing's, ``peer_directory``).  Until a manifest exists, nothing comes from
 that times out, fails or answers 503 is skipped for this fetch (and avoided a while if it failed,
 ``peer_client``); one that sends a wrong chunk is reported to the tracker and avoided for a long
 while.  Then the rest is claimed at the tracker (``claims``): what this node is granted goes on
-to Glance at once, what other nodes are fetching is taken from them as it appears.  While the
-tracker seeds an image, a chunk's owner (``owners``) stands in for the claim: this node fetches
-what it owns, and asks the owner for the rest, which fetches it when asked.  Every error
+to Glance at once, what other nodes are fetching is taken from them as it appears.  Chunks nobody
+holds have an owner (``owners``), which stands in for the claim: this node fetches what it owns
+(from the seed while the tracker seeds the image, unclaimed; from Glance once it has a manifest,
+claimed), and asks the owner for the rest, which fetches it when asked.  Every error
 stays inside: ``fetch`` returns what it did not deliver and the fetcher asks Glance for it.
 """
 
@@ -102,6 +103,7 @@ class PeerSource:
         # content -> chunks peers asked this node for as their owner (``fetch_for_peer``): its
         # flights fetch them without a claim and without asking another owner.
         self._asked: dict[bytes, set[int]] = {}
+        self._metas: dict[bytes, ImageMeta] = {}  # content -> the image, of those fetched lately
         self._stats = dict.fromkeys(("no_manifest", "granted_chunks", "claimed_chunks_late", "claims_deferred",
                                      "planned_chunks", "plans", "unchecked_dropped", "owned_chunks",
                                      "owner_chunks", "fetched_for_peers"), 0)
@@ -181,14 +183,23 @@ class PeerSource:
 
     def fetch_for_peer(self, img: ImageData, chunks: list[int]) -> ImageMeta | None:
         """A peer asked this node, as their owner (``owners``), for ``chunks`` it neither holds
-        nor fetches: the image's meta if they are to be fetched here (the tracker seeds the
-        image; the daemon starts the flight), else None (the peer is told so)."""
-        lazy = self.directory.lazy_manifest(img.content)
-        if lazy is None:
+        nor fetches: the image's meta if they are to be fetched here (the image has a manifest;
+        the daemon starts the flight), else None (the peer is told so)."""
+        meta = self._traded(img)
+        if meta is None:
             return None
         self._asked.setdefault(img.content, set()).update(chunks)
         self._stats["fetched_for_peers"] += len(chunks)
-        return lazy.meta
+        return meta
+
+    def _traded(self, img: ImageData) -> ImageMeta | None:
+        """The image, if its chunks are traded by owners: it has a manifest here (lazy while the
+        tracker seeds it, or built) and this node fetched some of it lately."""
+        lazy = self.directory.lazy_manifest(img.content)
+        if lazy is not None:
+            return lazy.meta
+        meta = self._metas.get(img.content)
+        return meta if meta is not None and self.directory.manifest_nowait(meta) is not None else None
 
     def _take_asked(self, img: ImageData, chunks: list[int]) -> set[int]:
         """Which of ``chunks`` peers asked this node for (``fetch_for_peer``), now no longer."""
@@ -202,11 +213,11 @@ class PeerSource:
         return mine
 
     def _owned(self, img: ImageData, chunks: list[int], asked: set[int]) -> tuple[list[int], dict[str, tuple[PeerRecord, list[int], bool]], list[int]]:
-        """While the tracker seeds the image and its watch is live: (chunks this node owns or was
+        """While the image has a manifest and a live watch: (chunks this node owns or was
         ``asked`` for, {node: (owner, the chunks it owns, False)}, chunks to claim: every one of
         them otherwise, and those whose owner this node avoids).  This node is among the owners
         once it holds some of the image, as the tracker then names it to the others."""
-        if self.directory.lazy_manifest(img.content) is None:
+        if self._traded(img) is None:
             return [], {}, chunks
         members = self.directory.members_nowait(img)
         if not members:
@@ -266,6 +277,10 @@ class PeerSource:
         (``sink.pass_on``), while those other nodes hold or are fetching are taken from them as
         they appear.  Returns what did not come in time."""
         meta, img, cs = want.meta, want.img, self._cs
+        self._metas.pop(img.content, None)
+        self._metas[img.content] = meta  # the latest last
+        while len(self._metas) > 64:
+            del self._metas[next(iter(self._metas))]
         asked = self._take_asked(img, want.chunks)
         # What the batch's plan covers needs no lookup and no claim: who holds or fetches each.
         mine, theirs, unplanned = self._planned(img, [c for c in want.chunks if not img.cached(c)])
@@ -276,9 +291,12 @@ class PeerSource:
                     _put(sink, self.client.memory.give_back, rfirst, piece)
                     got.update(range(rfirst, rfirst + -(-len(piece) // cs)))
         missing = [c for c in unplanned if c not in got and not img.cached(c)]
-        if missing:  # a seeded image's chunks: from their owners, without a claim
+        if missing:  # nobody holds them: each from its owner, this node's own from the origin
             owned, by_owner, missing = self._owned(img, missing, asked)
-            mine += owned
+            if self.directory.lazy_manifest(img.content) is None:
+                missing = sorted(owned + missing)  # from Glance: claimed, as any node's
+            else:
+                mine += owned  # from the seed, which reads Glance once for all: no claim
             for node, (peer, its, held) in by_owner.items():
                 theirs.setdefault(node, (peer, [], held))[1].extend(its)
         others = list(theirs.values())
