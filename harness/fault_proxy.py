@@ -15,6 +15,7 @@ machine has no netem: a delaying proxy stands in for the distance to Glance).
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 import urllib.error
@@ -22,6 +23,15 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 log = logging.getLogger(__name__)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            return  # a client that hung up between two requests (a daemon stopped): no traceback
+        super().handle_error(request, client_address)
 
 
 class FaultProxy:
@@ -53,8 +63,7 @@ class FaultProxy:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up on this request (a timeout): its business
 
-        self._server = ThreadingHTTPServer((host, 0), Handler)
-        self._server.daemon_threads = True
+        self._server = _Server((host, 0), Handler)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property
