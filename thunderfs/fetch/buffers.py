@@ -13,8 +13,8 @@ comes back.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
-import weakref
 
 STEP = 64 * 1024  # the smallest size class; the others are its powers of two
 
@@ -23,14 +23,22 @@ def size_class(n: int) -> int:
     return max(STEP, 1 << (max(n, 1) - 1).bit_length())
 
 
+def _aligned(raw: bytearray) -> memoryview:
+    """The page-aligned size class inside ``raw`` (one page longer than the class)."""
+    skip = -ctypes.addressof(ctypes.c_char.from_buffer(raw)) % mmap.PAGESIZE
+    return memoryview(raw)[skip:skip + len(raw) - mmap.PAGESIZE]
+
+
 class AnswerMemory:
-    """Page-aligned memory of power-of-two size classes; at most ``keep`` bytes of it kept free."""
+    """Page-aligned memory of power-of-two size classes; at most ``keep`` bytes of it kept free.
+    Fresh memory comes from the heap (memory the process reuses: a fresh mmap per answer cost
+    more than the zeroing of heap memory for the storms' small answers)."""
 
     def __init__(self, keep: int):
         self._keep = keep
-        self._free: dict[int, list[mmap.mmap]] = {}
+        self._free: dict[int, list[memoryview]] = {}  # size class -> free memory of that size
+        self._free_ids: set[int] = set()  # which memory is free now (a second hand-back is a bug)
         self._kept = 0
-        self._out: weakref.WeakSet = weakref.WeakSet()  # taken and not given back (dropped: gone)
         self._stats = dict.fromkeys(("answers", "reused", "dropped"), 0)
 
     def take(self, n: int) -> memoryview:
@@ -40,27 +48,29 @@ class AnswerMemory:
         self._stats["answers"] += 1
         free = self._free.get(size)
         if free:
-            mm = free.pop()
+            memory = free.pop()
+            self._free_ids.discard(id(memory.obj))
             self._kept -= size
             self._stats["reused"] += 1
         else:
-            mm = mmap.mmap(-1, size)
-        self._out.add(mm)
-        return memoryview(mm)[:n]
+            memory = _aligned(bytearray(size + mmap.PAGESIZE))
+        return memory[:n]
 
     def give_back(self, memory: memoryview) -> None:
-        """Nobody refers to ``memory`` (the view ``take`` gave, whole) any more."""
-        mm = memory.obj
-        if not isinstance(mm, mmap.mmap):
+        """Nobody refers to ``memory`` (a view ``take`` gave) any more."""
+        raw = memory.obj
+        if not isinstance(raw, bytearray):
             return  # not from here
-        if mm not in self._out:
-            raise RuntimeError("a peer answer's memory was handed back twice, or was not taken here")
-        self._out.discard(mm)
-        size = len(mm)
+        size = len(raw) - mmap.PAGESIZE
+        if size < STEP or size & (size - 1):
+            return  # not from here
+        if id(raw) in self._free_ids:
+            raise RuntimeError("a peer answer's memory was handed back twice")
         if self._kept + size > self._keep:
             self._stats["dropped"] += 1
             return
-        self._free.setdefault(size, []).append(mm)
+        self._free.setdefault(size, []).append(_aligned(raw))
+        self._free_ids.add(id(raw))
         self._kept += size
 
     def statistics(self) -> dict:
