@@ -336,6 +336,13 @@ def _interrupted(*_) -> None:
     raise KeyboardInterrupt
 
 
+def requests_by_route(before: dict, tracker_stats: dict, nodes: int) -> dict[str, float]:
+    """Every request of the storm's nodes that passed membership, by route, per node: the
+    tracker's counts now less ``before`` (its counts as the nodes were mounted)."""
+    return {k: (v - before.get(k, 0)) / nodes for k, v in tracker_stats.get("requests", {}).items()
+            if not k.endswith("/stats") and v > before.get(k, 0)}
+
+
 def all_stats(mounts: list[Mount]) -> list[dict]:
     """Every node's statistics, one control call each, for the timeline: a node that does not
     answer this second is left out of it."""
@@ -491,9 +498,7 @@ def main() -> int:
                     # Every request of the storm's nodes that passed membership, by route (from mounting to the end of the
                     # storm; a replica killed mid-storm takes its counts along), and lookups and
                     # claims alone (the figure kept runs before issue 27 give).
-                    by_route = {k: (v - requests_before.get(k, 0)) / args.nodes
-                                for k, v in tracker_stats.get("requests", {}).items()
-                                if not k.endswith("/stats") and v > requests_before.get(k, 0)}
+                    by_route = requests_by_route(requests_before, tracker_stats, args.nodes)
                     results["tracker_requests_by_route_per_node"] = by_route
                     results["tracker_requests_per_node"] = sum(by_route.values())
                     results["tracker_lookups_claims_per_node"] = (
@@ -530,9 +535,8 @@ def main() -> int:
                     r["counters"] = counters(final)
                     tracker_stats = storm.tracker_stats()
                     r["seed"] = tracker_stats.get("seed", {})
-                    r["tracker_requests_per_node"] = sum(
-                        (v - requests_before.get(k, 0)) / args.nodes for k, v in tracker_stats.get("requests", {}).items()
-                        if not k.endswith("/stats") and v > requests_before.get(k, 0))
+                    r["tracker_requests_by_route_per_node"] = requests_by_route(requests_before, tracker_stats, args.nodes)
+                    r["tracker_requests_per_node"] = sum(r["tracker_requests_by_route_per_node"].values())
                     r["tracker_watch_events_per_node"] = (
                         tracker_stats.get("watch_events", 0) - events_before) / args.nodes
                     # Egress at Glance during the storm, the tracker's reads included (and the
@@ -628,7 +632,9 @@ def report(results: dict) -> None:
                   f"{max(times) / alone['cold']:.2f} x one node alone cold (target <= 1.3); then the "
                   f"whole-image check: {r['check_glance_bytes'] / MiB:.0f} MiB, built "
                   f"{r['check_seconds_after_storm']:.0f} s after the storm; tracker requests per node "
-                  f"{r['tracker_requests_per_node']:.1f}")
+                  f"{r['tracker_requests_per_node']:.1f}"
+                  + (": " + ", ".join(f"{route_name(k)} {v:.1f}" for k, v in sorted(by.items()))
+                     if (by := r.get("tracker_requests_by_route_per_node")) else ""))
         if r.get("counters"):
             print(f"  {'':12s} counters: " + ", ".join(f"{k} {v}" for k, v in sorted(r["counters"].items()) if v))
         if r.get("cpu"):

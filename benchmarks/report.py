@@ -461,7 +461,9 @@ def memory(results: Path) -> list[Row]:
     rows.append(Row(28, what, f"from Glance +{g['rise_mib']:.0f} MiB; from a peer: reader +{p['reader_rise_mib']:.0f}, "
                     f"holder +{p['holder_rise_mib']:.0f} MiB",
                     f"receive pool {m['glance_pool_mib']:.0f} MiB (as much again held from peers; peers' answers "
-                    f"{m.get('peer_answers_mib', 32):.0f} MiB in flight) + {m['readers']} FUSE answers of 1 MiB",
+                    f"{m.get('peer_answers_mib', 32):.0f} MiB in flight"
+                    + (f", up to {m['peer_memory_kept_mib']:.0f} MiB kept for the next" if m.get("peer_memory_kept_mib") else "")
+                    + f") + {m['readers']} FUSE answers of 1 MiB",
                     "", "bounded", "reported", "1", source(r), CONCURRENT_MEMORY))
     return rows
 
