@@ -995,11 +995,14 @@ async def test_a_node_that_holds_some_of_a_seeded_image_fetches_what_it_owns_and
     assert tracker.calls["claim"] == 0
 
 
-async def test_a_seeded_images_chunks_whose_owner_is_avoided_are_claimed(store):
+@pytest.mark.parametrize("how", ["avoided", "slow"])
+async def test_a_seeded_images_chunks_whose_owner_is_avoided_or_slow_are_claimed(store, how):
+    """An owner that failed, or timed out (a hung holder: the tracker still names it), is not
+    waited for as the owner: the chunks are claimed, and the claim names whoever has them."""
     peers_ = Peers()
     async with trio.open_nursery() as nursery:
         tracker, src = await _seeded_with_watch(store, nursery, [peer("a", [31])], peers_)
-        src.client._avoid["a"] = trio.current_time() + 30  # it failed a moment ago
+        (src.client._avoid if how == "avoided" else src.client._slow)["a"] = trio.current_time() + 30
         sink = Sink()
         assert await src.fetch(want(store, range(4)), sink) == []
         nursery.cancel_scope.cancel()

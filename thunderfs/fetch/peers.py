@@ -215,7 +215,8 @@ class PeerSource:
     def _owned(self, img: ImageData, chunks: list[int], asked: set[int]) -> tuple[list[int], dict[str, tuple[PeerRecord, list[int], bool]], list[int]]:
         """While the image has a manifest and a live watch: (chunks this node owns or was
         ``asked`` for, {node: (owner, the chunks it owns, False)}, chunks to claim: every one of
-        them otherwise, and those whose owner this node avoids).  This node is among the owners
+        them otherwise, and those whose owner this node avoids or found slow: a hung holder must not
+        keep a reader waiting as their owner, where a claim names whoever else has them).  This node is among the owners
         once it holds some of the image, as the tracker then names it to the others."""
         if self._traded(img) is None:
             return [], {}, chunks
@@ -237,8 +238,8 @@ class PeerSource:
                 node = by_window[w]
             if node == self._node_id:
                 mine.append(c)
-            elif self.client.avoided(node):
-                rest.append(c)
+            elif self.client.avoided(node) or self.client.slow(node):
+                rest.append(c)  # claimed: the tracker names who else holds or fetches them
             else:
                 theirs.setdefault(node, (members[node], [], False))[1].append(c)
         self._stats["owned_chunks"] += len(mine)
