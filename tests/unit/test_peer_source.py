@@ -935,6 +935,19 @@ async def test_a_take_whose_holder_is_slow_asks_it_again_when_the_mark_ends_not_
     assert 4.9 < took < 5.5  # the slow mark's end (5 s after it was set), not the wait (10 s)
 
 
+async def test_readahead_still_asks_an_owner_found_slow(store):
+    """A busy owner (it timed out once) is asked again by readahead, which can wait; claimed, its
+    chunks would go to whoever claimed first (the 8-node run's concentration)."""
+    peers_ = Peers()
+    async with trio.open_nursery() as nursery:
+        tracker, src = await _seeded_with_watch(store, nursery, [peer("a", [31])], peers_)
+        src.client._slow["a"] = trio.current_time() + 0.5  # askable again within the wait
+        sink = Sink()
+        assert await src.fetch(want(store, range(4), READAHEAD), sink) == []
+        nursery.cancel_scope.cancel()
+    assert tracker.calls["claim"] == 0 and {n for n, _, _ in peers_.asked} == {"a"} and right(sink, range(4))
+
+
 async def _seeded_with_watch(store, nursery, holders, peers_):
     """A PeerSource on a seeded image (lazy manifest) whose live watch names ``holders``."""
     tracker = FakeTracker("lazy", holders=holders)
@@ -997,8 +1010,9 @@ async def test_a_node_that_holds_some_of_a_seeded_image_fetches_what_it_owns_and
 
 @pytest.mark.parametrize("how", ["avoided", "slow"])
 async def test_a_seeded_images_chunks_whose_owner_is_avoided_or_slow_are_claimed(store, how):
-    """An owner that failed, or timed out (a hung holder: the tracker still names it), is not
-    waited for as the owner: the chunks are claimed, and the claim names whoever has them."""
+    """An owner that failed, or that timed out while a reader waits (a hung holder: the tracker
+    still names it), is not waited for as the owner: the chunks are claimed, and the claim names
+    whoever has them."""
     peers_ = Peers()
     async with trio.open_nursery() as nursery:
         tracker, src = await _seeded_with_watch(store, nursery, [peer("a", [31])], peers_)

@@ -212,11 +212,13 @@ class PeerSource:
             del self._asked[img.content]
         return mine
 
-    def _owned(self, img: ImageData, chunks: list[int], asked: set[int]) -> tuple[list[int], dict[str, tuple[PeerRecord, list[int], bool]], list[int]]:
+    def _owned(self, img: ImageData, chunks: list[int], asked: set[int],
+               urgent: bool = False) -> tuple[list[int], dict[str, tuple[PeerRecord, list[int], bool]], list[int]]:
         """While the image has a manifest and a live watch: (chunks this node owns or was
         ``asked`` for, {node: (owner, the chunks it owns, False)}, chunks to claim: every one of
-        them otherwise, and those whose owner this node avoids or found slow: a hung holder must not
-        keep a reader waiting as their owner, where a claim names whoever else has them).  This node is among the owners
+        them otherwise, and those whose owner this node avoids, or, for a reader waiting
+        (``urgent``), found slow: a hung holder must not keep a reader waiting as their owner,
+        where a claim names whoever else has them; readahead waits for a busy owner).  This node is among the owners
         once it holds some of the image, as the tracker then names it to the others."""
         if self._traded(img) is None:
             return [], {}, chunks
@@ -238,7 +240,7 @@ class PeerSource:
                 node = by_window[w]
             if node == self._node_id:
                 mine.append(c)
-            elif self.client.avoided(node) or self.client.slow(node):
+            elif self.client.avoided(node) or (urgent and self.client.slow(node)):
                 rest.append(c)  # claimed: the tracker names who else holds or fetches them
             else:
                 theirs.setdefault(node, (members[node], [], False))[1].append(c)
@@ -293,7 +295,7 @@ class PeerSource:
                     got.update(range(rfirst, rfirst + -(-len(piece) // cs)))
         missing = [c for c in unplanned if c not in got and not img.cached(c)]
         if missing:  # nobody holds them: each from its owner, this node's own from the origin
-            owned, by_owner, missing = self._owned(img, missing, asked)
+            owned, by_owner, missing = self._owned(img, missing, asked, urgent=want.priority == DEMAND)
             if self.directory.lazy_manifest(img.content) is None:
                 missing = sorted(owned + missing)  # from Glance: claimed, as any node's
             else:
