@@ -218,8 +218,8 @@ class PeerSource:
         ``asked`` for, {node: (owner, the chunks it owns, False)}, chunks to claim: every one of
         them otherwise, and those whose owner this node avoids, or, for a reader waiting
         (``urgent``), found slow: a hung holder must not keep a reader waiting as their owner,
-        where a claim names whoever else has them; readahead waits for a busy owner).  This node is among the owners
-        once it holds some of the image, as the tracker then names it to the others."""
+        where a claim names whoever else has them; readahead waits for a busy owner).  This node
+        is among the owners once it holds some of the image, as the tracker then names it."""
         if self._traded(img) is None:
             return [], {}, chunks
         members = self.directory.members_nowait(img)
