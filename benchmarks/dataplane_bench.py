@@ -403,8 +403,7 @@ def memory_step(work: Path, glance: LocalGlance, image_id: str, size: int) -> di
     from thunderfs.fetch.peer_client import PeerClient
     out: dict = {"readers": READERS, "glance_pool_mib": MountConfig.__dataclass_fields__["receive_memory"].default / MiB,
                  "peer_answers_mib": PeerClient.ANSWER_BYTES / MiB,
-                 # Answers' memory kept free for the next ones (``fetch/buffers.AnswerMemory``).
-                 "peer_memory_kept_mib": PeerClient.ANSWER_BYTES / MiB}
+                 "peer_memory_kept_mib": PeerClient.KEPT_ANSWER_BYTES / MiB}
     m = Mount(work / "mnt-memory", glance.url, work / "cache-memory", "--cache-size", f"{2 * size // MiB}M")
     try:
         m.mount()

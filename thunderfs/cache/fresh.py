@@ -32,7 +32,8 @@ class Buffer:
     """One page-aligned buffer, and, while the store holds it, what it holds: chunks ``first``
     .. ``first + count - 1`` of the image content ``owner`` (the store's ``ImageData``).  A
     *loose* one (``wrap``) is memory a source allocated for one transfer (a peer's answer): held
-    within the pool's byte budget, and simply dropped when let go."""
+    within the pool's byte budget, and handed to its ``on_free`` (or dropped) once neither the
+    store nor the source refers to it."""
 
     __slots__ = ("mm", "refs", "pooled", "on_free", "owner", "first", "count", "nbytes", "unread", "written",
                  "failed", "_done")

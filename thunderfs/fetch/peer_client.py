@@ -99,7 +99,7 @@ class PeerClient:
         self._hashers = trio.CapacityLimiter(2)  # answers hashed in threads at once
         self._answers = ByteBudget(self.ANSWER_BYTES)
         # What answers are received into: memory the cache was done with, used again.
-        self.memory = AnswerMemory(self.ANSWER_BYTES)
+        self.memory = AnswerMemory(self.KEPT_ANSWER_BYTES)
         self._stats = dict.fromkeys(("chunks", "bytes", "requests", "waits", "failures", "slow", "busy",
                                      "bad_chunks", "bad_hints"), 0)
 
@@ -198,6 +198,8 @@ class PeerClient:
     # --max-request): 64 readers at once of an image held by a peer made the reader's peak RSS
     # rise 535 MiB without a bound (glibc keeps the freed answers' heap).
     ANSWER_BYTES = 32 * 2**20
+    # Memory of answers the cache was done with, kept free for the next ones (``AnswerMemory``).
+    KEPT_ANSWER_BYTES = ANSWER_BYTES
 
     # An answer at least this long is hashed in a worker thread (BLAKE3 releases the GIL): a
     # 10 MiB answer hashed (sha256 then) in the event loop held up every FUSE reply for ~7 ms.  A shorter one
