@@ -116,6 +116,65 @@ def test_batches_queued_at_once_share_round_trips_and_fail_alone(tmp_path):
 
 
 
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_the_one_connection_logs_in_and_a_redis_that_hangs_or_restarts_costs_one_timeout(tmp_path, tls):
+    """The hot path's one connection to Redis logs in with the URL's password, uses its
+    database (TLS too, as operators run it), gives up on a Redis that stops answering within
+    its timeout (every batch waiting fails, none hangs), and opens a new connection for the
+    next batch once Redis is back: restarted, empty."""
+    import os
+    import signal
+    from thunderfs_tracker.peer_store import StoreUnavailable
+
+    async def main(redis):
+        conn = RedisConnection(redis.url.replace("/0", "/3"), timeout=1.0)
+        try:
+            await conn.one("set", "tf:test:db", "three")
+            assert await conn.one("get", "tf:test:db") == b"three"
+            assert await conn.call(conn.redis.get("tf:test:db")) == b"three"  # redis-py's pool: the same db
+            db0 = RedisConnection(redis.url)
+            try:
+                assert await db0.one("get", "tf:test:db") is None
+            finally:
+                await db0.close()
+            assert await conn.one("set", "tf:test:nx", 1, nx=True) is True  # redis-py's reading of the reply
+            assert await conn.one("set", "tf:test:nx", 2, nx=True) is None
+            os.kill(redis.proc.pid, signal.SIGSTOP)
+            try:
+                loop = asyncio.get_running_loop()
+                started = loop.time()
+                results = await asyncio.gather(*(conn.one("get", "tf:test:db") for _ in range(5)),
+                                               return_exceptions=True)
+                waited = loop.time() - started
+            finally:
+                os.kill(redis.proc.pid, signal.SIGCONT)
+            assert all(isinstance(r, StoreUnavailable) and "no reply within 1 s" in str(r) for r in results), results
+            assert waited < 5, waited
+            assert await conn.one("get", "tf:test:db") == b"three"  # a new connection, the same Redis
+            redis.stop()
+            with pytest.raises(StoreUnavailable, match="unavailable"):
+                await conn.one("get", "tf:test:db")
+            redis.start()
+            assert await conn.one("get", "tf:test:db") is None  # back, empty
+            assert conn.stats["redis_connects"] == 3
+        finally:
+            await conn.close()
+        with pytest.raises(StoreUnavailable, match="stopping"):
+            await conn.one("get", "tf:test:db")
+
+    async def refused(redis):
+        conn = RedisConnection(redis.url.replace(":secret-pw@", ":wrong@"))
+        try:
+            with pytest.raises(StoreUnavailable, match="WRONGPASS|invalid"):
+                await conn.one("get", "x")
+        finally:
+            await conn.close()
+
+    with LocalRedis(tmp_path / "redis", password="secret-pw", tls=tls) as redis:
+        asyncio.run(main(redis))
+        asyncio.run(refused(redis))
+
+
 
 
 def test_store_full_state_replaces_and_deltas_apply(store_url):
