@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import sys
 import tempfile
@@ -40,6 +41,7 @@ import aiohttp
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.read_bench import cpu_times  # noqa: E402
 from benchmarks.record import provenance  # noqa: E402
 from harness import boot_trace  # noqa: E402
 from harness.local_redis import LocalRedis  # noqa: E402
@@ -194,8 +196,14 @@ async def run_one(work: Path, replicas: int, args) -> dict:
             after = await redis_memory(redis)
             for k in load.lat:
                 load.lat[k].clear()
+            pids = {"replicas": [t.proc.pid for t in trackers], "redis": [redis.proc.pid], "generator": [os.getpid()]}
+            cpu0 = {k: sum(sum(cpu_times(p)) for p in v) for k, v in pids.items()}
+            t0 = time.perf_counter()
             achieved = await load.steady(args.seconds, args.lookups, args.heartbeat,
                                          1 if args.full_announces else FULL_EVERY)
+            wall = time.perf_counter() - t0
+            cpu = {k: sum(sum(cpu_times(p)) for p in v) - cpu0[k] for k, v in pids.items()}
+        served = sum(len(v) for v in load.lat.values())
         pairs = sum(len(load.images_of(i)) for i in range(args.nodes))
         return {
             "replicas": replicas, "nodes": args.nodes, "join_seconds": join,
@@ -207,6 +215,10 @@ async def run_one(work: Path, replicas: int, args) -> dict:
             "redis_bytes_per_node": (after - before) / args.nodes,
             "redis_bytes_per_node_image": (after - before) / pairs,
             "chunks_held_per_node_image": len(load.held),
+            # What bounds the figures on a shared machine: the replicas' CPU per request (theirs
+            # to have on cores of their own), and how busy the whole machine was.
+            "replica_cpu_ms_per_request": 1000 * cpu["replicas"] / max(served, 1),
+            "cpu_s": cpu, "busy_share": sum(cpu.values()) / (wall * (os.cpu_count() or 1)),
         }
     finally:
         for t in trackers:
@@ -245,6 +257,9 @@ def main() -> int:
             print(f"  lookup p99 {p99.get('lookup', float('nan')):.1f} ms (target < 20); errors {res['errors'] or 0}")
             for status, why in res["why"].items():
                 print(f"    {status}: {why}")
+            print(f"  replicas' CPU {res['replica_cpu_ms_per_request']:.2f} ms per request; CPU s: "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in res["cpu_s"].items())
+                  + f"; the machine {res['busy_share']:.0%} busy")
             print(f"  Redis: {res['redis_bytes_per_node']:.0f} B per node, {res['redis_bytes_per_node_image']:.0f} B "
                   f"per node-image held ({res['chunks_held_per_node_image']} chunks each; target < 1024)")
     if args.json:

@@ -116,6 +116,38 @@ def test_batches_queued_at_once_share_round_trips_and_fail_alone(tmp_path):
 
 
 
+def test_batches_queued_while_a_write_is_out_go_in_the_next_one(tmp_path):
+    """One write is out at a time: batches queued in later turns while Redis has not answered
+    (here: stopped) all go in one more write once it has, each with its own replies."""
+    import os
+    import signal
+
+    async def main(redis):
+        conn = RedisConnection(redis.url)
+        try:
+            await conn.one("set", "tf:test:k", "v")
+            before = conn.stats["redis_round_trips"]
+            os.kill(redis.proc.pid, signal.SIGSTOP)
+            try:
+                first = asyncio.ensure_future(conn.one("get", "tf:test:k"))
+                later = []
+                for i in range(10):
+                    await asyncio.sleep(0)  # a turn each: without the rule, a write each
+                    later.append(asyncio.ensure_future(conn.one("incr", f"tf:test:n{i}")))
+                await asyncio.sleep(0.05)
+                assert conn.stats["redis_round_trips"] - before == 1
+            finally:
+                os.kill(redis.proc.pid, signal.SIGCONT)
+            assert await first == b"v"
+            assert await asyncio.gather(*later) == [1] * 10
+            assert conn.stats["redis_round_trips"] - before == 2
+        finally:
+            await conn.close()
+
+    with LocalRedis(tmp_path / "redis") as redis:
+        asyncio.run(main(redis))
+
+
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
 def test_the_one_connection_logs_in_and_a_redis_that_hangs_or_restarts_costs_one_timeout(tmp_path, tls):
     """The hot path's one connection to Redis logs in with the URL's password, uses its

@@ -6,10 +6,13 @@ Every request a replica serves makes one to three round trips to Redis (its nonc
 its writes).  Through redis-py each round trip cost the replica about as much CPU as the aiohttp
 request itself (a connection from the pool, a timeout and an await per reply, a parser), whatever
 it carried: at 10,000 nodes that, not Redis, saturated two replicas.  So the stores write their
-commands into a ``Batch``, every batch queued within one turn of the event loop goes out in one
-write, and the replies are parsed as they arrive (hiredis) and handed to their batches in order:
-Redis answers one connection's commands in the order they came, so one connection carries every
-round trip in flight at once, with no pool, no per-command timeout and no task per round trip.
+commands into a ``Batch``, and the replies are parsed as they arrive (hiredis) and handed to their
+batches in order: Redis answers one connection's commands in the order they came, so one
+connection carries every round trip, with no pool, no per-command timeout and no task per round
+trip.  One write is out at a time: what is queued meanwhile goes in the next, as soon as the last
+one's replies are in (alone, a batch goes at once; under load, a write carries the batches of
+many requests, and a system call per write is what this saves: on this machine's VM a send cost
+as much as the Python around it).
 redis-py still turns each command as written (``b.set(key, value, nx=True)``) into its words and
 its reply into its value (its response callbacks), and carries the paths that are not hot
 (``call``: manifests, profiles).
@@ -68,11 +71,11 @@ class _Sent:
 class _Link(asyncio.Protocol):
     """One connection: replies parsed as they arrive and matched to what was sent, in order."""
 
-    def __init__(self, deliver, lost) -> None:
+    def __init__(self, deliver, drained, lost) -> None:
         self.transport: asyncio.Transport | None = None
         self.sent: deque[_Sent] = deque()
         self._parser = hiredis.Reader(replyError=ResponseError)
-        self._deliver, self._lost = deliver, lost
+        self._deliver, self._drained, self._lost = deliver, drained, lost
         self.broken: str | None = None
 
     def connection_made(self, transport) -> None:
@@ -91,6 +94,9 @@ class _Link(asyncio.Protocol):
                     self._deliver(sent)
         except hiredis.ProtocolError as exc:
             self.abort(f"Redis sent what is not its protocol ({exc})")
+            return
+        if not self.sent:
+            self._drained(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.broken = self.broken or (f"connection lost: {exc}" if exc else "connection closed by Redis")
@@ -146,12 +152,15 @@ class RedisConnection:
     # --- writing ---------------------------------------------------------------------------
 
     def _flush(self) -> None:
-        self._flush_due = False
         link = self._link
         if link is None or link.broken:
+            self._flush_due = False
             if self._connecting is None and self._queued:
                 self._connecting = asyncio.get_running_loop().create_task(self._connect())
             return  # written once connected
+        if link.sent:
+            return  # written once the replies out are in (``_drained``); until then none is scheduled
+        self._flush_due = False
         while self._queued:
             taken, n = [], 0
             while self._queued and (not taken or n + len(self._queued[0][0].commands) <= MAX_PIPELINE):
@@ -222,7 +231,7 @@ class RedisConnection:
     async def _open(self) -> _Link:
         kw = self.redis.connection_pool.connection_kwargs
         loop = asyncio.get_running_loop()
-        link = _Link(self._deliver, self._lost)
+        link = _Link(self._deliver, self._drained, self._lost)
         if kw.get("path"):
             await loop.create_unix_connection(lambda: link, kw["path"])
         else:
@@ -284,9 +293,16 @@ class RedisConnection:
             raise TypeError(f"redis-py reads {name}'s reply asynchronously: not on the hot path")
         return value
 
+    def _drained(self, link: _Link) -> None:
+        if link is self._link and self._queued:
+            self._flush()
+
     def _lost(self, link: _Link) -> None:
         if self._link is link:
             self._link = None
+            if self._queued and not self._closed:  # queued behind it: on a new connection
+                self._flush_due = True
+                asyncio.get_running_loop().call_soon(self._flush)
         error = self._unavailable(link.broken or "connection lost")
         while link.sent:
             for future, _ in link.sent.popleft().batches:
