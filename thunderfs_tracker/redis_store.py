@@ -61,7 +61,10 @@ def _node_json(node: NodeInfo) -> str:
     return json.dumps(node.to_json())
 
 
+@functools.lru_cache(maxsize=8192)
 def _node_parse(node_id: str, raw: bytes) -> NodeInfo:
+    """A node's record as stored; one drawn by many lookups is parsed once (records change only
+    when a node announces anew; a ``NodeInfo`` is never altered once made)."""
     return NodeInfo.parse(node_id, json.loads(raw))
 
 
