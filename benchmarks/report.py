@@ -389,6 +389,11 @@ def tracker_load(results: Path) -> list[Row]:
             served_how = f"{served:.0f} requests/s served; heartbeats {r['heartbeats']}"
         else:
             served_how = f"{served:.0f} requests/s served"
+        if all("replica_cpu_ms_per_request" in x for x in by[most]):  # printed since issue 27's 8th session
+            cpu = record.spread([x["replica_cpu_ms_per_request"] for x in by[most]])
+            busy = record.spread([100 * x["busy_share"] for x in by[most]])
+            served_how += (f"; the replicas' CPU {spread(cpu, 2, ' ms')} a request, the machine "
+                           f"{spread(busy, 0, ' %')} busy")
         others = "; ".join(f"{n} replica(s): {shown(p99(n))}" for n in sorted(by) if n != most)
         rows.append(Row(8 if heartbeat == 30 else 27, what.format(most),
                         f"{shown(p99(most))} ({served_how})", others, "",
