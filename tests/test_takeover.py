@@ -24,6 +24,16 @@ from harness.direct_reader import BLOCK, DirectReader
 from harness.mounts import thunderfs
 from thunderfs.fuse import mounting
 
+
+def assert_kernel_waits_on_nothing(m) -> None:
+    """Once the readers stopped, the kernel waits on no request of the mount (fusectl's
+    ``waiting`` back at 0): none was lost in a handover.  The daemon reports it too."""
+    conn = mounting.connection_dir(m.path)
+    assert conn is not None, "fusectl is not available: cannot check what the kernel waits on"
+    wait_for(lambda: mounting.waiting(conn) == 0, 10, "the kernel to wait on no request of the mount")
+    assert m.stats()["fs"]["kernel_waiting"] == 0  # (the stats come over the control socket, not FUSE)
+
+
 def test_sigkill_of_the_serving_process_is_recovered_with_no_failed_read(glance, mounts, images):
     image_id = images.add(24 * 2**20, seed=81)
     m = mounts(glance.url)
@@ -43,6 +53,7 @@ def test_sigkill_of_the_serving_process_is_recovered_with_no_failed_read(glance,
         reader.stop()
     assert (reader.errors, reader.wrong) == (0, 0), reader.failures[:5]
     assert reader.slowest < 15
+    assert_kernel_waits_on_nothing(m)
     status = m.stats()
     assert status["pid"] == pids[-1]
     assert status["fs"]["takeover"] is True
@@ -70,6 +81,7 @@ def test_restart_replaces_the_serving_process_and_keeps_open_files(glance, mount
     finally:
         reader.stop()
     assert (reader.errors, reader.wrong) == (0, 0), reader.failures[:5]
+    assert_kernel_waits_on_nothing(m)
     # The whole image reads back through the new process, and the mount unmounts cleanly.
     assert m.image(image_id).read_bytes() == images.data[image_id]
     assert m.umount().returncode == 0

@@ -238,7 +238,7 @@ async def run(config: MountConfig, keystone: KeystoneSettings | None = None,
                 raise ConfigError(f"Glance at {glance_url} is unreachable ({exc}) and the cache "
                                   f"at {config.cache_dir} is empty: nothing to serve") from None
         peers = seed = peer_server = announcer = tracker = None
-        ops = session = None
+        ops = session = fuse_conn = None
 
         def _revoked(meta: ImageMeta) -> None:
             """The tracker revoked the image's lazy manifest: what this node took under it goes,
@@ -307,7 +307,8 @@ async def run(config: MountConfig, keystone: KeystoneSettings | None = None,
         on_open = [profiles.opened]
         if peers is not None:
             on_open.insert(0, lambda reader: peers.prepare(reader.meta))
-        readers = Readers(store, fetcher, readahead=config.readahead, on_open=on_open)
+        readers = Readers(store, fetcher, readahead=config.readahead, on_open=on_open,
+                          zeros=peers.zero_chunks if peers is not None else None)
         jobs = ProfileControl(catalog, store, profiles)
         image_status = ImageStatus(catalog, store, profiles, peers)
 
@@ -324,7 +325,8 @@ async def run(config: MountConfig, keystone: KeystoneSettings | None = None,
                            **({"token_renewals": auth.renewals} if auth is not None else {})},
                 "cache": store.statistics(),
                 "fetch": {**fetcher.statistics(), **glance.statistics()},
-                "fs": {**ops.statistics(), **session.statistics()} if session is not None else {},
+                "fs": {**ops.statistics(), **session.statistics(),
+                       "kernel_waiting": mounting.waiting(fuse_conn)} if session is not None else {},
                 "profiles": profiles.statistics(),
                 "images": len(catalog.images),
                 "per_image": image_status.images(),
@@ -368,6 +370,13 @@ async def run(config: MountConfig, keystone: KeystoneSettings | None = None,
         ops = Operations(catalog, readers, block_size=config.chunk_size, image_owner=owner,
                          image_mode=config.image_mode, state=state, backing=backing)
         session = Session(fuse_fd, ops, state, passthrough=config.passthrough)
+        fuse_conn = mounting.connection_dir(mountpoint)  # fusectl: what the kernel waits on
+        if session.takeover and not session.kernel_resends:
+            log.warning("this kernel cannot resend the requests a previous process read and did not answer "
+                        "(the kernel waits on %s requests now, those queued for this process included): a "
+                        "planned restart leaves none, it answers its own first; after a crash they wait "
+                        "until the connection is aborted (docs/operating.md)",
+                        mounting.waiting(fuse_conn) if fuse_conn else "an unknown number of")
         ending = {"how": UNMOUNTED}
 
         def stop(why: str) -> None:

@@ -413,3 +413,32 @@ async def test_a_misses_extension_neither_holds_up_nor_bounds_its_reader(store, 
         with pytest.raises(FetchFailed, match="within 7s"):
             await r.read(20 * CS, CS)
         assert trio.current_time() - started == pytest.approx(7)
+
+
+async def test_a_reader_that_sought_holes_fetches_no_known_zero_chunk(store):
+    """Once a seek found the image's zero chunks (its manifest's), reads of them are answered
+    with zeros and nothing is fetched, ahead or on demand; without them, every chunk is data."""
+    import os
+
+    from thunderfs.fetch.zero_chunks import ZeroChunks
+    data = bytearray(DATA)
+    data[2 * CS:6 * CS] = bytes(4 * CS)  # chunks 2..5 are zeros
+    meta = meta_of(bytes(data))
+    flags = bytes(1 if 2 <= c <= 5 else 0 for c in range(65))
+    asked = []
+
+    async def zeros(m):
+        asked.append(m.id)
+        return ZeroChunks(flags, CS, len(data))
+
+    src = MemorySource("origin", bytes(data))
+    fetcher = fetcher_of(store, src)
+    async with running(fetcher):
+        r = Readers(store, fetcher, readahead=0, zeros=zeros).open(meta)
+        assert await r.seek(0, os.SEEK_HOLE) == 2 * CS and await r.seek(2 * CS, os.SEEK_DATA) == 6 * CS
+        assert await r.read(CS, 5 * CS) == bytes(data[CS:6 * CS])  # chunk 1 fetched, 2..5 not
+        assert await r.read(3 * CS, 10) == bytes(10)
+        plain = Readers(store, fetcher, readahead=0).open(meta_of(bytes(data), "dddddddd-0000-0000-0000-000000000009"))
+        assert await plain.seek(CS, os.SEEK_HOLE) == len(data)  # nothing known: all data
+    assert src.asks == [[1]] and asked == [meta.id, meta.id]
+    assert not any(r.img.cached(c) for c in range(2, 6))

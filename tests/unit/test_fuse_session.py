@@ -118,7 +118,7 @@ async def test_requests_are_answered_and_what_cannot_be_done_is_an_errno(state):
         _, err, out = await kern.answer()
         assert (err, out) == (0, b"x" * 10)
         await kern.send(Op.FORGET, k.FORGET_IN.pack(1), nodeid=ino)  # no answer to this one
-        for op, want in ((Op.MKDIR, errno.EROFS), (Op.WRITE, errno.EROFS), (Op.LSEEK, errno.ENOSYS), (99, errno.ENOSYS)):
+        for op, want in ((Op.MKDIR, errno.EROFS), (Op.WRITE, errno.EROFS), (Op.BMAP, errno.ENOSYS), (99, errno.ENOSYS)):
             u = await kern.send(op, b"\0" * 16, nodeid=ino)
             assert (await kern.answer())[:2] == (u, want)
         await kern.send(Op.GETXATTR, k.GETXATTR_IN.pack(0, 0) + b"user.thunderfs.image_id\0", nodeid=ino)
@@ -211,3 +211,235 @@ def test_the_state_survives_a_write_cut_short(state):
     # And a whole newest slot wins.
     state.save()
     assert SessionState.load(state.fd).held == {5: A.to_record()}
+
+
+class Gated(FakeReaders):
+    """Reads that wait for ``gate`` (a trio.Event), then answer."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = trio.Event()
+
+    def open(self, meta):
+        reader = super().open(meta)
+        plain = reader.read
+
+        async def read(off, size):
+            await self.gate.wait()
+            return await plain(off, size)
+        reader.read = read
+        return reader
+
+
+async def _open(kern: FakeKernel) -> int:
+    await kern.send(Op.OPEN, k.OPEN_IN.pack(os.O_RDONLY, 0), nodeid=derive(A))
+    _, err, out = await kern.answer()
+    assert err == 0
+    return k.OPEN_OUT.unpack(out)[0]
+
+
+async def test_stop_drains_requests_in_progress_where_the_kernel_cannot_resend(state):
+    """A kernel older than 6.9 (no HAS_RESEND offered): a stop reads no new request, answers the
+    ones in progress, and only then returns; what it did not read stays for the next process."""
+    kern = FakeKernel()
+    readers = Gated()
+    session = Session(kern.theirs.fileno(), Operations(FakeCatalog(A), readers, state=state), state)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(session.serve)
+        await kern.init(minor=38, flags2=0)
+        assert not session.kernel_resends
+        fh = await _open(kern)
+        u = await kern.send(Op.READ, k.READ_IN.pack(fh, 0, 5, 0, 0, 0, 0), nodeid=derive(A))
+        await trio.testing.wait_all_tasks_blocked()
+        session.stop()
+        await trio.testing.wait_all_tasks_blocked()
+        later = await kern.send(Op.GETATTR, b"\0" * 16, nodeid=1)  # after the stop: not read here
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(BlockingIOError):
+            kern.ours.recv(1 << 16, socket.MSG_DONTWAIT)  # the read waits; nothing answered yet
+        readers.gate.set()
+        assert await kern.answer() == (u, 0, b"x" * 5)
+    assert session.statistics()["drained"] == 1
+    left = kern.theirs.recv(1 << 16)  # what the next process reads first
+    assert k.Header.parse(left).unique == later
+
+
+async def test_a_drain_past_its_limit_answers_eintr_rather_than_nothing(state, monkeypatch):
+    from thunderfs.fuse import session as session_mod
+    monkeypatch.setattr(session_mod, "DRAIN_LIMIT", 0.05)
+    kern = FakeKernel()
+    session = Session(kern.theirs.fileno(), Operations(FakeCatalog(A), Gated(), state=state), state)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(session.serve)
+        await kern.init(minor=38, flags2=0)
+        fh = await _open(kern)
+        u = await kern.send(Op.READ, k.READ_IN.pack(fh, 0, 5, 0, 0, 0, 0), nodeid=derive(A))
+        await trio.testing.wait_all_tasks_blocked()
+        session.stop()
+    assert await kern.answer() == (u, errno.EINTR, b"")
+    assert session.statistics()["answered_eintr"] == 1
+    with pytest.raises(BlockingIOError):
+        kern.ours.recv(1 << 16, socket.MSG_DONTWAIT)  # answered once
+
+
+async def test_failed_forgets_and_malformed_requests_do_not_end_the_session(state, caplog):
+    """A FORGET whose handling fails, a BATCH_FORGET that claims more than it carries, and
+    requests shorter than their kind: each logged (malformed ones once per kind), each request
+    that wants an answer answered EIO, and the session serves on."""
+    kern = FakeKernel()
+    ops = Operations(FakeCatalog(A), FakeReaders(), state=state)
+
+    def broken(_inodes):
+        raise RuntimeError("forget went wrong")
+    ops.forget = broken
+    async with trio.open_nursery() as nursery:
+        session = Session(kern.theirs.fileno(), ops, state)
+        await nursery.start(session.serve)
+        await kern.init()
+        await kern.send(Op.FORGET, k.FORGET_IN.pack(1), nodeid=5)
+        await kern.send(Op.BATCH_FORGET, k.BATCH_FORGET_IN.pack(1000, 0), nodeid=0)
+        for _ in range(2):
+            u = await kern.send(Op.READ, b"\0" * 4, nodeid=derive(A))
+            assert (await kern.answer())[:2] == (u, errno.EIO)
+        # A header whose length is not what was read: answered by its unique all the same.
+        kern._unique += 1
+        kern.ours.send(k.IN_HEADER.pack(999, Op.GETATTR, kern._unique, 1, 0, 0, 1, 0, 0))
+        assert (await kern.answer())[:2] == (kern._unique, errno.EIO)
+        u = await kern.send(Op.LOOKUP, b"images\0", nodeid=1)
+        assert (await kern.answer())[:2] == (u, 0)
+        nursery.cancel_scope.cancel()
+    text = caplog.text
+    assert "forget went wrong" in text and text.count("malformed READ") == 1 and "malformed BATCH_FORGET" in text
+    assert "malformed request" in text
+
+
+async def test_an_aborted_connection_ends_the_session_with_one_line(state, caplog, monkeypatch):
+    from thunderfs.fuse import session as session_mod
+    kern = FakeKernel()
+    session = Session(kern.theirs.fileno(), Operations(FakeCatalog(A), FakeReaders(), state=state), state)
+    real = os.readv
+    aborted = False
+
+    def readv(fd, bufs):
+        if aborted:
+            raise OSError(errno.ECONNABORTED, os.strerror(errno.ECONNABORTED))
+        return real(fd, bufs)
+    monkeypatch.setattr(session_mod.os, "readv", readv)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session.serve)
+            await kern.init()
+            aborted = True
+            await kern.send(Op.GETATTR, b"\0" * 16, nodeid=1)  # wakes the reading up
+    assert session.unmounted and session.statistics()["aborted"]
+    assert caplog.text.count("the FUSE connection was aborted") == 1 and "Traceback" not in caplog.text
+
+
+async def test_requests_in_flight_are_capped(state, monkeypatch):
+    from thunderfs.fuse import session as session_mod
+    monkeypatch.setattr(session_mod, "MAX_IN_FLIGHT", 4)
+    kern = FakeKernel()
+    readers = Gated()
+    session = Session(kern.theirs.fileno(), Operations(FakeCatalog(A), readers, state=state), state)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(session.serve)
+        await kern.init()
+        fh = await _open(kern)
+        sent = {await kern.send(Op.READ, k.READ_IN.pack(fh, i, 1, 0, 0, 0, 0), nodeid=derive(A)) for i in range(10)}
+        await trio.testing.wait_all_tasks_blocked()
+        st = session.statistics()
+        assert st["in_flight"] == 4 and st["requests"] == 2 + 5  # INIT, OPEN; four served, one waiting for room
+        readers.gate.set()
+        got = {(await kern.answer())[0] for _ in range(10)}
+        assert got == sent
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_invalidation_stuck_in_the_kernel_does_not_keep_serve_from_returning(state, monkeypatch):
+    """The kernel may hold an entry invalidation on a lock a request in progress holds; a stop
+    (here, on a kernel that resends) returns all the same."""
+    import threading
+    from thunderfs.fuse import session as session_mod
+    kern = FakeKernel()
+    session = Session(kern.theirs.fileno(), Operations(FakeCatalog(A), FakeReaders(), state=state), state)
+    stuck, release = threading.Event(), threading.Event()
+    real = os.writev
+
+    def writev(fd, pieces):
+        if len(pieces) == 2 and k.OUT_HEADER.unpack_from(pieces[0])[1] == k.Notify.INVAL_ENTRY:
+            stuck.set()
+            release.wait(10)
+        return real(fd, pieces)
+    monkeypatch.setattr(session_mod.os, "writev", writev)
+    try:
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(session.serve)
+                await kern.init()
+                session.invalidate_entry_nowait(2, b"gone")
+                await trio.to_thread.run_sync(stuck.wait)
+                session.stop()
+    finally:
+        release.set()
+
+
+async def test_lseek_finds_data_and_holes_by_the_zero_chunks_known(state):
+    """SEEK_DATA and SEEK_HOLE answered from the reader's zero chunks (four chunks of 64 KiB, the
+    second and the fourth zeros); ENXIO past the data and at the end; other kinds EINVAL."""
+    from thunderfs.fetch.zero_chunks import ZeroChunks
+    cs = 65536
+    big = meta_of(b"\0" * 4 * cs, "cccccccc-0000-0000-0000-000000000003", "gamma")
+    zeros = ZeroChunks(bytes([0, 1, 0, 1]), cs, 4 * cs)
+
+    class Zeros(FakeReaders):
+        def open(self, meta):
+            reader = super().open(meta)
+
+            async def seek(offset, whence):
+                return zeros.data_from(offset) if whence == os.SEEK_DATA else zeros.hole_from(offset)
+            reader.seek = seek
+            return reader
+
+    kern = FakeKernel()
+    session = Session(kern.theirs.fileno(), Operations(FakeCatalog(big), Zeros(), state=state), state)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(session.serve)
+        await kern.init()
+        await kern.send(Op.OPEN, k.OPEN_IN.pack(os.O_RDONLY, 0), nodeid=derive(big))
+        fh = k.OPEN_OUT.unpack((await kern.answer())[2])[0]
+        for offset, whence, want in ((0, os.SEEK_DATA, 0), (0, os.SEEK_HOLE, cs), (cs + 5, os.SEEK_DATA, 2 * cs),
+                                     (2 * cs + 7, os.SEEK_DATA, 2 * cs + 7), (2 * cs, os.SEEK_HOLE, 3 * cs),
+                                     (3 * cs, os.SEEK_DATA, errno.ENXIO), (4 * cs, os.SEEK_HOLE, errno.ENXIO),
+                                     (0, os.SEEK_END, errno.EINVAL)):
+            u = await kern.send(Op.LSEEK, k.LSEEK_IN.pack(fh, offset, whence, 0), nodeid=derive(big))
+            unique, err, out = await kern.answer()
+            got = err if err else k.LSEEK_OUT.unpack(out)[0]
+            assert (unique, got) == (u, want), (offset, whence)
+        nursery.cancel_scope.cancel()
+
+
+def test_zero_chunks_come_from_the_manifests_digests_the_short_last_one_included():
+    from thunderfs.fetch.zero_chunks import ZeroChunks
+    from thunderfs_common import chunk_digest
+
+    class Manifest:
+        chunk_size, size = 4096, 4096 * 4 + 100
+        nchunks = 5
+
+        def __init__(self, data):
+            self.d = chunk_digest.digests(data, 4096)
+
+        def digest(self, c):
+            return self.d[c]
+
+    data = bytearray(Manifest.size)
+    data[4096 * 2 + 10] = 1  # chunk 2 is not zero; 0, 1, 3 and the short 4 are
+    z = ZeroChunks.of(Manifest(data))
+    assert z.count == 4
+    assert (z.data_from(0), z.data_from(4096 * 3)) == (4096 * 2, None)
+    assert (z.hole_from(4096 * 2 + 1), z.hole_from(0), z.hole_from(Manifest.size)) == (4096 * 3, 0, None)
+    data[-1] = 7  # the short last chunk is data now
+    z = ZeroChunks.of(Manifest(data))
+    assert z.data_from(4096 * 3) == 4096 * 4 and z.hole_from(4096 * 4) == Manifest.size
+    whole = ZeroChunks.none(4096, Manifest.size)  # no manifest: all data
+    assert (whole.data_from(5), whole.hole_from(5), whole.count) == (5, Manifest.size, 0)

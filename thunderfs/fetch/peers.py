@@ -30,6 +30,7 @@ from thunderfs.fetch.peer_directory import PeerDirectory
 from thunderfs.fetch.range_http import HTTPClient
 from thunderfs.fetch.slots import DEMAND
 from thunderfs.fetch.source import MIN_RATE, Sink, Want, deadline_for
+from thunderfs.fetch.zero_chunks import ZeroChunks
 from thunderfs_common.chunk_runs import runs
 from thunderfs_common.image import ImageMeta
 from thunderfs_common.manifest_proof import Ed25519PublicKey
@@ -104,6 +105,7 @@ class PeerSource:
         # flights fetch them without a claim and without asking another owner.
         self._asked: dict[bytes, set[int]] = {}
         self._metas: dict[bytes, ImageMeta] = {}  # content -> the image, of those fetched lately
+        self._zeros: dict[bytes, ZeroChunks] = {}  # content -> its zero chunks, of images sought lately
         self._stats = dict.fromkeys(("no_manifest", "granted_chunks", "claimed_chunks_late", "claims_deferred",
                                      "planned_chunks", "plans", "unchecked_dropped", "owned_chunks",
                                      "owner_chunks", "fetched_for_peers"), 0)
@@ -123,6 +125,27 @@ class PeerSource:
 
     async def wait_manifest(self, meta: ImageMeta, timeout: float = 10.0) -> bool:
         return await self.directory.wait_manifest(meta, timeout)
+
+    # How long an lseek waits for the manifest it answers from (asked for at the open already).
+    ZEROS_WAIT = 3.0
+    ZEROS_KEPT = 16
+
+    async def zero_chunks(self, meta: ImageMeta) -> ZeroChunks | None:
+        """The chunks the image's whole manifest says are zeros (``Readers``' ``zeros``); None
+        while there is none (no tracker, or one that has not checked the whole image yet)."""
+        key = meta.content_key
+        zeros = self._zeros.pop(key, None)
+        if zeros is None:
+            with trio.move_on_after(self.ZEROS_WAIT):
+                manifest = await self.directory.manifest(meta)
+                if isinstance(manifest, Manifest):
+                    zeros = ZeroChunks.of(manifest)
+            if zeros is None:
+                return None
+        self._zeros[key] = zeros  # the latest last
+        while len(self._zeros) > self.ZEROS_KEPT:
+            del self._zeros[next(iter(self._zeros))]
+        return zeros
 
     def _revoked(self, meta: ImageMeta, why: str) -> None:
         self._plans.pop(meta.content_key, None)

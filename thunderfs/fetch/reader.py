@@ -7,8 +7,9 @@ and tells whoever the daemon wired in (the profiles, the peer source) that an im
 
 from __future__ import annotations
 
+import os
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -17,9 +18,12 @@ from thunderfs.errors import ChunkCorrupt, ChunkNotCached, FetchFailed
 from thunderfs.fetch.fetcher import Fetcher
 from thunderfs_common.image import ImageMeta
 from thunderfs.fetch.slots import READAHEAD
+from thunderfs.fetch.zero_chunks import ZeroChunks
 
 # Called with (first chunk, last chunk, whether the read had to fetch) after every read.
 ReadWatcher = Callable[[int, int, bool], None]
+# The chunks an image's manifest says are zeros (None: no manifest to say so).
+KnownZeros = Callable[[ImageMeta], Awaitable[ZeroChunks | None]]
 
 
 class Reader:
@@ -40,8 +44,10 @@ class Reader:
     EXTEND_SHARE = 0.4
 
     def __init__(self, store: ChunkStore, fetcher: Fetcher, meta: ImageMeta, img: ImageData, *,
-                 readahead: int = 64 * 2**20):
+                 readahead: int = 64 * 2**20, zeros: KnownZeros | None = None):
         self._store = store
+        self._zeros = zeros
+        self._known_zeros: ZeroChunks | None = None  # once a seek found them: not fetched ahead
         self._fetcher = fetcher
         self.meta = meta
         self.img = img
@@ -77,11 +83,15 @@ class Reader:
             for _ in range(3):
                 missing = img.missing(first, last)
                 self._read_ahead(offset, size, last)
+                extra = None
+                zeros = self._known_zeros
+                if missing and zeros is not None:  # the manifest says they are zeros: nothing to fetch
+                    extra = {c: bytes(img.chunk_len(c)) for c in missing if zeros.is_zero(c)}
+                    missing = [c for c in missing if c not in extra]
                 if missing:
                     waited = True
-                    extra = await self._fetcher.ensure(self.meta, img, missing, self._extension(missing, last))
-                else:
-                    extra = None
+                    fetched = await self._fetcher.ensure(self.meta, img, missing, self._extension(missing, last))
+                    extra = {**extra, **fetched} if extra else fetched
                 try:
                     # Borrowed where it can be (no copy out of a receive buffer): no checkpoint
                     # from here to the FUSE reply's write.
@@ -96,6 +106,23 @@ class Reader:
         finally:
             store.unpin(img, token)
 
+    async def seek(self, offset: int, whence: int) -> int | None:
+        """``lseek`` with ``SEEK_DATA`` or ``SEEK_HOLE`` from ``offset``: where the next data or
+        hole starts, by the zero chunks the manifest knows (the whole image is data without
+        one); None where there is none (ENXIO).  Reads nothing."""
+        img = self.img
+        zeros = await self._zeros(self.meta) if self._zeros is not None else None
+        if zeros is None or zeros.size != img.size:
+            zeros = ZeroChunks.none(img.chunk_size, img.size)
+        else:
+            self._known_zeros = zeros  # a reader that seeks holes reads around them: nothing ahead into them
+        return zeros.data_from(offset) if whence == os.SEEK_DATA else zeros.hole_from(offset)
+
+    def _ahead(self, chunk: int) -> bool:
+        """Whether a chunk may be fetched ahead of this reader: expected (by the profile), and
+        not a zero chunk the reader found holes by."""
+        return self._expected(chunk) and not (self._known_zeros is not None and self._known_zeros.is_zero(chunk))
+
     def _extension(self, missing: list[int], last: int) -> list[int]:
         """Missing chunks just after a miss that ends the read, as far as the credit goes (they
         join the same request), unless a readahead window already runs ahead of this reader."""
@@ -106,7 +133,7 @@ class Reader:
         out = []
         c = last + 1
         while (len(out) < n and c < img.nchunks and not img.cached(c) and not fetcher.in_flight(img, c)
-               and self._expected(c)):
+               and self._ahead(c)):
             out.append(c)
             c += 1
         self._credit -= len(out) * img.chunk_size
@@ -136,6 +163,8 @@ class Reader:
             return
         self._ahead_until = target
         missing = img.missing(ra_first, target)
+        if self._known_zeros is not None:
+            missing = [c for c in missing if not self._known_zeros.is_zero(c)]
         if missing:
             fetcher.start(self.meta, img, missing, READAHEAD)
         if len(missing) < target - ra_first + 1:  # cached ones ahead: into the page cache with them
@@ -146,8 +175,9 @@ class Readers:
     """Opens readers; ``on_open(reader)`` hooks (wired by the daemon) hear of every open."""
 
     def __init__(self, store: ChunkStore, fetcher: Fetcher, *, readahead: int = 64 * 2**20,
-                 on_open: list[Callable[[Reader], None]] | None = None):
+                 on_open: list[Callable[[Reader], None]] | None = None, zeros: KnownZeros | None = None):
         self._store = store
+        self._zeros = zeros
         self._fetcher = fetcher
         self._readahead = readahead
         self._on_open = list(on_open or ())
@@ -199,7 +229,7 @@ class Readers:
     def open(self, meta: ImageMeta) -> Reader:
         """Raises ``OSError`` if the image's cache file cannot be opened."""
         reader = Reader(self._store, self._fetcher, meta, self._store.image(meta.content_key, meta.size),
-                        readahead=self._readahead)
+                        readahead=self._readahead, zeros=self._zeros)
         for hook in self._on_open:
             hook(reader)
         return reader

@@ -142,6 +142,8 @@ KSTATFS = struct.Struct("<QQQQQIIII24x")     # fuse_kstatfs, 80 bytes
 DIRENT = struct.Struct("<QQII")              # fuse_dirent, before its name
 INVAL_ENTRY_OUT = struct.Struct("<QII")
 INVAL_INODE_OUT = struct.Struct("<Qqq")  # fuse_notify_inval_inode_out: ino, off, len
+LSEEK_IN = struct.Struct("<QQII")            # fuse_lseek_in: fh, offset, whence, padding
+LSEEK_OUT = struct.Struct("<Q")              # fuse_lseek_out: offset
 
 S_IFMT = 0o170000
 

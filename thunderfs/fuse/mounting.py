@@ -110,3 +110,37 @@ def is_dead(mountpoint: Path, timeout: float = 2.0) -> bool:
     t.start()
     t.join(timeout)
     return bool(result and result[0])
+
+
+FUSECTL = Path("/sys/fs/fuse/connections")
+
+
+def connection_dir(mountpoint: Path) -> Path | None:
+    """The connection's directory in fusectl (``waiting``, ``abort``, ``max_background``...), or
+    None (not mounted here, or fusectl is not available).  As root, fusectl is mounted if it is
+    not yet (systemd mounts it at boot; a bare container may not).  Found through mountinfo, never
+    by a stat of the mount point (this process may be the one that serves it)."""
+    target, dev = str(mountpoint), None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == target and fields[fields.index("-") + 1].startswith("fuse"):
+                dev = fields[2]  # major:minor of the superblock
+    if dev is None:
+        return None
+    major, minor = (int(x) for x in dev.split(":"))
+    path = FUSECTL / str(major << 20 | minor)  # the kernel's own dev_t, as fusectl names it
+    if not path.exists() and os.geteuid() == 0 and FUSECTL.is_dir() and not any(FUSECTL.iterdir()):
+        _libc.mount(b"fusectl", os.fsencode(FUSECTL), b"fusectl", 0, None)  # failing: no fusectl, None below
+    return path if path.is_dir() else None
+
+
+def waiting(conn: Path | None) -> int | None:
+    """Requests the kernel has sent on the connection and waits to see answered (fusectl's
+    ``waiting``: read by a process, or still queued for one); None where it cannot be read."""
+    if conn is None:
+        return None
+    try:
+        return int((conn / "waiting").read_text())
+    except (OSError, ValueError):
+        return None

@@ -256,6 +256,20 @@ class Operations:
             log.error("read %s at %d+%d: cache I/O failed: %s", reader.meta.id, off, size, exc)
             raise FuseError(errno.EIO) from None
 
+    async def lseek(self, inode: int, fh: int, offset: int, whence: int) -> int:
+        """``SEEK_DATA``/``SEEK_HOLE`` (the kernel does the other kinds itself): by the zero
+        chunks the image's manifest knows; ENXIO past the last data or at the end."""
+        if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise FuseError(errno.EINVAL)
+        reader = self._handle(inode, fh)
+        try:
+            found = await reader.seek(offset, whence)
+        except (ThunderfsError, GlanceError) as exc:
+            raise _fuse_error(exc, f"lseek {reader.meta.id} at {offset}") from None
+        if found is None:
+            raise FuseError(errno.ENXIO)
+        return found
+
     def release(self, inode: int, fh: int) -> None:
         handle = self._handles.pop(fh, None)
         if handle is not None:

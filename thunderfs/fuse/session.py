@@ -7,8 +7,20 @@ wait for INIT (the kernel sent it once, to the first process; what was settled i
 but never answered (``FUSE_NOTIFY_RESEND``, Linux 6.9+).  On an older kernel those requests are
 lost: their callers wait until the connection is aborted; the requests after them are served.
 
-Stopping (``stop()``) cancels the requests in progress without an answer: the next process on the
-connection gets them again.  The session ends by itself when the kernel says the mount is gone.
+Stopping (``stop()``) stops reading requests at once (those not read yet wait in the kernel for
+the next process).  The requests in progress are then, by what the kernel offered at INIT:
+cancelled without an answer where it can resend them (``HAS_RESEND``: the next process gets them
+again), else drained: answered here before ``serve`` returns, so that a planned restart on an
+older kernel leaves no caller waiting.  A drain that outlasts ``DRAIN_LIMIT`` answers what is
+left ``EINTR`` (a caller retries: qemu does), never nothing.
+
+The session ends by itself when the kernel says the mount is gone, or that the connection was
+aborted (``/sys/fs/fuse/connections/N/abort``: one log line, the mount is dead).  Whatever the
+kernel sends, each request is answered once, with a reply or an errno: a malformed one is logged
+(once per kind) and answered ``EIO``, an operation that fails unexpectedly ``EIO`` with its
+traceback in the log; a FORGET that fails is logged and the session goes on.  At most
+``MAX_IN_FLIGHT`` requests are served at once (the reading waits for one to end), and the reading
+yields to the others after every request.
 """
 
 from __future__ import annotations
@@ -16,6 +28,7 @@ from __future__ import annotations
 import errno as E
 import logging
 import os
+import struct
 from collections.abc import Callable
 
 import trio
@@ -27,6 +40,9 @@ from thunderfs.fuse.state import SessionState
 
 log = logging.getLogger(__name__)
 
+MAX_IN_FLIGHT = 1024  # requests served at once; the kernel's own queue holds the rest
+DRAIN_LIMIT = 60.0  # seconds a stop waits for requests in progress where the kernel cannot resend
+
 
 class Session:
     def __init__(self, fd: int, ops: Operations, state: SessionState, *, max_pages: int = 256,
@@ -37,7 +53,14 @@ class Session:
         self._max_pages = max_pages
         self._max_background = max_background
         self._passthrough = passthrough  # asked for at INIT (a later process goes by what was agreed)
-        self._cancel = trio.CancelScope()
+        self._cancel = trio.CancelScope()  # the whole session: gone, or stopped where requests resend
+        self._reading = trio.CancelScope()  # the reading of requests: stopped
+        self._stopping = False
+        self._pending: dict[int, Header] = {}  # unique -> request in progress, not answered yet
+        self._room = trio.lowlevel.ParkingLot()  # the reading waits here while MAX_IN_FLIGHT are served
+        self._malformed_logged: set[str] = set()
+        self.drained = self.answered_eintr = 0
+        self.aborted = False
         self._inval_send, self._inval_recv = trio.open_memory_channel[tuple[list, str]](1000)
         self.unmounted = False
         self.resent = False
@@ -54,9 +77,20 @@ class Session:
     async def wait_initialized(self) -> None:
         await self._initialized.wait()
 
+    @property
+    def kernel_resends(self) -> bool:
+        """Whether the kernel sends again, to the next process, what this one read but did not
+        answer (it offered ``HAS_RESEND`` at INIT: Linux 6.9+)."""
+        init = self._state.init
+        return init is not None and bool(init.flags & k.HAS_RESEND)
+
     def stop(self) -> None:
-        """Stop reading requests; those in progress stay unanswered (the next process gets them)."""
-        self._cancel.cancel()
+        """Stop reading requests now; those in progress are cancelled unanswered where the kernel
+        resends them, else answered first (``serve`` returns once they are)."""
+        self._stopping = True
+        self._reading.cancel()
+        if self.kernel_resends:
+            self._cancel.cancel()
 
     async def serve(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until ``stop()`` or the unmount (then ``unmounted`` is set)."""
@@ -67,7 +101,25 @@ class Session:
                 if self.takeover:
                     self._resend()
                 task_status.started()
-                await self._receive(nursery)
+                async with trio.open_nursery() as requests:
+                    with self._reading:
+                        await self._receive(requests)
+                    if self._stopping and self._in_flight:
+                        log.info("stopping: answering the %d requests in progress first (the kernel cannot "
+                                 "resend them)", self._in_flight)
+                        with trio.move_on_after(DRAIN_LIMIT) as drain:
+                            while self._in_flight:
+                                await self._room.park()
+                        if drain.cancelled_caught:
+                            requests.cancel_scope.cancel()
+                    elif not self._stopping:  # the mount is gone: nobody waits for answers
+                        requests.cancel_scope.cancel()
+                if self._stopping and self._pending and not self.kernel_resends:  # past the drain's limit
+                    log.warning("%d requests still in progress after %g s: answered EINTR (their callers retry)",
+                                len(self._pending), DRAIN_LIMIT)
+                    for unique in list(self._pending):
+                        self._answer(unique, k.reply(unique, E.EINTR))
+                        self.answered_eintr += 1
                 nursery.cancel_scope.cancel()
 
     def _resend(self) -> None:
@@ -96,6 +148,11 @@ class Session:
                 if exc.errno == E.ENODEV:  # unmounted
                     self.unmounted = True
                     return
+                if exc.errno == E.ECONNABORTED:
+                    log.error("the FUSE connection was aborted (fusectl's abort): the mount is dead; "
+                              "unmount it and mount again")
+                    self.unmounted = self.aborted = True
+                    return
                 raise
             if n == 0:  # never from /dev/fuse; the other end of a socket closed
                 self.unmounted = True
@@ -104,13 +161,20 @@ class Session:
             try:
                 header = Header.parse(data)
             except k.ProtocolError as exc:
-                log.error("ignored a request from the kernel: %s", exc)
+                self._malformed("request", str(exc))
+                if len(data) >= 16:  # its unique is there: answered, so that nobody waits on it
+                    unique = struct.unpack_from("<Q", data, 8)[0]
+                    self._write(k.reply(unique, E.EIO))
                 continue
             self._requests += 1
             if header.opcode == Op.INIT:
                 self._init(header, memoryview(data)[k.IN_HEADER.size:])
                 continue
+            while self._in_flight >= MAX_IN_FLIGHT:
+                await self._room.park()
+            self._in_flight += 1  # counted from here: the cap holds before the tasks start
             nursery.start_soon(self._handle, header, data)
+            await trio.lowlevel.checkpoint()  # the requests just read, and everyone else, run too
 
     def _init(self, h: Header, body) -> None:
         try:
@@ -136,13 +200,23 @@ class Session:
             os.writev(self._fd, pieces)
         except OSError as exc:
             # ENOENT: the request was interrupted or aborted and nobody waits for the answer;
-            # ENODEV: the mount is gone (the reader notices).
-            if exc.errno not in (E.ENOENT, E.ENODEV):
+            # ENODEV: the mount is gone, ECONNABORTED: the connection aborted (the reading notices).
+            if exc.errno not in (E.ENOENT, E.ENODEV, E.ECONNABORTED):
                 log.error("answering the kernel failed: %s", exc)
+
+    def _answer(self, unique: int, pieces: list) -> None:
+        """A request's one answer (a second is never written)."""
+        if self._pending.pop(unique, None) is not None:
+            self._write(pieces)
+
+    def _malformed(self, what: str, why: str) -> None:
+        if what not in self._malformed_logged:
+            self._malformed_logged.add(what)
+            log.error("the kernel sent a malformed %s, answered EIO (later ones of its kind are not logged): %s",
+                      what, why)
 
     async def _handle(self, h: Header, data: bytes) -> None:
         body = memoryview(data)[k.IN_HEADER.size:]
-        self._in_flight += 1
         try:
             try:
                 op = Op(h.opcode)
@@ -150,9 +224,15 @@ class Session:
                 self._write(k.reply(h.unique, E.ENOSYS))
                 return
             if op in k.NO_REPLY:
-                self._no_reply(op, h, body)
+                try:
+                    self._no_reply(op, h, body)
+                except struct.error as exc:  # no answer to give; the session goes on
+                    self._malformed(op.name, repr(exc))
+                except Exception:
+                    log.exception("%s failed (the session goes on)", op.name)
                 return
             handler: Callable | None = self._handlers.get(op)
+            self._pending[h.unique] = h
             try:
                 if op in k.WRITES:
                     raise FuseError(E.EROFS)
@@ -160,15 +240,21 @@ class Session:
                     raise FuseError(E.ENOSYS)
                 pieces = await handler(self, h, body)
             except FuseError as exc:
-                self._write(k.reply(h.unique, exc.errno))
+                self._answer(h.unique, k.reply(h.unique, exc.errno))
+            except (struct.error, k.ProtocolError) as exc:  # a body shorter than its kind's
+                self._malformed(op.name, repr(exc))
+                self._answer(h.unique, k.reply(h.unique, E.EIO))
             except Exception:
                 # Operations answers every failure it expects with an errno; this is a bug.
                 log.exception("%s failed", op.name)
-                self._write(k.reply(h.unique, E.EIO))
+                self._answer(h.unique, k.reply(h.unique, E.EIO))
             else:
-                self._write(k.reply(h.unique, 0, *pieces))
+                self._answer(h.unique, k.reply(h.unique, 0, *pieces))
+                if self._stopping:
+                    self.drained += 1
         finally:
             self._in_flight -= 1
+            self._room.unpark_all()
 
     def _no_reply(self, op: Op, h: Header, body) -> None:
         if op == Op.FORGET:
@@ -176,6 +262,8 @@ class Session:
             self._ops.forget([(h.nodeid, n)])
         elif op == Op.BATCH_FORGET:
             count, _ = k.BATCH_FORGET_IN.unpack_from(body)
+            if k.BATCH_FORGET_IN.size + count * k.FORGET_ONE.size > len(body):
+                raise struct.error(f"BATCH_FORGET of {count} in {len(body)} bytes")
             self._ops.forget([k.FORGET_ONE.unpack_from(body, k.BATCH_FORGET_IN.size + i * k.FORGET_ONE.size)
                               for i in range(count)])
         # INTERRUPT: ignored; the request it names is answered when it is done.
@@ -213,6 +301,10 @@ class Session:
     async def _read(self, h, body):
         fh, offset, size, *_ = k.READ_IN.unpack_from(body)
         return [await self._ops.read(h.nodeid, fh, offset, size)]
+
+    async def _lseek(self, h, body):
+        fh, offset, whence, _ = k.LSEEK_IN.unpack_from(body)
+        return [k.LSEEK_OUT.pack(await self._ops.lseek(h.nodeid, fh, offset, whence))]
 
     async def _release(self, h, body):
         fh, *_ = k.RELEASE_IN.unpack_from(body)
@@ -261,7 +353,7 @@ class Session:
         Op.LOOKUP: _lookup, Op.GETATTR: _getattr, Op.SETATTR: _setattr, Op.OPEN: _open, Op.READ: _read,
         Op.RELEASE: _release, Op.FLUSH: _empty, Op.OPENDIR: _opendir, Op.READDIR: _readdir,
         Op.RELEASEDIR: _empty, Op.STATFS: _statfs, Op.GETXATTR: _getxattr, Op.LISTXATTR: _listxattr,
-        Op.DESTROY: _empty, Op.FSYNC: _empty, Op.FSYNCDIR: _empty,
+        Op.DESTROY: _empty, Op.FSYNC: _empty, Op.FSYNCDIR: _empty, Op.LSEEK: _lseek,
     }
 
     # --- notifications -----------------------------------------------------------------------
@@ -289,8 +381,11 @@ class Session:
                 except OSError as exc:
                     if exc.errno not in (E.ENOENT, E.ENODEV):
                         log.debug("invalidate %s: %s", what, exc)
-            await trio.to_thread.run_sync(send)
+            # Abandoned when the session ends: one blocked on a lock a request in progress held
+            # must not keep ``serve`` from returning (and the next process from starting).
+            await trio.to_thread.run_sync(send, abandon_on_cancel=True)
 
     def statistics(self) -> dict:
         return {"requests": self._requests, "in_flight": self._in_flight, "takeover": self.takeover,
-                "resent": self.resent}
+                "resent": self.resent, "kernel_resends": self.kernel_resends, "drained": self.drained,
+                "answered_eintr": self.answered_eintr, "aborted": self.aborted}
