@@ -49,6 +49,11 @@ class FakeReader:
             raise self.error
         return b"x" * min(size, max(0, self.meta.size - off))
 
+    async def seek(self, off, whence):  # no zero chunk known: the whole image is data
+        if not 0 <= off < self.meta.size:
+            return None
+        return off if whence == os.SEEK_DATA else self.meta.size
+
 
 class FakeReaders:
     def __init__(self):
