@@ -362,3 +362,56 @@ async def test_a_process_without_passthrough_keeps_the_files_an_earlier_one_open
     ino_a = (await lookup(nxt, A.id)).ino
     fh3, id3 = await nxt.open(ino_a, os.O_RDONLY)
     assert id3 == 0 and fh3 % 2 == 0
+
+
+async def test_an_open_or_release_resent_after_a_kill_between_count_and_answer_counts_once(pt_state):
+    """A process counts an OPEN (and saves it) and is killed before it answers; the kernel
+    resends the OPEN (same unique) to the next process, which answers it with the same backing
+    file without counting it again; likewise a RELEASE.  Counted twice, the backing file and
+    the pin would stay for good (or go while a file is still open)."""
+    readers, backing = FakeReaders(), FakeBacking(pt_state)
+    readers.complete.add(B.id)
+    ops = Operations(FakeCatalog(B), readers, state=pt_state, backing=backing)
+    ino = (await lookup(ops, B.id)).ino
+    fh, backing_id = await ops.open(ino, os.O_RDONLY, request=7)  # answered
+    await ops.open(ino, os.O_RDONLY, request=8)  # counted, saved; killed before the answer
+    state = SessionState.load(pt_state.fd)
+    assert state.backing[ino]["pt"] == 2 and state.counted == [7, 8]
+    readers2, backing2 = FakeReaders(), FakeBacking(state)
+    nxt = Operations(FakeCatalog(B), readers2, state=state, backing=backing2)
+    await nxt.start()
+    fh8, id8 = await nxt.open(ino, os.O_RDONLY, request=8)  # the resend
+    assert id8 == backing_id and state.backing[ino]["pt"] == 2 and backing2.statistics()["resent_not_counted"] == 1
+    nxt.release(ino, fh, request=9)  # counted, saved; killed before the answer
+    state3 = SessionState.load(state.fd)
+    backing3 = FakeBacking(state3)
+    third = Operations(FakeCatalog(B), FakeReaders(), state=state3, backing=backing3)
+    await third.start()
+    third.release(ino, fh, request=9)  # the resend: not counted again
+    assert state3.backing[ino]["pt"] == 1 and backing3.closed == []
+    third.release(ino, fh8, request=10)  # the last open closes: the backing file goes
+    assert backing3.closed == [backing_id] and state3.backing == {}
+
+
+async def test_an_image_only_the_previous_process_had_open_stays_readable_if_glance_deletes_it_after():
+    """The kernel's references are saved from the first: the next process, which never looked
+    the image up, keeps it (inherited) although Glance drops it after the handover, and lets it
+    go when the kernel forgets the inode."""
+    state = SessionState.create()
+    try:
+        ops = Operations(FakeCatalog(A, B), FakeReaders(), state=state)
+        ino = (await lookup(ops, A.id)).ino
+        fh, _ = await ops.open(ino, os.O_RDONLY)
+        assert ino in SessionState.load(state.fd).held  # saved at the first reference
+        # Handed over; then Glance deletes A before the new process hears of the open file.
+        catalog = FakeCatalog(A, B)
+        nxt = Operations(catalog, FakeReaders(), state=SessionState.load(state.fd))
+        del catalog.images[A.id]
+        catalog.listeners[0]([], [A])
+        assert await nxt.read(ino, fh, 0, 5) == b"x" * 5  # was EIO: the inode unknown
+        nxt.release(ino, fh)
+        nxt.forget([(ino, 3)])  # the kernel evicts it: every reference at once
+        assert await fuse_errno(lambda: nxt.read(ino, fh, 0, 5)) == errno.EIO
+        assert ino not in SessionState.load(state.fd).held
+    finally:
+        os.close(state.fd)

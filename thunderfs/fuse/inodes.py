@@ -6,8 +6,13 @@ told; an image whose bytes change under the same id gets a new inode, so the ker
 of the old bytes can never be served for the new ones.
 
 What cannot be derived is an image Glance no longer lists while the kernel still holds its inode
-(a file open since before the image was deleted): those are kept in the ``SessionState`` for the
-next process.
+(a file open since before the image was deleted).  So every image whose inode the kernel holds
+(looked up or open) is kept in the ``SessionState`` from its first reference to its last, and the
+next process keeps those (*inherited*: how many references the kernel has is not known there)
+until the kernel forgets them: an image only the previous process had open stays readable if
+Glance deletes it after the handover.  The kernel forgets an inode when it evicts it, with all
+its references in one FORGET, so one FORGET of an inherited inode drops it (the rare FORGET of
+one lookup whose answer the kernel discarded would drop it early).
 """
 
 from __future__ import annotations
@@ -77,11 +82,19 @@ class InodeTable:
 
     def looked_up(self, ino: int) -> None:
         if ino >= FIRST_IMAGE:
+            self._held(ino)
             self._lookups[ino] += 1
 
     def forget(self, ino: int, n: int) -> None:
         """The kernel dropped n references; drop the inode if nothing else holds it."""
-        if ino < FIRST_IMAGE or ino not in self._lookups:
+        if ino < FIRST_IMAGE:
+            return
+        if ino in self._inherited:  # evicted by the kernel: every reference, this process's too
+            self._inherited.discard(ino)
+            self._lookups.pop(ino, None)
+            self._maybe_drop(ino)
+            return
+        if ino not in self._lookups:
             return
         self._lookups[ino] -= n
         if self._lookups[ino] <= 0:
@@ -89,7 +102,18 @@ class InodeTable:
             self._maybe_drop(ino)
 
     def opened(self, ino: int) -> None:
+        self._held(ino)
         self._open[ino] += 1
+
+    def _held(self, ino: int) -> None:
+        """The kernel takes a reference to ``ino``: saved for the next process at the first."""
+        state = self._state
+        if state is None or ino in state.held:
+            return
+        meta = self._meta.get(ino)
+        if meta is not None:
+            state.held[ino] = meta.to_record()
+            self._save()
 
     def closed(self, ino: int) -> None:
         self._open[ino] -= 1

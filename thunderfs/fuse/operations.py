@@ -176,8 +176,8 @@ class Operations:
 
     # --- files -----------------------------------------------------------------------------
 
-    async def open(self, inode: int, flags: int) -> tuple[int, int]:
-        """(file handle, backing id or 0)."""
+    async def open(self, inode: int, flags: int, request: int | None = None) -> tuple[int, int]:
+        """(file handle, backing id or 0).  ``request``: the OPEN's unique (its resend counted once)."""
         meta = self._inodes.image(inode)
         if meta is None:
             raise FuseError(errno.EISDIR if inode in (ROOT, IMAGES_DIR) else errno.ENOENT)
@@ -190,14 +190,14 @@ class Operations:
             async with lock:
                 mode = backing.mode(inode)
                 if mode == "passthrough" or (mode is None and backing.sealing()):
-                    backing_id = await self._open_passthrough(inode, meta, first=mode is None)
+                    backing_id = await self._open_passthrough(inode, meta, first=mode is None, request=request)
                     if backing_id:
                         fh = next(self._fh) + 1
                         self._handles[fh] = (inode, None)
                         self._inodes.opened(inode)
                         return fh, backing_id
                 fh, _ = self._open_cached(inode, meta)
-                backing.open_cached(inode)
+                backing.open_cached(inode, request)
                 return fh, 0
         return self._open_cached(inode, meta)
 
@@ -207,14 +207,14 @@ class Operations:
         self._inodes.opened(inode)
         return fh, 0
 
-    async def _open_passthrough(self, inode: int, meta: ImageMeta, first: bool) -> int:
+    async def _open_passthrough(self, inode: int, meta: ImageMeta, first: bool, request: int | None) -> int:
         assert self._backing is not None
         if not first:  # the kernel has this inode's backing file: every open must use it
-            return self._backing.open_passthrough(inode, None)
+            return self._backing.open_passthrough(inode, None, request)
         path = await self._readers.seal(meta)
         if path is None:
             return 0
-        backing_id = self._backing.open_passthrough(inode, path)
+        backing_id = self._backing.open_passthrough(inode, path, request)
         if not backing_id:
             self._readers.unseal(meta)
         return backing_id
@@ -270,12 +270,12 @@ class Operations:
             raise FuseError(errno.ENXIO)
         return found
 
-    def release(self, inode: int, fh: int) -> None:
+    def release(self, inode: int, fh: int, request: int | None = None) -> None:
         handle = self._handles.pop(fh, None)
         if handle is not None:
             self._inodes.closed(handle[0])
         if self._backing is not None:
-            if self._backing.release(inode, passthrough=bool(fh & 1)):
+            if self._backing.release(inode, passthrough=bool(fh & 1), request=request):
                 meta = self._inodes.image(inode)
                 if meta is not None:
                     self._readers.unseal(meta)

@@ -9,7 +9,11 @@ opener with EIO).  So the first open of an inode decides until every open of it 
 
 Per inode: the backing id and how many opens of each kind, kept in the ``SessionState`` (the
 backing ids belong to the connection, so they outlive this process: the next one must go on
-using and finally closing them).  Keeping the data file whole while the kernel reads it is the
+using and finally closing them).  A count is saved before the answer is written, with the
+request it counts (its unique): a process killed between the two leaves the request to the
+kernel's resend, and the next process, finding it counted, answers it without counting it again
+(an open counted twice would keep its backing file and its pin for good; a release counted twice
+would let the data file change under an open file).  Keeping the data file whole while the kernel reads it is the
 caller's part (``Readers.seal``: pinned, never punched).
 """
 
@@ -24,6 +28,8 @@ from thunderfs.fuse.state import SessionState
 
 log = logging.getLogger(__name__)
 
+COUNTED_KEPT = 256  # requests remembered as counted (only the last few can be resent)
+
 
 class BackingFiles:
     def __init__(self, fd: int, state: SessionState, *, seal_new: bool = True):
@@ -34,7 +40,8 @@ class BackingFiles:
         self._state = state
         self.seal_new = seal_new
         self._broken: str | None = None  # why the kernel refused a backing file: passthrough off
-        self._stats = dict.fromkeys(("passthrough_opens", "cached_opens", "backing_opened", "backing_closed"), 0)
+        self._stats = dict.fromkeys(("passthrough_opens", "cached_opens", "backing_opened", "backing_closed",
+                                     "resent_not_counted"), 0)
 
     def usable(self) -> bool:
         """Passthrough was agreed at INIT: inodes may be (or already are) read in passthrough."""
@@ -52,9 +59,26 @@ class BackingFiles:
             return None
         return "passthrough" if rec["pt"] else "cached" if rec["cached"] else None
 
-    def open_passthrough(self, inode: int, path: str | None) -> int:
+    def _counted(self, request: int | None) -> bool:
+        """Whether ``request`` (a unique, the resend bit off) was counted already (by a process
+        killed before it answered); else it is, from the next save on."""
+        if request is None:
+            return False
+        if request in self._state.counted:
+            self._stats["resent_not_counted"] += 1
+            return True
+        self._state.counted.append(request)
+        del self._state.counted[:-COUNTED_KEPT]
+        return False
+
+    def open_passthrough(self, inode: int, path: str | None, request: int | None = None) -> int:
         """One more passthrough open of ``inode``: its backing id, registered now from ``path``
-        if it has none.  0 if the kernel refuses (then passthrough stays off, logged once)."""
+        if it has none.  0 if the kernel refuses (then passthrough stays off, logged once).
+        ``request``: the OPEN's unique (counted once, whatever the resends)."""
+        rec = self._state.backing.get(inode)
+        if rec is not None and rec["id"] and request is not None and request in self._state.counted:
+            self._stats["resent_not_counted"] += 1
+            return rec["id"]
         rec = self._state.backing.setdefault(inode, {"id": 0, "pt": 0, "cached": 0})
         if not rec["id"]:
             assert path is not None and rec["cached"] == 0
@@ -68,22 +92,26 @@ class BackingFiles:
                     del self._state.backing[inode]
                 return 0
             self._stats["backing_opened"] += 1
-        rec["pt"] += 1
-        self._stats["passthrough_opens"] += 1
+        if not self._counted(request):
+            rec["pt"] += 1
+            self._stats["passthrough_opens"] += 1
         self._state.save()
         return rec["id"]
 
-    def open_cached(self, inode: int) -> None:
+    def open_cached(self, inode: int, request: int | None = None) -> None:
         rec = self._state.backing.setdefault(inode, {"id": 0, "pt": 0, "cached": 0})
+        if self._counted(request):
+            return
         rec["cached"] += 1
         self._stats["cached_opens"] += 1
         self._state.save()
 
-    def release(self, inode: int, passthrough: bool) -> bool:
+    def release(self, inode: int, passthrough: bool, request: int | None = None) -> bool:
         """An open of ``inode`` closed; True when it was the last passthrough one (the backing
-        file is let go, and the caller may let the data file change again)."""
+        file is let go, and the caller may let the data file change again).  ``request``: the
+        RELEASE's unique (counted once)."""
         rec = self._state.backing.get(inode)
-        if rec is None:
+        if rec is None or self._counted(request):
             return False
         key = "pt" if passthrough else "cached"
         rec[key] = max(0, rec[key] - 1)

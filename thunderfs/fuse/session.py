@@ -290,7 +290,7 @@ class Session:
 
     async def _open(self, h, body):
         flags, _ = k.OPEN_IN.unpack_from(body)
-        fh, backing_id = await self._ops.open(h.nodeid, flags)
+        fh, backing_id = await self._ops.open(h.nodeid, flags, h.unique & ~k.UNIQUE_RESEND)
         # A read-only file has nothing to flush: no FLUSH on every close (a close while no
         # process serves the connection would wait for the next one).
         if backing_id:  # the kernel reads the backing file (no page cache of ours: its rule)
@@ -308,7 +308,7 @@ class Session:
 
     async def _release(self, h, body):
         fh, *_ = k.RELEASE_IN.unpack_from(body)
-        self._ops.release(h.nodeid, fh)
+        self._ops.release(h.nodeid, fh, h.unique & ~k.UNIQUE_RESEND)
         return []
 
     async def _opendir(self, h, body):

@@ -4,7 +4,8 @@ The memfd lives as long as the connection's descriptor (both sit in the keeper's
 descriptor store), so a process killed with SIGKILL leaves it behind intact.  It holds what
 INIT settled, the images the kernel still holds inodes of although Glance no longer lists
 them, and the backing files of passthrough opens with how many opens of each kind each inode
-has (``passthrough.py``); everything else the next process derives again.
+has and which requests were counted (``passthrough.py``); everything else the next process
+derives again.
 
 Written rarely (at INIT; when such an image appears or is forgotten; at an open or release of
 an image while passthrough is on), into two slots in turn,
@@ -30,6 +31,9 @@ class SessionState:
         self.init: InitParams | None = None
         self.held: dict[int, dict] = {}  # inode -> image record
         self.backing: dict[int, dict] = {}  # inode -> {"id": backing id or 0, "pt": opens, "cached": opens}
+        # The OPENs and RELEASEs (their uniques) already counted in ``backing``, the latest last: a
+        # request the kernel resends after a kill between the count and the answer is not counted twice.
+        self.counted: list[int] = []
         self._seq = 0
 
     @classmethod
@@ -61,12 +65,14 @@ class SessionState:
             state.init = InitParams.from_record(record["init"]) if record.get("init") else None
             state.held = {int(k): v for k, v in record.get("held", {}).items()}
             state.backing = {int(k): v for k, v in record.get("backing", {}).items()}
+            state.counted = [int(u) for u in record.get("counted", [])]
         return state
 
     def save(self) -> None:
         body = json.dumps({"init": self.init.to_record() if self.init else None,
                            "held": {str(k): v for k, v in self.held.items()},
-                           "backing": {str(k): v for k, v in self.backing.items()}}).encode()
+                           "backing": {str(k): v for k, v in self.backing.items()},
+                           "counted": self.counted}).encode()
         if len(body) > SLOT - _HEAD.size:
             raise ValueError("session state too large")
         self._seq += 1
