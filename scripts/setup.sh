@@ -12,10 +12,11 @@ trap 'echo "setup: FAILED at line $LINENO: $BASH_COMMAND" >&2' ERR
 
 # systemd: systemd-analyze, which checks the units in the tests; nftables: packet loss in the chaos run;
 # redis-server: the tracker replicas' shared store in the tests; qemu, a kernel and busybox: the
-# tests boot the small VM that Nova's instance disk holds (tests/test_nova.py); nginx: Glance
+# tests boot the small VM that Nova's instance disk holds (tests/test_nova.py), and the daemon on Debian's
+# 6.1 kernel in a guest (tests/test_old_kernel.py, cpio for its initramfs); nginx: Glance
 # behind TLS (tests/test_tls_glance.py) and the benchmarks' plain HTTP baseline.
 APT_PACKAGES=(fuse3 libfuse3-dev pkg-config curl fio iproute2 e2fsprogs systemd nftables redis-server nginx-light
-              qemu-system-x86 qemu-utils linux-image-amd64 busybox-static)
+              qemu-system-x86 qemu-utils linux-image-amd64 busybox-static cpio)
 # --bench: also what the benchmarks need beyond that: debootstrap (the Debian boot image),
 # httpdirfs (the C FUSE HTTP client baseline of benchmarks/dataplane_bench.py).
 if [ "${1:-}" = "--bench" ]; then

@@ -104,14 +104,15 @@ class Session:
                 async with trio.open_nursery() as requests:
                     with self._reading:
                         await self._receive(requests)
-                    if self._stopping and self._in_flight:
-                        log.info("stopping: answering the %d requests in progress first (the kernel cannot "
-                                 "resend them)", self._in_flight)
+                    if self._stopping:  # (where the kernel resends, cancelled with the session already)
+                        in_progress = self._in_flight
                         with trio.move_on_after(DRAIN_LIMIT) as drain:
                             while self._in_flight:
                                 await self._room.park()
                         if drain.cancelled_caught:
                             requests.cancel_scope.cancel()
+                        log.info("stopped reading requests; the %d in progress were answered first (the kernel "
+                                 "cannot resend them)", in_progress - self._in_flight)
                     elif not self._stopping:  # the mount is gone: nobody waits for answers
                         requests.cancel_scope.cancel()
                 if self._stopping and self._pending and not self.kernel_resends:  # past the drain's limit
