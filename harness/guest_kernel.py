@@ -3,9 +3,10 @@ test script on the kernel a compute node runs (Debian's 6.1, which ``scripts/set
 for the tiny VMs), not on this machine's.
 
 The guest boots the kernel in ``/boot`` with an initramfs made here: a static busybox and the
-kernel's modules for virtio, 9p and FUSE.  Its init mounts this machine's root read-only over 9p,
-tmpfs over ``/tmp``, ``/var/tmp`` and ``/run``, and runs one command chrooted there: the same
-Python, venv and repository as the host, nothing copied.  The guest reaches the host's loopback
+kernel's modules for virtio, 9p and FUSE.  Its init mounts this machine's root read-only over 9p
+and a tmpfs over ``/run`` (``TMPDIR`` is ``/run/tmp``: ``/tmp`` stays the host's, where a clone
+of the repository may live), and runs one command chrooted there: the same Python, venv and
+repository as the host, nothing copied.  The guest reaches the host's loopback
 services (Glance) at 10.0.2.2 (qemu's user network).  What the command prints on the serial
 console comes back; its exit status too.
 """
@@ -33,7 +34,7 @@ INIT = """#!/bin/busybox sh
 /bin/busybox mount -t devtmpfs dev /dev
 for m in {modules}; do [ -f /lib/modules/$m.ko ] && /bin/busybox insmod /lib/modules/$m.ko || echo "module $m: not loaded"; done
 /bin/busybox mount -t 9p -o trans=virtio,version=9p2000.L,msize=1048576,cache=loose,ro host /new || echo "9p mount failed"
-for d in tmp var/tmp run; do /bin/busybox mount -t tmpfs tmp /new/$d; done
+/bin/busybox mount -t tmpfs run /new/run
 /bin/busybox mount -t proc proc /new/proc
 /bin/busybox mount -t sysfs sys /new/sys
 /bin/busybox mount -t devtmpfs dev /new/dev
@@ -42,7 +43,8 @@ for d in tmp var/tmp run; do /bin/busybox mount -t tmpfs tmp /new/$d; done
 /bin/busybox ip link set eth0 up
 /bin/busybox ip addr add 10.0.2.15/24 dev eth0
 /bin/busybox ip route add default via 10.0.2.2
-export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin TMPDIR=/run/tmp
+/bin/busybox mkdir -p /new/run/tmp
 /bin/busybox chroot /new /bin/sh -c 'cd {cwd} && {command}' > /dev/ttyS0 2>&1
 echo "{exit} $?" > /dev/ttyS0
 /bin/busybox sync

@@ -40,7 +40,7 @@ def main() -> int:
     ap.add_argument("--stuck-after", type=float, default=30.0)
     args = ap.parse_args()
     data = random.Random(args.seed).randbytes(args.size)
-    work = Path("/tmp/guest")
+    work = Path(os.environ.get("TMPDIR", "/tmp")) / "guest"  # the guest's tmpfs
     work.mkdir(parents=True, exist_ok=True)
     os.environ["THUNDERFS_RUN_DIR"] = str(work / "run")
     out: dict = {"kernel": os.uname().release}
