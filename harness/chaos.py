@@ -93,6 +93,7 @@ class Report:
     bad_chunks_caught: int = 0          # by readers' verification against the manifest
     restart_failures: int = 0
     tracebacks: int = 0
+    kernel_waiting: int = 0  # requests the kernel still waited on at the end, all mounts (fusectl)
     seconds: float = 0.0
     events: list = field(default_factory=list)
     daemons: dict = field(default_factory=dict)
@@ -100,7 +101,7 @@ class Report:
     def ok(self) -> bool:
         return (self.wrong_bytes == 0 and self.wrong_reads == 0 and self.hangs == 0
                 and self.errors_glance_up == 0 and self.final_images_wrong == 0 and self.restart_failures == 0
-                and self.tracebacks == 0 and self.final_images_checked > 0)
+                and self.tracebacks == 0 and self.final_images_checked > 0 and self.kernel_waiting == 0)
 
     def to_json(self) -> dict:
         # (not dataclasses.asdict: it rebuilds a Counter from its items, counting the pairs)
@@ -122,6 +123,7 @@ class Report:
             f"{self.final_seconds:.0f}s (slowest {self.final_slowest:.1f}s), "
             f"{self.final_images_wrong} wrong; daemon restarts failed: {self.restart_failures}; "
             f"tracebacks logged: {self.tracebacks}",
+            f"requests the kernel still waited on at the end (fusectl, all mounts): {self.kernel_waiting}",
             f"{'PASS' if self.ok() else 'FAIL'} in {self.seconds:.0f}s",
         ]
 
@@ -468,6 +470,8 @@ class ChaosRun:
                 continue
             peers = st.get("peers", {})
             self.report.bad_chunks_caught += peers.get("bad_chunks", 0)
+            waiting = st["fs"].get("kernel_waiting")
+            self.report.kernel_waiting += waiting if waiting is not None else 1  # unknown counts as not 0
             self.report.daemons[node.name] = {
                 "from_peers": st["fetch"]["bytes_from_peers"], "from_glance": st["fetch"]["bytes_from_origin"],
                 "peer_failures": peers.get("failures"), "bad_chunks": peers.get("bad_chunks"),

@@ -18,6 +18,7 @@ from harness.local_glance import LocalGlance, free_port
 from harness.netns import Lan
 from harness.tracker import LocalTracker
 from harness.mounts import Mount
+from thunderfs.fuse import mounting
 
 CHUNK = 64 * 1024
 UNIT = Path(__file__).parent / "unit"
@@ -115,6 +116,15 @@ def wait_for(pred, timeout=20, what="condition"):
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.2)
     return value
+
+
+def assert_kernel_waits_on_nothing(m) -> None:
+    """Once the readers stopped, the kernel waits on no request of the mount (fusectl's
+    ``waiting`` back at 0): none was lost in a handover.  The daemon reports it too."""
+    conn = mounting.connection_dir(m.path)
+    assert conn is not None, "fusectl is not available: cannot check what the kernel waits on"
+    wait_for(lambda: mounting.waiting(conn) == 0, 10, "the kernel to wait on no request of the mount")
+    assert m.stats()["fs"]["kernel_waiting"] == 0  # (the stats come over the control socket, not FUSE)
 
 
 @pytest.fixture

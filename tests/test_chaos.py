@@ -27,4 +27,5 @@ def test_every_fault_once_and_every_byte_read_is_glances(tmp_path):
     assert report.final_images_checked == 12 and report.final_images_wrong == 0, summary
     assert report.altered_chunks > 0 and report.bad_chunks_caught >= 1, summary
     assert report.restart_failures == 0 and report.tracebacks == 0, summary
+    assert report.kernel_waiting == 0, summary  # no request lost in the kills and restarts
     assert report.ok()

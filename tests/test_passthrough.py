@@ -8,7 +8,7 @@ import mmap
 import os
 import signal
 
-from conftest import wait_for
+from conftest import assert_kernel_waits_on_nothing, wait_for
 from harness.direct_reader import DirectReader
 from harness.mounts import thunderfs
 
@@ -72,4 +72,5 @@ def test_a_passthrough_file_reads_on_through_a_kill_and_keeps_its_bytes_under_ca
     # The reader closed: the new process let the previous one's backing file go.
     wait_for(lambda: m.stats()["fs"]["backing_closed"] == 1, what="backing file closed")
     assert m.stats()["fs"]["passthrough_inodes"] == 0
+    assert_kernel_waits_on_nothing(m)
     assert _read_direct(m.image(sealed), 8 * MiB) == images.data[sealed]

@@ -19,19 +19,10 @@ import time
 
 import pytest
 
-from conftest import wait_for
+from conftest import assert_kernel_waits_on_nothing, wait_for
 from harness.direct_reader import BLOCK, DirectReader
 from harness.mounts import thunderfs
 from thunderfs.fuse import mounting
-
-
-def assert_kernel_waits_on_nothing(m) -> None:
-    """Once the readers stopped, the kernel waits on no request of the mount (fusectl's
-    ``waiting`` back at 0): none was lost in a handover.  The daemon reports it too."""
-    conn = mounting.connection_dir(m.path)
-    assert conn is not None, "fusectl is not available: cannot check what the kernel waits on"
-    wait_for(lambda: mounting.waiting(conn) == 0, 10, "the kernel to wait on no request of the mount")
-    assert m.stats()["fs"]["kernel_waiting"] == 0  # (the stats come over the control socket, not FUSE)
 
 
 def test_sigkill_of_the_serving_process_is_recovered_with_no_failed_read(glance, mounts, images):
