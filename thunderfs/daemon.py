@@ -143,7 +143,10 @@ def _image_owner(config: MountConfig) -> tuple[int, int]:
 def _check_mountpoint(mp: Path) -> None:
     """A directory with nothing mounted on it; a FUSE mount whose daemon is gone (ENOTCONN) is
     detached first."""
-    fstype = mounting.mounted_type(mp)
+    try:
+        fstype = mounting.mounted_type(mp)
+    except mounting.MountError as exc:
+        raise ConfigError(str(exc)) from None
     if fstype is not None and fstype.startswith("fuse") and mounting.is_dead(mp):
         try:
             mounting.unmount(mp, lazy=True)

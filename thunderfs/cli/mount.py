@@ -215,7 +215,11 @@ def cmd_umount(args, _argv) -> int:
         record = control.read_record(mp)
     except ConfigError:
         record = {}
-    fstype = mounting.mounted_type(mp)
+    try:
+        fstype = mounting.mounted_type(mp)
+    except mounting.MountError as exc:
+        print(f"thunderfs: {exc}", file=sys.stderr)
+        return 1
     if fstype is None:
         control.remove_record(mp)
         print(f"thunderfs: {mp} is not mounted", file=sys.stderr)

@@ -83,15 +83,22 @@ def unmount(mountpoint: Path, *, lazy: bool = False) -> None:
 
 def mounted_type(mountpoint: Path) -> str | None:
     """The file system type mounted at ``mountpoint`` (the topmost), or None.  Read from
-    mountinfo: a stat of a hung mount would hang."""
+    mountinfo: a stat of a hung mount would hang.  ``MountError`` if mountinfo cannot be read."""
     target = str(mountpoint)
     found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if fields[4] == target:
-                found = fields[fields.index("-") + 1]
+    for fields in _mountinfo():
+        if fields[4] == target:
+            found = fields[fields.index("-") + 1]
     return found
+
+
+def _mountinfo() -> list[list[str]]:
+    """This process's mounts, split; none where /proc is not mounted (a bare chroot)."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            return [line.split() for line in f]
+    except OSError as exc:
+        raise MountError(f"cannot read /proc/self/mountinfo ({exc.strerror}): is /proc mounted?") from None
 
 
 def is_dead(mountpoint: Path, timeout: float = 2.0) -> bool:
@@ -121,11 +128,13 @@ def connection_dir(mountpoint: Path) -> Path | None:
     not yet (systemd mounts it at boot; a bare container may not).  Found through mountinfo, never
     by a stat of the mount point (this process may be the one that serves it)."""
     target, dev = str(mountpoint), None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if fields[4] == target and fields[fields.index("-") + 1].startswith("fuse"):
-                dev = fields[2]  # major:minor of the superblock
+    try:
+        mounts = _mountinfo()
+    except MountError:
+        return None
+    for fields in mounts:
+        if fields[4] == target and fields[fields.index("-") + 1].startswith("fuse"):
+            dev = fields[2]  # major:minor of the superblock
     if dev is None:
         return None
     major, minor = (int(x) for x in dev.split(":"))
