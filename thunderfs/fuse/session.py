@@ -113,7 +113,7 @@ class Session:
                             requests.cancel_scope.cancel()
                         log.info("stopped reading requests; the %d in progress were answered first (the kernel "
                                  "cannot resend them)", in_progress - self._in_flight)
-                    elif not self._stopping:  # the mount is gone: nobody waits for answers
+                    else:  # the mount is gone: nobody waits for answers
                         requests.cancel_scope.cancel()
                 if self._stopping and self._pending and not self.kernel_resends:  # past the drain's limit
                     log.warning("%d requests still in progress after %g s: answered EINTR (their callers retry)",
