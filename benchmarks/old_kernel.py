@@ -1,0 +1,71 @@
+"""Restarts and a SIGKILL of the serving process on Debian's 6.1 kernel (no ``FUSE_NOTIFY_RESEND``),
+in a qemu guest (TCG) that runs this machine's own file system (``harness/guest_kernel.py``),
+against a real Glance here: what ``docs/operating.md``'s table by kernel states, printed.
+
+Each run: an 8 MiB image under four O_DIRECT readers through two ``thunderfs restart``s (errors,
+wrong bytes, the slowest read, what each restart answered before it handed over, fusectl's
+``waiting`` after), then SIGKILLs until readers are stuck in reads the dead process had taken
+(how many, ``waiting``), and the abort that frees them (``harness/guest_restarts.py``).
+``tests/test_old_kernel.py`` asserts the same in the slow layer.
+
+Usage: .venv/bin/python benchmarks/old_kernel.py [--runs 1] [--json benchmarks/results/issue29/old-kernel.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks.record import provenance  # noqa: E402
+from harness import guest_kernel  # noqa: E402
+from harness.local_glance import LocalGlance  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    made = provenance()
+    size, seed = 8 * 2**20, 29
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="thunderfs-old-kernel-", dir="/var/tmp") as tmp:
+        glance = LocalGlance(Path(tmp) / "glance")
+        glance.start()
+        try:
+            image_id = glance.upload("old-kernel", random.Random(seed).randbytes(size))["id"]
+            port = glance.url.rsplit(":", 1)[1]
+            for i in range(args.runs):
+                rc, console = guest_kernel.run(
+                    f"{sys.executable} -m harness.guest_restarts --glance http://{guest_kernel.HOST}:{port} "
+                    f"--image {image_id} --size {size} --seed {seed} --restarts 2 --kills 3",
+                    Path(tmp) / f"guest{i}", cwd=str(REPO), timeout=1200)
+                found = re.search(r"RESULT (\{.*\})", console)
+                if rc or not found:
+                    print(console[-3000:], file=sys.stderr)
+                    return 1
+                r = json.loads(found.group(1))
+                runs.append(r)
+                rd = r["readers"]
+                print(f"run {i + 1}: kernel {r['kernel']}, resends {r['kernel_resends']}; 2 restarts under 4 "
+                      f"O_DIRECT readers: {rd['errors']} errors, {rd['wrong']} wrong, slowest read "
+                      f"{rd['slowest_s']} s, answered before handing over {r['drains']}, waiting after "
+                      f"{r['waiting_after_restarts']}; SIGKILL: {r['kills']}, abort: {r.get('abort')}", flush=True)
+        finally:
+            glance.stop()
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({**made, "image_bytes": size, "runs": runs}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
