@@ -73,4 +73,6 @@ def test_a_passthrough_file_reads_on_through_a_kill_and_keeps_its_bytes_under_ca
     wait_for(lambda: m.stats()["fs"]["backing_closed"] == 1, what="backing file closed")
     assert m.stats()["fs"]["passthrough_inodes"] == 0
     assert_kernel_waits_on_nothing(m)
+    cache = m.stats()["cache"]
+    assert (cache["sealed_contents"], cache["pins"]) == (0, 0)  # no pin leaked across the kill
     assert _read_direct(m.image(sealed), 8 * MiB) == images.data[sealed]

@@ -814,4 +814,8 @@ class ChunkStore:
             "used": self._used,
             "pending_chunks": len(self._pending),
             "open_contents": len(self._images),
+            # Kept whole for the kernel (passthrough) and pinned by reads and answers in progress:
+            # both back at 0 once nothing reads (a leak would keep chunks from eviction for good).
+            "sealed_contents": sum(1 for img in self._images.values() if img.sealed),
+            "pins": sum(len(img.pins) for img in self._images.values()),
         }
