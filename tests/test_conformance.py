@@ -36,7 +36,8 @@ def verify_image(glance, tmp_path_factory):
     """An image holding fio's own verify pattern, written by fio to a local file first."""
     local = tmp_path_factory.mktemp("fio") / "pattern.raw"
     subprocess.run(["fio", "--name=write", f"--filename={local}", f"--size={SIZE}", "--rw=write", "--bs=64k",
-                    "--verify=crc32c", "--do_verify=0", "--output-format=terse"], check=True, capture_output=True)
+                    "--verify=crc32c", "--do_verify=0", "--verify_state_save=0", "--output-format=terse"],
+                   check=True, capture_output=True, cwd=local.parent)
     return glance.upload("fio-verify", local.read_bytes())["id"], local
 
 
