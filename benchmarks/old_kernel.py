@@ -2,10 +2,10 @@
 in a qemu guest (TCG) that runs this machine's own file system (``harness/guest_kernel.py``),
 against a real Glance here: what ``docs/operating.md``'s table by kernel states, printed.
 
-Each run: an 8 MiB image under four O_DIRECT readers through two ``thunderfs restart``s (errors,
-wrong bytes, the slowest read, what each restart answered before it handed over, fusectl's
-``waiting`` after), then SIGKILLs until readers are stuck in reads the dead process had taken
-(how many, ``waiting``), and the abort that frees them (``harness/guest_restarts.py``).
+Each run: an 8 MiB image; two ``thunderfs restart``s, then two SIGKILLs, each under four fresh
+O_DIRECT readers (``harness/guest_restarts.py``): errors, wrong bytes, the slowest read, readers
+stuck, fusectl's ``waiting`` after each; what each restart answered before it handed over, and
+what the process after each SIGKILL answered from the dead one's journal.
 ``tests/test_old_kernel.py`` asserts the same in the slow layer.
 
 Usage: .venv/bin/python benchmarks/old_kernel.py [--runs 1] [--json benchmarks/results/issue29/old-kernel.json]
@@ -46,7 +46,7 @@ def main() -> int:
             for i in range(args.runs):
                 rc, console = guest_kernel.run(
                     f"{sys.executable} -m harness.guest_restarts --glance http://{guest_kernel.HOST}:{port} "
-                    f"--image {image_id} --size {size} --seed {seed} --restarts 2 --kills 3",
+                    f"--image {image_id} --size {size} --seed {seed} --restarts 2 --kills 2",
                     Path(tmp) / f"guest{i}", cwd=str(REPO), timeout=1200)
                 found = re.search(r"RESULT (\{.*\})", console)
                 if rc or not found:
@@ -54,11 +54,14 @@ def main() -> int:
                     return 1
                 r = json.loads(found.group(1))
                 runs.append(r)
-                rd = r["readers"]
-                print(f"run {i + 1}: kernel {r['kernel']}, resends {r['kernel_resends']}; 2 restarts under 4 "
-                      f"O_DIRECT readers: {rd['errors']} errors, {rd['wrong']} wrong, slowest read "
-                      f"{rd['slowest_s']} s, answered before handing over {r['drains']}, waiting after "
-                      f"{r['waiting_after_restarts']}; SIGKILL: {r['kills']}, abort: {r.get('abort')}", flush=True)
+                for what, events in (("restart", r["restarts"]), ("SIGKILL", r["kills"])):
+                    for e in events:
+                        print(f"run {i + 1}, kernel {r['kernel']} (resends {r['kernel_resends']}), {what} under 4 "
+                              f"O_DIRECT readers: {e['errors']} errors, {e['wrong']} wrong, slowest read "
+                              f"{e['slowest_s']} s, {e['readers_stuck']} readers stuck, waiting after {e['waiting']}"
+                              + (f", answered from the journal {e['replayed']}" if what == "SIGKILL" else "")
+                              + (f", abort: {e['abort']}" if "abort" in e else ""), flush=True)
+                print(f"run {i + 1}: answered before handing over {r['drains']}", flush=True)
         finally:
             glance.stop()
     if args.json:

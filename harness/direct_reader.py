@@ -65,6 +65,10 @@ class DirectReader(threading.Thread):
                 raise TimeoutError(f"{more} reads did not complete in {timeout}s")
             time.sleep(0.01)
 
-    def stop(self) -> None:
+    def halt(self) -> None:
+        """Stop after the read in progress (``join`` waits for it)."""
         self._halt.set()
+
+    def stop(self) -> None:
+        self.halt()
         self.join(30)

@@ -2,12 +2,11 @@
 ``FUSE_NOTIFY_RESEND``, no passthrough) in a qemu guest (TCG) that runs this machine's own file
 system over 9p (``harness/guest_kernel.py``), against this machine's Glance.
 
-Planned restarts under four O_DIRECT readers must lose nothing: the old process answers the
-reads it had taken before it hands over (the drain), so no read fails, none is wrong, none takes
-over 15 s, and fusectl's ``waiting`` is back at 0.  A SIGKILL there is measured, not mended (the
-kernel cannot resend what the dead process had read): the readers in those reads stay stuck
-until the connection is aborted, which frees every one of them (the mount is dead then).
-``docs/operating.md`` states both."""
+Two planned restarts, then two SIGKILLs, each under four fresh O_DIRECT readers, must lose
+nothing: a restart answers the reads it had taken before it hands over (the drain), and the
+process after a SIGKILL answers those the dead one had taken from the session's journal.  No read
+fails, none is wrong, none takes over 15 s after a restart, no reader stays stuck, and fusectl's
+``waiting`` is back at 0 after each.  ``docs/operating.md`` states the same."""
 
 from __future__ import annotations
 
@@ -19,27 +18,25 @@ from harness import guest_kernel
 from conftest import image_bytes
 
 
-def test_restarts_on_debians_6_1_kernel_lose_no_read_and_a_sigkill_is_as_documented(glance, tmp_path):
+def test_restarts_and_sigkills_on_debians_6_1_kernel_lose_no_read(glance, tmp_path):
     size, seed = 8 * 2**20, 29
     image_id = glance.upload("old-kernel", image_bytes(size, seed))["id"]
     port = glance.url.rsplit(":", 1)[1]
     rc, console = guest_kernel.run(
         f"{sys.executable} -m harness.guest_restarts --glance http://{guest_kernel.HOST}:{port} "
-        f"--image {image_id} --size {size} --seed {seed} --restarts 2 --kills 3", tmp_path / "guest",
+        f"--image {image_id} --size {size} --seed {seed} --restarts 2 --kills 2", tmp_path / "guest",
         cwd=str(guest_kernel.REPO), timeout=1200)
     found = re.search(r"RESULT (\{.*\})", console)
     assert rc == 0 and found, console[-3000:]
     r = json.loads(found.group(1))
     assert r["kernel"].startswith("6.1.") and r["kernel_resends"] is False
+    assert len(r["restarts"]) == 2 and len(r["kills"]) == 2, r
+    for event in r["restarts"] + r["kills"]:
+        assert (event["readers_stuck"], event["errors"], event["wrong"]) == (0, 0, 0), event
+        assert event["waiting"] == 0, event
     assert [x["rc"] for x in r["restarts"]] == [0, 0], r["restarts"]
-    readers = r["readers"]
-    assert (readers["errors"], readers["wrong"]) == (0, 0), readers["failures"]
-    assert readers["slowest_s"] < 15, readers
-    assert r["waiting_after_restarts"] == 0
+    assert all(x["slowest_s"] < 15 for x in r["restarts"]), r["restarts"]
     assert len(r["drains"]) == 2  # each restart answered what it had taken (a count each: r["drains"])
-    # The SIGKILL: readers stuck in reads the dead process had taken, or none in its hands at
-    # the time (then the next kill); stuck ones are freed by the abort, every one.
-    assert r["kills"] and all(k["new_server"] for k in r["kills"])
-    if r["kills"][-1]["readers_stuck"]:
-        assert r["abort"]["readers_freed"] == 4
-    assert r["wrong_after_kills"] == 0
+    assert all(x["new_server"] for x in r["kills"])
+    # Four readers keep a read in the daemon's hands nearly always: the journal answered some.
+    assert sum(x["replayed"] for x in r["kills"]) >= 1, r["kills"]

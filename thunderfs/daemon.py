@@ -375,11 +375,10 @@ async def run(config: MountConfig, keystone: KeystoneSettings | None = None,
         session = Session(fuse_fd, ops, state, passthrough=config.passthrough)
         fuse_conn = mounting.connection_dir(mountpoint)  # fusectl: what the kernel waits on
         if session.takeover and not session.kernel_resends:
-            log.warning("this kernel cannot resend the requests a previous process read and did not answer "
-                        "(the kernel waits on %s requests now, those queued for this process included): a "
-                        "planned restart leaves none, it answers its own first; after a crash they wait "
-                        "until the connection is aborted (docs/operating.md)",
-                        mounting.waiting(fuse_conn) if fuse_conn else "an unknown number of")
+            log.info("this kernel cannot resend the requests a previous process read and did not answer: "
+                     "those it kept in the session's journal are answered first (the kernel waits on %s "
+                     "requests now, those queued for this process included)",
+                     mounting.waiting(fuse_conn) if fuse_conn else "an unknown number of")
         ending = {"how": UNMOUNTED}
 
         def stop(why: str) -> None:

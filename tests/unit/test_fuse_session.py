@@ -13,12 +13,14 @@ import pytest
 import trio
 
 from fakes import meta_of
+from thunderfs.fuse import journal
 from thunderfs.fuse import kernel as k
 from thunderfs.fuse.inodes import IMAGES_DIR, derive
+from thunderfs.fuse.journal import Journal
 from thunderfs.fuse.kernel import Op
 from thunderfs.fuse.operations import Operations
 from thunderfs.fuse.session import Session
-from thunderfs.fuse.state import SLOT, SessionState
+from thunderfs.fuse.state import JOURNAL_AT, SLOT, SessionState
 from test_fs_ops import FakeCatalog, FakeReaders
 
 A = meta_of(b"a" * 100_000, "aaaaaaaa-0000-0000-0000-000000000001", "alpha")
@@ -443,3 +445,76 @@ def test_zero_chunks_come_from_the_manifests_digests_the_short_last_one_included
     assert z.data_from(4096 * 3) == 4096 * 4 and z.hole_from(4096 * 4) == Manifest.size
     whole = ZeroChunks.none(4096, Manifest.size)  # no manifest: all data
     assert (whole.data_from(5), whole.hole_from(5), whole.count) == (5, Manifest.size, 0)
+
+
+async def test_a_takeover_answers_what_a_killed_process_read_where_the_kernel_cannot_resend(state):
+    """A kernel older than 6.9: the process killed (SIGKILL: nothing of it runs again) while a
+    READ, a LOOKUP and a WRITE are in its hands; the next process answers all three from the
+    session's journal, before it reads anything new, and asks the kernel for no resend."""
+    kern = FakeKernel()
+    readers = Gated()
+    session = Session(kern.theirs.fileno(), Operations(FakeCatalog(A), readers, state=state), state)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(session.serve)
+        await kern.init(minor=38, flags2=0)
+        fh = await _open(kern)
+        read = await kern.send(Op.READ, k.READ_IN.pack(fh, 0, 5, 0, 0, 0, 0), nodeid=derive(A))
+        await trio.testing.wait_all_tasks_blocked()
+        assert session.statistics()["journaled"] == 1
+        # A WRITE longer than a slot holds (answered EROFS all the same).
+        write = await kern.send(Op.WRITE, b"\0" * 40 + b"w" * 4096, nodeid=derive(A))
+        assert await kern.answer() == (write, errno.EROFS, b"")
+        assert session.statistics()["journaled"] == 1  # answered, so no longer kept
+        # The kill: the memfd as it is now is what the next process finds.
+        memory = os.pread(state.fd, journal.SLOTS * journal.SLOT, JOURNAL_AT)
+        nursery.cancel_scope.cancel()
+    os.pwrite(state.fd, memory, JOURNAL_AT)
+    # A LOOKUP and a long WRITE it had read as well (the slots as the journal writes them).
+    lost = Journal(state.fd, JOURNAL_AT)
+    lost.recover()
+    lookup_u, write_u = 1001, 1003
+    lost.add(k.IN_HEADER.pack(k.IN_HEADER.size + 6, Op.LOOKUP, lookup_u, 1, 0, 0, 1, 0, 0) + b"images")
+    lost.add(k.IN_HEADER.pack(k.IN_HEADER.size + 4136, Op.WRITE, write_u, derive(A), 0, 0, 1, 0, 0)
+             + b"\0" * 40 + b"w" * 4096)
+    later = await kern.send(Op.GETATTR, b"\0" * 16, nodeid=1)  # queued for the next process
+    readers.gate.set()
+    async with trio.open_nursery() as nursery:
+        session = await serve(nursery, kern, SessionState.load(state.fd))
+        got = {}
+        for _ in range(4):
+            unique, code, _payload = await kern.answer()
+            got[unique] = code
+        assert set(list(got)[:3]) == {read, lookup_u, write_u}  # the journal's first, then the queue
+        assert got == {read: 0, lookup_u: 0, write_u: errno.EROFS, later: 0}
+        st = session.statistics()
+        assert (st["replayed"], st["journaled"], st["resent"]) == (3, 0, False)
+        nursery.cancel_scope.cancel()
+    assert Journal(state.fd, JOURNAL_AT).recover() == []  # nothing left for a third process
+
+
+def test_a_journal_slot_is_whole_or_free(state):
+    j = Journal(state.fd, JOURNAL_AT)
+    request = k.IN_HEADER.pack(80, Op.READ, 7, 5, 0, 0, 1, 0, 0) + b"r" * 40
+    slot = j.add(request)
+    # A kill after the bytes and before the length: the slot reads as free.
+    os.pwrite(state.fd, b"\0" * 4, JOURNAL_AT + slot * journal.SLOT)
+    assert Journal(state.fd, JOURNAL_AT).recover() == []
+    slot = j.add(request)
+    assert Journal(state.fd, JOURNAL_AT).recover() == [(slot, request)]
+    j.remove(slot)
+    assert Journal(state.fd, JOURNAL_AT).recover() == []
+    # A length no slot can hold (garbage) is not a request.
+    os.pwrite(state.fd, (journal.SLOT * 2).to_bytes(4, "little"), JOURNAL_AT)
+    assert Journal(state.fd, JOURNAL_AT).recover() == []
+
+
+def test_the_journal_grows_a_memfd_an_older_version_made():
+    fd = os.memfd_create("old")
+    try:
+        os.ftruncate(fd, JOURNAL_AT)  # the two state slots only
+        j = Journal(fd, JOURNAL_AT)
+        assert os.fstat(fd).st_size == JOURNAL_AT + journal.SLOTS * journal.SLOT
+        assert j.recover() == []
+        j.close()
+    finally:
+        os.close(fd)

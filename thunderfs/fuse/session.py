@@ -4,8 +4,9 @@ by the ``Operations``; notifications to the kernel.
 A session can start on a connection another process served before it (a takeover): it does not
 wait for INIT (the kernel sent it once, to the first process; what was settled is in the
 ``SessionState``), and it asks the kernel to send again every request the previous process read
-but never answered (``FUSE_NOTIFY_RESEND``, Linux 6.9+).  On an older kernel those requests are
-lost: their callers wait until the connection is aborted; the requests after them are served.
+but never answered (``FUSE_NOTIFY_RESEND``, Linux 6.9+).  An older kernel cannot: there every
+request is kept in the session's journal (``journal.py``) from its reading to its answer, and a
+new process serves and answers what the journal holds before it reads anything new.
 
 Stopping (``stop()``) stops reading requests at once (those not read yet wait in the kernel for
 the next process).  The requests in progress are then, by what the kernel offered at INIT:
@@ -34,13 +35,15 @@ from collections.abc import Callable
 import trio
 
 from thunderfs.fuse import kernel as k
+from thunderfs.fuse import journal
+from thunderfs.fuse.journal import Journal
 from thunderfs.fuse.kernel import FuseError, Header, Op
 from thunderfs.fuse.operations import Operations, SetTimes
-from thunderfs.fuse.state import SessionState
+from thunderfs.fuse.state import JOURNAL_AT, SessionState
 
 log = logging.getLogger(__name__)
 
-MAX_IN_FLIGHT = 1024  # requests served at once; the kernel's own queue holds the rest
+MAX_IN_FLIGHT = journal.SLOTS  # requests served at once; the kernel's own queue holds the rest
 DRAIN_LIMIT = 60.0  # seconds a stop waits for requests in progress where the kernel cannot resend
 
 
@@ -59,7 +62,8 @@ class Session:
         self._pending: dict[int, Header] = {}  # unique -> request in progress, not answered yet
         self._room = trio.lowlevel.ParkingLot()  # the reading waits here while MAX_IN_FLIGHT are served
         self._malformed_logged: set[str] = set()
-        self.drained = self.answered_eintr = 0
+        self.drained = self.answered_eintr = self.replayed = 0
+        self._journal: Journal | None = None  # where the kernel cannot resend: set at INIT or takeover
         self.aborted = False
         self._inval_send, self._inval_recv = trio.open_memory_channel[tuple[list, str]](1000)
         self.unmounted = False
@@ -98,10 +102,14 @@ class Session:
         with self._cancel:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._send_invalidations)
-                if self.takeover:
+                if self.takeover and self.kernel_resends:
                     self._resend()
+                elif self.takeover:
+                    self._journal = Journal(self._state.fd, JOURNAL_AT)
                 task_status.started()
                 async with trio.open_nursery() as requests:
+                    if self._journal is not None and self.takeover:
+                        self._replay(requests)
                     with self._reading:
                         await self._receive(requests)
                     if self._stopping:  # (where the kernel resends, cancelled with the session already)
@@ -128,9 +136,32 @@ class Session:
             os.writev(self._fd, k.notify(k.Notify.RESEND))
             self.resent = True
         except OSError as exc:
-            # EINVAL: a kernel older than 6.9.  The requests the previous process had read wait on.
-            log.warning("took over the FUSE connection, but the kernel cannot resend the requests the "
-                        "previous process left unanswered (%s): they stay unanswered", exc.strerror)
+            # EINVAL: it offered HAS_RESEND at INIT, yet refuses.  Those requests wait on.
+            log.error("took over the FUSE connection, but the kernel refused to resend the requests the "
+                      "previous process left unanswered (%s): they stay unanswered", exc.strerror)
+
+    def _replay(self, nursery: trio.Nursery) -> None:
+        """Serve again what the previous process read and did not answer (its journal)."""
+        for slot, data in self._journal.recover():
+            try:
+                header = Header.parse(data)
+            except k.ProtocolError as exc:
+                # Longer than a slot keeps: a write (this file system refuses those), else EIO;
+                # answered either way, never served from half of it.
+                if len(data) >= k.IN_HEADER.size:
+                    _, opcode, unique, *_ = k.IN_HEADER.unpack_from(data)
+                    self._write(k.reply(unique, E.EROFS if opcode in k.WRITES else E.EIO))
+                    self.replayed += 1
+                else:
+                    self._malformed("journal entry", str(exc))
+                self._journal.remove(slot)
+                continue
+            self._in_flight += 1
+            self.replayed += 1
+            nursery.start_soon(self._handle, header, data, slot)
+        if self.replayed:
+            log.warning("answering %d requests the previous process had read and not answered (this kernel "
+                        "cannot resend them; they were kept in the session's journal)", self.replayed)
 
     async def _receive(self, nursery: trio.Nursery) -> None:
         init = self._state.init
@@ -174,7 +205,10 @@ class Session:
             while self._in_flight >= MAX_IN_FLIGHT:
                 await self._room.park()
             self._in_flight += 1  # counted from here: the cap holds before the tasks start
-            nursery.start_soon(self._handle, header, data)
+            # Kept until answered where the kernel cannot resend (no slot for what gets no answer).
+            slot = (self._journal.add(data) if self._journal is not None and header.opcode not in k.NO_REPLY
+                    else None)
+            nursery.start_soon(self._handle, header, data, slot)
             await trio.lowlevel.checkpoint()  # the requests just read, and everyone else, run too
 
     def _init(self, h: Header, body) -> None:
@@ -189,6 +223,8 @@ class Session:
             # Saved before the answer: a process that dies in between leaves it for the next one.
             self._state.init = params
             self._state.save()
+        if not self.kernel_resends and self._journal is None:
+            self._journal = Journal(self._state.fd, JOURNAL_AT)
         self._write(k.reply(h.unique, 0, out))
         self._initialized.set()
         log.debug("FUSE %d.%d, flags %#x, max_pages %d", k.KERNEL_MAJOR, params.minor, params.flags,
@@ -216,7 +252,7 @@ class Session:
             log.error("the kernel sent a malformed %s, answered EIO (later ones of its kind are not logged): %s",
                       what, why)
 
-    async def _handle(self, h: Header, data: bytes) -> None:
+    async def _handle(self, h: Header, data: bytes, slot: int | None = None) -> None:
         body = memoryview(data)[k.IN_HEADER.size:]
         try:
             try:
@@ -254,6 +290,8 @@ class Session:
                 if self._stopping:
                     self.drained += 1
         finally:
+            if slot is not None:
+                self._journal.remove(slot)
             self._in_flight -= 1
             self._room.unpark_all()
 
@@ -389,4 +427,5 @@ class Session:
     def statistics(self) -> dict:
         return {"requests": self._requests, "in_flight": self._in_flight, "takeover": self.takeover,
                 "resent": self.resent, "kernel_resends": self.kernel_resends, "drained": self.drained,
-                "answered_eintr": self.answered_eintr, "aborted": self.aborted}
+                "answered_eintr": self.answered_eintr, "aborted": self.aborted, "replayed": self.replayed,
+                "journaled": self._journal.used if self._journal is not None else None}

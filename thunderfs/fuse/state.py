@@ -4,8 +4,9 @@ The memfd lives as long as the connection's descriptor (both sit in the keeper's
 descriptor store), so a process killed with SIGKILL leaves it behind intact.  It holds what
 INIT settled, the images the kernel still holds inodes of although Glance no longer lists
 them, and the backing files of passthrough opens with how many opens of each kind each inode
-has and which requests were counted (``passthrough.py``); everything else the next process
-derives again.
+has and which requests were counted (``passthrough.py``), and, on a kernel that cannot resend,
+the requests read and not yet answered (``journal.py``); everything else the next process derives
+again.
 
 Written rarely (at INIT; when such an image appears or is forgotten; at an open or release of
 an image while passthrough is on), into two slots in turn,
@@ -22,6 +23,7 @@ import zlib
 from thunderfs.fuse.kernel import InitParams
 
 SLOT = 1 << 20
+JOURNAL_AT = 2 * SLOT  # where the requests in progress are kept (``journal.py``), after the two slots
 _HEAD = struct.Struct("<QII")  # sequence, length, crc32
 
 
