@@ -79,15 +79,16 @@ def to_qcow2(raw: Path, out: Path) -> Path:
     return out
 
 
-def boot(disk: Path, fmt: str = "qcow2", cache: str = "none", timeout: float = 120.0) -> str:
+def boot(disk: Path, fmt: str = "qcow2", cache: str = "none", aio: str = "threads", timeout: float = 120.0) -> str:
     """Boots ``disk`` and returns the md5 the guest printed; TinyVmError if it did not.  Nova's
     libvirt driver uses cache=none (O_DIRECT, backing files included) where the instance
-    directory supports it, so that is the default here."""
+    directory supports it, so that is the default here; ``aio`` is qemu's (``threads``,
+    ``native``, ``io_uring``)."""
     vmlinuz, initrd = kernel()
     cmd = ["qemu-system-x86_64", "-m", "256", "-smp", "1", "-nographic", "-no-reboot", "-nodefaults",
            "-serial", "stdio", "-kernel", str(vmlinuz), "-initrd", str(initrd),
            "-append", "console=ttyS0 root=/dev/vda rw quiet panic=-1",
-           "-drive", f"file={disk},format={fmt},if=virtio,cache={cache}"]
+           "-drive", f"file={disk},format={fmt},if=virtio,cache={cache},aio={aio}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout)

@@ -2,7 +2,8 @@
 pattern back through the mount with every engine a guest's qemu or a tool might use (the
 synchronous ones through the page cache, libaio and io_uring with O_DIRECT at depth 32), also
 through two SIGKILLs of the serving process; ``qemu-img compare`` finds the image identical to
-Glance's bytes; and the kernel waits on no request at the end."""
+Glance's bytes; qemu boots a guest from an overlay on the mount with ``aio=io_uring`` and with
+``cache=writeback``; and the kernel waits on no request at the end of each."""
 
 from __future__ import annotations
 
@@ -80,4 +81,24 @@ def test_fio_verifies_through_two_sigkills_and_qemu_img_compare_finds_the_image_
     res = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(m.image(image_id)), str(local)],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
+    assert_kernel_waits_on_nothing(m)
+
+
+@pytest.mark.parametrize("cache,aio", [("none", "io_uring"), ("writeback", "threads")])
+def test_a_guest_boots_from_an_overlay_on_the_mount_with_qemus_other_ways_to_read(glance, mounts, tmp_path,
+                                                                                  cache, aio):
+    """qemu (TCG) boots from a qcow2 overlay whose backing file is an image on the mount: with
+    ``aio=io_uring`` under ``cache=none`` (O_DIRECT), and with ``cache=writeback`` (the host's page
+    cache); the guest checks its payload and prints its md5; the kernel then waits on nothing."""
+    from harness import tiny_vm
+
+    disk = tiny_vm.build(tmp_path / "disk")
+    image_id = glance.upload(f"tiny-{cache}-{aio}", disk.raw)["id"]
+    m = mounts(glance.url)
+    m.mount()
+    overlay = tmp_path / "overlay.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(m.image(image_id)), "-F", "raw", "-u",
+                    str(overlay), str(256 * 2**20)], check=True)
+    assert tiny_vm.boot(overlay, cache=cache, aio=aio) == disk.payload_md5
+    assert m.stats()["fs"]["read_requests"] > 0  # it read through the mount
     assert_kernel_waits_on_nothing(m)
