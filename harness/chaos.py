@@ -94,6 +94,7 @@ class Report:
     restart_failures: int = 0
     tracebacks: int = 0
     kernel_waiting: int = 0  # requests the kernel still waited on at the end, all mounts (fusectl)
+    pins_left: int = 0  # cache pins still held at the end, all daemons (every read had ended)
     seconds: float = 0.0
     events: list = field(default_factory=list)
     daemons: dict = field(default_factory=dict)
@@ -101,7 +102,8 @@ class Report:
     def ok(self) -> bool:
         return (self.wrong_bytes == 0 and self.wrong_reads == 0 and self.hangs == 0
                 and self.errors_glance_up == 0 and self.final_images_wrong == 0 and self.restart_failures == 0
-                and self.tracebacks == 0 and self.final_images_checked > 0 and self.kernel_waiting == 0)
+                and self.tracebacks == 0 and self.final_images_checked > 0 and self.kernel_waiting == 0
+                and self.pins_left == 0)
 
     def to_json(self) -> dict:
         # (not dataclasses.asdict: it rebuilds a Counter from its items, counting the pairs)
@@ -123,7 +125,8 @@ class Report:
             f"{self.final_seconds:.0f}s (slowest {self.final_slowest:.1f}s), "
             f"{self.final_images_wrong} wrong; daemon restarts failed: {self.restart_failures}; "
             f"tracebacks logged: {self.tracebacks}",
-            f"requests the kernel still waited on at the end (fusectl, all mounts): {self.kernel_waiting}",
+            f"requests the kernel still waited on at the end (fusectl, all mounts): {self.kernel_waiting}; "
+            f"cache pins left: {self.pins_left}",
             f"{'PASS' if self.ok() else 'FAIL'} in {self.seconds:.0f}s",
         ]
 
@@ -472,6 +475,7 @@ class ChaosRun:
             self.report.bad_chunks_caught += peers.get("bad_chunks", 0)
             waiting = st["fs"].get("kernel_waiting")
             self.report.kernel_waiting += waiting if waiting is not None else 1  # unknown counts as not 0
+            self.report.pins_left += st["cache"]["pins"]
             self.report.daemons[node.name] = {
                 "from_peers": st["fetch"]["bytes_from_peers"], "from_glance": st["fetch"]["bytes_from_origin"],
                 "peer_failures": peers.get("failures"), "bad_chunks": peers.get("bad_chunks"),

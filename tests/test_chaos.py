@@ -28,4 +28,5 @@ def test_every_fault_once_and_every_byte_read_is_glances(tmp_path):
     assert report.altered_chunks > 0 and report.bad_chunks_caught >= 1, summary
     assert report.restart_failures == 0 and report.tracebacks == 0, summary
     assert report.kernel_waiting == 0, summary  # no request lost in the kills and restarts
+    assert report.pins_left == 0, summary  # no read left a chunk pinned across them
     assert report.ok()
