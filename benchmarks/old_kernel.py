@@ -1,5 +1,5 @@
-"""Restarts and a SIGKILL of the serving process on Debian's 6.1 kernel (no ``FUSE_NOTIFY_RESEND``),
-in a qemu guest (TCG) that runs this machine's own file system (``harness/guest_kernel.py``),
+"""Restarts and SIGKILLs of the serving process on kernels without ``FUSE_NOTIFY_RESEND`` (Debian
+12's 6.1, Ubuntu 22.04's 5.15), in a qemu guest (TCG) that runs this machine's own file system (``harness/guest_kernel.py``),
 against a real Glance here: what ``docs/operating.md``'s table by kernel states, printed.
 
 Each run: an 8 MiB image; two ``thunderfs restart``s, then two SIGKILLs, each under four fresh
@@ -8,7 +8,7 @@ stuck, fusectl's ``waiting`` after each; what each restart answered before it ha
 what the process after each SIGKILL answered from the dead one's journal.
 ``tests/test_old_kernel.py`` asserts the same in the slow layer.
 
-Usage: .venv/bin/python benchmarks/old_kernel.py [--runs 1] [--json benchmarks/results/issue29/old-kernel.json]
+Usage: .venv/bin/python benchmarks/old_kernel.py [--runs 1] [--kernel debian-6.1 ...] [--json FILE]
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from harness.local_glance import LocalGlance  # noqa: E402
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--kernel", action="append", choices=sorted(guest_kernel.KERNELS),
+                    help="a guest kernel (again for more; default: all)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     made = provenance()
@@ -43,16 +45,17 @@ def main() -> int:
         try:
             image_id = glance.upload("old-kernel", random.Random(seed).randbytes(size))["id"]
             port = glance.url.rsplit(":", 1)[1]
-            for i in range(args.runs):
+            for i, name in [(i, name) for name in args.kernel or sorted(guest_kernel.KERNELS)
+                            for i in range(args.runs)]:
                 rc, console = guest_kernel.run(
                     f"{sys.executable} -m harness.guest_restarts --glance http://{guest_kernel.HOST}:{port} "
                     f"--image {image_id} --size {size} --seed {seed} --restarts 2 --kills 2",
-                    Path(tmp) / f"guest{i}", cwd=str(REPO), timeout=1200)
+                    Path(tmp) / f"guest-{name}-{i}", cwd=str(REPO), timeout=1200, kernel_name=name)
                 found = re.search(r"RESULT (\{.*\})", console)
                 if rc or not found:
                     print(console[-3000:], file=sys.stderr)
                     return 1
-                r = json.loads(found.group(1))
+                r = {"guest": name, **json.loads(found.group(1))}
                 runs.append(r)
                 for what, events in (("restart", r["restarts"]), ("SIGKILL", r["kills"])):
                     for e in events:

@@ -1,6 +1,7 @@
 """A qemu guest (TCG) on another kernel that runs this machine's own file system: the daemon and a
-test script on the kernel a compute node runs (Debian's 6.1, which ``scripts/setup.sh`` installs
-for the tiny VMs), not on this machine's.
+test script on the kernels compute nodes run, not on this machine's.  Two, both without
+``FUSE_NOTIFY_RESEND`` (``KERNELS``): Debian 12's 6.1, which ``scripts/setup.sh`` installs for
+the tiny VMs, and Ubuntu 22.04's 5.15, which it unpacks from Ubuntu's archive (not installed).
 
 The guest boots the kernel in ``/boot`` with an initramfs made here: a static busybox and the
 kernel's modules for virtio, 9p and FUSE.  Its init mounts this machine's root read-only over 9p
@@ -15,15 +16,21 @@ from __future__ import annotations
 
 import glob
 import gzip
+import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
+# Where scripts/setup.sh unpacks the kernels this machine does not install.
+UNPACKED = Path(os.environ.get("THUNDERFS_GUEST_KERNELS", "/var/cache/thunderfs/kernels"))
+# name -> (the root holding boot/vmlinuz-RELEASE and lib/modules/RELEASE, the release's glob)
+KERNELS = {"debian-6.1": (Path("/"), "6.1.*"), "ubuntu-22.04": (UNPACKED / "ubuntu-22.04", "5.15.*")}
 HOST = "10.0.2.2"  # the host's loopback, as the guest sees it
 REPO = Path(__file__).resolve().parent.parent  # the same path in the guest (this machine's root)
 EXIT = "THUNDERFS-GUEST-EXIT"
-# virtio (as modules in Debian's kernel), the network card, 9p over virtio, FUSE: in load order.
+# virtio (as modules in Debian's kernel, built in in Ubuntu's), the network card, 9p over virtio,
+# FUSE: in load order; those a kernel has built in are not found, and skipped.
 MODULES = ["virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci",
            "failover", "net_failover", "virtio_net", "netfs", "fscache", "9pnet", "9pnet_virtio", "9p", "fuse"]
 
@@ -56,16 +63,19 @@ class GuestError(RuntimeError):
     pass
 
 
-def kernel(version_glob: str = "6.1.*") -> tuple[Path, str]:
-    """The guest's kernel image and its release (``/boot/vmlinuz-6.1.0-57-amd64``)."""
-    found = sorted(glob.glob(f"/boot/vmlinuz-{version_glob}"))
+def kernel(name: str = "debian-6.1") -> tuple[Path, Path, str]:
+    """A guest kernel of ``KERNELS``: its image, its modules' directory and its release
+    (``/boot/vmlinuz-6.1.0-57-amd64``, ``/lib/modules/6.1.0-57-amd64``, ``6.1.0-57-amd64``)."""
+    root, release_glob = KERNELS[name]
+    found = sorted(glob.glob(f"{root}/boot/vmlinuz-{release_glob}"))
     if not found:
-        raise GuestError(f"no kernel {version_glob} in /boot: scripts/setup.sh installs linux-image-amd64")
+        raise GuestError(f"no kernel {release_glob} in {root}/boot: scripts/setup.sh puts it there")
     path = Path(found[-1])
-    return path, path.name.removeprefix("vmlinuz-")
+    release = path.name.removeprefix("vmlinuz-")
+    return path, root / "lib/modules" / release, release
 
 
-def initramfs(release: str, dest: Path, cwd: str, command: str) -> Path:
+def initramfs(modules: Path, dest: Path, cwd: str, command: str) -> Path:
     """A gzipped cpio with busybox, the modules and an init that runs ``command`` (in ``cwd``)."""
     busybox = shutil.which("busybox")
     if busybox is None:
@@ -75,9 +85,8 @@ def initramfs(release: str, dest: Path, cwd: str, command: str) -> Path:
     (root / "bin").mkdir(parents=True)
     (root / "lib/modules").mkdir(parents=True)
     shutil.copy(busybox, root / "bin/busybox")
-    base = Path("/lib/modules") / release
     for name in MODULES:
-        found = [p for p in base.rglob(f"{name}.ko*") if p.name.split(".ko")[0] == name]
+        found = [p for p in modules.rglob(f"{name}.ko*") if p.name.split(".ko")[0] == name]
         if not found:
             continue  # built in
         raw = found[0].read_bytes()
@@ -95,11 +104,12 @@ def initramfs(release: str, dest: Path, cwd: str, command: str) -> Path:
 
 
 def run(command: str, work: Path, *, cwd: str = "/", timeout: float = 900, memory_mib: int = 2048,
-        kernel_glob: str = "6.1.*") -> tuple[int, str]:
-    """Boot the guest, run ``command`` there, return (its exit status, the console's text)."""
-    vmlinuz, release = kernel(kernel_glob)
+        kernel_name: str = "debian-6.1") -> tuple[int, str]:
+    """Boot the guest on ``kernel_name``, run ``command`` there, return (its exit status, the
+    console's text)."""
+    vmlinuz, modules, _ = kernel(kernel_name)
     work.mkdir(parents=True, exist_ok=True)
-    initrd = initramfs(release, work / "initramfs.gz", cwd, command)
+    initrd = initramfs(modules, work / "initramfs.gz", cwd, command)
     cmd = ["qemu-system-x86_64", "-m", str(memory_mib), "-smp", "2", "-nographic", "-no-reboot", "-nodefaults",
            "-serial", "stdio", "-kernel", str(vmlinuz), "-initrd", str(initrd),
            "-append", "console=ttyS0 quiet panic=-1 rdinit=/init",

@@ -54,6 +54,32 @@ EXTRAS=test
 pip_install .venv -c constraints/project.txt -e ".[$EXTRAS]"
 .venv/bin/python -c "import trio, lmdb, xxhash, blake3, httpx, aiohttp, cryptography"
 
+# A second kernel without FUSE_NOTIFY_RESEND for the daemon in a guest (tests/test_old_kernel.py,
+# harness/guest_kernel.py): Ubuntu 22.04's 5.15, from its release pocket (which the archive keeps),
+# checked by sha256 and unpacked, not installed (this machine boots its own kernel).
+GUEST_KERNELS=${THUNDERFS_GUEST_KERNELS:-/var/cache/thunderfs/kernels}
+UBUNTU_KERNEL=5.15.0-25-generic
+if [ ! -f "$GUEST_KERNELS/ubuntu-22.04/boot/vmlinuz-$UBUNTU_KERNEL" ]; then
+    echo "setup: fetching Ubuntu 22.04's kernel $UBUNTU_KERNEL for the guest tests"
+    fetched=$(mktemp -d)
+    base=http://archive.ubuntu.com/ubuntu/pool/main/l
+    curl -fsS --retry 3 -o "$fetched/image.deb" \
+        "$base/linux-signed/linux-image-${UBUNTU_KERNEL}_5.15.0-25.25_amd64.deb"
+    curl -fsS --retry 3 -o "$fetched/modules.deb" \
+        "$base/linux/linux-modules-${UBUNTU_KERNEL}_5.15.0-25.25_amd64.deb"
+    (cd "$fetched" && sha256sum -c --quiet - <<SUMS
+ad56f8c442a54d4f5ff2dff010d00321d53e32b543f3a92f3ba4e042d20a71da  image.deb
+d0ba4087d9e1d497925b3481d3531fba6c2a852855f8019d73b0b1385aa4da1f  modules.deb
+SUMS
+    )
+    mkdir -p "$fetched/root" "$GUEST_KERNELS"
+    dpkg-deb -x "$fetched/image.deb" "$fetched/root"
+    dpkg-deb -x "$fetched/modules.deb" "$fetched/root"
+    rm -rf "$GUEST_KERNELS/ubuntu-22.04"
+    mv "$fetched/root" "$GUEST_KERNELS/ubuntu-22.04"
+    rm -rf "$fetched"
+fi
+
 # A venv of its own for an OpenStack project the tests run for real: DIR "PACKAGES" "MODULES".
 # DIR CONSTRAINTS "PACKAGES" "MODULES"
 service_venv() {
