@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.record import provenance, spread  # noqa: E402
 from harness.tracker import LocalTracker  # noqa: E402
 from thunderfs_common.signing import H_NONCE, reply_is_signed, sign  # noqa: E402
-from thunderfs_tracker.protocol import ChunkUpdate, NodeInfo  # noqa: E402
+from thunderfs_common.tracker_protocol import ChunkUpdate, NodeInfo  # noqa: E402
 
 SECRET = b"tracker-bench-secret-0123456789"
 IMG = "00112233445566778899aabbccddeeff"

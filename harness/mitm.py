@@ -20,7 +20,7 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from thunderfs_common import chunk_digest
-from thunderfs_tracker.protocol import encode_bits
+from thunderfs_common.tracker_protocol import encode_bits
 
 
 def _server(handle, host: str) -> ThreadingHTTPServer:

@@ -17,7 +17,7 @@ from thunderfs_tracker.client import TrackerClient, TrackerRefused, TrackerUnava
 from thunderfs_tracker.peer_store import MemoryPeerStore
 from thunderfs_tracker.redis_conn import RedisConnection
 from thunderfs_tracker.redis_store import RedisPeerStore
-from thunderfs_tracker.protocol import ChunkUpdate, NodeInfo, bits_to_ranges, ranges_to_bits
+from thunderfs_common.tracker_protocol import ChunkUpdate, NodeInfo, bits_to_ranges, ranges_to_bits
 from thunderfs_common.signing import sign
 
 SECRET = b"a-cluster-secret-of-some-length"

@@ -10,7 +10,7 @@ from pathlib import Path
 from thunderfs_common.hostport import parse_host_port
 from thunderfs_common.options import at_least, http_url, not_negative, option, positive, size
 from thunderfs_common.units import format_size
-from thunderfs_tracker.protocol import ProtocolError, check_node_id, parse_location
+from thunderfs_common.tracker_protocol import ProtocolError, check_node_id, parse_location
 
 MIN_CHUNK, MAX_CHUNK = 4096, 16 * 2**20
 

@@ -62,7 +62,7 @@ from thunderfs.cluster.announcer import Announcer
 from thunderfs_tracker.client import TrackerClient
 from thunderfs_common.keystone import KeystoneSettings
 from thunderfs_common.manifest_proof import KeyFileError, load_public_key
-from thunderfs_tracker.protocol import NodeInfo, parse_location
+from thunderfs_common.tracker_protocol import NodeInfo, parse_location
 from thunderfs_common.signing import SecretError, load_secret
 
 log = logging.getLogger(__name__)

@@ -38,7 +38,7 @@ from thunderfs_tracker.watch import Watches
 from thunderfs_tracker.peer_store import NodeIdTaken, PeerStore, StoreFull, StoreUnavailable
 from thunderfs_tracker.profiles import ProfileStore
 from thunderfs_tracker.stores import open_stores
-from thunderfs_tracker.protocol import (
+from thunderfs_common.tracker_protocol import (
     API,
     AnnounceReply,
     ChunkState,

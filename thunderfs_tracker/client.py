@@ -19,7 +19,7 @@ import zlib
 import httpx
 
 from thunderfs_common.signing import H_NONCE, SignedRequests, event_is_signed, reply_is_signed
-from thunderfs_tracker.protocol import (
+from thunderfs_common.tracker_protocol import (
     API,
     AnnounceReply,
     ChunkState,

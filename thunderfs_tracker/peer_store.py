@@ -12,7 +12,7 @@ from __future__ import annotations
 import secrets
 from typing import Protocol
 
-from thunderfs_tracker.protocol import ChunkUpdate, NodeInfo
+from thunderfs_common.tracker_protocol import ChunkUpdate, NodeInfo
 
 class NodeIdTaken(Exception):
     """Another live daemon announces under this node id (two hosts with one name)."""

@@ -19,7 +19,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Protocol
 
-from thunderfs_tracker.protocol import Profile, ProtocolError, check_content, parse_touches
+from thunderfs_common.tracker_protocol import Profile, ProtocolError, check_content, parse_touches
 from thunderfs_tracker.redis_conn import RedisConnection
 
 log = logging.getLogger(__name__)

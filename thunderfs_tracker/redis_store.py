@@ -38,7 +38,7 @@ import secrets
 import time
 import zlib
 
-from thunderfs_tracker.protocol import ChunkUpdate, NodeInfo
+from thunderfs_common.tracker_protocol import ChunkUpdate, NodeInfo
 from thunderfs_tracker.peer_store import check_same_node
 from thunderfs_tracker.redis_conn import RedisConnection
 

@@ -30,7 +30,7 @@ from thunderfs_common.chunk_runs import runs
 from thunderfs_common.glance import GlanceClient, GlanceError, ImageGone
 from thunderfs_common.image import ImageMeta
 from thunderfs_common.manifest_proof import ManifestProof
-from thunderfs_tracker.protocol import DIGEST, MAX_PIECE_CHUNKS, Piece
+from thunderfs_common.tracker_protocol import DIGEST, MAX_PIECE_CHUNKS, Piece
 
 # How long Glance's record of an image (its size and hash) is taken as known.
 META_TTL = 60.0

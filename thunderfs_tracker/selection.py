@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import random
 
-from thunderfs_tracker.protocol import NodeInfo, shared_prefix
+from thunderfs_common.tracker_protocol import NodeInfo, shared_prefix
 
 
 def rank(asking: NodeInfo | None, candidates: list[tuple[NodeInfo, int]],

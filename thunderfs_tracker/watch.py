@@ -28,7 +28,7 @@ from aiohttp import web
 from thunderfs_common.signing import sign_event
 from thunderfs_tracker import selection
 from thunderfs_tracker.peer_store import PeerStore, StoreUnavailable
-from thunderfs_tracker.protocol import NodeInfo, PeerRecord, WatchEvent
+from thunderfs_common.tracker_protocol import NodeInfo, PeerRecord, WatchEvent
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import trio.testing
 
 from thunderfs.cluster.announcer import FULL_EVERY, Announcer
 from thunderfs_tracker.client import TrackerRefused
-from thunderfs_tracker.protocol import AnnounceReply, NodeInfo
+from thunderfs_common.tracker_protocol import AnnounceReply, NodeInfo
 
 HEARTBEAT = 10.0
 

@@ -175,7 +175,7 @@ async def test_a_wait_for_chunks_this_node_is_not_fetching_ends_at_once_with_a_4
     """A claim the tracker still names after its claimer's fetch failed (a Glance outage) is stale:
     a waiter is told at once, and one already waiting is told when the fetch ends, not after its
     wait (a full-suite chaos run: a read failed 21 s after Glance was back, on such a claim)."""
-    from thunderfs_tracker.protocol import NOT_FETCHING_HEADER
+    from thunderfs_common.tracker_protocol import NOT_FETCHING_HEADER
 
     img = store.image(META.content_key, META.size)
     server = PeerServer(store, secret=SECRET, max_uploads=1)
@@ -249,7 +249,7 @@ async def test_a_wait_for_chunks_this_node_owns_starts_their_fetch_once_and_is_a
     """Asked as the owner of chunks it neither holds nor fetches (a seeded image's), the node
     fetches them (the daemon's hook) and answers when they arrive; a fetch that ends without
     them is not started again for the same request: 404, not fetching."""
-    from thunderfs_tracker.protocol import NOT_FETCHING_HEADER
+    from thunderfs_common.tracker_protocol import NOT_FETCHING_HEADER
 
     img = store.image(META.content_key, META.size)
     server = PeerServer(store, secret=SECRET)

@@ -20,7 +20,7 @@ from thunderfs.fetch.slots import DEMAND, PREFETCH, READAHEAD
 from thunderfs.fetch.source import Urgency, Want
 from thunderfs_common.manifest_proof import ManifestProof
 from thunderfs_tracker.client import TrackerRefused, TrackerUnavailable
-from thunderfs_tracker.protocol import (NOT_FETCHING_HEADER, PIECES_HEADER, TAKERS_HEADER, Manifest, PeerRecord, Piece, Revocation, WatchEvent, encode_pieces,
+from thunderfs_common.tracker_protocol import (NOT_FETCHING_HEADER, PIECES_HEADER, TAKERS_HEADER, Manifest, PeerRecord, Piece, Revocation, WatchEvent, encode_pieces,
                                        parse_pieces)
 
 DATA = pattern(32 * CS)
@@ -741,7 +741,7 @@ async def test_pieces_a_peer_forged_are_refused_and_the_trackers_own_decide(stor
 async def test_a_manifest_answer_that_does_not_parse_is_no_answer(store, autojump_clock):
     """A tracker answer that passed authentication but does not parse (a tracker's bug) leaves the
     node as it was: no exception out of the directory, whose loop asks again later."""
-    from thunderfs_tracker.protocol import ProtocolError
+    from thunderfs_common.tracker_protocol import ProtocolError
 
     tracker = FakeTracker("lazy", holders=[])
     src = source_of(tracker, Peers())
@@ -843,7 +843,7 @@ async def test_a_busy_claimer_sends_its_waiters_to_the_relays_that_took_their_ch
                                    "n:" + "f" * 500])
 def test_a_takers_header_that_is_not_nodes_and_some_of_the_asked_chunks_is_refused(value):
     """For 4 chunks asked: bits past the fourth, none, a name that is not a node's, too many."""
-    from thunderfs_tracker.protocol import ProtocolError, parse_takers
+    from thunderfs_common.tracker_protocol import ProtocolError, parse_takers
 
     assert parse_takers("a:1,b.c-d:f", 4) == [("a", 1), ("b.c-d", 15)]
     with pytest.raises(ProtocolError):

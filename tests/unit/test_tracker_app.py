@@ -22,7 +22,7 @@ from thunderfs_common import chunk_digest
 from thunderfs_tracker.app import create_app
 from thunderfs_tracker.config import TrackerConfig
 from thunderfs_tracker.profiles import FileProfileStore, merge
-from thunderfs_tracker.protocol import (ChunkUpdate, Manifest, NodeInfo, Piece, ProtocolError, Revocation,
+from thunderfs_common.tracker_protocol import (ChunkUpdate, Manifest, NodeInfo, Piece, ProtocolError, Revocation,
                                        bits_to_ranges, ranges_to_bits)
 from thunderfs_tracker.selection import rank
 from thunderfs_common.signing import H_NODE, H_NONCE, H_SIG, H_TIME, reply_is_signed, sign
@@ -348,7 +348,7 @@ def test_a_failed_manifest_build_is_tried_again_with_backoff(tmp_path):
 
 
 def test_every_message_both_sides_exchange_reads_back_as_written():
-    from thunderfs_tracker.protocol import (AnnounceReply, ChunkState, Claim, Claimed, ClaimReply, LookupReply,
+    from thunderfs_common.tracker_protocol import (AnnounceReply, ChunkState, Claim, Claimed, ClaimReply, LookupReply,
                                             PeerRecord, Recording, Report, parse_epoch)
 
     peer = PeerRecord("a", "http://a:7071", ("z1", "r1"), 3, 0b101)

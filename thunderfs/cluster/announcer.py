@@ -27,7 +27,7 @@ import trio
 from thunderfs.cache.store import ChunkStore
 from thunderfs.reachability import Reachability
 from thunderfs_tracker.client import TrackerClient, TrackerError, TrackerRefused
-from thunderfs_tracker.protocol import AnnounceReply, ChunkUpdate, NodeInfo, chunks_to_bits
+from thunderfs_common.tracker_protocol import AnnounceReply, ChunkUpdate, NodeInfo, chunks_to_bits
 
 log = logging.getLogger(__name__)
 

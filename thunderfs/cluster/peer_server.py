@@ -39,7 +39,7 @@ from thunderfs.cache.store import ChunkStore, ImageData
 from thunderfs.errors import ChunkCorrupt, ChunkNotCached
 from thunderfs.ratelimit import TokenBucket
 from thunderfs_common.signing import NonceCacheFull, Verifier
-from thunderfs_tracker.protocol import NOT_FETCHING_HEADER, PIECES_HEADER, TAKERS_HEADER, encode_takers
+from thunderfs_common.tracker_protocol import NOT_FETCHING_HEADER, PIECES_HEADER, TAKERS_HEADER, encode_takers
 
 log = logging.getLogger(__name__)
 

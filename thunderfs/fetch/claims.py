@@ -26,7 +26,7 @@ from thunderfs.fetch.peer_directory import PeerDirectory
 from thunderfs_common.chunk_runs import runs
 from thunderfs_common.image import ImageMeta
 from thunderfs_tracker.client import TrackerClient, TrackerError
-from thunderfs_tracker.protocol import Manifest, PeerRecord
+from thunderfs_common.tracker_protocol import Manifest, PeerRecord
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import trio
 
 from thunderfs_tracker.client import TrackerClient, TrackerError, TrackerRefused
-from thunderfs_tracker.protocol import PeerRecord, WatchEvent, shared_prefix
+from thunderfs_common.tracker_protocol import PeerRecord, WatchEvent, shared_prefix
 
 log = logging.getLogger(__name__)
 

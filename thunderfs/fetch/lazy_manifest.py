@@ -12,7 +12,7 @@ themselves are kept too: a node sends those that cover the chunks it serves alon
 from __future__ import annotations
 
 from thunderfs_common.image import ImageMeta
-from thunderfs_tracker.protocol import Piece
+from thunderfs_common.tracker_protocol import Piece
 
 
 class LazyManifest:

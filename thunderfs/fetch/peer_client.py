@@ -23,7 +23,7 @@ from thunderfs.fetch.lazy_manifest import LazyManifest
 from thunderfs.fetch.range_http import HTTPClient, HTTPFailed, HTTPTimeout
 from thunderfs_common import chunk_digest
 from thunderfs_common.signing import sign
-from thunderfs_tracker.protocol import (NOT_FETCHING_HEADER, PIECES_HEADER, TAKERS_HEADER, Manifest, PeerRecord,
+from thunderfs_common.tracker_protocol import (NOT_FETCHING_HEADER, PIECES_HEADER, TAKERS_HEADER, Manifest, PeerRecord,
                                        ProtocolError, parse_pieces, parse_takers)
 
 log = logging.getLogger(__name__)

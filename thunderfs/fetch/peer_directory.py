@@ -28,7 +28,7 @@ from thunderfs.fetch.lazy_manifest import LazyManifest
 from thunderfs_common.image import ImageMeta
 from thunderfs_common.manifest_proof import Ed25519PublicKey, ManifestProof, signed_by
 from thunderfs_tracker.client import TrackerClient, TrackerError
-from thunderfs_tracker.protocol import (Manifest, PeerRecord, Piece, ProtocolError, Revocation, chunks_to_bits,
+from thunderfs_common.tracker_protocol import (Manifest, PeerRecord, Piece, ProtocolError, Revocation, chunks_to_bits,
                                        encode_pieces)
 
 log = logging.getLogger(__name__)

@@ -35,7 +35,7 @@ from thunderfs_common.chunk_runs import runs
 from thunderfs_common.image import ImageMeta
 from thunderfs_common.manifest_proof import Ed25519PublicKey
 from thunderfs_tracker.client import TrackerClient, TrackerError
-from thunderfs_tracker.protocol import Manifest, PeerRecord
+from thunderfs_common.tracker_protocol import Manifest, PeerRecord
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from thunderfs.fetch.source import Sink, Want, deadline_for
 from thunderfs_common import chunk_digest
 from thunderfs_common.chunk_runs import runs
 from thunderfs_tracker.client import TrackerClient, TrackerError, TrackerRefused
-from thunderfs_tracker.protocol import MAX_PIECE_CHUNKS
+from thunderfs_common.tracker_protocol import MAX_PIECE_CHUNKS
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from thunderfs.fetch.slots import PREFETCH
 from thunderfs_common.image import ImageMeta
 from thunderfs.profiles.activity import NOT_PREFETCHED, PREFETCHED, Activity
 from thunderfs_tracker.client import TrackerClient, TrackerError
-from thunderfs_tracker.protocol import Profile, ProtocolError
+from thunderfs_common.tracker_protocol import Profile, ProtocolError
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from thunderfs.profiles.activity import Activity
 from thunderfs.profiles.prefetcher import Prefetcher
 from thunderfs.profiles.recorder import Recorder
 from thunderfs_tracker.client import TrackerClient
-from thunderfs_tracker.protocol import Profile
+from thunderfs_common.tracker_protocol import Profile
 
 
 class Profiles:
