@@ -6,7 +6,7 @@ wait for INIT (the kernel sent it once, to the first process; what was settled i
 ``SessionState``), and it asks the kernel to send again every request the previous process read
 but never answered (``FUSE_NOTIFY_RESEND``, Linux 6.9+).  An older kernel cannot: there every
 request is kept in the session's journal (``journal.py``) from its reading to its answer, and a
-new process serves and answers what the journal holds before it reads anything new.
+new process starts serving what the journal holds before it reads anything new.
 
 Stopping (``stop()``) stops reading requests at once (those not read yet wait in the kernel for
 the next process).  The requests in progress are then, by what the kernel offered at INIT:
