@@ -1,7 +1,8 @@
 """A qemu guest (TCG) on another kernel that runs this machine's own file system: the daemon and a
-test script on the kernels compute nodes run, not on this machine's.  Two, both without
+test script on the kernels compute nodes run, not on this machine's.  Three, all without
 ``FUSE_NOTIFY_RESEND`` (``KERNELS``): Debian 12's 6.1, which ``scripts/setup.sh`` installs for
-the tiny VMs, and Ubuntu 22.04's 5.15, which it unpacks from Ubuntu's archive (not installed).
+the tiny VMs, and Ubuntu 22.04's 5.15 and 24.04's 6.8, which it unpacks from Ubuntu's archive
+(not installed).
 
 The guest boots the kernel in ``/boot`` with an initramfs made here: a static busybox and the
 kernel's modules for virtio, 9p and FUSE.  Its init mounts this machine's root read-only over 9p
@@ -25,7 +26,8 @@ from pathlib import Path
 # Where scripts/setup.sh unpacks the kernels this machine does not install.
 UNPACKED = Path(os.environ.get("THUNDERFS_GUEST_KERNELS", "/var/cache/thunderfs/kernels"))
 # name -> (the root holding boot/vmlinuz-RELEASE and lib/modules/RELEASE, the release's glob)
-KERNELS = {"debian-6.1": (Path("/"), "6.1.*"), "ubuntu-22.04": (UNPACKED / "ubuntu-22.04", "5.15.*")}
+KERNELS = {"debian-6.1": (Path("/"), "6.1.*"), "ubuntu-22.04": (UNPACKED / "ubuntu-22.04", "5.15.*"),
+           "ubuntu-24.04": (UNPACKED / "ubuntu-24.04", "6.8.*")}
 HOST = "10.0.2.2"  # the host's loopback, as the guest sees it
 REPO = Path(__file__).resolve().parent.parent  # the same path in the guest (this machine's root)
 EXIT = "THUNDERFS-GUEST-EXIT"
@@ -90,8 +92,10 @@ def initramfs(modules: Path, dest: Path, cwd: str, command: str) -> Path:
         if not found:
             continue  # built in
         raw = found[0].read_bytes()
-        if found[0].name.endswith(".xz"):
-            raise GuestError(f"{found[0]} is compressed; this harness reads plain modules")
+        if found[0].name.endswith(".zst"):  # Ubuntu's since 23.10; busybox's insmod takes plain ones
+            raw = subprocess.run(["zstd", "-dcq"], input=raw, capture_output=True, check=True).stdout
+        elif found[0].name != f"{name}.ko":
+            raise GuestError(f"{found[0]} is compressed in a way this harness does not unpack")
         (root / "lib/modules" / f"{name}.ko").write_bytes(raw)
     (root / "init").write_text(INIT.format(modules=" ".join(MODULES), cwd=cwd, command=command, exit=EXIT))
     (root / "init").chmod(0o755)

@@ -13,10 +13,10 @@ trap 'echo "setup: FAILED at line $LINENO: $BASH_COMMAND" >&2' ERR
 # systemd: systemd-analyze, which checks the units in the tests; nftables: packet loss in the chaos run;
 # redis-server: the tracker replicas' shared store in the tests; qemu, a kernel and busybox: the
 # tests boot the small VM that Nova's instance disk holds (tests/test_nova.py), and the daemon on Debian's
-# 6.1 kernel in a guest (tests/test_old_kernel.py, cpio for its initramfs); nginx: Glance
+# 6.1 kernel in a guest (tests/test_old_kernel.py, cpio for its initramfs, zstd for Ubuntu's modules); nginx: Glance
 # behind TLS (tests/test_tls_glance.py) and the benchmarks' plain HTTP baseline.
 APT_PACKAGES=(fuse3 libfuse3-dev pkg-config curl fio iproute2 e2fsprogs systemd nftables redis-server nginx-light
-              qemu-system-x86 qemu-utils linux-image-amd64 busybox-static cpio)
+              qemu-system-x86 qemu-utils linux-image-amd64 busybox-static cpio zstd)
 # --bench: also what the benchmarks need beyond that: debootstrap (the Debian boot image),
 # httpdirfs (the C FUSE HTTP client baseline of benchmarks/dataplane_bench.py).
 if [ "${1:-}" = "--bench" ]; then
@@ -54,31 +54,33 @@ EXTRAS=test
 pip_install .venv -c constraints/project.txt -e ".[$EXTRAS]"
 .venv/bin/python -c "import trio, lmdb, xxhash, blake3, httpx, aiohttp, cryptography"
 
-# A second kernel without FUSE_NOTIFY_RESEND for the daemon in a guest (tests/test_old_kernel.py,
-# harness/guest_kernel.py): Ubuntu 22.04's 5.15, from its release pocket (which the archive keeps),
-# checked by sha256 and unpacked, not installed (this machine boots its own kernel).
+# More kernels without FUSE_NOTIFY_RESEND for the daemon in a guest (tests/test_old_kernel.py,
+# harness/guest_kernel.py): Ubuntu 22.04's 5.15 and 24.04's 6.8, their releases' own (the archive
+# keeps a release pocket for good), checked by sha256 and unpacked, not installed (this machine
+# boots its own kernel).  NAME RELEASE VERSION IMAGE_SHA256 MODULES_SHA256
 GUEST_KERNELS=${THUNDERFS_GUEST_KERNELS:-/var/cache/thunderfs/kernels}
-UBUNTU_KERNEL=5.15.0-25-generic
-if [ ! -f "$GUEST_KERNELS/ubuntu-22.04/boot/vmlinuz-$UBUNTU_KERNEL" ]; then
-    echo "setup: fetching Ubuntu 22.04's kernel $UBUNTU_KERNEL for the guest tests"
+guest_kernel() {
+    local name=$1 release=$2 version=$3
+    [ -f "$GUEST_KERNELS/$name/boot/vmlinuz-$release" ] && return
+    echo "setup: fetching $name's kernel $release for the guest tests"
+    local fetched base=http://archive.ubuntu.com/ubuntu/pool/main/l
     fetched=$(mktemp -d)
-    base=http://archive.ubuntu.com/ubuntu/pool/main/l
-    curl -fsS --retry 3 -o "$fetched/image.deb" \
-        "$base/linux-signed/linux-image-${UBUNTU_KERNEL}_5.15.0-25.25_amd64.deb"
-    curl -fsS --retry 3 -o "$fetched/modules.deb" \
-        "$base/linux/linux-modules-${UBUNTU_KERNEL}_5.15.0-25.25_amd64.deb"
-    (cd "$fetched" && sha256sum -c --quiet - <<SUMS
-ad56f8c442a54d4f5ff2dff010d00321d53e32b543f3a92f3ba4e042d20a71da  image.deb
-d0ba4087d9e1d497925b3481d3531fba6c2a852855f8019d73b0b1385aa4da1f  modules.deb
-SUMS
-    )
+    curl -fsS --retry 3 -o "$fetched/image.deb" "$base/linux-signed/linux-image-${release}_${version}_amd64.deb"
+    curl -fsS --retry 3 -o "$fetched/modules.deb" "$base/linux/linux-modules-${release}_${version}_amd64.deb"
+    printf '%s  image.deb\n%s  modules.deb\n' "$4" "$5" | (cd "$fetched" && sha256sum -c --quiet -)
     mkdir -p "$fetched/root" "$GUEST_KERNELS"
     dpkg-deb -x "$fetched/image.deb" "$fetched/root"
     dpkg-deb -x "$fetched/modules.deb" "$fetched/root"
-    rm -rf "$GUEST_KERNELS/ubuntu-22.04"
-    mv "$fetched/root" "$GUEST_KERNELS/ubuntu-22.04"
+    rm -rf "${GUEST_KERNELS:?}/$name"
+    mv "$fetched/root" "$GUEST_KERNELS/$name"
     rm -rf "$fetched"
-fi
+}
+guest_kernel ubuntu-22.04 5.15.0-25-generic 5.15.0-25.25 \
+    ad56f8c442a54d4f5ff2dff010d00321d53e32b543f3a92f3ba4e042d20a71da \
+    d0ba4087d9e1d497925b3481d3531fba6c2a852855f8019d73b0b1385aa4da1f
+guest_kernel ubuntu-24.04 6.8.0-31-generic 6.8.0-31.31 \
+    fd2ed023c84163e62c73d3b7b613a9b004bd31e335641c23d42bd249e489fbe6 \
+    3f17f2c279257eb50e40da44390bdf8272c440ca078831c348773d1314b5c2fe
 
 # A venv of its own for an OpenStack project the tests run for real: DIR "PACKAGES" "MODULES".
 # DIR CONSTRAINTS "PACKAGES" "MODULES"

@@ -1,5 +1,6 @@
-"""The daemon on the kernels compute nodes run, not this machine's: Debian 12's 6.1 and Ubuntu
-22.04's 5.15 (no ``FUSE_NOTIFY_RESEND``, no passthrough; 5.15 also no ``INIT_EXT``) in a qemu guest
+"""The daemon on the kernels compute nodes run, not this machine's: Debian 12's 6.1, Ubuntu
+22.04's 5.15 and 24.04's 6.8 (no ``FUSE_NOTIFY_RESEND``, no passthrough; 5.15 also no
+``INIT_EXT``) in a qemu guest
 (TCG) that runs this machine's own file system over 9p (``harness/guest_kernel.py``), against
 this machine's Glance.
 
@@ -21,7 +22,8 @@ from harness import guest_kernel
 from conftest import image_bytes
 
 
-@pytest.mark.parametrize("kernel,release", [("debian-6.1", "6.1."), ("ubuntu-22.04", "5.15.")])
+@pytest.mark.parametrize("kernel,release", [("debian-6.1", "6.1."), ("ubuntu-22.04", "5.15."),
+                                            ("ubuntu-24.04", "6.8.")])
 def test_restarts_and_sigkills_on_an_older_kernel_lose_no_read(glance, tmp_path, kernel, release):
     size, seed = 8 * 2**20, 29
     image_id = glance.upload(f"old-kernel-{kernel}", image_bytes(size, seed))["id"]
