@@ -15,7 +15,7 @@ import pyfuse3
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from thunderfs.daemon import _set_kernel_readahead  # noqa: E402
+from thunderfs.fuse.mounting import set_readahead  # noqa: E402
 
 NAME = b"file"
 
@@ -78,7 +78,7 @@ if __name__ == "__main__":
         raise SystemExit(0 if sys.argv[1:2] in (["-h"], ["--help"]) else 2)
     src, mnt = sys.argv[1], os.path.abspath(sys.argv[2])
     pyfuse3.init(Passthrough(src), mnt, set(pyfuse3.default_options) | {"fsname=passthrough", "allow_other"})
-    _set_kernel_readahead(Path(mnt), 1024)
+    set_readahead(Path(mnt), 1024)
     print("READY", flush=True)
     try:
         trio.run(main, mnt)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from thunderfs import daemon
+from thunderfs.daemon import host
 from thunderfs.errors import ConfigError
 from thunderfs.fuse import mounting
 
@@ -24,5 +24,6 @@ def test_no_mountinfo_is_a_clear_error_and_no_connection(monkeypatch, tmp_path):
     with pytest.raises(mounting.MountError, match="is /proc mounted"):
         mounting.mounted_type(tmp_path)
     assert mounting.connection_dir(tmp_path) is None and mounting.waiting(None) is None
+    assert "is /proc mounted" in mounting.set_readahead(tmp_path, 1024)
     with pytest.raises(ConfigError, match="is /proc mounted"):
-        daemon._check_mountpoint(Path(tmp_path))
+        host.check_mountpoint(Path(tmp_path))
