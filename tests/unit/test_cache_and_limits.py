@@ -10,6 +10,7 @@ import trio
 
 from fakes import CS
 from thunderfs.cache.index import Put
+import thunderfs.cache.reading as reading_mod
 import thunderfs.cache.store as store_mod
 from thunderfs.cache.store import ABSENT, INDEXED, PENDING, ChunkStore
 from thunderfs.errors import ChunkCorrupt
@@ -160,14 +161,14 @@ async def test_reads_the_page_cache_lacks_go_to_threads_checked_the_same(tmp_pat
         f.seek(3 * CS + 9)
         f.write(b"\xff\x00\xfe")
     _evict_pages(img.path)
-    store._disk_wait = None  # (the disk's pace unknown again: the next read goes to a thread)
+    store.reading.disk_wait = None  # (the disk's pace unknown again: the next read goes to a thread)
     threaded = store.statistics()["reads_threaded"]
     with pytest.raises(ChunkCorrupt) as exc:
         await store.read(img, 2 * CS, 2 * CS)
     assert store.statistics()["reads_threaded"] == threaded + 1
     assert exc.value.chunk == 3 and img.state[3] == ABSENT and img.state[2] == INDEXED
     # A disk that answers fast is read from the event loop, checked the same.
-    store._disk_wait = 1e-6
+    store.reading.disk_wait = 1e-6
     with open(img.path, "r+b") as f:
         f.seek(CS + 9)
         f.write(b"\xff\x00\xfe")
@@ -182,7 +183,7 @@ async def test_reads_the_page_cache_lacks_go_to_threads_checked_the_same(tmp_pat
 async def test_a_chunk_cached_again_while_a_thread_found_it_bad_is_kept(tmp_path, index, monkeypatch):
     """A worker's read of a chunk that was dropped and cached anew meanwhile (another reader met
     the same rot) fails that read (the reader retries) without dropping the good new copy."""
-    import thunderfs.cache.store as store_mod
+    import thunderfs.cache.reading as reading_mod
     store = store_of(tmp_path, index)
     img = store.image(CONTENT, 2 * CS)
     store.stage(img, 0, os.urandom(2 * CS))
@@ -192,10 +193,10 @@ async def test_a_chunk_cached_again_while_a_thread_found_it_bad_is_kept(tmp_path
     def meanwhile(fd, offset, n, a, b, expect, cs, nowait=False):
         if nowait:
             return None  # as if the page cache had none of it
-        trio.from_thread.run_sync(lambda: (store._release(img, 0), store.stage(img, 0, fresh)))
+        trio.from_thread.run_sync(lambda: (store.space.release(img, 0), store.stage(img, 0, fresh)))
         return b"", 0
 
-    monkeypatch.setattr(store_mod, "read_checked", meanwhile)
+    monkeypatch.setattr(reading_mod, "read_checked", meanwhile)
     with pytest.raises(ChunkCorrupt):
         await store.read(img, 0, CS)
     assert img.state[0] == PENDING and store.statistics()["corrupt_dropped"] == 0
@@ -428,8 +429,8 @@ async def test_reads_waiting_for_a_slow_disk_overlap_in_threads(tmp_path, index,
         barrier.wait()
         return real(fd, offset, n, a, b, expect, cs)
 
-    monkeypatch.setattr(store_mod, "read_checked", slow_disk)
-    store._disk_wait = 0.05  # 50 ms a read lately
+    monkeypatch.setattr(reading_mod, "read_checked", slow_disk)
+    store.reading.disk_wait = 0.05  # 50 ms a read lately
     got = {}
 
     async def read(i: int) -> None:
@@ -454,7 +455,7 @@ async def test_a_large_read_that_ends_the_image_off_a_page_bound_goes_through_o_
     store.stage(img, 0, data)
     await store.commit()
     _evict_pages(img.path)
-    store._disk_wait = 1.0  # slow: a worker reads it
+    store.reading.disk_wait = 1.0  # slow: a worker reads it
     assert await store.read(img, 0, size) == data
     assert store.statistics()["reads_threaded"] == 1
     store.close()

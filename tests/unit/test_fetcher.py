@@ -380,7 +380,7 @@ async def test_a_chunk_dropped_after_it_arrived_is_fetched_again_not_failed(stor
             await trio.testing.wait_all_tasks_blocked()
             first_gate.set()
             await trio.testing.wait_all_tasks_blocked()
-            store._release(r.img, 1)  # dropped right after it arrived; the flight goes on
+            store.space.release(r.img, 1)  # dropped right after it arrived; the flight goes on
             nursery.start_soon(read, "again", 1)
             await trio.testing.wait_all_tasks_blocked()
             assert "again" not in done  # waiting for the flight, not failing

@@ -1,0 +1,120 @@
+"""The committer: the one writer of the index, and what makes chunks durable.
+
+Invariants (the store's rules 2-4):
+
+- ``PENDING`` chunks become ``INDEXED`` only once their data file was made durable (fdatasync)
+  before the index transaction that lists them; a crash loses pending chunks, never corrupts.
+- One transaction at a time, in a thread (``_writer``); nothing else writes the index.
+- An evicted chunk's bytes are punched (``on_punched``) only once its index delete is durable,
+  so the index never lists a chunk over zeros.
+- A commit that fails releases its pending chunks (``on_failed``: they go back to ``ABSENT``)
+  and keeps its deletes and punches for the next one.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+from collections.abc import Callable
+
+import trio
+
+from thunderfs.cache.image_data import INDEXED, PENDING, ImageData, now_ms
+from thunderfs.cache.index import ChunkIndex, Put
+
+log = logging.getLogger(__name__)
+
+
+class Committer:
+    def __init__(self, index: ChunkIndex, images: dict[bytes, ImageData], stats: dict, *,
+                 on_failed: Callable[[ImageData, int], None], on_punched: Callable[[ImageData, int], None],
+                 commit_interval: float = 0.2, touch_interval: float = 5.0):
+        self._index = index
+        self._images = images  # the store's registry (read only here)
+        self._stats = stats
+        self._on_failed = on_failed
+        self._on_punched = on_punched
+        self._commit_interval = commit_interval
+        self._touch_interval = touch_interval
+        self.pending: list[tuple[ImageData, int]] = []
+        self._deletes: list[tuple[bytes, int]] = []
+        self._punches: list[tuple[ImageData, int]] = []  # evicted: punched once their delete is durable
+        self._wake = trio.Event()
+        self._writer = trio.CapacityLimiter(1)
+
+    def add_pending(self, img: ImageData, chunk: int) -> None:
+        """A chunk just written (``PENDING``): indexed at the next commit."""
+        self.pending.append((img, chunk))
+
+    def forget(self, content: bytes, chunk: int) -> None:
+        """An index entry to delete at the next commit (it does not fit the image)."""
+        self._deletes.append((content, chunk))
+
+    def evicted(self, img: ImageData, chunk: int) -> None:
+        """An ``INDEXED`` chunk released: its entry goes at the next commit, its bytes after."""
+        self._deletes.append((img.content, chunk))
+        self._punches.append((img, chunk))
+
+    def wake_nowait(self) -> None:
+        self._wake.set()
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Commit every ``commit_interval``, or soon after a wake; flush last-use times every
+        ``touch_interval``."""
+        task_status.started()
+        last_touch = time.monotonic()
+        while True:
+            with trio.move_on_after(self._commit_interval):
+                await self._wake.wait()
+            await trio.sleep(0.02)  # gather a batch
+            self._wake = trio.Event()
+            touch = time.monotonic() - last_touch >= self._touch_interval
+            if touch:
+                last_touch = time.monotonic()
+            await self.commit(touch=touch)
+
+    async def commit(self, touch: bool = True) -> None:
+        pending, self.pending = self.pending, []
+        deletes, self._deletes = self._deletes, []
+        punches, self._punches = self._punches, []
+        now = now_ms()
+        touches = []
+        if touch:
+            for img in self._images.values():
+                # When each was read, not when the flush ran: the LRU order is the order of the reads.
+                touches.extend((img.content, c, t) for c, t in img.touched.items() if img.state[c] == INDEXED)
+                img.touched.clear()
+        pending = [(img, c) for img, c in pending if img.state[c] == PENDING]
+        if not (pending or deletes or touches):
+            return
+        puts = [Put(img.content, c, img.chunk_len(c), img.xxh[c], now) for img, c in pending]
+        fds = {img.fd for img, _ in pending}
+        try:
+            await trio.to_thread.run_sync(self._durable_commit, fds, deletes, puts, touches,
+                                          limiter=self._writer, abandon_on_cancel=False)
+        except OSError as exc:
+            self._stats["commit_failures"] += 1
+            log.warning("could not make %d cached chunks durable (%s); dropping them", len(pending), exc)
+            self._deletes[:0] = deletes
+            self._punches[:0] = punches
+            for img, c in pending:
+                if img.state[c] == PENDING:
+                    self._on_failed(img, c)
+            return
+        for img, c in pending:
+            if img.state[c] == PENDING:
+                img.state[c] = INDEXED
+        # The deletes are durable: now the evicted bytes may go (no await since the check).
+        for img, c in punches:
+            self._on_punched(img, c)
+        self._stats["chunks_committed"] += len(pending)
+
+    def _durable_commit(self, fds, deletes, puts, touches) -> None:
+        for fd in fds:
+            os.fdatasync(fd)
+        try:
+            self._index.commit(deletes=deletes, puts=puts, touches=touches)
+        except Exception as exc:
+            raise OSError(errno.EIO, str(exc)) from exc
