@@ -30,7 +30,6 @@ import errno as E
 import logging
 import os
 import struct
-from collections.abc import Callable
 
 import trio
 
@@ -38,7 +37,8 @@ from thunderfs.fuse import kernel as k
 from thunderfs.fuse import journal
 from thunderfs.fuse.journal import Journal
 from thunderfs.fuse.kernel import FuseError, Header, Op
-from thunderfs.fuse.operations import Operations, SetTimes
+from thunderfs.fuse.operations import Operations
+from thunderfs.fuse.requests import HANDLERS
 from thunderfs.fuse.state import JOURNAL_AT, SessionState
 
 log = logging.getLogger(__name__)
@@ -268,14 +268,14 @@ class Session:
                 except Exception:
                     log.exception("%s failed (the session goes on)", op.name)
                 return
-            handler: Callable | None = self._handlers.get(op)
+            handler = HANDLERS.get(op)
             self._pending[h.unique] = h
             try:
                 if op in k.WRITES:
                     raise FuseError(E.EROFS)
                 if handler is None:
                     raise FuseError(E.ENOSYS)
-                pieces = await handler(self, h, body)
+                pieces = await handler(self._ops, h, body)
             except FuseError as exc:
                 self._answer(h.unique, k.reply(h.unique, exc.errno))
             except (struct.error, k.ProtocolError) as exc:  # a body shorter than its kind's
@@ -306,94 +306,6 @@ class Session:
             self._ops.forget([k.FORGET_ONE.unpack_from(body, k.BATCH_FORGET_IN.size + i * k.FORGET_ONE.size)
                               for i in range(count)])
         # INTERRUPT: ignored; the request it names is answered when it is done.
-
-    # --- one handler per request -------------------------------------------------------------
-
-    async def _lookup(self, h, body):
-        return [k.entry_out(await self._ops.lookup(h.nodeid, k.name_of(body)))]
-
-    async def _getattr(self, h, body):
-        entry = self._ops.getattr(h.nodeid)
-        return [k.attr_out(entry.attr, entry.attr_timeout)]
-
-    async def _setattr(self, h, body):
-        (valid, _, _fh, _size, _lo, atime, mtime, _c, atimensec, mtimensec, *_rest) = k.SETATTR_IN.unpack_from(body)
-        changes = SetTimes(
-            other=bool(valid & (k.FATTR_MODE | k.FATTR_UID | k.FATTR_GID | k.FATTR_SIZE)),
-            atime_ns=None if not valid & k.FATTR_ATIME else -1 if valid & k.FATTR_ATIME_NOW
-            else atime * 10**9 + atimensec,
-            mtime_ns=None if not valid & k.FATTR_MTIME else -1 if valid & k.FATTR_MTIME_NOW
-            else mtime * 10**9 + mtimensec)
-        entry = self._ops.setattr(h.nodeid, changes)
-        return [k.attr_out(entry.attr, entry.attr_timeout)]
-
-    async def _open(self, h, body):
-        flags, _ = k.OPEN_IN.unpack_from(body)
-        fh, backing_id = await self._ops.open(h.nodeid, flags, h.unique & ~k.UNIQUE_RESEND)
-        # A read-only file has nothing to flush: no FLUSH on every close (a close while no
-        # process serves the connection would wait for the next one).
-        if backing_id:  # the kernel reads the backing file (no page cache of ours: its rule)
-            return [k.open_out(fh, k.FOPEN_PASSTHROUGH | k.FOPEN_NOFLUSH, backing_id)]
-        # Images never change under an inode: the kernel keeps its page cache across opens.
-        return [k.open_out(fh, k.FOPEN_KEEP_CACHE | k.FOPEN_NOFLUSH)]
-
-    async def _read(self, h, body):
-        fh, offset, size, *_ = k.READ_IN.unpack_from(body)
-        return [await self._ops.read(h.nodeid, fh, offset, size)]
-
-    async def _lseek(self, h, body):
-        fh, offset, whence, _ = k.LSEEK_IN.unpack_from(body)
-        return [k.LSEEK_OUT.pack(await self._ops.lseek(h.nodeid, fh, offset, whence))]
-
-    async def _release(self, h, body):
-        fh, *_ = k.RELEASE_IN.unpack_from(body)
-        self._ops.release(h.nodeid, fh, h.unique & ~k.UNIQUE_RESEND)
-        return []
-
-    async def _opendir(self, h, body):
-        return [k.open_out(await self._ops.opendir(h.nodeid), 0)]
-
-    async def _readdir(self, h, body):
-        _fh, offset, size, *_ = k.READ_IN.unpack_from(body)
-        out, used = [], 0
-        for name, attr, next_offset in self._ops.readdir(h.nodeid, offset):
-            entry = k.dirent(attr.ino, next_offset, name, attr.mode)
-            if used + len(entry) > size:
-                break
-            out.append(entry)
-            used += len(entry)
-        return out
-
-    async def _empty(self, h, body):
-        return []
-
-    async def _statfs(self, h, body):
-        blocks, files = self._ops.statfs()
-        return [k.statfs_out(blocks, files)]
-
-    async def _getxattr(self, h, body):
-        size, _ = k.GETXATTR_IN.unpack_from(body)
-        value = self._ops.getxattr(h.nodeid, k.name_of(body[k.GETXATTR_IN.size:]))
-        return self._sized(value, size)
-
-    async def _listxattr(self, h, body):
-        size, _ = k.GETXATTR_IN.unpack_from(body)
-        return self._sized(b"".join(n + b"\0" for n in self._ops.listxattr(h.nodeid)), size)
-
-    @staticmethod
-    def _sized(value: bytes, size: int) -> list:
-        if size == 0:
-            return [k.GETXATTR_OUT.pack(len(value), 0)]
-        if len(value) > size:
-            raise FuseError(E.ERANGE)
-        return [value]
-
-    _handlers = {
-        Op.LOOKUP: _lookup, Op.GETATTR: _getattr, Op.SETATTR: _setattr, Op.OPEN: _open, Op.READ: _read,
-        Op.RELEASE: _release, Op.FLUSH: _empty, Op.OPENDIR: _opendir, Op.READDIR: _readdir,
-        Op.RELEASEDIR: _empty, Op.STATFS: _statfs, Op.GETXATTR: _getxattr, Op.LISTXATTR: _listxattr,
-        Op.DESTROY: _empty, Op.FSYNC: _empty, Op.FSYNCDIR: _empty, Op.LSEEK: _lseek,
-    }
 
     # --- notifications -----------------------------------------------------------------------
 
