@@ -400,7 +400,7 @@ def memory_step(work: Path, glance: LocalGlance, image_id: str, size: int) -> di
     over the process's resident memory just before."""
     from thunderfs.config import MountConfig
 
-    from thunderfs.fetch.peer_client import PeerClient
+    from thunderfs.p2p.peer_client import PeerClient
     out: dict = {"readers": READERS, "glance_pool_mib": MountConfig.__dataclass_fields__["receive_memory"].default / MiB,
                  "peer_answers_mib": PeerClient.ANSWER_BYTES / MiB,
                  "peer_memory_kept_mib": PeerClient.KEPT_ANSWER_BYTES / MiB}

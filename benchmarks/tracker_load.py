@@ -46,7 +46,7 @@ from benchmarks.record import provenance  # noqa: E402
 from harness import boot_trace  # noqa: E402
 from harness.local_redis import LocalRedis  # noqa: E402
 from harness.tracker import LocalTracker  # noqa: E402
-from thunderfs.cluster.announcer import FULL_EVERY  # noqa: E402
+from thunderfs.p2p.announcer import FULL_EVERY  # noqa: E402
 from thunderfs_common.tracker_protocol import ChunkUpdate, NodeInfo  # noqa: E402
 from thunderfs_common.signing import sign  # noqa: E402
 

@@ -161,8 +161,8 @@ def test_journal_lines_carry_syslog_priorities():
     import logging
 
     f = systemd.JournalFormatter()
-    rec = logging.LogRecord("thunderfs.fetch.peers", logging.WARNING, __file__, 1, "peer %s lied\nsecond line", ("x",), None)
-    assert f.format(rec) == "<4>thunderfs.fetch.peers: peer x lied\n<4>second line"
+    rec = logging.LogRecord("thunderfs.p2p.peer_source", logging.WARNING, __file__, 1, "peer %s lied\nsecond line", ("x",), None)
+    assert f.format(rec) == "<4>thunderfs.p2p.peer_source: peer x lied\n<4>second line"
     rec.levelno = logging.INFO
     assert f.format(rec).startswith("<6>")
     assert not systemd.under_journal()  # JOURNAL_STREAM is not ours here

@@ -225,7 +225,7 @@ def test_nodes_measure_and_report_rtt_to_the_peers_they_use(cluster, images):
 def test_an_idle_peer_connection_is_closed_and_the_daemon_lives_on(cluster, images):
     """A keep-alive connection left idle past the server's timeout must close, not crash anything."""
     import socket
-    from thunderfs.cluster import peer_server
+    from thunderfs.p2p import peer_server
     proxy, tracker, node = cluster
     a = node("a", "z1/r1/a")
     host, port = a.peer_address.rsplit(":", 1)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import trio
 import trio.testing
 
-from thunderfs.cluster.announcer import FULL_EVERY, Announcer
+from thunderfs.p2p.announcer import FULL_EVERY, Announcer
 from thunderfs_tracker.client import TrackerRefused
 from thunderfs_common.tracker_protocol import AnnounceReply, NodeInfo
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from thunderfs.fetch.owners import WINDOW, owner, window
+from thunderfs.p2p.owners import WINDOW, owner, window
 
 CONTENT = bytes(range(32))
 CS = 2**16

@@ -8,7 +8,7 @@ import logging
 import trio
 
 from fakes import CS, meta_of, pattern
-from thunderfs.cluster.peer_server import PeerServer
+from thunderfs.p2p.peer_server import PeerServer
 from thunderfs_common.signing import H_SIG, sign
 
 SECRET = b"a-cluster-secret-of-some-length"
@@ -70,7 +70,7 @@ async def test_members_get_chunks_and_odd_headers_a_401_that_says_why(store, cap
 async def test_a_waiting_request_is_answered_when_its_chunks_arrive_and_404_when_they_do_not(store):
     """The holder tells its waiters: ``?wait=`` holds the request (without an upload slot) until
     the chunks are staged, or answers 404 once the wait is over; past MAX_WAITERS, 503."""
-    from thunderfs.cluster import peer_server
+    from thunderfs.p2p import peer_server
 
     img = store.image(META.content_key, META.size)
     server = PeerServer(store, secret=SECRET, max_uploads=1)
@@ -211,7 +211,7 @@ async def test_a_long_answer_is_read_and_sent_a_piece_at_a_time_and_cut_short_if
     """An answer longer than ``SEND_PIECE`` comes whole, read in pieces (no buffer as long as the
     answer); a chunk that cannot be read once the head is sent ends the connection short, so the
     asker sees a broken answer, never a wrong byte."""
-    from thunderfs.cluster import peer_server
+    from thunderfs.p2p import peer_server
     from thunderfs.errors import ChunkCorrupt
     data = pattern(3 * peer_server.SEND_PIECE + 5 * CS)
     meta = meta_of(data)

@@ -13,9 +13,9 @@ import trio
 
 from fakes import CS, MockHTTP, meta_of, pattern
 from thunderfs_common import chunk_digest
-from thunderfs.fetch import peers
-from thunderfs.fetch.peer_directory import LAZY_RECHECK
-from thunderfs.fetch.peers import PeerSource
+from thunderfs.p2p import peer_source as peers
+from thunderfs.p2p.peer_directory import LAZY_RECHECK
+from thunderfs.p2p.peer_source import PeerSource
 from thunderfs.fetch.slots import DEMAND, PREFETCH, READAHEAD
 from thunderfs.fetch.source import Urgency, Want
 from thunderfs_common.manifest_proof import ManifestProof
@@ -422,7 +422,7 @@ async def test_takes_held_back_by_the_per_peer_cap_go_on_as_soon_as_an_ask_ends(
     """Many flights take from one holder, this node asking it at most PER_PEER pieces at once:
     a take held back goes on when any ask ends, not a poll later (64 readers of one holder once
     starved behind two asks until their reads failed)."""
-    from thunderfs.fetch.claims import ClaimTaker
+    from thunderfs.p2p.claims import ClaimTaker
 
     monkeypatch.setattr(ClaimTaker, "PER_PEER", 1)
     holder = peer("holder", range(12))
@@ -626,7 +626,7 @@ async def test_chunks_planned_from_a_node_that_failed_since_are_claimed_again_no
 
 
 def seed_source(src):
-    from thunderfs.fetch.seed import SeedSource
+    from thunderfs.p2p.seed_source import SeedSource
     return SeedSource(src._tracker, src.directory, chunk_size=CS, timeout=1.0)
 
 
@@ -758,7 +758,7 @@ async def test_a_manifest_answer_that_does_not_parse_is_no_answer(store, autojum
 async def test_a_watchs_holders_come_nearest_first_in_a_new_order_among_equals_each_time():
     """As the tracker's lookups: in the order the watch named them, every waiter of a crowd would
     ask the same first holder."""
-    from thunderfs.fetch.holder_watch import HolderWatches
+    from thunderfs.p2p.holder_watch import HolderWatches
 
     near = [PeerRecord(f"n{i}", f"http://n{i}:7071", ("z1", "r1"), 0, 0b1) for i in range(4)]
     far = PeerRecord("far", "http://far:7071", ("z2",), 0, 0b1)
@@ -782,7 +782,7 @@ async def test_a_watchs_holders_come_nearest_first_in_a_new_order_among_equals_e
 async def test_a_waiter_wakes_only_when_a_holder_gains_a_chunk_it_waits_for_or_the_watch_drops():
     """A crowd's watch events each woke every waiting take of a node (issue 27: 2,159 wakeups a
     node with 32 nodes, 413 with 8); now only those that wait for a chunk some holder gained."""
-    from thunderfs.fetch.holder_watch import HolderWatches
+    from thunderfs.p2p.holder_watch import HolderWatches
 
     tracker = FakeTracker(holders=[peer("a", [1])])
     sends, tracker.pushes = trio.open_memory_channel(4)
@@ -852,7 +852,7 @@ def test_a_takers_header_that_is_not_nodes_and_some_of_the_asked_chunks_is_refus
 
 @pytest.mark.parametrize("nchunks", [4, 128])  # hashed in the event loop, and in a worker thread
 async def test_a_peers_answer_is_checked_chunk_by_chunk_in_the_loop_or_a_thread(store, nchunks):
-    from thunderfs.fetch.peer_client import Answer, PeerClient
+    from thunderfs.p2p.peer_client import Answer, PeerClient
     data = pattern(nchunks * CS)
     meta = meta_of(data)
     digests = b"".join(chunk_digest.digest(data[i:i + CS]) for i in range(0, len(data), CS))
@@ -881,7 +881,7 @@ async def test_a_take_whose_claimer_another_take_found_dead_gives_up_at_once_not
     first's ask fails, and the second, held back meanwhile, finds the claimer avoided.  With a
     live watch nothing else would wake it: its chunks went to Glance only after its wait (half
     the fetch timeout), and a read after a chaos run's faults failed so."""
-    from thunderfs.fetch.claims import ClaimTaker
+    from thunderfs.p2p.claims import ClaimTaker
 
     monkeypatch.setattr(ClaimTaker, "PER_PEER", 1)
     claimer = peer("claimer", [])
@@ -964,8 +964,8 @@ async def _seeded_with_watch(store, nursery, holders, peers_):
 async def test_a_seeded_images_chunks_come_from_their_owners_without_a_claim(store, monkeypatch):
     """Nobody holds chunks 0-7 yet: each goes to its owner among the holders the watch names
     (each owns windows of two chunks here), which fetches it when asked; no claim is made."""
-    from thunderfs.fetch import owners
-    from thunderfs.fetch.owners import owner, window
+    from thunderfs.p2p import owners
+    from thunderfs.p2p.owners import owner, window
 
     monkeypatch.setattr(owners, "WINDOW", 2 * CS)
 
@@ -984,8 +984,8 @@ async def test_a_seeded_images_chunks_come_from_their_owners_without_a_claim(sto
 
 
 async def test_a_node_that_holds_some_of_a_seeded_image_fetches_what_it_owns_and_what_it_is_asked_for(store, monkeypatch):
-    from thunderfs.fetch import owners
-    from thunderfs.fetch.owners import owner, window
+    from thunderfs.p2p import owners
+    from thunderfs.p2p.owners import owner, window
 
     monkeypatch.setattr(owners, "WINDOW", 2 * CS)
     img = store.image(META.content_key, META.size)
@@ -1028,8 +1028,8 @@ async def test_a_known_images_chunks_nobody_holds_come_from_their_owners_and_the
     a wait (no claim for them); the ones this node owns are claimed, so that Glance sends each
     once whoever else claims (issue 27: granted to whoever claimed first, one node of 8 read the
     whole image from Glance and the other 7 took it from that one, 1.76-2.05 x one node alone)."""
-    from thunderfs.fetch import owners
-    from thunderfs.fetch.owners import owner, window
+    from thunderfs.p2p import owners
+    from thunderfs.p2p.owners import owner, window
 
     monkeypatch.setattr(owners, "WINDOW", 2 * CS)
     img = store.image(META.content_key, META.size)

@@ -536,7 +536,7 @@ def test_a_node_with_the_trackers_key_refuses_a_manifest_the_key_did_not_sign(ca
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from fakes import meta_of, pattern
-    from thunderfs.fetch.peer_directory import PeerDirectory
+    from thunderfs.p2p.peer_directory import PeerDirectory
 
     data = pattern(2 * CHUNK)
     meta = meta_of(data)

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 from thunderfs.cache.index import ChunkIndex
 from thunderfs.cache.store import ChunkStore
-from thunderfs.cluster.announcer import Announcer
-from thunderfs.cluster.peer_server import PeerServer
+from thunderfs.p2p.announcer import Announcer
+from thunderfs.p2p.peer_server import PeerServer
 from thunderfs.config import MountConfig
 from thunderfs.errors import ConfigError
-from thunderfs.fetch.peers import PeerSource
-from thunderfs.fetch.seed import SeedSource
+from thunderfs.p2p.peer_source import PeerSource
+from thunderfs.p2p.seed_source import SeedSource
 from thunderfs_common.image import ImageMeta
 from thunderfs_common.manifest_proof import KeyFileError, load_public_key
 from thunderfs_common.signing import SecretError, load_secret

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from thunderfs.glance.catalog import Catalog
     from thunderfs.cache.store import ChunkStore
-    from thunderfs.fetch.peers import PeerSource
+    from thunderfs.p2p.peer_source import PeerSource
     from thunderfs.profiles.service import Profiles
 
 log = logging.getLogger(__name__)

@@ -21,8 +21,8 @@ import httpx
 import trio
 
 from thunderfs.cache.store import ImageData
-from thunderfs.fetch.peer_client import Answer, PeerClient, Reply
-from thunderfs.fetch.peer_directory import PeerDirectory
+from thunderfs.p2p.peer_client import Answer, PeerClient, Reply
+from thunderfs.p2p.peer_directory import PeerDirectory
 from thunderfs_common.chunk_runs import runs
 from thunderfs_common.image import ImageMeta
 from thunderfs_tracker.client import TrackerClient, TrackerError

@@ -23,8 +23,8 @@ import trio
 from thunderfs.cache.store import ImageData
 from thunderfs.fetch.breaker import Breaker
 from thunderfs.fetch.flights import FlightAbandoned, SingleFlight
-from thunderfs.fetch.holder_watch import HolderWatches
-from thunderfs.fetch.lazy_manifest import LazyManifest
+from thunderfs.p2p.holder_watch import HolderWatches
+from thunderfs.p2p.lazy_manifest import LazyManifest
 from thunderfs_common.image import ImageMeta
 from thunderfs_common.manifest_proof import Ed25519PublicKey, ManifestProof, signed_by
 from thunderfs_tracker.client import TrackerClient, TrackerError

@@ -22,11 +22,11 @@ import trio
 
 from thunderfs.cache.fresh import Buffer
 from thunderfs.cache.store import ImageData
-from thunderfs.fetch.claims import ClaimTaker
-from thunderfs.fetch import owners
-from thunderfs.fetch.lazy_manifest import LazyManifest
-from thunderfs.fetch.peer_client import Answer, PeerClient, Reply
-from thunderfs.fetch.peer_directory import PeerDirectory
+from thunderfs.p2p.claims import ClaimTaker
+from thunderfs.p2p import owners
+from thunderfs.p2p.lazy_manifest import LazyManifest
+from thunderfs.p2p.peer_client import Answer, PeerClient, Reply
+from thunderfs.p2p.peer_directory import PeerDirectory
 from thunderfs.fetch.range_http import HTTPClient
 from thunderfs.fetch.slots import DEMAND
 from thunderfs.fetch.source import MIN_RATE, Sink, Want, deadline_for

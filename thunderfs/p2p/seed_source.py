@@ -16,8 +16,8 @@ import logging
 
 import trio
 
-from thunderfs.fetch.lazy_manifest import LazyManifest
-from thunderfs.fetch.peer_directory import PeerDirectory
+from thunderfs.p2p.lazy_manifest import LazyManifest
+from thunderfs.p2p.peer_directory import PeerDirectory
 from thunderfs.fetch.source import Sink, Want, deadline_for
 from thunderfs_common import chunk_digest
 from thunderfs_common.chunk_runs import runs

@@ -19,7 +19,7 @@ import trio
 
 from thunderfs.cache.store import ImageData
 from thunderfs.fetch.buffers import AnswerMemory
-from thunderfs.fetch.lazy_manifest import LazyManifest
+from thunderfs.p2p.lazy_manifest import LazyManifest
 from thunderfs.fetch.range_http import HTTPClient, HTTPFailed, HTTPTimeout
 from thunderfs_common import chunk_digest
 from thunderfs_common.signing import sign
