@@ -600,9 +600,9 @@ async def test_a_plan_made_while_the_last_one_is_used_up_is_kept(store):
         nursery.start_soon(src.plan, META, img, [2, 3])
         while tracker.calls["claim"] < 2:
             await trio.sleep(0.001)
-        assert src._planned(img, [0, 1])[0] == [0, 1]  # the first batch's flights use it all up
+        assert src.plans.take(img, [0, 1])[0] == [0, 1]  # the first batch's flights use it all up
         tracker.gate.set()
-    mine, theirs, rest = src._planned(img, [2, 3])
+    mine, theirs, rest = src.plans.take(img, [2, 3])
     assert (mine, theirs, rest) == ([2, 3], {}, [])
 
 

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import httpx
 import trio
 
 from thunderfs.cache.store import ImageData
-from thunderfs.p2p.peer_client import Answer, PeerClient, Reply
+from thunderfs.p2p.asking import Asker
+from thunderfs.p2p.peer_client import Answer, PeerClient
 from thunderfs.p2p.peer_directory import PeerDirectory
 from thunderfs_common.chunk_runs import runs
 from thunderfs_common.image import ImageMeta
@@ -29,9 +30,6 @@ from thunderfs_tracker.client import TrackerClient, TrackerError
 from thunderfs_common.tracker_protocol import Manifest, PeerRecord
 
 log = logging.getLogger(__name__)
-
-Ask = Callable[..., Awaitable[Reply]]  # (peer, img, manifest, first, count, *, wait=seconds)
-
 
 class ClaimTaker:
     # The size of a request for chunks that are still arriving at the node that fetches them.
@@ -54,12 +52,12 @@ class ClaimTaker:
     # asked to wait for them: it may still be checking them.
     HINT_WAIT = 1.0
 
-    def __init__(self, tracker: TrackerClient, directory: PeerDirectory, client: PeerClient, ask: Ask, *,
+    def __init__(self, tracker: TrackerClient, directory: PeerDirectory, client: PeerClient, asker: Asker, *,
                  chunk_size: int, timeout: float = 2.0, max_request_chunks: int = 256, poll: float = 0.25):
         self._tracker = tracker
         self._directory = directory
         self._client = client
-        self._ask = ask
+        self._asker = asker
         self.timeout = timeout
         # How often a node waiting for chunks another node is fetching from Glance looks again.
         self.poll = poll
@@ -116,111 +114,19 @@ class ClaimTaker:
         from Glance), at once if the claimer fails (a slow claimer is waited for; if it already
         ``held`` them and a reader waits (``urgent``), only for SLOW_HOLDER_PATIENCE timeouts)."""
         manifest = self._directory.manifest_nowait(meta)
-        pending = set(chunks)
         if manifest is None:
-            return sorted(pending)
+            return sorted(chunks)
         capped = urgent and held and self._client.slow(claimer.node_id)
         if capped:
             wait = min(wait, self.SLOW_HOLDER_PATIENCE * self.timeout)
-        taking: set[int] = set()
-        resting: dict[str, float] = {}  # peers that were busy or slow: not asked again until then
-        # Relays the peers asked named (nodes that took some of these chunks from them), of those
-        # the tracker's watch named: node -> (record, chunks as bits).
-        hinted: dict[str, tuple[PeerRecord, int]] = {}
-        claimer_failed = False
-
-        give_up = trio.current_time() + wait
-        changed = [trio.Event()]  # set whenever an ask of this take ends, or frees a capped peer
-
-        async def worker() -> None:
-            nonlocal claimer_failed
-            while pending and not claimer_failed:
-                # While the claimer is asked to answer when it has them, the tracker is asked
-                # less often: it only finds nodes that took them from the claimer meanwhile.
-                pushing = self._asking.get(claimer.node_id, 0) > 0
-                age = self.poll * self.PUSHING_LOOKUP_SLOWER if pushing else self.poll
-                holders = await self._directory.holders(img, min(pending), max(pending), max_age=age)
-                known = {peer.node_id for peer, _ in holders}
-                holders = [(peer, bits | hinted[peer.node_id][1] if peer.node_id in hinted else bits)
-                           for peer, bits in holders] + [h for node, h in hinted.items() if node not in known]
-                capped: set[str] = set()  # peers skipped because this node asks them PER_PEER times
-                later: dict[str, float] = {}  # peers skipped for now (resting, slow, avoided): until when
-                choice = self._pick(holders, pending - taking, claimer, resting, capped, later)
-                push = 0.0
-                if choice is None:  # nobody has them yet: the claimer answers when it has
-                    if self._client.avoided(claimer.node_id) and not later.keys() - {claimer.node_id} and not capped:
-                        # It failed since the claim (another take found out), and nobody else
-                        # holds any of them: waiting would only wait out ``wait``.
-                        claimer_failed = True
-                        break
-                    choice = self._pick([(claimer, -1)], pending - taking, claimer, resting, capped, later)
-                    push = min(self.PUSH_WAIT, give_up - trio.current_time())
-                    if choice is None or push <= 0:
-                        self._stats["claim_waits"] += 1
-                        # Until an ask ends, the image's watch names a holder of one of them, or
-                        # a peer skipped for now may be asked again; without a watch, a poll (a
-                        # second while the claimer is asked: a longer wait left relays idle when
-                        # links, not the tracker, bound a crowd reading whole images: 2.39 x one
-                        # node alone against 2.07).  Waking only for news made a take whose
-                        # holders were slow sleep until its wait ran out (the chaos run's final
-                        # read failed so once, Glance up).
-                        now = trio.current_time()
-                        rest = min((t - now for t in later.values() if t > now), default=None)
-                        # A take held back by other takes' asks (PER_PEER counts them all) goes on
-                        # when one of them ends: it slept until a poll, and 64 readers of one
-                        # holder starved behind two asks until their reads failed.  Only those
-                        # takes are woken, not every take of the node.
-                        me = object()
-                        for node in capped:
-                            self._capped.setdefault(node, {})[me] = changed
-                        try:
-                            await self._directory.wait_holders(img, changed[0], age, rest, chunks=pending)
-                        finally:
-                            for node in capped:
-                                if (waiting := self._capped.get(node)) is not None:
-                                    waiting.pop(me, None)
-                                    if not waiting:
-                                        del self._capped[node]
-                        continue
-                    self._stats["claim_pushes"] += 1
-                peer, rfirst, rcount = choice
-                if peer.node_id in hinted and peer.node_id not in known:
-                    push = self.HINT_WAIT
-                piece = range(rfirst, rfirst + rcount)
-                taking.update(piece)
-                self._asking[peer.node_id] = self._asking.get(peer.node_id, 0) + 1
-                try:
-                    reply = await self._ask(peer, img, manifest, rfirst, rcount, wait=push)
-                finally:
-                    taking.difference_update(piece)
-                    if (left := self._asking.pop(peer.node_id) - 1) > 0:
-                        self._asking[peer.node_id] = left
-                    self._changed(changed)
-                    self._wake_capped(peer.node_id)
-                for node, bits in reply.takers:
-                    rec, had = hinted.get(node) or (self._directory.member(img, node), 0)
-                    if rec is not None:
-                        hinted[node] = (rec, had | bits)
-                        self._stats["relays_named"] += 1
-                if reply.answer is Answer.OK:
-                    put(rfirst, reply.data)
-                    pending.difference_update(piece)
-                elif (reply.answer in (Answer.FAILED, Answer.LIED, Answer.NOT_FETCHING)
-                      and peer.node_id == claimer.node_id):
-                    # NOT_FETCHING: the claim is stale (its fetch failed, as in a Glance outage,
-                    # or ended): the chunks are not coming from there.
-                    self._stats["stale_claims"] += reply.answer is Answer.NOT_FETCHING
-                    claimer_failed = True
-                elif reply.answer in (Answer.BUSY, Answer.SLOW, Answer.NOT_HELD, Answer.NOT_FETCHING):
-                    resting[peer.node_id] = trio.current_time() + self.poll
-
+        take = _Take(self, img, manifest, claimer, set(chunks), put, trio.current_time() + wait)
         with trio.move_on_after(wait):
             async with trio.open_nursery() as nursery:
-                for _ in range(min(self.WORKERS, -(-len(pending) // self._piece))):
-                    nursery.start_soon(worker)
-        if pending and capped and not claimer_failed:
-            await self._last_chance(img, manifest, pending, claimer, put)
-        return sorted(pending)
+                for _ in range(min(self.WORKERS, -(-len(take.pending) // self._piece))):
+                    nursery.start_soon(take.worker)
+        if take.pending and capped and not take.claimer_failed:
+            await self._last_chance(img, manifest, take.pending, claimer, put)
+        return sorted(take.pending)
 
     @staticmethod
     def _changed(changed: list[trio.Event]) -> None:
@@ -287,7 +193,7 @@ class ClaimTaker:
 
     async def _rescue(self, peer: PeerRecord, img: ImageData, manifest, first: int, count: int, pending: set[int],
                       put: Callable[[int, bytes], None]) -> None:
-        reply = await self._ask(peer, img, manifest, first, count)
+        reply = await self._asker.ask(peer, img, manifest, first, count)
         if reply.answer is Answer.OK:
             put(first, reply.data)
             pending.difference_update(range(first, first + count))
@@ -295,3 +201,125 @@ class ClaimTaker:
 
     def statistics(self) -> dict:
         return dict(self._stats)
+
+
+class _Take:
+    """One ``ClaimTaker.take``: its workers share what is still wanted (``pending``), what is
+    being asked for (``taking``), the peers resting after a busy or slow answer, and the relays
+    peers named; the taker's counts of asks per peer are every take's."""
+
+    def __init__(self, taker: ClaimTaker, img: ImageData, manifest, claimer: PeerRecord, pending: set[int],
+                 put: Callable[[int, bytes], None], give_up: float):
+        self.taker = taker
+        self.img = img
+        self.manifest = manifest
+        self.claimer = claimer
+        self.pending = pending
+        self.put = put
+        self.give_up = give_up
+        self.taking: set[int] = set()
+        self.resting: dict[str, float] = {}  # peers that were busy or slow: not asked again until then
+        # Relays the peers asked named (nodes that took some of these chunks from them), of those
+        # the tracker's watch named: node -> (record, chunks as bits).
+        self.hinted: dict[str, tuple[PeerRecord, int]] = {}
+        self.claimer_failed = False
+        self.changed = [trio.Event()]  # set whenever an ask of this take ends, or frees a capped peer
+
+    async def worker(self) -> None:
+        taker = self.taker
+        while self.pending and not self.claimer_failed:
+            # While the claimer is asked to answer when it has them, the tracker is asked
+            # less often: it only finds nodes that took them from the claimer meanwhile.
+            pushing = taker._asking.get(self.claimer.node_id, 0) > 0
+            age = taker.poll * taker.PUSHING_LOOKUP_SLOWER if pushing else taker.poll
+            holders, known = await self._holders(age)
+            capped: set[str] = set()  # peers skipped because this node asks them PER_PEER times
+            later: dict[str, float] = {}  # peers skipped for now (resting, slow, avoided): until when
+            choice = taker._pick(holders, self.pending - self.taking, self.claimer, self.resting, capped, later)
+            push = 0.0
+            if choice is None:  # nobody has them yet: the claimer answers when it has
+                if (taker._client.avoided(self.claimer.node_id) and not later.keys() - {self.claimer.node_id}
+                        and not capped):
+                    # It failed since the claim (another take found out), and nobody else
+                    # holds any of them: waiting would only wait out ``wait``.
+                    self.claimer_failed = True
+                    break
+                choice = taker._pick([(self.claimer, -1)], self.pending - self.taking, self.claimer, self.resting,
+                                     capped, later)
+                push = min(taker.PUSH_WAIT, self.give_up - trio.current_time())
+                if choice is None or push <= 0:
+                    taker._stats["claim_waits"] += 1
+                    await self._wait_for_news(age, capped, later)
+                    continue
+                taker._stats["claim_pushes"] += 1
+            peer = choice[0]
+            if peer.node_id in self.hinted and peer.node_id not in known:
+                push = taker.HINT_WAIT
+            await self._ask(*choice, push)
+
+    async def _holders(self, age: float) -> tuple[list[tuple[PeerRecord, int]], set[str]]:
+        """The holders the directory knows (no older than ``age``), with the relays peers named
+        merged in; and the nodes the directory named."""
+        holders = await self.taker._directory.holders(self.img, min(self.pending), max(self.pending), max_age=age)
+        known = {peer.node_id for peer, _ in holders}
+        hinted = self.hinted
+        holders = [(peer, bits | hinted[peer.node_id][1] if peer.node_id in hinted else bits)
+                   for peer, bits in holders] + [h for node, h in hinted.items() if node not in known]
+        return holders, known
+
+    async def _wait_for_news(self, age: float, capped: set[str], later: dict[str, float]) -> None:
+        """Until an ask ends, the image's watch names a holder of one of them, or a peer skipped
+        for now may be asked again; without a watch, a poll (a second while the claimer is asked:
+        a longer wait left relays idle when links, not the tracker, bound a crowd reading whole
+        images: 2.39 x one node alone against 2.07).  Waking only for news made a take whose
+        holders were slow sleep until its wait ran out (the chaos run's final read failed so
+        once, Glance up)."""
+        taker = self.taker
+        now = trio.current_time()
+        rest = min((t - now for t in later.values() if t > now), default=None)
+        # A take held back by other takes' asks (PER_PEER counts them all) goes on when one of
+        # them ends: it slept until a poll, and 64 readers of one holder starved behind two asks
+        # until their reads failed.  Only those takes are woken, not every take of the node.
+        me = object()
+        for node in capped:
+            taker._capped.setdefault(node, {})[me] = self.changed
+        try:
+            await taker._directory.wait_holders(self.img, self.changed[0], age, rest, chunks=self.pending)
+        finally:
+            for node in capped:
+                if (waiting := taker._capped.get(node)) is not None:
+                    waiting.pop(me, None)
+                    if not waiting:
+                        del taker._capped[node]
+
+    async def _ask(self, peer: PeerRecord, rfirst: int, rcount: int, push: float) -> None:
+        """One piece asked of ``peer`` (``push``: waiting there that long for it), and what the
+        answer says done."""
+        taker = self.taker
+        piece = range(rfirst, rfirst + rcount)
+        self.taking.update(piece)
+        taker._asking[peer.node_id] = taker._asking.get(peer.node_id, 0) + 1
+        try:
+            reply = await taker._asker.ask(peer, self.img, self.manifest, rfirst, rcount, wait=push)
+        finally:
+            self.taking.difference_update(piece)
+            if (left := taker._asking.pop(peer.node_id) - 1) > 0:
+                taker._asking[peer.node_id] = left
+            taker._changed(self.changed)
+            taker._wake_capped(peer.node_id)
+        for node, bits in reply.takers:
+            rec, had = self.hinted.get(node) or (taker._directory.member(self.img, node), 0)
+            if rec is not None:
+                self.hinted[node] = (rec, had | bits)
+                taker._stats["relays_named"] += 1
+        if reply.answer is Answer.OK:
+            self.put(rfirst, reply.data)
+            self.pending.difference_update(piece)
+        elif (reply.answer in (Answer.FAILED, Answer.LIED, Answer.NOT_FETCHING)
+              and peer.node_id == self.claimer.node_id):
+            # NOT_FETCHING: the claim is stale (its fetch failed, as in a Glance outage, or
+            # ended): the chunks are not coming from there.
+            taker._stats["stale_claims"] += reply.answer is Answer.NOT_FETCHING
+            self.claimer_failed = True
+        elif reply.answer in (Answer.BUSY, Answer.SLOW, Answer.NOT_HELD, Answer.NOT_FETCHING):
+            self.resting[peer.node_id] = trio.current_time() + taker.poll

@@ -38,6 +38,7 @@ import trio
 from thunderfs.cache.store import ChunkStore, ImageData
 from thunderfs.errors import ChunkCorrupt, ChunkNotCached
 from thunderfs.ratelimit import TokenBucket
+from thunderfs.p2p.takers import Takers
 from thunderfs_common.signing import NonceCacheFull, Verifier
 from thunderfs_common.tracker_protocol import NOT_FETCHING_HEADER, PIECES_HEADER, TAKERS_HEADER, encode_takers
 
@@ -48,7 +49,6 @@ MAX_REQUEST_CHUNKS = 1024
 IDLE_TIMEOUT = 30.0
 MAX_WAIT = 10.0  # seconds a request may wait for chunks to arrive
 MAX_WAITERS = 256  # requests waiting at once; more are told 503 (busy)
-TAKERS_KEPT = (16, 64)  # images, and nodes per image, whose takes are remembered (the latest)
 # An answer is read from the cache and sent a piece of this size at a time: memory per answer is
 # one piece whatever its length, and a read fits the reading thread's kept buffer (a 10 MiB answer
 # read whole took a fresh buffer, and its faults, every time: a quarter of the holder's CPU).
@@ -101,7 +101,7 @@ class PeerServer:
                                      "refused", "bad_requests", "waits", "waits_served", "slot_waits",
                                      "redirects", "not_fetching", "cut_short", "fetches_for_peers"), 0)
         self._slot_freed = trio.lowlevel.ParkingLot()
-        self._takers: dict[bytes, dict[str, int]] = {}  # content -> node -> chunks it took from here
+        self._takers = Takers()  # who took what from here lately
         # Wired by the daemon: (content, first, count) -> the header that carries the tracker's
         # pieces of those chunks, while the image has only those (None: none to send).
         self.pieces: Callable[[bytes, int, int], str | None] = lambda content, first, count: None
@@ -145,7 +145,7 @@ class PeerServer:
                         if slot:
                             self._free_slot()  # taken in _answer, held until the bytes are sent
                     if took:  # sent: the asker has them now (a relay for whoever asks next)
-                        self._took(*took)
+                        self._takers.took(*took)
                     if conn.our_state is h11.MUST_CLOSE:
                         return
                     conn.start_next_cycle()
@@ -243,44 +243,13 @@ class PeerServer:
         if img is None or last >= img.nchunks:
             self._stats["not_held"] += 1
             return 404, b"not held\n", False
-        takers = self._takers_of(content, first, count, asker)
+        takers = self._takers.of(content, first, count, asker)
         if takers:
             extra.append((TAKERS_HEADER, encode_takers(takers)))
-        give_up = trio.current_time() + wait
         if wait and (img.missing(first, last) or self._busy >= self._slots):
-            if self._waiting >= MAX_WAITERS:
-                self._stats["busy"] += 1
-                return 503, b"too many waiting\n", False
-            self._stats["waits"] += 1
-            self._waiting += 1
-            try:
-                asked_to_fetch = False
-                with trio.move_on_at(give_up):
-                    while missing := img.missing(first, last):
-                        if not all(self.fetching(img, c) for c in missing):
-                            # Asked as the chunks' owner: fetched here, once.
-                            if not asked_to_fetch and self.fetch_for_peer(img, missing):
-                                asked_to_fetch = True
-                                self._stats["fetches_for_peers"] += 1
-                                continue
-                            self._stats["not_fetching"] += 1
-                            extra.append((NOT_FETCHING_HEADER, "1"))
-                            return 404, b"not held, and not being fetched here\n", False
-                        await img.wait_arrival()
-                    # The crowd that waited for these chunks wants them at once: a waiter queues
-                    # for an upload slot (the slots turn over in milliseconds) rather than be
-                    # told 503 and come back a poll later; unless a relay took them all from
-                    # here meanwhile, where it is sent.
-                    while self._busy >= self._slots:
-                        takers = self._takers_of(content, first, count, asker)
-                        if takers and takers[0][1] == (1 << count) - 1:
-                            self._stats["redirects"] += 1
-                            extra[:] = [(TAKERS_HEADER, encode_takers(takers))]
-                            return 503, b"upload slots full: ask the relays named\n", False
-                        self._stats["slot_waits"] += 1
-                        await self._slot_freed.park()
-            finally:
-                self._waiting -= 1
+            refused = await self._wait_for(img, content, first, count, asker, wait, extra)
+            if refused is not None:
+                return refused
         if self._busy >= self._slots:
             self._stats["busy"] += 1
             return 503, b"upload slots full\n", False
@@ -289,6 +258,54 @@ class PeerServer:
             return 404, b"not held\n", False
         if wait:
             self._stats["waits_served"] += 1
+        return await self._serve_chunks(img, content, first, count, asker, extra, took)
+
+    async def _wait_for(self, img: ImageData, content: bytes, first: int, count: int, asker: str, wait: float,
+                        extra: list[tuple[str, str]]) -> tuple[int, bytes, bool] | None:
+        """A request that may wait (``wait`` seconds) for chunks still arriving here, or for an
+        upload slot: None once it may be served, else the refusal to answer."""
+        last = first + count - 1
+        give_up = trio.current_time() + wait
+        if self._waiting >= MAX_WAITERS:
+            self._stats["busy"] += 1
+            return 503, b"too many waiting\n", False
+        self._stats["waits"] += 1
+        self._waiting += 1
+        try:
+            asked_to_fetch = False
+            with trio.move_on_at(give_up):
+                while missing := img.missing(first, last):
+                    if not all(self.fetching(img, c) for c in missing):
+                        # Asked as the chunks' owner: fetched here, once.
+                        if not asked_to_fetch and self.fetch_for_peer(img, missing):
+                            asked_to_fetch = True
+                            self._stats["fetches_for_peers"] += 1
+                            continue
+                        self._stats["not_fetching"] += 1
+                        extra.append((NOT_FETCHING_HEADER, "1"))
+                        return 404, b"not held, and not being fetched here\n", False
+                    await img.wait_arrival()
+                # The crowd that waited for these chunks wants them at once: a waiter queues
+                # for an upload slot (the slots turn over in milliseconds) rather than be
+                # told 503 and come back a poll later; unless a relay took them all from
+                # here meanwhile, where it is sent.
+                while self._busy >= self._slots:
+                    takers = self._takers.of(content, first, count, asker)
+                    if takers and takers[0][1] == (1 << count) - 1:
+                        self._stats["redirects"] += 1
+                        extra[:] = [(TAKERS_HEADER, encode_takers(takers))]
+                        return 503, b"upload slots full: ask the relays named\n", False
+                    self._stats["slot_waits"] += 1
+                    await self._slot_freed.park()
+        finally:
+            self._waiting -= 1
+        return None
+
+    async def _serve_chunks(self, img: ImageData, content: bytes, first: int, count: int, asker: str,
+                            extra: list[tuple[str, str]], took: list[tuple]) -> tuple[int, "bytes | _Chunks", bool]:
+        """The answer to a request whose chunks are all here: an upload slot and the chunks
+        pinned from the first read until the answer is sent (``_Chunks.close``)."""
+        last = first + count - 1
         cs = self._store.chunk_size
         start, end = first * cs, min(img.size, (last + 1) * cs)
         # The slot is held from here: the read may wait for the disk in a worker thread.  The
@@ -311,26 +328,6 @@ class PeerServer:
         if pieces := self.pieces(content, first, count):
             extra.append((PIECES_HEADER, pieces))
         return 200, _Chunks(self._store, img, start, end, data, token), True
-
-    def _took(self, content: bytes, node: str, first: int, count: int) -> None:
-        images, nodes = TAKERS_KEPT
-        takers = self._takers.pop(content, None) or {}
-        self._takers[content] = takers  # the latest last
-        if len(self._takers) > images:
-            del self._takers[next(iter(self._takers))]
-        bits = takers.pop(node, 0) | ((1 << count) - 1) << first
-        takers[node] = bits
-        if len(takers) > nodes:
-            del takers[next(iter(takers))]
-
-    def _takers_of(self, content: bytes, first: int, count: int, asker: str) -> list[tuple[str, int]]:
-        """Nodes other than ``asker`` that took some of the chunks from here, latest first, with
-        which (bits from ``first``): those that took them all first."""
-        mask = (1 << count) - 1
-        found = [(node, have) for node, bits in reversed(self._takers.get(content, {}).items())
-                 if node != asker and (have := bits >> first & mask)]
-        found.sort(key=lambda t: t[1] != mask)  # stable: latest first among equals
-        return found  # the header names the first MAX_TAKERS (encode_takers)
 
     def _free_slot(self) -> None:
         self._busy -= 1

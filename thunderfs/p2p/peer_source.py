@@ -22,11 +22,12 @@ import trio
 
 from thunderfs.cache.fresh import Buffer
 from thunderfs.cache.store import ImageData
+from thunderfs.p2p.asking import Asker
 from thunderfs.p2p.claims import ClaimTaker
 from thunderfs.p2p import owners
-from thunderfs.p2p.lazy_manifest import LazyManifest
-from thunderfs.p2p.peer_client import Answer, PeerClient, Reply
+from thunderfs.p2p.peer_client import Answer, PeerClient
 from thunderfs.p2p.peer_directory import PeerDirectory
+from thunderfs.p2p.plans import CLAIM_TRIES_BACKGROUND, PLAN_TTL, Plans  # noqa: F401 (PLAN_TTL: tests)
 from thunderfs.fetch.range_http import HTTPClient
 from thunderfs.fetch.slots import DEMAND
 from thunderfs.fetch.source import MIN_RATE, Sink, Want, deadline_for
@@ -34,7 +35,7 @@ from thunderfs.fetch.zero_chunks import ZeroChunks
 from thunderfs_common.chunk_runs import runs
 from thunderfs_common.image import ImageMeta
 from thunderfs_common.manifest_proof import Ed25519PublicKey
-from thunderfs_tracker.client import TrackerClient, TrackerError
+from thunderfs_tracker.client import TrackerClient
 from thunderfs_common.tracker_protocol import Manifest, PeerRecord
 
 log = logging.getLogger(__name__)
@@ -45,12 +46,6 @@ CLAIM_WAIT_MAX = 60.0
 # that a reader gets its bytes, from Glance if need be, before its own deadline (a wait of the
 # whole timeout failed reads while Glance was up: 64 readers of one holder, issue 28).
 CLAIM_WAIT_DEMAND = 0.5
-# How often readahead and prefetch ask a slow tracker for a claim before fetching from Glance
-# unclaimed (a reader waiting asks once: it had better have its bytes).
-CLAIM_TRIES_BACKGROUND = 3
-# How long a plan (``PeerSource.plan``) stands, at most: the tracker keeps a claim for its own
-# ``claim_seconds`` (30 by default) from the claim on.
-PLAN_TTL = 15.0
 # How long readahead and prefetch wait for a tracker known down (a lookup or claim of this node's
 # failed) before fetching from Glance unclaimed.  In a boot storm the tracker is slow for the
 # first seconds, and every unclaimed background fetch sends Glance what the crowd is fetching too;
@@ -94,12 +89,10 @@ class PeerSource:
         self.directory = PeerDirectory(tracker, chunk_size=chunk_size, timeout=timeout, lookup_window=lookup_window,
                                        lookup_ttl=lookup_ttl, min_rate=min_rate, tracker_key=tracker_key,
                                        secret=secret, location=location, on_revoked=self._revoked)
-        self.claims = ClaimTaker(tracker, self.directory, self.client, self._ask, chunk_size=chunk_size,
+        self.asker = Asker(tracker, self.directory, self.client, timeout=timeout)
+        self.claims = ClaimTaker(tracker, self.directory, self.client, self.asker, chunk_size=chunk_size,
                                  timeout=timeout, max_request_chunks=max_request_chunks, poll=claim_poll)
-        # content -> chunk -> (who fetches it: None for this node, and whether it holds it already),
-        # and until when that stands: the outcome of a prefetch batch's one claim.
-        self._plans: dict[bytes, dict[int, tuple[PeerRecord | None, bool, float]]] = {}
-        self._claiming: dict[bytes, set[int]] = {}  # content -> chunks a plan's claim asks for now
+        self.plans = Plans(self.directory, self.client, self.claims)
         self._node_id = node_id
         # content -> chunks peers asked this node for as their owner (``fetch_for_peer``): its
         # flights fetch them without a claim and without asking another owner.
@@ -107,7 +100,7 @@ class PeerSource:
         self._metas: dict[bytes, ImageMeta] = {}  # content -> the image, of those fetched lately
         self._zeros: dict[bytes, ZeroChunks] = {}  # content -> its zero chunks, of images sought lately
         self._stats = dict.fromkeys(("no_manifest", "granted_chunks", "claimed_chunks_late", "claims_deferred",
-                                     "planned_chunks", "plans", "unchecked_dropped", "owned_chunks",
+                                     "owned_chunks",
                                      "owner_chunks", "fetched_for_peers"), 0)
 
     # --- what the daemon wires -------------------------------------------------------------
@@ -148,7 +141,7 @@ class PeerSource:
         return zeros
 
     def _revoked(self, meta: ImageMeta, why: str) -> None:
-        self._plans.pop(meta.content_key, None)
+        self.plans.drop(meta.content_key)
         if self._on_revoked is not None:
             self._on_revoked(meta, why)
 
@@ -159,50 +152,13 @@ class PeerSource:
         return self.client.sources_of(content)
 
     async def plan(self, meta: ImageMeta, img: ImageData, chunks: list[int]) -> None:
-        """One claim for a batch of chunks about to be fetched (a prefetch batch, scattered over
-        many flights): its flights then know whom to take each chunk from, or that it is theirs
-        to fetch from Glance, without a claim each.  Without a manifest, or with the tracker known
-        down, nothing is planned (each flight claims as before)."""
-        now = trio.current_time()
-        for content, old in list(self._plans.items()):  # what no flight used is dropped in time
-            for c in [c for c, (_, _, until) in old.items() if until <= now]:
-                del old[c]
-            if not old:
-                del self._plans[content]
-        plan = self._plans.setdefault(img.content, {})
-        chunks = [c for c in chunks if c not in plan and not img.cached(c)]
-        if not chunks or self.directory.manifest_nowait(meta) is None or self.directory.tracker_breaker.is_open:
-            return
-        claiming = self._claiming.setdefault(img.content, set())
-        claiming.update(chunks)  # what the tracker may already name this node for, to others
-        try:
-            granted, others = await self.claims.claim(meta, img, chunks, tries=CLAIM_TRIES_BACKGROUND)
-        finally:
-            claiming.difference_update(chunks)
-            if not claiming:
-                self._claiming.pop(img.content, None)
-        if self.directory.tracker_breaker.is_open:
-            return  # the claim failed: nothing was granted, whatever it returned
-        until = trio.current_time() + PLAN_TTL
-        # Again: the flights of the batches before may have used up (and dropped) the image's plan
-        # while the tracker answered; entries written into that one would be lost.
-        plan = self._plans.setdefault(img.content, {})
-        for c in granted:
-            plan[c] = (None, False, until)
-        for peer, cs, held in others:
-            for c in cs:
-                plan[c] = (peer, held, until)
-        self._stats["plans"] += 1
-        self._stats["planned_chunks"] += len(chunks)
-        self._stats["granted_chunks"] += len(granted)
+        """One claim for a batch of chunks about to be fetched (``plans``)."""
+        await self.plans.plan(meta, img, chunks)
 
     def will_fetch(self, img: ImageData, chunk: int) -> bool:
         """Whether this node has claimed ``chunk`` for a flight that has not started yet (a
         prefetch batch's plan), or is claiming it now: the peer server keeps waiters for it."""
-        if chunk in self._claiming.get(img.content, ()):
-            return True
-        peer, _, until = self._plans.get(img.content, {}).get(chunk, (True, False, 0.0))
-        return peer is None and until > trio.current_time()
+        return self.plans.will_fetch(img, chunk)
 
     def fetch_for_peer(self, img: ImageData, chunks: list[int]) -> ImageMeta | None:
         """A peer asked this node, as their owner (``owners``), for ``chunks`` it neither holds
@@ -271,29 +227,6 @@ class PeerSource:
         self._stats["owner_chunks"] += len(chunks) - len(mine) - len(rest)
         return mine, theirs, rest
 
-    def _planned(self, img: ImageData, chunks: list[int]) -> tuple[list[int], dict[str, tuple[PeerRecord, list[int], bool]], list[int]]:
-        """(planned for this node, planned for other nodes by node id, not planned) of ``chunks``;
-        the plan's entries for them are used up.  A node avoided since the plan (it failed or
-        lied) is not waited for: its chunks count as not planned."""
-        plan = self._plans.get(img.content)
-        if not plan:
-            return [], {}, chunks
-        now = trio.current_time()
-        mine: list[int] = []
-        theirs: dict[str, tuple[PeerRecord, list[int], bool]] = {}
-        rest: list[int] = []
-        for c in chunks:
-            peer, held, until = plan.pop(c, (None, False, 0.0))
-            if until <= now or (peer is not None and self.client.avoided(peer.node_id)):
-                rest.append(c)
-            elif peer is None:
-                mine.append(c)
-            else:
-                theirs.setdefault(peer.node_id, (peer, [], held))[1].append(c)
-        if not plan:
-            del self._plans[img.content]
-        return mine, theirs, rest
-
     # --- the source ------------------------------------------------------------------------
 
     async def fetch(self, want: Want, sink: Sink) -> list[int]:
@@ -309,7 +242,7 @@ class PeerSource:
             del self._metas[next(iter(self._metas))]
         asked = self._take_asked(img, want.chunks)
         # What the batch's plan covers needs no lookup and no claim: who holds or fetches each.
-        mine, theirs, unplanned = self._planned(img, [c for c in want.chunks if not img.cached(c)])
+        mine, theirs, unplanned = self.plans.take(img, [c for c in want.chunks if not img.cached(c)])
         got: set[int] = set()
         if unplanned:
             with trio.move_on_after(self.timeout * 3 + want.nbytes() / MIN_RATE):
@@ -386,7 +319,7 @@ class PeerSource:
                 continue
             has = sorted(c for c in want if bits >> c & 1)
             for rfirst, rcount in runs(has, self._max):
-                reply = await self._ask(peer, img, manifest, rfirst, rcount)
+                reply = await self.asker.ask(peer, img, manifest, rfirst, rcount)
                 if reply.answer is not Answer.OK:
                     break  # this peer failed: the next one
                 got.append((rfirst, reply.data))
@@ -395,27 +328,8 @@ class PeerSource:
                 break
         return got
 
-    async def _ask(self, peer: PeerRecord, img: ImageData, manifest: Manifest | LazyManifest, first: int,
-                   count: int, *, wait: float = 0.0) -> Reply:
-        """One peer asked for a run (``wait``: until it has it, at most that long); a peer that
-        lied is reported to the tracker.  Bytes a lazy manifest has no digests for yet are
-        checked once the tracker's piece for them came (not used, if it did not)."""
-        reply = await self.client.get(peer, img, manifest, first, count, wait=wait)
-        if reply.answer is Answer.UNCHECKED:
-            for piece in reply.pieces:  # what the peer checked them against: proven, or refused
-                self.directory.add_piece(manifest.meta, piece, from_peer=True)
-            if isinstance(manifest, LazyManifest) and await self.directory.digests(manifest, first, count):
-                reply = await self.client.check(peer, img, manifest, first, reply.data)
-            else:
-                self._stats["unchecked_dropped"] += 1
-                return Reply(Answer.NOT_HELD)
-        if reply.answer is Answer.LIED:
-            try:
-                with trio.move_on_after(self.timeout):
-                    await self._tracker.report(peer.node_id, img.content.hex(), reply.bad_chunk, reply.why)
-            except TrackerError as exc:
-                log.info("could not report peer %s to the tracker: %s", peer.node_id, exc)
-        return reply
-
     def statistics(self) -> dict:
-        return {**self.client.statistics(), **self.directory.statistics(), **self.claims.statistics(), **self._stats}
+        plans = self.plans.statistics()
+        return {**self.client.statistics(), **self.directory.statistics(), **self.claims.statistics(),
+                **self.asker.statistics(), **plans, **self._stats,
+                "granted_chunks": self._stats["granted_chunks"] + plans["granted_chunks"]}
