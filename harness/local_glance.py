@@ -104,9 +104,7 @@ class LocalGlance:
         conf = CONFIG.format(port=self.port, dir=self.dir, venv=self.venv,
                              flavor="keystone" if self.keystone else "")
         if self.keystone:
-            from harness.local_keystone import ADMIN_PASSWORD
-
-            conf += KEYSTONE_AUTHTOKEN.format(url=self.keystone.url, password=ADMIN_PASSWORD)
+            conf += KEYSTONE_AUTHTOKEN.format(url=self.keystone.url, password=self.keystone.admin_password)
         (self.dir / "glance-api.conf").write_text(conf)
         subprocess.run(
             [str(self.venv / "bin" / "glance-manage"), "--config-file", str(self.dir / "glance-api.conf"), "db_sync"],

@@ -44,6 +44,8 @@ def keystone_venv() -> Path:
 
 
 class LocalKeystone:
+    admin_password = ADMIN_PASSWORD  # what a Glance that checks tokens here logs in with
+
     def __init__(self, workdir: Path, *, token_seconds: int = 3600, host: str = "127.0.0.1"):
         self.dir = Path(workdir)
         self.host, self.port = host, free_port(host)
