@@ -32,21 +32,19 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from harness import tiny_vm  # noqa: E402
-from benchmarks.record import provenance, spread  # noqa: E402
-from harness.local_glance import LocalGlance, free_port  # noqa: E402
-from harness.mounts import Mount, thunderfs  # noqa: E402
-from harness.pagecache import drop_page_cache  # noqa: E402
-from harness.tracker import LocalTracker  # noqa: E402
-from thunderfs.service import control  # noqa: E402
+from harness import tiny_vm
+from benchmarks.record import provenance, spread
+from harness.local_glance import LocalGlance, free_port
+from harness.mounts import Mount, thunderfs
+from harness.pagecache import drop_page_cache
+from harness.tracker import LocalTracker
+from thunderfs.service import control
 
 MARKER = "THUNDERFS-BOOT-DONE"
 SECRET = b"boot-bench-secret-0123456789abcdef"

@@ -39,7 +39,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -47,18 +46,17 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from harness import boot_trace  # noqa: E402
-from benchmarks.record import provenance  # noqa: E402
-from harness.fault_proxy import FaultProxy  # noqa: E402
-from harness.local_glance import LocalGlance, free_port  # noqa: E402
-from harness.mounts import Mount, thunderfs  # noqa: E402
-from harness.netns import Lan  # noqa: E402
-from harness.pagecache import drop_page_cache  # noqa: E402
-from harness.local_redis import LocalRedis  # noqa: E402
-from harness.tracker import LocalTracker  # noqa: E402
-from thunderfs_common.signing import sign  # noqa: E402
+from harness import boot_trace
+from benchmarks.record import provenance
+from harness.fault_proxy import FaultProxy
+from harness.local_glance import LocalGlance, free_port
+from harness.mounts import Mount, thunderfs
+from harness.netns import Lan
+from harness.pagecache import drop_page_cache
+from harness.local_redis import LocalRedis
+from harness.tracker import LocalTracker
+from thunderfs_common.signing import sign
 
 SECRET = b"bootstorm-secret-0123456789abcdef"
 MiB = 2**20

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from harness.chaos import FAULTS, Settings, run, save  # noqa: E402
+from harness.chaos import FAULTS, Settings, run, save
 
 
 def main() -> int:

@@ -19,17 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from benchmarks.record import provenance, spread  # noqa: E402
-from harness.local_glance import LocalGlance  # noqa: E402
-from harness.mounts import Mount  # noqa: E402
-from read_bench import cpu_times, direct_read, make_image, seq_read  # noqa: E402  (this directory)
+from benchmarks.record import provenance, spread
+from harness.local_glance import LocalGlance
+from harness.mounts import Mount
+from benchmarks.read_bench import cpu_times, direct_read, make_image, seq_read
 
 MiB, GiB = 2**20, 2**30
 

@@ -35,22 +35,20 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from harness import boot_trace  # noqa: E402
-from benchmarks.record import provenance, spread  # noqa: E402
-from harness.local_glance import LocalGlance, free_port  # noqa: E402
-from harness.mounts import Mount, thunderfs  # noqa: E402
-from harness.nginx import write_conf  # noqa: E402
-from harness.pagecache import drop_page_cache  # noqa: E402
-from thunderfs_common import chunk_digest  # noqa: E402
-from read_bench import cpu_times, make_image, peak_rss, seq_read  # noqa: E402  (this directory)
+from harness import boot_trace
+from benchmarks.record import provenance, spread
+from harness.local_glance import LocalGlance, free_port
+from harness.mounts import Mount, thunderfs
+from harness.nginx import write_conf
+from harness.pagecache import drop_page_cache
+from thunderfs_common import chunk_digest
+from benchmarks.read_bench import cpu_times, make_image, peak_rss, seq_read
 
 MiB, GiB = 2**20, 2**30
 JOBS = REPO / "benchmarks" / "fio"

@@ -19,17 +19,15 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from harness.local_glance import LocalGlance  # noqa: E402
-from harness.mounts import Mount, thunderfs  # noqa: E402
-from harness.pagecache import drop_page_cache  # noqa: E402
+from harness.local_glance import LocalGlance
+from harness.mounts import Mount, thunderfs
+from harness.pagecache import drop_page_cache
 
 JOBS = REPO / "benchmarks" / "fio"
 MiB = 2**20

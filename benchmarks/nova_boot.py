@@ -28,21 +28,19 @@ import json
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from benchmarks.boot_bench import boot_disk  # noqa: E402
-from harness import nova_probe  # noqa: E402
-from benchmarks.record import provenance, spread  # noqa: E402
-from harness.local_glance import LocalGlance  # noqa: E402
-from harness.mounts import Mount  # noqa: E402
-from harness.pagecache import drop_page_cache  # noqa: E402
-from thunderfs.nova.base_dir import cache_name  # noqa: E402
+from benchmarks.boot_bench import boot_disk
+from harness import nova_probe
+from benchmarks.record import provenance, spread
+from harness.local_glance import LocalGlance
+from harness.mounts import Mount
+from harness.pagecache import drop_page_cache
+from thunderfs.nova.base_dir import cache_name
 
 MiB = 2**20
 

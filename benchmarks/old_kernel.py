@@ -22,11 +22,10 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from benchmarks.record import provenance  # noqa: E402
-from harness import guest_kernel  # noqa: E402
-from harness.local_glance import LocalGlance  # noqa: E402
+from benchmarks.record import provenance
+from harness import guest_kernel
+from harness.local_glance import LocalGlance
 
 
 def main() -> int:

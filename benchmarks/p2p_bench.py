@@ -24,21 +24,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from harness.fault_proxy import FaultProxy  # noqa: E402
-from benchmarks.record import provenance, spread  # noqa: E402
-from harness.local_glance import LocalGlance, free_port  # noqa: E402
-from harness.mounts import Mount  # noqa: E402
-from harness.netns import Lan  # noqa: E402
-from harness.tracker import LocalTracker  # noqa: E402
+from harness.fault_proxy import FaultProxy
+from benchmarks.record import provenance, spread
+from harness.local_glance import LocalGlance, free_port
+from harness.mounts import Mount
+from harness.netns import Lan
+from harness.tracker import LocalTracker
 
 SECRET = b"p2p-bench-secret-0123456789abcdef"
 MiB = 2**20

@@ -14,8 +14,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from thunderfs.fuse.mounting import set_readahead  # noqa: E402
+from thunderfs.fuse.mounting import set_readahead
 
 NAME = b"file"
 

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,14 +28,13 @@ import httpx
 import trio
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from benchmarks.record import provenance, spread  # noqa: E402
-from harness.local_glance import LocalGlance, free_port  # noqa: E402
-from harness.mounts import Mount  # noqa: E402
-from harness.tracker import LocalTracker  # noqa: E402
-from thunderfs_common import chunk_digest  # noqa: E402
-from thunderfs_common.signing import sign  # noqa: E402
+from benchmarks.record import provenance, spread
+from harness.local_glance import LocalGlance, free_port
+from harness.mounts import Mount
+from harness.tracker import LocalTracker
+from thunderfs_common import chunk_digest
+from thunderfs_common.signing import sign
 
 SECRET = b"peer-serve-bench-secret-0123456789"
 MiB = 2**20

@@ -26,8 +26,7 @@ except ImportError:
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from storm_model import Params, curve  # noqa: E402
+from benchmarks.storm_model import Params, curve  # noqa: E402
 
 MiB = 2**20
 COLORS = {"thunderfs": "tab:blue", "glance-only": "tab:orange", "nova": "tab:red"}

@@ -29,13 +29,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from benchmarks.record import provenance  # noqa: E402
-from harness import boot_trace  # noqa: E402
-from harness.local_glance import LocalGlance  # noqa: E402
-from harness.mounts import Mount  # noqa: E402
-from harness.pagecache import drop_page_cache  # noqa: E402
+from benchmarks.record import provenance
+from harness import boot_trace
+from harness.local_glance import LocalGlance
+from harness.mounts import Mount
+from harness.pagecache import drop_page_cache
 
 MiB = 2**20
 

@@ -25,19 +25,17 @@ import json
 import random
 import signal
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from harness.direct_reader import DirectReader  # noqa: E402
-from benchmarks.record import provenance  # noqa: E402
-from harness.local_glance import LocalGlance  # noqa: E402
-from harness.mounts import Mount, thunderfs  # noqa: E402
-from thunderfs.cache.holes import data_extents  # noqa: E402
+from harness.direct_reader import DirectReader
+from benchmarks.record import provenance
+from harness.local_glance import LocalGlance
+from harness.mounts import Mount, thunderfs
+from thunderfs.cache.holes import data_extents
 
 CHUNK = 64 * 1024
 

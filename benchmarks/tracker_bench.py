@@ -17,7 +17,6 @@ import argparse
 import json
 import random
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -26,12 +25,11 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from benchmarks.record import provenance, spread  # noqa: E402
-from harness.tracker import LocalTracker  # noqa: E402
-from thunderfs_common.signing import H_NONCE, reply_is_signed, sign  # noqa: E402
-from thunderfs_common.tracker_protocol import ChunkUpdate, NodeInfo  # noqa: E402
+from benchmarks.record import provenance, spread
+from harness.tracker import LocalTracker
+from thunderfs_common.signing import H_NONCE, reply_is_signed, sign
+from thunderfs_common.tracker_protocol import ChunkUpdate, NodeInfo
 
 SECRET = b"tracker-bench-secret-0123456789"
 IMG = "00112233445566778899aabbccddeeff"

@@ -31,7 +31,6 @@ import asyncio
 import json
 import os
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,16 +38,15 @@ from pathlib import Path
 import aiohttp
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from benchmarks.read_bench import cpu_times  # noqa: E402
-from benchmarks.record import provenance  # noqa: E402
-from harness import boot_trace  # noqa: E402
-from harness.local_redis import LocalRedis  # noqa: E402
-from harness.tracker import LocalTracker  # noqa: E402
-from thunderfs.p2p.announcer import FULL_EVERY  # noqa: E402
-from thunderfs_common.tracker_protocol import ChunkUpdate, NodeInfo  # noqa: E402
-from thunderfs_common.signing import sign  # noqa: E402
+from benchmarks.read_bench import cpu_times
+from benchmarks.record import provenance
+from harness import boot_trace
+from harness.local_redis import LocalRedis
+from harness.tracker import LocalTracker
+from thunderfs.p2p.announcer import FULL_EVERY
+from thunderfs_common.tracker_protocol import ChunkUpdate, NodeInfo
+from thunderfs_common.signing import sign
 
 SECRET = b"tracker-load-secret-0123456789ab"
 CHUNK = 64 * 1024

@@ -16,17 +16,15 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import trio
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from thunderfs.cache.index import ChunkIndex  # noqa: E402
-from thunderfs.cache.store import ChunkStore  # noqa: E402
+from thunderfs.cache.index import ChunkIndex
+from thunderfs.cache.store import ChunkStore
 
 CHUNK = 64 * 1024
 SIZE = 64 * 2**20

@@ -22,14 +22,13 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from harness.fault_proxy import FaultProxy  # noqa: E402
-from harness.local_glance import LocalGlance, free_port  # noqa: E402
-from harness.mounts import Mount, thunderfs  # noqa: E402
-from harness.netns import Lan  # noqa: E402
-from harness.tracker import LocalTracker  # noqa: E402
-from thunderfs_common.units import format_size  # noqa: E402
+from harness.fault_proxy import FaultProxy
+from harness.local_glance import LocalGlance, free_port
+from harness.mounts import Mount, thunderfs
+from harness.netns import Lan
+from harness.tracker import LocalTracker
+from thunderfs_common.units import format_size
 
 TRACE = REPO.parent / "shared" / "data" / "debian-boot-trace.txt"
 

@@ -52,6 +52,10 @@ fi
 EXTRAS=test
 [ "${1:-}" = "--bench" ] && EXTRAS=test,bench
 pip_install .venv -c constraints/project.txt -e ".[$EXTRAS]"
+# The checkout itself on the venv's path: the benchmarks and scripts import the harness (and each
+# other) as packages, run from anywhere, with no sys.path edits of their own; the test harness is
+# not shipped in the thunderfs package for that.
+echo "$PWD" > "$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/thunderfs-checkout.pth"
 .venv/bin/python -c "import trio, lmdb, xxhash, blake3, httpx, aiohttp, cryptography"
 
 # More kernels without FUSE_NOTIFY_RESEND for the daemon in a guest (tests/test_old_kernel.py,
