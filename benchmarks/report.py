@@ -4,7 +4,7 @@ runs, date and commit, and the command that makes the results again.
 The results are the small JSON files the benchmarks write with ``--json``, kept under
 ``benchmarks/results/`` (committed: they are the evidence).  A headline whose file is missing is
 listed as not run, with its command.  ``--write`` puts the table at the top of
-``benchmarks/README.md`` and the short one in the README's status, between their markers;
+``benchmarks/README.md`` and the short one in ``docs/status.md``, between their markers;
 ``--check`` (tests/unit/test_report.py) fails if either differs from what the results say.
 
 Usage: .venv/bin/python benchmarks/report.py [--write | --check | --commands] [--results DIR]
@@ -511,7 +511,7 @@ def splice(text: str, block: str, path: Path) -> str:
     return f"{head}{BEGIN}\n{block}\n{END}{tail}"
 
 
-TARGETS = {REPO / "benchmarks" / "README.md": full_table, REPO / "README.md": short_table}
+TARGETS = {REPO / "benchmarks" / "README.md": full_table, REPO / "docs" / "status.md": short_table}
 
 
 def main() -> int:

@@ -1,4 +1,4 @@
-"""The headline tables in README.md and benchmarks/README.md are what the kept results say
+"""The headline tables in docs/status.md and benchmarks/README.md are what the kept results say
 (benchmarks/report.py renders them from benchmarks/results/*.json)."""
 
 from __future__ import annotations
