@@ -1,4 +1,4 @@
-"""The chaos run (harness/chaos.py): nodes read through their mounts while faults are injected.
+"""The chaos run (harness/chaos_run.py): nodes read through their mounts while faults are injected.
 
 Short form (every fault once, about 3 minutes; the test suite runs it too):
     .venv/bin/python benchmarks/chaos.py
@@ -17,7 +17,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-from harness.chaos import FAULTS, Settings, run, save
+from harness.chaos_run import FAULTS, Settings, run, save
 
 
 def main() -> int:

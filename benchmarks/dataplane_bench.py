@@ -97,8 +97,8 @@ def client_read(glance: LocalGlance, image_id: str, size: int, request: int, con
     import trio
 
     from thunderfs.config import MountConfig
-    from thunderfs.fetch.glance import GlanceSource
-    from thunderfs_common.glance import GlanceClient
+    from thunderfs.fetch.glance_source import GlanceSource
+    from thunderfs_common.glance_client import GlanceClient
 
     cs = MountConfig.__dataclass_fields__["chunk_size"].default  # the daemon's default chunk
 

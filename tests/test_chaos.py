@@ -2,7 +2,7 @@
 
 Real Glance, tracker and daemons in network namespaces; the fault injectors that stand in for what
 this kernel cannot do (a delaying proxy for latency, nftables for loss) and the lying peer (a real
-daemon whose cache files are altered behind its back) are described in harness/chaos.py.  The
+daemon whose cache files are altered behind its back) are described in harness/chaos_run.py.  The
 long form is ``benchmarks/chaos.py --duration SECONDS``.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.chaos import FAULTS, Settings, run
+from harness.chaos_run import FAULTS, Settings, run
 
 
 # Its own bound on the whole run: about 150 s alone, it once went past pytest's 300 s default in a

@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from conftest import wait_for
-from thunderfs_common.glance import GlanceClient
+from thunderfs_common.glance_client import GlanceClient
 
 
 def kvm_or_root() -> int:

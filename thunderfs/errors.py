@@ -13,7 +13,7 @@ class ConfigError(ThunderfsError):
     """Bad options or an environment the daemon cannot start in (told to the operator as is)."""
 
 
-# --- Glance: its errors are the Glance client's own (thunderfs_common.glance: GlanceError and
+# --- Glance: its errors are the Glance client's own (thunderfs_common.glance_client: GlanceError and
 # below), shared with the tracker; the fs boundary turns them into EIO like these.
 
 

@@ -28,7 +28,7 @@ import time
 
 from aiohttp import web
 
-from thunderfs_common.glance import GlanceClient
+from thunderfs_common.glance_client import GlanceClient
 from thunderfs_common.manifest_proof import ManifestProof
 from thunderfs_tracker import metrics, selection
 from thunderfs_tracker.config import TrackerConfig

@@ -35,7 +35,7 @@ from pathlib import Path
 
 
 from thunderfs_common import chunk_digest
-from thunderfs_common.glance import GlanceClient
+from thunderfs_common.glance_client import GlanceClient
 from thunderfs_common.manifest_proof import ManifestProof
 from thunderfs_common.tracker_protocol import Manifest, ProtocolError, Revocation
 from thunderfs_tracker.redis_conn import RedisConnection

@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 from thunderfs_common import chunk_digest
 from thunderfs_common.chunk_runs import runs
-from thunderfs_common.glance import GlanceClient, GlanceError, ImageGone
+from thunderfs_common.glance_client import GlanceClient, GlanceError, ImageGone
 from thunderfs_common.image import ImageMeta
 from thunderfs_common.manifest_proof import ManifestProof
 from thunderfs_common.tracker_protocol import DIGEST, MAX_PIECE_CHUNKS, Piece

@@ -1,5 +1,5 @@
 """``docs/design.md`` names only what exists: every file of the repository it names, every dotted
-name of the code (``fetch.Reader``, ``p2p.claims``, ``thunderfs_common.glance.GlanceClient``), and
+name of the code (``fetch.Reader``, ``p2p.claims``, ``thunderfs_common.glance_client.GlanceClient``), and
 every module its layering rules put in a room.  A rename that leaves the map behind fails here."""
 
 from __future__ import annotations

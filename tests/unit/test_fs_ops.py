@@ -13,7 +13,7 @@ import pytest
 
 from fakes import meta_of
 from thunderfs.errors import FetchFailed
-from thunderfs_common.glance import ImageGone
+from thunderfs_common.glance_client import ImageGone
 from thunderfs.fuse.kernel import FuseError
 from thunderfs.fuse.operations import ENOATTR, IMAGES, XATTR_PREFIX, Operations, SetTimes
 from thunderfs.fuse.inodes import IMAGES_DIR, ROOT, derive

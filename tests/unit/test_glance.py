@@ -11,9 +11,9 @@ import trio
 from fakes import CS, Body, FakeGlance, MockHTTP, meta_of, pattern, ranged
 from thunderfs.glance.catalog import Catalog
 from thunderfs.errors import SourceFailed
-from thunderfs_common.glance import GlanceError, GlanceUnavailable, ImageGone
-from thunderfs.fetch.glance import PLACE_STEP, GlanceSource
-from thunderfs_common.glance import GlanceClient
+from thunderfs_common.glance_client import GlanceError, GlanceUnavailable, ImageGone
+from thunderfs.fetch.glance_source import PLACE_STEP, GlanceSource
+from thunderfs_common.glance_client import GlanceClient
 from thunderfs.fetch.source import Urgency, Want
 from thunderfs.fetch.slots import DEMAND
 
@@ -254,7 +254,7 @@ async def test_a_glance_outage_fails_reads_with_one_line_and_no_traceback(store,
 
 
 def test_the_request_cost_is_a_fixed_time_and_a_rate_and_their_product_the_bdp():
-    from thunderfs.fetch.glance import RequestCost
+    from thunderfs.fetch.glance_source import RequestCost
     cost = RequestCost(default_bdp=12345)
     assert cost.bdp() == 12345  # nothing measured yet
     for _ in range(50):

@@ -8,7 +8,7 @@ import trio
 
 from fakes import CS, MemorySource, fetcher_of, meta_of, pattern, running
 from thunderfs.fetch.reader import Readers
-from thunderfs.profiles.service import Profiles
+from thunderfs.profiles.registry import Profiles
 from thunderfs_common.tracker_protocol import Profile
 
 DATA = pattern(40 * CS)

@@ -276,7 +276,7 @@ def test_a_watch_names_the_holders_then_what_changed_signed_event_by_event(tmp_p
 
 def test_a_manifest_is_built_from_glance_through_the_one_glance_client_and_bound_to_its_hash(tmp_path):
     from fakes import FakeGlance, pattern
-    from thunderfs_common.glance import GlanceClient
+    from thunderfs_common.glance_client import GlanceClient
     from thunderfs_tracker.manifests import ManifestStore, ManifestUnavailable
 
     data = pattern(5 * CHUNK + 10)
@@ -309,7 +309,7 @@ def test_a_failed_manifest_build_is_tried_again_with_backoff(tmp_path):
     """Glance down during a build: asks get the reason until the backoff passes, then the next
     ask builds it again; the wait doubles with each failure."""
     from fakes import FakeGlance, pattern
-    from thunderfs_common.glance import GlanceClient
+    from thunderfs_common.glance_client import GlanceClient
     from thunderfs_tracker.manifests import RETRY_FIRST, ManifestStore, ManifestUnavailable
 
     data = pattern(3 * CHUNK)
@@ -481,7 +481,7 @@ def test_manifests_carry_their_proof_and_a_stored_one_that_fails_it_is_built_aga
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from fakes import FakeGlance, pattern
-    from thunderfs_common.glance import GlanceClient
+    from thunderfs_common.glance_client import GlanceClient
     from thunderfs_common.manifest_proof import ManifestProof, signed_by
     from thunderfs_tracker.manifests import ManifestStore
 
@@ -615,7 +615,7 @@ def test_a_new_image_is_seeded_from_one_read_of_glance_then_checked_whole_or_rev
     proven piece, and serves later askers from memory; the whole-image check waits for quiet, then
     publishes the manifest, or revokes the image when Glance's bytes changed under its id."""
     from fakes import FakeGlance, pattern
-    from thunderfs_common.glance import GlanceClient
+    from thunderfs_common.glance_client import GlanceClient
     from thunderfs_common.manifest_proof import ManifestProof
     from thunderfs_tracker import manifests
     from thunderfs_tracker.manifests import ManifestStore

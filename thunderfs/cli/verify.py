@@ -11,8 +11,8 @@ import trio
 
 from thunderfs.service import control
 from thunderfs.errors import ConfigError
-from thunderfs_common.glance import GlanceError
-from thunderfs_common.glance import GlanceClient
+from thunderfs_common.glance_client import GlanceError
+from thunderfs_common.glance_client import GlanceClient
 from thunderfs_common.units import format_size
 
 

@@ -14,8 +14,8 @@ from thunderfs.errors import ConfigError
 from thunderfs.glance.auth import GlanceAuthError, KeystoneAuth, KeystoneDown
 from thunderfs.glance.catalog import Catalog
 from thunderfs.nova.base_dir import NovaBaseDir, NovaBaseError
-from thunderfs.nova.service import NovaService
-from thunderfs_common.glance import GlanceClient, GlanceError
+from thunderfs.nova.sync_loop import NovaService
+from thunderfs_common.glance_client import GlanceClient, GlanceError
 from thunderfs_common.keystone import KeystoneSettings
 
 log = logging.getLogger(__name__)

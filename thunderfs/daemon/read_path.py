@@ -13,10 +13,10 @@ from thunderfs.cache.fresh import ReceiveBuffers
 from thunderfs.cache.store import ChunkStore, ImageData
 from thunderfs.config import MountConfig
 from thunderfs.fetch.fetcher import Fetcher
-from thunderfs.fetch.glance import GlanceSource
+from thunderfs.fetch.glance_source import GlanceSource
 from thunderfs.fetch.reader import Readers
 from thunderfs.fetch.slots import DEMAND
-from thunderfs.profiles.service import Profiles
+from thunderfs.profiles.registry import Profiles
 from thunderfs.daemon.origin import Origin
 from thunderfs.daemon.swarm import Swarm
 

@@ -9,7 +9,7 @@ from thunderfs.cache.fresh import ReceiveBuffers
 from thunderfs.cache.index import ChunkIndex
 from thunderfs.cache.store import ChunkStore
 from thunderfs.config import MountConfig
-from thunderfs.fetch.glance import piece_bytes
+from thunderfs.fetch.glance_source import piece_bytes
 
 
 @dataclass

@@ -4,7 +4,7 @@
 *flight* (a run of adjacent missing chunks, at most ``max_request`` bytes) however many readers
 wait for it.  Flights run in the fetcher's own nursery, so a reader that gives up (timeout,
 interrupt) does not cancel the fetch others share.  A flight asks its sources in order (peers,
-then Glance: ``sources.Source``); what one does not deliver goes to the next.  Every verified run
+then Glance: ``source.Source``); what one does not deliver goes to the next.  Every verified run
 a source delivers is cached at once; what the cache cannot take is kept in the flight, so that a
 reader is served even when the cache has no room.
 """

@@ -7,7 +7,7 @@ import random
 
 import trio
 
-from thunderfs_common.glance import GlanceUnavailable, is_temp_failure
+from thunderfs_common.glance_client import GlanceUnavailable, is_temp_failure
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from thunderfs.glance.catalog import Catalog
 from thunderfs.errors import FetchFailed, ThunderfsError
 from thunderfs.fuse.kernel import Attr, Entry, FuseError
 from thunderfs.fuse.state import SessionState
-from thunderfs_common.glance import GlanceError, ImageGone
+from thunderfs_common.glance_client import GlanceError, ImageGone
 from thunderfs_common.image import ImageMeta
 from thunderfs.fuse.inodes import IMAGES_DIR, ROOT, InodeTable, derive
 from thunderfs.fuse.passthrough import BackingFiles

@@ -14,7 +14,7 @@ import httpx
 import trio
 
 from thunderfs.errors import ConfigError
-from thunderfs_common.glance import GlanceUnavailable
+from thunderfs_common.glance_client import GlanceUnavailable
 from thunderfs_common.keystone import (KeystoneConfigError, KeystoneSettings, KeystoneTokenError,
                                         KeystoneUnreachable, TokenSource, find_settings as _find_settings, renew_in)
 

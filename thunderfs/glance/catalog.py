@@ -13,9 +13,9 @@ from collections.abc import Callable, Collection
 import trio
 
 from thunderfs.cache.index import ChunkIndex
-from thunderfs_common.glance import GlanceError
+from thunderfs_common.glance_client import GlanceError
 from thunderfs_common.image import ImageMeta
-from thunderfs_common.glance import GlanceClient
+from thunderfs_common.glance_client import GlanceClient
 from thunderfs.reachability import Reachability
 
 log = logging.getLogger(__name__)

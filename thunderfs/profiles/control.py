@@ -5,7 +5,7 @@ from __future__ import annotations
 from thunderfs.glance.catalog import Catalog
 from thunderfs.cache.store import ChunkStore, ImageData
 from thunderfs_common.image import ImageMeta
-from thunderfs.profiles.service import Profiles
+from thunderfs.profiles.registry import Profiles
 
 
 class ProfileControl:

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from thunderfs.glance.catalog import Catalog
     from thunderfs.cache.store import ChunkStore
     from thunderfs.p2p.peer_source import PeerSource
-    from thunderfs.profiles.service import Profiles
+    from thunderfs.profiles.registry import Profiles
 
 log = logging.getLogger(__name__)
 

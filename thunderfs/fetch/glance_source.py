@@ -32,7 +32,7 @@ from thunderfs.fetch.slots import PrioritySlots
 from thunderfs.fetch.source import Sink, Want, deadline_for
 from thunderfs_common.chunk_runs import runs
 from thunderfs.ratelimit import TokenBucket
-from thunderfs_common.glance import (GlanceClient, GlanceError, GlanceProtocolError, GlanceUnavailable,
+from thunderfs_common.glance_client import (GlanceClient, GlanceError, GlanceProtocolError, GlanceUnavailable,
                                      check_range, is_temp_failure, raise_for_status)
 
 # Chunks fetched from Glance are cached (and so offered to peers) in pieces of this size as they
