@@ -36,7 +36,7 @@ def test_restarts_and_sigkills_on_an_older_kernel_lose_no_read(glance, tmp_path,
     assert rc == 0 and found, console[-3000:]
     r = json.loads(found.group(1))
     assert r["kernel"].startswith(release) and r["kernel_resends"] is False
-    assert len(r["restarts"]) == 2 and len(r["kills"]) == 2, r
+    assert len(r["restarts"]) == 2 and len(r["kills"]) == 2, (r["restarts"], r["kills"])
     for event in r["restarts"] + r["kills"]:
         assert (event["readers_stuck"], event["errors"], event["wrong"]) == (0, 0, 0), event
         assert event["waiting"] == 0, event

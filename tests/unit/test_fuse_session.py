@@ -24,6 +24,7 @@ from thunderfs.fuse.state import JOURNAL_AT, SLOT, SessionState
 from test_fs_ops import FakeCatalog, FakeReaders
 
 A = meta_of(b"a" * 100_000, "aaaaaaaa-0000-0000-0000-000000000001", "alpha")
+LANDING = 131072 + 65536  # the read buffer of the fake kernel's INIT (max_write 128 KiB)
 
 
 class FakeKernel:
@@ -467,53 +468,76 @@ async def test_a_takeover_answers_what_a_killed_process_read_where_the_kernel_ca
         assert await kern.answer() == (write, errno.EROFS, b"")
         assert session.statistics()["journaled"] == 1  # answered, so no longer kept
         # The kill: the memfd as it is now is what the next process finds.
-        memory = os.pread(state.fd, journal.SLOTS * journal.SLOT, JOURNAL_AT)
+        memory = os.pread(state.fd, os.fstat(state.fd).st_size - JOURNAL_AT, JOURNAL_AT)
         nursery.cancel_scope.cancel()
     os.pwrite(state.fd, memory, JOURNAL_AT)
-    # A LOOKUP and a long WRITE it had read as well (the slots as the journal writes them).
-    lost = Journal(state.fd, JOURNAL_AT)
+    # A LOOKUP and a long WRITE it had read as well (the slots as the journal writes them), and a
+    # GETATTR the kernel had just written into the landing zone when the kill came.
+    lost = Journal(state.fd, JOURNAL_AT, LANDING)
     lost.recover()
-    lookup_u, write_u = 1001, 1003
+    lookup_u, write_u, landed_u = 1001, 1003, 1005
     lost.add(k.IN_HEADER.pack(k.IN_HEADER.size + 6, Op.LOOKUP, lookup_u, 1, 0, 0, 1, 0, 0) + b"images")
     lost.add(k.IN_HEADER.pack(k.IN_HEADER.size + 4136, Op.WRITE, write_u, derive(A), 0, 0, 1, 0, 0)
              + b"\0" * 40 + b"w" * 4096)
+    _land(lost, k.IN_HEADER.pack(k.IN_HEADER.size + 16, Op.GETATTR, landed_u, 1, 0, 0, 1, 0, 0) + b"\0" * 16)
     later = await kern.send(Op.GETATTR, b"\0" * 16, nodeid=1)  # queued for the next process
     readers.gate.set()
     async with trio.open_nursery() as nursery:
         session = await serve(nursery, kern, SessionState.load(state.fd))
         got = {}
-        for _ in range(4):
+        for _ in range(5):
             unique, code, _payload = await kern.answer()
             got[unique] = code
-        assert got == {read: 0, lookup_u: 0, write_u: errno.EROFS, later: 0}
+        assert got == {read: 0, lookup_u: 0, write_u: errno.EROFS, landed_u: 0, later: 0}
         st = session.statistics()
-        assert (st["replayed"], st["journaled"], st["resent"]) == (3, 0, False)
+        assert (st["replayed"], st["journaled"], st["resent"]) == (4, 0, False)
         nursery.cancel_scope.cancel()
-    assert Journal(state.fd, JOURNAL_AT).recover() == []  # nothing left for a third process
+    assert Journal(state.fd, JOURNAL_AT, LANDING).recover() == []  # nothing left for a third process
+
+
+def _land(j: Journal, request: bytes) -> None:
+    """As the kernel does: a request written into the landing zone by a read."""
+    j.landing[:len(request)] = request
+
+
+def test_a_request_in_the_landing_zone_is_recovered_once_and_only_if_it_awaits_an_answer(state):
+    j = Journal(state.fd, JOURNAL_AT, LANDING)
+    getattr_ = k.IN_HEADER.pack(56, Op.GETATTR, 7, 1, 0, 0, 1, 0, 0) + b"\0" * 16
+    # Read, and the kill came before the move to a slot: recovered from the landing zone.
+    _land(j, getattr_)
+    assert [r for _, r in Journal(state.fd, JOURNAL_AT, LANDING).recover()] == [getattr_]
+    # Moved to a slot, and the kill came before the zone was cleared: recovered once.
+    _land(j, getattr_)
+    slot = j.add(getattr_)
+    assert [r for _, r in Journal(state.fd, JOURNAL_AT, LANDING).recover()] == [getattr_]
+    j.remove(slot)
+    # A FORGET awaits no answer: never served again.
+    _land(j, k.IN_HEADER.pack(48, Op.FORGET, 9, 5, 0, 0, 1, 0, 0) + k.FORGET_IN.pack(1))
+    assert Journal(state.fd, JOURNAL_AT, LANDING).recover() == []
 
 
 def test_a_journal_slot_is_whole_or_free(state):
-    j = Journal(state.fd, JOURNAL_AT)
+    j = Journal(state.fd, JOURNAL_AT, LANDING)
     request = k.IN_HEADER.pack(80, Op.READ, 7, 5, 0, 0, 1, 0, 0) + b"r" * 40
     slot = j.add(request)
     # A kill after the bytes and before the length: the slot reads as free.
     os.pwrite(state.fd, b"\0" * 4, JOURNAL_AT + slot * journal.SLOT)
-    assert Journal(state.fd, JOURNAL_AT).recover() == []
+    assert Journal(state.fd, JOURNAL_AT, LANDING).recover() == []
     slot = j.add(request)
-    assert Journal(state.fd, JOURNAL_AT).recover() == [(slot, request)]
+    assert Journal(state.fd, JOURNAL_AT, LANDING).recover() == [(slot, request)]
     j.remove(slot)
-    assert Journal(state.fd, JOURNAL_AT).recover() == []
+    assert Journal(state.fd, JOURNAL_AT, LANDING).recover() == []
     # A length no slot can hold (garbage) is not a request.
     os.pwrite(state.fd, (journal.SLOT * 2).to_bytes(4, "little"), JOURNAL_AT)
-    assert Journal(state.fd, JOURNAL_AT).recover() == []
+    assert Journal(state.fd, JOURNAL_AT, LANDING).recover() == []
 
 
 def test_the_journal_grows_a_memfd_an_older_version_made():
     fd = os.memfd_create("old")
     try:
         os.ftruncate(fd, JOURNAL_AT)  # the two state slots only
-        j = Journal(fd, JOURNAL_AT)
-        assert os.fstat(fd).st_size == JOURNAL_AT + journal.SLOTS * journal.SLOT
+        j = Journal(fd, JOURNAL_AT, LANDING)
+        assert os.fstat(fd).st_size == JOURNAL_AT + journal.SLOTS * journal.SLOT + LANDING
         assert j.recover() == []
         j.close()
     finally:

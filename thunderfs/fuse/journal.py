@@ -10,12 +10,16 @@ request again, and answers it.  A request the dead process had answered after al
 its answer and clearing the slot) is unknown to the kernel by then: the second answer gets
 ``ENOENT`` and is dropped, and uniques are never reused on a connection.
 
-One slot per request in progress (the session serves at most ``MAX_IN_FLIGHT``), written when the
-request is read and cleared once it is answered.  A slot is its length (0: free), then the request
-as the kernel sent it, cut at ``SLOT - 8`` bytes (a longer one can only be a write of some kind: it is answered EROFS
-from its header, as it was going to be).
-The length is written after the bytes, so a SIGKILL halfway leaves a free slot: that request, read
-in the instant before the kill, is the one a crash can still lose.
+The kernel writes each request straight into the journal: the session reads ``/dev/fuse`` into
+the journal's *landing* zone (as large as the largest request), so a request is in shared memory
+the moment the read returns, whatever happens next; no instant remains in which a kill loses it.
+The session then moves it into a slot of its own and clears the landing zone before it reads
+again (a request that gets no answer, INIT or FORGET, is only cleared).  One slot per request in
+progress (the session serves at most ``MAX_IN_FLIGHT``), cleared once the request is answered.
+A slot is its length (0: free), then the request as the kernel sent it, cut at ``SLOT - 8``
+bytes (a longer one can only be a write of some kind: it is answered EROFS from its header, as it
+was going to be).  The length is written after the bytes, so a slot is whole or free; a kill
+between the move and the clearing leaves the request in both, and it is served once.
 """
 
 from __future__ import annotations
@@ -24,26 +28,32 @@ import mmap
 import os
 import struct
 
+from thunderfs.fuse.kernel import IN_HEADER, NO_REPLY, Op
+
 SLOT = 512
 SLOTS = 1024  # the session's MAX_IN_FLIGHT
 _LEN = struct.Struct("<I4x")
-_UNIQUE = struct.Struct("<Q")  # at byte 8 of a request
+_HEAD = struct.Struct("<IIQ")  # a request's length, opcode and unique
 
 
 class Journal:
-    def __init__(self, fd: int, offset: int):
-        """The region ``[offset, offset + SLOTS * SLOT)`` of ``fd`` (grown if the file is shorter:
-        a memfd an older version made)."""
-        end = offset + SLOTS * SLOT
-        if os.fstat(fd).st_size < end:
-            os.ftruncate(fd, end)
-        self._map = mmap.mmap(fd, SLOTS * SLOT, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+    def __init__(self, fd: int, offset: int, landing: int):
+        """The region of ``fd`` from ``offset`` on: the slots, then a landing zone of ``landing``
+        bytes (the session's read buffer); the file is grown if it is shorter (a memfd an older
+        version made)."""
+        self._landing_at = SLOTS * SLOT
+        size = self._landing_at + -(-landing // mmap.PAGESIZE) * mmap.PAGESIZE
+        if os.fstat(fd).st_size < offset + size:
+            os.ftruncate(fd, offset + size)
+        self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+        self.landing = memoryview(self._map)[self._landing_at:]  # where the session reads requests into
         self._free = list(range(SLOTS - 1, -1, -1))
         self._used = 0
 
     def recover(self) -> list[tuple[int, bytes]]:
-        """What a previous process left unanswered, ``(slot, request)`` oldest first; those slots
-        stay taken until ``remove``."""
+        """What a previous process left unanswered, ``(slot, request)`` oldest first (one it had
+        read and not moved yet, from the landing zone, into a slot now); those slots stay taken
+        until ``remove``."""
         left = []
         for slot in range(SLOTS):
             (n,) = _LEN.unpack_from(self._map, slot * SLOT)
@@ -52,9 +62,33 @@ class Journal:
         taken = {slot for slot, _ in left}
         self._free = [s for s in self._free if s not in taken]
         self._used = len(taken)
-        return sorted(left, key=lambda e: _UNIQUE.unpack_from(e[1], 8)[0] if len(e[1]) >= 16 else 0)
+        landed = self._landed()
+        if landed is not None and _HEAD.unpack_from(landed)[2] not in {_unique(r) for _, r in left}:
+            left.append((self.keep(len(landed)), landed[:SLOT - _LEN.size]))
+        self.clear_landing()
+        return sorted(left, key=lambda e: _unique(e[1]))
 
-    def add(self, request: bytes) -> int:
+    def _landed(self) -> bytes | None:
+        """The request in the landing zone, if it holds one that awaits an answer."""
+        if len(self.landing) < _HEAD.size:
+            return None
+        n, opcode, _ = _HEAD.unpack_from(self.landing)
+        if n < IN_HEADER.size or n > len(self.landing) or opcode == Op.INIT or opcode in NO_REPLY:
+            return None
+        return bytes(self.landing[:n])
+
+    def keep(self, n: int) -> int:
+        """Move the request of ``n`` bytes just read into the landing zone to a slot, then clear
+        the zone; its slot, for ``remove``."""
+        slot = self.add(self.landing[:n])
+        self.clear_landing()
+        return slot
+
+    def clear_landing(self) -> None:
+        """Nothing to keep in the landing zone (moved, or a request that gets no answer)."""
+        _LEN.pack_into(self._map, self._landing_at, 0)
+
+    def add(self, request) -> int:
         """Keep a request just read; its slot, for ``remove``."""
         slot = self._free.pop()  # never empty: the session serves at most SLOTS at once
         n = min(len(request), SLOT - _LEN.size)
@@ -75,4 +109,9 @@ class Journal:
         return self._used
 
     def close(self) -> None:
+        self.landing.release()
         self._map.close()
+
+
+def _unique(request: bytes) -> int:
+    return _HEAD.unpack_from(request)[2] if len(request) >= _HEAD.size else 0

@@ -105,7 +105,7 @@ class Session:
                 if self.takeover and self.kernel_resends:
                     self._resend()
                 elif self.takeover:
-                    self._journal = Journal(self._state.fd, JOURNAL_AT)
+                    self._journal = Journal(self._state.fd, JOURNAL_AT, self._read_size())
                 task_status.started()
                 async with trio.open_nursery() as requests:
                     if self._journal is not None and self.takeover:
@@ -164,11 +164,11 @@ class Session:
                         "cannot resend them; they were kept in the session's journal)", self.replayed)
 
     async def _receive(self, nursery: trio.Nursery) -> None:
-        init = self._state.init
-        size = max(k.MIN_READ_BUFFER, (init.max_write if init else k.MAX_WRITE) + 64 * 1024)
-        buf = bytearray(size)
+        plain = bytearray(self._read_size())
         fd = self._fd
         while True:
+            # Where the kernel cannot resend, it writes each request into the journal itself.
+            buf = self._journal.landing if self._journal is not None else plain
             try:
                 n = os.readv(fd, [buf])
             except BlockingIOError:
@@ -190,6 +190,9 @@ class Session:
                 self.unmounted = True
                 return
             data = bytes(buf[:n])
+            keep = self._journal is not None and self._kept(data)
+            if self._journal is not None and not keep:
+                self._journal.clear_landing()  # no answer awaited (or none possible): nothing to keep
             try:
                 header = Header.parse(data)
             except k.ProtocolError as exc:
@@ -205,11 +208,26 @@ class Session:
             while self._in_flight >= MAX_IN_FLIGHT:
                 await self._room.park()
             self._in_flight += 1  # counted from here: the cap holds before the tasks start
-            # Kept until answered where the kernel cannot resend (no slot for what gets no answer).
-            slot = (self._journal.add(data) if self._journal is not None and header.opcode not in k.NO_REPLY
-                    else None)
+            # Kept until answered where the kernel cannot resend (from the landing zone, which a kill
+            # before this line leaves holding it, to a slot of its own).
+            slot = self._journal.keep(n) if keep else None
             nursery.start_soon(self._handle, header, data, slot)
             await trio.lowlevel.checkpoint()  # the requests just read, and everyone else, run too
+
+    def _read_size(self) -> int:
+        """The read buffer the kernel asks for: the largest request it may send (a write's)."""
+        init = self._state.init
+        return max(k.MIN_READ_BUFFER, (init.max_write if init else k.MAX_WRITE) + 64 * 1024)
+
+    @staticmethod
+    def _kept(data: bytes) -> bool:
+        """Whether a request read is kept in the journal until answered: one that parses and
+        awaits an answer (not INIT, which is answered at once, nor FORGET or INTERRUPT)."""
+        try:
+            header = Header.parse(data)
+        except k.ProtocolError:
+            return False
+        return header.opcode != Op.INIT and header.opcode not in k.NO_REPLY
 
     def _init(self, h: Header, body) -> None:
         try:
@@ -224,7 +242,7 @@ class Session:
             self._state.init = params
             self._state.save()
         if not self.kernel_resends and self._journal is None:
-            self._journal = Journal(self._state.fd, JOURNAL_AT)
+            self._journal = Journal(self._state.fd, JOURNAL_AT, self._read_size())
         self._write(k.reply(h.unique, 0, out))
         self._initialized.set()
         log.debug("FUSE %d.%d, flags %#x, max_pages %d", k.KERNEL_MAJOR, params.minor, params.flags,
