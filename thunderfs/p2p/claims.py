@@ -27,7 +27,7 @@ from thunderfs.p2p.peer_directory import PeerDirectory
 from thunderfs_common.chunk_runs import runs
 from thunderfs_common.image import ImageMeta
 from thunderfs_tracker.client import TrackerClient, TrackerError
-from thunderfs_common.tracker_protocol import Manifest, PeerRecord
+from thunderfs_common.tracker_protocol import PeerRecord
 
 log = logging.getLogger(__name__)
 
