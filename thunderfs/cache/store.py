@@ -51,7 +51,7 @@ import trio
 
 from thunderfs.cache.changes import ChangeFeed
 from thunderfs.cache.committer import Committer
-from thunderfs.cache.fresh import ReceiveBuffers
+from thunderfs.cache.fresh import Buffer, ReceiveBuffers
 from thunderfs.cache.holes import data_extents, punch_hole
 from thunderfs.cache.image_data import ABSENT, INDEXED, PENDING, WRITING, ImageData, read_checked
 from thunderfs.cache.index import ChunkIndex
@@ -90,17 +90,41 @@ class ChunkStore:
                                io_threads=io_threads)
         self.staging = Staging(chunk_size, self._stats, self.space, self.changes, self.committer, buffers,
                                io_threads=io_threads)
-        # The parts' work, as the rest of the daemon calls it.
-        self.pin, self.unpin = self.reading.pin, self.reading.unpin
-        self.read, self.verify = self.reading.read, self.reading.verify
-        self.will_need_nowait = self.reading.will_need_nowait
-        self.stage = self.staging.stage
-        self.commit = self.committer.commit
-        self.drain_changes, self.changes_pending = self.changes.drain, self.changes.pending
 
     @property
     def capacity(self) -> int:
         return self.space.capacity
+
+    # --- the parts' work, as the rest of the daemon asks for it (each part says how) -----------
+
+    def pin(self, img: ImageData, first: int, last: int) -> int:
+        return self.reading.pin(img, first, last)
+
+    def unpin(self, img: ImageData, token: int) -> None:
+        self.reading.unpin(img, token)
+
+    async def read(self, img: ImageData, offset: int, size: int, extra: dict[int, bytes] | None = None, *,
+                   borrow: bool = False) -> bytes | memoryview:
+        return await self.reading.read(img, offset, size, extra, borrow=borrow)
+
+    async def verify(self, img: ImageData, run: int = 4 * 2**20) -> bool:
+        return await self.reading.verify(img, run)
+
+    def will_need_nowait(self, img: ImageData, first: int, last: int) -> None:
+        self.reading.will_need_nowait(img, first, last)
+
+    def stage(self, img: ImageData, first: int, data: bytes | bytearray | memoryview,
+              buffer: Buffer | None = None) -> bool:
+        return self.staging.stage(img, first, data, buffer)
+
+    async def commit(self, touch: bool = True) -> None:
+        await self.committer.commit(touch)
+
+    def drain_changes(self) -> dict[bytes, tuple[ImageData, set[int], set[int]]]:
+        return self.changes.drain()
+
+    def changes_pending(self) -> int:
+        return self.changes.pending()
 
     # --- images ----------------------------------------------------------------------------
 

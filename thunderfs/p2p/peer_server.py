@@ -21,7 +21,7 @@
 Only members' signed requests are answered (401 otherwise).  Uploads are capped in number (503
 when every slot is busy: the asker moves on to another source; a request that waits for its
 chunks queues for a slot instead, within its wait) and in bandwidth (token bucket).
-A chunk is served only after its checksum was checked in this process (rule 5 of chunk_store):
+A chunk is served only after its checksum was checked in this process (the store's rule 5):
 a corrupt cached chunk is dropped, never relayed.
 """
 
