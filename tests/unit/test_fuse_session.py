@@ -511,6 +511,14 @@ def test_a_request_in_the_landing_zone_is_recovered_once_and_only_if_it_awaits_a
     slot = j.add(getattr_)
     assert [r for _, r in Journal(state.fd, JOURNAL_AT, LANDING).recover()] == [getattr_]
     j.remove(slot)
+    # Every slot taken (it died serving SLOTS requests) and one more landed: recovered all the
+    # same, without a slot of its own.
+    full = [j.add(getattr_[:8] + (100 + i).to_bytes(8, "little") + getattr_[16:]) for i in range(journal.SLOTS)]
+    _land(j, getattr_)
+    left = Journal(state.fd, JOURNAL_AT, LANDING).recover()
+    assert len(left) == journal.SLOTS + 1 and (None, getattr_) in left
+    for slot in full:
+        j.remove(slot)
     # A FORGET awaits no answer: never served again.
     _land(j, k.IN_HEADER.pack(48, Op.FORGET, 9, 5, 0, 0, 1, 0, 0) + k.FORGET_IN.pack(1))
     assert Journal(state.fd, JOURNAL_AT, LANDING).recover() == []

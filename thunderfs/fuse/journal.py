@@ -50,10 +50,10 @@ class Journal:
         self._free = list(range(SLOTS - 1, -1, -1))
         self._used = 0
 
-    def recover(self) -> list[tuple[int, bytes]]:
+    def recover(self) -> list[tuple[int | None, bytes]]:
         """What a previous process left unanswered, ``(slot, request)`` oldest first (one it had
-        read and not moved yet, from the landing zone, into a slot now); those slots stay taken
-        until ``remove``."""
+        read and not moved yet, from the landing zone, into a slot now: None if every slot is
+        taken, as when it died serving ``SLOTS`` at once); those slots stay taken until ``remove``."""
         left = []
         for slot in range(SLOTS):
             (n,) = _LEN.unpack_from(self._map, slot * SLOT)
@@ -64,7 +64,8 @@ class Journal:
         self._used = len(taken)
         landed = self._landed()
         if landed is not None and _HEAD.unpack_from(landed)[2] not in {_unique(r) for _, r in left}:
-            left.append((self.keep(len(landed)), landed[:SLOT - _LEN.size]))
+            slot = self.keep(len(landed)) if self._free else None
+            left.append((slot, landed if slot is None else landed[:SLOT - _LEN.size]))
         self.clear_landing()
         return sorted(left, key=lambda e: _unique(e[1]))
 

@@ -154,7 +154,8 @@ class Session:
                     self.replayed += 1
                 else:
                     self._malformed("journal entry", str(exc))
-                self._journal.remove(slot)
+                if slot is not None:
+                    self._journal.remove(slot)
                 continue
             self._in_flight += 1
             self.replayed += 1
