@@ -106,9 +106,9 @@ def _round(m: Mount, conn: Path | None, image: str, data: bytes, seed: int, even
                    "errors": sum(r.errors for r in readers), "wrong": sum(r.wrong for r in readers),
                    "slowest_s": round(max(r.slowest for r in readers), 2),
                    "failures": [f for r in readers for f in r.failures][:3],
-                   "waiting": None if stuck else _settled(conn)})
+                   # With a reader stuck it cannot settle: what the kernel waits on now.
+                   "waiting": mounting.waiting(conn) if stuck else _settled(conn)})
     if stuck:
-        result["waiting"] = mounting.waiting(conn)
         result["_readers"] = readers
     return result
 

@@ -33,7 +33,12 @@ from thunderfs.fuse.kernel import IN_HEADER, NO_REPLY, Op
 SLOT = 512
 SLOTS = 1024  # the session's MAX_IN_FLIGHT
 _LEN = struct.Struct("<I4x")
-_HEAD = struct.Struct("<IIQ")  # a request's length, opcode and unique
+
+
+def kept(opcode: int) -> bool:
+    """Whether a journal keeps a request of this kind: one whose caller waits for an answer the
+    session gives later (not INIT, answered as it is read, nor FORGET or INTERRUPT)."""
+    return opcode != Op.INIT and opcode not in NO_REPLY
 
 
 class Journal:
@@ -48,7 +53,6 @@ class Journal:
         self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
         self.landing = memoryview(self._map)[self._landing_at:]  # where the session reads requests into
         self._free = list(range(SLOTS - 1, -1, -1))
-        self._used = 0
 
     def recover(self) -> list[tuple[int | None, bytes]]:
         """What a previous process left unanswered, ``(slot, request)`` oldest first (one it had
@@ -61,9 +65,8 @@ class Journal:
                 left.append((slot, bytes(self._map[slot * SLOT + _LEN.size:slot * SLOT + _LEN.size + n])))
         taken = {slot for slot, _ in left}
         self._free = [s for s in self._free if s not in taken]
-        self._used = len(taken)
         landed = self._landed()
-        if landed is not None and _HEAD.unpack_from(landed)[2] not in {_unique(r) for _, r in left}:
+        if landed is not None and _unique(landed) not in {_unique(r) for _, r in left}:
             slot = self.keep(len(landed)) if self._free else None
             left.append((slot, landed if slot is None else landed[:SLOT - _LEN.size]))
         self.clear_landing()
@@ -71,10 +74,10 @@ class Journal:
 
     def _landed(self) -> bytes | None:
         """The request in the landing zone, if it holds one that awaits an answer."""
-        if len(self.landing) < _HEAD.size:
+        if len(self.landing) < IN_HEADER.size:
             return None
-        n, opcode, _ = _HEAD.unpack_from(self.landing)
-        if n < IN_HEADER.size or n > len(self.landing) or opcode == Op.INIT or opcode in NO_REPLY:
+        n, opcode, *_ = IN_HEADER.unpack_from(self.landing)
+        if n < IN_HEADER.size or n > len(self.landing) or not kept(opcode):
             return None
         return bytes(self.landing[:n])
 
@@ -96,18 +99,16 @@ class Journal:
         at = slot * SLOT
         self._map[at + _LEN.size:at + _LEN.size + n] = request[:n]
         _LEN.pack_into(self._map, at, n)  # last: a slot is whole or free
-        self._used += 1
         return slot
 
     def remove(self, slot: int) -> None:
         """The request in ``slot`` was answered."""
         _LEN.pack_into(self._map, slot * SLOT, 0)
         self._free.append(slot)
-        self._used -= 1
 
     @property
     def used(self) -> int:
-        return self._used
+        return SLOTS - len(self._free)
 
     def close(self) -> None:
         self.landing.release()
@@ -115,4 +116,4 @@ class Journal:
 
 
 def _unique(request: bytes) -> int:
-    return _HEAD.unpack_from(request)[2] if len(request) >= _HEAD.size else 0
+    return IN_HEADER.unpack_from(request)[2] if len(request) >= IN_HEADER.size else 0

@@ -191,17 +191,19 @@ class Session:
                 self.unmounted = True
                 return
             data = bytes(buf[:n])
-            keep = self._journal is not None and self._kept(data)
-            if self._journal is not None and not keep:
-                self._journal.clear_landing()  # no answer awaited (or none possible): nothing to keep
             try:
                 header = Header.parse(data)
             except k.ProtocolError as exc:
+                if self._journal is not None:
+                    self._journal.clear_landing()  # answered EIO below: nothing to keep
                 self._malformed("request", str(exc))
                 if len(data) >= 16:  # its unique is there: answered, so that nobody waits on it
                     unique = struct.unpack_from("<Q", data, 8)[0]
                     self._write(k.reply(unique, E.EIO))
                 continue
+            keep = self._journal is not None and journal.kept(header.opcode)
+            if self._journal is not None and not keep:
+                self._journal.clear_landing()  # INIT, FORGET, INTERRUPT: no answer to wait for later
             self._requests += 1
             if header.opcode == Op.INIT:
                 self._init(header, memoryview(data)[k.IN_HEADER.size:])
@@ -219,16 +221,6 @@ class Session:
         """The read buffer the kernel asks for: the largest request it may send (a write's)."""
         init = self._state.init
         return max(k.MIN_READ_BUFFER, (init.max_write if init else k.MAX_WRITE) + 64 * 1024)
-
-    @staticmethod
-    def _kept(data: bytes) -> bool:
-        """Whether a request read is kept in the journal until answered: one that parses and
-        awaits an answer (not INIT, which is answered at once, nor FORGET or INTERRUPT)."""
-        try:
-            header = Header.parse(data)
-        except k.ProtocolError:
-            return False
-        return header.opcode != Op.INIT and header.opcode not in k.NO_REPLY
 
     def _init(self, h: Header, body) -> None:
         try:
