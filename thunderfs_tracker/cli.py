@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from thunderfs_common.signing import SecretError, load_secret
 from thunderfs_tracker import __version__
 from thunderfs_tracker.app import create_app
 from thunderfs_tracker.config import TrackerConfig
+from thunderfs_tracker.manifests import ManifestStore, shared_between
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +46,13 @@ def main(argv: list[str] | None = None) -> int:
                                 "flags win.")
     p.add_argument("--version", action="version", version=f"thunderfs-tracker {__version__}")
     p.add_argument("--config", help=f"settings file (default {DEFAULT_CONFIG} if it exists)")
+    p.add_argument("--shared", nargs=2, metavar=("IMAGE_A", "IMAGE_B"),
+                   help="print, as JSON, what the two images' manifests in --state-dir share (chunks of "
+                        "IMAGE_B whose digest IMAGE_A has, zero chunks), and exit")
     options.add_arguments(p, TrackerConfig)
     args = p.parse_args(argv)
+    if args.shared and getattr(args, "listen", None) is None:
+        args.listen = "127.0.0.1:1"  # a report: nothing is served
     try:
         config = options.load(TrackerConfig, args, options.config_file(args.config, DEFAULT_CONFIG))
     except options.OptionError as exc:
@@ -74,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     except (keystone.KeystoneConfigError, keystone.KeystoneTokenError) as exc:
         print(f"thunderfs-tracker: {exc}", file=sys.stderr)
         return 1
+    if args.shared:
+        return _report_shared(ManifestStore(config.state_dir, None, proof=ManifestProof(signing_key, secret)),
+                              *args.shared)
     if secret is None:
         log.warning("no --secret-file: the tracker answers anyone who can reach it")
     config = dataclasses.replace(config, secret=secret, glance_url=glance_url, glance_auth=glance_auth,
@@ -85,6 +95,19 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"thunderfs-tracker: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _report_shared(store: ManifestStore, a: str, b: str) -> int:
+    ma, mb = store.stored(a), store.stored(b)
+    common = sorted(ma.keys() & mb.keys())
+    if not common:
+        missing = [i for i, m in ((a, ma), (b, mb)) if not m]
+        print(f"thunderfs-tracker: no checked manifest of {' and '.join(missing) or 'both at one chunk size'} "
+              f"in {store.directory}: it is built when a node first reads the image", file=sys.stderr)
+        return 1
+    for cs in common:
+        print(json.dumps(shared_between(ma[cs], mb[cs])))
     return 0
 
 

@@ -62,6 +62,28 @@ CHECK_LATEST = 600.0
 CHECK_POLL = 1.0  # how often a waiting check looks whether the image is quiet
 
 
+def shared_between(a: Manifest, b: Manifest) -> dict:
+    """What two images share by their manifests (one chunk size): ``b``'s chunks whose digest
+    ``a`` has too (issue 31: a node holding ``a`` fetches none of them for ``b``), and each
+    one's zero chunks (never fetched)."""
+    if a.chunk_size != b.chunk_size:
+        raise ValueError("manifests of different chunk sizes")
+
+    def chunks(m: Manifest) -> list[tuple[bytes, int]]:
+        return [(m.digest(c), min(m.chunk_size, m.size - c * m.chunk_size)) for c in range(m.nchunks)]
+
+    def zeros(cs: list[tuple[bytes, int]]) -> int:
+        return sum(1 for d, n in cs if d == chunk_digest.digest(bytes(n)))
+
+    ca, cb = chunks(a), chunks(b)
+    in_a = {d for d, _ in ca}
+    shared = [(d, n) for d, n in cb if d in in_a]
+    return {"a": a.image_id, "b": b.image_id, "chunk_size": a.chunk_size, "chunks_a": len(ca), "chunks_b": len(cb),
+            "shared_chunks": len(shared), "shared_bytes": sum(n for _, n in shared),
+            "shared_fraction": round(len(shared) / len(cb), 4), "zero_chunks_a": zeros(ca), "zero_chunks_b": zeros(cb),
+            "b_not_in_a_bytes": sum(n for d, n in cb if d not in in_a)}
+
+
 class ManifestStore:
     def __init__(self, state_dir: Path, glance: GlanceClient | None, *, keep_in_memory: int = 64,
                  shared: RedisConnection | None = None, proof: ManifestProof | None = None,
@@ -70,7 +92,7 @@ class ManifestStore:
         """``glance``: the client to read images with (closed with the store), or None (no
         manifests: nodes then read from Glance only).  ``seed``: images are lazy until checked
         (``check_quiet`` seconds after the seed's last read, at ``check_rate`` bytes/s)."""
-        self._dir = state_dir / "manifests"
+        self._dir = self.directory = state_dir / "manifests"
         self._dir.mkdir(parents=True, exist_ok=True)
         self._glance = glance
         self._memory: OrderedDict[tuple[str, int], Manifest] = OrderedDict()
@@ -152,6 +174,18 @@ class ManifestStore:
         if key not in self._building:
             self._building[key] = asyncio.create_task(self._build(image_id, chunk_size, lazy))
         return pending
+
+    def stored(self, image_id: str) -> dict[int, Manifest]:
+        """The manifests of ``image_id`` the state dir holds, by chunk size, each one's proof
+        checked (what ``thunderfs-tracker --shared`` compares, with no tracker running)."""
+        out: dict[int, Manifest] = {}
+        if not _IMAGE_ID.match(image_id):
+            return out
+        for path in self._dir.glob(f"{image_id}-*.json"):
+            size = path.stem.removeprefix(f"{image_id}-")
+            if size.isdigit() and (m := self._trusted(path.read_bytes(), str(path))) is not None:
+                out[int(size)] = m
+        return out
 
     def revoked(self, image_id: str, chunk_size: int) -> Revocation | None:
         """The image's revocation, if its check failed (kept in the state dir)."""

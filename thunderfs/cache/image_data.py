@@ -9,6 +9,10 @@ A chunk's state (``state``; the rules are ``store.py``'s):
   that buffer only.
 - ``PENDING``: written from verified bytes, readable, not yet durable.
 - ``INDEXED``: durable, in the index.
+- ``SHARED``: another image's chunk of the same digest holds its bytes (``home``: that image and
+  chunk, ``INDEXED``); served from there, checked against the same xxh3 (issue 31).
+- ``ZERO``: the image's manifest says it is all zeros: served as zeros, never fetched, stored or
+  offered to peers (its range of the data file is a hole, or that chunk's own bytes: zeros).
 
 Every read of a chunk from the file checks it against its xxh3 (``read_checked``), however
 recently it was checked before.  A *sealed* image (``sealed``: the kernel reads its file itself,
@@ -30,7 +34,9 @@ import xxhash
 
 from thunderfs.cache.fresh import Buffer
 
-ABSENT, PENDING, INDEXED, WRITING = 0, 1, 2, 3
+ABSENT, PENDING, INDEXED, WRITING, SHARED, ZERO = 0, 1, 2, 3, 4, 5
+# The states whose bytes lie in the image's own data file or buffers (``Space.used`` counts them).
+OWN = frozenset((PENDING, INDEXED, WRITING))
 
 
 def now_ms() -> int:
@@ -120,6 +126,12 @@ class ImageData:
         self.touched: dict[int, int] = {}  # chunk -> when it was last read (ms), until the next flush
         self.sealed = 0  # holders that need the data file whole (rule 6)
         self.held: dict[int, Buffer] = {}  # chunk -> the receive buffer it is served from (rule 7)
+        # Chunks known by their digest (issue 31): the manifest's digests, once it is known here
+        # (``Sharing.know``); for a ``SHARED`` chunk the image and chunk that hold its bytes; for
+        # an ``INDEXED`` one, the chunks of other images it holds the bytes of.
+        self.digests: bytes | None = None
+        self.home: dict[int, tuple[ImageData, int]] = {}
+        self.users: dict[int, set[tuple[ImageData, int]]] = {}
         # Bytes served to readers, and fetched by source (status and metrics per image).
         self.counters = dict.fromkeys(("bytes_read", "bytes_from_peers", "bytes_from_seed", "bytes_from_origin"), 0)
         self._arrival: trio.Event | None = None  # set when chunks become servable, if anyone waits
@@ -143,7 +155,14 @@ class ImageData:
         return min(self.chunk_size, self.size - chunk * self.chunk_size)
 
     def pinned(self, chunk: int) -> bool:
-        return any(first <= chunk <= last for first, last in self.pins.values())
+        """A read or an answer in progress holds it, here or through an image that shares it."""
+        return (any(first <= chunk <= last for first, last in self.pins.values())
+                or any(img.pinned(c) for img, c in self.users.get(chunk, ())))
+
+    def digest(self, chunk: int) -> bytes | None:
+        """The manifest's digest of ``chunk``, if the manifest is known here."""
+        d = self.digests
+        return None if d is None else d[chunk * 32:(chunk + 1) * 32]
 
     # --- chunk state, for everyone outside the cache room (only its own modules read ``state``) --
 
@@ -156,13 +175,26 @@ class ImageData:
         return [c for c in range(first, last + 1) if not state[c]]
 
     def cached_count(self) -> int:
-        return self.nchunks - self.state.count(ABSENT)
+        """Chunks whose bytes are here, its own or shared (not zero chunks: nothing is held)."""
+        return self.nchunks - self.state.count(ABSENT) - self.state.count(ZERO)
+
+    def count(self, state: int) -> int:
+        """How many chunks are in ``state`` (``SHARED``, ``ZERO``: status and metrics)."""
+        return self.state.count(state)
+
+    def bytes_in(self, state: int) -> int:
+        """The bytes of the chunks in ``state`` (the last chunk may be short)."""
+        n = self.state.count(state) * self.chunk_size
+        if self.state[-1] == state:
+            n -= self.chunk_size - self.chunk_len(self.nchunks - 1)
+        return n
 
     def held_bits(self) -> int:
-        """The cached chunks as an integer, bit ``c`` for chunk ``c`` (what the tracker is told)."""
+        """The cached chunks as an integer, bit ``c`` for chunk ``c`` (what the tracker is told;
+        not zero chunks: nobody asks for them)."""
         packed = bytearray((self.nchunks + 7) // 8)
         for c, s in enumerate(self.state):
-            if s:
+            if s and s != ZERO:
                 packed[c >> 3] |= 1 << (c & 7)
         return int.from_bytes(packed, "little")
 

@@ -11,6 +11,8 @@ Invariants (the store's rules 1, 5 and 7):
   again.  Bytes from memory (``extra``, a held receive buffer) were verified on arrival and never
   left it: not hashed again.
 - A ``WRITING`` chunk is served from its buffer only, never from the file.
+- A ``SHARED`` chunk is read from its home's file (rule 8), checked against its xxh3 as the home
+  itself; a mismatch drops the home and so the chunk.  A ``ZERO`` chunk reads as zeros.
 - The caller pins what it reads (``pin``): eviction takes no pinned chunk.
 """
 
@@ -25,7 +27,7 @@ from collections.abc import Callable
 import trio
 
 from thunderfs.cache.fresh import ReceiveBuffers
-from thunderfs.cache.image_data import ABSENT, WRITING, ImageData, now_ms, read_checked
+from thunderfs.cache.image_data import ABSENT, SHARED, WRITING, ZERO, ImageData, now_ms, read_checked
 from thunderfs.cache.space import Space
 from thunderfs.errors import ChunkCorrupt, ChunkNotCached
 
@@ -76,6 +78,12 @@ class Reading:
         parts = []
         c = first
         while c <= last:
+            if state[c] == SHARED or state[c] == ZERO:
+                start, stop = max(offset, c * cs), min(end, (c + 1) * cs)
+                parts.append(await self._shared(img, c, start - c * cs, stop - c * cs) if state[c] == SHARED
+                             else bytes(stop - start))
+                c += 1
+                continue
             if extra and c in extra:
                 start, stop = max(offset, c * cs), min(end, (c + 1) * cs)
                 parts.append(extra[c][start - c * cs:stop - c * cs])
@@ -100,7 +108,8 @@ class Reading:
                 c = run_last + 1
                 continue
             run_last = c
-            while run_last < last and not (extra and run_last + 1 in extra) and run_last + 1 not in held:
+            while (run_last < last and not (extra and run_last + 1 in extra) and run_last + 1 not in held
+                   and state[run_last + 1] != SHARED and state[run_last + 1] != ZERO):
                 run_last += 1
             base = c * cs
             parts.append(await self._checked(img, c, run_last, max(offset, base) - base,
@@ -109,6 +118,22 @@ class Reading:
             c = run_last + 1
         img.touched.update(dict.fromkeys(range(first, last + 1), now_ms()))
         return parts[0] if len(parts) == 1 and isinstance(parts[0], (bytes, memoryview)) else b"".join(parts)
+
+    async def _shared(self, img: ImageData, c: int, a: int, b: int) -> bytes:
+        """Bytes ``[a, b)`` of ``SHARED`` chunk ``c``, from its home (rule 8), checked."""
+        home, hc = img.home[c]
+        token = self.pin(home, hc, hc)
+        try:
+            data = await self._checked(home, hc, hc, a, b)
+        except ChunkCorrupt:
+            raise ChunkCorrupt(c) from None  # the home is dropped, and this chunk with it
+        finally:
+            self.unpin(home, token)
+        if img.state[c] != SHARED or img.home.get(c) != (home, hc):
+            raise ChunkNotCached(c)  # its home went while it was read
+        home.touched[hc] = now_ms()
+        self._stats["bytes_read_shared"] += len(data)
+        return data
 
     def _note_disk_wait(self, seconds: float) -> None:
         last = self.disk_wait
@@ -127,8 +152,8 @@ class Reading:
         per = max(1, run // self.chunk_size)
         for first in range(0, img.nchunks, per):
             last = min(img.nchunks - 1, first + per - 1)
-            if img.missing(first, last):
-                return False
+            if img.missing(first, last) or SHARED in img.state[first:last + 1]:
+                return False  # a shared chunk's bytes are not in this image's file
             for c in range(first, last + 1):
                 buf = img.held.get(c)
                 if img.state[c] == WRITING and buf is not None:  # rule 7: wait until it is on disk

@@ -11,6 +11,8 @@ Invariants (the store's rules 4 and 6):
   chunk is still ``ABSENT`` then (not staged again meanwhile).
 - Nothing of a sealed image is evicted or punched (rule 6): a dropped chunk's index entry goes,
   its bytes stay.
+- A chunk whose own bytes go takes every chunk that shares them along (rule 8, ``sharing.py``);
+  a shared or zero chunk that goes frees nothing.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from pathlib import Path
 from thunderfs.cache.changes import ChangeFeed
 from thunderfs.cache.committer import Committer
 from thunderfs.cache.holes import punch_hole
-from thunderfs.cache.image_data import ABSENT, INDEXED, ImageData
+from thunderfs.cache.image_data import ABSENT, INDEXED, OWN, SHARED, ZERO, ImageData
 from thunderfs.cache.index import ChunkIndex
+from thunderfs.cache.sharing import Sharing
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +38,8 @@ _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 class Space:
     def __init__(self, root: Path, index: ChunkIndex, capacity: int, chunk_size: int, stats: dict, *,
-                 find: Callable[[bytes], ImageData | None], changes: ChangeFeed, committer: Committer):
+                 find: Callable[[bytes], ImageData | None], changes: ChangeFeed, committer: Committer,
+                 sharing: Sharing):
         self._dir = root
         self._index = index
         self.capacity = capacity
@@ -44,6 +48,7 @@ class Space:
         self._find = find
         self._changes = changes
         self._committer = committer
+        self._sharing = sharing
         self.used = index.used_bytes()
         self.punching = 0  # bytes evicted whose holes are not punched yet (still on disk)
         self._room = capacity  # what the file system lets the cache hold (see disk_room)
@@ -123,15 +128,23 @@ class Space:
 
     def release(self, img: ImageData, c: int) -> None:
         """Drop one cached chunk now (evicted or corrupt); its index entry goes in the next commit,
-        its bytes once that is durable (rule 4)."""
+        its bytes once that is durable (rule 4), and with them every chunk that shares them
+        (rule 8).  A shared chunk only stops sharing; a zero chunk is forgotten."""
         was = img.state[c]
+        if was == SHARED:
+            self._sharing.unshare(img, c)
+            return
         img.state[c] = ABSENT
+        if was == ZERO:
+            return
+        if was:
+            self._sharing.dropping(img, c)
         if was == INDEXED:
             self._committer.evicted(img, c)
             self.punching += img.chunk_len(c)
         elif not img.sealed:  # rule 6
             self.scrub(img, c * self.chunk_size, img.chunk_len(c))
-        if was:
+        if was in OWN:
             self.used -= img.chunk_len(c)
             self._changes.note(img, c, False)
         self._committer.wake_nowait()
@@ -163,10 +176,10 @@ class Space:
                 self._stats["evictions"] += 1
 
     def drop_image(self, img: ImageData) -> int:
-        """Evict every unpinned chunk of one content now; returns how many."""
+        """Evict every unpinned chunk of one content now (its own, and its shares); returns how many."""
         dropped = 0
         for c in range(img.nchunks):
-            if img.state[c] == INDEXED and not img.pinned(c):
+            if img.state[c] in (INDEXED, SHARED) and not img.pinned(c):
                 self.release(img, c)
                 dropped += 1
         return dropped

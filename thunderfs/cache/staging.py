@@ -24,7 +24,7 @@ import xxhash
 from thunderfs.cache.changes import ChangeFeed
 from thunderfs.cache.committer import Committer
 from thunderfs.cache.fresh import Buffer, ReceiveBuffers
-from thunderfs.cache.image_data import ABSENT, PAGE, PENDING, WRITING, ImageData
+from thunderfs.cache.image_data import ABSENT, PAGE, PENDING, SHARED, WRITING, ZERO, ImageData
 from thunderfs.cache.space import Space
 
 
@@ -52,6 +52,9 @@ class Staging:
         ``buffer``: the pooled receive buffer (``self.buffers``) whose start ``data`` is; the store
         holds it and writes behind (rule 7) where it can."""
         n = len(data)
+        for c in range(first, first + -(-n // self.chunk_size)):
+            if img.state[c] == SHARED or img.state[c] == ZERO:  # arrived for a chunk shared meanwhile
+                self._space.release(img, c)
         if not self._space.make_room(n):
             return False
         offset = first * self.chunk_size

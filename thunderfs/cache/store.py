@@ -4,8 +4,9 @@ The store is the image registry (one ``ImageData`` per image content, loaded fro
 first use), the clean-up at start (``reclaim``), and the one face the rest of the daemon sees.
 Its jobs are parts of their own, each with its rules at its top: ``reading`` (checked reads,
 pins, page-cache hints), ``staging`` (verified bytes in, written now or behind), ``space``
-(capacity, the disk's room, eviction), ``committer`` (durability and the index), ``changes``
-(the feed the announcer drains); a chunk's states are ``image_data``'s.
+(capacity, the disk's room, eviction), ``sharing`` (chunks known by their digest, across
+images, and zero chunks), ``committer`` (durability and the index), ``changes`` (the feed the
+announcer drains); a chunk's states are ``image_data``'s.
 
 Layout: one sparse data file per image *content* (``data/<content-key>.data``, as long as the
 image), chunk N at offset ``N * chunk_size``.  A read that spans many cached chunks is one
@@ -40,6 +41,11 @@ Invariants (read before adding an ``await`` to this module):
    takes it back, then from the file.  A write that fails leaves it servable from memory until
    then, and ``ABSENT`` after.  Bytes from the buffer are not hashed again: they were verified
    on arrival and never left memory (as ``extra`` in rule 5).
+8. ``SHARED``: another image's ``INDEXED`` chunk of the same digest (its home) holds the bytes,
+   and is read for it, checked against the same xxh3; when the home goes, every chunk that
+   shares it goes with it, in memory at once and in the index in the same transaction.
+   ``ZERO``: the manifest says all zeros; served as zeros, never stored.  Neither takes room
+   (``sharing.py``).
 """
 
 from __future__ import annotations
@@ -53,20 +59,22 @@ from thunderfs.cache.changes import ChangeFeed
 from thunderfs.cache.committer import Committer
 from thunderfs.cache.fresh import Buffer, ReceiveBuffers
 from thunderfs.cache.holes import data_extents, punch_hole
-from thunderfs.cache.image_data import ABSENT, INDEXED, PENDING, WRITING, ImageData, read_checked
+from thunderfs.cache.image_data import ABSENT, INDEXED, PENDING, SHARED, WRITING, ZERO, ImageData, read_checked
 from thunderfs.cache.index import ChunkIndex
 from thunderfs.cache.reading import Reading
+from thunderfs.cache.sharing import Sharing
 from thunderfs.cache.space import Space
 from thunderfs.cache.staging import Staging
+from thunderfs_common import chunk_digest
 
-__all__ = ["ABSENT", "INDEXED", "PENDING", "WRITING", "ChunkStore", "ImageData", "read_checked"]
+__all__ = ["ABSENT", "INDEXED", "PENDING", "SHARED", "WRITING", "ZERO", "ChunkStore", "ImageData", "read_checked"]
 
 log = logging.getLogger(__name__)
 
 _STATS = ("bytes_read_disk", "bytes_checked", "reads_inline", "reads_disk_inline", "reads_threaded",
           "bytes_read_memory", "chunks_staged", "bytes_written_direct", "chunks_committed", "evictions",
           "corrupt_dropped", "disk_full_events", "bytes_not_cached", "commit_failures", "bytes_written_behind",
-          "write_behind_failures")
+          "write_behind_failures", "chunks_shared", "bytes_shared", "bytes_read_shared", "homes_proven", "homes_refused")
 
 
 class ChunkStore:
@@ -84,8 +92,10 @@ class ChunkStore:
         self.committer = Committer(index, self._images, self._stats, on_failed=self._release_chunk,
                                    on_punched=self._punched, commit_interval=commit_interval,
                                    touch_interval=touch_interval)
+        self.sharing = Sharing(self._stats, self.changes, self.committer)
+        self.committer.on_indexed = self.sharing.indexed
         self.space = Space(self._dir, index, capacity, chunk_size, self._stats, find=self.find,
-                           changes=self.changes, committer=self.committer)
+                           changes=self.changes, committer=self.committer, sharing=self.sharing)
         self.reading = Reading(chunk_size, self._stats, self.space, buffers, registered=self._registered,
                                io_threads=io_threads)
         self.staging = Staging(chunk_size, self._stats, self.space, self.changes, self.committer, buffers,
@@ -120,6 +130,16 @@ class ChunkStore:
     async def commit(self, touch: bool = True) -> None:
         await self.committer.commit(touch)
 
+    def know_digests(self, img: ImageData, digests: bytes) -> None:
+        """``img``'s manifest is known: its digests, which make chunks shared across images
+        (``sharing``)."""
+        self.sharing.know(img, digests)
+
+    def share(self, img: ImageData, chunks: list[int]) -> list[int]:
+        """Those of ``chunks`` (missing) that another image holds become ``SHARED`` now; returns
+        the rest, to fetch."""
+        return self.sharing.share(img, chunks)
+
     def drain_changes(self) -> dict[bytes, tuple[ImageData, set[int], set[int]]]:
         return self.changes.drain()
 
@@ -147,7 +167,14 @@ class ChunkStore:
             img.xxh[rec.chunk] = rec.xxh3
         if bad:
             log.warning("dropping %d index entries of %s that do not fit the image", bad, content.hex())
-        self._images[content] = img
+        self._images[content] = img  # before its shares: their homes may share from it too
+        for share in self._index.shared_of(content):
+            home = self.find(share.home) if share.home != content else img
+            if share.chunk >= img.nchunks or not self.sharing.load(img, share.chunk, home, share.home_chunk):
+                self.committer.unshared(img, share.chunk)
+        digests = self._index.digests_of(content)
+        if digests is not None and len(digests) == img.nchunks * chunk_digest.SIZE:
+            self.sharing.know(img, digests, kept=True)  # its zero chunks and homes, before any manifest
         return img
 
     def contents(self) -> list[ImageData]:
@@ -203,6 +230,10 @@ class ChunkStore:
             if not self._path(content).exists():
                 n = self._index.drop_content(content)
                 log.warning("cache file of %s is missing; forgot its %d chunks", content.hex(), n)
+        dangling = self._index.unshare_dangling()
+        if dangling:
+            log.info("forgot %d shared chunks whose home is not indexed", dangling)
+        self._index.forget_digests_except(self._index.contents())  # of images nothing is cached of
         self.space.used = self._index.used_bytes()
         self.space.evict(0, self.space.disk_room(recheck=True))
 
@@ -231,9 +262,14 @@ class ChunkStore:
             "room": self.space.room,  # less than capacity: the disk is short
             "used": self.space.used,
             "pending_chunks": len(self.committer.pending),
+            # Not durable yet: written behind still (rule 7), or waiting for the next commit.
+            "uncommitted": sum(img.count(WRITING) for img in self._images.values()) + self.committer.backlog(),
             "open_contents": len(self._images),
             # Kept whole for the kernel (passthrough) and pinned by reads and answers in progress:
             # both back at 0 once nothing reads (a leak would keep chunks from eviction for good).
             "sealed_contents": sum(1 for img in self._images.values() if img.sealed),
             "pins": sum(len(img.pins) for img in self._images.values()),
+            "shared_chunks": sum(img.count(SHARED) for img in self._images.values()),
+            "zero_chunks": sum(img.count(ZERO) for img in self._images.values()),
+            **self.sharing.statistics(),
         }

@@ -81,6 +81,10 @@ def _print_status(stats: dict) -> None:
               + (f"{format_size(im['bytes_from_seed'])} through the tracker (seeding it), "
                  if im.get("bytes_from_seed") else "")
               + f"{format_size(im['bytes_from_origin'])} from Glance")
+        if im.get("shared_bytes") or im.get("zero_bytes"):
+            print(f"    saved {format_size(im['shared_bytes'] + im['zero_bytes'])}: "
+                  f"{format_size(im['shared_bytes'])} shared with other cached images, "
+                  f"{format_size(im['zero_bytes'])} of zero chunks (neither fetched nor stored)")
         if im["peers"]:
             print("    peers: " + ", ".join(f"{n} {format_size(b)}" for n, b in list(im["peers"].items())[:5])
                   + (f" and {len(im['peers']) - 5} more" if len(im["peers"]) > 5 else ""))

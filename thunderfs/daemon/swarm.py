@@ -61,7 +61,9 @@ async def join_swarm(config: MountConfig, index: ChunkIndex, store: ChunkStore,
     peers = PeerSource(tracker, node_id=config.node_id, secret=secret, chunk_size=config.chunk_size,
                        timeout=config.peer_timeout, fetch_timeout=config.fetch_timeout,
                        max_request_chunks=config.max_request // config.chunk_size, tracker_key=tracker_key,
-                       location=node.location, on_revoked=lambda meta, why: on_revoked(meta))
+                       location=node.location, on_revoked=lambda meta, why: on_revoked(meta),
+                       on_manifest=lambda meta, m: store.know_digests(store.image(meta.content_key, meta.size),
+                                                                      m.digests))
     stack.push_async_callback(peers.aclose)
     seed = SeedSource(tracker, peers.directory, chunk_size=config.chunk_size, timeout=config.peer_timeout)
     server = PeerServer(store, secret=secret, max_uploads=config.max_uploads, rate=config.upload_rate)

@@ -120,6 +120,8 @@ class Fetcher:
             elif not img.cached(c):
                 to_start.append(c)
         assert self._nursery is not None, "Fetcher.run() is not running"
+        # Chunks another cached image holds under the same digest are not fetched (issue 31).
+        to_start = self._store.share(img, to_start) if to_start else to_start
         for first, count in runs(to_start, self.max_chunks):
             run = _Run(meta, img, first, count, Urgency(priority))
             keys = [(img.content, c) for c in range(first, first + count)]

@@ -41,10 +41,11 @@ class PeerDirectory:
     def __init__(self, tracker: TrackerClient, *, chunk_size: int, timeout: float = 2.0,
                  lookup_window: int = 1024, lookup_ttl: float = 2.0, min_rate: float = 2**20,
                  tracker_key: Ed25519PublicKey | None = None, secret: bytes | None = None,
-                 location: tuple[str, ...] = (), on_revoked=None):
+                 location: tuple[str, ...] = (), on_revoked=None, on_manifest=None):
         """``tracker_key``: the tracker's public key; a manifest it did not sign is refused.
         ``secret``: the cluster's, which proves pieces without a key (a MAC, as the tracker's).
-        ``on_revoked(meta, why)``: the tracker revoked an image's lazy manifest."""
+        ``on_revoked(meta, why)``: the tracker revoked an image's lazy manifest.
+        ``on_manifest(meta, manifest)``: an image's whole manifest was accepted (checked), once."""
         self._tracker = tracker
         self._tracker_key = tracker_key
         self._mac = ManifestProof(secret=secret) if secret else None
@@ -56,6 +57,7 @@ class PeerDirectory:
         self._manifests: dict[bytes, Manifest | LazyManifest] = {}
         self._revoked: set[bytes] = set()
         self.on_revoked = on_revoked
+        self.on_manifest = on_manifest
         self._manifest_asked: dict[bytes, float] = {}
         self._lookups: dict[tuple[str, int], tuple[float, list[PeerRecord]]] = {}  # -> (when, peers)
         self.tracker_breaker = Breaker("the tracker")
@@ -143,6 +145,8 @@ class PeerDirectory:
                         meta.id)
             return None
         self._manifests[key] = m
+        if self.on_manifest is not None:
+            self.on_manifest(meta, m)
         return m
 
     def _revoke(self, meta: ImageMeta, r: Revocation) -> None:

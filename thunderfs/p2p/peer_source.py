@@ -74,10 +74,12 @@ class PeerSource:
                  timeout: float = 2.0, fetch_timeout: float = 20.0, lookup_window: int = 1024,
                  lookup_ttl: float = 2.0, max_request_chunks: int = 256, claim_poll: float = 0.25,
                  min_rate: float = 2**20, tracker_key: Ed25519PublicKey | None = None,
-                 location: tuple[str, ...] = (), on_revoked=None, http: HTTPClient | None = None):
+                 location: tuple[str, ...] = (), on_revoked=None, on_manifest=None,
+                 http: HTTPClient | None = None):
         """``location``: this node's (zone, rack, host), which orders the holders a watch names.
         ``on_revoked(meta, why)``: the tracker revoked an image's lazy manifest (the daemon
-        drops the image's cached chunks)."""
+        drops the image's cached chunks).  ``on_manifest(meta, manifest)``: an image's whole
+        manifest was accepted (the daemon gives the cache its digests)."""
         self._tracker = tracker
         self._on_revoked = on_revoked
         self._cs = chunk_size
@@ -88,7 +90,8 @@ class PeerSource:
                                  min_rate=min_rate, http=http)  # tests: fakes.MockHTTP
         self.directory = PeerDirectory(tracker, chunk_size=chunk_size, timeout=timeout, lookup_window=lookup_window,
                                        lookup_ttl=lookup_ttl, min_rate=min_rate, tracker_key=tracker_key,
-                                       secret=secret, location=location, on_revoked=self._revoked)
+                                       secret=secret, location=location, on_revoked=self._revoked,
+                                       on_manifest=on_manifest)
         self.asker = Asker(tracker, self.directory, self.client, timeout=timeout)
         self.claims = ClaimTaker(tracker, self.directory, self.client, self.asker, chunk_size=chunk_size,
                                  timeout=timeout, max_request_chunks=max_request_chunks, poll=claim_poll)

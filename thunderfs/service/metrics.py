@@ -83,7 +83,18 @@ class _StatsCollector:
                                      labels=["source"])
         served.add_metric(["local_cache"], cache["bytes_read_disk"])
         served.add_metric(["uncached"], cache["bytes_read_memory"])
+        served.add_metric(["another_images_copy"], cache.get("bytes_read_shared", 0))
         yield served
+        # Issue 31: per image, bytes neither fetched nor stored for it: chunks another cached
+        # image holds (shared), and zero chunks.
+        saved = GaugeMetricFamily("thunderfs_image_saved_bytes", "Bytes of an image neither fetched nor stored "
+                                  "for it: held by another cached image's chunks of the same digest (shared), "
+                                  "or zero chunks", labels=["image", "kind"])
+        for im in s.get("per_image", []):
+            for kind in ("shared", "zero"):
+                if im.get(f"{kind}_bytes"):
+                    saved.add_metric([im["id"], kind], im[f"{kind}_bytes"])
+        yield saved
         fetched = CounterMetricFamily("thunderfs_fetched_bytes", "Bytes fetched into the cache, by source",
                                       labels=["source"])
         for source, label in SOURCES.items():  # a node with no tracker has no peer source: 0

@@ -1,7 +1,8 @@
 """What ``thunderfs status`` and ``thunderfs evict`` see of a running daemon: one record per image.
 
 Per image: its size, how much of it is cached, the bytes read through the mount and fetched by
-source, the peers that sent it, and its profile and prefetch state.  Plain dicts out (the control
+source, the peers that sent it, what it shares with other cached images and its zero chunks
+(issue 31: bytes neither fetched nor stored for it), and its profile and prefetch state.  Plain dicts out (the control
 socket's JSON); the CLI renders them.
 """
 
@@ -15,6 +16,8 @@ if TYPE_CHECKING:
     from thunderfs.cache.store import ChunkStore
     from thunderfs.p2p.peer_source import PeerSource
     from thunderfs.profiles.registry import Profiles
+
+from thunderfs.cache.image_data import SHARED, ZERO
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,10 @@ class ImageStatus:
                 "cached_chunks": cached,
                 "chunks": nchunks,
                 "cached_fraction": round(cached / nchunks, 4),
+                # Its chunks whose bytes another cached image's copy holds, and its zero chunks:
+                # bytes saved, neither fetched nor stored for this image.
+                "shared_bytes": 0 if img is None else img.bytes_in(SHARED),
+                "zero_bytes": 0 if img is None else img.bytes_in(ZERO),
                 **(img.counters if img is not None else
                    {"bytes_read": 0, "bytes_from_peers": 0, "bytes_from_seed": 0, "bytes_from_origin": 0}),
                 "peers": self._peers.sources_of(content) if self._peers is not None else {},

@@ -1,0 +1,82 @@
+"""Two versions of an image on one node (issue 31): the second costs Glance only the chunks that
+changed, is stored once, and its zero chunks are never fetched.  Real daemons, a real tracker (the
+manifests), a real Glance behind a counting proxy."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+
+from conftest import wait_for
+
+CHUNK = 64 * 1024
+MiB = 2**20
+
+
+def two_versions() -> tuple[bytes, bytes, set[int]]:
+    """v1: 6 MiB of data, then 4 MiB of zeros, then 2 MiB of data; v2: v1 with chunks 3, 40 and
+    170 rewritten (the kind of change a package update makes)."""
+    rng = random.Random(31)
+    v1 = rng.randbytes(6 * MiB) + bytes(4 * MiB) + rng.randbytes(2 * MiB)
+    changed = {3, 40, 170}
+    v2 = bytearray(v1)
+    for c in changed:
+        v2[c * CHUNK:(c + 1) * CHUNK] = rng.randbytes(CHUNK)
+    return v1, bytes(v2), changed
+
+
+def manifest_built(tracker, image_id):
+    return (tracker.dir / "manifests" / f"{image_id}-{CHUNK}.json").exists()
+
+
+def test_a_second_version_costs_glance_only_what_changed_and_is_stored_once(make_cluster, glance):
+    proxy, tracker, node = make_cluster()
+    v1, v2, changed = two_versions()
+    zero_chunks = 4 * MiB // CHUNK
+    id1, id2 = glance.upload("v1", v1)["id"], glance.upload("v2", v2)["id"]
+    # Someone else's first reads: the tracker builds both manifests from Glance.
+    a = node("a", "z1/r1/a")
+    for image_id in (id1, id2):
+        with open(a.image(image_id), "rb") as f:
+            f.read(4096)
+        wait_for(lambda: manifest_built(tracker, image_id), 60, "the manifest")
+    a.umount()  # no peer: what b does not hold, Glance sends
+    # What the tracker says the two share, from its state dir, with no tracker asked.
+    shown = subprocess.run([sys.executable, "-m", "thunderfs_tracker", "--shared", id1, id2, "--state-dir",
+                            str(tracker.dir), "--secret-file", str(tracker.dir / "secret")],
+                           capture_output=True, text=True, check=True).stdout
+    report = json.loads(shown)
+    assert report["shared_chunks"] == len(v2) // CHUNK - len(changed)
+    assert report["zero_chunks_b"] == zero_chunks and report["b_not_in_a_bytes"] == len(changed) * CHUNK
+
+    b = node("b", "z1/r1/b")
+    before = proxy.range_bytes
+    with open(b.image(id1), "rb") as f:
+        wait_for(lambda: b.stats()["cache"]["zero_chunks"] >= zero_chunks, 20, "v1's manifest on b")
+        assert f.read() == v1
+    v1_fetched = proxy.range_bytes - before
+    assert v1_fetched <= len(v1) - zero_chunks * CHUNK  # its zero chunks were never fetched
+
+    before = proxy.range_bytes
+    with open(b.image(id2), "rb") as f:
+        wait_for(lambda: b.stats()["cache"]["zero_chunks"] >= 2 * zero_chunks, 20, "v2's manifest on b")
+        assert f.read() == v2
+    assert proxy.range_bytes - before <= len(changed) * CHUNK  # measured at Glance
+    s = b.stats()["cache"]
+    assert s["used"] == len(v1) - zero_chunks * CHUNK + len(changed) * CHUNK  # stored once
+    assert s["chunks_shared"] == len(v2) // CHUNK - zero_chunks - len(changed)
+
+    # A crash once all is durable: the shares come back from the index, and v2 reads whole with
+    # Glance sending nothing.
+    wait_for(lambda: b.stats()["cache"]["uncommitted"] == 0, 20, "the index to be up to date")
+    b.kill9()
+    b.mount()
+    before = proxy.range_bytes
+    with open(b.image(id2), "rb") as f:
+        assert f.read() == v2
+    assert proxy.range_bytes == before
+    status = {i["id"]: i for i in b.stats()["per_image"]}
+    assert status[id2]["shared_bytes"] == s["chunks_shared"] * CHUNK
+    assert status[id2]["zero_bytes"] == zero_chunks * CHUNK

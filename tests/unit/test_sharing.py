@@ -1,0 +1,161 @@
+"""Chunks shared across images by their digest, and zero chunks (issue 31), in the store alone."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from fakes import CS
+from thunderfs.cache.index import ChunkIndex
+from thunderfs.cache.store import ABSENT, INDEXED, SHARED, ZERO, ChunkStore
+from thunderfs.errors import ChunkCorrupt, ChunkNotCached
+from thunderfs_common import chunk_digest
+
+V1, V2, V3 = b"\x01" * 16, b"\x02" * 16, b"\x03" * 16
+
+
+def digests(data: bytes) -> bytes:
+    return b"".join(chunk_digest.digests(data, CS))
+
+
+def versions():
+    """Two versions of an 8-chunk image: v2 changes chunk 2, and chunks 5 and 6 are zeros."""
+    v1 = os.urandom(5 * CS) + bytes(2 * CS) + os.urandom(CS)
+    v2 = v1[:2 * CS] + os.urandom(CS) + v1[3 * CS:]
+    return v1, v2
+
+
+async def cached(store: ChunkStore, content: bytes, data: bytes, chunks=None):
+    img = store.image(content, len(data))
+    store.know_digests(img, digests(data))
+    for c in chunks if chunks is not None else img.missing(0, img.nchunks - 1):
+        store.stage(img, c, data[c * CS:(c + 1) * CS])
+    await store.commit()
+    return img
+
+
+async def test_a_second_version_takes_what_the_first_holds_and_fetches_only_what_changed(store):
+    v1, v2 = versions()
+    a = await cached(store, V1, v1)
+    assert a.count(ZERO) == 2 and store.statistics()["used"] == 6 * CS  # zero chunks take no room
+    b = store.image(V2, len(v2))
+    store.know_digests(b, digests(v2))
+    rest = store.share(b, b.missing(0, b.nchunks - 1))
+    assert rest == [2]  # only the changed chunk is left to fetch
+    assert [b.state[c] for c in (0, 1, 3, 4, 7)] == [SHARED] * 5 and b.state[5] == b.state[6] == ZERO
+    assert await store.read(b, 0, len(v2), {2: v2[2 * CS:3 * CS]}) == v2
+    assert store.statistics()["used"] == 6 * CS  # nothing stored twice
+    assert b.cached_count() == 5 and b.held_bits() == 0b10011011  # zero chunks are not offered
+
+
+async def test_shares_survive_a_restart_and_go_with_their_home(tmp_path):
+    v1, v2 = versions()
+    index = ChunkIndex(tmp_path / "index")
+    index.check_layout(CS)
+    store = ChunkStore(tmp_path, index, CS, 1 << 30)
+    await cached(store, V1, v1)
+    b = store.image(V2, len(v2))
+    store.know_digests(b, digests(v2))
+    store.share(b, b.missing(0, b.nchunks - 1))
+    await store.commit()
+    store.close()
+    # A new process: the shares come back from the index before any manifest is known again.
+    store = ChunkStore(tmp_path, index, CS, 1 << 30)
+    store.reclaim()
+    b = store.image(V2, len(v2))
+    assert [c for c in range(b.nchunks) if b.state[c] == SHARED] == [0, 1, 3, 4, 7]
+    assert b.state[5] == b.state[6] == ZERO  # its digests were kept: its zeros need no manifest
+    assert await store.read(b, 3 * CS, CS) == v2[3 * CS:4 * CS]
+    # The home goes: so do the chunks that share it, in memory and in the index.
+    a = store.find(V1)
+    store.space.release(a, 3)
+    assert b.state[3] == ABSENT
+    await store.commit()
+    store.close()
+    store = ChunkStore(tmp_path, index, CS, 1 << 30)
+    store.reclaim()
+    b = store.image(V2, len(v2))
+    assert [c for c in range(b.nchunks) if b.state[c] == SHARED] == [0, 1, 4, 7]
+    store.close()
+    index.close()
+
+
+async def test_eviction_takes_no_home_a_read_of_another_image_pins(tmp_path, index):
+    v1, v2 = versions()
+    store = ChunkStore(tmp_path, index, CS, 6 * CS)
+    a = await cached(store, V1, v1)
+    b = store.image(V2, len(v2))
+    store.know_digests(b, digests(v2))
+    store.share(b, [0, 1])
+    token = store.pin(b, 0, 1)  # a read of v2 is using chunks 0 and 1, whose bytes are v1's
+    store.space.evict(6 * CS)
+    assert a.state[0] == a.state[1] == INDEXED and b.state[0] == b.state[1] == SHARED
+    assert a.state[3] == ABSENT
+    store.unpin(b, token)
+    store.space.evict(6 * CS)
+    assert a.state[0] == ABSENT and b.state[0] == ABSENT
+    store.close()
+
+
+async def test_a_home_whose_bytes_do_not_hash_to_its_digest_is_never_shared(store):
+    """A manifest that lies about a chunk it holds poisons no other image."""
+    v1, v2 = versions()
+    a = store.image(V1, len(v1))
+    lie = bytearray(digests(v1))
+    wrong = os.urandom(CS)
+    store.stage(a, 0, wrong)  # the bytes v1's manifest gives chunk 0's digest for are others
+    await store.commit()
+    store.know_digests(a, bytes(lie))
+    b = store.image(V2, len(v2))
+    store.know_digests(b, digests(v2))
+    assert store.share(b, [0]) == [0]
+    assert b.state[0] == ABSENT and store.statistics()["homes_refused"] == 1
+
+
+async def test_rot_under_a_home_is_found_through_a_share_and_both_go(store):
+    v1, v2 = versions()
+    a = await cached(store, V1, v1)
+    b = store.image(V2, len(v2))
+    store.know_digests(b, digests(v2))
+    store.share(b, [1])
+    os.pwrite(a.fd, b"rot", 1 * CS + 7)
+    with pytest.raises(ChunkCorrupt):
+        await store.read(b, CS, CS)
+    assert a.state[1] == ABSENT and b.state[1] == ABSENT
+    with pytest.raises(ChunkNotCached):
+        await store.read(b, CS, CS)
+
+
+async def test_a_zero_chunk_reads_as_zeros_is_never_stored_and_a_complete_image_still_verifies(store):
+    v1, _ = versions()
+    a = await cached(store, V1, v1)
+    assert await store.read(a, 4 * CS, 3 * CS) == v1[4 * CS:7 * CS]
+    assert a.missing(0, a.nchunks - 1) == []
+    assert os.fstat(a.fd).st_blocks * 512 <= 6 * CS + 4096  # holes where the zeros are
+    assert await store.verify(a)  # what a seal checks: the holes read as the zeros they are
+
+
+async def test_a_chunk_staged_over_a_share_becomes_its_own(store):
+    v1, v2 = versions()
+    await cached(store, V1, v1)
+    b = store.image(V2, len(v2))
+    store.know_digests(b, digests(v2))
+    store.share(b, [3])
+    store.stage(b, 3, v2[3 * CS:4 * CS])  # a flight that started before the share
+    assert b.state[3] not in (SHARED, ABSENT) and 3 not in b.home
+    await store.commit()
+    assert b.state[3] == INDEXED
+
+
+def test_the_tracker_reports_what_two_manifests_share():
+    from thunderfs_common.tracker_protocol import Manifest
+    from thunderfs_tracker.manifests import shared_between
+
+    v1, v2 = versions()
+    v2 = v2 + bytes(100)  # a short last chunk of zeros, which v1 does not have
+    a = Manifest("a", len(v1), CS, "sha512", "x", digests(v1))
+    b = Manifest("b", len(v2), CS, "sha512", "y", digests(v2))
+    r = shared_between(a, b)
+    assert (r["chunks_b"], r["shared_chunks"], r["zero_chunks_a"], r["zero_chunks_b"]) == (9, 7, 2, 3)
+    assert r["b_not_in_a_bytes"] == CS + 100 and r["shared_bytes"] == 7 * CS
