@@ -18,6 +18,12 @@ def _ns(stamp: str | None) -> int:
     return int(dt.timestamp() * 1e9)
 
 
+def content_key(os_hash_algo: str, os_hash_value: str, size: int) -> bytes:
+    """The content key (``ImageMeta.content_key``) of an image Glance hashed (what the tracker
+    knows of it from its manifest)."""
+    return hashlib.sha256(f"{os_hash_algo}:{os_hash_value}:{size}".encode()).digest()[:16]
+
+
 @dataclass(frozen=True, slots=True)
 class ImageMeta:
     id: str
@@ -60,6 +66,8 @@ class ImageMeta:
     def content_key(self) -> bytes:
         """16 bytes that key this content's chunks in the cache: a reused image id with other
         bytes gets other keys, so old chunks are never served for it."""
+        if self.os_hash_value:
+            return content_key(str(self.os_hash_algo), self.os_hash_value, self.size)  # as content_id
         return hashlib.sha256(self.content_id.encode()).digest()[:16]
 
     @property

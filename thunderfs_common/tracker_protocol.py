@@ -280,10 +280,13 @@ def _bits_json(bits: int, nbits: int):
 class WatchEvent:
     """What changed among an image's holders since a watch's last event
     (``GET /images/{content}/watch``): each peer named with all the chunks it holds (``whole``:
-    the first event names every peer so) or with those it gained since.  Chunks count from 0."""
+    the first event names every peer so) or with those it gained since.  Chunks count from 0.
+    ``manifest``: the image's manifest was built or revoked since the watch's last event (the
+    node asks for it now, instead of asking again and again while it is lazy)."""
 
     nchunks: int
     peers: list[tuple[PeerRecord, bool]]  # (record, whether its chunks are all it holds)
+    manifest: bool = False
 
     def to_json(self) -> dict:
         out = []
@@ -291,7 +294,7 @@ class WatchEvent:
             rec = {"node_id": p.node_id, "peer_url": p.peer_url, "location": "/".join(p.location), "load": p.load}
             rec["chunks" if whole else "added"] = _bits_json(p.chunks, self.nchunks)
             out.append(rec)
-        return {"nchunks": self.nchunks, "peers": out}
+        return {"nchunks": self.nchunks, "peers": out, **({"manifest": True} if self.manifest else {})}
 
     @classmethod
     def parse(cls, obj, nchunks: int) -> "WatchEvent":
@@ -306,7 +309,7 @@ class WatchEvent:
             bits = ranges_to_bits(raw, nchunks) if isinstance(raw, list) else decode_bits(raw, nchunks)
             node = NodeInfo.parse(p.get("node_id"), p)
             peers.append((PeerRecord(node.node_id, node.peer_url, node.location, node.load, bits), whole))
-        return cls(nchunks, peers)
+        return cls(nchunks, peers, obj.get("manifest") is True)
 
 
 def parse_alive(obj) -> str:

@@ -426,6 +426,7 @@ def create_app(config: TrackerConfig) -> web.Application:
                                    check_quiet=config.check_quiet, check_rate=config.check_rate)
     app[WATCHES] = Watches(stores.peers, interval=config.watch_interval, seconds=config.watch_seconds,
                            peers=config.watch_peers)
+    app[MANIFESTS].on_changed = lambda content: app[WATCHES].manifest_changed(content.hex())
     if config.secret:
         app[VERIFIER] = Verifier(config.secret)
     app.add_routes(routes())

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from thunderfs_common import chunk_digest
 from thunderfs_common.glance_client import GlanceClient
+from thunderfs_common.image import content_key
 from thunderfs_common.manifest_proof import ManifestProof
 from thunderfs_common.tracker_protocol import Manifest, ProtocolError, Revocation
 from thunderfs_tracker.redis_conn import RedisConnection
@@ -110,6 +111,9 @@ class ManifestStore:
         self._check_rate = check_rate
         self._revoked: dict[tuple[str, int], Revocation] = {}
         self._tasks: set[asyncio.Task] = set()
+        # Told the content key of an image whose manifest was built or revoked (the app tells
+        # the image's watches).
+        self.on_changed: Callable[[bytes], None] = lambda content: None
         self.stats = {"built": 0, "failed": 0, "bytes_read": 0, "proof_failures": 0, "revoked": 0}
 
     def _path(self, image_id: str, chunk_size: int) -> Path:
@@ -210,6 +214,8 @@ class ManifestStore:
         path.with_suffix(".tmp").write_text(raw)
         path.with_suffix(".tmp").replace(path)
         self.stats["revoked"] += 1
+        if listed is not None:
+            self.on_changed(listed.content_key)
         log.error("image %s revoked: %s; nodes drop every chunk they took under its pieces", image_id, why)
         if self._shared is not None:
             task = asyncio.get_running_loop().create_task(self._share_revocation(key, raw))
@@ -287,6 +293,7 @@ class ManifestStore:
         else:
             self._failed.pop(key, None)
             self._save(key, m)
+            self.on_changed(content_key(m.os_hash_algo, m.os_hash_value, m.size))
             if self._revoked.pop(key, None) is not None:
                 self._path(image_id, chunk_size).with_suffix(".revoked").unlink(missing_ok=True)
                 log.warning("image %s: its manifest now checks against Glance; its revocation is lifted", image_id)

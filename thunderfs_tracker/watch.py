@@ -7,7 +7,9 @@ watchers of one image cost the store what one does.  Each watch then writes what
 node, as a server-sent event: the first names every holder (nearest first, at most ``peers``),
 the next ones the chunks each gained since, or all of a holder's chunks when it lost some.  A watch
 writes at most one event per interval, an empty one at least every ``KEEPALIVE`` seconds, and ends
-after ``seconds`` (the node asks again if it still wants to know).  With many watchers the
+after ``seconds`` (the node asks again if it still wants to know).  An event also says when the
+image's manifest was built or revoked (``manifest_changed``: what this replica saw), so that
+nodes reading a lazy image ask for it then, not every few seconds.  With many watchers the
 interval grows so that a replica writes at most ``events_per_second`` events.
 
 With a secret, each event carries its signature over the request's nonce and its sequence number
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -46,6 +49,7 @@ class _Image:
         self.holders: dict[str, tuple[NodeInfo, int]] = {}
         self.changed = asyncio.Event()
         self.watchers = 0
+        self.manifest = 0  # how many times its manifest was built or revoked while watched
         self.failed = False
         self.poller: asyncio.Task | None = None
 
@@ -61,6 +65,17 @@ class Watches:
         self._images: dict[str, _Image] = {}
         self._stats = dict.fromkeys(("watches", "watch_events", "watch_polls"), 0)
         self._watchers = 0  # of every image (an image replaced keeps its watchers till they end)
+
+    def manifest_changed(self, content: str) -> None:
+        """The image's manifest was built or revoked: each of its watches says so in its next
+        event."""
+        image = self._images.get(content)
+        if image is not None:
+            image.manifest += 1
+            if image.version:  # (not polled yet: its first event comes anyway)
+                image.version += 1
+            image.changed.set()
+            image.changed = asyncio.Event()
 
     def interval(self) -> float:
         """Seconds between two polls of an image (and two events of a watch)."""
@@ -122,6 +137,7 @@ class Watches:
         end = loop.time() + self._seconds
         try:
             async with self._watching(content, nchunks) as image:
+                told = image.manifest  # the node asked for the manifest before it watched
                 while not image.failed and (left := end - loop.time()) > 0:
                     if image.version == seen:
                         with contextlib.suppress(TimeoutError):
@@ -132,6 +148,8 @@ class Watches:
                         continue  # not polled yet
                     seen = image.version
                     event = self._event(image, sent, me, suspects)
+                    if image.manifest != told:
+                        told, event = image.manifest, dataclasses.replace(event, manifest=True)
                     body = json.dumps(event.to_json(), separators=(",", ":")).encode()
                     sig = sign_event(secret, nonce, seq, body) if secret and nonce else ""
                     await resp.write(b"data: " + (sig + " " if sig else "").encode() + body + b"\n\n")

@@ -716,6 +716,34 @@ async def test_a_revocation_drops_the_lazy_manifest_and_is_told_once(store, auto
     assert src.directory.statistics()["revocations"] == 1
 
 
+async def test_a_live_watch_tells_of_a_revocation_and_the_lazy_manifest_is_asked_no_more_often(store, autojump_clock):
+    """Issue 27: while the image's watch is live, a lazy manifest is asked for only when the watch
+    says it changed (or every LAZY_RECHECK_WATCHED), not every LAZY_RECHECK."""
+    from thunderfs.p2p.peer_directory import LAZY_RECHECK_WATCHED
+
+    revoked = []
+    tracker = FakeTracker("lazy", holders=[])
+    sends, tracker.pushes = trio.open_memory_channel(10)
+    src = source_of(tracker, Peers(), on_revoked=lambda meta, why: revoked.append(why))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(src.run)
+        src.prepare(META)  # an open: the manifest asked for, the watch started
+        await trio.sleep(1)
+        asked = tracker.calls["manifest"]
+        assert asked == 1 and src.directory.watches.live(META.content_key.hex())
+        for _ in range(3):  # the node reads the image meanwhile: its watch stays in use
+            await trio.sleep(LAZY_RECHECK + 1)
+            assert src.directory.watches.members_nowait(META.content_key.hex()) is not None
+        assert tracker.calls["manifest"] == asked  # the live watch would have said
+        tracker._manifest = Revocation(META.id, CS, META.os_hash_value, "the whole image does not match")
+        await sends.send(WatchEvent(META.size // CS, [], manifest=True))
+        await trio.sleep(0.5)
+        assert revoked == ["the whole image does not match"] and tracker.calls["manifest"] == asked + 1
+        assert src.statistics()["manifest_news"] == 1
+        nursery.cancel_scope.cancel()
+    assert LAZY_RECHECK_WATCHED > 3 * LAZY_RECHECK + 1
+
+
 async def test_pieces_a_peer_sends_along_check_its_chunks_without_asking_the_tracker(store):
     tracker = FakeTracker("lazy", [peer("a", range(8))])
     src, sink = source_of(tracker, Peers(a="pieces"), secret=SECRET), Sink()

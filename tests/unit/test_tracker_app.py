@@ -687,6 +687,34 @@ def test_a_new_image_is_seeded_from_one_read_of_glance_then_checked_whole_or_rev
     assert ManifestStore(tmp_path / "True", None, proof=proof).revoked(image_id, CHUNK) == r
 
 
+def test_a_watch_says_once_when_the_images_manifest_was_built_or_revoked(tmp_path):
+    """Issue 27: nodes reading a lazy image learn of its built manifest or its revocation from
+    their watch (signed like any event), instead of asking for it every few seconds."""
+    from thunderfs_tracker.app import MANIFESTS
+    from thunderfs_tracker.client import TrackerClient
+
+    async def main():
+        cfg = TrackerConfig(listen=("127.0.0.1", 7070), state_dir=tmp_path, secret=SECRET, watch_interval=0.01)
+        app = create_app(cfg)
+        async with TestClient(TestServer(app)) as http:
+            url = str(http.make_url("")).rstrip("/")
+            async with TrackerClient(url, "b", secret=SECRET) as b:
+                await b.announce(NodeInfo("b", "http://b:7071", ("z1",)))
+                events: asyncio.Queue = asyncio.Queue()
+                watching = asyncio.ensure_future(b.watch(IMG, 64, lambda seq, ev: events.put_nowait((seq, ev.manifest))))
+                assert await asyncio.wait_for(events.get(), 10) == (0, False)
+                app[MANIFESTS].on_changed(bytes.fromhex(IMG))
+                assert await asyncio.wait_for(events.get(), 10) == (1, True)
+                app[MANIFESTS].on_changed(bytes.fromhex("cd" * 16))  # another image's: not this watch's
+                with pytest.raises(TimeoutError):
+                    while True:
+                        seq, manifest = await asyncio.wait_for(events.get(), 1)
+                        assert not manifest
+                watching.cancel()
+
+    asyncio.run(main())
+
+
 def test_a_replicas_watches_write_at_most_so_many_events_a_second_in_all():
     """The interval between two events of a watch grows with the watchers of every image, an
     image replaced meanwhile included, and comes back as they end."""

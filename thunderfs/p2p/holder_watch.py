@@ -53,15 +53,18 @@ class _View:
 
 
 class HolderWatches:
-    def __init__(self, tracker: TrackerClient, *, tracker_down: Callable[[], bool], location: tuple[str, ...] = ()):
+    def __init__(self, tracker: TrackerClient, *, tracker_down: Callable[[], bool], location: tuple[str, ...] = (),
+                 on_manifest: Callable[[str], None] = lambda content: None):
         """``tracker_down()``: whether the tracker is known down (no watch is asked meanwhile).
-        ``location``: this node's, for the order holders are given in."""
+        ``location``: this node's, for the order holders are given in.  ``on_manifest(content)``:
+        a watch said the image's manifest was built or revoked."""
         self._tracker = tracker
         self._down = tracker_down
         self._location = location
+        self.on_manifest = on_manifest
         self._views: dict[str, _View] = {}
         self._nursery: trio.Nursery | None = None
-        self._stats = dict.fromkeys(("watches", "watch_events", "watch_news", "watch_failures"), 0)
+        self._stats = dict.fromkeys(("watches", "watch_events", "watch_news", "watch_failures", "manifest_news"), 0)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -103,6 +106,11 @@ class HolderWatches:
             return None
         view.used = trio.current_time()
         return view.peers
+
+    def live(self, content: str) -> bool:
+        """Whether the image's watch is live (it would say when its manifest changes)."""
+        view = self._views.get(content)
+        return view is not None and view.live
 
     def member(self, content: str, node_id: str) -> PeerRecord | None:
         """The record of a node the image's watch named (None: it named no such node)."""
@@ -174,6 +182,9 @@ class HolderWatches:
                     rec = PeerRecord(rec.node_id, rec.peer_url, rec.location, rec.load, old.chunks | rec.chunks)
                 view.peers[rec.node_id] = rec
             self._stats["watch_events"] += 1
+            if event.manifest:
+                self._stats["manifest_news"] += 1
+                self.on_manifest(content)
             if event.peers:
                 self._stats["watch_news"] += 1
             if seq == 0:

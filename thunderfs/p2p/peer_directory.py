@@ -3,7 +3,8 @@
 A manifest is asked once at a time per image (a second asker waits for the first), at most once
 a second while the tracker is still building it, and kept once it came and fits Glance's listing.
 While the tracker seeds the image instead ("lazy"), the manifest is a ``LazyManifest`` made of the
-pieces the node took (``add_piece``, ``digests``), asked again every ``LAZY_RECHECK`` seconds for
+pieces the node took (``add_piece``, ``digests``), asked again every ``LAZY_RECHECK`` seconds (every
+``LAZY_RECHECK_WATCHED`` while the image's watch is live: it says when the manifest changes) for
 the built one; a revocation (its proof checked) drops it and tells ``on_revoked``, once.
 Who holds what comes first from the image's watch (``holder_watch``: the tracker pushes it); while
 no watch is live, lookups are asked per window of ``lookup_window`` chunks, one at a time per window, and cached for
@@ -33,8 +34,11 @@ from thunderfs_common.tracker_protocol import (Manifest, PeerRecord, Piece, Prot
 
 log = logging.getLogger(__name__)
 
-# How often a node using a lazy manifest asks whether the built one is there (or a revocation).
+# How often a node using a lazy manifest asks whether the built one is there (or a revocation);
+# while the image's watch is live, which says when either happens (on this replica), only this
+# often: the asks of a crowd during a storm were a tenth of its tracker requests (issue 27).
 LAZY_RECHECK = 10.0
+LAZY_RECHECK_WATCHED = 60.0
 
 
 class PeerDirectory:
@@ -61,7 +65,8 @@ class PeerDirectory:
         self._manifest_asked: dict[bytes, float] = {}
         self._lookups: dict[tuple[str, int], tuple[float, list[PeerRecord]]] = {}  # -> (when, peers)
         self.tracker_breaker = Breaker("the tracker")
-        self.watches = HolderWatches(tracker, tracker_down=lambda: self.tracker_breaker.is_open, location=location)
+        self.watches = HolderWatches(tracker, tracker_down=lambda: self.tracker_breaker.is_open, location=location,
+                                     on_manifest=self._manifest_news)
         self._asking = SingleFlight()  # manifest requests and lookups under way
         self._nursery: trio.Nursery | None = None
         self._stats = dict.fromkeys(("lookups", "lookup_failures", "lookups_skipped", "manifests_refused",
@@ -76,6 +81,17 @@ class PeerDirectory:
                 await trio.sleep(LAZY_RECHECK)
                 for m in [m for m in self._manifests.values() if isinstance(m, LazyManifest)]:
                     await self.manifest(m.meta)
+
+    def _recheck(self, key: bytes) -> float:
+        """Seconds between two asks for a lazy manifest of content ``key``."""
+        return LAZY_RECHECK_WATCHED if self.watches.live(key.hex()) else LAZY_RECHECK
+
+    def _manifest_news(self, content: str) -> None:
+        """A watch says the image's manifest was built or revoked: ask for it now."""
+        m = self._manifests.get(bytes.fromhex(content))
+        if isinstance(m, LazyManifest) and self._nursery is not None:
+            self._manifest_asked.pop(m.meta.content_key, None)
+            self._nursery.start_soon(self.manifest, m.meta)
 
     def prepare(self, meta: ImageMeta) -> None:
         """An image was opened: ask for its manifest and watch its holders now, so that both are
@@ -93,8 +109,9 @@ class PeerDirectory:
     async def manifest(self, meta: ImageMeta) -> Manifest | LazyManifest | None:
         """The image's manifest if the tracker has it (a lazy one while it seeds the image)."""
         m = self.manifest_nowait(meta)
+        key = meta.content_key
         if m is not None and (not isinstance(m, LazyManifest)
-                              or trio.current_time() - self._manifest_asked.get(meta.content_key, -1e9) < LAZY_RECHECK):
+                              or trio.current_time() - self._manifest_asked.get(key, -1e9) < self._recheck(key)):
             return m
         try:
             return await self._asking.run(("manifest", meta.content_key), lambda: self._ask_manifest(meta))
