@@ -292,6 +292,30 @@ async def test_a_miss_is_extended_only_over_chunks_the_profile_expects(store):
     assert src.asks == [[0], [10, 11, 12], [20, 21]]
 
 
+async def test_chunks_another_image_holds_are_not_fetched_and_earn_a_miss_no_extension(store):
+    """Issue 31: a new version of a cached image reads mostly chunks the old one holds; they are
+    shared, not fetched, and the budget of a miss's extension grows with the image's own bytes
+    read only (v2 booting after v1 fetched 2 MiB it never read before)."""
+    from thunderfs_common import chunk_digest
+
+    old = bytearray(DATA)
+    old[20 * CS:24 * CS] = bytes(4 * CS)  # v2 (DATA) changed v1's chunks 20-23
+    v1 = meta_of(bytes(old), image_id="v1")
+    a = store.image(v1.content_key, v1.size)
+    store.know_digests(a, b"".join(chunk_digest.digests(bytes(old), CS)))
+    store.stage(a, 0, bytes(old))
+    await store.commit()
+    src = MemorySource("origin", DATA)
+    fetcher = fetcher_of(store, src, bdp=lambda: 8 * CS)
+    async with running(fetcher):
+        r = reader_of(store, fetcher, readahead=2**20)
+        store.know_digests(r.img, b"".join(chunk_digest.digests(DATA, CS)))
+        assert await r.read(0, 16 * CS) == DATA[:16 * CS]  # shared: no credit
+        assert await r.read(20 * CS, CS) == DATA[20 * CS:21 * CS]  # a new chunk: no new neighbour with it
+    assert src.asks == [[20]]
+    assert store.statistics()["used"] == len(DATA) + CS  # v1, and v2's one chunk of its own
+
+
 async def test_a_flapping_breaker_warns_once_a_quiet_period_and_counts_the_rest(caplog, autojump_clock):
     async def probe():
         return None

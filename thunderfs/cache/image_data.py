@@ -174,6 +174,11 @@ class ImageData:
         state = self.state
         return [c for c in range(first, last + 1) if not state[c]]
 
+    def borrowed(self, first: int, last: int) -> int:
+        """How many of chunks ``first..last`` are served from another image's copy or as zeros."""
+        state = self.state
+        return sum(1 for c in range(first, last + 1) if state[c] == SHARED or state[c] == ZERO)
+
     def cached_count(self) -> int:
         """Chunks whose bytes are here, its own or shared (not zero chunks: nothing is held)."""
         return self.nchunks - self.state.count(ABSENT) - self.state.count(ZERO)
