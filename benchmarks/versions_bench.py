@@ -38,6 +38,7 @@ from pathlib import Path
 from benchmarks.boot_bench import boot_disk
 from benchmarks.record import provenance
 from harness.boot_trace import Read, replay
+from thunderfs.cache.holes import data_extents
 from harness.fault_proxy import FaultProxy
 from harness.local_glance import LocalGlance, free_port
 from harness.mounts import Mount, thunderfs
@@ -170,6 +171,16 @@ def unique_bytes(chunks: list[int], d2: list[bytes], in_v1: set[bytes]) -> int:
     return sum(1 for c in chunks if d2[c] not in in_v1) * CS
 
 
+def held_digests(m: Mount, image_id: str, d: list[bytes]) -> set[bytes]:
+    """The digests of the chunks the node holds of an image (its cache file's data: shared and
+    zero chunks are holes there), and the zero digest."""
+    held = {ZERO}
+    with open(m.data_file(image_id), "rb") as f:
+        for start, end in data_extents(f.fileno()):
+            held.update(d[c] for c in range(start // CS, -(-end // CS)))
+    return held
+
+
 def one_node(b: Bench, ids: dict, fmt: str, d: dict) -> dict:
     """(4): one node boots v1, then v2, in format ``fmt``."""
     m = b.node(f"one-{fmt}")
@@ -182,8 +193,12 @@ def one_node(b: Bench, ids: dict, fmt: str, d: dict) -> dict:
     chunks = [c for c, _ in p2]
     unique = unique_bytes(chunks, d[fmt][1], set(d[fmt][0]))
     got = fetched(m, ids[fmt][1])
+    # Beside the target's measure: v2's boot bytes the node did not hold (v1's boot left it only
+    # what that boot read, and some of v2's boot reads are in v1 but were not read by its boot).
+    not_held = unique_bytes(chunks, d[fmt][1], held_digests(m, ids[fmt][0], d[fmt][0]))
     out = {"boot_seconds": [t1, t2], "v1_profile_chunks": len(p1), "v2_profile_chunks": len(chunks),
            "v2_boot_bytes": len(chunks) * CS, "v2_unique_boot_bytes": unique, "v2_fetched": got,
+           "v2_boot_not_held_bytes": not_held, "ratio_not_held": got / not_held if not_held else None,
            "v2_glance_bytes": glance, "ratio": got / unique if unique else None,
            "v2_status": per_image(m, ids[fmt][1])}
     b.gone(m)
@@ -280,7 +295,9 @@ def main() -> int:
                 print(f"(4) {fmt}: one node booted v1 ({r['boot_seconds'][0]:.0f} s) then v2 "
                       f"({r['boot_seconds'][1]:.0f} s): v2 fetched {r['v2_fetched'] / MiB:.2f} MiB for "
                       f"{r['v2_unique_boot_bytes'] / MiB:.2f} MiB of its {r['v2_boot_bytes'] / MiB:.1f} MiB boot "
-                      f"not in v1 ({r['ratio'] or float('nan'):.2f} x; target <= 1.2)")
+                      f"not in v1 ({r['ratio'] or float('nan'):.2f} x; target <= 1.2); "
+                      f"{r['v2_boot_not_held_bytes'] / MiB:.2f} MiB not held by the node "
+                      f"({r['ratio_not_held'] or float('nan'):.2f} x)")
             r = storm(b, ids, args.nodes, *profiles["raw"], d)
             result["storm"] = r
             print(f"(5) {args.nodes} nodes replayed v1's boot (slowest {r['v1']['slowest']:.1f} s, Glance "
