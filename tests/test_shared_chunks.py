@@ -80,3 +80,37 @@ def test_a_second_version_costs_glance_only_what_changed_and_is_stored_once(make
     status = {i["id"]: i for i in b.stats()["per_image"]}
     assert status[id2]["shared_bytes"] == s["chunks_shared"] * CHUNK
     assert status[id2]["zero_bytes"] == zero_chunks * CHUNK
+
+
+def test_a_complete_image_with_shared_chunks_is_sealed_for_passthrough_whole(make_cluster, glance):
+    """With --passthrough, the kernel reads a complete image's cache file itself: an image that is
+    complete through chunks another image holds gets them copied into its file first, so that
+    the kernel reads v2's bytes, not holes."""
+    proxy, tracker, node = make_cluster()
+    v1, v2, changed = two_versions()
+    id1, id2 = glance.upload("v1", v1)["id"], glance.upload("v2", v2)["id"]
+    a = node("a", "z1/r1/a", "--record-window", "0")
+    for image_id in (id1, id2):
+        with open(a.image(image_id), "rb") as f:
+            f.read(4096)
+        wait_for(lambda: manifest_built(tracker, image_id), 60, "the manifest")
+    a.umount()
+    b = node("b", "z1/r1/b", "--passthrough")
+    for image_id, data, zeros in ((id1, v1, 64), (id2, v2, 128)):
+        with open(b.image(image_id), "rb") as f:
+            wait_for(lambda: b.stats()["cache"]["zero_chunks"] >= zeros, 20, "the manifest on b")
+            assert f.read() == data
+    assert b.stats()["cache"]["chunks_shared"] > 0
+
+    def passthrough_open() -> bool:
+        """An open of v2, complete now: the kernel reads its file itself (once the kernel has
+        released the cached opens before: one kind of open at a time per inode)."""
+        with open(b.image(id2), "rb", buffering=0) as f:
+            if not b.stats()["fs"]["passthrough_inodes"]:
+                return False
+            before = b.stats()["fs"]["read_requests"]
+            assert f.read() == v2
+            return b.stats()["fs"]["read_requests"] == before
+
+    wait_for(passthrough_open, 20, "a passthrough open of v2")
+    assert b.stats()["cache"]["shared_chunks"] < b.stats()["cache"]["chunks_shared"]  # copied in

@@ -159,3 +159,18 @@ def test_the_tracker_reports_what_two_manifests_share():
     r = shared_between(a, b)
     assert (r["chunks_b"], r["shared_chunks"], r["zero_chunks_a"], r["zero_chunks_b"]) == (9, 7, 2, 3)
     assert r["b_not_in_a_bytes"] == CS + 100 and r["shared_bytes"] == 7 * CS
+
+
+async def test_a_seal_copies_shared_chunks_into_the_images_own_file(store):
+    """The kernel reads a sealed image's file alone (passthrough): its shared chunks are copied
+    in first, and the file then reads as the image, holes of zero chunks included."""
+    v1, v2 = versions()
+    await cached(store, V1, v1)
+    b = store.image(V2, len(v2))
+    store.know_digests(b, digests(v2))
+    store.share(b, b.missing(0, b.nchunks - 1))
+    store.stage(b, 2, v2[2 * CS:3 * CS])
+    assert not await store.verify(b)  # its own file lacks the shared chunks
+    assert await store.materialize(b)
+    assert SHARED not in b.state and await store.verify(b)
+    assert os.pread(b.fd, len(v2), 0) == v2

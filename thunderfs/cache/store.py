@@ -65,6 +65,7 @@ from thunderfs.cache.reading import Reading
 from thunderfs.cache.sharing import Sharing
 from thunderfs.cache.space import Space
 from thunderfs.cache.staging import Staging
+from thunderfs.errors import ChunkCorrupt, ChunkNotCached
 from thunderfs_common import chunk_digest
 
 __all__ = ["ABSENT", "INDEXED", "PENDING", "SHARED", "WRITING", "ZERO", "ChunkStore", "ImageData", "read_checked"]
@@ -139,6 +140,23 @@ class ChunkStore:
         """Those of ``chunks`` (missing) that another image holds become ``SHARED`` now; returns
         the rest, to fetch."""
         return self.sharing.share(img, chunks)
+
+    async def materialize(self, img: ImageData) -> bool:
+        """Copy every ``SHARED`` chunk of ``img`` into its own data file (read checked from its
+        home, staged as its own): what a seal needs, since the kernel reads that file alone
+        (rule 6; it then holds those bytes twice).  False if one could not be copied."""
+        cs = self.chunk_size
+        for c in [c for c in range(img.nchunks) if img.state[c] == SHARED]:
+            token = self.pin(img, c, c)
+            try:
+                data = await self.reading.read(img, c * cs, img.chunk_len(c))
+            except (ChunkCorrupt, ChunkNotCached):
+                return False
+            finally:
+                self.unpin(img, token)
+            if img.state[c] == SHARED and not self.stage(img, c, data):
+                return False
+        return True
 
     def drain_changes(self) -> dict[bytes, tuple[ImageData, set[int], set[int]]]:
         return self.changes.drain()

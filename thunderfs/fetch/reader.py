@@ -198,12 +198,15 @@ class Readers:
         every chunk is cached and passes its checksum now (``check``, unless it did within
         ``RECHECK_AFTER``; a previous process that sealed it checked it); from then on pinned
         whole and never punched (the store's rule 6) until as many ``unseal`` calls.  None when
-        it is not complete or a chunk fails."""
+        it is not complete or a chunk fails.  Chunks another image's copy serves are copied into
+        its file first (the kernel reads that file alone)."""
         store = self._store
         img = store.image(meta.content_key, meta.size)
+        if check and img.missing(0, img.nchunks - 1):
+            return None
+        if not await store.materialize(img):
+            return None
         if check:
-            if img.missing(0, img.nchunks - 1):
-                return None
             last = self._checked.get(img.content)
             if last is not None and trio.current_time() - last < self.RECHECK_AFTER:
                 check = False
