@@ -114,3 +114,36 @@ def test_a_complete_image_with_shared_chunks_is_sealed_for_passthrough_whole(mak
 
     wait_for(passthrough_open, 20, "a passthrough open of v2")
     assert b.stats()["cache"]["shared_chunks"] < b.stats()["cache"]["chunks_shared"]  # copied in
+
+
+def test_a_node_that_never_read_v1_takes_v1s_chunks_for_v2_from_a_peer(make_cluster, glance):
+    """Issue 31, lookups by digest: node a holds v1 only; node b, with an empty cache, reads v2.
+    The tracker names a's chunks of v1 that have v2's digests, b takes them from a, checked
+    against v2's manifest, and Glance sends b only the chunks v2 changed."""
+    proxy, tracker, node = make_cluster()
+    v1, v2, changed = two_versions()
+    zero_chunks = 4 * MiB // CHUNK
+    id1, id2 = glance.upload("v1", v1)["id"], glance.upload("v2", v2)["id"]
+    a = node("a", "z1/r1/a", "--record-window", "0")
+    with open(a.image(id2), "rb") as f:  # the tracker builds v2's manifest (a holds one chunk of v2)
+        f.read(4096)
+    wait_for(lambda: manifest_built(tracker, id2), 60, "v2's manifest")
+    with open(a.image(id1), "rb") as f:
+        assert f.read(4096) == v1[:4096]
+        wait_for(lambda: manifest_built(tracker, id1), 60, "v1's manifest")
+        wait_for(lambda: a.stats()["cache"]["zero_chunks"] >= zero_chunks, 20, "v1's manifest on a")
+        assert f.read() == v1[4096:]
+    wait_for(lambda: a.stats()["announcer"]["in_sync"], 20, "a to tell the tracker what it holds")
+
+    b = node("b", "z1/r1/b", "--record-window", "0")
+    before = proxy.range_bytes
+    with open(b.image(id2), "rb") as f:
+        wait_for(lambda: b.stats()["cache"]["zero_chunks"] >= zero_chunks, 20, "v2's manifest on b")
+        assert f.read() == v2
+    s = b.stats()
+    nonzero_shared = len(v2) // CHUNK - zero_chunks - len(changed)
+    held_as_v2 = next(i for i in a.stats()["per_image"] if i["id"] == id2)["cached_chunks"]
+    assert s["peers"]["alike_chunks"] >= nonzero_shared - held_as_v2  # the rest, a's chunks of v2
+    assert s["fetch"]["chunks_from_peers"] >= nonzero_shared
+    assert proxy.range_bytes - before <= len(changed) * CHUNK
+    assert s["peers"]["bad_chunks"] == 0

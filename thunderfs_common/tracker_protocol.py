@@ -423,6 +423,43 @@ def _signed(fields: dict, **kind: str) -> bytes:
 
 
 @dataclass(frozen=True)
+class Alike:
+    """Chunks of an image that another image has under the same digest, and who holds them there
+    (``GET /images/{image}/alike``): ``pairs`` of (chunk of the image asked about, chunk of
+    ``content``), and each peer with its chunks of ``content`` (absolute bits)."""
+
+    content: bytes
+    size: int
+    pairs: list[tuple[int, int]]
+    peers: list[PeerRecord]
+
+    def to_json(self) -> dict:
+        lo = min((j for _, j in self.pairs), default=0)
+        hi = max((j for _, j in self.pairs), default=0)
+        return {"content": self.content.hex(), "size": self.size, "first": lo, "last": hi,
+                "pairs": [list(p) for p in self.pairs],
+                "peers": [PeerRecord(p.node_id, p.peer_url, p.location, p.load, p.chunks >> lo).to_json(hi - lo + 1)
+                          for p in self.peers]}
+
+    @classmethod
+    def parse(cls, obj, first: int, count: int) -> "Alike":
+        """One entry of an answer about chunks ``first..first+count-1``."""
+        try:
+            content = bytes.fromhex(obj["content"])
+            size, lo, hi = int(obj["size"]), int(obj["first"]), int(obj["last"])
+            pairs = [(int(k), int(j)) for k, j in obj["pairs"][:count]]
+            if len(content) != 16 or size < 1 or not 0 <= lo <= hi < MAX_CHUNKS:
+                raise ValueError("content, size or range out of bounds")
+            if any(not first <= k < first + count or not lo <= j <= hi for k, j in pairs):
+                raise ValueError("a pair outside the asked chunks or the answer's range")
+            peers = [PeerRecord.parse(p, hi - lo + 1) for p in obj["peers"][:MAX_IMAGES_PER_MESSAGE]]
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ProtocolError(f"malformed alike answer: {exc}") from None
+        return cls(content, size, pairs,
+                   [PeerRecord(p.node_id, p.peer_url, p.location, p.load, p.chunks << lo) for p in peers])
+
+
+@dataclass(frozen=True)
 class Manifest:
     """The digest (BLAKE3, ``chunk_digest``) of every chunk of one image, computed from Glance's bytes by the tracker and
     published only if the whole image's hash equals Glance's own ``os_hash_value``."""
@@ -434,13 +471,18 @@ class Manifest:
     os_hash_value: str
     digests: bytes
     proof: bytes = b""  # the tracker's signature (or MAC) over ``signed_bytes()``; empty: none
+    # How many of its chunks other images the tracker knows have (issue 31: 0, nothing to ask
+    # ``alike`` for).  The tracker's word when it answers (its answer is authenticated), not part
+    # of the manifest: not in ``to_json``, so not under the proof.
+    alike: int = field(default=0, compare=False)
 
     @property
     def nchunks(self) -> int:
         return max(1, -(-self.size // self.chunk_size))
 
     def signed_bytes(self) -> bytes:
-        """What a manifest's proof covers: every field but the proof, in one canonical form."""
+        """What a manifest's proof covers: every field but the proof (and ``alike``), in one
+        canonical form."""
         return _signed(self.to_json())
 
     def digest(self, chunk: int) -> bytes:
@@ -460,7 +502,7 @@ class Manifest:
             m = cls(str(obj["image_id"]), int(obj["size"]), check_chunk_size(int(obj["chunk_size"])),
                     str(obj["os_hash_algo"]), str(obj["os_hash_value"]),
                     base64.b64decode(obj[ALGORITHM], validate=True),
-                    base64.b64decode(obj.get("proof", ""), validate=True))
+                    base64.b64decode(obj.get("proof", ""), validate=True), max(0, int(obj.get("alike", 0))))
         except (KeyError, TypeError, ValueError, binascii.Error) as exc:
             raise ProtocolError(f"malformed manifest: {exc}") from None
         if len(m.digests) != m.nchunks * DIGEST:

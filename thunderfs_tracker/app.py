@@ -40,12 +40,14 @@ from thunderfs_tracker.profiles import ProfileStore
 from thunderfs_tracker.stores import open_stores
 from thunderfs_common.tracker_protocol import (
     API,
+    Alike,
     AnnounceReply,
     ChunkState,
     Claim,
     Claimed,
     ClaimReply,
     LookupReply,
+    Manifest,
     Recording,
     Report,
     Revocation,
@@ -66,6 +68,7 @@ log = logging.getLogger(__name__)
 
 MAX_BODY = 4 * 2**20
 MAX_LOOKUP_CHUNKS = 1 << 16
+MAX_ALIKE_CHUNKS = 4096  # a node asks for its lookup window's (1024)
 
 
 CONFIG = web.AppKey("config", TrackerConfig)
@@ -299,7 +302,39 @@ async def manifest(request: web.Request) -> web.Response:
         return web.json_response({"status": m}, status=202)
     if isinstance(m, Revocation):
         return web.json_response({"error": m.why, "revoked": m.to_json()}, status=410)
-    return web.json_response(m.to_json())
+    return web.json_response({**m.to_json(), "alike": request.app[MANIFESTS].alike.count(m)})
+
+
+async def alike(request: web.Request) -> web.Response:
+    """Issue 31: for a window of an image's chunks, the chunks of other images with the same
+    digests, and who holds those (a node takes them from there and checks them against this
+    image's manifest)."""
+    chunk_size = check_chunk_size(_query_int(request, "chunk_size", 1, 1 << 30))
+    first = _query_int(request, "first", 0, MAX_CHUNKS - 1)
+    count = _query_int(request, "count", 1, MAX_ALIKE_CHUNKS)
+    try:
+        m = await request.app[MANIFESTS].get(request.match_info["image"], chunk_size)
+    except ManifestUnavailable as exc:
+        raise _error(web.HTTPNotFound, str(exc)) from None
+    if not isinstance(m, Manifest):
+        raise _error(web.HTTPNotFound, f"image {m.image_id if isinstance(m, Revocation) else ''} has no "
+                     "checked manifest here")
+    store, asking = request.app[STORE], request.get(SIGNER) or request.query.get("node")
+    suspects, now = request.app[SUSPECTS], time.monotonic()
+    out = []
+    for content, pairs in request.app[MANIFESTS].alike.find(m, first, count).items():
+        lo, hi = min(j for _, j in pairs), max(j for _, j in pairs)
+        nchunks, me, holders = await store.lookup(content.hex(), lo, hi, asking)
+        found = [(n, b << lo) for n, b in holders if n.node_id != asking and suspects.get(n.node_id, 0) < now]
+        held = 0
+        for _, bits in found:
+            held |= bits
+        pairs = [(k, j) for k, j in pairs if held >> j & 1]
+        if pairs and nchunks is not None:
+            ranked = selection.rank(me, found)[:request.app[CONFIG].max_peers]
+            out.append(Alike(content, request.app[MANIFESTS].alike.size_of(content), pairs,
+                             [PeerRecord(n.node_id, n.peer_url, n.location, n.load, b) for n, b in ranked]).to_json())
+    return web.json_response({"first": first, "count": count, "alike": out})
 
 
 async def seed(request: web.Request) -> web.Response:
@@ -370,6 +405,7 @@ def routes() -> list[web.RouteDef]:
         web.get(API + "/images/{content}/peers", peers),
         web.get(API + "/images/{content}/watch", watch),
         web.get(API + "/manifests/{image}", manifest),
+        web.get(API + "/images/{image}/alike", alike),
         web.get(API + "/images/{image}/seed", seed),
         web.post(API + "/reports", report),
         web.post(API + "/images/{content}/claims", claims),

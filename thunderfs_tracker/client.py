@@ -21,6 +21,8 @@ import httpx
 from thunderfs_common.signing import H_NONCE, SignedRequests, event_is_signed, reply_is_signed
 from thunderfs_common.tracker_protocol import (
     API,
+    MAX_IMAGES_PER_MESSAGE,
+    Alike,
     AnnounceReply,
     ChunkState,
     ChunkUpdate,
@@ -245,6 +247,20 @@ class TrackerClient:
         if r.get("status") in ("building", "lazy"):
             return r["status"]
         return Manifest.parse(r)
+
+    async def alike(self, image_id: str, chunk_size: int, first: int, count: int) -> list[Alike]:
+        """For chunks ``first..first+count-1`` of an image: the chunks of other images with the same
+        digests, and who holds them (issue 31); [] from a tracker without it (404)."""
+        try:
+            r = await self._call("GET", f"{API}/images/{image_id}/alike?chunk_size={chunk_size}&first={first}"
+                                        f"&count={count}&node={self.node_id}")
+        except TrackerRefused as exc:
+            if exc.status == 404:
+                return []
+            raise
+        if not isinstance(r, dict) or not isinstance(r.get("alike"), list):
+            raise ProtocolError("an alike answer must have a list of alike")
+        return [Alike.parse(a, first, count) for a in r["alike"][:MAX_IMAGES_PER_MESSAGE]]
 
     async def seed(self, image_id: str, chunk_size: int, first: int, count: int,
                    *, data: bool = True, timeout: float | None = None) -> tuple[Piece, bytes]:

@@ -39,6 +39,7 @@ from thunderfs_common.glance_client import GlanceClient
 from thunderfs_common.image import content_key
 from thunderfs_common.manifest_proof import ManifestProof
 from thunderfs_common.tracker_protocol import Manifest, ProtocolError, Revocation
+from thunderfs_tracker.alike import AlikeIndex
 from thunderfs_tracker.redis_conn import RedisConnection
 from thunderfs_tracker.seed import Seed, SeedUnavailable
 
@@ -114,6 +115,7 @@ class ManifestStore:
         # Told the content key of an image whose manifest was built or revoked (the app tells
         # the image's watches).
         self.on_changed: Callable[[bytes], None] = lambda content: None
+        self.alike = AlikeIndex()  # the chunks of the manifests in memory, by digest (issue 31)
         self.stats = {"built": 0, "failed": 0, "bytes_read": 0, "proof_failures": 0, "revoked": 0}
 
     def _path(self, image_id: str, chunk_size: int) -> Path:
@@ -261,9 +263,11 @@ class ManifestStore:
         self._remember(key, m)
 
     def _remember(self, key, m: Manifest) -> None:
+        if key not in self._memory:
+            self.alike.add(m)
         self._memory[key] = m
         while len(self._memory) > self._keep:
-            self._memory.popitem(last=False)
+            self.alike.drop(self._memory.popitem(last=False)[1])
 
     async def _build(self, image_id: str, chunk_size: int, lazy: bool = False) -> None:
         key = (image_id, chunk_size)

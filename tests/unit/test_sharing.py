@@ -174,3 +174,14 @@ async def test_a_seal_copies_shared_chunks_into_the_images_own_file(store):
     assert await store.materialize(b)
     assert SHARED not in b.state and await store.verify(b)
     assert os.pread(b.fd, len(v2), 0) == v2
+
+
+def test_an_alike_answer_outside_what_was_asked_is_refused():
+    from thunderfs_common.tracker_protocol import Alike, ProtocolError
+
+    good = {"content": "ab" * 16, "size": 10 * CS, "first": 2, "last": 3, "pairs": [[0, 2], [1, 3]], "peers": []}
+    assert Alike.parse(good, 0, 2).pairs == [(0, 2), (1, 3)]
+    for bad in ({**good, "pairs": [[5, 2]]}, {**good, "pairs": [[0, 9]]}, {**good, "content": "zz"},
+                {**good, "size": "x"}, {**good, "peers": [{"node_id": "../x"}]}, "nonsense"):
+        with pytest.raises(ProtocolError):
+            Alike.parse(bad, 0, 2)

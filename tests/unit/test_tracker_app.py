@@ -715,6 +715,46 @@ def test_a_watch_says_once_when_the_images_manifest_was_built_or_revoked(tmp_pat
     asyncio.run(main())
 
 
+def test_alike_names_the_chunks_another_image_has_and_who_holds_them(tmp_path):
+    """Issue 31: v2's manifest says how many of its chunks another image has, and an alike ask for
+    a window of v2 names v1's chunks with the same digests that some node holds (never the asker,
+    never a zero chunk), with the holders."""
+    from thunderfs_common.image import content_key
+    from thunderfs_common.manifest_proof import ManifestProof
+    from thunderfs_tracker.client import TrackerClient
+
+    rng = random.Random(31)
+    v1 = rng.randbytes(6 * CHUNK) + bytes(2 * CHUNK)
+    v2 = v1[4 * CHUNK:6 * CHUNK] + rng.randbytes(CHUNK) + v1[:2 * CHUNK] + bytes(CHUNK)  # v1's 4, 5, x, 0, 1, zero
+    proof = ManifestProof(secret=SECRET)
+    (tmp_path / "manifests").mkdir()
+    for image_id, data in (("v1", v1), ("v2", v2)):
+        m = Manifest(image_id, len(data), CHUNK, "sha512", image_id * 8, b"".join(chunk_digest.digests(data, CHUNK)))
+        m = dataclasses.replace(m, proof=proof.make(m.signed_bytes()))
+        (tmp_path / "manifests" / f"{image_id}-{CHUNK}.json").write_text(json.dumps(m.to_json()))
+    c1 = content_key("sha512", "v1" * 8, len(v1)).hex()
+
+    async def main():
+        cfg = TrackerConfig(listen=("127.0.0.1", 7070), state_dir=tmp_path, secret=SECRET)
+        async with TestClient(TestServer(create_app(cfg))) as http:
+            url = str(http.make_url("")).rstrip("/")
+            async with TrackerClient(url, "a", secret=SECRET) as a, TrackerClient(url, "b", secret=SECRET) as b:
+                for node in (a, b):
+                    await node.announce(NodeInfo(node.node_id, f"http://{node.node_id}:7071", ("z1",)))
+                await a.manifest("v1", CHUNK)
+                assert (await b.manifest("v2", CHUNK)).alike == 4
+                assert await b.alike("v2", CHUNK, 0, 6) == []  # nobody holds v1 yet
+                await a.send_chunks(True, [ChunkUpdate(c1, 8, add=0b110001, full=True)])  # v1's 0, 4, 5
+                await b.send_chunks(True, [ChunkUpdate(c1, 8, add=0b10, full=True)])  # and b its 1
+                (found,) = await b.alike("v2", CHUNK, 0, 6)
+                assert found.content.hex() == c1 and found.size == len(v1)
+                assert found.pairs == [(0, 4), (1, 5), (3, 0)]  # v2's 4 is v1's 1: only b holds it
+                assert [(p.node_id, p.chunks) for p in found.peers] == [("a", 0b110001)]
+                assert await b.alike("v2", CHUNK, 2, 1) == []  # v2's own chunk
+
+    asyncio.run(main())
+
+
 def test_a_replicas_watches_write_at_most_so_many_events_a_second_in_all():
     """The interval between two events of a watch grows with the watchers of every image, an
     image replaced meanwhile included, and comes back as they end."""

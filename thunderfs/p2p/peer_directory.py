@@ -93,6 +93,11 @@ class PeerDirectory:
             self._manifest_asked.pop(m.meta.content_key, None)
             self._nursery.start_soon(self.manifest, m.meta)
 
+    @property
+    def window(self) -> int:
+        """Chunks per lookup window."""
+        return self._window
+
     def prepare(self, meta: ImageMeta) -> None:
         """An image was opened: ask for its manifest and watch its holders now, so that both are
         there before peers are needed."""

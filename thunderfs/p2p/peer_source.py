@@ -22,6 +22,7 @@ import trio
 
 from thunderfs.cache.fresh import Buffer
 from thunderfs.cache.store import ImageData
+from thunderfs.p2p.alike import Alikes
 from thunderfs.p2p.asking import Asker
 from thunderfs.p2p.claims import ClaimTaker
 from thunderfs.p2p import owners
@@ -96,6 +97,8 @@ class PeerSource:
         self.claims = ClaimTaker(tracker, self.directory, self.client, self.asker, chunk_size=chunk_size,
                                  timeout=timeout, max_request_chunks=max_request_chunks, poll=claim_poll)
         self.plans = Plans(self.directory, self.client, self.claims)
+        self.alikes = Alikes(tracker, self.directory, self.client, self.asker, chunk_size=chunk_size,
+                             timeout=timeout, max_request_chunks=max_request_chunks)
         self._node_id = node_id
         # content -> chunks peers asked this node for as their owner (``fetch_for_peer``): its
         # flights fetch them without a claim and without asking another owner.
@@ -253,6 +256,12 @@ class PeerSource:
                     _put(sink, self.client.memory.give_back, rfirst, piece)
                     got.update(range(rfirst, rfirst + -(-len(piece) // cs)))
         missing = [c for c in unplanned if c not in got and not img.cached(c)]
+        if missing:  # held by nobody as this image's: as another image's chunks of the same digest?
+            with trio.move_on_after(self.timeout * 3 + len(missing) * cs / MIN_RATE):
+                for rfirst, piece in await self.alikes.take(meta, missing):
+                    _put(sink, self.client.memory.give_back, rfirst, piece)
+                    got.update(range(rfirst, rfirst + -(-len(piece) // cs)))
+            missing = [c for c in missing if c not in got and not img.cached(c)]
         if missing:  # nobody holds them: each from its owner, this node's own from the origin
             owned, by_owner, missing = self._owned(img, missing, asked, urgent=want.priority == DEMAND)
             if self.directory.lazy_manifest(img.content) is None:
@@ -334,5 +343,5 @@ class PeerSource:
     def statistics(self) -> dict:
         plans = self.plans.statistics()
         return {**self.client.statistics(), **self.directory.statistics(), **self.claims.statistics(),
-                **self.asker.statistics(), **plans, **self._stats,
+                **self.asker.statistics(), **plans, **self.alikes.statistics(), **self._stats,
                 "granted_chunks": self._stats["granted_chunks"] + plans["granted_chunks"]}
