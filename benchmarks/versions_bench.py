@@ -14,7 +14,10 @@ reported apart, as the boot benchmarks report it).  Then, each on fresh daemons:
       then qcow2: the bytes v2's boot fetched against the bytes of v2's boot working set (the
       chunks its profile recorded) whose digest v1 does not have;
   (5) a storm: N nodes replay v1's boot (its recorded profile, at its pace), then v2's: Glance's
-      egress during v2's storm against v2's unique boot bytes.
+      egress during v2's storm against v2's unique boot bytes;
+  (6) across nodes: N/2 nodes replay v1's boot, then N/2 other nodes, with empty caches, replay
+      v2's: they take what v2 shares with v1 from the first ones (the tracker's lookups by
+      digest), and Glance's egress is against the same measure.
 
 Targets (issue 31): (2) fetched = non-zero chunks; (3) at most unique non-zero + 5 %; (4) at most
 1.2 x; (5) at most 1.5 x.
@@ -239,6 +242,35 @@ def storm(b: Bench, ids: dict, n: int, p1, p2, d: dict) -> dict:
     return out
 
 
+def across(b: Bench, ids: dict, n: int, p1, p2, d: dict) -> dict:
+    """(6): ``n`` nodes replay v1's boot, then ``n`` others, empty, replay v2's."""
+    def replay_all(ms: list[Mount], image_id: str, profile) -> list[float]:
+        reads = [Read(ms_ / 1000, c * CS, CS) for c, ms_ in sorted(profile, key=lambda x: x[1])]
+        took: list[float] = []
+        threads = [threading.Thread(target=lambda m=m: took.append(replay(m.image(image_id), reads, paced=True)))
+                   for m in ms]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if len(took) != len(ms):
+            raise RuntimeError("a replay failed")
+        return took
+
+    olds = [b.node(f"old{i}") for i in range(n)]
+    replay_all(olds, ids["raw"][0], p1)
+    news = [b.node(f"new{i}") for i in range(n)]
+    before = b.proxy.range_bytes + b.proxy.whole_bytes
+    took = replay_all(news, ids["raw"][1], p2)
+    egress = b.proxy.range_bytes + b.proxy.whole_bytes - before
+    unique = unique_bytes([c for c, _ in p2], d["raw"][1], set(d["raw"][0]))
+    alike = sum(m.stats()["peers"]["alike_chunks"] for m in news)
+    out = {"nodes": n, "glance_bytes": egress, "slowest": max(took), "v2_unique_boot_bytes": unique,
+           "alike_chunks": alike, "ratio": egress / unique if unique else None}
+    b.gone(*olds, *news)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/var/tmp/thunderfs-bench")
@@ -304,6 +336,11 @@ def main() -> int:
                   f"{r['v1']['glance_bytes'] / MiB:.1f} MiB), then v2's (slowest {r['v2']['slowest']:.1f} s): Glance "
                   f"sent {r['v2']['glance_bytes'] / MiB:.2f} MiB for {r['v2_unique_boot_bytes'] / MiB:.2f} MiB of "
                   f"v2's boot not in v1 ({r['ratio']:.2f} x; target <= 1.5; the manifests' read above, apart)")
+            r = across(b, ids, args.nodes // 2, *profiles["raw"], d)
+            result["across"] = r
+            print(f"(6) {r['nodes']} nodes replayed v1's boot, then {r['nodes']} others, empty, v2's: they took "
+                  f"{r['alike_chunks']} chunks as v1's from the first ones; Glance sent {r['glance_bytes'] / MiB:.2f} "
+                  f"MiB for {r['v2_unique_boot_bytes'] / MiB:.2f} MiB of v2's boot not in v1 ({r['ratio']:.2f} x)")
         finally:
             b.stop()
     if args.json:
