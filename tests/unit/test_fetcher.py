@@ -312,8 +312,9 @@ async def test_chunks_another_image_holds_are_not_fetched_and_earn_a_miss_no_ext
         store.know_digests(r.img, b"".join(chunk_digest.digests(DATA, CS)))
         assert await r.read(0, 16 * CS) == DATA[:16 * CS]  # shared: no credit
         assert await r.read(20 * CS, CS) == DATA[20 * CS:21 * CS]  # a new chunk: no new neighbour with it
-    assert src.asks == [[20]]
-    assert store.statistics()["used"] == len(DATA) + CS  # v1, and v2's one chunk of its own
+        assert await r.read(21 * CS, 2 * CS) == DATA[21 * CS:23 * CS]  # credit 1.2: still no extension
+    assert src.asks == [[20], [21, 22]]  # a new version of a cached image fetches what it reads
+    assert store.statistics()["used"] == len(DATA) + 3 * CS  # v1, and v2's chunks of its own
 
 
 async def test_a_flapping_breaker_warns_once_a_quiet_period_and_counts_the_rest(caplog, autojump_clock):

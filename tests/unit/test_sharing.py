@@ -67,16 +67,19 @@ async def test_shares_survive_a_restart_and_go_with_their_home(tmp_path):
     assert [c for c in range(b.nchunks) if b.state[c] == SHARED] == [0, 1, 3, 4, 7]
     assert b.state[5] == b.state[6] == ZERO  # its digests were kept: its zeros need no manifest
     assert await store.read(b, 3 * CS, CS) == v2[3 * CS:4 * CS]
+    assert b.foreign == 5 and b.shares_with_others()
     # The home goes: so do the chunks that share it, in memory and in the index.
     a = store.find(V1)
     store.space.release(a, 3)
-    assert b.state[3] == ABSENT
+    assert b.state[3] == ABSENT and b.foreign == 4
+    store.drop_image(V2)
+    assert b.foreign == 0 and not b.shares_with_others()
     await store.commit()
     store.close()
     store = ChunkStore(tmp_path, index, CS, 1 << 30)
     store.reclaim()
     b = store.image(V2, len(v2))
-    assert [c for c in range(b.nchunks) if b.state[c] == SHARED] == [0, 1, 4, 7]
+    assert not any(b.state[c] == SHARED for c in range(b.nchunks))  # dropped, durably
     store.close()
     index.close()
 

@@ -132,6 +132,7 @@ class ImageData:
         self.digests: bytes | None = None
         self.home: dict[int, tuple[ImageData, int]] = {}
         self.users: dict[int, set[tuple[ImageData, int]]] = {}
+        self.foreign = 0  # SHARED chunks whose home is another image's
         # Bytes served to readers, and fetched by source (status and metrics per image).
         self.counters = dict.fromkeys(("bytes_read", "bytes_from_peers", "bytes_from_seed", "bytes_from_origin"), 0)
         self._arrival: trio.Event | None = None  # set when chunks become servable, if anyone waits
@@ -173,6 +174,11 @@ class ImageData:
     def missing(self, first: int, last: int) -> list[int]:
         state = self.state
         return [c for c in range(first, last + 1) if not state[c]]
+
+    def shares_with_others(self) -> bool:
+        """Whether another image's copies serve some of its chunks (a new version of a cached
+        image)."""
+        return self.foreign > 0
 
     def borrowed(self, first: int, last: int) -> int:
         """How many of chunks ``first..last`` are served from another image's copy or as zeros."""

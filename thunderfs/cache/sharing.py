@@ -105,6 +105,7 @@ class Sharing:
             img.state[c] = SHARED
             img.xxh[c] = h.xxh[hc]
             img.home[c] = home
+            img.foreign += h is not img
             h.users.setdefault(hc, set()).add((img, c))
             self._committer.shared(img, c, h, hc)
             self._changes.note(img, c, True)
@@ -144,6 +145,7 @@ class Sharing:
         img.state[c] = SHARED
         img.xxh[c] = home.xxh[hc]
         img.home[c] = (home, hc)
+        img.foreign += home is not img
         home.users.setdefault(hc, set()).add((img, c))
         return True
 
@@ -152,6 +154,7 @@ class Sharing:
         deleted at the next commit."""
         home = img.home.pop(c, None)
         if home is not None:
+            img.foreign -= home[0] is not img
             users = home[0].users.get(home[1])
             if users is not None:
                 users.discard((img, c))
@@ -167,6 +170,7 @@ class Sharing:
         for user, uc in list(img.users.pop(c, ())):
             if user.state[uc] == SHARED:
                 user.home.pop(uc, None)
+                user.foreign -= user is not img
                 user.state[uc] = ABSENT
                 self._committer.unshared(user, uc)
                 self._changes.note(user, uc, False)
