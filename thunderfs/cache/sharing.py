@@ -102,11 +102,7 @@ class Sharing:
             if h.state[hc] != INDEXED or h.chunk_len(hc) != img.chunk_len(c) or not self._prove(h, hc):
                 rest.append(c)
                 continue
-            img.state[c] = SHARED
-            img.xxh[c] = h.xxh[hc]
-            img.home[c] = home
-            img.foreign += h is not img
-            h.users.setdefault(hc, set()).add((img, c))
+            self._link(img, c, h, hc)
             self._committer.shared(img, c, h, hc)
             self._changes.note(img, c, True)
             self._stats["chunks_shared"] += 1
@@ -142,12 +138,16 @@ class Sharing:
         caller forgets it)."""
         if home is None or hc >= home.nchunks or home.state[hc] != INDEXED or img.state[c] != ABSENT:
             return False
+        self._link(img, c, home, hc)
+        return True
+
+    @staticmethod
+    def _link(img: ImageData, c: int, home: ImageData, hc: int) -> None:
         img.state[c] = SHARED
         img.xxh[c] = home.xxh[hc]
         img.home[c] = (home, hc)
         img.foreign += home is not img
         home.users.setdefault(hc, set()).add((img, c))
-        return True
 
     def unshare(self, img: ImageData, c: int) -> None:
         """Chunk ``c`` of ``img`` (``SHARED``) no longer shares its home: ``ABSENT``, its share
@@ -169,11 +169,7 @@ class Sharing:
         and it is no home any more."""
         for user, uc in list(img.users.pop(c, ())):
             if user.state[uc] == SHARED:
-                user.home.pop(uc, None)
-                user.foreign -= user is not img
-                user.state[uc] = ABSENT
-                self._committer.unshared(user, uc)
-                self._changes.note(user, uc, False)
+                self.unshare(user, uc)
                 user.wake_waiters()
         d = self._digest_of.pop((img, c), None)
         if d is not None:
