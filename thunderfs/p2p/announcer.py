@@ -4,13 +4,16 @@ Announces (the heartbeat) at the tracker's pace: in full at start, when its load
 ``FULL_EVERY`` heartbeats (its measured RTTs), else a light heartbeat that only keeps its record
 alive (what 10,000 nodes cost a tracker is mostly heartbeats).  Sends the full chunk state at start and whenever
 the tracker's epoch changes (it restarted and lost peer state) or a send failed; otherwise sends
-the chunks that became servable or went away, batched every ``delta_interval`` seconds (3: a
+the chunks that became servable or went away, batched every ``delta_interval`` seconds (4: a
 delta is most of what a booting node costs the tracker, and a node waiting for a chunk asks the
 node that fetches it meanwhile, which answers when it has it, and names the nodes that took it
 from there), so that a chunk this node just fetched is named to the watches of others within a
 few seconds.  With 3 s instead of 2 the paced storm's tracker requests per node went from 30.7
 to 26.2 (kept runs), its slowest node and Glance's egress unchanged (1.01 x, 1.15 x), and the
 8-node run on 100 Mbit/s links no slower (2.05 x against 2.07; benchmarks/README.md, issue 28).
+With 4 s instead of 3, the storm on a new image: 28.9 requests per node against 31.5-33.2 (its
+deltas 9.3 against 12.5-12.9), slowest 1.48 x against 1.52-1.56, Glance 1.34 x against 1.33
+(issue 27, ninth session; one run against three).
 A tracker that answers deltas with its heartbeat has kept the node alive with them: deltas sent
 when a light heartbeat was about to be due stand in for it.  The tracker being down
 costs nothing but discovery: the node keeps reading from Glance and the peers it knew.
@@ -37,7 +40,7 @@ FULL_EVERY = 6
 class Announcer:
     def __init__(self, tracker: TrackerClient, store: ChunkStore, node: NodeInfo, *,
                  load: Callable[[], int] = lambda: 0, rtt: Callable[[], dict[str, float]] = dict,
-                 delta_interval: float = 3.0):
+                 delta_interval: float = 4.0):
         self._tracker = tracker
         self._store = store
         self._node = node
