@@ -188,3 +188,16 @@ def test_an_alike_answer_outside_what_was_asked_is_refused():
                 {**good, "size": "x"}, {**good, "peers": [{"node_id": "../x"}]}, "nonsense"):
         with pytest.raises(ProtocolError):
             Alike.parse(bad, 0, 2)
+
+
+async def test_when_a_home_goes_another_image_holding_the_digest_serves_next(store):
+    v1, v2 = versions()
+    await cached(store, V1, v1)
+    c = await cached(store, V3, v1)  # another image with v1's bytes: the second home of each digest
+    b = store.image(V2, len(v2))
+    store.know_digests(b, digests(v2))
+    assert store.share(b, [0]) == [] and b.home[0][0] is store.find(V1)
+    store.space.release(store.find(V1), 0)  # v1's copy goes: so does b's share of it
+    assert b.state[0] == ABSENT
+    assert store.share(b, [0]) == [] and b.home[0] == (c, 0)
+    assert await store.read(b, 0, CS) == v2[:CS]

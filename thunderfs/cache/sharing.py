@@ -55,7 +55,8 @@ class Sharing:
         self._stats = stats
         self._changes = changes
         self._committer = committer
-        self._homes: dict[bytes, tuple[ImageData, int]] = {}  # digest -> the chunk that holds its bytes
+        # digest -> the chunks that hold its bytes (a few: the first that is indexed and proven serves)
+        self._homes: dict[bytes, list[tuple[ImageData, int]]] = {}
         self._digest_of: dict[tuple[ImageData, int], bytes] = {}  # a home -> its digest
         self._proven: set[tuple[ImageData, int]] = set()  # homes whose bytes hashed to their digest
 
@@ -79,12 +80,17 @@ class Sharing:
             elif state[c] == INDEXED:
                 self.indexed(img, c)
 
+    HOMES = 4  # homes kept per digest: when one goes, the next serves
+
     def indexed(self, img: ImageData, c: int) -> None:
         """Chunk ``c`` of ``img`` became ``INDEXED``: a home for its digest, if its manifest is
-        known and no other chunk is one already."""
+        known and the digest has fewer than ``HOMES``."""
         d = img.digest(c)
-        if d is not None and d not in self._homes:
-            self._homes[d] = (img, c)
+        if d is None or (img, c) in self._digest_of:
+            return
+        homes = self._homes.setdefault(d, [])
+        if len(homes) < self.HOMES:
+            homes.append((img, c))
             self._digest_of[(img, c)] = d
 
     def share(self, img: ImageData, chunks: list[int]) -> list[int]:
@@ -94,14 +100,11 @@ class Sharing:
             return chunks
         rest = []
         for c in chunks:
-            home = self._homes.get(img.digest(c)) if img.state[c] == ABSENT else None
-            if home is None or home[0] is img and home[1] == c:
+            home = self._home(img, c) if img.state[c] == ABSENT else None
+            if home is None:
                 rest.append(c)
                 continue
             h, hc = home
-            if h.state[hc] != INDEXED or h.chunk_len(hc) != img.chunk_len(c) or not self._prove(h, hc):
-                rest.append(c)
-                continue
             self._link(img, c, h, hc)
             self._committer.shared(img, c, h, hc)
             self._changes.note(img, c, True)
@@ -110,6 +113,14 @@ class Sharing:
         if len(rest) != len(chunks):
             img.wake_waiters()
         return rest
+
+    def _home(self, img: ImageData, c: int) -> tuple[ImageData, int] | None:
+        """An indexed, proven chunk of another place with chunk ``c``'s digest, or None."""
+        for h, hc in list(self._homes.get(img.digest(c), ())):
+            if (h is not img or hc != c) and h.state[hc] == INDEXED and h.chunk_len(hc) == img.chunk_len(c) \
+                    and self._prove(h, hc):
+                return h, hc
+        return None
 
     def _prove(self, img: ImageData, c: int) -> bool:
         """Whether home ``c`` of ``img`` holds bytes that hash to its digest: hashed once (one
@@ -130,8 +141,18 @@ class Sharing:
             log.warning("chunk %d of %s does not hash to the digest its manifest gives: not shared",
                         c, img.content.hex())
             self._stats["homes_refused"] += 1
-        del self._homes[self._digest_of.pop((img, c))]
+        self._forget(img, c)
         return False
+
+    def _forget(self, img: ImageData, c: int) -> None:
+        """Chunk ``c`` of ``img`` is no home any more."""
+        d = self._digest_of.pop((img, c), None)
+        if d is not None:
+            homes = self._homes[d]
+            homes.remove((img, c))
+            if not homes:
+                del self._homes[d]
+        self._proven.discard((img, c))
 
     def load(self, img: ImageData, c: int, home: ImageData | None, hc: int) -> bool:
         """A share read from the index: ``SHARED`` again if its home is indexed (else False: the
@@ -171,10 +192,7 @@ class Sharing:
             if user.state[uc] == SHARED:
                 self.unshare(user, uc)
                 user.wake_waiters()
-        d = self._digest_of.pop((img, c), None)
-        if d is not None:
-            del self._homes[d]
-        self._proven.discard((img, c))
+        self._forget(img, c)
 
     def statistics(self) -> dict:
         return {"shared_digests": len(self._homes)}
