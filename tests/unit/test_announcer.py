@@ -132,8 +132,11 @@ async def _a_minute_of_deltas(tracker: DeltaTracker) -> tuple[list[str], dict]:
 async def test_deltas_stand_in_for_the_light_heartbeats_a_tracker_that_takes_them_as_such(autojump_clock):
     calls, stats = await _a_minute_of_deltas(DeltaTracker(beats=True))
     # A heartbeat every 10 s for 59 s: the announce at start, the light ones all deltas, and
-    # the full announce every FULL_EVERY heartbeats still sent.
-    assert calls == ["announce load=0", "announce load=0"] and stats["deltas_as_heartbeats"] == FULL_EVERY - 1
+    # the full announce every FULL_EVERY heartbeats still sent (FULL_EVERY - 1 deltas stood in
+    # before it, one after).
+    assert calls == ["announce load=0", "announce load=0"] and stats["deltas_as_heartbeats"] == FULL_EVERY
     calls, stats = await _a_minute_of_deltas(DeltaTracker(beats=False))  # an older tracker
-    # (heartbeats at 0, 12, 24, 36, 48 s: the announcer looks every 3 s, the delta interval)
-    assert calls == ["announce load=0"] + ["alive"] * 4 and stats["deltas_as_heartbeats"] == 0
+    # (heartbeats at 0, 10, 20, 30, 40, 50 s: the announcer wakes for a heartbeat due before the
+    # next deltas; it looked only every delta interval before, and a tracker's heartbeat shorter
+    # than that expired the node)
+    assert calls == ["announce load=0"] + ["alive"] * 5 and stats["deltas_as_heartbeats"] == 0

@@ -97,7 +97,9 @@ class Announcer:
                 self._epoch = None  # what we hold is resent in full once it answers again
                 next_announce = trio.current_time() + 2.0
                 self._reach.down(str(exc), "reading from Glance and the peers already known")
-            await trio.sleep(self._interval)
+            # Deltas every interval, and the heartbeat when the tracker wants it, if that is
+            # sooner (a tracker's heartbeat shorter than the interval must not expire the node).
+            await trio.sleep(max(0.0, min(self._interval, next_announce - trio.current_time())))
 
     def _may_be_light(self, load: int | None = None) -> bool:
         """Whether the next heartbeat may be light: the tracker knows this node as it is now
