@@ -503,7 +503,7 @@ def versions(results: Path) -> list[Row]:
               record.spread([r["one_node_qcow2"]["ratio"] for r in runs]),
               record.spread([r["storm"]["ratio"] for r in runs]),
               record.spread([r["cache"]["ratio"] for r in runs]),
-              record.spread([r["whole_v1"]["fetched"] / r["whole_v1"]["nonzero_bytes"] for r in runs])]
+              record.spread([r["whole_v1"]["fetched"] / r["whole_v1"]["nonzero_bytes"] for r in runs]), None]
 
     def boot(key: str) -> tuple[str, str]:
         return (f"{med(lambda r: r[key]['v2_fetched']) / MiB:.2f} MiB",
@@ -522,8 +522,10 @@ def versions(results: Path) -> list[Row]:
         (f"{med(lambda r: r['cache']['used']) / MiB:.1f} MiB", f"{med(lambda r: r['cache']['unique_nonzero_bytes']) / MiB:.1f} MiB"),
         (f"{med(lambda r: r['whole_v1']['fetched']) / MiB:.1f} MiB",
          f"{med(lambda r: r['whole_v1']['nonzero_bytes']) / MiB:.1f} MiB"),
-        (f"{spread(record.spread([r['across']['ratio'] for r in runs]), 3)}" if all("across" in r for r in runs)
-         else "not run", "the chunks v2 shares with v1 taken from the nodes holding v1 (lookups by digest)"),
+        (f"{spread(record.spread([r['across']['ratio'] for r in runs]), 3)} x, "
+         f"{med(lambda r: r['across']['alike_chunks']):.0f} chunks taken as v1's" if all("across" in r for r in runs)
+         else "not run", "what v2 shares with v1 meant to come from the nodes holding v1 (lookups by digest); "
+         "a profile's prefetch is claimed first and goes to Glance"),
     ]
     rows = []
     for what, target, ratio, (figure, baseline) in zip(whats, targets, ratios, figures):
