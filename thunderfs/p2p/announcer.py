@@ -99,7 +99,8 @@ class Announcer:
                 self._reach.down(str(exc), "reading from Glance and the peers already known")
             # Deltas every interval, and the heartbeat when the tracker wants it, if that is
             # sooner (a tracker's heartbeat shorter than the interval must not expire the node).
-            await trio.sleep(max(0.0, min(self._interval, next_announce - trio.current_time())))
+            # (At least 0.1 s: a tracker that asked for a heartbeat every millisecond gets ten a second.)
+            await trio.sleep(max(0.1, min(self._interval, next_announce - trio.current_time())))
 
     def _may_be_light(self, load: int | None = None) -> bool:
         """Whether the next heartbeat may be light: the tracker knows this node as it is now
