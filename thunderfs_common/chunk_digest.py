@@ -10,6 +10,8 @@ security against either.  The tracker computes them from Glance's bytes; Glance'
 
 from __future__ import annotations
 
+import functools
+
 from blake3 import blake3
 
 ALGORITHM = "blake3"  # the manifest's and a piece's field that carries the digests
@@ -26,3 +28,9 @@ def digests(data, chunk_size: int) -> list[bytes]:
     ``data`` has one, of nothing)."""
     view = memoryview(data)
     return [blake3(view[i:i + chunk_size]).digest() for i in range(0, max(len(view), 1), chunk_size)]
+
+
+@functools.lru_cache(maxsize=8)
+def zero_digest(length: int) -> bytes:
+    """The digest of ``length`` zero bytes: a manifest's zero chunk (the last may be short)."""
+    return digest(bytes(length))

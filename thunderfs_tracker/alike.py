@@ -46,8 +46,8 @@ class AlikeIndex:
                         m.image_id, MAX_DIGESTS)
             return
         self._sizes[content] = m.size
-        zeros = {chunk_digest.digest(bytes(m.chunk_size)),
-                 chunk_digest.digest(bytes(m.size - (m.nchunks - 1) * m.chunk_size))}
+        zeros = {chunk_digest.zero_digest(m.chunk_size),
+                 chunk_digest.zero_digest(m.size - (m.nchunks - 1) * m.chunk_size)}
         for c in range(m.nchunks):
             d = m.digest(c)
             if d in zeros:

@@ -75,7 +75,7 @@ def shared_between(a: Manifest, b: Manifest) -> dict:
         return [(m.digest(c), min(m.chunk_size, m.size - c * m.chunk_size)) for c in range(m.nchunks)]
 
     def zeros(cs: list[tuple[bytes, int]]) -> int:
-        return sum(1 for d, n in cs if d == chunk_digest.digest(bytes(n)))
+        return sum(1 for d, n in cs if d == chunk_digest.zero_digest(n))
 
     ca, cb = chunks(a), chunks(b)
     in_a = {d for d, _ in ca}

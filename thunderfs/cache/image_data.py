@@ -33,6 +33,7 @@ import trio
 import xxhash
 
 from thunderfs.cache.fresh import Buffer
+from thunderfs_common import chunk_digest
 
 ABSENT, PENDING, INDEXED, WRITING, SHARED, ZERO = 0, 1, 2, 3, 4, 5
 # The states whose bytes lie in the image's own data file or buffers (``Space.used`` counts them).
@@ -163,7 +164,7 @@ class ImageData:
     def digest(self, chunk: int) -> bytes | None:
         """The manifest's digest of ``chunk``, if the manifest is known here."""
         d = self.digests
-        return None if d is None else d[chunk * 32:(chunk + 1) * 32]
+        return None if d is None else d[chunk * chunk_digest.SIZE:(chunk + 1) * chunk_digest.SIZE]
 
     # --- chunk state, for everyone outside the cache room (only its own modules read ``state``) --
 

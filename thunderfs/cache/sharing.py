@@ -41,11 +41,6 @@ log = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=8)
-def zero_digest(length: int) -> bytes:
-    return chunk_digest.digest(bytes(length))
-
-
-@functools.lru_cache(maxsize=8)
 def zero_xxh(length: int) -> int:
     return xxhash.xxh3_64_intdigest(bytes(length))
 
@@ -71,7 +66,7 @@ class Sharing:
         img.digests = bytes(digests)
         if not kept:
             self._committer.know(img)
-        full, last = zero_digest(img.chunk_size), zero_digest(img.chunk_len(img.nchunks - 1))
+        full, last = chunk_digest.zero_digest(img.chunk_size), chunk_digest.zero_digest(img.chunk_len(img.nchunks - 1))
         state = img.state
         for c in range(img.nchunks):
             if state[c] == ABSENT and img.digest(c) == (last if c == img.nchunks - 1 else full):

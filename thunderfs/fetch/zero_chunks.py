@@ -11,14 +11,7 @@ whole image is data (what a file system without holes answers).
 
 from __future__ import annotations
 
-import functools
-
-from thunderfs_common import chunk_digest
-
-
-@functools.lru_cache(maxsize=8)
-def _zero_digest(length: int) -> bytes:
-    return chunk_digest.digest(bytes(length))
+from thunderfs_common.chunk_digest import zero_digest
 
 
 class ZeroChunks:
@@ -31,7 +24,7 @@ class ZeroChunks:
     def of(cls, manifest) -> "ZeroChunks":
         """From a whole manifest (``digest(chunk)`` and ``nchunks``, ``chunk_size``, ``size``)."""
         cs, size, n = manifest.chunk_size, manifest.size, manifest.nchunks
-        full, last = _zero_digest(cs), _zero_digest(size - (n - 1) * cs)
+        full, last = zero_digest(cs), zero_digest(size - (n - 1) * cs)
         flags = bytearray(n)
         for c in range(n):
             flags[c] = manifest.digest(c) == (last if c == n - 1 else full)
