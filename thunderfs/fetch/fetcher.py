@@ -31,10 +31,13 @@ class _Run:
     """What one flight holds: its chunks, its priority, and the verified bytes the cache could not
     take (kept for its readers; what the cache took, they read from there)."""
 
-    __slots__ = ("meta", "img", "first", "count", "urgency", "kept", "filled", "nbytes", "flight")
+    __slots__ = ("meta", "img", "first", "count", "urgency", "ahead", "kept", "filled", "nbytes", "flight")
 
     def __init__(self, meta: ImageMeta, img: ImageData, first: int, count: int, urgency: Urgency):
         self.meta, self.img, self.first, self.count, self.urgency = meta, img, first, count, urgency
+        # Started ahead of any reader (readahead, prefetch): counted so even when a reader's
+        # demand later promotes it (a slow origin lets the reader catch up with its window).
+        self.ahead = urgency.priority != DEMAND
         self.kept: dict[int, bytes] = {}  # chunk -> its verified bytes, where the cache had no room
         self.filled: set[int] = set()  # chunks delivered (cached, or kept)
         self.nbytes = 0
@@ -208,7 +211,7 @@ class Fetcher:
         self._stats["flights"] += 1
         self._stats["chunks_fetched"] += run.count
         self._stats["bytes_fetched"] += run.nbytes
-        if run.urgency.priority != DEMAND:
+        if run.ahead:
             self._stats["readahead_chunks"] += run.count
 
     async def _through(self, i: int, chunks: list[int], run: _Run) -> None:
