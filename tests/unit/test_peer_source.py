@@ -20,7 +20,7 @@ from thunderfs.fetch.slots import DEMAND, PREFETCH, READAHEAD
 from thunderfs.fetch.source import Urgency, Want
 from thunderfs_common.manifest_proof import ManifestProof
 from thunderfs_tracker.client import TrackerRefused, TrackerUnavailable
-from thunderfs_common.tracker_protocol import (NOT_FETCHING_HEADER, PIECES_HEADER, TAKERS_HEADER, Manifest, PeerRecord, Piece, Revocation, WatchEvent, encode_pieces,
+from thunderfs_common.tracker_protocol import (Alike, NOT_FETCHING_HEADER, PIECES_HEADER, TAKERS_HEADER, Manifest, PeerRecord, Piece, Revocation, WatchEvent, encode_pieces,
                                        parse_pieces)
 
 DATA = pattern(32 * CS)
@@ -52,7 +52,7 @@ class FakeTracker:
         self.holders = list(holders)
         self.granted = granted  # None: everything asked
         self.claimed = list(claimed)
-        self.calls = {"manifest": 0, "lookup": 0, "claim": 0, "stats": 0, "seed": 0, "watch": 0}
+        self.calls = {"manifest": 0, "lookup": 0, "claim": 0, "stats": 0, "seed": 0, "watch": 0, "alike": 0}
         self.pushes = None  # a receive channel of WatchEvents: the tracker has watches (None: 404)
         self.read_glance: set[int] = set()  # lazy: the chunks the tracker read (its pieces cover)
         self.hung = False  # answers nothing (a stopped tracker)
@@ -114,6 +114,12 @@ class FakeTracker:
 
     async def report(self, node_id, content, chunk, reason):
         self.reports.append((node_id, chunk))
+
+    alikes = ()  # Alike entries: chunks another image has under the same digests (issue 31)
+
+    async def alike(self, image_id, chunk_size, first, count):
+        await self._call("alike")
+        return list(self.alikes)
 
 
 class Peers:
@@ -585,6 +591,31 @@ async def test_a_prefetch_batch_is_claimed_once_and_its_flights_follow_the_plan(
     tracker.holders = []
     await src.fetch(want(store, [8, 9], PREFETCH), Sink())
     assert tracker.calls["claim"] == 3
+
+
+async def test_chunks_a_plan_gives_this_node_come_from_another_images_holders_before_glance(store):
+    """Issue 31: a v2's profile prefetch after a storm on v1 is claimed as a batch, and the
+    tracker grants the chunks nobody holds as v2's; those v1's holders have (a rack-mate that
+    never read v2) are taken from them, checked against v2's manifest, and not sent to Glance."""
+    v1 = Alike(b"\x01" * 32, len(DATA), [(c, c) for c in range(6)], [peer("old", range(4))])
+    tracker = FakeTracker(dataclasses.replace(manifest_of(), alike=6), holders=[])
+    tracker.alikes = [v1]
+    peers_ = Peers()
+    src, sink = source_of(tracker, peers_), Sink()
+    img = store.image(META.content_key, META.size)
+    await src.directory.manifest(META)
+    await src.plan(META, img, list(range(6)))
+    assert await src.fetch(want(store, range(6), PREFETCH), sink) == []
+    assert right(sink, range(4)) and sink.passed == [4, 5]  # what "old" lacks: to Glance
+    assert peers_.asked == [("old", 0, 4)] and tracker.calls["claim"] == 1
+    assert src.statistics()["alike_chunks"] == 4
+    # An image whose manifest shares nothing asks the tracker nothing more.
+    single = FakeTracker(manifest_of(), holders=[])
+    plain = source_of(single, Peers())
+    await plain.directory.manifest(META)
+    await plain.plan(META, img, [6, 7])
+    assert await plain.fetch(want(store, [6, 7], PREFETCH), other := Sink()) == [] and other.passed == [6, 7]
+    assert single.calls["alike"] == 0
 
 
 async def test_a_plan_made_while_the_last_one_is_used_up_is_kept(store):

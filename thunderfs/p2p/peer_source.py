@@ -236,9 +236,11 @@ class PeerSource:
     # --- the source ------------------------------------------------------------------------
 
     async def fetch(self, want: Want, sink: Sink) -> list[int]:
-        """What the batch's plan covers as it says; the rest first from what peers hold (verified),
-        then, while the tracker seeds the image, from their owners (``owners``), else claimed
-        at the tracker.  The chunks this node is granted go on to Glance at once
+        """What the batch's plan covers as it says; the rest first from what peers hold (verified).
+        What nobody holds as this image's, and what the plan gives this node to fetch, first
+        from peers holding it as another image's chunk of the same digest (``alike``); then,
+        while the tracker seeds the image, from their owners (``owners``), else claimed at the
+        tracker.  The chunks this node is granted go on to Glance at once
         (``sink.pass_on``), while those other nodes hold or are fetching are taken from them as
         they appear.  Returns what did not come in time."""
         meta, img, cs = want.meta, want.img, self._cs
@@ -255,13 +257,14 @@ class PeerSource:
                 for rfirst, piece in await self._from_holders(meta, img, unplanned):
                     _put(sink, self.client.memory.give_back, rfirst, piece)
                     got.update(range(rfirst, rfirst + -(-len(piece) // cs)))
+        # Held by nobody as this image's: as another image's chunks of the same digest?  Those the
+        # plan gave this node to fetch from Glance too (a v2's profile prefetch after v1's storm).
         missing = [c for c in unplanned if c not in got and not img.cached(c)]
-        if missing:  # held by nobody as this image's: as another image's chunks of the same digest?
-            with trio.move_on_after(self.timeout * 3 + len(missing) * cs / MIN_RATE):
-                for rfirst, piece in await self.alikes.take(meta, missing):
-                    _put(sink, self.client.memory.give_back, rfirst, piece)
-                    got.update(range(rfirst, rfirst + -(-len(piece) // cs)))
-            missing = [c for c in missing if c not in got and not img.cached(c)]
+        if mine or missing:
+            alike = await self._from_alikes(meta, img, sorted(mine + missing), sink)
+            if alike:
+                mine = [c for c in mine if c not in alike]
+                missing = [c for c in missing if c not in alike]
         if missing:  # nobody holds them: each from its owner, this node's own from the origin
             owned, by_owner, missing = self._owned(img, missing, asked, urgent=want.priority == DEMAND)
             if self.directory.lazy_manifest(img.content) is None:
@@ -316,6 +319,16 @@ class PeerSource:
             if not missing:
                 return [], []
         return await self.claims.claim(meta, img, missing, tries=1)
+
+    async def _from_alikes(self, meta: ImageMeta, img: ImageData, chunks: list[int], sink: Sink) -> set[int]:
+        """Which of ``chunks`` came, verified, from peers holding them as another image's chunks
+        with the same digests (``alike``), now in ``sink``."""
+        got: set[int] = set()
+        with trio.move_on_after(self.timeout * 3 + len(chunks) * self._cs / MIN_RATE):
+            for rfirst, piece in await self.alikes.take(meta, chunks):
+                _put(sink, self.client.memory.give_back, rfirst, piece)
+                got.update(range(rfirst, rfirst + -(-len(piece) // self._cs)))
+        return got
 
     async def _from_holders(self, meta: ImageMeta, img: ImageData, chunks: list[int]) -> list[tuple[int, bytes]]:
         """Verified runs ``(first chunk, bytes)`` of ``chunks`` from peers that hold them: as many
