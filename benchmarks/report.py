@@ -524,8 +524,8 @@ def versions(results: Path) -> list[Row]:
          f"{med(lambda r: r['whole_v1']['nonzero_bytes']) / MiB:.1f} MiB"),
         (f"{spread(record.spread([r['across']['ratio'] for r in runs]), 3)} x, "
          f"{med(lambda r: r['across']['alike_chunks']):.0f} chunks taken as v1's" if all("across" in r for r in runs)
-         else "not run", "what v2 shares with v1 meant to come from the nodes holding v1 (lookups by digest); "
-         "a profile's prefetch is claimed first and goes to Glance"),
+         else "not run", "what v2 shares with v1 comes from the nodes holding v1 (lookups by digest), "
+         "its profile's prefetch included"),
     ]
     rows = []
     for what, target, ratio, (figure, baseline) in zip(whats, targets, ratios, figures):

@@ -198,11 +198,19 @@ def one_node(b: Bench, ids: dict, fmt: str, d: dict) -> dict:
     got = fetched(m, ids[fmt][1])
     # Beside the target's measure: v2's boot bytes the node did not hold (v1's boot left it only
     # what that boot read, and some of v2's boot reads are in v1 but were not read by its boot).
-    not_held = unique_bytes(chunks, d[fmt][1], held_digests(m, ids[fmt][0], d[fmt][0]))
+    held = held_digests(m, ids[fmt][0], d[fmt][0])
+    not_held = unique_bytes(chunks, d[fmt][1], held)
+    # Which those are: (v2's chunk, v1's first chunk of the same digest), for reading by hand.
+    first_in_v1 = {}
+    for j, dig in enumerate(d[fmt][0]):
+        first_in_v1.setdefault(dig, j)
+    in_v1_not_held = [[c, first_in_v1[d[fmt][1][c]]] for c in sorted(chunks)
+                      if d[fmt][1][c] in first_in_v1 and d[fmt][1][c] not in held]
     out = {"boot_seconds": [t1, t2], "v1_profile_chunks": len(p1), "v2_profile_chunks": len(chunks),
            "v2_boot_bytes": len(chunks) * CS, "v2_unique_boot_bytes": unique, "v2_fetched": got,
            "v2_boot_not_held_bytes": not_held, "ratio_not_held": got / not_held if not_held else None,
            "v2_glance_bytes": glance, "ratio": got / unique if unique else None,
+           "v2_boot_in_v1_not_held": in_v1_not_held[:256],
            "v2_status": per_image(m, ids[fmt][1])}
     b.gone(m)
     return out, p1, p2
