@@ -201,3 +201,21 @@ async def test_when_a_home_goes_another_image_holding_the_digest_serves_next(sto
     assert b.state[0] == ABSENT
     assert store.share(b, [0]) == [] and b.home[0] == (c, 0)
     assert await store.read(b, 0, CS) == v2[:CS]
+
+
+async def test_zero_chunks_are_found_wherever_they_are_and_cached_chunks_become_homes(store):
+    """``know`` finds the zero chunks by searching the digests: the first chunk, runs of them, a
+    short last one; a cached one stays as it is and becomes a home for another image."""
+    data = bytes(CS) + os.urandom(CS) + bytes(3 * CS) + os.urandom(CS) + bytes(CS // 2)
+    img = store.image(V1, len(data))
+    store.stage(img, 1, data[CS:2 * CS])
+    store.stage(img, 2, data[2 * CS:3 * CS])  # a zero chunk fetched before the manifest was known
+    await store.commit()
+    store.know_digests(img, digests(data))
+    assert [s == ZERO for s in img.state] == [True, False, False, True, True, False, True]
+    assert img.state[2] == INDEXED
+    other = store.image(V2, 2 * CS)
+    store.know_digests(other, digests(data[CS:3 * CS]))
+    assert other.missing(0, 1) == [0] and other.state[1] == ZERO
+    assert store.share(other, [0]) == [] and other.state[0] == SHARED
+    assert await store.read(other, 0, 2 * CS) == data[CS:3 * CS]
