@@ -35,7 +35,12 @@ N = 1..10,000 (benchmarks/plots.py draws them).
   thunderfs on a new image ("thunderfs-new": no manifest, no profile): as thunderfs, Glance
                  sending the working set once to the tracker (the seed), which the claims spread;
                  then the whole-image check reads S once, after the storm (a one-time cost,
-                 reported apart, as a known image's manifest build is).
+                 reported apart, as a known image's manifest build is).  With no profile to
+                 fetch ahead, a node's work follows its reads: in a paced boot it cannot start
+                 before the boot reads, so the cores' term is max over t of t + f(t) M*(c + o)/P,
+                 f(t) the share of the boot's chunks first read at or after t (the boot trace's
+                 timeline, kept in the run's results as "first_reads": an input, as T0 is; the
+                 recorded Debian boot reads 1 MiB in its first 10 s).  With a profile the prefetch takes the work up from the start.
 
 Two inputs are not in a storm's results: the tracker's and a host's peer request rates. They are
 read from kept results of their own benchmarks: R, the median rate two tracker replicas on Redis
@@ -103,6 +108,9 @@ class Params:
     c: float = 0.0     # daemon CPU seconds per node per boot (0: not measured)
     o: float = 0.0     # CPU seconds per node per boot of the rest on the nodes' cores
     P: int = 2         # cores the nodes of one host share
+    # (t, share of the boot's chunks first read at or after t) of a paced boot (``first_reads``):
+    # when the work of a node that fetches as it reads can be done; () for a boot not paced.
+    after: tuple[tuple[float, float], ...] = ()
 
     def with_cpu(self, way: dict, n: int) -> "Params":
         """These parameters with the CPU a way's run measured (none if it did not)."""
@@ -128,7 +136,22 @@ class Params:
                    k=r.get("alone_glance_requests", 600.0), C=cal.get("glance_request_rate", 200.0),
                    T0=T0, D=max(0.0, alone["cold"] - alone["warm"]), Dp=Dp,
                    q=r.get("tracker_requests_per_node")
-                   or r["ways"].get("thunderfs-new", {}).get("tracker_requests_per_node", 200.0))
+                   or r["ways"].get("thunderfs-new", {}).get("tracker_requests_per_node", 200.0),
+                   after=tuple(map(tuple, r.get("first_reads", ()))) if r.get("mode") == "replay-paced" else ())
+
+
+def first_reads(reads, chunk: int = 64 * 2**10) -> tuple[tuple[float, float], ...]:
+    """(t, share of the boot's chunks first read at or after t) for each chunk's first read of a
+    boot's ``reads`` (``bootstorm.py`` keeps them in its results as ``first_reads``)."""
+    seen: set[int] = set()
+    firsts: list[float] = []
+    for r in reads:
+        for c in range(r.offset // chunk, (r.offset + r.size - 1) // chunk + 1):
+            if c not in seen:
+                seen.add(c)
+                firsts.append(r.at)
+    n = len(firsts)
+    return tuple((t, (n - i) / n) for i, t in enumerate(firsts))
 
 
 def predict(way: str, n: int, p: Params) -> tuple[float, float]:
@@ -140,6 +163,8 @@ def predict(way: str, n: int, p: Params) -> tuple[float, float]:
     if way in ("thunderfs", "thunderfs-new"):
         m = n if p.shared_host else 1
         cores = m * (p.c + p.o) / p.P if p.shared_host else p.c  # a node of a cluster: its own core
+        if way == "thunderfs-new" and p.after and cores:
+            cores = max(t + share * cores for t, share in p.after)  # the work comes with the reads
         # The peer transfers' CPU is in c where it was measured: then not added again.
         transfers = 0.0 if p.c else m * p.k / p.Cp
         return max(p.T0 + p.Dp, max(p.W / p.Bn, p.W / p.Bg) + p.Dp, p.k / p.C, n * p.q / p.R, cores) + transfers, p.W

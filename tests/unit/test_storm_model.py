@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from benchmarks import storm_model
 from benchmarks.storm_model import Params, predict
+from harness.boot_trace import Read
 
 MiB = 2**20
 
@@ -32,3 +33,18 @@ def test_a_cluster_node_has_its_own_core_and_a_run_without_cpu_figures_keeps_the
     assert unmeasured.c == 0.0
     assert predict("thunderfs", 32, unmeasured)[0] == 30.0 + 32 * 300 / 2000  # the peer transfers' term
     assert storm_model.rate("100mbit") == 12.5e6
+
+
+def test_a_new_images_work_follows_a_paced_boots_reads_and_a_known_images_prefetch_does_not():
+    """Without a profile a node fetches as its boot reads: the cores' work cannot be done before
+    the reads ask for it.  A boot that reads its chunks from 10 s on (as the recorded Debian boot
+    does) ends no earlier than 10 s plus the work over the cores."""
+    reads = [Read(0.0, 0, 64 * 1024)] + [
+        Read(10.0 + i / 100, (i + 1) * 64 * 1024, 64 * 1024) for i in range(99)]
+    after = storm_model.first_reads(reads)
+    assert after[0] == (0.0, 1.0) and after[1] == (10.0, 0.99) and len(after) == 100
+    run = {"cpu": {"daemon_seconds_per_node": 2.0}, "machine": {"cores": 2, "cpu_seconds": {"glance": 0.0}}}
+    p = _params(shared_host=True, T0=20.0, after=after).with_cpu(run, 32)
+    assert predict("thunderfs", 32, p)[0] == 32.0  # a profile's prefetch works from the start
+    assert predict("thunderfs-new", 32, p)[0] == 10.0 + 0.99 * 32.0
+    assert predict("thunderfs-new", 32, _params(shared_host=True, T0=20.0).with_cpu(run, 32))[0] == 32.0
