@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import re
 import json
+import math
 import statistics
 import sys
 from dataclasses import dataclass
@@ -414,6 +415,14 @@ def tracker_load(results: Path) -> list[Row]:
             busy = record.spread([100 * x["busy_share"] for x in by[most]])
             served_how += (f"; the replicas' CPU {spread(cpu, 2, ' ms')} a request, the machine "
                            f"{spread(busy, 0, ' %')} busy")
+            # What a core per replica would give: each an M/M/1 queue at its share of the rate,
+            # serving at that CPU per request (its response time's p99 is ln(100) / (mu - lambda)).
+            own = [math.log(100) / (1000 / x["replica_cpu_ms_per_request"] - sum(x["achieved_per_s"].values()) / most)
+                   * 1000 for x in by[most]
+                   if 1000 / x["replica_cpu_ms_per_request"] > sum(x["achieved_per_s"].values()) / most]
+            if len(own) == len(by[most]):
+                served_how += (f"; with a core per replica, as an M/M/1 queue at that CPU per request: p99 "
+                               f"{spread(record.spread(own), 1, ' ms')} (the client's own time apart)")
         others = "; ".join(f"{n} replica(s): {shown(p99(n))}" for n in sorted(by) if n != most)
         rows.append(Row(8 if heartbeat == 30 else 27, what.format(most),
                         f"{shown(p99(most))} ({served_how})", others, "",
