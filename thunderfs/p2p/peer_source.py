@@ -262,9 +262,8 @@ class PeerSource:
         missing = [c for c in unplanned if c not in got and not img.cached(c)]
         if mine or missing:
             alike = await self._from_alikes(meta, img, sorted(mine + missing), sink)
-            if alike:
-                mine = [c for c in mine if c not in alike]
-                missing = [c for c in missing if c not in alike]
+            mine = [c for c in mine if c not in alike]
+            missing = [c for c in missing if c not in alike and not img.cached(c)]
         if missing:  # nobody holds them: each from its owner, this node's own from the origin
             owned, by_owner, missing = self._owned(img, missing, asked, urgent=want.priority == DEMAND)
             if self.directory.lazy_manifest(img.content) is None:
