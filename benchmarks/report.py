@@ -14,7 +14,6 @@ Usage: .venv/bin/python benchmarks/report.py [--write | --check | --commands] [-
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import re
 import json
 import math
@@ -272,10 +271,8 @@ def own_core(runs: list[dict], way: str, base) -> str:
     for r in runs:
         w = r["ways"][way]
         n = len(w["times"])
-        p = storm_model.Params.from_results(r)
-        if way == "thunderfs-new" and w.get("tracker_requests_per_node"):
-            p = dataclasses.replace(p, q=w["tracker_requests_per_node"])
-        ratios.append(storm_model.predict(way, n, p.with_cpu(w, n))[0] / base(r))
+        p = storm_model.Params.from_results(r).for_way(way, w, n)
+        ratios.append(storm_model.predict(way, n, p)[0] / base(r))
     return f"; with a core per node, by the storm model: {spread(record.spread(ratios))} x"
 
 
@@ -417,10 +414,12 @@ def tracker_load(results: Path) -> list[Row]:
                            f"{spread(busy, 0, ' %')} busy")
             # What a core per replica would give: each an M/M/1 queue at its share of the rate,
             # serving at that CPU per request (its response time's p99 is ln(100) / (mu - lambda)).
-            own = [math.log(100) / (1000 / x["replica_cpu_ms_per_request"] - sum(x["achieved_per_s"].values()) / most)
-                   * 1000 for x in by[most]
-                   if 1000 / x["replica_cpu_ms_per_request"] > sum(x["achieved_per_s"].values()) / most]
-            if len(own) == len(by[most]):
+            def own_core_p99_ms(x: dict) -> float | None:
+                mu, lam = 1000 / x["replica_cpu_ms_per_request"], sum(x["achieved_per_s"].values()) / most
+                return math.log(100) / (mu - lam) * 1000 if mu > lam else None
+
+            own = [own_core_p99_ms(x) for x in by[most]]
+            if None not in own:
                 served_how += (f"; with a core per replica, as an M/M/1 queue at that CPU per request: p99 "
                                f"{spread(record.spread(own), 1, ' ms')} (the client's own time apart)")
         others = "; ".join(f"{n} replica(s): {shown(p99(n))}" for n in sorted(by) if n != most)

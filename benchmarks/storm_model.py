@@ -120,6 +120,12 @@ class Params:
         others = sum(machine.get("cpu_seconds", {}).values()) / n
         return dataclasses.replace(self, c=cpu["daemon_seconds_per_node"], o=others, P=machine.get("cores", 2))
 
+    def for_way(self, name: str, way: dict, n: int) -> "Params":
+        """These parameters for one way of a run (``name``, its results ``way``, ``n`` nodes): a
+        new image's own tracker requests per node, and the CPU the way measured."""
+        q = way.get("tracker_requests_per_node") if name == "thunderfs-new" else None
+        return (self if q is None else dataclasses.replace(self, q=q)).with_cpu(way, n)
+
     @classmethod
     def from_results(cls, r: dict) -> "Params":
         alone = r["alone"]
@@ -188,8 +194,7 @@ def check(results: dict, tracker_rps: float = TRACKER_REQUESTS_PER_S,
         if not times:
             continue
         n = len(r["times"])
-        q = r.get("tracker_requests_per_node") if way == "thunderfs-new" else None
-        t, e = predict(way, n, (p if q is None else dataclasses.replace(p, q=q)).with_cpu(r, n))
+        t, e = predict(way, n, p.for_way(way, r, n))
         # A new image's egress: the tracker's seed reads included (its whole-image check after
         # the storm is a one-time cost, like a manifest's).
         rows.append((way, n, max(times), t, r.get("glance_egress_all", r["glance_egress"]), e))
