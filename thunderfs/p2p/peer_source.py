@@ -254,9 +254,7 @@ class PeerSource:
         got: set[int] = set()
         if unplanned:
             with trio.move_on_after(self.timeout * 3 + want.nbytes() / MIN_RATE):
-                for rfirst, piece in await self._from_holders(meta, img, unplanned):
-                    _put(sink, self.client.memory.give_back, rfirst, piece)
-                    got.update(range(rfirst, rfirst + -(-len(piece) // cs)))
+                got = self._deliver(sink, await self._from_holders(meta, img, unplanned))
         # Held by nobody as this image's: as another image's chunks of the same digest?  Those the
         # plan gave this node to fetch from Glance too (a v2's profile prefetch after v1's storm).
         missing = [c for c in unplanned if c not in got and not img.cached(c)]
@@ -322,11 +320,16 @@ class PeerSource:
     async def _from_alikes(self, meta: ImageMeta, img: ImageData, chunks: list[int], sink: Sink) -> set[int]:
         """Which of ``chunks`` came, verified, from peers holding them as another image's chunks
         with the same digests (``alike``), now in ``sink``."""
-        got: set[int] = set()
         with trio.move_on_after(self.timeout * 3 + len(chunks) * self._cs / MIN_RATE):
-            for rfirst, piece in await self.alikes.take(meta, chunks):
-                _put(sink, self.client.memory.give_back, rfirst, piece)
-                got.update(range(rfirst, rfirst + -(-len(piece) // self._cs)))
+            return self._deliver(sink, await self.alikes.take(meta, chunks))
+        return set()
+
+    def _deliver(self, sink: Sink, pieces: list[tuple[int, bytes]]) -> set[int]:
+        """Verified runs ``(first chunk, bytes)`` to the sink; the chunks they hold."""
+        got: set[int] = set()
+        for rfirst, piece in pieces:
+            _put(sink, self.client.memory.give_back, rfirst, piece)
+            got.update(range(rfirst, rfirst + -(-len(piece) // self._cs)))
         return got
 
     async def _from_holders(self, meta: ImageMeta, img: ImageData, chunks: list[int]) -> list[tuple[int, bytes]]:
