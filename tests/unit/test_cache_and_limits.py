@@ -11,6 +11,7 @@ import trio
 from fakes import CS
 from thunderfs.cache.index import Put
 import thunderfs.cache.reading as reading_mod
+import thunderfs.cache.space as space_mod
 import thunderfs.cache.store as store_mod
 from thunderfs.cache.store import ABSENT, INDEXED, PENDING, ChunkStore
 from thunderfs.errors import ChunkCorrupt
@@ -221,6 +222,27 @@ async def test_eviction_spares_pinned_chunks_and_keeps_the_bound(tmp_path, index
     store.unpin(img, token)
     await store.commit()
     assert store.stage(img, 8, os.urandom(CS))
+    store.close()
+
+
+async def test_a_cache_nobody_reads_gives_room_back_when_other_files_fill_its_disk(tmp_path, index, monkeypatch):
+    store = store_of(tmp_path, index)
+    img = store.image(CONTENT, 8 * CS)
+    store.stage(img, 0, os.urandom(6 * CS))
+    await store.commit()
+    path = tmp_path / "data" / f"{CONTENT.hex()}.data"
+    assert path.stat().st_blocks * 512 >= 6 * CS
+    # Another file took all but 2 chunks of the cache's reserve (1 MiB, the least it keeps free).
+    real = os.statvfs(tmp_path)
+    short = os.statvfs_result((real.f_bsize, 4096, 1000, (2**20 - 2 * CS) // 4096,
+                               (2**20 - 2 * CS) // 4096, *real[5:]))
+    monkeypatch.setattr(space_mod.os, "statvfs", lambda path: short)
+    store.space.give_back()
+    # Two chunks go: their index entries at the next commit, their bytes after it.
+    assert store.statistics()["evictions"] == 2
+    assert store.statistics()["room"] == 4 * CS
+    await store.commit()
+    assert path.stat().st_blocks * 512 <= 4 * CS
     store.close()
 
 

@@ -80,6 +80,12 @@ class Space:
             self._room = max(room, 0)
         return min(self.capacity, self._room)
 
+    def give_back(self) -> None:
+        """Shrink to what the file system holds now, reads or not: when other files fill it, the
+        cache evicts until its reserve is free again (the holes go after the next commit).
+        Called once a second by the store's ``run``; between reads nothing else would."""
+        self.evict(0, self.disk_room(recheck=True))
+
     def make_room(self, n: int) -> bool:
         """Room for ``n`` bytes more, evicting if needed; False if there is none now (the bytes
         are then served uncached)."""

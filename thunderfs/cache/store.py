@@ -259,14 +259,21 @@ class ChunkStore:
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Commit staged chunks and queued deletes every ``commit_interval``; flush last-use times;
-        read ahead in the data files for sequential readers (``will_need_nowait``); write behind."""
+        read ahead in the data files for sequential readers (``will_need_nowait``); write behind;
+        give room back when other files fill the cache's file system (``Space.give_back``)."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.reading.read_ahead)
+            nursery.start_soon(self._give_back_room)
             self.staging.nursery = nursery
             try:
                 await self.committer.run(task_status)
             finally:
                 self.staging.nursery = None
+
+    async def _give_back_room(self) -> None:
+        while True:
+            await trio.sleep(1.0)
+            self.space.give_back()
 
     def close(self) -> None:
         for img in self._images.values():
