@@ -4,10 +4,12 @@ headers get a 401 that says why (not a dropped connection with a traceback)."""
 from __future__ import annotations
 
 import logging
+import os
 
 import trio
 
 from fakes import CS, meta_of, pattern
+from thunderfs.cache.store import ABSENT
 from thunderfs.p2p.peer_server import PeerServer
 from thunderfs_common.signing import H_SIG, sign
 
@@ -207,10 +209,35 @@ async def test_a_wait_for_chunks_this_node_is_not_fetching_ends_at_once_with_a_4
     assert server.statistics()["not_fetching"] == 2
 
 
-async def test_a_long_answer_is_read_and_sent_a_piece_at_a_time_and_cut_short_if_a_piece_goes(store, monkeypatch):
-    """An answer longer than ``SEND_PIECE`` comes whole, read in pieces (no buffer as long as the
-    answer); a chunk that cannot be read once the head is sent ends the connection short, so the
-    asker sees a broken answer, never a wrong byte."""
+async def test_a_long_answer_is_sent_by_the_kernel_from_the_cache_file_after_its_check(store):
+    """An answer of ``SENDFILE_MIN`` or more of chunks on the data file goes by ``sendfile``, every
+    chunk checked first: a rotten one is a 404 and dropped, never sent."""
+    from thunderfs.p2p import peer_server
+    data = pattern(peer_server.SENDFILE_MIN + 3 * CS)
+    meta = meta_of(data)
+    img = store.image(meta.content_key, meta.size)
+    store.stage(img, 0, data)
+    server = PeerServer(store, secret=SECRET)
+    _, port = await server.listen("127.0.0.1", 0)
+    path = f"/v1/chunks/{meta.content_key.hex()}/0/{img.nchunks}"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        status, body = await ask(port, path, sign(SECRET, "n1", "GET", path))
+        assert status == 200 and body == data
+        assert server.statistics()["sent_from_file"] == len(data)
+        os.pwrite(img.fd, b"rot", 5 * CS)
+        status, body = await ask(port, path, sign(SECRET, "n1", "GET", path))
+        assert status == 404 and img.state[5] == ABSENT
+        nursery.cancel_scope.cancel()
+    assert server.statistics()["sent_from_file"] == len(data) and not img.pins
+
+
+async def test_a_long_answer_read_from_the_cache_is_sent_a_piece_at_a_time_and_cut_short_if_a_piece_goes(
+        store, monkeypatch):
+    """Where an answer's chunks must be read (held in a receive buffer, or another image's), it
+    comes whole, read in pieces of ``SEND_PIECE`` (no buffer as long as the answer); a chunk that
+    cannot be read once the head is sent ends the connection short, so the asker sees a broken
+    answer, never a wrong byte."""
     from thunderfs.p2p import peer_server
     from thunderfs.errors import ChunkCorrupt
     data = pattern(3 * peer_server.SEND_PIECE + 5 * CS)
@@ -229,7 +256,11 @@ async def test_a_long_answer_is_read_and_sent_a_piece_at_a_time_and_cut_short_if
             raise ChunkCorrupt(offset // CS)
         return await real_read(img, offset, size, extra)
 
+    async def sendable(img, offset, size):  # as if every chunk were held or shared
+        return [(offset, size)]
+
     monkeypatch.setattr(store, "read", read)
+    monkeypatch.setattr(store, "sendable", sendable)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve)
         fail = False

@@ -219,3 +219,30 @@ async def test_zero_chunks_are_found_wherever_they_are_and_cached_chunks_become_
     assert other.missing(0, 1) == [0] and other.state[1] == ZERO
     assert store.share(other, [0]) == [] and other.state[0] == SHARED
     assert await store.read(other, 0, 2 * CS) == data[CS:3 * CS]
+
+
+async def test_what_a_peer_is_sent_own_chunks_as_checked_file_spans_the_rest_as_ranges_to_read(store):
+    """``sendable``: v2's own chunk goes as a span of its file, checked where it lies (the kernel
+    sends it); its shared and zero chunks as ranges read as they are sent.  Rot in the span is
+    found before anything is sent: the chunk is dropped."""
+    from thunderfs.cache.store import FileSpan
+    v1, v2 = versions()
+    await cached(store, V1, v1)
+    b = store.image(V2, len(v2))
+    store.know_digests(b, digests(v2))
+    store.share(b, b.missing(0, b.nchunks - 1))
+    store.stage(b, 2, v2[2 * CS:3 * CS])
+    parts = await store.sendable(b, 100, len(v2) - 100)
+    assert [(type(p).__name__, p.offset, p.count) if isinstance(p, FileSpan) else p for p in parts] == [
+        (100, 2 * CS - 100), ("FileSpan", 2 * CS, CS), (3 * CS, 5 * CS)]
+    sent = b"".join([os.pread(p.fileno(), p.count, p.offset) if isinstance(p, FileSpan)
+                     else await store.read(b, *p) for p in parts])
+    assert sent == v2[100:]
+    assert store.statistics()["bytes_sendable"] == CS
+    with pytest.raises(ChunkNotCached):
+        await store.sendable(store.image(b"\x09" * 16, len(v2)), 0, len(v2))
+    os.pwrite(b.fd, b"rot", 2 * CS + 7)
+    with pytest.raises(ChunkCorrupt):
+        await store.sendable(b, 0, len(v2))
+    assert b.state[2] == ABSENT and store.statistics()["corrupt_dropped"] == 1
+

@@ -1,6 +1,6 @@
 """One image content's chunks in the cache: its data file, and each chunk's state, checksum, pins
 and last use (``ImageData``); and the checked read of whole chunks from the file
-(``read_checked``), which any thread may run.
+(``read_checked``), or their check where they lie (``check_mapped``), which any thread may run.
 
 A chunk's state (``state``; the rules are ``store.py``'s):
 
@@ -88,6 +88,44 @@ def read_checked(fd: int, offset: int, n: int, a: int, b: int, expect, cs: int,
         return bytes(view[a:b]), None
     finally:
         view.release()
+
+
+def check_mapped(fd: int, offset: int, n: int, expect, cs: int) -> int | None:
+    """Check the chunks (of ``cs`` bytes) of ``n`` bytes at ``offset`` against ``expect[i]``
+    (xxh3) where they lie: in the page cache's own pages, through a mapping of the file, not a
+    copy.  The index of the first bad chunk, or None.  The mapping reads what the page cache
+    lacks from the disk: a worker thread's work."""
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    with mmap.mmap(fd, offset + n - start, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ,
+                   offset=start) as mapped:
+        view = memoryview(mapped)[offset - start:]
+        try:
+            for i in range(len(expect)):
+                if xxhash.xxh3_64_intdigest(view[i * cs:(i + 1) * cs]) != expect[i]:
+                    return i
+            return None
+        finally:
+            view.release()
+
+
+class FileSpan:
+    """``count`` bytes at ``offset`` of an image's data file, checked (``Reading.sendable``), for
+    the kernel to send from the page cache (``os.sendfile``)."""
+
+    __slots__ = ("img", "offset", "count")
+
+    def __init__(self, img: ImageData, offset: int, count: int):
+        self.img, self.offset, self.count = img, offset, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def fileno(self) -> int:
+        """The data file's descriptor; ``OSError`` once the image is closed (never a number
+        that another file may have taken since)."""
+        if self.img.fd < 0:
+            raise OSError(errno.EBADF, "the image's cache file is closed")
+        return self.img.fd
 
 
 class ImageData:
@@ -214,3 +252,4 @@ class ImageData:
         if self.direct_fd != self.fd:
             os.close(self.direct_fd)
         os.close(self.fd)
+        self.fd = self.direct_fd = -1

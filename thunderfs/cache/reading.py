@@ -27,7 +27,8 @@ from collections.abc import Callable
 import trio
 
 from thunderfs.cache.fresh import ReceiveBuffers
-from thunderfs.cache.image_data import ABSENT, SHARED, WRITING, ZERO, ImageData, now_ms, read_checked
+from thunderfs.cache.image_data import (ABSENT, PENDING, INDEXED, SHARED, WRITING, ZERO, FileSpan, ImageData, check_mapped,
+                                        now_ms, read_checked)
 from thunderfs.cache.space import Space
 from thunderfs.errors import ChunkCorrupt, ChunkNotCached
 
@@ -119,6 +120,54 @@ class Reading:
         img.touched.update(dict.fromkeys(range(first, last + 1), now_ms()))
         return parts[0] if len(parts) == 1 and isinstance(parts[0], (bytes, memoryview)) else b"".join(parts)
 
+    async def sendable(self, img: ImageData, offset: int, size: int) -> list[FileSpan | tuple[int, int]]:
+        """Bytes ``[offset, offset+size)`` for a peer, as parts to send in order: the image's own
+        chunks on its data file as ``FileSpan``s, every one checked against its xxh3 where it
+        lies (rule 5; in a worker thread, through a mapping: no copy, the kernel sends the
+        page cache's pages, ``os.sendfile``); the rest (held in a receive buffer, shared, zero)
+        as ``(offset, size)``, for ``read`` as it is sent.  ``ChunkNotCached``/``ChunkCorrupt``
+        as ``read``.  The caller pins the chunks until the last part is sent."""
+        first, last = img.chunk_range(offset, size)
+        state, held, cs, end = img.state, img.held, self.chunk_size, offset + size
+        parts: list[FileSpan | tuple[int, int]] = []
+        runs: list[tuple[int, int]] = []
+        c = first
+        while c <= last:
+            on_file = (state[c] == INDEXED or state[c] == PENDING) and c not in held
+            run_last = c
+            while run_last < last and ((state[run_last + 1] == INDEXED or state[run_last + 1] == PENDING)
+                                       and run_last + 1 not in held) == on_file:
+                run_last += 1
+            if not on_file and ABSENT in state[c:run_last + 1]:
+                raise ChunkNotCached(c + state[c:run_last + 1].index(ABSENT))
+            a, b = max(offset, c * cs), min(end, (run_last + 1) * cs)
+            if on_file:
+                parts.append(FileSpan(img, a, b - a))
+                runs.append((c, run_last))
+            else:
+                parts.append((a, b - a))
+            c = run_last + 1
+        if runs:
+            expects = [img.xxh[f:l + 1] for f, l in runs]
+            bad = await trio.to_thread.run_sync(self._check_runs, img.fd, img.size, runs, expects, limiter=self._io)
+            if bad is not None:
+                self._corrupt(img, *bad)
+            for f, l in runs:  # in the page cache now (the check read them there)
+                img.direct[f:l + 1] = bytes(l - f + 1)
+                self._stats["bytes_checked"] += min(img.size, (l + 1) * cs) - f * cs
+            self._stats["bytes_sendable"] += sum(len(p) for p in parts if isinstance(p, FileSpan))
+        img.touched.update(dict.fromkeys(range(first, last + 1), now_ms()))
+        return parts
+
+    def _check_runs(self, fd: int, size: int, runs: list[tuple[int, int]], expects: list) -> tuple[int, int] | None:
+        """The first bad chunk of ``runs`` and the xxh3 it was checked against, or None."""
+        cs = self.chunk_size
+        for (first, last), expect in zip(runs, expects):
+            bad = check_mapped(fd, first * cs, min(size, (last + 1) * cs) - first * cs, expect, cs)
+            if bad is not None:
+                return first + bad, expect[bad]
+        return None
+
     async def _shared(self, img: ImageData, c: int, a: int, b: int) -> bytes:
         """Bytes ``[a, b)`` of ``SHARED`` chunk ``c``, from its home (rule 8), checked."""
         home, hc = img.home[c]
@@ -199,16 +248,19 @@ class Reading:
             img.direct[first:last + 1] = bytes(last - first + 1)
         self._stats["bytes_checked"] += n
         if bad is not None:
-            c = first + bad
-            # Dropped only if it is still the chunk that was read: one staged again meanwhile
-            # (another reader found the same rot and it was fetched anew) is left alone.
-            if img.state[c] != ABSENT and img.xxh[c] == expect[bad]:
-                log.warning("cached chunk %d of %s failed its checksum: dropped, fetching it again",
-                            c, img.content.hex())
-                self._stats["corrupt_dropped"] += 1
-                self._space.release(img, c)
-            raise ChunkCorrupt(c)
+            self._corrupt(img, first + bad, expect[bad])
         return data
+
+    def _corrupt(self, img: ImageData, c: int, xxh: int) -> None:
+        """Chunk ``c`` failed its check against ``xxh``: dropped, and ``ChunkCorrupt`` raised.
+        Dropped only if it is still the chunk that was read: one staged again meanwhile
+        (another reader found the same rot and it was fetched anew) is left alone."""
+        if img.state[c] != ABSENT and img.xxh[c] == xxh:
+            log.warning("cached chunk %d of %s failed its checksum: dropped, fetching it again",
+                        c, img.content.hex())
+            self._stats["corrupt_dropped"] += 1
+            self._space.release(img, c)
+        raise ChunkCorrupt(c)
 
     def will_need_nowait(self, img: ImageData, first: int, last: int) -> None:
         """A sequential reader will want chunks ``first..last`` soon: have the kernel read them

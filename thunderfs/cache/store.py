@@ -59,7 +59,8 @@ from thunderfs.cache.changes import ChangeFeed
 from thunderfs.cache.committer import Committer
 from thunderfs.cache.fresh import Buffer, ReceiveBuffers
 from thunderfs.cache.holes import data_extents, punch_hole
-from thunderfs.cache.image_data import ABSENT, INDEXED, PENDING, SHARED, WRITING, ZERO, ImageData, read_checked
+from thunderfs.cache.image_data import (ABSENT, INDEXED, PENDING, SHARED, WRITING, ZERO, FileSpan, ImageData,
+                                        read_checked)
 from thunderfs.cache.index import ChunkIndex
 from thunderfs.cache.reading import Reading
 from thunderfs.cache.sharing import Sharing
@@ -68,12 +69,13 @@ from thunderfs.cache.staging import Staging
 from thunderfs.errors import ChunkCorrupt, ChunkNotCached
 from thunderfs_common import chunk_digest
 
-__all__ = ["ABSENT", "INDEXED", "PENDING", "SHARED", "WRITING", "ZERO", "ChunkStore", "ImageData", "read_checked"]
+__all__ = ["ABSENT", "INDEXED", "PENDING", "SHARED", "WRITING", "ZERO", "ChunkStore", "FileSpan", "ImageData",
+           "read_checked"]
 
 log = logging.getLogger(__name__)
 
 _STATS = ("bytes_read_disk", "bytes_checked", "reads_inline", "reads_disk_inline", "reads_threaded",
-          "bytes_read_memory", "chunks_staged", "bytes_written_direct", "chunks_committed", "evictions",
+          "bytes_read_memory", "bytes_sendable", "chunks_staged", "bytes_written_direct", "chunks_committed", "evictions",
           "corrupt_dropped", "disk_full_events", "bytes_not_cached", "commit_failures", "bytes_written_behind",
           "write_behind_failures", "chunks_shared", "bytes_shared", "bytes_read_shared", "homes_proven", "homes_refused")
 
@@ -117,6 +119,9 @@ class ChunkStore:
     async def read(self, img: ImageData, offset: int, size: int, extra: dict[int, bytes] | None = None, *,
                    borrow: bool = False) -> bytes | memoryview:
         return await self.reading.read(img, offset, size, extra, borrow=borrow)
+
+    async def sendable(self, img: ImageData, offset: int, size: int) -> list[FileSpan | tuple[int, int]]:
+        return await self.reading.sendable(img, offset, size)
 
     async def verify(self, img: ImageData, run: int = 4 * 2**20) -> bool:
         return await self.reading.verify(img, run)

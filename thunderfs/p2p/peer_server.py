@@ -28,14 +28,16 @@ a corrupt cached chunk is dropped, never relayed.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import os
 import re
 from collections.abc import Callable
 
 import h11
 import trio
 
-from thunderfs.cache.store import ChunkStore, ImageData
+from thunderfs.cache.store import ChunkStore, FileSpan, ImageData
 from thunderfs.errors import ChunkCorrupt, ChunkNotCached
 from thunderfs.ratelimit import TokenBucket
 from thunderfs.p2p.takers import Takers
@@ -53,6 +55,11 @@ MAX_WAITERS = 256  # requests waiting at once; more are told 503 (busy)
 # one piece whatever its length, and a read fits the reading thread's kept buffer (a 10 MiB answer
 # read whole took a fresh buffer, and its faults, every time: a quarter of the holder's CPU).
 SEND_PIECE = 2**20
+# An answer at least this long is checked where it lies and sent by the kernel from the page cache
+# (``ChunkStore.sendable``, ``os.sendfile``): no copy through this process, one hop to a worker
+# thread for the check.  A shorter one is read and checked in the event loop (the hop would cost
+# more than the copy saves).
+SENDFILE_MIN = 256 * 1024
 
 
 class _CutShort(Exception):
@@ -61,27 +68,32 @@ class _CutShort(Exception):
 
 
 class _Chunks:
-    """A 200 answer's body: chunks ``[start, end)`` of an image read from the cache a piece at a
-    time as they are sent, pinned (the store's rule 4) until ``close``."""
+    """A 200 answer's body: chunks ``[start, end)`` of an image, pinned (the store's rule 4) until
+    ``close``.  ``parts``: checked spans of the data file, which the kernel sends, and ranges read
+    from the cache a piece at a time as they are sent (``ChunkStore.sendable``)."""
 
-    def __init__(self, store: ChunkStore, img: ImageData, start: int, end: int, first_piece: bytes, token: int):
+    def __init__(self, store: ChunkStore, img: ImageData, start: int, end: int,
+                 parts: list[bytes | FileSpan | tuple[int, int]], token: int):
         self._store, self._img, self._token = store, img, token
-        self.start, self.end, self._first = start, end, first_piece
+        self.start, self.end, self._parts = start, end, parts
 
     def __len__(self) -> int:
         return self.end - self.start
 
     async def pieces(self):
-        first, self._first = self._first, b""
-        yield first
-        at = self.start + len(first)
-        while at < self.end:
-            n = min(SEND_PIECE, self.end - at)
-            try:
-                yield await self._store.read(self._img, at, n)
-            except (ChunkCorrupt, ChunkNotCached) as exc:
-                raise _CutShort(f"chunk at {at} went away: {exc!r}") from None
-            at += n
+        parts, self._parts = self._parts, []
+        for part in parts:
+            if not isinstance(part, tuple):
+                yield part
+                continue
+            at, end = part[0], part[0] + part[1]
+            while at < end:
+                n = min(SEND_PIECE, end - at)
+                try:
+                    yield await self._store.read(self._img, at, n)
+                except (ChunkCorrupt, ChunkNotCached) as exc:
+                    raise _CutShort(f"chunk at {at} went away: {exc!r}") from None
+                at += n
 
     def close(self) -> None:
         if self._token is not None:
@@ -99,7 +111,8 @@ class PeerServer:
         self._waiting = 0
         self._stats = dict.fromkeys(("requests", "served_chunks", "served_bytes", "not_held", "busy",
                                      "refused", "bad_requests", "waits", "waits_served", "slot_waits",
-                                     "redirects", "not_fetching", "cut_short", "fetches_for_peers"), 0)
+                                     "redirects", "not_fetching", "cut_short", "fetches_for_peers",
+                                     "sent_from_file"), 0)
         self._slot_freed = trio.lowlevel.ParkingLot()
         self._takers = Takers()  # who took what from here lately
         # Wired by the daemon: (content, first, count) -> the header that carries the tracker's
@@ -192,11 +205,34 @@ class PeerServer:
                 await self._send_data(conn, stream, body)
         await stream.send_all(conn.send(h11.EndOfMessage()))
 
-    @staticmethod
-    async def _send_data(conn: h11.Connection, stream, data: bytes) -> None:
+    async def _send_data(self, conn: h11.Connection, stream, data: bytes | FileSpan) -> None:
         # Passed through, not joined into one more copy of the bytes (h11's send() would).
         for part in conn.send_with_data_passthrough(h11.Data(data=data)):
-            await stream.send_all(part)
+            if isinstance(part, FileSpan):
+                await self._send_file(stream, part)
+            else:
+                await stream.send_all(part)
+
+    async def _send_file(self, stream: trio.SocketStream, span: FileSpan) -> None:
+        """The kernel sends ``span`` from the page cache to the socket (``os.sendfile``)."""
+        sock = stream.socket
+        offset, left = span.offset, span.count
+        while left:
+            try:
+                n = os.sendfile(sock.fileno(), span.fileno(), offset, left)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(sock)
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.EPIPE, errno.ECONNRESET):
+                    raise trio.BrokenResourceError(exc) from None
+                raise _CutShort(f"sending from the cache file failed: {exc!r}") from None
+            if not n:
+                raise _CutShort("the cache file ended before the span")
+            offset += n
+            left -= n
+            self._stats["sent_from_file"] += n
+            await trio.lowlevel.checkpoint()
 
     async def _answer(self, request: h11.Request) -> tuple[int, "bytes | _Chunks", bool, list[tuple[str, str]],
                                                            tuple | None]:
@@ -313,7 +349,10 @@ class PeerServer:
         self._busy += 1
         token = self._store.pin(img, first, last)
         try:
-            data = await self._store.read(img, start, min(end, start + SEND_PIECE) - start)
+            if end - start >= SENDFILE_MIN:
+                parts = await self._store.sendable(img, start, end - start)
+            else:
+                parts = [await self._store.read(img, start, end - start)]
         except BaseException as exc:
             self._store.unpin(img, token)
             self._free_slot()
@@ -327,7 +366,7 @@ class PeerServer:
             took.append((content, asker, first, count))
         if pieces := self.pieces(content, first, count):
             extra.append((PIECES_HEADER, pieces))
-        return 200, _Chunks(self._store, img, start, end, data, token), True
+        return 200, _Chunks(self._store, img, start, end, parts, token), True
 
     def _free_slot(self) -> None:
         self._busy -= 1
