@@ -157,7 +157,7 @@ class MockResponse:
         except StopAsyncIteration:
             raise HTTPFailed("connection closed mid-body") from None
 
-    async def read_into(self, view) -> None:
+    async def read_into(self, view, landed=None) -> None:
         from thunderfs.fetch.range_http import HTTPFailed
         if self._left is None:
             raise HTTPFailed("no Content-Length")
@@ -168,6 +168,8 @@ class MockResponse:
             view[got:got + k] = data[:k]
             self._spare = data[k:]
             got += k
+            if landed is not None:
+                landed(got)
         self._left -= got
 
     async def read(self, limit: int = 1 << 20) -> bytes:

@@ -909,22 +909,34 @@ def test_a_takers_header_that_is_not_nodes_and_some_of_the_asked_chunks_is_refus
         parse_takers(value, 4)
 
 
-@pytest.mark.parametrize("nchunks", [4, 128])  # hashed in the event loop, and in a worker thread
-async def test_a_peers_answer_is_checked_chunk_by_chunk_in_the_loop_or_a_thread(store, nchunks):
-    from thunderfs.p2p.peer_client import Answer, PeerClient
-    data = pattern(nchunks * CS)
+@pytest.mark.parametrize("cuts", [[], [1, CS - 1, CS, 3 * CS + 5], [2 * CS - 3]])
+async def test_a_peers_answer_is_hashed_chunk_by_chunk_as_it_lands_and_checked(store, cuts):
+    """Each chunk's digest is taken once its last byte landed, however the receives cut the
+    answer (the last chunk short); a chunk that does not match the manifest is the lie."""
+    from thunderfs.p2p.peer_client import Answer, PeerClient, _Arriving
+    data = pattern(4 * CS + 100)
     meta = meta_of(data)
-    digests = b"".join(chunk_digest.digest(data[i:i + CS]) for i in range(0, len(data), CS))
+    digests = b"".join(chunk_digest.digests(data, CS))
     manifest = Manifest(meta.id, len(data), CS, "sha512", meta.os_hash_value, digests)
     img = store.image(meta.content_key, meta.size)
     client = PeerClient(node_id="me", secret=None, chunk_size=CS)
-    assert (len(data) >= client.THREAD_HASH) == (nchunks == 128)
     peer = PeerRecord("p1", "http://p1", (), 0, 0)
-    assert (await client.check(peer, img, manifest, 0, data)).answer is Answer.OK
+
+    def arrived(body: bytes) -> list[bytes]:
+        buf = bytearray(len(body))
+        arriving = _Arriving(buf, CS)
+        for n in [*cuts, len(body)]:
+            buf[:n] = body[:n]
+            arriving.landed(n)
+            assert len(arriving.digests) == n // CS + (n == len(body) and n % CS > 0)
+        return arriving.done()
+
+    assert arrived(data) == chunk_digest.digests(data, CS)
+    assert client.check(peer, img, manifest, 0, data, arrived(data)).answer is Answer.OK
     bad = bytearray(data)
-    bad[(nchunks - 2) * CS + 7] ^= 1
-    reply = await client.check(peer, img, manifest, 0, bytes(bad))
-    assert reply.answer is Answer.LIED and reply.bad_chunk == nchunks - 2 and client.avoided("p1")
+    bad[3 * CS + 7] ^= 1
+    reply = client.check(peer, img, manifest, 0, bytes(bad), arrived(bytes(bad)))
+    assert reply.answer is Answer.LIED and reply.bad_chunk == 3 and client.avoided("p1")
 
 
 class FailingAfterHalfASecond(Peers):

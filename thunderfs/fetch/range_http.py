@@ -103,8 +103,9 @@ class Response:
     def header(self, name: str) -> str | None:
         return self.headers.get(name.lower())
 
-    async def read_into(self, view: memoryview) -> None:
-        """Exactly ``len(view)`` more bytes of a body of known length into ``view``."""
+    async def read_into(self, view: memoryview, landed=None) -> None:
+        """Exactly ``len(view)`` more bytes of a body of known length into ``view``.
+        ``landed(n)``: called as the first ``n`` bytes of ``view`` are in (after every receive)."""
         if self._left is None:
             raise HTTPFailed("the answer's body has no Content-Length (chunked or unframed) where one was expected")
         n = len(view)
@@ -120,6 +121,8 @@ class Response:
             if k == 0:
                 raise HTTPFailed(f"connection closed after {self.length - self._left + got} of {self.length} bytes")
             got += k
+            if landed is not None:
+                landed(got)
         self._left -= n
         self.done = self._left == 0
 

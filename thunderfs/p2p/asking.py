@@ -36,7 +36,7 @@ class Asker:
             for piece in reply.pieces:  # what the peer checked them against: proven, or refused
                 self._directory.add_piece(manifest.meta, piece, from_peer=True)
             if isinstance(manifest, LazyManifest) and await self._directory.digests(manifest, first, count):
-                reply = await self._client.check(peer, img, manifest, first, reply.data)
+                reply = self._client.check(peer, img, manifest, first, reply.data, reply.digests)
             else:
                 self._stats["unchecked_dropped"] += 1
                 return Reply(Answer.NOT_HELD)
