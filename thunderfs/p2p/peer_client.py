@@ -78,9 +78,10 @@ class ByteBudget:
 class _Arriving:
     """The digests of an answer's chunks, each taken as soon as its last byte landed
     (``landed``, after every receive): in the event loop, while the bytes are still in the CPU's
-    cache, rather than in a worker thread once the whole answer is in (BLAKE3 cost the reader
-    0.29 CPU s per GiB so, 0.18 on bytes still cached; and the hop to the thread, its
-    wake-ups)."""
+    cache, rather than in a worker thread once the whole answer is in (BLAKE3 on bytes long out
+    of the cache cost more, and the hop to the thread its wake-ups: ``benchmarks/README.md``,
+    issue 28, seventh session).  The loop is held at most for one receive's bytes (BLAKE3 takes
+    a few GiB/s on one core)."""
 
     def __init__(self, body, cs: int):
         self._view, self._cs = memoryview(body), cs
