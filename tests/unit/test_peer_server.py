@@ -209,17 +209,23 @@ async def test_a_wait_for_chunks_this_node_is_not_fetching_ends_at_once_with_a_4
     assert server.statistics()["not_fetching"] == 2
 
 
-async def test_a_long_answer_is_sent_by_the_kernel_from_the_cache_file_after_its_check(store):
-    """An answer of ``SENDFILE_MIN`` or more of chunks on the data file goes by ``sendfile``, every
-    chunk checked first: a rotten one is a 404 and dropped, never sent."""
-    from thunderfs.p2p import peer_server
-    data = pattern(peer_server.SENDFILE_MIN + 3 * CS)
+async def serving_all_of(store, data: bytes):
+    """``data`` cached as an image, a server listening: (its image, the server, its port, the
+    path of all its chunks)."""
     meta = meta_of(data)
     img = store.image(meta.content_key, meta.size)
     store.stage(img, 0, data)
     server = PeerServer(store, secret=SECRET)
     _, port = await server.listen("127.0.0.1", 0)
-    path = f"/v1/chunks/{meta.content_key.hex()}/0/{img.nchunks}"
+    return img, server, port, f"/v1/chunks/{meta.content_key.hex()}/0/{img.nchunks}"
+
+
+async def test_a_long_answer_is_sent_by_the_kernel_from_the_cache_file_after_its_check(store):
+    """An answer of ``SENDFILE_MIN`` or more of chunks on the data file goes by ``sendfile``, every
+    chunk checked first: a rotten one is a 404 and dropped, never sent."""
+    from thunderfs.p2p import peer_server
+    data = pattern(peer_server.SENDFILE_MIN + 3 * CS)
+    img, server, port, path = await serving_all_of(store, data)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve)
         status, body = await ask(port, path, sign(SECRET, "n1", "GET", path))
@@ -241,12 +247,7 @@ async def test_a_long_answer_read_from_the_cache_is_sent_a_piece_at_a_time_and_c
     from thunderfs.p2p import peer_server
     from thunderfs.errors import ChunkCorrupt
     data = pattern(3 * peer_server.SEND_PIECE + 5 * CS)
-    meta = meta_of(data)
-    img = store.image(meta.content_key, meta.size)
-    store.stage(img, 0, data)
-    server = PeerServer(store, secret=SECRET)
-    _, port = await server.listen("127.0.0.1", 0)
-    path = f"/v1/chunks/{meta.content_key.hex()}/0/{img.nchunks}"
+    img, server, port, path = await serving_all_of(store, data)
     reads = []
     real_read = store.read
 

@@ -164,15 +164,21 @@ def test_the_tracker_reports_what_two_manifests_share():
     assert r["b_not_in_a_bytes"] == CS + 100 and r["shared_bytes"] == 7 * CS
 
 
-async def test_a_seal_copies_shared_chunks_into_the_images_own_file(store):
-    """The kernel reads a sealed image's file alone (passthrough): its shared chunks are copied
-    in first, and the file then reads as the image, holes of zero chunks included."""
+async def v2_over_v1(store: ChunkStore):
+    """v1 cached; v2 sharing v1's chunks, its zero chunks known, its changed chunk its own."""
     v1, v2 = versions()
     await cached(store, V1, v1)
     b = store.image(V2, len(v2))
     store.know_digests(b, digests(v2))
     store.share(b, b.missing(0, b.nchunks - 1))
     store.stage(b, 2, v2[2 * CS:3 * CS])
+    return v2, b
+
+
+async def test_a_seal_copies_shared_chunks_into_the_images_own_file(store):
+    """The kernel reads a sealed image's file alone (passthrough): its shared chunks are copied
+    in first, and the file then reads as the image, holes of zero chunks included."""
+    v2, b = await v2_over_v1(store)
     assert not await store.verify(b)  # its own file lacks the shared chunks
     assert await store.materialize(b)
     assert SHARED not in b.state and await store.verify(b)
@@ -226,12 +232,7 @@ async def test_what_a_peer_is_sent_own_chunks_as_checked_file_spans_the_rest_as_
     sends it); its shared and zero chunks as ranges read as they are sent.  Rot in the span is
     found before anything is sent: the chunk is dropped."""
     from thunderfs.cache.store import FileSpan
-    v1, v2 = versions()
-    await cached(store, V1, v1)
-    b = store.image(V2, len(v2))
-    store.know_digests(b, digests(v2))
-    store.share(b, b.missing(0, b.nchunks - 1))
-    store.stage(b, 2, v2[2 * CS:3 * CS])
+    v2, b = await v2_over_v1(store)
     parts = await store.sendable(b, 100, len(v2) - 100)
     assert [(type(p).__name__, p.offset, p.count) if isinstance(p, FileSpan) else p for p in parts] == [
         (100, 2 * CS - 100), ("FileSpan", 2 * CS, CS), (3 * CS, 5 * CS)]
