@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import struct
 
 import trio
 
@@ -236,6 +238,35 @@ async def test_a_long_answer_is_sent_by_the_kernel_from_the_cache_file_after_its
         assert status == 404 and img.state[5] == ABSENT
         nursery.cancel_scope.cancel()
     assert server.statistics()["sent_from_file"] == len(data) and not img.pins
+
+
+async def test_an_asker_that_hangs_up_mid_sendfile_ends_its_connection_quietly(store, caplog):
+    """The asker goes away with most of a long answer unsent: the connection ends as a hang-up
+    (nothing logged as a failure), its slot and pins are freed, and the server serves on."""
+    from thunderfs.p2p import peer_server
+    data = pattern(peer_server.MAX_REQUEST_CHUNKS * CS)
+    img, server, port, path = await serving_all_of(store, data)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        lines = [f"GET {path} HTTP/1.1".encode(), b"Host: peer"]
+        lines += [k.encode() + b": " + v.encode() for k, v in sign(SECRET, "n1", "GET", path).items()]
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the answer cannot all go at once
+        await sock.connect(("127.0.0.1", port))
+        s = trio.SocketStream(sock)
+        await s.send_all(b"\r\n".join(lines) + b"\r\n\r\n")
+        assert (await s.receive_some(4096)).startswith(b"HTTP/1.1 200")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset
+        await s.aclose()
+        while server.statistics()["uploads_in_progress"]:
+            await trio.sleep(0.01)
+        few = path[:path.rindex("/")] + "/4"
+        status, body = await ask(port, few, sign(SECRET, "n2", "GET", few))
+        assert status == 200 and body == data[:4 * CS]
+        nursery.cancel_scope.cancel()
+    s = server.statistics()
+    assert s["sent_from_file"] < len(data) and s["bad_requests"] == s["cut_short"] == 0 and not img.pins
+    assert "peer connection failed" not in caplog.text
 
 
 async def test_a_long_answer_read_from_the_cache_is_sent_a_piece_at_a_time_and_cut_short_if_a_piece_goes(
