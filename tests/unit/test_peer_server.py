@@ -8,6 +8,7 @@ import os
 import socket
 import struct
 
+import pytest
 import trio
 
 from fakes import CS, meta_of, pattern
@@ -267,6 +268,38 @@ async def test_an_asker_that_hangs_up_mid_sendfile_ends_its_connection_quietly(s
     s = server.statistics()
     assert s["sent_from_file"] < len(data) and s["bad_requests"] == s["cut_short"] == 0 and not img.pins
     assert "peer connection failed" not in caplog.text
+
+
+@pytest.mark.parametrize("by_sendfile", [True, False])
+async def test_an_asker_that_stops_taking_an_answer_frees_its_slot_after_the_idle_timeout(
+        store, monkeypatch, by_sendfile):
+    """An asker that asks for a long answer and never reads it: after ``IDLE_TIMEOUT`` with no
+    byte taken the server ends the connection and frees the upload slot and the pins."""
+    from thunderfs.p2p import peer_server
+    monkeypatch.setattr(peer_server, "IDLE_TIMEOUT", 0.5)
+    if not by_sendfile:
+        async def sendable(img, offset, size):  # as if held or shared: sent with send_all
+            return [(offset, size)]
+        monkeypatch.setattr(store, "sendable", sendable)
+    data = pattern(peer_server.MAX_REQUEST_CHUNKS * CS)
+    img, server, port, path = await serving_all_of(store, data)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        lines = [f"GET {path} HTTP/1.1".encode(), b"Host: peer"]
+        lines += [k.encode() + b": " + v.encode() for k, v in sign(SECRET, "n1", "GET", path).items()]
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await sock.connect(("127.0.0.1", port))
+        async with trio.SocketStream(sock) as s:
+            await s.send_all(b"\r\n".join(lines) + b"\r\n\r\n")
+            while not server.statistics()["uploads_in_progress"]:
+                await trio.sleep(0.01)
+            with trio.fail_after(10):  # (20 times the idle timeout set here)
+                while server.statistics()["uploads_in_progress"]:
+                    await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    assert not img.pins and server.statistics()["bad_requests"] == 0
+    assert server.statistics()["sent_from_file" if by_sendfile else "served_bytes"] > 0
 
 
 async def test_a_long_answer_read_from_the_cache_is_sent_a_piece_at_a_time_and_cut_short_if_a_piece_goes(

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 _CHUNKS = re.compile(r"^/v1/chunks/([0-9a-f]{32})/(\d{1,9})/(\d{1,6})(?:\?wait=(\d{1,6}))?$")
 MAX_REQUEST_CHUNKS = 1024
-IDLE_TIMEOUT = 30.0
+IDLE_TIMEOUT = 30.0  # seconds a connection may take no request, or take none of an answer's bytes
 MAX_WAIT = 10.0  # seconds a request may wait for chunks to arrive
 MAX_WAITERS = 256  # requests waiting at once; more are told 503 (busy)
 # An answer is read from the cache and sent a piece of this size at a time: memory per answer is
@@ -163,7 +163,7 @@ class PeerServer:
                         return
                     conn.start_next_cycle()
         except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
-            return  # a client that broke the protocol, hung up, or idled past IDLE_TIMEOUT
+            return  # a client that broke the protocol, hung up, or idled past IDLE_TIMEOUT (asking or taking)
         except Exception:
             # The boundary of one connection: whatever went wrong is logged and ends it, never
             # the daemon (serve_listeners would let it take the whole nursery down).
@@ -211,7 +211,8 @@ class PeerServer:
             if isinstance(part, FileSpan):
                 await self._send_file(stream, part)
             else:
-                await stream.send_all(part)
+                with trio.fail_after(IDLE_TIMEOUT):  # an asker that stopped taking frees its slot
+                    await stream.send_all(part)
 
     async def _send_file(self, stream: trio.SocketStream, span: FileSpan) -> None:
         """The kernel sends ``span`` from the page cache to the socket (``os.sendfile``)."""
@@ -221,7 +222,8 @@ class PeerServer:
             try:
                 n = os.sendfile(sock.fileno(), span.fileno(), offset, left)
             except BlockingIOError:
-                await trio.lowlevel.wait_writable(sock)
+                with trio.fail_after(IDLE_TIMEOUT):  # an asker that stopped taking frees its slot
+                    await trio.lowlevel.wait_writable(sock)
                 continue
             except OSError as exc:
                 if exc.errno in (errno.EPIPE, errno.ECONNRESET):
