@@ -241,6 +241,19 @@ async def test_a_long_answer_is_sent_by_the_kernel_from_the_cache_file_after_its
     assert server.statistics()["sent_from_file"] == len(data) and not img.pins
 
 
+async def slow_asker(port: int, path: str) -> trio.SocketStream:
+    """A member's signed request for ``path`` on a connection with a tiny receive buffer (the
+    answer cannot all go at once), sent; the stream, its answer unread."""
+    lines = [f"GET {path} HTTP/1.1".encode(), b"Host: peer"]
+    lines += [k.encode() + b": " + v.encode() for k, v in sign(SECRET, "n1", "GET", path).items()]
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await sock.connect(("127.0.0.1", port))
+    stream = trio.SocketStream(sock)
+    await stream.send_all(b"\r\n".join(lines) + b"\r\n\r\n")
+    return stream
+
+
 async def test_an_asker_that_hangs_up_mid_sendfile_ends_its_connection_quietly(store, caplog):
     """The asker goes away with most of a long answer unsent: the connection ends as a hang-up
     (nothing logged as a failure), its slot and pins are freed, and the server serves on."""
@@ -249,15 +262,9 @@ async def test_an_asker_that_hangs_up_mid_sendfile_ends_its_connection_quietly(s
     img, server, port, path = await serving_all_of(store, data)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve)
-        lines = [f"GET {path} HTTP/1.1".encode(), b"Host: peer"]
-        lines += [k.encode() + b": " + v.encode() for k, v in sign(SECRET, "n1", "GET", path).items()]
-        sock = trio.socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the answer cannot all go at once
-        await sock.connect(("127.0.0.1", port))
-        s = trio.SocketStream(sock)
-        await s.send_all(b"\r\n".join(lines) + b"\r\n\r\n")
+        s = await slow_asker(port, path)
         assert (await s.receive_some(4096)).startswith(b"HTTP/1.1 200")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset
+        s.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset
         await s.aclose()
         while server.statistics()["uploads_in_progress"]:
             await trio.sleep(0.01)
@@ -285,13 +292,7 @@ async def test_an_asker_that_stops_taking_an_answer_frees_its_slot_after_the_idl
     img, server, port, path = await serving_all_of(store, data)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve)
-        lines = [f"GET {path} HTTP/1.1".encode(), b"Host: peer"]
-        lines += [k.encode() + b": " + v.encode() for k, v in sign(SECRET, "n1", "GET", path).items()]
-        sock = trio.socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        await sock.connect(("127.0.0.1", port))
-        async with trio.SocketStream(sock) as s:
-            await s.send_all(b"\r\n".join(lines) + b"\r\n\r\n")
+        async with await slow_asker(port, path):
             while not server.statistics()["uploads_in_progress"]:
                 await trio.sleep(0.01)
             with trio.fail_after(10):  # (20 times the idle timeout set here)
