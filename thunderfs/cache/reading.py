@@ -131,17 +131,20 @@ class Reading:
         state, held, cs, end = img.state, img.held, self.chunk_size, offset + size
         parts: list[FileSpan | tuple[int, int]] = []
         runs: list[tuple[int, int]] = []
+
+        def on_file(c: int) -> bool:  # its own bytes, in the data file and nowhere else
+            return (state[c] == INDEXED or state[c] == PENDING) and c not in held
+
         c = first
         while c <= last:
-            on_file = (state[c] == INDEXED or state[c] == PENDING) and c not in held
+            filed = on_file(c)
             run_last = c
-            while run_last < last and ((state[run_last + 1] == INDEXED or state[run_last + 1] == PENDING)
-                                       and run_last + 1 not in held) == on_file:
+            while run_last < last and on_file(run_last + 1) == filed:
                 run_last += 1
-            if not on_file and ABSENT in state[c:run_last + 1]:
+            if not filed and ABSENT in state[c:run_last + 1]:
                 raise ChunkNotCached(c + state[c:run_last + 1].index(ABSENT))
             a, b = max(offset, c * cs), min(end, (run_last + 1) * cs)
-            if on_file:
+            if filed:
                 parts.append(FileSpan(img, a, b - a))
                 runs.append((c, run_last))
             else:

@@ -83,7 +83,8 @@ class Space:
     def give_back(self) -> None:
         """Shrink to what the file system holds now, reads or not: when other files fill it, the
         cache evicts until its reserve is free again (the holes go after the next commit).
-        Called once a second by the store's ``run``; between reads nothing else would."""
+        Called at start-up (``ChunkStore.reclaim``) and once a second by the store's ``run``;
+        between reads nothing else would."""
         self.evict(0, self.disk_room(recheck=True))
 
     def make_room(self, n: int) -> bool:

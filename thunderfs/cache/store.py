@@ -258,7 +258,7 @@ class ChunkStore:
             log.info("forgot %d shared chunks whose home is not indexed", dangling)
         self._index.forget_digests_except(self._index.contents())  # of images nothing is cached of
         self.space.used = self._index.used_bytes()
-        self.space.evict(0, self.space.disk_room(recheck=True))
+        self.space.give_back()
 
     # --- running ---------------------------------------------------------------------------
 
