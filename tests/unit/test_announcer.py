@@ -140,3 +140,74 @@ async def test_deltas_stand_in_for_the_light_heartbeats_a_tracker_that_takes_the
     # next deltas; it looked only every delta interval before, and a tracker's heartbeat shorter
     # than that expired the node)
     assert calls == ["announce load=0"] + ["alive"] * 5 and stats["deltas_as_heartbeats"] == 0
+
+
+class GainingStore(FakeStore):
+    """A chunk arrives every second and waits in the feed until the announcer drains it."""
+
+    def __init__(self):
+        from types import SimpleNamespace
+        self.img = SimpleNamespace(nchunks=64)
+        self.added: set[int] = set()
+        self.n = 0
+
+    def gain(self) -> None:
+        self.added.add(self.n % 64)
+        self.n += 1
+
+    def peek_changes(self) -> dict:
+        return {bytes(32): (self.img, self.added, set())} if self.added else {}
+
+    def changes_pending(self) -> int:
+        return len(self.added)
+
+    def drain_changes(self) -> dict:
+        changes, self.added = self.peek_changes(), set()
+        return changes
+
+
+class SentTracker(DeltaTracker):
+    def __init__(self):
+        super().__init__(beats=True)
+        self.sent: list[tuple[float, set[int]]] = []
+
+    async def send_chunks(self, full: bool, updates: list):
+        if not full:
+            self.sent.append((trio.current_time(), {c for u in updates for c in range(64) if u.add >> c & 1}))
+        return await super().send_chunks(full, updates)
+
+
+async def _deltas_while_gaining(news_wanted, seconds: float) -> tuple[SentTracker, GainingStore, dict]:
+    node = NodeInfo("a", "http://10.0.0.1:7000", ("z",), instance="aaaaaaaa11111111")
+    tracker, store = SentTracker(), GainingStore()
+    announcer = Announcer(tracker, store, node, news_wanted=news_wanted)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(announcer.run)
+        for _ in range(int(seconds)):
+            store.gain()
+            await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    return tracker, store, announcer.statistics()
+
+
+async def test_deltas_nobody_wants_soon_wait_for_the_heartbeat_and_stand_in_for_it(autojump_clock):
+    """Chunks peers would not miss (enough others hold them) are named with the heartbeat, in one
+    delta that is the heartbeat: no request of their own, and every chunk named within it."""
+    wanted, _, _ = await _deltas_while_gaining(lambda img, added: True, 59)
+    held, store, stats = await _deltas_while_gaining(lambda img, added: False, 59)
+    assert len(wanted.sent) >= 14  # every 4 s
+    assert len(held.sent) <= 6 and stats["deltas_held"] >= 8  # one per heartbeat (10 s)
+    assert held.calls == ["announce load=0"]  # the light heartbeats (10, 20, ... 50 s) were deltas
+    named = set().union(*(chunks for _, chunks in held.sent)) | store.added
+    assert named == set(range(59))  # nothing lost: named, or still waiting to be
+    gaps = [b - a for (a, _), (b, _) in zip(held.sent, held.sent[1:])]
+    assert max(gaps) <= HEARTBEAT
+
+
+async def test_a_delta_with_news_peers_want_goes_at_the_interval(autojump_clock):
+    """Once a chunk peers would miss is among the changes, the held ones go with it at once."""
+    tracker, _, _ = await _deltas_while_gaining(lambda img, added: 30 in added, 40)
+    carried = [(t, chunks) for t, chunks in tracker.sent if 30 in chunks]
+    assert len(carried) == 1
+    t, chunks = carried[0]
+    assert t < 30 + 4 + 1 and len(chunks) > 1  # at the next round, with what waited

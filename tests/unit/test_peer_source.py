@@ -1128,3 +1128,29 @@ async def test_a_known_images_chunks_nobody_holds_come_from_their_owners_and_the
         assert await src.fetch(want(store, theirs[:1]), sink) == []
         assert sink.passed == theirs[:1] and tracker.calls["claim"] == 2
         nursery.cancel_scope.cancel()
+
+
+async def test_the_news_of_a_chunk_is_wanted_soon_while_few_others_hold_it_and_this_node_does_not_own_it(store, monkeypatch):
+    """``news_wanted`` (the announcer holds deltas for which it is no): a chunk three other
+    holders are named for can wait; one fewer hold cannot, unless this node owns it and the watch
+    names this node (askers come to an owner unasked); without a live watch, nothing tells."""
+    from thunderfs.p2p import owners
+    from thunderfs.p2p.owners import owner, window
+
+    monkeypatch.setattr(owners, "WINDOW", 2 * CS)
+    img = store.image(META.content_key, META.size)
+    assert store.stage(img, 31, DATA[31 * CS:])
+    holders = [peer("a", [0, 1, 2, 3]), peer("b", [0, 1, 2]), peer("c", [0, 1]), peer("me", [0, 31])]
+    async with trio.open_nursery() as nursery:
+        assert source_of(FakeTracker("lazy"), Peers()).news_wanted(img, {0})  # no watch: yes
+        _, src = await _seeded_with_watch(store, nursery, holders, Peers())
+        names = ["a", "b", "c", "me"]
+        mine = [c for c in range(4, 30) if owner(META.content_key, window(c, CS), names) == "me"]
+        theirs = [c for c in range(4, 30) if c not in mine]
+        assert mine and theirs
+        assert not src.news_wanted(img, {0})  # three others ("me" is not counted)
+        assert not src.news_wanted(img, {0, 1})
+        assert src.news_wanted(img, {0, 2})  # two others hold 2
+        assert src.news_wanted(img, {theirs[0]})  # nobody else: askers ask its owner, not here
+        assert not src.news_wanted(img, set(mine))  # they come here unasked
+        nursery.cancel_scope.cancel()

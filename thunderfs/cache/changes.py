@@ -21,6 +21,10 @@ class ChangeFeed:
         changes, self._changes = self._changes, {}
         return changes
 
+    def peek(self) -> dict[bytes, tuple[ImageData, set[int], set[int]]]:
+        """What ``drain`` would return, left in place (not to be changed by the caller)."""
+        return self._changes
+
     def pending(self) -> int:
         """Chunks that became servable or went away since the last ``drain``."""
         return sum(len(added) + len(removed) for _, added, removed in self._changes.values())

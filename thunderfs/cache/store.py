@@ -166,6 +166,9 @@ class ChunkStore:
     def drain_changes(self) -> dict[bytes, tuple[ImageData, set[int], set[int]]]:
         return self.changes.drain()
 
+    def peek_changes(self) -> dict[bytes, tuple[ImageData, set[int], set[int]]]:
+        return self.changes.peek()
+
     def changes_pending(self) -> int:
         return self.changes.pending()
 

@@ -73,5 +73,6 @@ async def join_swarm(config: MountConfig, index: ChunkIndex, store: ChunkStore,
     except OSError as exc:
         raise ConfigError(f"cannot serve peers on {config.peer_listen}: {exc.strerror}") from None
     log.info("serving peers on %s:%d as %s (%s), tracker %s", *bound, node.node_id, node.peer_url, config.tracker)
-    announcer = Announcer(tracker, store, node, load=lambda: server.uploads, rtt=peers.rtt_ms)
+    announcer = Announcer(tracker, store, node, load=lambda: server.uploads, rtt=peers.rtt_ms,
+                          news_wanted=peers.news_wanted)
     return Swarm(tracker, peers, seed, server, announcer)

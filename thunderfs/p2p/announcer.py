@@ -15,7 +15,13 @@ With 4 s instead of 3, the storm on a new image: 28.9 requests per node against 
 deltas 9.3 against 12.5-12.9), slowest 1.48 x against 1.52-1.56, Glance 1.34 x against 1.33
 (issue 27, ninth session; one run against three).
 A tracker that answers deltas with its heartbeat has kept the node alive with them: deltas sent
-when a light heartbeat was about to be due stand in for it.  The tracker being down
+when a light heartbeat was about to be due stand in for it.  Deltas nobody needs soon wait for
+that round: ``news_wanted(img, added)`` says whether peers would miss the news of chunks this node
+gained (the peer source: fewer than a few other holders are known, and askers would not come here
+as their owner anyway); deltas with such chunks, or with chunks gone, go at the interval.  In a
+crowd most chunks are taken after several others hold them, and their news then costs the tracker
+no request of its own (and the crowd's watches no event): the first storm on a new image spent a
+third of its tracker requests on deltas (issue 27).  The tracker being down
 costs nothing but discovery: the node keeps reading from Glance and the peers it knew.
 """
 
@@ -27,6 +33,7 @@ from collections.abc import Callable
 
 import trio
 
+from thunderfs.cache.image_data import ImageData
 from thunderfs.cache.store import ChunkStore
 from thunderfs.reachability import Reachability
 from thunderfs_tracker.client import TrackerClient, TrackerError, TrackerRefused
@@ -40,13 +47,15 @@ FULL_EVERY = 6
 class Announcer:
     def __init__(self, tracker: TrackerClient, store: ChunkStore, node: NodeInfo, *,
                  load: Callable[[], int] = lambda: 0, rtt: Callable[[], dict[str, float]] = dict,
-                 delta_interval: float = 4.0):
+                 delta_interval: float = 4.0,
+                 news_wanted: Callable[[ImageData, set[int]], bool] = lambda img, added: True):
         self._tracker = tracker
         self._store = store
         self._node = node
         self._load = load
         self._rtt = rtt
         self._interval = delta_interval
+        self._news_wanted = news_wanted
         self._epoch: str | None = None
         self._reach = Reachability(f"tracker {','.join(tracker.urls)}")
         self._sending = 0  # changes drained and not yet acknowledged by the tracker
@@ -55,28 +64,32 @@ class Announcer:
         self._light_beats = 0  # light heartbeats since then
         self._light = True  # False: the tracker has no light heartbeat (an older one)
         self._stats = dict.fromkeys(("announces", "light_heartbeats", "full_states", "deltas", "deltas_as_heartbeats",
-                                     "failures"), 0)
+                                     "deltas_held", "failures"), 0)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         next_announce = 0.0
         while True:
             try:
+                if (self._epoch is not None and trio.current_time() >= next_announce
+                        and self._store.changes_pending() and self._may_be_light()):
+                    # A light heartbeat is due and changes wait (held, or new): the deltas are it,
+                    # if the tracker takes them as one.
+                    beat = await self._send_deltas()
+                    if beat is not None:
+                        next_announce = self._stood_in(beat)
                 if self._epoch is None or trio.current_time() >= next_announce:
                     reply = await self._heartbeat()
                     next_announce = trio.current_time() + reply.heartbeat
                     if reply.epoch != self._epoch:
                         await self._send_full()
                         self._epoch = reply.epoch
-                beat = await self._send_deltas()
-                if (beat is not None and trio.current_time() + self._interval >= next_announce
-                        and self._may_be_light()):
+                beat = await self._send_deltas(hold=True)
+                if beat is not None and trio.current_time() + self._interval >= next_announce and self._may_be_light():
                     # The tracker took the deltas as a light heartbeat, and one was due before the
                     # next deltas: they were it (a booting node's heartbeats were a fifth of what
                     # it cost the tracker, issue 27).
-                    self._light_beats += 1
-                    self._stats["deltas_as_heartbeats"] += 1
-                    next_announce = trio.current_time() + beat
+                    next_announce = self._stood_in(beat)
                 self._reach.up()
                 if self._refused:
                     log.warning("the tracker accepts this node's id again")
@@ -101,6 +114,12 @@ class Announcer:
             # sooner (a tracker's heartbeat shorter than the interval must not expire the node).
             # (At least 0.1 s: a tracker that asked for a heartbeat every millisecond gets ten a second.)
             await trio.sleep(max(0.1, min(self._interval, next_announce - trio.current_time())))
+
+    def _stood_in(self, beat: float) -> float:
+        """Deltas the tracker took as a light heartbeat were this one: when the next is due."""
+        self._light_beats += 1
+        self._stats["deltas_as_heartbeats"] += 1
+        return trio.current_time() + beat
 
     def _may_be_light(self, load: int | None = None) -> bool:
         """Whether the next heartbeat may be light: the tracker knows this node as it is now
@@ -136,9 +155,19 @@ class Announcer:
         await self._tracker.send_chunks(True, updates)
         self._stats["full_states"] += 1
 
-    async def _send_deltas(self) -> float | None:
-        """The chunks that changed since the last send; the tracker's heartbeat if it took them as
-        a light heartbeat (None: nothing sent, or not taken as one)."""
+    def _news_due(self) -> bool:
+        """Whether a change waiting to be sent is news peers want soon: a chunk gone, or one
+        gained that they would miss (``news_wanted``)."""
+        return any(removed or (added and self._news_wanted(img, added))
+                   for img, added, removed in self._store.peek_changes().values())
+
+    async def _send_deltas(self, hold: bool = False) -> float | None:
+        """The chunks that changed since the last send (``hold``: unless none of them is news
+        peers want soon); the tracker's heartbeat if it took them as a light heartbeat (None:
+        nothing sent, or not taken as one)."""
+        if hold and self._store.changes_pending() and not self._news_due():
+            self._stats["deltas_held"] += 1
+            return None
         changes = self._store.drain_changes()
         if not changes:
             return None

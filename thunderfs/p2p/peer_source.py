@@ -37,7 +37,7 @@ from thunderfs_common.chunk_runs import runs
 from thunderfs_common.image import ImageMeta
 from thunderfs_common.manifest_proof import Ed25519PublicKey
 from thunderfs_tracker.client import TrackerClient
-from thunderfs_common.tracker_protocol import Manifest, PeerRecord
+from thunderfs_common.tracker_protocol import Manifest, PeerRecord, chunks_to_bits
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,9 @@ CLAIM_WAIT_DEMAND = 0.5
 # first seconds, and every unclaimed background fetch sends Glance what the crowd is fetching too;
 # a reader that joins the flight (it becomes a demand fetch) ends the wait.
 TRACKER_PATIENCE = 10.0
+# Holders other than this node that the image's watch names, from which the news that this node
+# gained a chunk can wait (``news_wanted``): askers find those and the relays they name.
+NEWS_ENOUGH = 3
 
 
 def _put(sink: Sink, on_free, first: int, data) -> None:
@@ -185,6 +188,37 @@ class PeerSource:
             return lazy.meta
         meta = self._metas.get(img.content)
         return meta if meta is not None and self.directory.manifest_nowait(meta) is not None else None
+
+    def news_wanted(self, img: ImageData, added: set[int]) -> bool:
+        """Whether peers would miss the news that this node gained ``added`` until the next
+        heartbeat: some of them fewer than ``NEWS_ENOUGH`` other holders are known to hold (by the
+        image's live watch) and this node, named by the watch, does not own them (``owners``:
+        askers come to the owner of a chunk nobody else holds without being told).  Without a
+        live watch nothing tells: yes."""
+        members = self.directory.members_nowait(img)
+        if members is None:
+            return True
+        wanted = chunks_to_bits(added)
+        more_than = [0] * NEWS_ENOUGH  # [k]: the chunks more than k others hold (bit-sliced counts)
+        for node, rec in members.items():
+            if node != self._node_id and (held := rec.chunks & wanted):
+                for k in range(NEWS_ENOUGH - 1, 0, -1):
+                    more_than[k] |= more_than[k - 1] & held
+                more_than[0] |= held
+        scarce = wanted & ~more_than[-1]
+        if not scarce:
+            return False
+        if self._node_id not in members or self._traded(img) is None:
+            return True  # nobody would come here as an owner
+        names, by_window = list(members), {}
+        for c in added:
+            if scarce >> c & 1:
+                w = owners.window(c, self._cs)
+                if w not in by_window:
+                    by_window[w] = owners.owner(img.content, w, names)
+                if by_window[w] != self._node_id:
+                    return True
+        return False
 
     def _take_asked(self, img: ImageData, chunks: list[int]) -> set[int]:
         """Which of ``chunks`` peers asked this node for (``fetch_for_peer``), now no longer."""
