@@ -1130,27 +1130,26 @@ async def test_a_known_images_chunks_nobody_holds_come_from_their_owners_and_the
         nursery.cancel_scope.cancel()
 
 
-async def test_the_news_of_a_chunk_is_wanted_soon_while_few_others_hold_it_and_this_node_does_not_own_it(store, monkeypatch):
-    """``news_wanted`` (the announcer holds deltas for which it is no): a chunk three other
-    holders are named for can wait; one fewer hold cannot, unless this node owns it and the watch
-    names this node (askers come to an owner unasked); without a live watch, nothing tells."""
-    from thunderfs.p2p import owners
-    from thunderfs.p2p.owners import owner, window
-
-    monkeypatch.setattr(owners, "WINDOW", 2 * CS)
+async def test_the_news_of_a_chunk_can_wait_while_owners_trade_the_image_or_enough_others_hold_it(store):
+    """``news_wanted`` (the announcer holds deltas for which it says no): while owners trade the
+    image (a manifest and a live watch), once the tracker names this node, no news is wanted soon
+    (an asker finds a chunk nobody is named for through its owner); without owners, a chunk
+    three other holders are named for can wait and one fewer cannot; without a live watch, or
+    for a node's first chunks of the image, nothing tells: yes."""
     img = store.image(META.content_key, META.size)
-    assert store.stage(img, 31, DATA[31 * CS:])
-    holders = [peer("a", [0, 1, 2, 3]), peer("b", [0, 1, 2]), peer("c", [0, 1]), peer("me", [0, 31])]
+    holders = [peer("a", [0, 1, 2, 3]), peer("b", [0, 1, 2]), peer("c", [0, 1]), peer("me", [0, 1, 2])]
     async with trio.open_nursery() as nursery:
         assert source_of(FakeTracker("lazy"), Peers()).news_wanted(img, {0})  # no watch: yes
         _, src = await _seeded_with_watch(store, nursery, holders, Peers())
-        names = ["a", "b", "c", "me"]
-        mine = [c for c in range(4, 30) if owner(META.content_key, window(c, CS), names) == "me"]
-        theirs = [c for c in range(4, 30) if c not in mine]
-        assert mine and theirs
-        assert not src.news_wanted(img, {0})  # three others ("me" is not counted)
-        assert not src.news_wanted(img, {0, 1})
+        assert store.stage(img, 5, DATA[5 * CS:6 * CS])
+        assert src.news_wanted(img, {5})  # its first: the tracker names this node from then on
+        assert store.stage(img, 6, DATA[6 * CS:7 * CS])
+        assert not src.news_wanted(img, {6})  # owners trade it
+        src.directory._manifests.clear()  # (no manifest here now: not traded by owners)
+        assert src._traded(img) is None
+        for c in (0, 1, 2):
+            assert store.stage(img, c, DATA[c * CS:(c + 1) * CS])
+        assert not src.news_wanted(img, {0, 1})  # three others each ("me" is not counted)
         assert src.news_wanted(img, {0, 2})  # two others hold 2
-        assert src.news_wanted(img, {theirs[0]})  # nobody else: askers ask its owner, not here
-        assert not src.news_wanted(img, set(mine))  # they come here unasked
+        assert src.news_wanted(img, {6})  # nobody else
         nursery.cancel_scope.cancel()

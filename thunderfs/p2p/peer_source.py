@@ -191,13 +191,16 @@ class PeerSource:
 
     def news_wanted(self, img: ImageData, added: set[int]) -> bool:
         """Whether peers would miss the news that this node gained ``added`` until the next
-        heartbeat: some of them fewer than ``NEWS_ENOUGH`` other holders are known to hold (by the
-        image's live watch) and this node, named by the watch, does not own them (``owners``:
-        askers come to the owner of a chunk nobody else holds without being told).  Without a
-        live watch nothing tells: yes."""
+        heartbeat.  Not while the image's chunks are traded by owners and the tracker names this
+        node among its holders (it was told some before): an asker finds a chunk nobody is named for through its owner, which
+        holds it, fetches it, or names who took it from there.  Otherwise: whether fewer than
+        ``NEWS_ENOUGH`` other holders are named for some of them (without a live watch nothing
+        tells: yes)."""
         members = self.directory.members_nowait(img)
-        if members is None:
-            return True
+        if members is None or img.cached_count() <= len(added):
+            return True  # nothing tells; or the first news of it: the tracker names this node from then on
+        if self._traded(img) is not None:
+            return False
         wanted = chunks_to_bits(added)
         more_than = [0] * NEWS_ENOUGH  # [k]: the chunks more than k others hold (bit-sliced counts)
         for node, rec in members.items():
@@ -205,20 +208,7 @@ class PeerSource:
                 for k in range(NEWS_ENOUGH - 1, 0, -1):
                     more_than[k] |= more_than[k - 1] & held
                 more_than[0] |= held
-        scarce = wanted & ~more_than[-1]
-        if not scarce:
-            return False
-        if self._node_id not in members or self._traded(img) is None:
-            return True  # nobody would come here as an owner
-        names, by_window = list(members), {}
-        for c in added:
-            if scarce >> c & 1:
-                w = owners.window(c, self._cs)
-                if w not in by_window:
-                    by_window[w] = owners.owner(img.content, w, names)
-                if by_window[w] != self._node_id:
-                    return True
-        return False
+        return bool(wanted & ~more_than[-1])
 
     def _take_asked(self, img: ImageData, chunks: list[int]) -> set[int]:
         """Which of ``chunks`` peers asked this node for (``fetch_for_peer``), now no longer."""
