@@ -405,6 +405,10 @@ def tracker_load(results: Path) -> list[Row]:
         served = statistics.median(sum(x["achieved_per_s"].values()) for x in by[most])
         if r.get("heartbeats"):  # light heartbeats since issue 27; before, every one in full
             served_how = f"{served:.0f} requests/s served; heartbeats {r['heartbeats']}"
+            # Since issue 27's twelfth session a node's held deltas are its light heartbeats; before,
+            # the bench sent as many deltas again beside them.
+            served_how += ("; a node's deltas its light heartbeats" if r.get("deltas") == "in-heartbeats"
+                           else "; as many deltas beside them")
         else:
             served_how = f"{served:.0f} requests/s served"
         if all("replica_cpu_ms_per_request" in x for x in by[most]):  # printed since issue 27's 8th session

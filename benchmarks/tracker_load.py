@@ -10,9 +10,13 @@ aiohttp, every request signed as a daemon signs it) plays the nodes:
   2. steady state for ``--seconds``: heartbeats (each node every ``--heartbeat`` s, the daemon's
      default 10) as the daemon sends them: a full announce every ``FULL_EVERY``-th (the
      announcer's), light ones between (``--full-announces``: every one in full, as the daemon did
-     before light heartbeats), deltas (as many as heartbeats: a node's changes, batched) and
-     lookups of 16-chunk windows, open loop at fixed rates, spread over the replicas as nodes
-     spread themselves.
+     before light heartbeats), deltas (every node has changes every heartbeat: a node's changes,
+     batched) and lookups of 16-chunk windows, open loop at fixed rates, spread over the replicas
+     as nodes spread themselves.  The deltas are the light heartbeats (``--deltas in-heartbeats``,
+     the default: the daemon's announcer holds deltas nobody needs soon, which is every one while
+     owners trade an image, until a heartbeat is due, and sends them as the light one, or after
+     the full announce), or go beside light heartbeats (``--deltas apart``: the load this bench
+     put before the announcer held deltas).
 
 Prints requests per second achieved by kind, p50/p99 latency by kind (client included), and Redis
 memory per node and per node-image held (used_memory_dataset after the join minus before,
@@ -118,9 +122,11 @@ class Load:
         await asyncio.gather(*(one(i) for i in range(self.nodes)))
         return time.perf_counter() - t
 
-    async def steady(self, seconds: float, lookups_per_s: float, heartbeat: float, full_every: int) -> dict[str, float]:
+    async def steady(self, seconds: float, lookups_per_s: float, heartbeat: float, full_every: int,
+                     deltas_apart: bool) -> dict[str, float]:
         beats = self.nodes / heartbeat
-        rates = {"announce": beats / full_every, "alive": beats - beats / full_every, "delta": beats,
+        light = beats - beats / full_every
+        rates = {"announce": beats / full_every, "alive": light if deltas_apart else 0.0, "delta": beats,
                  "lookup": lookups_per_s}
         rng = random.Random(1)
         tasks: set[asyncio.Task] = set()
@@ -198,7 +204,7 @@ async def run_one(work: Path, replicas: int, args) -> dict:
             cpu0 = {k: sum(sum(cpu_times(p)) for p in v) for k, v in pids.items()}
             t0 = time.perf_counter()
             achieved = await load.steady(args.seconds, args.lookups, args.heartbeat,
-                                         1 if args.full_announces else FULL_EVERY)
+                                         1 if args.full_announces else FULL_EVERY, args.deltas == "apart")
             wall = time.perf_counter() - t0
             cpu = {k: sum(sum(cpu_times(p)) for p in v) - cpu0[k] for k, v in pids.items()}
         served = sum(len(v) for v in load.lat.values())
@@ -235,6 +241,9 @@ def main() -> int:
                     help="seconds between a node's announces (the daemon's default 10); as many deltas")
     ap.add_argument("--full-announces", action="store_true",
                     help="every heartbeat a full announce (the daemon before light heartbeats)")
+    ap.add_argument("--deltas", choices=("in-heartbeats", "apart"), default="in-heartbeats",
+                    help="a node's deltas are its light heartbeats (the daemon's announcer), or as many "
+                         "again, each a request of its own (the load before it held deltas)")
     ap.add_argument("--runs", type=int, default=1, help="times the whole thing runs, fresh Redis and trackers each")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -264,6 +273,7 @@ def main() -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({**made, "nodes": args.nodes, "heartbeat": args.heartbeat,
                                          "heartbeats": "full" if args.full_announces else f"light, full every {FULL_EVERY}",
+                                         "deltas": args.deltas,
                                          "seconds": args.seconds, "lookups_per_s": args.lookups,
                                          "by_replicas": results}, indent=1) + "\n")
     return 0

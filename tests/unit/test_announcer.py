@@ -211,3 +211,26 @@ async def test_a_delta_with_news_peers_want_goes_at_the_interval(autojump_clock)
     assert len(carried) == 1
     t, chunks = carried[0]
     assert t < 30 + 4 + 1 and len(chunks) > 1  # at the next round, with what waited
+
+
+async def test_held_deltas_wait_one_heartbeat_at_most_when_it_cannot_be_them(autojump_clock):
+    """A tracker that does not take deltas as heartbeats (an older one), or a heartbeat that must
+    be a full announce (the load changes every time): held deltas go right after it."""
+    class OlderTracker(SentTracker):
+        async def send_chunks(self, full: bool, updates: list):
+            await super().send_chunks(full, updates)
+            return "e1", None
+
+    for tracker, load in ((OlderTracker(), lambda: 0), (SentTracker(), iter(range(1000)).__next__)):
+        node = NodeInfo("a", "http://10.0.0.1:7000", ("z",), instance="aaaaaaaa11111111")
+        store = GainingStore()
+        announcer = Announcer(tracker, store, node, load=load, news_wanted=lambda img, added: False)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(announcer.run)
+            for _ in range(59):
+                store.gain()
+                await trio.sleep(1)
+            nursery.cancel_scope.cancel()
+        assert len(tracker.sent) >= 5
+        gaps = [b - a for (a, _), (b, _) in zip(tracker.sent, tracker.sent[1:])]
+        assert max(gaps) <= HEARTBEAT + 0.5

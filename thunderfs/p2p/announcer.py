@@ -78,13 +78,16 @@ class Announcer:
                     beat = await self._send_deltas()
                     if beat is not None:
                         next_announce = self._stood_in(beat)
-                if self._epoch is None or trio.current_time() >= next_announce:
+                beat_sent = self._epoch is None or trio.current_time() >= next_announce
+                if beat_sent:
                     reply = await self._heartbeat()
                     next_announce = trio.current_time() + reply.heartbeat
                     if reply.epoch != self._epoch:
                         await self._send_full()
                         self._epoch = reply.epoch
-                beat = await self._send_deltas(hold=True)
+                # Held deltas wait one heartbeat at most: after one that they could not be (a full
+                # announce, or a tracker that does not take deltas as heartbeats), they go.
+                beat = await self._send_deltas(hold=not beat_sent)
                 if beat is not None and trio.current_time() + self._interval >= next_announce and self._may_be_light():
                     # The tracker took the deltas as a light heartbeat, and one was due before the
                     # next deltas: they were it (a booting node's heartbeats were a fifth of what
