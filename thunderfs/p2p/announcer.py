@@ -15,11 +15,12 @@ With 4 s instead of 3, the storm on a new image: 28.9 requests per node against 
 deltas 9.3 against 12.5-12.9), slowest 1.48 x against 1.52-1.56, Glance 1.34 x against 1.33
 (issue 27, ninth session; one run against three).
 A tracker that answers deltas with its heartbeat has kept the node alive with them: deltas sent
-when a light heartbeat was about to be due stand in for it.  Deltas nobody needs soon wait for
-that round: ``news_wanted(img, added)`` says whether peers would miss the news of chunks this node
-gained (the peer source: not while owners trade the image, for an asker finds a chunk nobody is
-named for through its owner; else while fewer than a few other holders are named for one);
-deltas with such chunks, or with chunks gone, go at the interval.  The first storm on a new image
+when a light heartbeat was about to be due stand in for it.  Deltas nobody needs soon wait until
+a heartbeat is due and are it (or go right after it, when it must be a full announce or the
+tracker does not take deltas as heartbeats): ``news_wanted(img, added)`` says whether peers would
+miss the news of chunks this node gained (the peer source: not while owners trade the image, for
+an asker finds a chunk nobody is named for through its owner; else while fewer than a few other
+holders are named for one); deltas with such chunks, or with chunks gone, go at the interval.  The first storm on a new image
 spent a third of its tracker requests on deltas (issue 27); held, they cost the tracker no request
 of their own and the crowd's watches fewer events.  The tracker being down
 costs nothing but discovery: the node keeps reading from Glance and the peers it knew.

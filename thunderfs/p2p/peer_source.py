@@ -192,10 +192,10 @@ class PeerSource:
     def news_wanted(self, img: ImageData, added: set[int]) -> bool:
         """Whether peers would miss the news that this node gained ``added`` until the next
         heartbeat.  Not while the image's chunks are traded by owners and the tracker names this
-        node among its holders (it was told some before): an asker finds a chunk nobody is named for through its owner, which
-        holds it, fetches it, or names who took it from there.  Otherwise: whether fewer than
-        ``NEWS_ENOUGH`` other holders are named for some of them (without a live watch nothing
-        tells: yes)."""
+        node among its holders (it was told some before): an asker finds a chunk nobody is named
+        for through its owner, which holds it, fetches it, or names who took it from there.
+        Otherwise: whether fewer than ``NEWS_ENOUGH`` other holders are named for some of them
+        (without a live watch nothing tells: yes)."""
         members = self.directory.members_nowait(img)
         if members is None or img.cached_count() <= len(added):
             return True  # nothing tells; or the first news of it: the tracker names this node from then on
