@@ -12,6 +12,7 @@ from thunderfs_tracker.client import TrackerRefused
 from thunderfs_common.tracker_protocol import AnnounceReply, NodeInfo
 
 HEARTBEAT = 10.0
+NODE = NodeInfo("a", "http://10.0.0.1:7000", ("z",), instance="aaaaaaaa11111111")
 
 
 class FakeStore:
@@ -54,8 +55,7 @@ class FakeTracker:
 
 async def beats(tracker: FakeTracker, n: int, load=lambda: 0) -> list[str]:
     """The calls of the first ``n`` heartbeats."""
-    node = NodeInfo("a", "http://10.0.0.1:7000", ("z",), instance="aaaaaaaa11111111")
-    announcer = Announcer(tracker, FakeStore(), node, load=load)
+    announcer = Announcer(tracker, FakeStore(), NODE, load=load)
     async with trio.open_nursery() as nursery:
         await nursery.start(announcer.run)
         while len(tracker.calls) < n:
@@ -81,9 +81,8 @@ async def test_a_node_the_tracker_forgot_announces_in_full_at_once(autojump_cloc
     tracker = FakeTracker()
     calls = await beats(tracker, 2)
     tracker.known = None  # expired at the tracker
-    node = NodeInfo("a", "http://10.0.0.1:7000", ("z",), instance="aaaaaaaa11111111")
-    announcer = Announcer(tracker, FakeStore(), node)
-    announcer._epoch, announcer._last = "e1", node
+    announcer = Announcer(tracker, FakeStore(), NODE)
+    announcer._epoch, announcer._last = "e1", NODE
     reply = await announcer._heartbeat()
     assert reply.epoch == "e1" and tracker.calls[len(calls):] == ["alive", "announce load=0"]
     assert announcer.statistics()["failures"] == 0
@@ -120,8 +119,7 @@ class DeltaTracker(FakeTracker):
 
 
 async def _a_minute_of_deltas(tracker: DeltaTracker) -> tuple[list[str], dict]:
-    node = NodeInfo("a", "http://10.0.0.1:7000", ("z",), instance="aaaaaaaa11111111")
-    announcer = Announcer(tracker, ChangingStore(), node)
+    announcer = Announcer(tracker, ChangingStore(), NODE)
     async with trio.open_nursery() as nursery:
         await nursery.start(announcer.run)
         await trio.sleep(59)
@@ -177,10 +175,12 @@ class SentTracker(DeltaTracker):
         return await super().send_chunks(full, updates)
 
 
-async def _deltas_while_gaining(news_wanted, seconds: float) -> tuple[SentTracker, GainingStore, dict]:
-    node = NodeInfo("a", "http://10.0.0.1:7000", ("z",), instance="aaaaaaaa11111111")
-    tracker, store = SentTracker(), GainingStore()
-    announcer = Announcer(tracker, store, node, news_wanted=news_wanted)
+async def _deltas_while_gaining(news_wanted, seconds: float, tracker: SentTracker | None = None,
+                                load=lambda: 0) -> tuple[SentTracker, GainingStore, dict]:
+    """What the announcer sent (to ``tracker``, a new ``SentTracker`` if None) while its node
+    gained a chunk a second for ``seconds``."""
+    tracker, store = tracker or SentTracker(), GainingStore()
+    announcer = Announcer(tracker, store, NODE, load=load, news_wanted=news_wanted)
     async with trio.open_nursery() as nursery:
         await nursery.start(announcer.run)
         for _ in range(int(seconds)):
@@ -222,15 +222,7 @@ async def test_held_deltas_wait_one_heartbeat_at_most_when_it_cannot_be_them(aut
             return "e1", None
 
     for tracker, load in ((OlderTracker(), lambda: 0), (SentTracker(), iter(range(1000)).__next__)):
-        node = NodeInfo("a", "http://10.0.0.1:7000", ("z",), instance="aaaaaaaa11111111")
-        store = GainingStore()
-        announcer = Announcer(tracker, store, node, load=load, news_wanted=lambda img, added: False)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(announcer.run)
-            for _ in range(59):
-                store.gain()
-                await trio.sleep(1)
-            nursery.cancel_scope.cancel()
+        await _deltas_while_gaining(lambda img, added: False, 59, tracker, load)
         assert len(tracker.sent) >= 5
         gaps = [b - a for (a, _), (b, _) in zip(tracker.sent, tracker.sent[1:])]
         assert max(gaps) <= HEARTBEAT + 0.5
