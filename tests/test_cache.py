@@ -227,6 +227,7 @@ def test_full_cache_disk_evicts_to_make_room_and_leaves_nothing_corrupt(glance, 
             return m.stats()["cache"]["room"] < room
 
         wait_for(reads_see_the_disk_short, what="the cache to see its disk short")
+        # (The evictions' index commit may find no free page: the ballast gives it room, ballast.py.)
         wait_for(lambda: free() >= 2**20 - 65536, what="the cache to give room back")
         s = m.stats()["cache"]
         assert s["room"] < room and s["used"] <= s["room"]  # (by what the file took from the free space)
@@ -241,6 +242,8 @@ def test_full_cache_disk_evicts_to_make_room_and_leaves_nothing_corrupt(glance, 
             return m.stats()["cache"]["room"] > shrunk + took // 2
 
         wait_for(grown_back, what="the cache to grow back")
+        wait_for(lambda: (fs / "cache" / "ballast").stat().st_blocks * 512 >= 256 * 2**10,
+                 what="the ballast laid again")
         assert m.stats()["cache"]["corrupt_dropped"] == 0
         m.umount()
         # Restart on the brim-full disk: whatever was indexed verifies, reads are right.

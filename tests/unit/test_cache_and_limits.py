@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 
@@ -14,7 +15,7 @@ import thunderfs.cache.reading as reading_mod
 import thunderfs.cache.space as space_mod
 import thunderfs.cache.store as store_mod
 from thunderfs.cache.store import ABSENT, INDEXED, PENDING, ChunkStore
-from thunderfs.errors import ChunkCorrupt
+from thunderfs.errors import CacheError, ChunkCorrupt
 from thunderfs_common.chunk_runs import runs
 from thunderfs_common.image import ImageMeta
 from thunderfs.fetch.slots import DEMAND, PREFETCH, READAHEAD, PrioritySlots
@@ -243,6 +244,43 @@ async def test_a_cache_nobody_reads_gives_room_back_when_other_files_fill_its_di
     assert store.statistics()["room"] == 4 * CS
     await store.commit()
     assert path.stat().st_blocks * 512 <= 4 * CS
+    store.close()
+
+
+async def test_an_index_commit_short_of_space_takes_the_ballasts_room_and_the_evictions_go(tmp_path, index,
+                                                                                           monkeypatch):
+    """Other files took the disk's last block: the evictions' index commit finds no room for its
+    pages (LMDB's ENOSPC) while the ballast holds it.  The ballast gives its room, the commit goes
+    through, the evicted bytes are punched; the ballast is laid again once the disk has room."""
+    store = store_of(tmp_path, index)
+    img = store.image(CONTENT, 8 * CS)
+    store.stage(img, 0, os.urandom(6 * CS))
+    await store.commit()
+    path = tmp_path / "data" / f"{CONTENT.hex()}.data"
+    ballast = store.space.ballast
+    assert ballast.path == tmp_path / "ballast" and ballast.held == ballast.size >= 256 * 2**10
+    commit = index.commit
+
+    def commit_if_room(**kw):
+        if ballast.path.stat().st_blocks:
+            raise CacheError("cache index write failed: mdb_txn_commit: " + os.strerror(errno.ENOSPC))
+        commit(**kw)
+
+    monkeypatch.setattr(index, "commit", commit_if_room)
+    real = os.statvfs(tmp_path)
+    full = os.statvfs_result((real.f_bsize, 4096, 1000, 0, 0, *real[5:]))
+    monkeypatch.setattr(space_mod.os, "statvfs", lambda path: full)
+    store.space.give_back()
+    assert store.statistics()["evictions"] == 6 and store.statistics()["room"] == 0
+    await store.commit()
+    assert store.statistics()["ballast_released"] == 1 and store.statistics()["commit_failures"] == 0
+    assert ballast.held == 0 and ballast.path.stat().st_blocks == 0
+    assert path.stat().st_blocks == 0
+    # The disk has room again: the ballast is laid again, and the cache keeps room for it till then.
+    roomy = os.statvfs_result((real.f_bsize, 4096, 10**6, 10**5, 10**5, *real[5:]))
+    monkeypatch.setattr(space_mod.os, "statvfs", lambda path: roomy)
+    store.space.give_back()
+    assert ballast.held == ballast.size and ballast.path.stat().st_blocks * 512 == ballast.size
     store.close()
 
 

@@ -8,7 +8,8 @@ Invariants (the store's rules 2-4):
 - An evicted chunk's bytes are punched (``on_punched``) only once its index delete is durable,
   so the index never lists a chunk over zeros.
 - A commit that fails releases its pending chunks (``on_failed``: they go back to ``ABSENT``)
-  and keeps its deletes and punches for the next one.
+  and keeps its deletes and punches for the next one.  One that fails for want of space is tried
+  once more if ``on_disk_full`` made room (the ballast, ``ballast.py``).
 - A share (``shared``) is written only if its chunk still shares that home when the commit
   runs; deleting a home and unsharing its users happen in one transaction (``sharing.py``).
 """
@@ -28,6 +29,8 @@ from thunderfs.cache.index import ChunkIndex, Put, Share
 
 log = logging.getLogger(__name__)
 
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
 
 class Committer:
     def __init__(self, index: ChunkIndex, images: dict[bytes, ImageData], stats: dict, *,
@@ -40,6 +43,7 @@ class Committer:
         self._on_failed = on_failed
         self._on_punched = on_punched
         self.on_indexed = on_indexed
+        self.on_disk_full: Callable[[], bool] = lambda: False  # True if it made room for one more try
         self._commit_interval = commit_interval
         self._touch_interval = touch_interval
         self.pending: list[tuple[ImageData, int]] = []
@@ -50,6 +54,8 @@ class Committer:
         self._digests: list[tuple[bytes, bytes]] = []
         self._wake = trio.Event()
         self._writer = trio.CapacityLimiter(1)
+        self._last_warning = -1e9
+        self._failed_since_warning = 0
 
     def add_pending(self, img: ImageData, chunk: int) -> None:
         """A chunk just written (``PENDING``): indexed at the next commit."""
@@ -124,11 +130,24 @@ class Committer:
         puts = [Put(img.content, c, img.chunk_len(c), img.xxh[c], now) for img, c in pending]
         fds = {img.fd for img, _ in pending}
         try:
-            await trio.to_thread.run_sync(self._durable_commit, fds, deletes, puts, touches, unshares, shares,
-                                          digests, limiter=self._writer, abandon_on_cancel=False)
+            try:
+                await trio.to_thread.run_sync(self._durable_commit, fds, deletes, puts, touches, unshares, shares,
+                                              digests, limiter=self._writer, abandon_on_cancel=False)
+            except OSError as exc:
+                if exc.errno not in _DISK_FULL or not self.on_disk_full():
+                    raise
+                # The ballast gave its room: once more, so the evictions become durable and go.
+                await trio.to_thread.run_sync(self._durable_commit, fds, deletes, puts, touches, unshares, shares,
+                                              digests, limiter=self._writer, abandon_on_cancel=False)
         except OSError as exc:
             self._stats["commit_failures"] += 1
-            log.warning("could not make %d cached chunks durable (%s); dropping them", len(pending), exc)
+            self._failed_since_warning += 1
+            if time.monotonic() - self._last_warning >= 30:
+                self._last_warning = time.monotonic()
+                log.warning("could not commit the cache index (%s, %d times since the last warning): %d staged "
+                            "chunks dropped, %d deletes wait for the next commit", exc, self._failed_since_warning,
+                            len(pending), len(deletes))
+                self._failed_since_warning = 0
             self._deletes[:0] = deletes
             self._punches[:0] = punches
             self._unshares[:0] = unshares
@@ -154,4 +173,5 @@ class Committer:
             self._index.commit(deletes=deletes, puts=puts, touches=touches, unshares=unshares, shares=shares,
                                digests=digests)
         except Exception as exc:
-            raise OSError(errno.EIO, str(exc)) from exc
+            full = os.strerror(errno.ENOSPC) in str(exc)  # (LMDB's errors carry strerror's text)
+            raise OSError(errno.ENOSPC if full else errno.EIO, str(exc)) from exc

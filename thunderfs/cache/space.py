@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from thunderfs.cache.ballast import Ballast
 from thunderfs.cache.changes import ChangeFeed
 from thunderfs.cache.committer import Committer
 from thunderfs.cache.holes import punch_hole
@@ -39,7 +40,7 @@ _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 class Space:
     def __init__(self, root: Path, index: ChunkIndex, capacity: int, chunk_size: int, stats: dict, *,
                  find: Callable[[bytes], ImageData | None], changes: ChangeFeed, committer: Committer,
-                 sharing: Sharing):
+                 sharing: Sharing, ballast: Ballast):
         self._dir = root
         self._index = index
         self.capacity = capacity
@@ -49,10 +50,12 @@ class Space:
         self._changes = changes
         self._committer = committer
         self._sharing = sharing
+        self.ballast = ballast
         self.used = index.used_bytes()
         self.punching = 0  # bytes evicted whose holes are not punched yet (still on disk)
         self._room = capacity  # what the file system lets the cache hold (see disk_room)
         self._room_checked = -1.0
+        self._spare = 0  # what the disk had free beyond the reserve and the ballast at the last check
         self._last_full_warning = 0.0
 
     @property
@@ -63,7 +66,8 @@ class Space:
         """The most the cache may hold now: its capacity, or less when its file system runs short
         (other files grew, or the capacity was set larger than the disk).  It keeps a reserve
         free there (2 % of the file system, at least 1 MiB, at most 1 GiB) for the index and
-        everyone else.  Checked at most once a second, and at once after ENOSPC."""
+        everyone else, and room for its ballast (``ballast.py``) where that is not laid.  Checked at
+        most once a second, and at once after ENOSPC."""
         now = time.monotonic()
         if recheck or now - self._room_checked >= 1.0:
             self._room_checked = now
@@ -73,7 +77,8 @@ class Space:
                 log.warning("cannot check the cache's file system: %s", exc)
                 return min(self.capacity, self._room)
             reserve = min(max(st.f_blocks * st.f_frsize // 50, 2**20), 2**30)
-            room = self.used + self.punching + st.f_bavail * st.f_frsize - reserve
+            self._spare = st.f_bavail * st.f_frsize - reserve - self.ballast.missing
+            room = self.used + self.punching + self._spare
             if room < self.capacity and room < self._room - self.chunk_size:
                 self.warn_full(f"cache file system is short of space: holding at most {max(room, 0)} "
                                f"bytes there (cache size {self.capacity})")
@@ -84,8 +89,19 @@ class Space:
         """Shrink to what the file system holds now, reads or not: when other files fill it, the
         cache evicts until its reserve is free again (the holes go after the next commit).
         Called at start-up (``ChunkStore.reclaim``) and once a second by the store's ``run``;
-        between reads nothing else would."""
+        between reads nothing else would.  Lays the ballast again where the disk has room for it."""
         self.evict(0, self.disk_room(recheck=True))
+        if self.ballast.missing and self._spare >= 0:
+            self.ballast.lay()
+
+    def disk_full(self) -> bool:
+        """An index commit failed for want of space: the ballast gives its room, so that the next
+        try makes the evictions durable and their bytes can go.  False if it had none to give."""
+        if not self.ballast.release():
+            return False
+        self._stats["ballast_released"] += 1
+        log.warning("cache file system full: released the %d byte ballast for the index", self.ballast.size)
+        return True
 
     def make_room(self, n: int) -> bool:
         """Room for ``n`` bytes more, evicting if needed; False if there is none now (the bytes

@@ -55,6 +55,7 @@ from pathlib import Path
 
 import trio
 
+from thunderfs.cache.ballast import Ballast
 from thunderfs.cache.changes import ChangeFeed
 from thunderfs.cache.committer import Committer
 from thunderfs.cache.fresh import Buffer, ReceiveBuffers
@@ -77,7 +78,8 @@ log = logging.getLogger(__name__)
 _STATS = ("bytes_read_disk", "bytes_checked", "reads_inline", "reads_disk_inline", "reads_threaded",
           "bytes_read_memory", "bytes_sendable", "chunks_staged", "bytes_written_direct", "chunks_committed", "evictions",
           "corrupt_dropped", "disk_full_events", "bytes_not_cached", "commit_failures", "bytes_written_behind",
-          "write_behind_failures", "chunks_shared", "bytes_shared", "bytes_read_shared", "homes_proven", "homes_refused")
+          "write_behind_failures", "chunks_shared", "bytes_shared", "bytes_read_shared", "homes_proven", "homes_refused",
+          "ballast_released")
 
 
 class ChunkStore:
@@ -98,7 +100,9 @@ class ChunkStore:
         self.sharing = Sharing(self._stats, self.changes, self.committer)
         self.committer.on_indexed = self.sharing.indexed
         self.space = Space(self._dir, index, capacity, chunk_size, self._stats, find=self.find,
-                           changes=self.changes, committer=self.committer, sharing=self.sharing)
+                           changes=self.changes, committer=self.committer, sharing=self.sharing,
+                           ballast=Ballast.in_dir(root))
+        self.committer.on_disk_full = self.space.disk_full
         self.reading = Reading(chunk_size, self._stats, self.space, buffers, registered=self._registered,
                                io_threads=io_threads)
         self.staging = Staging(chunk_size, self._stats, self.space, self.changes, self.committer, buffers,
