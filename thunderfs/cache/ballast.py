@@ -21,10 +21,12 @@ log = logging.getLogger(__name__)
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-def ballast_size(fs_bytes: int) -> int:
-    """A thousandth of the file system, at least 256 KiB and at most 16 MiB: a commit deleting a
-    hundred thousand chunks at once (6 GiB evicted) rewrites about 10 MiB of index pages."""
-    return min(max(fs_bytes // 1000, 256 * 2**10), 16 * 2**20)
+def ballast_size(fs_bytes: int, capacity: int) -> int:
+    """A thousandth of the file system or a 512th of the cache's capacity, whichever is less, at
+    least 256 KiB and at most 16 MiB.  The index takes about 100 bytes a chunk (a 655th of the
+    cached bytes with 64 KiB chunks), and no commit rewrites more than all of it; a commit deleting
+    a hundred thousand chunks at once (6 GiB evicted) rewrites about 10 MiB of index pages."""
+    return min(max(min(fs_bytes // 1000, capacity // 512), 256 * 2**10), 16 * 2**20)
 
 
 class Ballast:
@@ -34,13 +36,14 @@ class Ballast:
         self.held = self._on_disk()
 
     @classmethod
-    def in_dir(cls, directory: Path) -> Ballast:
-        """The ballast of the cache in ``directory``, sized for its file system, laid if it can be."""
+    def in_dir(cls, directory: Path, capacity: int) -> Ballast:
+        """The ballast of a cache of ``capacity`` bytes in ``directory``, sized for it and its file
+        system, laid if it can be."""
         try:
             st = os.statvfs(directory)
-            size = ballast_size(st.f_blocks * st.f_frsize)
+            size = ballast_size(st.f_blocks * st.f_frsize, capacity)
         except OSError:
-            size = ballast_size(0)
+            size = ballast_size(0, capacity)
         ballast = cls(directory / "ballast", size)
         ballast.lay()
         return ballast

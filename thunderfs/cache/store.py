@@ -101,7 +101,7 @@ class ChunkStore:
         self.committer.on_indexed = self.sharing.indexed
         self.space = Space(self._dir, index, capacity, chunk_size, self._stats, find=self.find,
                            changes=self.changes, committer=self.committer, sharing=self.sharing,
-                           ballast=Ballast.in_dir(root))
+                           ballast=Ballast.in_dir(root, capacity))
         self.committer.on_disk_full = self.space.disk_full
         self.reading = Reading(chunk_size, self._stats, self.space, buffers, registered=self._registered,
                                io_threads=io_threads)
