@@ -1,6 +1,7 @@
 """Issue 19's targets, each beside its baseline in the same run, with the daemon's CPU per GiB.
 
-  cold   the whole image read cold through a fresh mount, 1 MiB reads  vs  curl from the same
+  cold   the whole image read cold through a fresh mount, 1 MiB reads (buffered, or O_DIRECT with
+         ``--reader direct``; the peer step reads the same way)  vs  curl from the same
          Glance to /dev/null, and to a local file then ``sync`` (what Nova's download does).
          Beside them, what bounds the daemon: its own Glance client (httpx on trio) receiving
          the image and dropping it, in one request and in requests of the size the daemon made
@@ -23,7 +24,7 @@ step runs ``--runs`` times, interleaved with its baseline; every ratio is the me
 per-run ratios, given with its range.
 
 Usage: .venv/bin/python benchmarks/dataplane_bench.py [--size-mib 512] [--runs 3] [--only cold,peer,warm,boot,memory]
-                          [--passthrough] [--json benchmarks/results/dataplane.json]
+                          [--passthrough] [--reader buffered|direct] [--json benchmarks/results/dataplane.json]
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from harness.mounts import Mount, thunderfs
 from harness.nginx import write_conf
 from harness.pagecache import drop_page_cache
 from thunderfs_common import chunk_digest
-from benchmarks.read_bench import cpu_times, make_image, peak_rss, seq_read
+from benchmarks.read_bench import cpu_times, direct_read, make_image, peak_rss, seq_read
 
 MiB, GiB = 2**20, 2**30
 JOBS = REPO / "benchmarks" / "fio"
@@ -178,7 +179,8 @@ def request_sweep(glance: LocalGlance, image_id: str, size: int) -> dict:
     return out
 
 
-def cold_step(work: Path, glance: LocalGlance, image_id: str, size: int, runs: int, extra: list[str]) -> dict:
+def cold_step(work: Path, glance: LocalGlance, image_id: str, size: int, runs: int, extra: list[str],
+              read=seq_read) -> dict:
     url = f"{glance.url}/v2/images/{image_id}/file"
     rows: dict[str, list[float]] = {k: [] for k in ("null_mibs", "file_mibs", "tfs_mibs", "ratio_null",
                                                     "ratio_file", "cpu_s_per_gib", "request_mib",
@@ -197,7 +199,7 @@ def cold_step(work: Path, glance: LocalGlance, image_id: str, size: int, runs: i
             img = m.image(image_id)
             img.stat()  # the listing, not the read
             cpu0 = cpu_seconds(m.pid)
-            secs, n = seq_read(img)
+            secs, n = read(img)
             cpu = cpu_seconds(m.pid) - cpu0
             assert n == size, (n, size)
             requests = m.stats()["glance"]["range_requests"]
@@ -314,7 +316,7 @@ def _cluster(work: Path, glance: LocalGlance, image_id: str, size: int):
         tracker.stop()
 
 
-def peer_step(work: Path, glance: LocalGlance, image_id: str, size: int, runs: int) -> dict:
+def peer_step(work: Path, glance: LocalGlance, image_id: str, size: int, runs: int, read=seq_read) -> dict:
     """A node reads the whole image through its mount from a peer that has it cached (both in a
     cluster with a secret, every request signed): the reader's CPU per GiB received from the peer
     (every chunk's digest checked), the holder's per GiB served, and the rate."""
@@ -327,7 +329,7 @@ def peer_step(work: Path, glance: LocalGlance, image_id: str, size: int, runs: i
             img.stat()
             served0 = holder.stats()["peer_server"]["served_bytes"]
             cpu_r, cpu_h = cpu_seconds(reader.pid), cpu_seconds(holder.pid)
-            secs, n = seq_read(img)
+            secs, n = read(img)
             cpu_r, cpu_h = cpu_seconds(reader.pid) - cpu_r, cpu_seconds(holder.pid) - cpu_h
             assert n == size, (n, size)
             fetch = reader.stats()["fetch"]
@@ -566,11 +568,16 @@ def main() -> int:
     ap.add_argument("--runtime", type=int, default=5, help="seconds of each time-based fio job")
     ap.add_argument("--only", default="cold,peer,warm,boot,memory")
     ap.add_argument("--passthrough", action="store_true", help="also a warm mount with --passthrough")
+    ap.add_argument("--reader", choices=("buffered", "direct"), default="buffered",
+                    help="how the cold and peer steps read the image: buffered 1 MiB reads (the kernel "
+                         "fills the mount's page cache: the headline) or O_DIRECT ones (qemu's cache=none, "
+                         "Nova's default: the reply lands in the reader's own buffer)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     only = set(args.only.split(","))
     results: dict = {**provenance(), "size_mib": args.size_mib,
-                     "runs": args.runs}
+                     "runs": args.runs, "reader": args.reader}
+    read = seq_read if args.reader == "buffered" else direct_read
     with tempfile.TemporaryDirectory(prefix="thunderfs-dataplane-", dir="/var/tmp") as tmp:
         work = Path(tmp)
         glance = LocalGlance(work / "glance")
@@ -580,13 +587,14 @@ def main() -> int:
             make_image(native, args.size_mib * MiB)
             image_id = glance.upload("dataplane", native)["id"]
             size = native.stat().st_size
-            print(f"image {args.size_mib} MiB of random bytes; real Glance on loopback; commit {results['commit']}")
+            print(f"image {args.size_mib} MiB of random bytes; real Glance on loopback; commit {results['commit']}; "
+                  f"{args.reader} 1 MiB reads")
             if "cold" in only:
-                results["cold"] = cold_step(work, glance, image_id, size, args.runs, [])
+                results["cold"] = cold_step(work, glance, image_id, size, args.runs, [], read)
                 results["stages"] = stage_costs()
                 results["request_sizes"] = request_sweep(glance, image_id, size)
             if "peer" in only:
-                results["peer"] = peer_step(work, glance, image_id, size, args.runs)
+                results["peer"] = peer_step(work, glance, image_id, size, args.runs, read)
             if "warm" in only:
                 variants = {"thunderfs": []}
                 if args.passthrough:
