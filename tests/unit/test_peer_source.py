@@ -1152,4 +1152,9 @@ async def test_the_news_of_a_chunk_can_wait_while_owners_trade_the_image_or_enou
         assert not src.news_wanted(img, {0, 1})  # three others each ("me" is not counted)
         assert src.news_wanted(img, {0, 2})  # two others hold 2
         assert src.news_wanted(img, {6})  # nobody else
+        # Asking does not keep the watch open: only those who act on its holders do.
+        view = src.directory.watches._views[META.content_key.hex()]
+        view.used = used = trio.current_time() - 5
+        src.news_wanted(img, {6})
+        assert view.used == used
         nursery.cancel_scope.cancel()

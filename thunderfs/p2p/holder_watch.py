@@ -99,12 +99,15 @@ class HolderWatches:
         found.sort(key=lambda held: -shared_prefix(self._location, held[0].location))  # stable: ties stay shuffled
         return found
 
-    def members_nowait(self, content: str) -> dict[str, PeerRecord] | None:
-        """Every holder of the image its live watch named, by node id (None: no live watch)."""
+    def members_nowait(self, content: str, *, use: bool = True) -> dict[str, PeerRecord] | None:
+        """Every holder of the image its live watch named, by node id (None: no live watch).
+        ``use``: the caller acts on them, so the watch stays open ``WATCH_IDLE`` longer; False
+        for a look that should not keep it open (the announcer's)."""
         view = self._views.get(content)
         if view is None or not view.live:
             return None
-        view.used = trio.current_time()
+        if use:
+            view.used = trio.current_time()
         return view.peers
 
     def live(self, content: str) -> bool:

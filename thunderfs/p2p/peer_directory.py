@@ -255,9 +255,10 @@ class PeerDirectory:
 
     # --- lookups ---------------------------------------------------------------------------
 
-    def members_nowait(self, img: ImageData) -> dict[str, PeerRecord] | None:
-        """Every holder of the image the tracker's watch named (None: no live watch)."""
-        return self.watches.members_nowait(img.content.hex())
+    def members_nowait(self, img: ImageData, *, use: bool = True) -> dict[str, PeerRecord] | None:
+        """Every holder of the image the tracker's watch named (None: no live watch); ``use``:
+        as ``HolderWatches.members_nowait``."""
+        return self.watches.members_nowait(img.content.hex(), use=use)
 
     def lazy_manifest(self, content: bytes) -> LazyManifest | None:
         """The image's lazy manifest, if it has one (the tracker seeds it)."""

@@ -195,8 +195,8 @@ class PeerSource:
         node among its holders (it was told some before): an asker finds a chunk nobody is named
         for through its owner, which holds it, fetches it, or names who took it from there.
         Otherwise: whether fewer than ``NEWS_ENOUGH`` other holders are named for some of them
-        (without a live watch nothing tells: yes)."""
-        members = self.directory.members_nowait(img)
+        (without a live watch nothing tells: yes).  A look that does not keep the watch open."""
+        members = self.directory.members_nowait(img, use=False)
         if members is None or img.cached_count() <= len(added):
             return True  # nothing tells; or the first news of it: the tracker names this node from then on
         if self._traded(img) is not None:
