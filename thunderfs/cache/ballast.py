@@ -18,7 +18,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # the errnos of a file system with no room (the cache's one list)
 
 
 def ballast_size(fs_bytes: int, capacity: int) -> int:
@@ -71,7 +71,7 @@ class Ballast:
             finally:
                 os.close(fd)
         except OSError as exc:
-            if exc.errno not in _DISK_FULL:
+            if exc.errno not in DISK_FULL:
                 log.warning("cannot lay the cache's ballast file %s: %s", self.path, exc)
         self.held = self._on_disk()
         return not self.missing

@@ -24,12 +24,11 @@ from collections.abc import Callable
 
 import trio
 
+from thunderfs.cache.ballast import DISK_FULL
 from thunderfs.cache.image_data import INDEXED, PENDING, SHARED, ImageData, now_ms
 from thunderfs.cache.index import ChunkIndex, Put, Share
 
 log = logging.getLogger(__name__)
-
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class Committer:
@@ -134,7 +133,7 @@ class Committer:
                 await trio.to_thread.run_sync(self._durable_commit, fds, deletes, puts, touches, unshares, shares,
                                               digests, limiter=self._writer, abandon_on_cancel=False)
             except OSError as exc:
-                if exc.errno not in _DISK_FULL or not self.on_disk_full():
+                if exc.errno not in DISK_FULL or not self.on_disk_full():
                     raise
                 # The ballast gave its room: once more, so the evictions become durable and go.
                 await trio.to_thread.run_sync(self._durable_commit, fds, deletes, puts, touches, unshares, shares,

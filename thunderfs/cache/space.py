@@ -17,14 +17,13 @@ Invariants (the store's rules 4 and 6):
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from thunderfs.cache.ballast import Ballast
+from thunderfs.cache.ballast import DISK_FULL, Ballast
 from thunderfs.cache.changes import ChangeFeed
 from thunderfs.cache.committer import Committer
 from thunderfs.cache.holes import punch_hole
@@ -33,8 +32,6 @@ from thunderfs.cache.index import ChunkIndex
 from thunderfs.cache.sharing import Sharing
 
 log = logging.getLogger(__name__)
-
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class Space:
@@ -127,7 +124,7 @@ class Space:
 
     def failed_write(self, exc: OSError, n: int) -> None:
         self._stats["bytes_not_cached"] += n
-        if exc.errno in _DISK_FULL:
+        if exc.errno in DISK_FULL:
             # Make room for what comes next: shrink to what the disk holds (the holes are
             # punched once the next commit has made the evictions durable).
             self._stats["disk_full_events"] += 1
