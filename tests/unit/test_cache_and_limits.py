@@ -276,7 +276,7 @@ async def test_an_index_commit_short_of_space_takes_the_ballasts_room_and_the_ev
     assert store.statistics()["ballast_released"] == 1 and store.statistics()["commit_failures"] == 0
     assert ballast.held == 0 and ballast.path.stat().st_blocks == 0
     assert path.stat().st_blocks == 0
-    # The disk has room again: the ballast is laid again, and the cache keeps room for it till then.
+    # The disk has room again: the ballast is laid again.
     roomy = os.statvfs_result((real.f_bsize, 4096, 10**6, 10**5, 10**5, *real[5:]))
     monkeypatch.setattr(space_mod.os, "statvfs", lambda path: roomy)
     store.space.give_back()

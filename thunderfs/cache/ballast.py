@@ -76,13 +76,14 @@ class Ballast:
         self.held = self._on_disk()
         return not self.missing
 
-    def release(self) -> bool:
-        """Give the ballast's room to the file system; True if it held any."""
-        if not self.held:
-            return False
+    def release(self) -> int:
+        """Give the ballast's room to the file system; the bytes it held (0: none)."""
+        held = self.held
+        if not held:
+            return 0
         try:
             os.truncate(self.path, 0)
         except FileNotFoundError:
             pass
         self.held = self._on_disk()
-        return True
+        return held

@@ -17,6 +17,7 @@ Invariants (the store's rules 2-4):
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import time
@@ -128,16 +129,16 @@ class Committer:
             return
         puts = [Put(img.content, c, img.chunk_len(c), img.xxh[c], now) for img, c in pending]
         fds = {img.fd for img, _ in pending}
+        durable_commit = functools.partial(trio.to_thread.run_sync, self._durable_commit, fds, deletes, puts,
+                                           touches, unshares, shares, digests, limiter=self._writer,
+                                           abandon_on_cancel=False)
         try:
             try:
-                await trio.to_thread.run_sync(self._durable_commit, fds, deletes, puts, touches, unshares, shares,
-                                              digests, limiter=self._writer, abandon_on_cancel=False)
+                await durable_commit()
             except OSError as exc:
                 if exc.errno not in DISK_FULL or not self.on_disk_full():
                     raise
-                # The ballast gave its room: once more, so the evictions become durable and go.
-                await trio.to_thread.run_sync(self._durable_commit, fds, deletes, puts, touches, unshares, shares,
-                                              digests, limiter=self._writer, abandon_on_cancel=False)
+                await durable_commit()  # the ballast gave its room: so the evictions become durable and go
         except OSError as exc:
             self._stats["commit_failures"] += 1
             self._failed_since_warning += 1

@@ -94,10 +94,11 @@ class Space:
     def disk_full(self) -> bool:
         """An index commit failed for want of space: the ballast gives its room, so that the next
         try makes the evictions durable and their bytes can go.  False if it had none to give."""
-        if not self.ballast.release():
+        released = self.ballast.release()
+        if not released:
             return False
         self._stats["ballast_released"] += 1
-        log.warning("cache file system full: released the %d byte ballast for the index", self.ballast.size)
+        log.warning("cache file system full: released the %d byte ballast for the index", released)
         return True
 
     def make_room(self, n: int) -> bool:

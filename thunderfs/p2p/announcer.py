@@ -20,10 +20,10 @@ a heartbeat is due and are it (or go right after it, when it must be a full anno
 tracker does not take deltas as heartbeats): ``news_wanted(img, added)`` says whether peers would
 miss the news of chunks this node gained (the peer source: not while owners trade the image, for
 an asker finds a chunk nobody is named for through its owner; else while fewer than a few other
-holders are named for one); deltas with such chunks, or with chunks gone, go at the interval.  The first storm on a new image
-spent a third of its tracker requests on deltas (issue 27); held, they cost the tracker no request
-of their own and the crowd's watches fewer events.  The tracker being down
-costs nothing but discovery: the node keeps reading from Glance and the peers it knew.
+holders are named for one); deltas with such chunks, or with chunks gone, go at the interval.
+The first storm on a new image spent a third of its tracker requests on deltas (issue 27); held,
+they cost the tracker no request of their own and the crowd's watches fewer events.  The tracker
+being down costs nothing but discovery: the node keeps reading from Glance and the peers it knew.
 """
 
 from __future__ import annotations
