@@ -81,10 +81,15 @@ async def test_chunks_are_served_from_their_buffer_while_written_behind_then_fro
     writes.gate.set()
     await wait_until(lambda: img.state[2] != WRITING)
     assert img.state[2] == PENDING and buf.written
-    # Read from memory counts as read once (the page cache is tried next time); unread, not.
-    assert list(img.direct[2:6]) == [0, 0, 0, 1]  # the read above touched chunks 2-4
+    # Read from memory counts as read once (the page cache is tried next time); unread, not. A
+    # chunk is read once its last byte is: the read above ended 10 bytes into chunk 4.
+    assert list(img.direct[2:6]) == [0, 0, 1, 1]
     assert buf.owner is img  # two chunks not read yet: still held
-    assert await store.read(img, 4 * CS, 2 * CS) == data[2 * CS:]
+    assert await store.read(img, 4 * CS, 2 * CS - 16) == data[2 * CS:4 * CS - 16]
+    assert buf.owner is img  # the last 16 bytes of chunk 5 not read yet (an O_DIRECT MiB split by the kernel)
+    disk = store.statistics()["bytes_read_disk"]
+    assert await store.read(img, 6 * CS - 16, 16) == data[-16:]
+    assert store.statistics()["bytes_read_disk"] == disk  # from memory, not read back and checked
     assert buf.owner is None and not img.held and store.buffers.statistics()["in_use"] == 0  # all read: back
     await store.commit()
     assert img.state[5] == INDEXED

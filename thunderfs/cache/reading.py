@@ -102,10 +102,15 @@ class Reading:
                     parts.append(bytes(view))
                     view.release()
                 self._stats["bytes_read_memory"] += len(parts[-1])
-                # Read once, as a read back from the disk would have: later reads try the page
-                # cache first, and a sequential reader's readahead fills it (``read_ahead``).
-                img.direct[c:run_last + 1] = bytes(run_last - c + 1)
-                self.buffers.mark_read(buf, c, run_last)
+                # A chunk is read once its last byte is: a reader whose reads are not chunk
+                # aligned (a buffer off a page splits an O_DIRECT MiB into two requests) reads
+                # the rest of it next, from here rather than back from the disk.
+                done = run_last if end >= min(img.size, (run_last + 1) * cs) else run_last - 1
+                if done >= c:
+                    # Read once, as a read back from the disk would have: later reads try the
+                    # page cache first, and a sequential reader's readahead fills it (``read_ahead``).
+                    img.direct[c:done + 1] = bytes(done - c + 1)
+                    self.buffers.mark_read(buf, c, done)
                 c = run_last + 1
                 continue
             run_last = c
