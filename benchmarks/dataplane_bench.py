@@ -436,6 +436,24 @@ def memory_step(work: Path, glance: LocalGlance, image_id: str, size: int) -> di
     return out
 
 
+def _index_updates(size: int, cs: int, batch: int = 1024) -> None:
+    """The cache index's work for ``size`` bytes of chunks: each put once (cached) and touched
+    once (read), in durable commits of ``batch`` as the committer makes them."""
+    from thunderfs.cache.index import ChunkIndex, Put
+
+    with tempfile.TemporaryDirectory(prefix="thunderfs-stages-index-", dir="/var/tmp") as tmp:
+        index = ChunkIndex(Path(tmp))
+        try:
+            index.check_layout(cs)
+            content, n = os.urandom(16), size // cs
+            for first in range(0, n, batch):
+                index.commit(puts=[Put(content, c, cs, c, 1) for c in range(first, min(n, first + batch))])
+            for first in range(0, n, batch):
+                index.commit(touches=[(content, c, 2) for c in range(first, min(n, first + batch))])
+        finally:
+            index.close()
+
+
 def stage_costs(size: int = 256 * MiB) -> dict:
     """CPU per GiB of each stage of the data path on its own, in this process, on buffers that are
     reused as the daemon's are: what the whole is made of (the rest is FUSE, Python and the loop)."""
@@ -472,6 +490,7 @@ def stage_costs(size: int = 256 * MiB) -> dict:
             "cache write, O_DIRECT": cpu(lambda: [os.pwrite(dfd, view, o) for o in range(0, size, piece)]),
             "read back, O_DIRECT": cpu(lambda: [os.preadv(dfd, [view], o) for o in range(0, size, piece)]),
         }
+        out["index update (a put and a touch per chunk, 1,024 a commit)"] = cpu(lambda: _index_updates(size, cs))
         os.close(dfd)
         dfd = -1
         os.ftruncate(fd, 0)

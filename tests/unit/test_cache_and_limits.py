@@ -63,6 +63,17 @@ def test_index_deletes_before_puts_in_one_commit(index):
     assert [c for _, c, _ in index.lru_oldest()] == [1]
 
 
+def test_a_chunk_put_and_touched_in_one_commit_has_one_lru_entry(index):
+    """A put over an indexed chunk moves its LRU key, and a second put or a touch of a chunk put
+    in the same commit moves the key that put made: one key per chunk, at its last use."""
+    index.commit(puts=[Put(CONTENT, 1, CS, 11, 100)])
+    index.commit(puts=[Put(CONTENT, 2, CS, 22, 200), Put(CONTENT, 1, CS, 12, 200), Put(CONTENT, 2, CS, 23, 250)],
+                 touches=[(CONTENT, 2, 300), (CONTENT, 1, 150), (CONTENT, 3, 300)])
+    assert sorted((t, c) for _, c, t in index.lru_oldest()) == [(200, 1), (300, 2)]
+    assert [(r.chunk, r.xxh3, r.last_use) for r in index.chunks_of(CONTENT)] == [(1, 12, 200), (2, 23, 300)]
+    assert index.used_bytes() == 2 * CS
+
+
 def test_index_refuses_another_chunk_size(tmp_path, index):
     from thunderfs.errors import CacheLayoutError
     with pytest.raises(CacheLayoutError):
