@@ -103,8 +103,8 @@ class Reading:
                     view.release()
                 self._stats["bytes_read_memory"] += len(parts[-1])
                 # A chunk is read once its last byte is: a reader whose reads are not chunk
-                # aligned (a buffer off a page splits an O_DIRECT MiB into two requests) reads
-                # the rest of it next, from here rather than back from the disk.
+                # aligned (a guest's, at 512-byte offsets) reads the rest of it next, from here
+                # rather than back from the disk.
                 done = run_last if end >= min(img.size, (run_last + 1) * cs) else run_last - 1
                 if done >= c:
                     # Read once, as a read back from the disk would have: later reads try the
