@@ -86,7 +86,7 @@ async def test_chunks_are_served_from_their_buffer_while_written_behind_then_fro
     assert list(img.direct[2:6]) == [0, 0, 1, 1]
     assert buf.owner is img  # two chunks not read yet: still held
     assert await store.read(img, 4 * CS, 2 * CS - 16) == data[2 * CS:4 * CS - 16]
-    assert buf.owner is img  # the last 16 bytes of chunk 5 not read yet (an O_DIRECT MiB split by the kernel)
+    assert buf.owner is img  # the last 16 bytes of chunk 5 not read yet (a read that ended inside it)
     disk = store.statistics()["bytes_read_disk"]
     assert await store.read(img, 6 * CS - 16, 16) == data[-16:]
     assert store.statistics()["bytes_read_disk"] == disk  # from memory, not read back and checked
